@@ -1,0 +1,29 @@
+# The engine image for docker-compose.yml. Builds the routing plugins and the engine, then
+# ships the binary with the plugins, templates and migrations it loads at run time.
+FROM rust:1.95-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev zlib1g-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && rustup target add wasm32-wasip2
+WORKDIR /src
+ENV CARGO_TARGET_DIR=/src/target
+COPY . .
+RUN cargo build --release --locked --target wasm32-wasip2 --manifest-path plugins/Cargo.toml \
+    && mkdir -p /out/plugins \
+    && cp target/wasm32-wasip2/release/default_router.wasm /out/plugins/default.wasm \
+    && cp target/wasm32-wasip2/release/acme_router.wasm /out/plugins/acme.wasm
+RUN cargo build --release --locked --bin notify-engine && cp target/release/notify-engine /out/
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
+    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 notify
+COPY --from=build /out/notify-engine /usr/local/bin/notify-engine
+COPY --from=build /out/plugins /app/plugins
+COPY templates /app/templates
+WORKDIR /app
+USER notify
+ENV NOTIFY_HTTP__LISTEN=0.0.0.0:8080 \
+    NOTIFY_PLUGINS__DIR=/app/plugins \
+    NOTIFY_EMAIL__TEMPLATES_DIR=/app/templates
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/notify-engine"]
+CMD ["run"]

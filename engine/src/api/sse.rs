@@ -1,0 +1,198 @@
+//! `GET /api/v1/sse`: a user's notifications as Server-Sent Events.
+//!
+//! Events: `notification` (an inbox item) and live updates named by the routing plugin
+//! (`order.updated`, ...). Every event carries `id:` = the user's sequence number; a client
+//! reconnecting with `Last-Event-ID: N` first receives everything after N, from PostgreSQL,
+//! in order. Without the header the stream starts at "now".
+//!
+//! The stream reads from PostgreSQL page by page and sleeps on the hub between pages, so a
+//! slow client only slows its own reads: nothing is buffered for it.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use prometheus::IntGauge;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::hub::{CapExceeded, Subscription};
+use crate::plugin::NOTIFICATION_EVENT;
+use crate::store::{self, StoredNotification};
+
+pub async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let identity = state.auth.authenticate(&headers)?;
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "Last-Event-ID must be an id this stream sent (a non-negative integer)"
+                            .into(),
+                    )
+                })?,
+        ),
+    };
+    // Subscribe before reading the cursor: whatever commits after this point wakes us.
+    let subscription = state
+        .hub
+        .subscribe(
+            &identity.tenant,
+            &identity.user_id,
+            state.sse.max_connections_per_user,
+            state.sse.max_connections,
+        )
+        .map_err(|e| {
+            state.metrics.sse_rejected.inc();
+            ApiError::TooManyRequests(match e {
+                CapExceeded::User => "too many open streams for this user".into(),
+                CapExceeded::Global => "too many open streams; try again later".into(),
+            })
+        })?;
+    let cursor = match last_event_id {
+        Some(n) => n,
+        None => store::latest_seq(&state.pool, &identity.tenant, &identity.user_id).await?,
+    };
+    tracing::debug!(tenant = %identity.tenant, user = %identity.user_id, cursor, "sse stream opened");
+
+    let gauge = state.metrics.sse_connections.clone();
+    gauge.inc();
+    let reader = Reader {
+        pool: state.pool.clone(),
+        tenant: identity.tenant,
+        user_id: identity.user_id,
+        cursor,
+        page_size: state.sse.page_size,
+        pending: VecDeque::new(),
+        subscription,
+        _open: OpenStream(gauge),
+        hello: Some(Duration::from_millis(state.sse.retry_ms)),
+        shutdown: state.shutdown.clone(),
+    };
+    let events = futures::stream::unfold(reader, |mut r| async move {
+        let event = r.next().await?;
+        Some((Ok::<_, Infallible>(event), r))
+    });
+    let mut response = sse_response(events, Duration::from_secs(state.sse.keepalive_secs));
+    let h = response.headers_mut();
+    // nginx and friends must not buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert("cache-control", HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
+fn sse_response<S>(events: S, keepalive: Duration) -> Response
+where
+    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
+        .into_response()
+}
+
+/// Counts an open stream for as long as it lives.
+struct OpenStream(IntGauge);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+struct Reader {
+    pool: PgPool,
+    tenant: String,
+    user_id: String,
+    /// Highest sequence number sent (or skipped, for a stream without Last-Event-ID).
+    cursor: i64,
+    page_size: i64,
+    pending: VecDeque<StoredNotification>,
+    subscription: Subscription,
+    _open: OpenStream,
+    /// The first frame: a `retry:` hint for the browser.
+    hello: Option<Duration>,
+    shutdown: CancellationToken,
+}
+
+impl Reader {
+    /// The next event, or `None` to end the stream (the client reconnects and replays).
+    async fn next(&mut self) -> Option<Event> {
+        if let Some(retry) = self.hello.take() {
+            return Some(Event::default().retry(retry).comment("connected"));
+        }
+        loop {
+            if let Some(n) = self.pending.pop_front() {
+                self.cursor = n.seq;
+                return Some(to_event(&n));
+            }
+            // Mark the current hub value seen *before* reading, so a commit racing with
+            // this read still wakes us afterwards.
+            self.subscription.updates.borrow_and_update();
+            match store::notifications_after(
+                &self.pool,
+                &self.tenant,
+                &self.user_id,
+                self.cursor,
+                self.page_size,
+            )
+            .await
+            {
+                Ok(rows) if !rows.is_empty() => {
+                    self.pending.extend(rows);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "sse read failed; closing the stream");
+                    return None;
+                }
+            }
+            tokio::select! {
+                // Clients reconnect (to another instance) and replay from their last id.
+                _ = self.shutdown.cancelled() => return None,
+                changed = self.subscription.updates.changed() => changed.ok()?,
+            }
+        }
+    }
+}
+
+fn to_event(n: &StoredNotification) -> Event {
+    let data = if n.kind == NOTIFICATION_EVENT {
+        serde_json::json!({
+            "id": n.seq,
+            "event_id": n.event_id,
+            "title": n.title,
+            "body": n.body,
+            "category": n.category,
+            "data": n.data.0,
+            "created_at": n.created_at,
+            "read": n.read_at.is_some(),
+        })
+    } else {
+        // Live updates carry the plugin's object as-is, plus where it came from.
+        let mut object = match &n.data.0 {
+            serde_json::Value::Object(m) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        object.insert("event_id".into(), n.event_id.clone().into());
+        serde_json::Value::Object(object)
+    };
+    Event::default()
+        .id(n.seq.to_string())
+        .event(n.kind.as_str())
+        .data(data.to_string())
+}

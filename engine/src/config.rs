@@ -1,0 +1,463 @@
+//! Configuration: compiled-in defaults, then an optional TOML file, then the environment.
+//!
+//! Environment variables are `NOTIFY_<SECTION>__<KEY>` (double underscore between levels),
+//! e.g. `NOTIFY_KAFKA__BROKERS`, `NOTIFY_AUTH__JWT_SECRET`. `DATABASE_URL` is accepted too.
+//! Secrets (`auth.jwt_secret`, `smtp.password`) come from the environment only: a config
+//! file that contains them is rejected, because config files end up in repositories.
+//!
+//! Everything is validated once, at start-up, in [`Config::validate`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub kafka: KafkaConfig,
+    pub database: DatabaseConfig,
+    pub plugins: PluginConfig,
+    /// Per-tenant settings, keyed by tenant id.
+    pub tenants: BTreeMap<String, TenantConfig>,
+    pub smtp: SmtpConfig,
+    pub email: EmailConfig,
+    pub auth: AuthConfig,
+    pub sse: SseConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address the HTTP API (SSE, health, metrics) listens on.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid default address"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group: every instance of one deployment shares it; partitions are the unit
+    /// of scale-out.
+    pub group_id: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Most events handled in one database transaction.
+    pub batch_max: usize,
+    /// How long a batch waits for more messages once it has one.
+    pub batch_linger_ms: u64,
+    /// Messages larger than this are dead-lettered without being decoded.
+    pub max_message_bytes: usize,
+    /// Passed to librdkafka as-is (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`,
+    /// ...). Credentials belong in the environment: `NOTIFY_KAFKA__PROPERTIES__SASL.PASSWORD`.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:19092".into(),
+            group_id: "notify-engine".into(),
+            topics: vec!["order_paid".into(), "order_status_updated".into()],
+            batch_max: 256,
+            batch_linger_ms: 5,
+            max_message_bytes: 256 * 1024,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL. `DATABASE_URL` overrides it.
+    pub url: String,
+    pub max_connections: u32,
+    /// Apply the embedded migrations at start-up.
+    pub migrate: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://notify:notify@127.0.0.1:15432/notify".into(),
+            max_connections: 16,
+            migrate: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Holds `<tenant>.wasm` routing plugins and the fallback `<default>.wasm`.
+    pub dir: PathBuf,
+    /// File stem of the fallback routing plugin used by tenants without their own.
+    pub default_plugin: String,
+    /// Instruction budget of one routing call (wasmtime fuel).
+    pub fuel: u64,
+    /// Wall-clock budget of one routing call.
+    pub timeout_ms: u64,
+    /// Linear-memory cap of one plugin instance.
+    pub memory_bytes: usize,
+    /// Largest event (JSON payload plus envelope strings) handed to a plugin.
+    pub max_input_bytes: usize,
+    /// Largest decision (sum of all strings in the deliveries) accepted from a plugin.
+    pub max_output_bytes: usize,
+    /// Most deliveries one event may produce.
+    pub max_deliveries: usize,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("plugins/dist"),
+            default_plugin: "default".into(),
+            fuel: 20_000_000,
+            timeout_ms: 100,
+            memory_bytes: 32 * 1024 * 1024,
+            max_input_bytes: 256 * 1024,
+            max_output_bytes: 64 * 1024,
+            max_deliveries: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Routing plugin file stem for this tenant; defaults to the tenant id, falling back to
+    /// the default plugin when no such file exists.
+    pub plugin: Option<String>,
+    /// Values the tenant's plugin reads through the `host.config` import.
+    pub config: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain SMTP (local relays, test sinks).
+    None,
+    /// STARTTLS upgrade, required.
+    Starttls,
+    /// Implicit TLS (SMTPS, usually port 465).
+    Tls,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub username: Option<String>,
+    /// From the environment only (`NOTIFY_SMTP__PASSWORD`).
+    pub password: Option<String>,
+    /// `From:` header of every email.
+    pub from: String,
+    pub timeout_ms: u64,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 11025,
+            tls: SmtpTls::None,
+            username: None,
+            password: None,
+            from: "Notifications <notifications@example.com>".into(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmailConfig {
+    /// Holds `<tenant>/<template>/{subject,html,text}.hbs`, with `default/` as the fallback.
+    pub templates_dir: PathBuf,
+    /// Attempts before a transiently failing email is marked failed.
+    pub max_attempts: i32,
+    /// First retry delay; doubles per attempt, with jitter, up to `backoff_max_ms`.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// How often the worker looks for due rows when nobody wakes it.
+    pub poll_interval_ms: u64,
+    /// Rows claimed per round.
+    pub batch: i64,
+    /// How long a claim holds before another worker may take the row over.
+    pub claim_timeout_ms: u64,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        Self {
+            templates_dir: PathBuf::from("templates"),
+            max_attempts: 8,
+            backoff_base_ms: 1_000,
+            backoff_max_ms: 300_000,
+            poll_interval_ms: 1_000,
+            batch: 16,
+            claim_timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret. From the environment only (`NOTIFY_AUTH__JWT_SECRET`), ≥ 32 bytes.
+    pub jwt_secret: String,
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Required `aud` claim.
+    pub audience: String,
+    /// Allowed clock skew for `exp` / `nbf`.
+    pub leeway_secs: u64,
+    /// Name of the HttpOnly cookie that may carry the token instead of `Authorization`.
+    pub cookie_name: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            issuer: "notify-engine".into(),
+            audience: "notify-api".into(),
+            leeway_secs: 5,
+            cookie_name: "notify_token".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SseConfig {
+    /// Interval of keep-alive comments (proxies drop idle connections).
+    pub keepalive_secs: u64,
+    /// `retry:` hint sent to browsers, in milliseconds.
+    pub retry_ms: u64,
+    /// Rows read from PostgreSQL per replay page.
+    pub page_size: i64,
+    /// Open streams allowed per (tenant, user); more answer 429.
+    pub max_connections_per_user: usize,
+    /// Open streams allowed in total on this instance; more answer 429.
+    pub max_connections: usize,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        Self {
+            keepalive_secs: 15,
+            retry_ms: 3_000,
+            page_size: 200,
+            max_connections_per_user: 8,
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing` filter directive; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info,notify_engine=info".into(),
+        }
+    }
+}
+
+impl PluginConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// Secrets that must never be read from a file.
+const SECRET_KEYS: &[&str] = &["auth.jwt_secret", "smtp.password"];
+
+impl Config {
+    /// Defaults → `file` (if given) → environment, then [`Config::validate`].
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = Self::extract(file)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Defaults → `file` → environment, without [`Config::validate`] (for tools that need
+    /// only part of the configuration).
+    pub fn extract(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            let from_file = Figment::from(Toml::file_exact(path));
+            for key in SECRET_KEYS {
+                if from_file.find_value(key).is_ok() {
+                    return Err(ConfigError::Invalid(format!(
+                        "{key} must come from the environment, not from {}",
+                        path.display()
+                    )));
+                }
+            }
+            figment = figment.merge(from_file);
+        }
+        // Only NOTIFY_<SECTION>__<KEY>: other NOTIFY_* variables (NOTIFY_CONFIG, the service
+        // scripts' NOTIFY_KAFKA_PORT, ...) are not configuration keys.
+        figment = figment.merge(
+            Env::prefixed("NOTIFY_")
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        );
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            figment = figment.merge(Serialized::default("database.url", url));
+        }
+        Ok(figment.extract().map_err(Box::new)?)
+    }
+
+    /// Every check that can be made before touching the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.auth.jwt_secret.len() < 32 {
+            return invalid(
+                "auth.jwt_secret must be set (NOTIFY_AUTH__JWT_SECRET) and at least 32 bytes long"
+                    .into(),
+            );
+        }
+        if self.kafka.topics.is_empty() {
+            return invalid("kafka.topics must name at least one topic".into());
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return invalid("kafka.brokers must be set".into());
+        }
+        if self.kafka.batch_max == 0 {
+            return invalid("kafka.batch_max must be at least 1".into());
+        }
+        for key in ["group.id", "bootstrap.servers", "enable.auto.offset.store"] {
+            if self.kafka.properties.contains_key(key) {
+                return invalid(format!(
+                    "kafka.properties.{key} is managed by the engine; use the typed setting"
+                ));
+            }
+        }
+        if self.plugins.fuel == 0 || self.plugins.timeout_ms == 0 {
+            return invalid("plugins.fuel and plugins.timeout_ms must be positive".into());
+        }
+        if self.plugins.memory_bytes < 1024 * 1024 {
+            return invalid("plugins.memory_bytes must be at least 1 MiB".into());
+        }
+        if self.email.max_attempts < 1 {
+            return invalid("email.max_attempts must be at least 1".into());
+        }
+        if self.sse.keepalive_secs == 0 || self.sse.keepalive_secs > 15 {
+            return invalid("sse.keepalive_secs must be between 1 and 15".into());
+        }
+        if self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
+            return invalid(format!(
+                "smtp.from {:?} is not a valid mailbox",
+                self.smtp.from
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        let mut c = Config::default();
+        c.auth.jwt_secret = "x".repeat(32);
+        c
+    }
+
+    #[test]
+    fn defaults_need_only_a_secret() {
+        assert!(Config::default().validate().is_err());
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_engine_managed_kafka_properties() {
+        let mut c = valid();
+        c.kafka.properties.insert("group.id".into(), "x".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("group.id"), "{err}");
+    }
+
+    #[test]
+    fn rejects_secret_in_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.toml");
+        std::fs::write(
+            &path,
+            "[auth]\njwt_secret = \"0123456789abcdef0123456789abcdef\"\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("environment"), "{err}");
+    }
+
+    #[test]
+    fn example_file_lists_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/engine.example.toml");
+        let from_file: Config = Figment::from(Toml::file_exact(&path)).extract().unwrap();
+        assert_eq!(
+            serde_json::to_value(from_file).unwrap(),
+            serde_json::to_value(Config::default()).unwrap(),
+            "config/engine.example.toml differs from Config::default()"
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.toml");
+        std::fs::write(&path, "[kafka]\nbrokerz = \"x\"\n").unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("brokerz"), "{err}");
+    }
+}

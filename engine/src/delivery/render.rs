@@ -1,0 +1,367 @@
+//! Email templates: `templates/<tenant>/<template>/{subject,html,text}.hbs`.
+//!
+//! `templates/default/` is the fallback for every tenant; a tenant folder overrides single
+//! parts (just the subject, say) and partials (`<tenant>/partials/*.hbs`). The HTML part is
+//! HTML-escaped, subject and text are not (they are not HTML). Strict mode: a template that
+//! names a field the data lacks fails to render rather than sending a hole.
+//! Errors name the file and, for syntax errors, line and column.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use handlebars::Handlebars;
+use serde_json::Value;
+
+/// The fallback tenant folder.
+pub const DEFAULT_TENANT: &str = "default";
+const PARTS: [&str; 3] = ["subject", "html", "text"];
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RenderError {
+    #[error("no template {template:?} for tenant {tenant} (looked in {tenant}/ and default/)")]
+    Missing { tenant: String, template: String },
+    #[error("template {template:?} for tenant {tenant} is broken: {reason}")]
+    Broken {
+        tenant: String,
+        template: String,
+        reason: String,
+    },
+    #[error("rendering {file}: {reason}")]
+    Render { file: String, reason: String },
+    #[error("template {template:?} rendered an empty subject")]
+    EmptySubject { template: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderedEmail {
+    pub subject: String,
+    pub html: Option<String>,
+    pub text: Option<String>,
+}
+
+/// One tenant's effective set (default merged with its overrides).
+struct TenantSet {
+    /// HTML-escaping registry for `html` parts.
+    html: Handlebars<'static>,
+    /// Non-escaping registry for `subject` and `text` parts.
+    plain: Handlebars<'static>,
+    /// template → which parts exist, and from which file (for error messages).
+    templates: HashMap<String, HashMap<&'static str, String>>,
+    /// template → why it could not be loaded.
+    broken: HashMap<String, String>,
+}
+
+pub struct Templates {
+    dir: PathBuf,
+    sets: HashMap<String, TenantSet>,
+}
+
+impl Templates {
+    /// Loads every tenant folder under `dir`. Broken files are remembered with their error
+    /// (file:line:column) and reported by [`Templates::problems`]; the rest still load.
+    pub fn load(dir: &Path) -> std::io::Result<Self> {
+        let default_files = read_tenant_dir(&dir.join(DEFAULT_TENANT))?;
+        let mut sets = HashMap::new();
+        sets.insert(
+            DEFAULT_TENANT.to_owned(),
+            build_set(&TenantFiles::default(), &default_files),
+        );
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == DEFAULT_TENANT || !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let files = read_tenant_dir(&entry.path())?;
+            sets.insert(name, build_set(&default_files, &files));
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            sets,
+        })
+    }
+
+    /// Every template that failed to load, as `tenant/template: reason`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .sets
+            .iter()
+            .flat_map(|(t, set)| set.broken.iter().map(move |(n, r)| format!("{t}/{n}: {r}")))
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Renders `template` for `tenant` with `data`.
+    pub fn render(
+        &self,
+        tenant: &str,
+        template: &str,
+        data: &Value,
+    ) -> Result<RenderedEmail, RenderError> {
+        let set = self
+            .sets
+            .get(tenant)
+            .or_else(|| self.sets.get(DEFAULT_TENANT))
+            .ok_or_else(|| RenderError::Missing {
+                tenant: tenant.into(),
+                template: template.into(),
+            })?;
+        if let Some(reason) = set.broken.get(template) {
+            return Err(RenderError::Broken {
+                tenant: tenant.into(),
+                template: template.into(),
+                reason: reason.clone(),
+            });
+        }
+        let parts = set
+            .templates
+            .get(template)
+            .ok_or_else(|| RenderError::Missing {
+                tenant: tenant.into(),
+                template: template.into(),
+            })?;
+        let render = |registry: &Handlebars<'static>, part: &'static str| {
+            parts
+                .get(part)
+                .map(|file| {
+                    registry
+                        .render(&format!("{template}/{part}"), data)
+                        .map_err(|e| RenderError::Render {
+                            file: file.clone(),
+                            reason: describe_render_error(&e),
+                        })
+                })
+                .transpose()
+        };
+        let subject = render(&set.plain, "subject")?.unwrap_or_default();
+        // Header injection is impossible (lettre encodes headers), but a multi-line subject
+        // is still a template mistake: fold it to one line.
+        let subject = subject.split_whitespace().collect::<Vec<_>>().join(" ");
+        if subject.is_empty() {
+            return Err(RenderError::EmptySubject {
+                template: template.into(),
+            });
+        }
+        Ok(RenderedEmail {
+            subject,
+            html: render(&set.html, "html")?,
+            text: render(&set.plain, "text")?,
+        })
+    }
+}
+
+/// Files of one tenant folder: partial name → (file, source); (template, part) → (file, source).
+#[derive(Default, Clone)]
+struct TenantFiles {
+    partials: HashMap<String, (String, String)>,
+    parts: HashMap<(String, &'static str), (String, String)>,
+    /// Files that could not be read, by template name.
+    unreadable: HashMap<String, String>,
+}
+
+fn read_tenant_dir(dir: &Path) -> std::io::Result<TenantFiles> {
+    let mut files = TenantFiles::default();
+    if !dir.is_dir() {
+        return Ok(files);
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_dir() {
+            continue;
+        }
+        let folder = entry.file_name().to_string_lossy().into_owned();
+        for file in std::fs::read_dir(entry.path())? {
+            let path = file?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("hbs") {
+                continue;
+            }
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            let shown = path.display().to_string();
+            let source = match std::fs::read_to_string(&path) {
+                Ok(s) => s,
+                Err(e) => {
+                    files
+                        .unreadable
+                        .insert(folder.clone(), format!("{shown}: {e}"));
+                    continue;
+                }
+            };
+            if folder == "partials" {
+                files.partials.insert(stem, (shown, source));
+            } else if let Some(part) = PARTS.iter().find(|p| **p == stem) {
+                files.parts.insert((folder.clone(), part), (shown, source));
+            }
+        }
+    }
+    Ok(files)
+}
+
+handlebars::handlebars_helper!(money: |amount: f64| format!("{amount:.2}"));
+
+fn build_set(defaults: &TenantFiles, own: &TenantFiles) -> TenantSet {
+    let mut html = Handlebars::new();
+    let mut plain = Handlebars::new();
+    for registry in [&mut html, &mut plain] {
+        registry.set_strict_mode(true);
+        // `{{money amount}}`: 129.9 → "129.90".
+        registry.register_helper("money", Box::new(money));
+    }
+    plain.register_escape_fn(handlebars::no_escape);
+    let mut broken: HashMap<String, String> = own
+        .unreadable
+        .iter()
+        .chain(defaults.unreadable.iter())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+
+    // Partials: the tenant's override the defaults of the same name.
+    let mut partials = defaults.partials.clone();
+    partials.extend(own.partials.clone());
+    let mut partial_errors = Vec::new();
+    for (name, (file, source)) in &partials {
+        for registry in [&mut html, &mut plain] {
+            if let Err(e) = registry.register_partial(name, source) {
+                partial_errors.push(format!("{file}: {}", describe_template_error(&e)));
+                break;
+            }
+        }
+    }
+
+    let mut parts = defaults.parts.clone();
+    parts.extend(own.parts.clone());
+    let mut templates: HashMap<String, HashMap<&'static str, String>> = HashMap::new();
+    for ((template, part), (file, source)) in &parts {
+        let registry = if *part == "html" {
+            &mut html
+        } else {
+            &mut plain
+        };
+        match registry.register_template_string(&format!("{template}/{part}"), source) {
+            Ok(()) => {
+                templates
+                    .entry(template.clone())
+                    .or_default()
+                    .insert(part, file.clone());
+            }
+            Err(e) => {
+                broken.insert(
+                    template.clone(),
+                    format!("{file}: {}", describe_template_error(&e)),
+                );
+            }
+        }
+    }
+    for (template, found) in &templates {
+        if !found.contains_key("subject") {
+            broken
+                .entry(template.clone())
+                .or_insert_with(|| "subject.hbs is missing".into());
+        } else if !found.contains_key("html") && !found.contains_key("text") {
+            broken
+                .entry(template.clone())
+                .or_insert_with(|| "needs html.hbs or text.hbs".into());
+        }
+    }
+    if !partial_errors.is_empty() {
+        // A broken partial may be used by any template: mark them all.
+        let reason = format!("broken partial: {}", partial_errors.join("; "));
+        for template in templates.keys() {
+            broken.entry(template.clone()).or_insert(reason.clone());
+        }
+    }
+    TenantSet {
+        html,
+        plain,
+        templates,
+        broken,
+    }
+}
+
+fn describe_template_error(e: &handlebars::TemplateError) -> String {
+    match e.pos() {
+        Some((line, col)) => format!("line {line}, column {col}: {}", e.reason()),
+        None => e.reason().to_string(),
+    }
+}
+
+fn describe_render_error(e: &handlebars::RenderError) -> String {
+    match (e.line_no, e.column_no) {
+        (Some(line), Some(col)) => format!("line {line}, column {col}: {}", e.reason()),
+        _ => e.reason().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn write(root: &Path, rel: &str, content: &str) {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+
+    fn fixture() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(root, "default/partials/footer.hbs", "-- {{shop}}");
+        write(
+            root,
+            "default/paid/subject.hbs",
+            "Order {{order_id}}\n paid",
+        );
+        write(root, "default/paid/text.hbs", "Hi {{name}}\n{{> footer}}");
+        write(root, "default/paid/html.hbs", "<p>Hi {{name}}</p>");
+        write(root, "acme/paid/subject.hbs", "ACME: {{order_id}}");
+        write(root, "acme/partials/footer.hbs", "-- ACME");
+        write(root, "default/broken/subject.hbs", "{{#if x}}unclosed");
+        dir
+    }
+
+    #[test]
+    fn default_and_tenant_overrides() {
+        let dir = fixture();
+        let t = Templates::load(dir.path()).unwrap();
+        let data = json!({"order_id": "A-1", "name": "<Bob>", "shop": "Shop"});
+        let r = t.render("other", "paid", &data).unwrap();
+        assert_eq!(r.subject, "Order A-1 paid");
+        assert_eq!(r.text.as_deref(), Some("Hi <Bob>\n-- Shop"));
+        assert_eq!(r.html.as_deref(), Some("<p>Hi &lt;Bob&gt;</p>"));
+        let r = t.render("acme", "paid", &data).unwrap();
+        assert_eq!(r.subject, "ACME: A-1");
+        assert_eq!(r.text.as_deref(), Some("Hi <Bob>\n-- ACME"));
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let dir = fixture();
+        let t = Templates::load(dir.path()).unwrap();
+        let problems = t.problems().join("\n");
+        assert!(
+            problems.contains("broken/subject.hbs: line 1"),
+            "{problems}"
+        );
+        let e = t.render("default", "broken", &json!({})).unwrap_err();
+        assert!(matches!(e, RenderError::Broken { .. }), "{e}");
+        let e = t.render("acme", "nope", &json!({})).unwrap_err();
+        assert!(matches!(e, RenderError::Missing { .. }), "{e}");
+        // Strict mode: a missing field is an error naming the file, not an empty hole.
+        let e = t
+            .render("default", "paid", &json!({"order_id": "A"}))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("text.hbs") || e.to_string().contains("html.hbs"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,225 @@
+//! Kafka ingest: the only module that touches rdkafka.
+//!
+//! The consumer runs with `enable.auto.offset.store=false`: librdkafka auto-commits only
+//! offsets we stored explicitly, and the pipeline stores an offset only after the
+//! transaction holding that message's outcome has committed. That is the whole no-loss
+//! argument; see `ARCHITECTURE.md`.
+
+pub mod envelope;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// One Kafka message, owned, with where it came from.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Logs partition assignments; librdkafka commits stored offsets on revocation itself.
+struct IngestContext;
+
+impl ClientContext for IngestContext {}
+
+impl ConsumerContext for IngestContext {
+    fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance) {
+        match r {
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = %describe(tpl), "partitions revoked")
+            }
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = %describe(tpl), "partitions assigned")
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub struct Ingest {
+    consumer: StreamConsumer<IngestContext>,
+}
+
+impl Ingest {
+    /// Creates the consumer and subscribes; does not wait for the broker.
+    pub fn connect(config: &KafkaConfig) -> Result<Self, IngestError> {
+        let mut client = base_client_config(config);
+        client
+            .set("group.id", &config.group_id)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.commit.interval.ms", "1000")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false");
+        let consumer: StreamConsumer<IngestContext> = client.create_with_context(IngestContext)?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(Self { consumer })
+    }
+
+    /// Waits for the first message, then gathers more for up to `linger`, at most `max`.
+    /// Transient consumer errors are logged and waited out: the engine never stops
+    /// consuming because the broker hiccuped.
+    pub async fn next_batch(&self, max: usize, linger: Duration) -> Vec<Incoming> {
+        let mut batch = Vec::new();
+        loop {
+            match self.consumer.recv().await {
+                Ok(m) => {
+                    batch.push(owned(&m));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < max {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(owned(&m)),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Marks everything up to and including each message of `handled` as done. Only call
+    /// after the messages' outcomes are committed in PostgreSQL.
+    pub fn store_offsets(&self, handled: &[Incoming]) -> Result<(), IngestError> {
+        // Highest offset per partition: the batch is contiguous per partition, because
+        // one consumer delivers a partition in order and batches are handled one by one.
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        for m in handled {
+            let e = next.entry((&m.topic, m.partition)).or_insert(m.offset + 1);
+            *e = (*e).max(m.offset + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in next {
+            tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        }
+        match self.consumer.store_offsets(&tpl) {
+            Ok(()) => Ok(()),
+            // The partition was revoked meanwhile; its new owner re-reads these messages
+            // and the duplicate filter drops them.
+            Err(KafkaError::StoreOffset(code)) => {
+                tracing::info!(error = %code, "offset not stored (partition no longer assigned)");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Commits stored offsets synchronously; used on shutdown so nothing finished is
+    /// re-read by the next owner.
+    pub fn commit_stored(&self) {
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("final offsets committed"),
+            // Nothing stored yet is not an error worth a warning.
+            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(error = %e, "final offset commit failed"),
+        }
+    }
+}
+
+/// Is the broker reachable? A metadata request with a short timeout, off the async runtime
+/// (librdkafka blocks).
+pub async fn probe(config: &KafkaConfig) -> bool {
+    let client = base_client_config(config);
+    tokio::task::spawn_blocking(move || {
+        let Ok(consumer) = client.create::<rdkafka::consumer::BaseConsumer>() else {
+            return false;
+        };
+        consumer
+            .fetch_metadata(None, Duration::from_secs(2))
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Settings shared by every client: brokers plus the operator's pass-through properties
+/// (security protocol, SASL, TLS).
+fn base_client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers);
+    for (k, v) in &config.properties {
+        client.set(k, v);
+    }
+    client
+}
+
+fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
+    Incoming {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+    }
+}
+
+/// A small producer for the tools (sample traffic, tests' helpers): lives here because
+/// only `ingest` touches rdkafka.
+pub struct Publisher {
+    producer: FutureProducer,
+}
+
+impl Publisher {
+    pub fn connect(config: &KafkaConfig) -> Result<Self, IngestError> {
+        let mut client = base_client_config(config);
+        client
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "10000");
+        Ok(Self {
+            producer: client.create()?,
+        })
+    }
+
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        payload: &[u8],
+    ) -> Result<(i32, i64), IngestError> {
+        let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        let delivery = self
+            .producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)?;
+        Ok((delivery.partition, delivery.offset))
+    }
+}

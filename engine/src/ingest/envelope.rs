@@ -1,0 +1,312 @@
+//! The event envelope: decoding and validation of one Kafka message value.
+//!
+//! Two shapes are accepted, both JSON objects:
+//!
+//! - the native envelope: `{"id", "tenant", "type", "time", "source"?, "data"}`;
+//! - CloudEvents 1.0 structured mode: `{"specversion": "1.0", "id", "source", "type",
+//!   "time", "data", "tenant"}` (`tenant` or `tenantid` as an extension attribute).
+//!
+//! Identifiers are restricted because they name files (plugins and templates are looked up
+//! by tenant) and appear in logs: a tenant id can never be a path.
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A validated event, ready for routing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: String,
+    pub tenant: String,
+    pub event_type: String,
+    pub time: DateTime<Utc>,
+    pub source: Option<String>,
+    /// The tenant-owned payload; always a JSON object.
+    pub data: serde_json::Map<String, Value>,
+}
+
+/// Why a message was refused. `kind` is stable (metrics, dead-letter rows); `reason` is for
+/// people and names the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {reason}")]
+pub struct Rejection {
+    pub kind: RejectionKind,
+    pub reason: String,
+    /// Whatever could be read before the message was refused, for the dead-letter row.
+    pub tenant: Option<String>,
+    pub event_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectionKind {
+    /// Not JSON, or not an object.
+    Decode,
+    /// JSON, but not a valid envelope.
+    Validation,
+    /// Larger than `kafka.max_message_bytes`.
+    Oversize,
+}
+
+impl RejectionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectionKind::Decode => "decode",
+            RejectionKind::Validation => "validation",
+            RejectionKind::Oversize => "oversize",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The union of both accepted shapes; unknown fields are ignored so producers may add
+/// their own (CloudEvents has several optional attributes).
+#[derive(Deserialize)]
+struct Raw {
+    id: Option<Value>,
+    tenant: Option<Value>,
+    tenantid: Option<Value>,
+    #[serde(rename = "type")]
+    event_type: Option<Value>,
+    time: Option<Value>,
+    source: Option<Value>,
+    specversion: Option<Value>,
+    datacontenttype: Option<Value>,
+    data: Option<Value>,
+}
+
+pub const MAX_ID_LEN: usize = 200;
+pub const MAX_TENANT_LEN: usize = 64;
+pub const MAX_TYPE_LEN: usize = 128;
+
+/// Decodes and validates one message value.
+pub fn decode(payload: Option<&[u8]>, max_bytes: usize) -> Result<Event, Rejection> {
+    let reject = |kind, reason: String| Rejection {
+        kind,
+        reason,
+        tenant: None,
+        event_id: None,
+    };
+    let Some(bytes) = payload else {
+        return Err(reject(
+            RejectionKind::Decode,
+            "message has no value (tombstone)".into(),
+        ));
+    };
+    if bytes.len() > max_bytes {
+        return Err(reject(
+            RejectionKind::Oversize,
+            format!("message is {} bytes, the limit is {max_bytes}", bytes.len()),
+        ));
+    }
+    let raw: Raw = serde_json::from_slice(bytes).map_err(|e| {
+        reject(
+            RejectionKind::Decode,
+            format!("not a JSON envelope object: {e}"),
+        )
+    })?;
+    // From here on, keep what we learned so the dead-letter row can name tenant and event.
+    let tenant = raw
+        .tenant
+        .as_ref()
+        .or(raw.tenantid.as_ref())
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let event_id = raw.id.as_ref().and_then(Value::as_str).map(str::to_owned);
+    let invalid = |reason: String| Rejection {
+        kind: RejectionKind::Validation,
+        reason,
+        tenant: tenant.clone().filter(|t| valid_tenant(t)),
+        event_id: event_id.clone().filter(|i| valid_id(i)),
+    };
+
+    if let Some(v) = &raw.specversion
+        && v.as_str() != Some("1.0")
+    {
+        return Err(invalid(format!(
+            "specversion {v} is not supported (only CloudEvents 1.0)"
+        )));
+    }
+    if let Some(ct) = &raw.datacontenttype {
+        let ct = ct.as_str().unwrap_or_default();
+        if !(ct.starts_with("application/json") || ct.ends_with("+json")) {
+            return Err(invalid(format!(
+                "datacontenttype {ct:?} is not JSON; only JSON data is supported"
+            )));
+        }
+    }
+
+    let id = required_str(&raw.id, "id").map_err(&invalid)?;
+    if !valid_id(&id) {
+        return Err(invalid(format!(
+            "id must be 1..={MAX_ID_LEN} printable characters"
+        )));
+    }
+    let tenant_value = raw.tenant.as_ref().or(raw.tenantid.as_ref()).cloned();
+    let tenant_id = required_str(&tenant_value, "tenant").map_err(&invalid)?;
+    if !valid_tenant(&tenant_id) {
+        return Err(invalid(format!(
+            "tenant must be 1..={MAX_TENANT_LEN} characters of [A-Za-z0-9_-]"
+        )));
+    }
+    let event_type = required_str(&raw.event_type, "type").map_err(&invalid)?;
+    if !valid_type(&event_type) {
+        return Err(invalid(format!(
+            "type must be 1..={MAX_TYPE_LEN} characters of [A-Za-z0-9_.-]"
+        )));
+    }
+    let time_text = required_str(&raw.time, "time").map_err(&invalid)?;
+    let time = DateTime::parse_from_rfc3339(&time_text)
+        .map_err(|e| invalid(format!("time {time_text:?} is not RFC 3339: {e}")))?
+        .with_timezone(&Utc);
+    let source = match &raw.source {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= 512 => Some(s.clone()),
+        Some(_) => {
+            return Err(invalid(
+                "source must be a string of at most 512 bytes".into(),
+            ));
+        }
+    };
+    let data = match raw.data {
+        Some(Value::Object(map)) => map,
+        Some(other) => {
+            return Err(invalid(format!(
+                "data must be a JSON object, got {}",
+                json_kind(&other)
+            )));
+        }
+        None => return Err(invalid("data is required (a JSON object)".into())),
+    };
+    // PostgreSQL text cannot hold NUL; refuse it here with a clear reason rather than
+    // have the database refuse the outcome later.
+    if serde_json::to_string(&data).is_ok_and(|s| s.contains("\\u0000")) {
+        return Err(invalid("data contains a NUL character (\\u0000)".into()));
+    }
+    Ok(Event {
+        id,
+        tenant: tenant_id,
+        event_type,
+        time,
+        source,
+        data,
+    })
+}
+
+fn required_str(value: &Option<Value>, field: &str) -> Result<String, String> {
+    match value {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) => Err(format!("{field} must not be empty")),
+        Some(other) => Err(format!(
+            "{field} must be a string, got {}",
+            json_kind(other)
+        )),
+        None => Err(format!("{field} is required")),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_LEN && !id.chars().any(char::is_control)
+}
+
+/// Tenant ids name plugin files and template folders, so they are kept path-safe.
+pub fn valid_tenant(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= MAX_TENANT_LEN
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn valid_type(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= MAX_TYPE_LEN
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(json: &str) -> Event {
+        decode(Some(json.as_bytes()), 1 << 20).unwrap()
+    }
+
+    fn err(json: &str) -> Rejection {
+        decode(Some(json.as_bytes()), 1 << 20).unwrap_err()
+    }
+
+    #[test]
+    fn native_envelope() {
+        let e = ok(
+            r#"{"id":"e1","tenant":"acme","type":"order_paid","time":"2026-11-26T10:00:00+01:00","data":{"user_id":"u1"}}"#,
+        );
+        assert_eq!(e.id, "e1");
+        assert_eq!(e.tenant, "acme");
+        assert_eq!(e.event_type, "order_paid");
+        assert_eq!(e.time.to_rfc3339(), "2026-11-26T09:00:00+00:00");
+        assert_eq!(e.data["user_id"], "u1");
+    }
+
+    #[test]
+    fn cloudevents_structured() {
+        let e = ok(
+            r#"{"specversion":"1.0","id":"e2","source":"/payments","type":"order_paid","time":"2026-11-26T10:00:00Z","datacontenttype":"application/json","tenantid":"acme","data":{}}"#,
+        );
+        assert_eq!(e.tenant, "acme");
+        assert_eq!(e.source.as_deref(), Some("/payments"));
+    }
+
+    #[test]
+    fn rejects_with_field_names() {
+        assert_eq!(err("not json").kind, RejectionKind::Decode);
+        assert_eq!(err("[1,2]").kind, RejectionKind::Decode);
+        let r = err(r#"{"id":"e","tenant":"a","type":"t","time":"2026-11-26T10:00:00Z"}"#);
+        assert_eq!(r.kind, RejectionKind::Validation);
+        assert!(r.reason.contains("data"), "{}", r.reason);
+        assert_eq!(r.tenant.as_deref(), Some("a"));
+        assert_eq!(r.event_id.as_deref(), Some("e"));
+        let r = err(
+            r#"{"id":"e","tenant":"../etc","type":"t","time":"2026-11-26T10:00:00Z","data":{}}"#,
+        );
+        assert!(r.reason.contains("tenant"), "{}", r.reason);
+        assert_eq!(r.tenant, None, "an unsafe tenant id is not carried along");
+        let r = err(r#"{"id":"e","tenant":"a","type":"t","time":"yesterday","data":{}}"#);
+        assert!(r.reason.contains("RFC 3339"), "{}", r.reason);
+        let r = err(r#"{"id":7,"tenant":"a","type":"t","time":"2026-11-26T10:00:00Z","data":{}}"#);
+        assert!(r.reason.contains("id must be a string"), "{}", r.reason);
+        let r = err(
+            r#"{"specversion":"0.3","id":"e","tenant":"a","type":"t","time":"2026-11-26T10:00:00Z","data":{}}"#,
+        );
+        assert!(r.reason.contains("specversion"), "{}", r.reason);
+        let r =
+            err(r#"{"id":"e","tenant":"a","type":"t","time":"2026-11-26T10:00:00Z","data":"x"}"#);
+        assert!(
+            r.reason.contains("data must be a JSON object"),
+            "{}",
+            r.reason
+        );
+    }
+
+    #[test]
+    fn oversize_and_tombstone() {
+        let r = decode(Some(&[b' '; 100]), 10).unwrap_err();
+        assert_eq!(r.kind, RejectionKind::Oversize);
+        assert_eq!(decode(None, 10).unwrap_err().kind, RejectionKind::Decode);
+    }
+}

@@ -1,0 +1,37 @@
+//! # notify-engine
+//!
+//! Turns business events from Kafka into notifications: in-app over Server-Sent Events and
+//! email over SMTP, routed per tenant by sandboxed WebAssembly plugins.
+//!
+//! The module tree follows one event's way through the engine:
+//!
+//! ```text
+//! ingest ──► pipeline ──► store (PostgreSQL: processed_events, notifications, email_outbox, dead_letters)
+//!  (Kafka)      │  └── plugin (wasmtime: the tenant's routing component)
+//!               └──► hub ──► api::sse (browsers)          delivery (outbox ──► templates ──► SMTP)
+//! ```
+//!
+//! - [`config`]: typed configuration, defaults → file → environment, validated once.
+//! - [`ingest`]: the only module that touches rdkafka; decodes and validates envelopes.
+//! - [`pipeline`]: the orchestrator; one transaction per batch, offsets stored after COMMIT.
+//! - [`plugin`]: the only module that touches wasmtime; the routing sandbox.
+//! - [`store`]: the only module that holds SQL.
+//! - [`hub`]: which (tenant, user) has something new; wakes their SSE streams.
+//! - [`delivery`]: the email worker (outbox → Handlebars → lettre).
+//! - [`api`]: HTTP: SSE, health, readiness, metrics; JWT auth.
+//! - [`telemetry`]: logs and Prometheus metrics.
+//! - [`app`]: wires everything together and owns the shutdown story.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the invariants these modules keep.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod delivery;
+pub mod hub;
+pub mod ingest;
+pub mod pipeline;
+pub mod plugin;
+pub mod store;
+pub mod telemetry;
+pub mod tools;

@@ -1,0 +1,143 @@
+//! The `notify-engine` binary: run the engine, or one of its tools.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use notify_engine::config::Config;
+use notify_engine::{app, telemetry, tools};
+
+#[derive(Parser)]
+#[command(version, about = "WebAssembly-pluggable notification engine")]
+struct Cli {
+    /// TOML config file (defaults → file → NOTIFY_* environment).
+    #[arg(long, short, global = true, env = "NOTIFY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine (the default).
+    Run,
+    /// Print a signed JWT for a tenant's user (needs NOTIFY_AUTH__JWT_SECRET).
+    Token {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Publish the envelopes of a JSON-lines file to Kafka (topic = each envelope's type).
+    Publish {
+        file: PathBuf,
+        #[arg(long)]
+        topic: Option<String>,
+        /// Pause between events, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+    },
+    /// Plugin developer tools.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run a routing plugin on one event with production limits; print what it decided and
+    /// what it cost.
+    Run {
+        #[arg(long)]
+        plugin: PathBuf,
+        #[arg(long)]
+        event: PathBuf,
+        /// Tenant config values the plugin can read, as key=value (repeatable).
+        #[arg(long = "set", value_parser = parse_key_value)]
+        set: Vec<(String, String)>,
+    },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let config = Config::load(cli.config.as_deref())?;
+            telemetry::init_logging(&config.log);
+            let engine = app::start(config).await.context("starting the engine")?;
+            let token = engine.shutdown_token();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("shutdown requested; draining");
+                token.cancel();
+            });
+            engine.wait().await;
+            tracing::info!("stopped");
+        }
+        Command::Token { tenant, user, ttl } => {
+            let config = Config::load(cli.config.as_deref())?;
+            println!("{}", tools::token(&config.auth, &tenant, &user, ttl)?);
+        }
+        Command::Publish {
+            file,
+            topic,
+            interval_ms,
+        } => {
+            let config = load_without_secret(cli.config.as_deref())?;
+            telemetry::init_logging(&config.log);
+            let sent = tools::publish(
+                &config.kafka,
+                &file,
+                topic.as_deref(),
+                std::time::Duration::from_millis(interval_ms),
+            )
+            .await?;
+            eprintln!("published {sent} events");
+        }
+        Command::Plugin {
+            command: PluginCommand::Run { plugin, event, set },
+        } => {
+            let config = load_without_secret(cli.config.as_deref())?;
+            let tenant_config: BTreeMap<_, _> = set.into_iter().collect();
+            let (ok, report) =
+                tools::run_plugin(config.plugins, &plugin, &event, tenant_config).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !ok {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tools that never serve or mint tokens do not need the JWT secret.
+fn load_without_secret(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(Config::extract(file)?)
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,588 @@
+//! The routing sandbox: the only module that touches wasmtime.
+//!
+//! Every call gets a fresh `Store` from a pre-linked `InstancePre`, so no state leaks from
+//! one event (or tenant) to the next. Each store is bounded in CPU (fuel, plus an epoch
+//! deadline as a wall-clock bound that also stops a guest stuck in a host call) and memory
+//! (`StoreLimits`, trapping on a failed grow). WASI is linked with an empty context: no
+//! preopened directories, no environment, no arguments, no sockets, stdio discarded.
+//!
+//! A trap, a timeout, a refusal or invalid output is returned as a [`PluginError`]; the
+//! pipeline dead-letters that event and moves on. Nothing a plugin does can crash the engine.
+
+mod output;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::config::{PluginConfig, TenantConfig};
+use crate::ingest::envelope::Event;
+
+pub use output::{Delivery, NOTIFICATION_EVENT};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "routing",
+        path: "../wit/plugin",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+}
+
+use bindings::notify::plugin::host::LogLevel;
+use bindings::notify::plugin::types as wit;
+
+/// How often the epoch ticker advances; the wall-clock bound is rounded up to this.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Log lines kept per call for the local runner (the tracing log gets all of them).
+const MAX_CAPTURED_LOGS: usize = 100;
+/// Longest log line a plugin may write; longer ones are cut.
+const MAX_LOG_LINE: usize = 2048;
+/// stderr kept per call (a Rust plugin's panic message lands there); writing more fails the
+/// write, which makes `eprintln!` panic: plugins log through the host `log` import instead.
+const STDERR_CAPTURE: usize = 64 * 1024;
+/// How much of the captured stderr a trap's reason quotes.
+const STDERR_IN_REASON: usize = 1024;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginError {
+    #[error(
+        "no routing plugin for tenant {tenant}: neither {tenant_plugin}.wasm nor the default plugin is loaded"
+    )]
+    Missing {
+        tenant: String,
+        tenant_plugin: String,
+    },
+    #[error("plugin {plugin} is broken and was not loaded: {reason}")]
+    Broken { plugin: String, reason: String },
+    #[error("event is {size} bytes, the plugin input limit is {limit}")]
+    InputTooLarge { size: usize, limit: usize },
+    #[error("plugin {plugin} trapped: {message}")]
+    Trap { plugin: String, message: String },
+    #[error("plugin {plugin} ran out of fuel (budget {fuel} instructions)")]
+    OutOfFuel { plugin: String, fuel: u64 },
+    #[error("plugin {plugin} exceeded its time limit of {limit_ms} ms")]
+    Timeout { plugin: String, limit_ms: u64 },
+    #[error("plugin {plugin} refused the event as invalid: {message}")]
+    InvalidEvent { plugin: String, message: String },
+    #[error("plugin {plugin} failed: {message}")]
+    Failed { plugin: String, message: String },
+    #[error("plugin {plugin} returned invalid output: {message}")]
+    InvalidOutput { plugin: String, message: String },
+}
+
+impl PluginError {
+    /// Stable label for metrics and dead-letter rows.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Missing { .. } | PluginError::Broken { .. } => "plugin_unavailable",
+            PluginError::InputTooLarge { .. } => "oversize",
+            PluginError::Trap { .. } => "trap",
+            PluginError::OutOfFuel { .. } => "out_of_fuel",
+            PluginError::Timeout { .. } => "timeout",
+            PluginError::InvalidEvent { .. } => "invalid_event",
+            PluginError::Failed { .. } => "refused",
+            PluginError::InvalidOutput { .. } => "invalid_output",
+        }
+    }
+
+    /// The plugin involved, if any.
+    pub fn plugin(&self) -> Option<&str> {
+        match self {
+            PluginError::Missing { .. } | PluginError::InputTooLarge { .. } => None,
+            PluginError::Broken { plugin, .. }
+            | PluginError::Trap { plugin, .. }
+            | PluginError::OutOfFuel { plugin, .. }
+            | PluginError::Timeout { plugin, .. }
+            | PluginError::InvalidEvent { plugin, .. }
+            | PluginError::Failed { plugin, .. }
+            | PluginError::InvalidOutput { plugin, .. } => Some(plugin),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("loading plugin {path}: {message}")]
+pub struct LoadError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// What a plugin decided about one event, and what it cost.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub plugin: String,
+    /// SHA-256 of the component binary: which build decided.
+    pub digest: String,
+    pub deliveries: Vec<Delivery>,
+    pub cost: Cost,
+    pub logs: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cost {
+    pub fuel: u64,
+    pub elapsed: Duration,
+    /// Peak linear memory of the call's instance.
+    pub memory_bytes: usize,
+}
+
+/// A compiled, linked plugin, ready to instantiate.
+struct Loaded {
+    name: String,
+    digest: String,
+    pre: bindings::RoutingPre<CallState>,
+}
+
+/// The outcome of loading one plugin file: ready, or broken with the reason. A broken
+/// tenant plugin is remembered (not silently replaced by the default plugin): that tenant's
+/// events are dead-lettered with the reason until the file is fixed.
+#[derive(Clone)]
+enum Slot {
+    Ready(Arc<Loaded>),
+    Broken(String),
+}
+
+/// State of one call's `Store`.
+struct CallState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: MemoryCap,
+    tenant_config: Arc<BTreeMap<String, String>>,
+    tenant: String,
+    plugin: String,
+    event_id: String,
+    logs: Vec<(String, String)>,
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wit::Host for CallState {}
+
+impl bindings::notify::plugin::host::Host for CallState {
+    async fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let (tenant, plugin, event_id) = (&self.tenant, &self.plugin, &self.event_id);
+        match level {
+            LogLevel::Trace => tracing::trace!(tenant, plugin, event_id, "plugin: {message}"),
+            LogLevel::Debug => tracing::debug!(tenant, plugin, event_id, "plugin: {message}"),
+            LogLevel::Info => tracing::info!(tenant, plugin, event_id, "plugin: {message}"),
+            LogLevel::Warn => tracing::warn!(tenant, plugin, event_id, "plugin: {message}"),
+            LogLevel::Error => tracing::error!(tenant, plugin, event_id, "plugin: {message}"),
+        }
+        if self.logs.len() < MAX_CAPTURED_LOGS {
+            let level = format!("{level:?}").to_lowercase();
+            self.logs.push((level, message));
+        }
+        Ok(())
+    }
+
+    async fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.tenant_config.get(&key).cloned())
+    }
+}
+
+/// Caps linear memory like `StoreLimits` with `trap_on_grow_failure`, and also records the
+/// peak, which the local runner reports as the call's memory cost.
+struct MemoryCap {
+    limit: usize,
+    peak: usize,
+}
+
+/// Most table elements one instance may have (function tables of Rust components are small).
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            // Trapping (rather than returning false, which makes `memory.grow` return -1)
+            // stops a runaway allocation at once with a clear reason.
+            wasmtime::bail!(
+                "memory limit exceeded: tried to grow linear memory to {desired} bytes, the limit is {}",
+                self.limit
+            );
+        }
+        self.peak = self.peak.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            wasmtime::bail!("table limit exceeded: {desired} elements");
+        }
+        Ok(true)
+    }
+}
+
+/// Advances the engine's epoch until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        Self { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Loads routing plugins and runs them.
+pub struct PluginHost {
+    engine: Engine,
+    linker: Linker<CallState>,
+    limits: PluginConfig,
+    tenants: BTreeMap<String, TenantConfig>,
+    empty_config: Arc<BTreeMap<String, String>>,
+    tenant_configs: HashMap<String, Arc<BTreeMap<String, String>>>,
+    plugins: ArcSwap<HashMap<String, Slot>>,
+    _ticker: EpochTicker,
+}
+
+impl PluginHost {
+    pub fn new(
+        limits: PluginConfig,
+        tenants: BTreeMap<String, TenantConfig>,
+    ) -> Result<Self, LoadError> {
+        let mut config = wasmtime::Config::new();
+        config
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(|e| LoadError {
+            path: PathBuf::new(),
+            message: format!("creating the wasmtime engine: {e:#}"),
+        })?;
+        let mut linker = Linker::<CallState>::new(&engine);
+        let link_err = |e: wasmtime::Error| LoadError {
+            path: PathBuf::new(),
+            message: format!("linking host functions: {e:#}"),
+        };
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link_err)?;
+        bindings::Routing::add_to_linker::<CallState, HasSelf<CallState>>(&mut linker, |s| s)
+            .map_err(link_err)?;
+        let tenant_configs = tenants
+            .iter()
+            .map(|(id, t)| (id.clone(), Arc::new(t.config.clone())))
+            .collect();
+        Ok(Self {
+            _ticker: EpochTicker::start(engine.clone()),
+            engine,
+            linker,
+            limits,
+            tenants,
+            empty_config: Arc::new(BTreeMap::new()),
+            tenant_configs,
+            plugins: ArcSwap::from_pointee(HashMap::new()),
+        })
+    }
+
+    /// Compiles and links every `*.wasm` in the plugin directory, replacing the current set.
+    /// A file that fails is kept as broken with its reason; the others load regardless.
+    pub async fn load_dir(&self) -> Result<Vec<String>, LoadError> {
+        let dir = &self.limits.dir;
+        let entries = std::fs::read_dir(dir).map_err(|e| LoadError {
+            path: dir.clone(),
+            message: format!("cannot read the plugin directory: {e}"),
+        })?;
+        let mut slots = HashMap::new();
+        let mut report = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
+                continue;
+            }
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            match self.load_file(&path).await {
+                Ok(loaded) => {
+                    tracing::info!(plugin = %name, digest = %&loaded.digest[..12], "routing plugin loaded");
+                    report.push(format!("{name}: ok ({})", &loaded.digest[..12]));
+                    slots.insert(name, Slot::Ready(Arc::new(loaded)));
+                }
+                Err(e) => {
+                    tracing::error!(plugin = %name, error = %e.message, "routing plugin rejected");
+                    report.push(format!("{name}: rejected: {}", e.message));
+                    slots.insert(name, Slot::Broken(e.message));
+                }
+            }
+        }
+        if !slots.contains_key(&self.limits.default_plugin) {
+            tracing::warn!(
+                dir = %dir.display(),
+                default = %self.limits.default_plugin,
+                "no default routing plugin: tenants without their own plugin will be dead-lettered"
+            );
+        }
+        self.plugins.store(Arc::new(slots));
+        Ok(report)
+    }
+
+    /// Compiles one component off the async threads and checks it implements the world.
+    async fn load_file(&self, path: &Path) -> Result<Loaded, LoadError> {
+        let err = |message: String| LoadError {
+            path: path.to_owned(),
+            message,
+        };
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|e| err(format!("cannot read: {e}")))?;
+        let digest = hex(&Sha256::digest(&bytes));
+        let engine = self.engine.clone();
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .map_err(|e| err(format!("compiler task failed: {e}")))?
+            .map_err(|e| err(format!("not a valid WebAssembly component: {e:#}")))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| err(format!("imports something the host does not offer: {e:#}")))?;
+        let pre = bindings::RoutingPre::new(pre).map_err(|e| {
+            err(format!(
+                "does not implement the notify:plugin/routing world: {e:#}"
+            ))
+        })?;
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Loaded { name, digest, pre })
+    }
+
+    /// Loads a single file as the only plugin, under the default name (the local runner).
+    pub async fn load_single(&self, path: &Path) -> Result<(), LoadError> {
+        let mut loaded = self.load_file(path).await?;
+        loaded.name = self.limits.default_plugin.clone();
+        let mut slots = HashMap::new();
+        slots.insert(
+            self.limits.default_plugin.clone(),
+            Slot::Ready(Arc::new(loaded)),
+        );
+        self.plugins.store(Arc::new(slots));
+        Ok(())
+    }
+
+    /// Routes one event through its tenant's plugin (or the default plugin).
+    pub async fn route(&self, event: &Event) -> Result<Decision, PluginError> {
+        let tenant_plugin = self
+            .tenants
+            .get(&event.tenant)
+            .and_then(|t| t.plugin.clone())
+            .unwrap_or_else(|| event.tenant.clone());
+        // One snapshot for the whole call: a reload swapping the set meanwhile does not
+        // affect this call, which finishes on the version it started with.
+        let plugins = self.plugins.load();
+        let slot = plugins
+            .get(&tenant_plugin)
+            .or_else(|| plugins.get(&self.limits.default_plugin))
+            .ok_or_else(|| PluginError::Missing {
+                tenant: event.tenant.clone(),
+                tenant_plugin: tenant_plugin.clone(),
+            })?;
+        let loaded = match slot {
+            Slot::Ready(l) => l.clone(),
+            Slot::Broken(reason) => {
+                return Err(PluginError::Broken {
+                    plugin: tenant_plugin,
+                    reason: reason.clone(),
+                });
+            }
+        };
+        drop(plugins);
+
+        let input = wit::Event {
+            id: event.id.clone(),
+            tenant: event.tenant.clone(),
+            event_type: event.event_type.clone(),
+            time: event.time.to_rfc3339(),
+            source: event.source.clone(),
+            data: serde_json::Value::Object(event.data.clone()).to_string(),
+        };
+        let size = input.id.len()
+            + input.tenant.len()
+            + input.event_type.len()
+            + input.time.len()
+            + input.source.as_ref().map_or(0, String::len)
+            + input.data.len();
+        if size > self.limits.max_input_bytes {
+            return Err(PluginError::InputTooLarge {
+                size,
+                limit: self.limits.max_input_bytes,
+            });
+        }
+
+        let tenant_config = self
+            .tenant_configs
+            .get(&event.tenant)
+            .cloned()
+            .unwrap_or_else(|| self.empty_config.clone());
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let state = CallState {
+            // Deny-all: no preopens, env, args or sockets; stdout discarded; stderr kept.
+            wasi: WasiCtx::builder().stderr(stderr.clone()).build(),
+            table: ResourceTable::new(),
+            limits: MemoryCap {
+                limit: self.limits.memory_bytes,
+                peak: 0,
+            },
+            tenant_config,
+            tenant: event.tenant.clone(),
+            plugin: loaded.name.clone(),
+            event_id: event.id.clone(),
+            logs: Vec::new(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store
+            .set_fuel(self.limits.fuel)
+            .expect("fuel is enabled on this engine");
+        let ticks = self
+            .limits
+            .timeout()
+            .as_millis()
+            .div_ceil(EPOCH_TICK.as_millis())
+            .max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+
+        let started = Instant::now();
+        let plugin = loaded.name.clone();
+        let call = async {
+            let instance = loaded.pre.instantiate_async(&mut store).await?;
+            instance
+                .notify_plugin_router()
+                .call_route(&mut store, &input)
+                .await
+        };
+        // The epoch deadline stops guest code; this outer bound also covers time spent in
+        // host functions and instantiation, with a grace period for the tick granularity.
+        let outer = self.limits.timeout() * 2 + Duration::from_millis(50);
+        let result = tokio::time::timeout(outer, call).await;
+        let elapsed = started.elapsed();
+        let fuel = self
+            .limits
+            .fuel
+            .saturating_sub(store.get_fuel().unwrap_or(0));
+        let cost = Cost {
+            fuel,
+            elapsed,
+            memory_bytes: store.data().limits.peak,
+        };
+        let answer = match result {
+            Err(_) => {
+                return Err(PluginError::Timeout {
+                    plugin,
+                    limit_ms: self.limits.timeout_ms,
+                });
+            }
+            Ok(Err(e)) => return Err(self.classify_trap(plugin, e, &stderr.contents())),
+            Ok(Ok(answer)) => answer,
+        };
+        let deliveries = match answer {
+            Ok(d) => d,
+            Err(wit::RouteError::InvalidEvent(message)) => {
+                return Err(PluginError::InvalidEvent { plugin, message });
+            }
+            Err(wit::RouteError::Other(message)) => {
+                return Err(PluginError::Failed { plugin, message });
+            }
+        };
+        let deliveries = output::validate(deliveries, &self.limits).map_err(|message| {
+            PluginError::InvalidOutput {
+                plugin: plugin.clone(),
+                message,
+            }
+        })?;
+        let logs = std::mem::take(&mut store.data_mut().logs);
+        Ok(Decision {
+            plugin,
+            digest: loaded.digest.clone(),
+            deliveries,
+            cost,
+            logs,
+        })
+    }
+
+    fn classify_trap(&self, plugin: String, e: wasmtime::Error, stderr: &[u8]) -> PluginError {
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => PluginError::OutOfFuel {
+                plugin,
+                fuel: self.limits.fuel,
+            },
+            Some(Trap::Interrupt) => PluginError::Timeout {
+                plugin,
+                limit_ms: self.limits.timeout_ms,
+            },
+            _ => {
+                let mut message = format!("{e:#}");
+                let stderr = String::from_utf8_lossy(stderr);
+                let stderr = stderr.trim();
+                if !stderr.is_empty() {
+                    // The tail: a panic message is the last thing a plugin writes.
+                    let mut start = stderr.len().saturating_sub(STDERR_IN_REASON);
+                    while !stderr.is_char_boundary(start) {
+                        start += 1;
+                    }
+                    message.push_str("; stderr: ");
+                    message.push_str(&stderr[start..]);
+                }
+                PluginError::Trap { plugin, message }
+            }
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

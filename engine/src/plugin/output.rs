@@ -1,0 +1,253 @@
+//! Checks a plugin's answer before anything of it reaches the database or a user.
+//!
+//! Plugin output is untrusted input: every string is bounded, every JSON string must parse
+//! to an object, addresses must parse, names must be safe. One bad delivery rejects the
+//! whole decision, so an event is never half-delivered.
+
+use serde_json::{Map, Value};
+
+use super::wit;
+use crate::config::PluginConfig;
+
+/// A checked delivery, in the host's own types.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Delivery {
+    InApp {
+        user_id: String,
+        title: String,
+        body: String,
+        category: String,
+        data: Map<String, Value>,
+    },
+    Live {
+        user_id: String,
+        /// SSE event name, e.g. `order.updated`.
+        name: String,
+        data: Map<String, Value>,
+    },
+    Email {
+        to: String,
+        user_id: Option<String>,
+        template: String,
+        data: Map<String, Value>,
+    },
+}
+
+/// The SSE event name of inbox items; live updates must use another.
+pub const NOTIFICATION_EVENT: &str = "notification";
+
+const MAX_USER_ID: usize = 200;
+const MAX_TITLE: usize = 500;
+const MAX_CATEGORY: usize = 64;
+const MAX_NAME: usize = 64;
+
+pub(super) fn validate(
+    deliveries: Vec<wit::Delivery>,
+    limits: &PluginConfig,
+) -> Result<Vec<Delivery>, String> {
+    if deliveries.len() > limits.max_deliveries {
+        return Err(format!(
+            "{} deliveries, the limit is {}",
+            deliveries.len(),
+            limits.max_deliveries
+        ));
+    }
+    let size: usize = deliveries.iter().map(output_size).sum();
+    if size > limits.max_output_bytes {
+        return Err(format!(
+            "output is {size} bytes, the limit is {}",
+            limits.max_output_bytes
+        ));
+    }
+    if deliveries.iter().any(has_nul) {
+        return Err("output contains a NUL character".into());
+    }
+    deliveries
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| check(d).map_err(|e| format!("delivery {i}: {e}")))
+        .collect()
+}
+
+fn output_size(d: &wit::Delivery) -> usize {
+    match d {
+        wit::Delivery::InApp(n) => {
+            n.user_id.len() + n.title.len() + n.body.len() + n.category.len() + n.data.len()
+        }
+        wit::Delivery::Live(l) => l.user_id.len() + l.name.len() + l.data.len(),
+        wit::Delivery::Email(e) => {
+            e.to.len() + e.user_id.as_ref().map_or(0, String::len) + e.template.len() + e.data.len()
+        }
+    }
+}
+
+/// PostgreSQL text cannot hold NUL, so it is refused here, with a clear reason.
+fn has_nul(d: &wit::Delivery) -> bool {
+    let fields: Vec<&str> = match d {
+        wit::Delivery::InApp(n) => vec![&n.user_id, &n.title, &n.body, &n.category, &n.data],
+        wit::Delivery::Live(l) => vec![&l.user_id, &l.name, &l.data],
+        wit::Delivery::Email(e) => {
+            let mut f = vec![e.to.as_str(), &e.template, &e.data];
+            f.extend(e.user_id.as_deref());
+            f
+        }
+    };
+    fields
+        .iter()
+        .any(|f| f.contains('\0') || f.contains("\\u0000"))
+}
+
+fn check(d: wit::Delivery) -> Result<Delivery, String> {
+    match d {
+        wit::Delivery::InApp(n) => {
+            user_id(&n.user_id)?;
+            if n.title.trim().is_empty() || n.title.len() > MAX_TITLE {
+                return Err(format!(
+                    "in-app title must be 1..={MAX_TITLE} bytes and not blank"
+                ));
+            }
+            if n.category.len() > MAX_CATEGORY {
+                return Err(format!("in-app category is over {MAX_CATEGORY} bytes"));
+            }
+            Ok(Delivery::InApp {
+                user_id: n.user_id,
+                title: n.title,
+                body: n.body,
+                category: n.category,
+                data: object(&n.data, "in-app data")?,
+            })
+        }
+        wit::Delivery::Live(l) => {
+            user_id(&l.user_id)?;
+            if !safe_name(&l.name) || l.name == NOTIFICATION_EVENT {
+                return Err(format!(
+                    "live update name {:?} must be 1..={MAX_NAME} of [a-z0-9._-], starting with a letter, and not {NOTIFICATION_EVENT:?}",
+                    l.name
+                ));
+            }
+            Ok(Delivery::Live {
+                user_id: l.user_id,
+                name: l.name,
+                data: object(&l.data, "live update data")?,
+            })
+        }
+        wit::Delivery::Email(e) => {
+            e.to.parse::<lettre::Address>()
+                .map_err(|err| format!("email recipient {:?} is not an address: {err}", e.to))?;
+            if let Some(u) = &e.user_id {
+                user_id(u)?;
+            }
+            if !safe_name(&e.template) {
+                return Err(format!(
+                    "email template name {:?} must be 1..={MAX_NAME} of [a-z0-9._-], starting with a letter",
+                    e.template
+                ));
+            }
+            Ok(Delivery::Email {
+                to: e.to,
+                user_id: e.user_id,
+                template: e.template,
+                data: object(&e.data, "email data")?,
+            })
+        }
+    }
+}
+
+fn user_id(u: &str) -> Result<(), String> {
+    if u.is_empty() || u.len() > MAX_USER_ID || u.chars().any(char::is_control) {
+        return Err(format!(
+            "user id {u:?} must be 1..={MAX_USER_ID} printable characters"
+        ));
+    }
+    Ok(())
+}
+
+/// Names that become SSE event names or template folder names.
+fn safe_name(n: &str) -> bool {
+    n.len() <= MAX_NAME
+        && n.starts_with(|c: char| c.is_ascii_lowercase())
+        && n.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+        && !n.contains("..")
+}
+
+fn object(json: &str, what: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(json) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(format!("{what} must be a JSON object")),
+        Err(e) => Err(format!("{what} is not valid JSON: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_app(user: &str, data: &str) -> wit::Delivery {
+        wit::Delivery::InApp(wit::InApp {
+            user_id: user.into(),
+            title: "t".into(),
+            body: "b".into(),
+            category: "c".into(),
+            data: data.into(),
+        })
+    }
+
+    #[test]
+    fn accepts_good_output() {
+        let out = validate(vec![in_app("u1", "{}")], &PluginConfig::default()).unwrap();
+        assert!(matches!(&out[0], Delivery::InApp { user_id, .. } if user_id == "u1"));
+    }
+
+    #[test]
+    fn rejects_bad_output_naming_the_delivery() {
+        let limits = PluginConfig::default();
+        let e = validate(vec![in_app("u1", "{}"), in_app("", "{}")], &limits).unwrap_err();
+        assert!(e.starts_with("delivery 1: user id"), "{e}");
+        let e = validate(vec![in_app("u1", "not json")], &limits).unwrap_err();
+        assert!(e.contains("not valid JSON"), "{e}");
+        let e = validate(vec![in_app("u1", "[]")], &limits).unwrap_err();
+        assert!(e.contains("JSON object"), "{e}");
+        let live = wit::Delivery::Live(wit::LiveUpdate {
+            user_id: "u".into(),
+            name: "notification".into(),
+            data: "{}".into(),
+        });
+        assert!(validate(vec![live], &limits).is_err());
+        let email = wit::Delivery::Email(wit::Email {
+            to: "not an address".into(),
+            user_id: None,
+            template: "order_paid".into(),
+            data: "{}".into(),
+        });
+        assert!(
+            validate(vec![email], &limits)
+                .unwrap_err()
+                .contains("recipient")
+        );
+        let email = wit::Delivery::Email(wit::Email {
+            to: "a@example.com".into(),
+            user_id: None,
+            template: "../../etc/passwd".into(),
+            data: "{}".into(),
+        });
+        assert!(
+            validate(vec![email], &limits)
+                .unwrap_err()
+                .contains("template")
+        );
+    }
+
+    #[test]
+    fn enforces_size_and_count() {
+        let mut limits = PluginConfig::default();
+        limits.max_output_bytes = 100;
+        let big = in_app("u1", &format!("{{\"x\":\"{}\"}}", "a".repeat(200)));
+        assert!(validate(vec![big], &limits).unwrap_err().contains("bytes"));
+        limits.max_deliveries = 1;
+        let e = validate(vec![in_app("u", "{}"), in_app("u", "{}")], &limits).unwrap_err();
+        assert!(e.contains("deliveries"), "{e}");
+    }
+}

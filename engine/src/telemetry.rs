@@ -1,0 +1,157 @@
+//! Logs and metrics.
+//!
+//! Metric names are part of the operator contract (dashboards and alerts depend on them):
+//! rename only with a deprecation period. Each metric is registered in a private registry
+//! rather than the global one, so several engines in one process (tests) do not collide.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global `tracing` subscriber. `RUST_LOG` wins over the configured filter.
+pub fn init_logging(config: &LogConfig) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(config.filter.clone()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second call (tests start several engines) keeps the first subscriber.
+    let _ = match config.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Every metric the engine exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Kafka messages taken from the consumer, by topic.
+    pub events_consumed: IntCounterVec,
+    /// Events skipped because `(tenant, event id)` was already processed.
+    pub events_duplicate: IntCounter,
+    /// Events (or undecodable messages) written to the dead-letter table, by kind.
+    pub events_dead_lettered: IntCounterVec,
+    /// In-app notifications and live updates written.
+    pub notifications_written: IntCounter,
+    /// Email outbox rows written.
+    pub emails_enqueued: IntCounter,
+    /// Emails accepted by the SMTP server.
+    pub emails_sent: IntCounter,
+    /// Emails that failed for good.
+    pub emails_failed: IntCounter,
+    /// Email attempts that failed transiently and will be retried.
+    pub emails_retried: IntCounter,
+    /// Open SSE connections.
+    pub sse_connections: IntGauge,
+    /// SSE connections refused by a connection cap.
+    pub sse_rejected: IntCounter,
+    /// Routing plugin calls, by outcome (`ok`, `error`, `trap`, `timeout`, `invalid_output`).
+    pub plugin_calls: IntCounterVec,
+    /// Duration of one routing call, instantiation included.
+    pub plugin_call_seconds: Histogram,
+    /// Duration of one pipeline batch transaction.
+    pub batch_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("notify".into()), None)
+            .expect("static registry prefix is valid");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("static metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("static metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let sse_connections =
+            IntGauge::new("sse_connections", "Open SSE connections").expect("static metric");
+        registry
+            .register(Box::new(sse_connections.clone()))
+            .expect("unique metric");
+        let fast = vec![
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+            0.25, 0.5, 1.0,
+        ];
+        Self {
+            events_consumed: counter_vec(
+                "events_consumed_total",
+                "Kafka messages consumed",
+                &["topic"],
+            ),
+            events_duplicate: counter("events_duplicate_total", "Events skipped as duplicates"),
+            events_dead_lettered: counter_vec(
+                "events_dead_lettered_total",
+                "Messages written to the dead-letter table",
+                &["kind"],
+            ),
+            notifications_written: counter(
+                "notifications_written_total",
+                "In-app notifications and live updates written",
+            ),
+            emails_enqueued: counter("emails_enqueued_total", "Email outbox rows written"),
+            emails_sent: counter("emails_sent_total", "Emails accepted by the SMTP server"),
+            emails_failed: counter("emails_failed_total", "Emails that failed for good"),
+            emails_retried: counter(
+                "emails_retried_total",
+                "Email attempts that failed transiently",
+            ),
+            sse_connections,
+            sse_rejected: counter(
+                "sse_rejected_total",
+                "SSE connections refused by a connection cap",
+            ),
+            plugin_calls: counter_vec(
+                "plugin_calls_total",
+                "Routing plugin calls by outcome",
+                &["outcome"],
+            ),
+            plugin_call_seconds: histogram(
+                "plugin_call_seconds",
+                "Duration of one routing plugin call",
+                fast.clone(),
+            ),
+            batch_seconds: histogram(
+                "pipeline_batch_seconds",
+                "Duration of one pipeline batch transaction",
+                fast,
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding metrics into a Vec cannot fail");
+        String::from_utf8(out).expect("Prometheus text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

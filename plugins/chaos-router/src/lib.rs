@@ -1,0 +1,193 @@
+//! TEST FIXTURE — never deploy for a real tenant.
+//!
+//! A routing plugin that misbehaves on request, to test the engine's sandboxing: traps, fuel
+//! and epoch limits, the memory limit, output validation and output size limits. The
+//! behaviour is chosen by the string `data.chaos`:
+//!
+//! | `chaos`       | behaviour                                                                  |
+//! |---------------|----------------------------------------------------------------------------|
+//! | (absent)      | one in-app delivery `{title "chaos ok", body <event id>}` to `data.user_id` |
+//! | `trap`        | panics: the component traps (`unreachable`)                                |
+//! | `loop`        | busy-loops forever (only fuel or an epoch deadline stops it)               |
+//! | `oom`         | allocates and touches 1 MiB chunks until allocation fails (\*)        |
+//! | `error`       | returns `Err(other("chaos: refused"))`                                     |
+//! | `bad_output`  | an in-app delivery with an empty user id and `data` that is not JSON       |
+//! | `huge_output` | 2000 in-app deliveries with 1 KiB bodies (~2 MiB, way over 64 KiB)         |
+//!
+//! (\*) A host whose memory limiter traps on a refused `memory.grow` sees a trap; one that lets
+//! the grow fail gets `Err(other("chaos: allocation failed after N MiB"))`.
+//!
+//! Any other `chaos` value is an invalid event. There is no `sleep`: the plugin has no clock.
+
+use std::hint::black_box;
+
+use notify_plugin_sdk::{Data, Delivery, Event, InApp, RouteError, Router, json, log};
+
+struct ChaosRouter;
+
+impl Router for ChaosRouter {
+    fn route(event: Event) -> Result<Vec<Delivery>, RouteError> {
+        route_event(&event)
+    }
+}
+
+notify_plugin_sdk::export!(ChaosRouter);
+
+const MIB: usize = 1 << 20;
+const WASM_PAGE: usize = 64 << 10;
+const HUGE_COUNT: usize = 2000;
+
+/// The misbehaviour for `data.chaos`. `trap`, `loop` and `oom` are not unit-tested natively.
+pub fn route_event(event: &Event) -> Result<Vec<Delivery>, RouteError> {
+    let data = Data::parse(event)?;
+    let mode = data.opt_str("chaos")?;
+    if let Some(mode) = mode {
+        log::warn(&format!("chaos: {mode}"));
+    }
+    match mode {
+        None => Ok(vec![Delivery::in_app(
+            data.str("user_id")?,
+            "chaos ok",
+            &event.id,
+            "chaos",
+            json!({}),
+        )]),
+        Some("trap") => panic!("chaos: trap requested by event {}", event.id),
+        Some("loop") => spin_forever(),
+        Some("oom") => Err(RouteError::other(format!(
+            "chaos: allocation failed after {} MiB",
+            exhaust_memory()
+        ))),
+        Some("error") => Err(RouteError::other("chaos: refused")),
+        Some("bad_output") => Ok(vec![Delivery::InApp(InApp {
+            user_id: String::new(),
+            title: "chaos bad output".to_owned(),
+            body: event.id.clone(),
+            category: "chaos".to_owned(),
+            data: "{this is not json".to_owned(),
+        })]),
+        Some("huge_output") => {
+            let user_id = data.opt_str("user_id")?.unwrap_or("chaos-user");
+            // Clones of one delivery: cheap in fuel (~1M of the 20M budget), so that the output
+            // size limit, not the fuel limit, is what this mode runs into.
+            let one =
+                Delivery::in_app(user_id, "chaos huge", &"x".repeat(1024), "chaos", json!({}));
+            Ok(vec![one; HUGE_COUNT])
+        }
+        Some(other) => Err(RouteError::invalid_event(format!(
+            "data.chaos must be one of trap, loop, oom, error, bad_output, huge_output (got {other:?})"
+        ))),
+    }
+}
+
+/// Never returns; `black_box` keeps the optimizer from proving the loop side-effect free.
+fn spin_forever() -> ! {
+    let mut counter: u64 = 0;
+    loop {
+        counter = black_box(counter.wrapping_add(1));
+    }
+}
+
+/// Grabs 1 MiB chunks, writing into every page so the memory is really committed, until an
+/// allocation fails; returns how many MiB it held at that point (then frees them).
+fn exhaust_memory() -> usize {
+    // Reserved up front: growing this list must not be the allocation that fails (that
+    // would abort instead of returning). 4096 chunks = 4 GiB, all that wasm32 can address.
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    if chunks.try_reserve_exact(4096).is_err() {
+        return 0;
+    }
+    loop {
+        let mut chunk: Vec<u8> = Vec::new();
+        if chunk.try_reserve_exact(MIB).is_err() {
+            break;
+        }
+        // One write per 64 KiB wasm page rather than filling the whole MiB: enough to use the
+        // memory, and cheap in fuel and page faults, so that the memory limit (not the fuel
+        // limit or the deadline) is what stops this mode.
+        for page in chunk.spare_capacity_mut().chunks_mut(WASM_PAGE) {
+            page[0].write(0xA5);
+        }
+        chunks.push(black_box(chunk));
+    }
+    black_box(&chunks);
+    chunks.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn event(data: Value) -> Event {
+        Event {
+            id: "evt-chaos".into(),
+            tenant: "chaos".into(),
+            event_type: "anything".into(),
+            time: "2026-01-01T00:00:00Z".into(),
+            source: None,
+            data: data.to_string(),
+        }
+    }
+
+    #[test]
+    fn ok_without_chaos() {
+        let out = route_event(&event(json!({"user_id": "u-1"}))).unwrap();
+        match &out[..] {
+            [Delivery::InApp(item)] => {
+                assert_eq!(item.user_id, "u-1");
+                assert_eq!(item.title, "chaos ok");
+                assert_eq!(item.body, "evt-chaos");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn error_mode() {
+        assert!(matches!(
+            route_event(&event(json!({"chaos": "error"}))),
+            Err(RouteError::Other(m)) if m == "chaos: refused"
+        ));
+    }
+
+    #[test]
+    fn bad_output_mode() {
+        let out = route_event(&event(json!({"chaos": "bad_output"}))).unwrap();
+        match &out[..] {
+            [Delivery::InApp(item)] => {
+                assert!(item.user_id.is_empty());
+                assert!(serde_json::from_str::<Value>(&item.data).is_err());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn huge_output_mode() {
+        let out = route_event(&event(json!({"chaos": "huge_output", "user_id": "u-1"}))).unwrap();
+        assert_eq!(out.len(), HUGE_COUNT);
+        let bytes: usize = out
+            .iter()
+            .map(|d| match d {
+                Delivery::InApp(item) => item.body.len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(bytes > 1_000_000);
+    }
+
+    #[test]
+    fn unknown_mode_is_invalid() {
+        assert!(matches!(
+            route_event(&event(json!({"chaos": "sleep"}))),
+            Err(RouteError::InvalidEvent(m)) if m.contains("data.chaos")
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "chaos: trap")]
+    fn trap_mode_panics() {
+        let _ = route_event(&event(json!({"chaos": "trap"})));
+    }
+}

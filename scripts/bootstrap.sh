@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building the engine needs and a fresh machine of our kind may lack:
+# a C toolchain, pkg-config, OpenSSL and zlib headers (librdkafka is compiled from source
+# by rdkafka-sys), and the PostgreSQL client for the scripts. Idempotent; apt runs only if
+# something is missing.
+set -euo pipefail
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+command -v make >/dev/null 2>&1 || missing+=(make)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
+
+if ((${#missing[@]})); then
+    command -v apt-get >/dev/null 2>&1 || { log "missing ${missing[*]} and no apt-get"; exit 1; }
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null 2>&1 || { log "cargo not found: install Rust with rustup (https://rustup.rs)"; exit 1; }

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs every check and test against the real services (Kafka, PostgreSQL, Mailpit), which
+# it starts (and leaves running for the next run; `scripts/services.sh down` stops them).
+#
+#   scripts/test.sh            formatting, clippy, plugin tests, engine unit + integration tests
+#   scripts/test.sh e2e        extra arguments go to `cargo test` of the engine
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+log() { printf '\n[test] %s\n' "$*" >&2; }
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/notify-engine-target}
+PLUGINS_TARGET_DIR=${PLUGINS_TARGET_DIR:-$HOME/.cache/notify-engine-plugins-target}
+
+scripts/bootstrap.sh
+
+log "starting services"
+scripts/services.sh up
+STATE=${NOTIFY_STATE_DIR:-$HOME/.cache/notify-engine/run}
+set -a
+# shellcheck disable=SC1091
+. "$STATE/services.env"
+set +a
+
+log "dropping databases left by earlier test runs"
+psql "$DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'test\_%'" |
+    while read -r db; do psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null; done
+
+log "building the plugins"
+CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+cargo fmt --manifest-path plugins/Cargo.toml --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "plugin tests (native)"
+CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR cargo test --manifest-path plugins/Cargo.toml --locked
+
+log "engine tests (unit + integration on the real services)"
+cargo test --workspace --locked "$@"

@@ -1,0 +1,514 @@
+//! End-to-end tests on the real services: Kafka in, PostgreSQL, SSE and SMTP (Mailpit) out,
+//! routing by real WebAssembly components.
+//!
+//! Run through `scripts/test.sh`, which starts the services and builds the plugins.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_paid_reaches_sse_and_email() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("shop");
+    let address = format!("{}@example.test", unique("alice"));
+    let (status, sse, _) = connect_sse(&engine, Some(&world.token(&tenant, "u1")), None).await;
+    assert_eq!(status, 200);
+    let mut sse = sse.unwrap();
+
+    world
+        .produce(&order_paid("p1", &tenant, "u1", Some(&address), 129.9))
+        .await;
+
+    let n = sse.next(WAIT).await.expect("a notification over SSE");
+    assert_eq!(n.event, "notification");
+    assert_eq!(n.id.as_deref(), Some("1"));
+    assert_eq!(n.data["title"], "Payment received");
+    assert_eq!(
+        n.data["body"],
+        "We received your payment of 129.90 EUR for order A-p1."
+    );
+    assert_eq!(n.data["event_id"], "p1");
+
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&address, 1, WAIT)
+        .await;
+    let mail = &mails[0];
+    assert_eq!(mail.to, vec![address.clone()]);
+    assert_eq!(mail.subject, "Payment received for order A-p1");
+    assert!(
+        mail.text
+            .contains("we received your payment of 129.90 EUR for order A-p1"),
+        "{}",
+        mail.text
+    );
+    assert!(
+        mail.html.contains("<strong>129.90 EUR</strong>"),
+        "{}",
+        mail.html
+    );
+
+    // A status update becomes a live `order.updated` event for the order list, and an inbox item.
+    world
+        .produce(&event(
+            "s1",
+            &tenant,
+            "order_status_updated",
+            json!({"user_id": "u1", "order_id": "A-p1", "status": "delivered", "previous_status": "shipped"}),
+        ))
+        .await;
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let e = sse.next(WAIT).await.expect("status events over SSE");
+        if e.event == "order.updated" {
+            assert_eq!(e.data["order_id"], "A-p1");
+            assert_eq!(e.data["status"], "delivered");
+        }
+        names.push(e.event);
+    }
+    names.sort();
+    assert_eq!(names, ["notification", "order.updated"]);
+
+    let row = sqlx::query_as::<_, (String, i32, String)>(
+        "SELECT status, attempts, message_id FROM email_outbox WHERE event_id = 'p1'",
+    )
+    .fetch_one(&world.pool().await)
+    .await
+    .unwrap();
+    assert_eq!(row.0, "sent");
+    assert_eq!(row.1, 1);
+    assert_eq!(
+        format!("<{}>", mail.message_id),
+        row.2,
+        "Message-ID is the outbox row's"
+    );
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_and_restarts_yield_one_outcome() {
+    let world = World::new().await;
+    let tenant = unique("shop");
+    let address = format!("{}@example.test", unique("dup"));
+    let total = 30;
+    // The same event twice up front (a producer retry), then a stream of distinct events.
+    let first = order_paid("d0", &tenant, "u1", Some(&address), 10.0);
+    world.produce(&first).await;
+    world.produce(&first).await;
+    for i in 1..total {
+        world
+            .produce(&order_paid(
+                &format!("d{i}"),
+                &tenant,
+                "u1",
+                None,
+                10.0 + i as f64,
+            ))
+            .await;
+    }
+
+    // Stop the engine mid-stream, as soon as the first events are committed.
+    let engine = world.start(world.config()).await;
+    world
+        .wait_until("SELECT count(*) FROM notifications", |n| n >= 1, WAIT)
+        .await;
+    engine.shutdown().await;
+
+    // Restart in the same group: it resumes and finishes.
+    let engine = world.start(world.config()).await;
+    world
+        .wait_count("SELECT count(*) FROM processed_events", total, WAIT)
+        .await;
+    engine.shutdown().await;
+
+    // A new consumer group re-reads everything from the beginning (an offset reset).
+    let mut config = world.config();
+    config.kafka.group_id = unique("group");
+    let engine = world.start(config).await;
+    let consumed = || {
+        engine
+            .metrics
+            .events_consumed
+            .with_label_values(&[&world.topic_paid])
+            .get()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while consumed() < total as u64 + 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "redelivery not consumed: {}",
+            consumed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(engine.metrics.events_duplicate.get(), total as u64 + 1);
+    engine.shutdown().await;
+
+    assert_eq!(
+        world.count("SELECT count(*) FROM notifications").await,
+        total
+    );
+    assert_eq!(
+        world
+            .count("SELECT count(DISTINCT event_id) FROM notifications")
+            .await,
+        total
+    );
+    assert_eq!(world.count("SELECT count(*) FROM email_outbox").await, 1);
+    // Notification sequence numbers are gapless: no half-written batch ever committed.
+    assert_eq!(
+        world
+            .count("SELECT max(seq) FROM notifications WHERE user_id = 'u1'")
+            .await,
+        total
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Mailpit::new(&world.services)
+        .wait_for(&address, 1, WAIT)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_message_is_dead_lettered_between_good_ones() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("shop");
+    world
+        .produce(&order_paid("g1", &tenant, "u1", None, 1.0))
+        .await;
+    world
+        .produce_raw(&world.topic_paid, b"{\"id\": \"broken\", this is not json")
+        .await;
+    world
+        .produce(&order_paid("g2", &tenant, "u1", None, 2.0))
+        .await;
+    // Valid JSON, invalid envelope: names the field.
+    world
+        .produce_raw(
+            &world.topic_paid,
+            br#"{"id":"x","tenant":"t","type":"order_paid","data":{}}"#,
+        )
+        .await;
+
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id IN ('g1','g2')",
+            2,
+            WAIT,
+        )
+        .await;
+    world
+        .wait_count("SELECT count(*) FROM dead_letters", 2, WAIT)
+        .await;
+    let pool = world.pool().await;
+    let rows: Vec<(String, String, Vec<u8>, String, i64)> = sqlx::query_as(
+        "SELECT error_kind, reason, payload, kafka_topic, kafka_offset FROM dead_letters ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let decode = rows
+        .iter()
+        .find(|r| r.0 == "decode")
+        .expect("a decode dead letter");
+    assert!(decode.1.contains("not a JSON envelope"), "{}", decode.1);
+    assert_eq!(decode.2, b"{\"id\": \"broken\", this is not json");
+    assert_eq!(decode.3, world.topic_paid);
+    let invalid = rows
+        .iter()
+        .find(|r| r.0 == "validation")
+        .expect("a validation dead letter");
+    assert!(invalid.1.contains("time is required"), "{}", invalid.1);
+    assert_eq!(
+        engine
+            .metrics
+            .events_dead_lettered
+            .with_label_values(&["decode"])
+            .get(),
+        1
+    );
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_isolated_and_tokens_checked() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("shop");
+    let other_tenant = unique("shop");
+
+    let (_, mine, _) = connect_sse(&engine, Some(&world.token(&tenant, "u1")), None).await;
+    let (_, other_user, _) = connect_sse(&engine, Some(&world.token(&tenant, "u2")), None).await;
+    let (_, other_tenant_same_user, _) =
+        connect_sse(&engine, Some(&world.token(&other_tenant, "u1")), None).await;
+    let (mut mine, mut other_user, mut other_tenant_same_user) = (
+        mine.unwrap(),
+        other_user.unwrap(),
+        other_tenant_same_user.unwrap(),
+    );
+    world
+        .produce(&order_paid("i1", &tenant, "u1", None, 5.0))
+        .await;
+    let got = mine.next(WAIT).await.expect("own notification");
+    assert_eq!(got.data["event_id"], "i1");
+    other_user.expect_nothing(Duration::from_secs(2)).await;
+    other_tenant_same_user
+        .expect_nothing(Duration::from_millis(200))
+        .await;
+    // Replay cannot cross the wall either.
+    let (_, replay, _) =
+        connect_sse(&engine, Some(&world.token(&other_tenant, "u1")), Some("0")).await;
+    replay.unwrap().expect_nothing(Duration::from_secs(1)).await;
+
+    let config = world.config();
+    let expired = {
+        let mut c = config.auth.clone();
+        c.leeway_secs = 0;
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = notify_engine::api::auth::Claims {
+            sub: "u1".into(),
+            tenant: tenant.clone(),
+            iss: c.issuer.clone(),
+            aud: c.audience.clone(),
+            exp: now - 120,
+            nbf: None,
+            iat: None,
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let wrong_secret = {
+        let mut a = config.auth.clone();
+        a.jwt_secret = "some-other-secret-some-other-secret-!!".into();
+        notify_engine::api::auth::mint(&a, &tenant, "u1", 600)
+    };
+    let wrong_audience = {
+        let mut a = config.auth.clone();
+        a.audience = "someone-else".into();
+        notify_engine::api::auth::mint(&a, &tenant, "u1", 600)
+    };
+    for (token, why) in [
+        (None, "missing token"),
+        (Some(expired.as_str()), "expired"),
+        (Some(wrong_secret.as_str()), "bad signature"),
+        (Some(wrong_audience.as_str()), "wrong audience"),
+        (Some("garbage"), "malformed"),
+    ] {
+        let (status, _, body) = connect_sse(&engine, token, None).await;
+        assert_eq!(status, 401, "{why}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{why}: {body}"
+        );
+    }
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_replays_exactly_the_missed_notifications() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("shop");
+    let token = world.token(&tenant, "u1");
+    let (_, sse, _) = connect_sse(&engine, Some(&token), None).await;
+    let mut sse = sse.unwrap();
+    for i in 1..=2 {
+        world
+            .produce(&order_paid(&format!("r{i}"), &tenant, "u1", None, 1.0))
+            .await;
+        let e = sse.next(WAIT).await.expect("live notification");
+        assert_eq!(e.id.as_deref(), Some(i.to_string().as_str()));
+    }
+    drop(sse);
+    // Missed while disconnected.
+    for i in 3..=5 {
+        world
+            .produce(&order_paid(&format!("r{i}"), &tenant, "u1", None, 1.0))
+            .await;
+    }
+    world
+        .wait_count("SELECT count(*) FROM notifications", 5, WAIT)
+        .await;
+
+    let (status, sse, _) = connect_sse(&engine, Some(&token), Some("2")).await;
+    assert_eq!(status, 200);
+    let mut sse = sse.unwrap();
+    for i in 3..=5 {
+        let e = sse.next(WAIT).await.expect("replayed notification");
+        assert_eq!(e.id.as_deref(), Some(i.to_string().as_str()));
+        assert_eq!(e.data["event_id"], format!("r{i}"));
+    }
+    sse.expect_nothing(Duration::from_millis(500)).await;
+    // And the stream goes on live after the replay.
+    world
+        .produce(&order_paid("r6", &tenant, "u1", None, 1.0))
+        .await;
+    assert_eq!(sse.next(WAIT).await.unwrap().id.as_deref(), Some("6"));
+
+    let (status, _, body) = connect_sse(&engine, Some(&token), Some("yesterday")).await;
+    assert_eq!(status, 400, "{body}");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_plugins_dead_letter_while_other_tenants_flow() {
+    let world = World::new().await;
+    let chaos = unique("chaos");
+    world.install_chaos_plugin(&chaos);
+    let mut config = world.config();
+    // A budget of fuel no loop reaches within the time limit: the wall clock must stop it.
+    config.plugins.fuel = u64::MAX / 2;
+    config.plugins.timeout_ms = 100;
+    let engine = world.start(config).await;
+    let tenant = unique("shop");
+    let (_, sse, _) = connect_sse(&engine, Some(&world.token(&tenant, "u1")), None).await;
+    let mut sse = sse.unwrap();
+
+    let chaos_event = |id: &str, what: &str| {
+        let mut data = json!({"user_id": "u1"});
+        if what != "none" {
+            data["chaos"] = what.into();
+        }
+        event(id, &chaos, "order_paid", data)
+    };
+    world.produce(&chaos_event("c-trap", "trap")).await;
+    world
+        .produce(&order_paid("ok1", &tenant, "u1", None, 1.0))
+        .await;
+    world.produce(&chaos_event("c-loop", "loop")).await;
+    world
+        .produce(&order_paid("ok2", &tenant, "u1", None, 1.0))
+        .await;
+    world.produce(&chaos_event("c-fine", "none")).await;
+
+    for want in ["ok1", "ok2"] {
+        let e = sse.next(WAIT).await.expect("other tenant keeps flowing");
+        assert_eq!(e.data["event_id"], want);
+    }
+    world
+        .wait_count("SELECT count(*) FROM dead_letters", 2, WAIT)
+        .await;
+    let pool = world.pool().await;
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT event_id, error_kind, reason FROM dead_letters ORDER BY event_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows[0].0, "c-loop");
+    assert_eq!(rows[0].1, "plugin_timeout", "{}", rows[0].2);
+    assert!(rows[0].2.contains("100 ms"), "{}", rows[0].2);
+    assert_eq!(rows[1].0, "c-trap");
+    assert_eq!(rows[1].1, "plugin_trap", "{}", rows[1].2);
+    // The chaos tenant's well-behaved event still went through its plugin.
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id = 'c-fine'",
+            1,
+            WAIT,
+        )
+        .await;
+    let (plugin, outcome): (String, String) =
+        sqlx::query_as("SELECT plugin, outcome FROM processed_events WHERE event_id = 'c-loop'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (plugin.as_str(), outcome.as_str()),
+        (chaos.as_str(), "dead_lettered")
+    );
+    engine.shutdown().await;
+}
+
+/// The sandbox's limits, on the real chaos component (no Kafka needed for this one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_sandbox_enforces_every_limit() {
+    use notify_engine::ingest::envelope;
+    use notify_engine::plugin::{PluginError, PluginHost};
+
+    let services = Services::get();
+    let limits = notify_engine::config::PluginConfig::default();
+    let host = PluginHost::new(limits.clone(), Default::default()).unwrap();
+    host.load_single(&services.plugins.join("fixtures/chaos.wasm"))
+        .await
+        .unwrap();
+    let run = |what: &str| {
+        let mut data = json!({"user_id": "u1"});
+        if what != "none" {
+            data["chaos"] = what.into();
+        }
+        let raw = event("e1", "t1", "order_paid", data);
+        let e = envelope::decode(Some(raw.to_string().as_bytes()), 1 << 20).unwrap();
+        let host = &host;
+        async move { host.route(&e).await }
+    };
+
+    let ok = run("none").await.expect("a well-behaved call");
+    assert_eq!(ok.deliveries.len(), 1);
+    assert!(ok.cost.fuel > 0 && ok.cost.fuel < limits.fuel);
+    assert!(ok.cost.memory_bytes > 0 && ok.cost.memory_bytes <= limits.memory_bytes);
+
+    match run("trap").await {
+        // The panic message reaches the reason through the captured stderr.
+        Err(PluginError::Trap { message, .. }) => {
+            assert!(message.contains("chaos: trap requested"), "{message}")
+        }
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    assert!(matches!(
+        run("loop").await,
+        Err(PluginError::OutOfFuel { .. })
+    ));
+    match run("oom").await {
+        Err(PluginError::Trap { message, .. }) => {
+            assert!(message.contains("memory limit"), "{message}")
+        }
+        other => panic!("expected a memory trap, got {other:?}"),
+    }
+    match run("error").await {
+        Err(PluginError::Failed { message, .. }) => assert!(message.contains("chaos"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    for bad in ["bad_output", "huge_output"] {
+        assert!(
+            matches!(run(bad).await, Err(PluginError::InvalidOutput { .. })),
+            "{bad}"
+        );
+    }
+    // The instance of a failed call is gone: the next call starts clean.
+    assert!(run("none").await.is_ok());
+
+    // Oversized input never reaches the plugin.
+    let big = event(
+        "e2",
+        "t1",
+        "order_paid",
+        json!({"user_id": "u1", "pad": "x".repeat(300 * 1024)}),
+    );
+    let e = envelope::decode(Some(big.to_string().as_bytes()), 1 << 20).unwrap();
+    assert!(matches!(
+        host.route(&e).await,
+        Err(PluginError::InputTooLarge { .. })
+    ));
+
+    // A file that is not a component is rejected with a reason, not loaded.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm not really").unwrap();
+    let err = host.load_single(&junk).await.unwrap_err();
+    assert!(
+        err.message.contains("not a valid WebAssembly component"),
+        "{err}"
+    );
+}
