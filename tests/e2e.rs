@@ -512,3 +512,160 @@ async fn plugin_sandbox_enforces_every_limit() {
         "{err}"
     );
 }
+
+/// An SMTP outage delays email without stalling anything else; a broken template fails its
+/// email for good with the file and line; both are recorded on the outbox row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_outage_is_retried_and_broken_templates_fail_cleanly() {
+    let world = World::new().await;
+    let templates = tempfile::tempdir().unwrap();
+    copy_dir(&world.services.templates, templates.path());
+    let broken_tenant = unique("broken");
+    let subject = templates
+        .path()
+        .join(&broken_tenant)
+        .join("order_paid/subject.hbs");
+    std::fs::create_dir_all(subject.parent().unwrap()).unwrap();
+    std::fs::write(&subject, "Paid {{#if order_id}}unclosed").unwrap();
+
+    let mut config = world.config();
+    config.email.templates_dir = templates.path().to_owned();
+    // Nothing listens here: every attempt fails with "connection refused".
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    config.smtp.port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let engine = world.start(config.clone()).await;
+
+    let tenant = unique("shop");
+    let address = format!("{}@example.test", unique("outage"));
+    let (_, sse, _) = connect_sse(&engine, Some(&world.token(&tenant, "u1")), None).await;
+    let mut sse = sse.unwrap();
+    world
+        .produce(&order_paid("o1", &tenant, "u1", Some(&address), 3.0))
+        .await;
+    world
+        .produce(&order_paid("b1", &broken_tenant, "u1", Some(&address), 4.0))
+        .await;
+    // In-app delivery does not wait for SMTP.
+    assert_eq!(sse.next(WAIT).await.unwrap().data["event_id"], "o1");
+    world
+        .wait_until(
+            "SELECT coalesce(max(attempts), 0)::bigint FROM email_outbox WHERE event_id = 'o1' AND status = 'pending'",
+            |n| n >= 2,
+            WAIT,
+        )
+        .await;
+    let pool = world.pool().await;
+    let (last_error,): (String,) =
+        sqlx::query_as("SELECT last_error FROM email_outbox WHERE event_id = 'o1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(last_error.contains("smtp"), "{last_error}");
+    world
+        .wait_count(
+            "SELECT count(*) FROM email_outbox WHERE event_id = 'b1' AND status = 'failed'",
+            1,
+            WAIT,
+        )
+        .await;
+    let (attempts, reason): (i32, String) =
+        sqlx::query_as("SELECT attempts, last_error FROM email_outbox WHERE event_id = 'b1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, 1, "a broken template is not retried");
+    assert!(
+        reason.contains("subject.hbs: line 1"),
+        "the reason names file and line: {reason}"
+    );
+    assert!(engine.metrics.emails_retried.get() >= 1);
+    engine.shutdown().await;
+
+    // SMTP is back: the pending email goes out, exactly once.
+    config.smtp.port = world.services.smtp_port;
+    let engine = world.start(config).await;
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&address, 1, WAIT)
+        .await;
+    assert_eq!(mails[0].subject, "Payment received for order A-o1");
+    world
+        .wait_count(
+            "SELECT count(*) FROM email_outbox WHERE event_id = 'o1' AND status = 'sent'",
+            1,
+            WAIT,
+        )
+        .await;
+    engine.shutdown().await;
+}
+
+/// Health, readiness and metrics, as an operator's probes see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", engine.http_addr);
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    // Readiness turns green once the Kafka probe has answered.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+        let status = ready.status();
+        let body: serde_json::Value = ready.json().await.unwrap();
+        if status == 200 {
+            assert_eq!(body["checks"]["postgres"], "ok");
+            assert_eq!(body["checks"]["kafka"], "ok");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let tenant = unique("shop");
+    world
+        .produce(&order_paid("m1", &tenant, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count("SELECT count(*) FROM notifications", 1, WAIT)
+        .await;
+    let (_, _sse, _) = connect_sse(&engine, Some(&world.token(&tenant, "u1")), None).await;
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        format!(
+            "notify_events_consumed_total{{topic=\"{}\"}} 1",
+            world.topic_paid
+        ),
+        "notify_notifications_written_total 1".to_string(),
+        "notify_sse_connections 1".to_string(),
+        "notify_plugin_calls_total{outcome=\"ok\"} 1".to_string(),
+    ] {
+        assert!(metrics.contains(&line), "missing {line:?} in\n{metrics}");
+    }
+    engine.shutdown().await;
+    // Shut down: nothing listens any more.
+    assert!(http.get(format!("{base}/healthz")).send().await.is_err());
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

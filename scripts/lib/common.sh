@@ -71,8 +71,10 @@ start_detached() {
     logf="$STATE/logs/$name.log"
     mkdir -p "$STATE/pids" "$STATE/logs"
     printf '\n===== %s: starting %s =====\n' "$(date -Is)" "$name" >>"$logf"
+    # 9>&-: fd 9 holds services.sh's flock; a daemon inheriting it would keep
+    # the lock forever and block every later up/down.
     # shellcheck disable=SC2016
-    nohup setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pf" "$@" >>"$logf" 2>&1 </dev/null &
+    nohup setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pf" "$@" >>"$logf" 2>&1 </dev/null 9>&- &
     # Wait (briefly) for the pid file so callers can rely on it.
     local tries=50
     while ((tries-- > 0)); do

@@ -52,10 +52,14 @@ kafka_prepare() {
     local t0=$SECONDS tmp="$KAFKA_LIBS.tmp.$$"
     rm -rf "$tmp"
     mkdir -p "$(dirname "$KAFKA_LIBS")"
+    # Output goes to a log (shown only on failure): even with -q -B, Maven
+    # 3.8 prints stray ANSI escapes.
+    mkdir -p "$STATE/logs"
     if ! mvn -q -B -f "$KAFKA_POM" dependency:copy-dependencies \
-        -DincludeScope=runtime -DoutputDirectory="$tmp" >&2; then
+        -DincludeScope=runtime -DoutputDirectory="$tmp" >"$STATE/logs/kafka-maven.log" 2>&1; then
         rm -rf "$tmp"
-        die "kafka: Maven dependency resolution failed (see output above)"
+        cat "$STATE/logs/kafka-maven.log" >&2
+        die "kafka: Maven dependency resolution failed (output above, also in $STATE/logs/kafka-maven.log)"
     fi
     printf '%s\n' "$want" >"$tmp/.pom.sha256"
     rm -rf "$KAFKA_LIBS"

@@ -242,8 +242,10 @@ mod tests {
 
     #[test]
     fn enforces_size_and_count() {
-        let mut limits = PluginConfig::default();
-        limits.max_output_bytes = 100;
+        let mut limits = PluginConfig {
+            max_output_bytes: 100,
+            ..PluginConfig::default()
+        };
         let big = in_app("u1", &format!("{{\"x\":\"{}\"}}", "a".repeat(200)));
         assert!(validate(vec![big], &limits).unwrap_err().contains("bytes"));
         limits.max_deliveries = 1;
