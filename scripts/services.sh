@@ -42,6 +42,8 @@ Commands:
                      wait until each answers, write $ENV_FILE
   down               stop all three (graceful, then SIGKILL after a timeout)
   restart            down, then up
+  clean              down, then delete all service data (Kafka topics, databases, mail);
+                     keeps the downloaded/built Kafka jars and Mailpit binary
   status             show which services are running (exit 3 if any is not)
   env                print the services.env file (path as a comment, then KEY=VALUE lines)
   topics TOPIC...    create Kafka topics (${NOTIFY_KAFKA_TOPIC_PARTITIONS:-3} partitions) unless they exist
@@ -74,7 +76,8 @@ validate_config() {
 }
 
 # Serialise up/down/topics: two concurrent `up`s would otherwise race to
-# format Kafka / initdb the same directories.
+# format Kafka / initdb the same directories. (start_detached closes fd 9 so
+# the daemons do not inherit the lock.)
 take_lock() {
     exec 9>"$STATE/.lock"
     flock -w 900 9 || die "another scripts/services.sh is still running (lock $STATE/.lock)"
@@ -107,16 +110,14 @@ cmd_up() {
     pg_wait
     mailpit_wait
     write_env_file
-    cat <<EOF
-
-Services are up ($((SECONDS - t0))s):
-  Kafka $(kafka_version) (KRaft)  bootstrap 127.0.0.1:$KAFKA_PORT   controller 127.0.0.1:$KAFKA_CONTROLLER_PORT
-  PostgreSQL $PG_MAJOR         $(pg_url)
-  Mailpit $MAILPIT_VERSION      SMTP 127.0.0.1:$SMTP_PORT (any auth accepted, no TLS)
-                        UI/API $(mailpit_url)   (REST API: $(mailpit_url)/api/v1/messages)
-  env file              $ENV_FILE   (load with: set -a; . $ENV_FILE; set +a)
-  logs                  $STATE/logs/{kafka,postgres,mailpit}.log
-EOF
+    printf '\nServices are up (%ss):\n' "$((SECONDS - t0))"
+    printf '  %-22s %s\n' \
+        "Kafka $(kafka_version) (KRaft)" "bootstrap 127.0.0.1:$KAFKA_PORT, controller 127.0.0.1:$KAFKA_CONTROLLER_PORT" \
+        "PostgreSQL $PG_MAJOR" "$(pg_url)" \
+        "Mailpit $MAILPIT_VERSION" "SMTP 127.0.0.1:$SMTP_PORT (any AUTH accepted, no TLS)" \
+        "Mailpit API" "$(mailpit_url)/api/v1/messages  (web UI $(mailpit_url)/ has no JS bundle in a go-install build)" \
+        "env file" "$ENV_FILE  (load: set -a; . $ENV_FILE; set +a)" \
+        "logs" "$STATE/logs/"
 }
 
 cmd_down() {
@@ -125,6 +126,18 @@ cmd_down() {
     kafka_stop
     pg_stop
     rm -f "$ENV_FILE"
+}
+
+# Not just `rm -rf $STATE`: the PostgreSQL data may live outside it (see
+# _pg_choose_base), reachable only through the $STATE/postgres symlink.
+cmd_clean() {
+    cmd_down
+    _pg_pick_base
+    if [[ -L $STATE/postgres && $PG_BASE == /var/tmp/notify-engine-pg-* ]]; then
+        rm -rf "$PG_BASE"
+    fi
+    log "removing $STATE"
+    rm -rf "$STATE"
 }
 
 cmd_status() {
@@ -158,6 +171,7 @@ main() {
     up) cmd_up ;;
     down) cmd_down ;;
     restart) cmd_down && cmd_up ;;
+    clean) cmd_clean ;;
     status) cmd_status ;;
     env) cmd_env ;;
     topics) take_lock; kafka_prepare; kafka_create_topics "$@" ;;

@@ -117,6 +117,7 @@ fail_with_log() {
         tail -n 40 "$logf" >&2
         printf '[services] ---- end of %s ----\n' "$logf" >&2
     fi
+    printf "[services] Whatever did start is left running; 'scripts/services.sh down' stops it.\n" >&2
     exit 1
 }
 
