@@ -1,7 +1,13 @@
 # shellcheck shell=bash
-# Mailpit (SMTP sink + HTTP API), built from source with `go install` because
-# release binaries cannot be downloaded on these machines (only package
-# registries, including the Go module proxy, are reachable).
+# Mailpit (SMTP sink + HTTP API + web UI), built from source because release
+# binaries cannot be downloaded on these machines (only package registries,
+# including the Go module proxy and the npm registry, are reachable).
+#
+# A plain `go install` would work but embeds no web UI: Mailpit's JS/CSS bundle
+# (server/ui/dist) is produced by an npm build and is not part of the Go
+# module. So the module source is fetched from the Go module proxy, copied to
+# a writable dir, the UI is built with npm exactly as upstream's Dockerfile
+# does (npm install + `npm run package`), then `go build` embeds it.
 #
 # Expects from services.sh: STATE, CACHE_ROOT, SMTP_PORT, MAILPIT_HTTP_PORT,
 # SERVICE_TIMEOUT.
@@ -11,36 +17,96 @@ MAILPIT_MODULE=github.com/axllent/mailpit
 MAILPIT_BIN="$CACHE_ROOT/bin/mailpit"
 MAILPIT_DIR="$STATE/mailpit"
 MAILPIT_DB="$MAILPIT_DIR/mailpit.db"
+# Writable copy of the module source for the npm + go build; removed after a
+# successful build (the npm and Go caches make a rebuild fast anyway).
+MAILPIT_BUILD_DIR="$CACHE_ROOT/mailpit-build"
+# Mailpit v1.33.1's package-lock.json pins two packages at versions that the
+# npm registry reachable here does not serve, so `npm ci` fails with E404:
+#  - sass-embedded 1.108.1 (and its per-platform binaries): the SCSS compiler
+#    behind esbuild-sass-plugin; 1.108.2 is the next patch release.
+#  - rapidoc 12.1.0: the OpenAPI viewer bundled only into dist/docs.js, the
+#    API docs page at /api/v1/ (not the mailbox UI); 9.3.8 is the newest
+#    served release and provides the same <rapi-doc> element.
+# The only change made to upstream's npm setup is an `overrides` entry per
+# package (space-separated name=version); everything else keeps the versions
+# in the lock file.
+MAILPIT_NPM_OVERRIDES="sass-embedded=1.108.2 rapidoc=9.3.8"
+# What the stamp file next to the binary must say. The "+ui" suffix makes an
+# older UI-less `go install` binary (stamp "v1.33.1") get rebuilt once.
+MAILPIT_BUILD_ID="$MAILPIT_VERSION+ui"
 
 mailpit_url() { printf 'http://127.0.0.1:%s\n' "$MAILPIT_HTTP_PORT"; }
 
-# A plain `go install` binary reports version "dev" (upstream sets it via
-# -ldflags), so the built version is tracked in a stamp file next to it.
-_mailpit_built_version() { cat "$MAILPIT_BIN.version" 2>/dev/null || true; }
+# A source build reports version "dev" unless set via -ldflags (done below),
+# and whether the UI is embedded is not visible from outside, so what was
+# built is tracked in a stamp file next to the binary.
+_mailpit_built_id() { cat "$MAILPIT_BIN.version" 2>/dev/null || true; }
 
 mailpit_prepare() {
     ensure_cmd curl curl
-    if [[ -x $MAILPIT_BIN && $(_mailpit_built_version) == "$MAILPIT_VERSION" ]]; then
+    if [[ -x $MAILPIT_BIN && $(_mailpit_built_id) == "$MAILPIT_BUILD_ID" ]]; then
         return 0
     fi
     command -v go >/dev/null 2>&1 ||
         die "mailpit: Go is needed to build Mailpit $MAILPIT_VERSION (Debian's golang-go is too old for it; use the Go toolchain that ships with this machine image)"
-    log "mailpit: building $MAILPIT_MODULE@$MAILPIT_VERSION with go install (takes a minute or two on a cold cache)"
-    local t0=$SECONDS tmpbin="$CACHE_ROOT/bin/.tmp.$$"
-    rm -rf "$tmpbin"
-    mkdir -p "$tmpbin"
-    # nice: this shares 2 cores with whatever else the developer is compiling.
-    # CGO_ENABLED=0: Mailpit's SQLite is pure Go, so no C toolchain is needed.
-    if ! GOBIN="$tmpbin" CGO_ENABLED=0 nice -n 10 go install -trimpath \
-        -ldflags "-s -w -X $MAILPIT_MODULE/config.Version=$MAILPIT_VERSION" \
-        "$MAILPIT_MODULE@$MAILPIT_VERSION" >&2; then
-        rm -rf "$tmpbin"
-        die "mailpit: go install failed (see output above)"
+    { command -v node && command -v npm; } >/dev/null 2>&1 ||
+        die "mailpit: Node.js and npm are needed to build Mailpit's web UI (use the Node.js that ships with this machine image)"
+    log "mailpit: building $MAILPIT_MODULE@$MAILPIT_VERSION with its web UI (npm + go; a few minutes on a cold cache)"
+    local t0=$SECONDS
+    # Subshell: the build cd's around and must not leave the caller elsewhere;
+    # `die` inside it only ends the subshell, so its status is checked here.
+    # (Being in an `if`, the subshell runs without errexit: every step in
+    # _mailpit_build checks its own status.)
+    if ! (_mailpit_build); then
+        die "mailpit: build failed (see output above; sources left in $MAILPIT_BUILD_DIR)"
     fi
-    mv -f "$tmpbin/mailpit" "$MAILPIT_BIN"
-    rm -rf "$tmpbin"
-    printf '%s\n' "$MAILPIT_VERSION" >"$MAILPIT_BIN.version"
+    rm -rf "$MAILPIT_BUILD_DIR"
     log "mailpit: built in $((SECONDS - t0))s -> $MAILPIT_BIN"
+}
+
+_mailpit_build() {
+    local modjson moddir src=$MAILPIT_BUILD_DIR/src tmpbin="$CACHE_ROOT/bin/.mailpit.tmp.$$"
+    mkdir -p "$CACHE_ROOT/bin" || die "mailpit: cannot create $CACHE_ROOT/bin"
+    # The module zip from the Go module proxy holds the whole repository tree,
+    # including package.json, package-lock.json and server/ui-src.
+    modjson=$(cd "$CACHE_ROOT" && go mod download -json "$MAILPIT_MODULE@$MAILPIT_VERSION") ||
+        die "mailpit: go mod download $MAILPIT_MODULE@$MAILPIT_VERSION failed"
+    moddir=$(node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>console.log(JSON.parse(s).Dir||""))' <<<"$modjson")
+    [[ -n $moddir && -f $moddir/package-lock.json && -d $moddir/server/ui-src ]] ||
+        die "mailpit: $MAILPIT_MODULE@$MAILPIT_VERSION from the module cache ($moddir) has no UI sources"
+    # The module cache is read-only: copy, then make the copy writable.
+    {
+        rm -rf "$MAILPIT_BUILD_DIR" && mkdir -p "$MAILPIT_BUILD_DIR" &&
+            cp -R "$moddir" "$src" && chmod -R u+w "$src" && cd "$src"
+    } || die "mailpit: cannot copy the module source to $src"
+
+    # `npm install` rather than `npm ci`: with the overrides the lock file no
+    # longer matches package.json, which `npm ci` refuses; `npm install`
+    # re-resolves only the overridden packages (and their own dependencies)
+    # and keeps every other locked version.
+    local o
+    for o in $MAILPIT_NPM_OVERRIDES; do
+        npm pkg set "overrides.$o" || die "mailpit: npm pkg set overrides.$o failed"
+    done
+    # nice: this shares 2 cores with whatever else the developer is compiling.
+    nice -n 10 npm install --no-audit --no-fund --no-update-notifier --loglevel=warn >&2 ||
+        die "mailpit: npm install failed"
+    nice -n 10 npm run package >&2 || die "mailpit: npm run package (UI build) failed"
+    [[ -s server/ui/dist/app.js && -s server/ui/dist/app.css ]] ||
+        die "mailpit: the UI build produced no server/ui/dist/app.js / app.css"
+
+    # Same flags as upstream's release build. CGO_ENABLED=0: Mailpit's SQLite
+    # is pure Go, so no C toolchain is needed. -buildvcs=false: the copy is
+    # not a git checkout.
+    rm -f "$tmpbin"
+    if ! CGO_ENABLED=0 nice -n 10 go build -trimpath -buildvcs=false \
+        -ldflags "-s -w -X $MAILPIT_MODULE/config.Version=$MAILPIT_VERSION" \
+        -o "$tmpbin" . >&2; then
+        rm -f "$tmpbin"
+        die "mailpit: go build failed"
+    fi
+    { mv -f "$tmpbin" "$MAILPIT_BIN" && printf '%s\n' "$MAILPIT_BUILD_ID" >"$MAILPIT_BIN.version"; } ||
+        die "mailpit: cannot install the binary as $MAILPIT_BIN"
 }
 
 mailpit_pid() { pid_of mailpit "$MAILPIT_DB"; }

@@ -165,7 +165,14 @@ impl World {
     }
 
     pub async fn start(&self, config: Config) -> Running {
-        notify_engine::telemetry::init_logging(&config.log);
+        // Logs go through the test harness's capture: shown for failing tests only.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .with_test_writer()
+            .try_init();
         app::start(config).await.expect("engine starts")
     }
 
@@ -173,25 +180,37 @@ impl World {
         notify_engine::api::auth::mint(&self.config().auth, tenant, user, 600)
     }
 
-    /// Produces raw bytes to a topic.
+    /// Produces raw bytes to a topic, unkeyed.
     pub async fn produce_raw(&self, topic: &str, payload: &[u8]) {
+        self.produce_keyed(topic, None, payload).await;
+    }
+
+    async fn produce_keyed(&self, topic: &str, key: Option<&str>, payload: &[u8]) {
+        let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
         self.producer
-            .send(
-                FutureRecord::<str, [u8]>::to(topic).payload(payload),
-                Duration::from_secs(10),
-            )
+            .send(record, Duration::from_secs(10))
             .await
             .map_err(|(e, _)| e)
             .expect("producing to Kafka");
     }
 
-    /// Produces an envelope to the topic matching its type.
+    /// Produces an envelope to the topic matching its type, keyed by tenant and user as
+    /// producers are expected to (one user's events stay in order on one partition).
     pub async fn produce(&self, event: &Value) {
         let topic = match event["type"].as_str() {
             Some("order_status_updated") => &self.topic_status,
             _ => &self.topic_paid,
         };
-        self.produce_raw(topic, event.to_string().as_bytes()).await;
+        let key = format!(
+            "{}/{}",
+            event["tenant"].as_str().unwrap_or_default(),
+            event["data"]["user_id"].as_str().unwrap_or_default()
+        );
+        self.produce_keyed(topic, Some(&key), event.to_string().as_bytes())
+            .await;
     }
 
     pub async fn pool(&self) -> PgPool {
