@@ -27,10 +27,12 @@ MAILPIT_BUILD_DIR="$CACHE_ROOT/mailpit-build"
 #  - rapidoc 12.1.0: the OpenAPI viewer bundled only into dist/docs.js, the
 #    API docs page at /api/v1/ (not the mailbox UI); 9.3.8 is the newest
 #    served release and provides the same <rapi-doc> element.
-# The only change made to upstream's npm setup is an `overrides` entry per
-# package (space-separated name=version); everything else keeps the versions
-# in the lock file.
-MAILPIT_NPM_OVERRIDES="sass-embedded=1.108.2 rapidoc=9.3.8"
+# These package.json edits (`npm pkg set` arguments: an `overrides` entry for
+# sass-embedded, which is only a peer dependency of esbuild-sass-plugin; the
+# direct dependency itself for rapidoc, as npm rejects an override that
+# conflicts with a direct dependency) are the only change made to upstream's
+# npm setup; everything else keeps the versions in the lock file.
+MAILPIT_NPM_PKG_EDITS="overrides.sass-embedded=1.108.2 dependencies.rapidoc=9.3.8"
 # What the stamp file next to the binary must say. The "+ui" suffix makes an
 # older UI-less `go install` binary (stamp "v1.33.1") get rebuilt once.
 MAILPIT_BUILD_ID="$MAILPIT_VERSION+ui"
@@ -84,12 +86,20 @@ _mailpit_build() {
     # longer matches package.json, which `npm ci` refuses; `npm install`
     # re-resolves only the overridden packages (and their own dependencies)
     # and keeps every other locked version.
-    local o
-    for o in $MAILPIT_NPM_OVERRIDES; do
-        npm pkg set "overrides.$o" || die "mailpit: npm pkg set overrides.$o failed"
+    local edit
+    for edit in $MAILPIT_NPM_PKG_EDITS; do
+        npm pkg set "$edit" || die "mailpit: npm pkg set $edit failed"
     done
     # nice: this shares 2 cores with whatever else the developer is compiling.
-    nice -n 10 npm install --no-audit --no-fund --no-update-notifier --loglevel=warn >&2 ||
+    # --ignore-scripts: no dependency needs its install script for this build
+    # (esbuild finds its binary in @esbuild/linux-x64 without its postinstall;
+    # the others are native file watchers, tree-sitter parsers and a telemetry
+    # ping pulled in by rapidoc), and npm 11 already skips them by default, so
+    # this keeps other npm versions from trying to compile or phone home.
+    # --loglevel=error: Node 20 triggers dozens of harmless EBADENGINE warnings
+    # from dev-only packages (jsdom, vue-router's build tooling) that ask for
+    # Node 22; real failures are still printed.
+    nice -n 10 npm install --ignore-scripts --no-audit --no-fund --no-update-notifier --loglevel=error >&2 ||
         die "mailpit: npm install failed"
     nice -n 10 npm run package >&2 || die "mailpit: npm run package (UI build) failed"
     [[ -s server/ui/dist/app.js && -s server/ui/dist/app.css ]] ||

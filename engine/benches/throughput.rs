@@ -1,0 +1,202 @@
+//! Benchmarks on the real services (run through `scripts/bench.sh`, which starts them):
+//!
+//! 1. `plugin`: one routing call (fresh store + instantiate + call) of the default plugin.
+//! 2. `pipeline`: events/s from Kafka to committed notifications, with a backlog of N events.
+//! 3. `latency`: produce → SSE frame received, one event at a time.
+//!
+//! Prints one line per figure; `ARCHITECTURE.md` quotes them with machine and date.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use notify_engine::config::Config;
+use notify_engine::ingest::envelope;
+use notify_engine::plugin::PluginHost;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} unset: run scripts/bench.sh"))
+}
+
+fn event(id: usize, tenant: &str, user: usize) -> serde_json::Value {
+    json!({
+        "id": format!("e{id}"), "tenant": tenant, "type": "order_paid",
+        "time": "2026-11-26T10:00:00Z",
+        "data": {"user_id": format!("u{user}"), "order_id": format!("A-{id}"),
+                 "amount": 12.5, "currency": "EUR"}
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let plugins = root.join("plugins/dist");
+
+    // 1. One routing call.
+    let host = PluginHost::new(Default::default(), Default::default()).unwrap();
+    host.load_single(&plugins.join("default.wasm"))
+        .await
+        .unwrap();
+    let raw = event(1, "bench", 1).to_string();
+    let e = envelope::decode(Some(raw.as_bytes()), 1 << 20).unwrap();
+    for _ in 0..200 {
+        host.route(&e).await.unwrap();
+    }
+    let n = 5_000;
+    let mut samples = Vec::with_capacity(n);
+    let mut fuel = 0;
+    for _ in 0..n {
+        let t = Instant::now();
+        fuel = host.route(&e).await.unwrap().cost.fuel;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / n as u32;
+    println!(
+        "plugin: {n} calls of default.wasm: mean {:.1} µs, p50 {:.1} µs, p99 {:.1} µs, fuel {fuel}",
+        mean.as_secs_f64() * 1e6,
+        percentile(&samples, 0.5).as_secs_f64() * 1e6,
+        percentile(&samples, 0.99).as_secs_f64() * 1e6,
+    );
+
+    // 2 and 3 need the services.
+    let brokers = env("NOTIFY_KAFKA__BROKERS");
+    let admin_url = env("DATABASE_URL");
+    let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let db = format!("bench_{suffix}");
+    let mut admin = PgConnection::connect(&admin_url).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let topic = format!("bench-{suffix}");
+    let kafka_admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    kafka_admin
+        .create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+
+    let events: usize = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let users = 500;
+    let mut sends = Vec::with_capacity(events);
+    let (producer_ref, topic_ref) = (&producer, &topic);
+    for i in 0..events {
+        let payload = event(i, "bench", i % users).to_string();
+        let key = format!("u{}", i % users);
+        sends.push(async move {
+            producer_ref
+                .send(
+                    FutureRecord::to(topic_ref).key(&key).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+        });
+    }
+    futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let mut config = Config::default();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.kafka.brokers = brokers.clone();
+    config.kafka.topics = vec![topic.clone()];
+    config.kafka.group_id = format!("bench-{suffix}");
+    config.database.url = format!("{}/{db}", admin_url.rsplit_once('/').unwrap().0);
+    config.plugins.dir = plugins.clone();
+    config.email.templates_dir = root.join("templates");
+    config.auth.jwt_secret = "bench-secret-bench-secret-bench-secret".into();
+    let started = Instant::now();
+    let engine = notify_engine::app::start(config.clone()).await.unwrap();
+    let consumed = || engine.metrics.notifications_written.get();
+    // The clock starts at the first committed notification, so consumer-group join time
+    // (seconds, a one-off) does not count as throughput.
+    while consumed() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let first = Instant::now();
+    let join = first - started;
+    while consumed() < events as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = first.elapsed();
+    println!(
+        "pipeline: {events} events ({users} users, 3 partitions, batch_max {}) in {:.2} s: {:.0} events/s (group join + start {:.1} s not counted)",
+        config.kafka.batch_max,
+        elapsed.as_secs_f64(),
+        events as f64 / elapsed.as_secs_f64(),
+        join.as_secs_f64()
+    );
+
+    // 3. Latency: produce one event, wait for its SSE frame.
+    let token = notify_engine::api::auth::mint(&config.auth, "bench", "latency-user", 600);
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/api/v1/sse", engine.http_addr))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let _hello = stream.next().await;
+    let rounds = 200;
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let mut e = event(events + i, "bench", 0);
+        e["data"]["user_id"] = "latency-user".into();
+        let payload = e.to_string();
+        let t = Instant::now();
+        producer
+            .send(
+                FutureRecord::to(&topic).key("latency").payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        loop {
+            let chunk = stream.next().await.unwrap().unwrap();
+            if String::from_utf8_lossy(&chunk).contains("event: notification") {
+                break;
+            }
+        }
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    println!(
+        "latency: produce → SSE frame, {rounds} events one at a time: p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&samples, 0.5).as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+    );
+    engine.shutdown().await;
+    drop(kafka_admin);
+    sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Benchmarks on the real services (release build): plugin call cost, pipeline events/s,
+# produce → SSE latency. BENCH_EVENTS sets the backlog size (default 20000).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/notify-engine-target}
+PLUGINS_TARGET_DIR=${PLUGINS_TARGET_DIR:-$HOME/.cache/notify-engine-plugins-target}
+scripts/bootstrap.sh
+scripts/services.sh up
+set -a
+# shellcheck disable=SC1091
+. "${NOTIFY_STATE_DIR:-$HOME/.cache/notify-engine/run}/services.env"
+set +a
+CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -m); date: $(date -u +%Y-%m-%d)"
+RUST_LOG=${RUST_LOG:-warn} cargo bench --locked --bench throughput
