@@ -282,55 +282,37 @@ impl Pipeline {
         delivery: &Delivery,
         outcome: &mut Outcome,
     ) -> Result<(), StoreError> {
-        match delivery {
+        let notification = match delivery {
             Delivery::InApp {
                 user_id,
                 title,
                 body,
                 category,
                 data,
-            } => {
-                let seq = store::insert_notification(
-                    tx,
-                    &NewNotification {
-                        tenant: &event.tenant,
-                        user_id,
-                        event_id: &event.id,
-                        kind: NOTIFICATION_EVENT,
-                        title: Some(title),
-                        body: Some(body),
-                        category: Some(category),
-                        data,
-                    },
-                )
-                .await?;
-                outcome
-                    .notifications
-                    .push((event.tenant.clone(), user_id.clone(), seq));
-            }
+            } => NewNotification {
+                tenant: &event.tenant,
+                user_id,
+                event_id: &event.id,
+                kind: NOTIFICATION_EVENT,
+                title: Some(title),
+                body: Some(body),
+                category: Some(category),
+                data,
+            },
             Delivery::Live {
                 user_id,
                 name,
                 data,
-            } => {
-                let seq = store::insert_notification(
-                    tx,
-                    &NewNotification {
-                        tenant: &event.tenant,
-                        user_id,
-                        event_id: &event.id,
-                        kind: name,
-                        title: None,
-                        body: None,
-                        category: None,
-                        data,
-                    },
-                )
-                .await?;
-                outcome
-                    .notifications
-                    .push((event.tenant.clone(), user_id.clone(), seq));
-            }
+            } => NewNotification {
+                tenant: &event.tenant,
+                user_id,
+                event_id: &event.id,
+                kind: name,
+                title: None,
+                body: None,
+                category: None,
+                data,
+            },
             Delivery::Email {
                 to,
                 user_id,
@@ -352,8 +334,13 @@ impl Pipeline {
                 )
                 .await?;
                 outcome.emails += 1;
+                return Ok(());
             }
-        }
+        };
+        let seq = store::insert_notification(tx, &notification).await?;
+        outcome
+            .notifications
+            .push((event.tenant.clone(), notification.user_id.to_owned(), seq));
         Ok(())
     }
 

@@ -219,22 +219,7 @@ impl World {
 
     /// Polls `query` (a single BIGINT) until it equals `want`, or fails after `timeout`.
     pub async fn wait_count(&self, query: &str, want: i64, timeout: Duration) {
-        let pool = self.pool().await;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let (n,): (i64,) = sqlx::query_as(query)
-                .fetch_one(&pool)
-                .await
-                .unwrap_or((-1,));
-            if n == want {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{query}: still {n} after {timeout:?}, expected {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.wait_until(query, |n| n == want, timeout).await;
     }
 
     /// Polls `query` (a single BIGINT) until `ok` holds, or fails after `timeout`.

@@ -129,7 +129,7 @@ fn order_paid(
         json!({ "order_id": order_id, "vip": vip }),
     )];
     if let Some(to) = email {
-        let mut mail = email_data(event, data);
+        let mut mail = data.email_model(event);
         mail["vip"] = json!(vip);
         deliveries.push(Delivery::email(to, Some(user_id), "order_paid", mail));
     }
@@ -220,17 +220,10 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
             to,
             Some(user_id),
             "order_status_updated",
-            email_data(event, data),
+            data.email_model(event),
         ));
     }
     Ok(deliveries)
-}
-
-/// Email template data: the event data plus `event_id`.
-fn email_data(event: &Event, data: &Data) -> Value {
-    let mut value = data.to_value();
-    value["event_id"] = json!(event.id);
-    value
 }
 
 #[cfg(test)]

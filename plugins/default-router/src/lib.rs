@@ -56,7 +56,7 @@ fn order_paid(event: &Event, data: &Data) -> Result<Vec<Delivery>, RouteError> {
             to,
             Some(user_id),
             "order_paid",
-            email_data(event, data),
+            data.email_model(event),
         ));
     }
     Ok(deliveries)
@@ -112,17 +112,10 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
             to,
             Some(user_id),
             "order_status_updated",
-            email_data(event, data),
+            data.email_model(event),
         ));
     }
     Ok(deliveries)
-}
-
-/// Email template data: the event data plus `event_id`.
-fn email_data(event: &Event, data: &Data) -> serde_json::Value {
-    let mut value = data.to_value();
-    value["event_id"] = json!(event.id);
-    value
 }
 
 #[cfg(test)]

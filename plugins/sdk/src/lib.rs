@@ -288,10 +288,17 @@ impl Data {
         &self.0
     }
 
-    /// The payload as a JSON object value, e.g. to hand it to an email template; add fields
-    /// to the returned value with `value["event_id"] = json!(event.id)`.
+    /// The payload as a JSON object value (see [`Data::email_model`] for email templates).
     pub fn to_value(&self) -> Value {
         Value::Object(self.0.clone())
+    }
+
+    /// The data as template data for an email: every field plus `event_id`, so templates
+    /// can reference the event that caused the email.
+    pub fn email_model(&self, event: &Event) -> Value {
+        let mut value = self.to_value();
+        value["event_id"] = Value::String(event.id.clone());
+        value
     }
 }
 
