@@ -2,7 +2,8 @@
 # shellcheck source-path=SCRIPTDIR
 # Local backing services for the notification engine, without Docker:
 #   Kafka 4.x (KRaft, from Maven Central jars), PostgreSQL 15 (Debian package,
-#   private throwaway cluster) and Mailpit (built with `go install`).
+#   private throwaway cluster) and Mailpit (built from its Go module source,
+#   web UI included: see lib/mailpit.sh).
 # Everything listens on 127.0.0.1 only. Run `scripts/services.sh help`.
 set -euo pipefail
 
@@ -115,7 +116,7 @@ cmd_up() {
         "Kafka $(kafka_version) (KRaft)" "bootstrap 127.0.0.1:$KAFKA_PORT, controller 127.0.0.1:$KAFKA_CONTROLLER_PORT" \
         "PostgreSQL $PG_MAJOR" "$(pg_url)" \
         "Mailpit $MAILPIT_VERSION" "SMTP 127.0.0.1:$SMTP_PORT (any AUTH accepted, no TLS)" \
-        "Mailpit API" "$(mailpit_url)/api/v1/messages  (web UI $(mailpit_url)/ has no JS bundle in a go-install build)" \
+        "Mailpit web UI" "$(mailpit_url)/  (API $(mailpit_url)/api/v1/messages)" \
         "env file" "$ENV_FILE  (load: set -a; . $ENV_FILE; set +a)" \
         "logs" "$STATE/logs/"
 }

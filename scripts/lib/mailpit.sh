@@ -94,8 +94,9 @@ _mailpit_build() {
     # --ignore-scripts: no dependency needs its install script for this build
     # (esbuild finds its binary in @esbuild/linux-x64 without its postinstall;
     # the others are native file watchers, tree-sitter parsers and a telemetry
-    # ping pulled in by rapidoc), and npm 11 already skips them by default, so
-    # this keeps other npm versions from trying to compile or phone home.
+    # ping pulled in by rapidoc); npm 11.19 here already leaves them unrun
+    # (allowScripts), and this keeps other npm versions from trying to compile
+    # or phone home.
     # --loglevel=error: Node 20 triggers dozens of harmless EBADENGINE warnings
     # from dev-only packages (jsdom, vue-router's build tooling) that ask for
     # Node 22; real failures are still printed.
@@ -105,7 +106,8 @@ _mailpit_build() {
     [[ -s server/ui/dist/app.js && -s server/ui/dist/app.css ]] ||
         die "mailpit: the UI build produced no server/ui/dist/app.js / app.css"
 
-    # Same flags as upstream's release build. CGO_ENABLED=0: Mailpit's SQLite
+    # Flags as in the former `go install` build (upstream's release ldflags
+    # plus -s, -trimpath). CGO_ENABLED=0: Mailpit's SQLite
     # is pure Go, so no C toolchain is needed. -buildvcs=false: the copy is
     # not a git checkout.
     rm -f "$tmpbin"
