@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde_json::json;
 use support::*;
 
-const WAIT: Duration = Duration::from_secs(30);
+/// Generous: a cold broker creates its consumer-offsets topic on the first group join.
+const WAIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_paid_reaches_sse_and_email() {
