@@ -670,3 +670,46 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// The local runner a plugin developer uses: deliveries, logs and cost against the limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_plugin_runner_reports_decision_and_cost() {
+    let services = Services::get();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let limits = notify_engine::config::PluginConfig::default();
+    let (ok, report) = notify_engine::tools::run_plugin(
+        limits.clone(),
+        &services.plugins.join("acme.wasm"),
+        &root.join("samples/order_paid.json"),
+        [("vip_threshold".to_string(), "500".to_string())].into(),
+    )
+    .await
+    .unwrap();
+    assert!(ok, "{report:#}");
+    let deliveries = report["deliveries"].as_array().unwrap();
+    let email = deliveries
+        .iter()
+        .find(|d| d["kind"] == "email")
+        .expect("an email delivery");
+    assert_eq!(email["template"], "order_paid");
+    assert_eq!(email["data"]["vip"], true, "980 EUR is over the threshold");
+    assert!(report["cost"]["fuel"].as_u64().unwrap() > 0);
+    assert!(report["cost"]["memory_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(report["limits"]["fuel"], limits.fuel);
+    assert!(
+        !report["logs"].as_array().unwrap().is_empty(),
+        "acme logs its decision"
+    );
+
+    // A refusal is reported, not thrown: the developer sees the plugin's reason.
+    let (ok, report) = notify_engine::tools::run_plugin(
+        limits,
+        &services.plugins.join("acme.wasm"),
+        &root.join("samples/order_paid.json"),
+        [("currency".to_string(), "USD".to_string())].into(),
+    )
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert_eq!(report["error"]["kind"], "invalid_event", "{report:#}");
+}
