@@ -36,6 +36,7 @@ cargo fmt --manifest-path plugins/Cargo.toml --all -- --check
 
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR cargo clippy --manifest-path plugins/Cargo.toml --all-targets --locked -- -D warnings
 
 log "plugin tests (native)"
 CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR cargo test --manifest-path plugins/Cargo.toml --locked

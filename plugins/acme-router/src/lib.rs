@@ -20,8 +20,6 @@
 use notify_plugin_sdk::{
     Data, Delivery, Event, RouteError, Router, config_or, format_amount, json, log,
 };
-use serde_json::Value;
-
 struct AcmeRouter;
 
 impl Router for AcmeRouter {
@@ -229,6 +227,7 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use notify_plugin_sdk::{Email, InApp};
 
     fn event(event_type: &str, data: Value) -> Event {
