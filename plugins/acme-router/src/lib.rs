@@ -227,8 +227,8 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
     use notify_plugin_sdk::{Email, InApp};
+    use serde_json::Value;
 
     fn event(event_type: &str, data: Value) -> Event {
         Event {
