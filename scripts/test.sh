@@ -42,4 +42,6 @@ log "plugin tests (native)"
 CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR cargo test --manifest-path plugins/Cargo.toml --locked
 
 log "engine tests (unit + integration on the real services)"
-cargo test --workspace --locked "$@"
+# --lib --bins --tests: no doc tests (there are none) and no benchmarks, so the run ends on
+# the integration tests' summary.
+cargo test --workspace --locked --lib --bins --tests "$@"
