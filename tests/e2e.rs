@@ -97,7 +97,8 @@ async fn duplicates_and_restarts_yield_one_outcome() {
     let world = World::new().await;
     let tenant = unique("shop");
     let address = format!("{}@example.test", unique("dup"));
-    let total = 30;
+    let total = 100;
+    let messages = total + 1;
     // The same event twice up front (a producer retry), then a stream of distinct events.
     let first = order_paid("d0", &tenant, "u1", Some(&address), 10.0);
     world.produce(&first).await;
@@ -113,42 +114,56 @@ async fn duplicates_and_restarts_yield_one_outcome() {
             ))
             .await;
     }
+    let consumed = |m: &notify_engine::telemetry::Metrics| {
+        m.events_consumed
+            .with_label_values(&[&world.topic_paid])
+            .get() as i64
+    };
 
-    // Stop the engine mid-stream, as soon as the first events are committed.
-    let engine = world.start(world.config()).await;
+    // One event per transaction, and stop as soon as the first ones are committed: the
+    // engine is shut down mid-stream.
+    let mut config = world.config();
+    config.kafka.batch_max = 1;
+    let engine = world.start(config).await;
+    let first_run = engine.metrics.clone();
     world
         .wait_until("SELECT count(*) FROM notifications", |n| n >= 1, WAIT)
         .await;
     engine.shutdown().await;
+    let done_before_restart = world.count("SELECT count(*) FROM processed_events").await;
+    assert!(
+        done_before_restart < total,
+        "the first run was meant to stop mid-stream, it finished all {total}"
+    );
 
-    // Restart in the same group: it resumes and finishes.
+    // Restart in the same group: it resumes after the committed offsets and finishes,
+    // re-reading nothing and skipping nothing.
     let engine = world.start(world.config()).await;
+    let second_run = engine.metrics.clone();
     world
         .wait_count("SELECT count(*) FROM processed_events", total, WAIT)
         .await;
     engine.shutdown().await;
+    assert_eq!(
+        consumed(&first_run) + consumed(&second_run),
+        messages,
+        "every message consumed exactly once across the restart"
+    );
 
     // A new consumer group re-reads everything from the beginning (an offset reset).
     let mut config = world.config();
     config.kafka.group_id = unique("group");
     let engine = world.start(config).await;
-    let consumed = || {
-        engine
-            .metrics
-            .events_consumed
-            .with_label_values(&[&world.topic_paid])
-            .get()
-    };
     let deadline = tokio::time::Instant::now() + WAIT;
-    while consumed() < total as u64 + 1 {
+    while engine.metrics.events_duplicate.get() < messages as u64 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "redelivery not consumed: {}",
-            consumed()
+            "redelivery not consumed: {} duplicates",
+            engine.metrics.events_duplicate.get()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(engine.metrics.events_duplicate.get(), total as u64 + 1);
+    assert_eq!(engine.metrics.notifications_written.get(), 0);
     engine.shutdown().await;
 
     assert_eq!(
@@ -169,7 +184,6 @@ async fn duplicates_and_restarts_yield_one_outcome() {
             .await,
         total
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
     Mailpit::new(&world.services)
         .wait_for(&address, 1, WAIT)
         .await;
@@ -358,6 +372,20 @@ async fn last_event_id_replays_exactly_the_missed_notifications() {
         .await;
     assert_eq!(sse.next(WAIT).await.unwrap().id.as_deref(), Some("6"));
 
+    // A fresh stream's first frame carries the cursor as its id, so a browser that loses
+    // the connection before any event still reconnects with Last-Event-ID.
+    let (_, fresh, _) = connect_sse(&engine, Some(&token), None).await;
+    let mut fresh = fresh.unwrap();
+    fresh.expect_nothing(Duration::from_millis(300)).await;
+    assert_eq!(fresh.last_id.as_deref(), Some("6"));
+    // An id from the future (a database reset) starts at "now" instead of hiding events.
+    let (_, future, _) = connect_sse(&engine, Some(&token), Some("999")).await;
+    let mut future = future.unwrap();
+    world
+        .produce(&order_paid("r7", &tenant, "u1", None, 1.0))
+        .await;
+    assert_eq!(future.next(WAIT).await.unwrap().id.as_deref(), Some("7"));
+
     let (status, _, body) = connect_sse(&engine, Some(&token), Some("yesterday")).await;
     assert_eq!(status, 400, "{body}");
     engine.shutdown().await;
@@ -439,7 +467,11 @@ async fn plugin_sandbox_enforces_every_limit() {
     use notify_engine::plugin::{PluginError, PluginHost};
 
     let services = Services::get();
-    let limits = notify_engine::config::PluginConfig::default();
+    // A generous wall clock, so the fuel budget is what stops the loop even on a busy box.
+    let limits = notify_engine::config::PluginConfig {
+        timeout_ms: 10_000,
+        ..Default::default()
+    };
     let host = PluginHost::new(limits.clone(), Default::default()).unwrap();
     host.load_single(&services.plugins.join("fixtures/chaos.wasm"))
         .await
@@ -531,10 +563,9 @@ async fn email_outage_is_retried_and_broken_templates_fail_cleanly() {
 
     let mut config = world.config();
     config.email.templates_dir = templates.path().to_owned();
-    // Nothing listens here: every attempt fails with "connection refused".
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    config.smtp.port = dead.local_addr().unwrap().port();
-    drop(dead);
+    // Nothing listens on port 1 (privileged, outside the ephemeral range other tests'
+    // listeners use): every attempt fails with "connection refused".
+    config.smtp.port = 1;
     let engine = world.start(config.clone()).await;
 
     let tenant = unique("shop");

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures::FutureExt;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -61,14 +62,19 @@ pub struct Running {
     pub pool: PgPool,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    failed: Arc<AtomicBool>,
 }
+
+/// How long shutdown waits for in-flight work (a batch, an email, HTTP connections) before
+/// giving up on draining. A client that stops reading its SSE stream would otherwise hold
+/// the server open forever.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Running {
     /// Graceful shutdown: stop consuming, finish and acknowledge in-flight work, drain HTTP.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+        self.wait().await;
         self.pool.close().await;
     }
 
@@ -77,10 +83,23 @@ impl Running {
         self.shutdown.clone()
     }
 
-    /// Waits until every task has stopped (after the token fired).
+    /// Waits until every task has stopped after the token fired, at most [`DRAIN_TIMEOUT`]
+    /// after it fired.
     pub async fn wait(&self) {
         self.tasks.close();
-        self.tasks.wait().await;
+        let deadline = async {
+            self.shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        };
+        tokio::select! {
+            _ = self.tasks.wait() => {}
+            _ = deadline => tracing::warn!(timeout = ?DRAIN_TIMEOUT, "drain timed out; stopping anyway"),
+        }
+    }
+
+    /// Did a part of the engine stop on its own (a bug)? The process should exit non-zero.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
     }
 }
 
@@ -130,7 +149,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         kafka: config.kafka.clone(),
         message_id_domain,
     };
-    tasks.spawn(pipeline.run(shutdown.clone()));
+    let failed = Arc::new(AtomicBool::new(false));
+    tasks.spawn(critical(
+        "pipeline",
+        pipeline.run(shutdown.clone()),
+        shutdown.clone(),
+        failed.clone(),
+    ));
 
     let worker = EmailWorker {
         pool: pool.clone(),
@@ -141,7 +166,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         wake: email_wake,
     };
-    tasks.spawn(worker.run(shutdown.clone()));
+    tasks.spawn(critical(
+        "email worker",
+        worker.run(shutdown.clone()),
+        shutdown.clone(),
+        failed.clone(),
+    ));
 
     let kafka_ready = Arc::new(AtomicBool::new(false));
     tasks.spawn(probe_kafka(
@@ -189,35 +219,47 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         pool,
         shutdown,
         tasks,
+        failed,
     })
 }
 
+/// Runs a task that must live as long as the engine. If it ends before shutdown (a panic,
+/// a bug), the whole engine stops and reports failure, rather than staying "ready" while
+/// nothing is consumed or sent: the orchestrator restarts it, and nothing is lost.
+async fn critical(
+    name: &'static str,
+    task: impl std::future::Future<Output = ()>,
+    shutdown: CancellationToken,
+    failed: Arc<AtomicBool>,
+) {
+    let outcome = std::panic::AssertUnwindSafe(task).catch_unwind().await;
+    if shutdown.is_cancelled() && outcome.is_ok() {
+        return;
+    }
+    tracing::error!(
+        task = name,
+        panicked = outcome.is_err(),
+        "task stopped unexpectedly; shutting down"
+    );
+    failed.store(true, Ordering::Relaxed);
+    shutdown.cancel();
+}
+
+/// Waits until PostgreSQL answers (it may start after us, e.g. under docker compose), then
+/// applies the migrations if configured to.
 async fn wait_for_database(pool: &PgPool, migrate: bool) -> Result<(), StartError> {
     let deadline = tokio::time::Instant::now() + DATABASE_WAIT;
-    loop {
-        let attempt = if migrate {
-            store::migrate(pool).await
-        } else {
-            sqlx::query("SELECT 1")
-                .execute(pool)
-                .await
-                .map(|_| ())
-                .map_err(Into::into)
-        };
-        match attempt {
-            Ok(()) => return Ok(()),
-            Err(store::StoreError::Sqlx(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)))
-                if tokio::time::Instant::now() < deadline =>
-            {
-                tracing::warn!(error = %e, "waiting for PostgreSQL");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(store::StoreError::Sqlx(e @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut))) => {
-                return Err(StartError::DatabaseUnreachable(DATABASE_WAIT, e.into()));
-            }
-            Err(e) => return Err(e.into()),
+    while let Err(e) = sqlx::query("SELECT 1").execute(pool).await {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StartError::DatabaseUnreachable(DATABASE_WAIT, e.into()));
         }
+        tracing::warn!(error = %e, "waiting for PostgreSQL");
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    if migrate {
+        store::migrate(pool).await?;
+    }
+    Ok(())
 }
 
 async fn probe_kafka(

@@ -72,7 +72,8 @@ pub struct KafkaConfig {
     /// Messages larger than this are dead-lettered without being decoded.
     pub max_message_bytes: usize,
     /// Passed to librdkafka as-is (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`,
-    /// ...). Credentials belong in the environment: `NOTIFY_KAFKA__PROPERTIES__SASL.PASSWORD`.
+    /// ...). Credentials come from the environment only: `NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD`
+    /// sets `sasl.password`.
     pub properties: BTreeMap<String, String>,
 }
 
@@ -313,6 +314,16 @@ impl PluginConfig {
 
 /// Secrets that must never be read from a file.
 const SECRET_KEYS: &[&str] = &["auth.jwt_secret", "smtp.password"];
+/// Their environment variables, read as raw strings.
+const JWT_SECRET_ENV: &str = "NOTIFY_AUTH__JWT_SECRET";
+const SMTP_PASSWORD_ENV: &str = "NOTIFY_SMTP__PASSWORD";
+/// Prefix of environment variables that set librdkafka properties.
+const KAFKA_PROPERTY_ENV: &str = "NOTIFY_KAFKA_PROPERTY_";
+
+/// A Kafka property that holds a credential (`sasl.password`, `ssl.key.password`, ...).
+fn is_secret_property(name: &str) -> bool {
+    name.contains("password") || name.contains("secret")
+}
 
 impl Config {
     /// Defaults → `file` (if given) → environment, then [`Config::validate`].
@@ -342,19 +353,51 @@ impl Config {
                     )));
                 }
             }
+            if let Ok(figment::value::Value::Dict(_, properties)) =
+                from_file.find_value("kafka.properties")
+                && let Some(name) = properties.keys().find(|k| is_secret_property(k))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "kafka.properties.{name} is a credential: set {KAFKA_PROPERTY_ENV}{} in the environment instead of {}",
+                    name.to_ascii_uppercase().replace('.', "_"),
+                    path.display()
+                )));
+            }
             figment = figment.merge(from_file);
         }
         // Only NOTIFY_<SECTION>__<KEY>: other NOTIFY_* variables (NOTIFY_CONFIG, the service
-        // scripts' NOTIFY_KAFKA_PORT, ...) are not configuration keys.
+        // scripts' NOTIFY_KAFKA_PORT, ...) are not configuration keys. Secrets are read raw
+        // below: figment would parse an all-digit password as a number.
         figment = figment.merge(
             Env::prefixed("NOTIFY_")
-                .filter(|k| k.as_str().contains("__"))
+                .filter(|k| {
+                    let k = k.as_str();
+                    k.contains("__")
+                        && ![JWT_SECRET_ENV, SMTP_PASSWORD_ENV]
+                            .iter()
+                            .any(|var| var["NOTIFY_".len()..].eq_ignore_ascii_case(k))
+                })
                 .split("__"),
         );
         if let Ok(url) = std::env::var("DATABASE_URL") {
             figment = figment.merge(Serialized::default("database.url", url));
         }
-        Ok(figment.extract().map_err(Box::new)?)
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if let Ok(secret) = std::env::var(JWT_SECRET_ENV) {
+            config.auth.jwt_secret = secret;
+        }
+        if let Ok(password) = std::env::var(SMTP_PASSWORD_ENV) {
+            config.smtp.password = Some(password);
+        }
+        // librdkafka property names contain dots, which cannot appear in variable names:
+        // NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD sets `sasl.password`.
+        for (var, value) in std::env::vars() {
+            if let Some(name) = var.strip_prefix(KAFKA_PROPERTY_ENV) {
+                let key = name.to_ascii_lowercase().replace('_', ".");
+                config.kafka.properties.insert(key, value);
+            }
+        }
+        Ok(config)
     }
 
     /// Every check that can be made before touching the network.
@@ -388,8 +431,24 @@ impl Config {
         if self.plugins.memory_bytes < 1024 * 1024 {
             return invalid("plugins.memory_bytes must be at least 1 MiB".into());
         }
-        if self.email.max_attempts < 1 {
-            return invalid("email.max_attempts must be at least 1".into());
+        if self.email.max_attempts < 1 || self.email.batch < 1 {
+            return invalid("email.max_attempts and email.batch must be at least 1".into());
+        }
+        // A claim must outlive the sends it covers, or a second worker sends the same email.
+        if self.email.claim_timeout_ms < 3 * self.smtp.timeout_ms {
+            return invalid(format!(
+                "email.claim_timeout_ms ({}) must be at least 3 × smtp.timeout_ms ({})",
+                self.email.claim_timeout_ms, self.smtp.timeout_ms
+            ));
+        }
+        if self.sse.page_size < 1
+            || self.sse.max_connections_per_user < 1
+            || self.sse.max_connections < 1
+        {
+            return invalid(
+                "sse.page_size, sse.max_connections_per_user and sse.max_connections must be at least 1"
+                    .into(),
+            );
         }
         if self.sse.keepalive_secs == 0 || self.sse.keepalive_secs > 15 {
             return invalid("sse.keepalive_secs must be between 1 and 15".into());
@@ -450,6 +509,19 @@ mod tests {
             serde_json::to_value(Config::default()).unwrap(),
             "config/engine.example.toml differs from Config::default()"
         );
+    }
+
+    #[test]
+    fn rejects_kafka_credentials_in_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.toml");
+        std::fs::write(
+            &path,
+            "[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD"), "{err}");
     }
 
     #[test]

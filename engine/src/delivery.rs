@@ -75,19 +75,41 @@ impl EmailWorker {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
         let claim_timeout = Duration::from_millis(self.config.claim_timeout_ms);
         while !shutdown.is_cancelled() {
-            let claimed =
-                match store::claim_emails(&self.pool, self.config.batch, claim_timeout).await {
-                    Ok(rows) => rows,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "claiming outbox rows failed");
-                        Vec::new()
-                    }
-                };
+            let claimed = match store::claim_emails(
+                &self.pool,
+                self.config.batch,
+                claim_timeout,
+                self.config.max_attempts,
+            )
+            .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming outbox rows failed");
+                    Vec::new()
+                }
+            };
             let full = claimed.len() as i64 >= self.config.batch;
             for email in claimed {
-                // Finish the row in hand even during shutdown: its claim would otherwise
-                // have to time out before another worker retries it.
-                self.deliver(email).await;
+                if shutdown.is_cancelled() {
+                    // Give the rest back at once rather than let their claims time out.
+                    if let Err(e) = store::release_email(&self.pool, &email).await {
+                        tracing::warn!(outbox_id = email.id, error = %e, "releasing a claim failed");
+                    }
+                    continue;
+                }
+                match store::renew_email_claim(&self.pool, &email, claim_timeout).await {
+                    Ok(true) => self.deliver(email).await,
+                    Ok(false) => {
+                        tracing::info!(
+                            outbox_id = email.id,
+                            "claim taken over by another worker; not sending"
+                        )
+                    }
+                    Err(e) => {
+                        tracing::warn!(outbox_id = email.id, error = %e, "renewing a claim failed")
+                    }
+                }
             }
             if full {
                 continue;
@@ -107,23 +129,30 @@ impl EmailWorker {
             Attempt::Sent => {
                 self.metrics.emails_sent.inc();
                 tracing::info!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, template = %email.template, "email sent");
-                store::mark_email_sent(&self.pool, email.id).await
+                store::mark_email_sent(&self.pool, &email).await
             }
             Attempt::Retry(error) if email.attempts < self.config.max_attempts => {
                 self.metrics.emails_retried.inc();
                 let delay = self.backoff(email.attempts);
                 tracing::warn!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, attempts = email.attempts, retry_in_ms = delay.as_millis() as u64, error = %error, "email failed transiently; will retry");
-                store::mark_email_retry(&self.pool, email.id, error, delay).await
+                store::mark_email_retry(&self.pool, &email, error, delay).await
             }
             Attempt::Retry(error) | Attempt::Failed(error) => {
                 self.metrics.emails_failed.inc();
                 tracing::error!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, attempts = email.attempts, error = %error, "email failed");
-                store::mark_email_failed(&self.pool, email.id, error).await
+                store::mark_email_failed(&self.pool, &email, error).await
             }
         };
-        if let Err(e) = result {
+        match result {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                outbox_id = email.id,
+                "claim lost before the outcome was recorded; the row's new owner decides"
+            ),
             // The claim expires and the row is tried again: at most one extra send.
-            tracing::warn!(outbox_id = email.id, error = %e, "recording the email outcome failed");
+            Err(e) => {
+                tracing::warn!(outbox_id = email.id, error = %e, "recording the email outcome failed")
+            }
         }
     }
 

@@ -84,6 +84,9 @@ async fn main() -> anyhow::Result<()> {
                 token.cancel();
             });
             engine.wait().await;
+            if engine.failed() {
+                anyhow::bail!("the engine stopped because one of its tasks failed (see the log)");
+            }
             tracing::info!("stopped");
         }
         Command::Token { tenant, user, ttl } => {

@@ -43,7 +43,8 @@ use bindings::notify::plugin::types as wit;
 
 /// How often the epoch ticker advances; the wall-clock bound is rounded up to this.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
-/// Log lines kept per call for the local runner (the tracing log gets all of them).
+/// Log lines a call may write; the rest are counted, not logged, so one call cannot flood
+/// the engine's log.
 const MAX_CAPTURED_LOGS: usize = 100;
 /// Longest log line a plugin may write; longer ones are cut.
 const MAX_LOG_LINE: usize = 2048;
@@ -162,6 +163,7 @@ struct CallState {
     plugin: String,
     event_id: String,
     logs: Vec<(String, String)>,
+    dropped_logs: usize,
 }
 
 impl WasiView for CallState {
@@ -177,15 +179,11 @@ impl wit::Host for CallState {}
 
 impl bindings::notify::plugin::host::Host for CallState {
     async fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
-        let mut message = message;
-        if message.len() > MAX_LOG_LINE {
-            let mut cut = MAX_LOG_LINE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
+        if self.logs.len() >= MAX_CAPTURED_LOGS {
+            self.dropped_logs += 1;
+            return Ok(());
         }
+        let message = plugin_text(&message);
         let (tenant, plugin, event_id) = (&self.tenant, &self.plugin, &self.event_id);
         match level {
             LogLevel::Trace => tracing::trace!(tenant, plugin, event_id, "plugin: {message}"),
@@ -194,10 +192,8 @@ impl bindings::notify::plugin::host::Host for CallState {
             LogLevel::Warn => tracing::warn!(tenant, plugin, event_id, "plugin: {message}"),
             LogLevel::Error => tracing::error!(tenant, plugin, event_id, "plugin: {message}"),
         }
-        if self.logs.len() < MAX_CAPTURED_LOGS {
-            let level = format!("{level:?}").to_lowercase();
-            self.logs.push((level, message));
-        }
+        let level = format!("{level:?}").to_lowercase();
+        self.logs.push((level, message));
         Ok(())
     }
 
@@ -206,32 +202,43 @@ impl bindings::notify::plugin::host::Host for CallState {
     }
 }
 
-/// Caps linear memory like `StoreLimits` with `trap_on_grow_failure`, and also records the
-/// peak, which the local runner reports as the call's memory cost.
+/// Caps the *total* linear memory of a call's store (across every memory of every core
+/// instance, so a component cannot multiply the cap by having many memories), traps on a
+/// failed grow like `StoreLimits::trap_on_grow_failure`, and records the peak, which the
+/// local runner reports as the call's memory cost.
 struct MemoryCap {
     limit: usize,
+    total: usize,
     peak: usize,
 }
 
-/// Most table elements one instance may have (function tables of Rust components are small).
+/// Most table elements one table may have (function tables of Rust components are small).
 const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Core instances, memories and tables per store. A Rust `wasm32-wasip2` component has a
+/// handful of each (main module plus adapter shims); these bounds keep a hostile component
+/// from multiplying its allowance.
+const MAX_INSTANCES: usize = 64;
+const MAX_MEMORIES: usize = 8;
+const MAX_TABLES: usize = 64;
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
+        let total = self.total - current.min(self.total) + desired;
+        if total > self.limit {
             // Trapping (rather than returning false, which makes `memory.grow` return -1)
             // stops a runaway allocation at once with a clear reason.
             wasmtime::bail!(
-                "memory limit exceeded: tried to grow linear memory to {desired} bytes, the limit is {}",
+                "memory limit exceeded: linear memory would grow to {total} bytes, the limit is {}",
                 self.limit
             );
         }
-        self.peak = self.peak.max(desired);
+        self.total = total;
+        self.peak = self.peak.max(total);
         Ok(true)
     }
 
@@ -245,6 +252,18 @@ impl ResourceLimiter for MemoryCap {
             wasmtime::bail!("table limit exceeded: {desired} elements");
         }
         Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
     }
 }
 
@@ -474,6 +493,7 @@ impl PluginHost {
             table: ResourceTable::new(),
             limits: MemoryCap {
                 limit: self.limits.memory_bytes,
+                total: 0,
                 peak: 0,
             },
             tenant_config,
@@ -481,6 +501,7 @@ impl PluginHost {
             plugin: loaded.name.clone(),
             event_id: event.id.clone(),
             logs: Vec::new(),
+            dropped_logs: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -506,8 +527,9 @@ impl PluginHost {
                 .await
         };
         // The epoch deadline stops guest code; this outer bound also covers time spent in
-        // host functions and instantiation, with a grace period for the tick granularity.
-        let outer = self.limits.timeout() * 2 + Duration::from_millis(50);
+        // host functions (a guest waiting on a WASI pollable burns neither fuel nor epoch
+        // ticks), with a grace period of a few ticks.
+        let outer = self.limits.timeout() + EPOCH_TICK * 4;
         let result = tokio::time::timeout(outer, call).await;
         let elapsed = started.elapsed();
         let fuel = self
@@ -532,10 +554,16 @@ impl PluginHost {
         let deliveries = match answer {
             Ok(d) => d,
             Err(wit::RouteError::InvalidEvent(message)) => {
-                return Err(PluginError::InvalidEvent { plugin, message });
+                return Err(PluginError::InvalidEvent {
+                    plugin,
+                    message: plugin_text(&message),
+                });
             }
             Err(wit::RouteError::Other(message)) => {
-                return Err(PluginError::Failed { plugin, message });
+                return Err(PluginError::Failed {
+                    plugin,
+                    message: plugin_text(&message),
+                });
             }
         };
         let deliveries = output::validate(deliveries, &self.limits).map_err(|message| {
@@ -544,7 +572,17 @@ impl PluginHost {
                 message,
             }
         })?;
-        let logs = std::mem::take(&mut store.data_mut().logs);
+        let state = store.data_mut();
+        let mut logs = std::mem::take(&mut state.logs);
+        if state.dropped_logs > 0 {
+            logs.push((
+                "warn".into(),
+                format!(
+                    "{} more log lines dropped (limit {MAX_CAPTURED_LOGS} per call)",
+                    state.dropped_logs
+                ),
+            ));
+        }
         Ok(Decision {
             plugin,
             digest: loaded.digest.clone(),
@@ -577,10 +615,28 @@ impl PluginHost {
                     message.push_str("; stderr: ");
                     message.push_str(&stderr[start..]);
                 }
-                PluginError::Trap { plugin, message }
+                PluginError::Trap {
+                    plugin,
+                    message: plugin_text(&message),
+                }
             }
         }
     }
+}
+
+/// Text that came from a plugin, made fit for logs and the database: no NUL (PostgreSQL
+/// text cannot hold it) and at most [`MAX_LOG_LINE`] bytes.
+fn plugin_text(text: &str) -> String {
+    let mut out: String = text.chars().filter(|c| *c != '\0').collect();
+    if out.len() > MAX_LOG_LINE {
+        let mut cut = MAX_LOG_LINE;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -204,7 +204,8 @@ pub async fn insert_dead_letter(tx: &mut PgConnection, d: &NewDeadLetter<'_>) ->
     .bind(d.key)
     .bind(d.payload)
     .bind(d.error_kind)
-    .bind(d.reason)
+    // Defence in depth: a reason quoting bad input must not make the dead letter itself fail.
+    .bind(d.reason.replace('\0', ""))
     .bind(d.plugin)
     .execute(&mut *tx)
     .await?
@@ -277,12 +278,24 @@ pub struct OutboxEmail {
 
 /// Claims due outbox rows. `SKIP LOCKED` lets several workers (instances) share the
 /// outbox; the claim expires after `claim_timeout`, so a worker that died mid-send does not
-/// strand its rows (that is the "at most one extra send" case).
+/// strand its rows (that is the "at most one extra send" case). An expired claim on a row
+/// that already had its last attempt is failed rather than tried again.
 pub async fn claim_emails(
     pool: &PgPool,
     batch: i64,
     claim_timeout: Duration,
+    max_attempts: i32,
 ) -> Result<Vec<OutboxEmail>> {
+    sqlx::query(
+        "UPDATE email_outbox
+         SET status = 'failed', locked_until = NULL,
+             last_error = coalesce(last_error || '; ', '')
+                          || 'claim expired after the last attempt (worker stopped mid-send)'
+         WHERE status = 'sending' AND locked_until < now() AND attempts >= $1",
+    )
+    .bind(max_attempts)
+    .execute(pool)
+    .await?;
     Ok(sqlx::query_as(
         "UPDATE email_outbox o
          SET status = 'sending', attempts = o.attempts + 1,
@@ -303,40 +316,83 @@ pub async fn claim_emails(
     .await?)
 }
 
-pub async fn mark_email_sent(pool: &PgPool, id: i64) -> Result<()> {
-    sqlx::query(
-        "UPDATE email_outbox SET status = 'sent', sent_at = now(), locked_until = NULL,
-             last_error = NULL
-         WHERE id = $1",
-    )
-    .bind(id)
+/// Every write to a claimed row is fenced by (status, attempts): a worker whose claim
+/// expired and was taken over can no longer change the row. `false` = claim lost.
+const FENCE: &str = "id = $1 AND status = 'sending' AND attempts = $2";
+
+/// Extends a claim just before sending, so the claim covers the send even when earlier rows
+/// of the batch were slow. `false` means another worker took the row over: do not send.
+pub async fn renew_email_claim(
+    pool: &PgPool,
+    email: &OutboxEmail,
+    claim_timeout: Duration,
+) -> Result<bool> {
+    let done = sqlx::query(&format!(
+        "UPDATE email_outbox SET locked_until = now() + make_interval(secs => $3) WHERE {FENCE}"
+    ))
+    .bind(email.id)
+    .bind(email.attempts)
+    .bind(claim_timeout.as_secs_f64())
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
-pub async fn mark_email_retry(pool: &PgPool, id: i64, error: &str, delay: Duration) -> Result<()> {
-    sqlx::query(
-        "UPDATE email_outbox SET status = 'pending', last_error = $2, locked_until = NULL,
-             next_attempt_at = now() + make_interval(secs => $3)
-         WHERE id = $1",
-    )
-    .bind(id)
+pub async fn mark_email_sent(pool: &PgPool, email: &OutboxEmail) -> Result<bool> {
+    let done = sqlx::query(&format!(
+        "UPDATE email_outbox SET status = 'sent', sent_at = now(), locked_until = NULL,
+             last_error = NULL
+         WHERE {FENCE}"
+    ))
+    .bind(email.id)
+    .bind(email.attempts)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn mark_email_retry(
+    pool: &PgPool,
+    email: &OutboxEmail,
+    error: &str,
+    delay: Duration,
+) -> Result<bool> {
+    let done = sqlx::query(&format!(
+        "UPDATE email_outbox SET status = 'pending', last_error = $3, locked_until = NULL,
+             next_attempt_at = now() + make_interval(secs => $4)
+         WHERE {FENCE}"
+    ))
+    .bind(email.id)
+    .bind(email.attempts)
     .bind(error)
     .bind(delay.as_secs_f64())
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
-pub async fn mark_email_failed(pool: &PgPool, id: i64, error: &str) -> Result<()> {
-    sqlx::query(
-        "UPDATE email_outbox SET status = 'failed', last_error = $2, locked_until = NULL
-         WHERE id = $1",
-    )
-    .bind(id)
+pub async fn mark_email_failed(pool: &PgPool, email: &OutboxEmail, error: &str) -> Result<bool> {
+    let done = sqlx::query(&format!(
+        "UPDATE email_outbox SET status = 'failed', last_error = $3, locked_until = NULL
+         WHERE {FENCE}"
+    ))
+    .bind(email.id)
+    .bind(email.attempts)
     .bind(error)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
+}
+
+/// Gives a claimed but unsent row back (shutdown): pending again, the attempt not counted.
+pub async fn release_email(pool: &PgPool, email: &OutboxEmail) -> Result<bool> {
+    let done = sqlx::query(&format!(
+        "UPDATE email_outbox SET status = 'pending', attempts = attempts - 1, locked_until = NULL
+         WHERE {FENCE}"
+    ))
+    .bind(email.id)
+    .bind(email.attempts)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }

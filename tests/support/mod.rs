@@ -315,6 +315,8 @@ pub struct SseEvent {
 pub struct SseClient {
     stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buffer: String,
+    /// The last `id:` seen in any frame, as a browser's `lastEventId`.
+    pub last_id: Option<String>,
 }
 
 /// Opens `GET /api/v1/sse`; returns the status and, on 200, the client.
@@ -344,6 +346,7 @@ pub async fn connect_sse(
     let client = SseClient {
         stream: Box::pin(response.bytes_stream()),
         buffer: String::new(),
+        last_id: None,
     };
     (status, Some(client), String::new())
 }
@@ -372,6 +375,7 @@ impl SseClient {
             for line in frame.lines() {
                 if let Some(v) = line.strip_prefix("id:") {
                     id = Some(v.trim().to_string());
+                    self.last_id = id.clone();
                 } else if let Some(v) = line.strip_prefix("event:") {
                     name = v.trim().to_string();
                 } else if let Some(v) = line.strip_prefix("data:") {

@@ -35,6 +35,12 @@ pub struct Claims {
     pub iat: Option<u64>,
 }
 
+#[derive(Deserialize)]
+struct IdentityClaims {
+    sub: String,
+    tenant: String,
+}
+
 pub struct Auth {
     key: DecodingKey,
     validation: Validation,
@@ -65,7 +71,9 @@ impl Auth {
                     self.cookie_name
                 ))
             })?;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        // Only the identity is deserialised: `exp`, `nbf`, `iss` and `aud` are checked by the
+        // validation on the raw claims (so `aud` may be a string or a list, per RFC 7519).
+        let data = jsonwebtoken::decode::<IdentityClaims>(token, &self.key, &self.validation)
             .map_err(|e| ApiError::Unauthorized(format!("invalid token: {}", describe(&e))))?;
         let claims = data.claims;
         if !valid_tenant(&claims.tenant) {

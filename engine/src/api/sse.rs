@@ -63,10 +63,10 @@ pub async fn stream(
                 CapExceeded::Global => "too many open streams; try again later".into(),
             })
         })?;
-    let cursor = match last_event_id {
-        Some(n) => n,
-        None => store::latest_seq(&state.pool, &identity.tenant, &identity.user_id).await?,
-    };
+    let latest = store::latest_seq(&state.pool, &identity.tenant, &identity.user_id).await?;
+    // An id beyond the latest (a tab left open across a database reset) would hide every
+    // new event until the sequence caught up; start from "now" instead.
+    let cursor = last_event_id.map_or(latest, |n| n.min(latest));
     tracing::debug!(tenant = %identity.tenant, user = %identity.user_id, cursor, "sse stream opened");
 
     let gauge = state.metrics.sse_connections.clone();
@@ -132,7 +132,14 @@ impl Reader {
     /// The next event, or `None` to end the stream (the client reconnects and replays).
     async fn next(&mut self) -> Option<Event> {
         if let Some(retry) = self.hello.take() {
-            return Some(Event::default().retry(retry).comment("connected"));
+            // The hello carries the cursor as its id: a browser whose connection drops before
+            // the first event then reconnects with Last-Event-ID and misses nothing.
+            return Some(
+                Event::default()
+                    .id(self.cursor.to_string())
+                    .retry(retry)
+                    .comment("connected"),
+            );
         }
         loop {
             if let Some(n) = self.pending.pop_front() {

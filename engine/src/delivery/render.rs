@@ -227,6 +227,14 @@ fn build_set(defaults: &TenantFiles, own: &TenantFiles) -> TenantSet {
     let mut partials = defaults.partials.clone();
     partials.extend(own.partials.clone());
     let mut partial_errors = Vec::new();
+    // Handlebars refuses a partial that includes itself, but not a longer cycle, which
+    // would overflow the stack at render time and take the process down.
+    if let Some(cycle) = partial_cycle(&partials) {
+        partial_errors.push(format!(
+            "partials include each other: {}",
+            cycle.join(" → ")
+        ));
+    }
     for (name, (file, source)) in &partials {
         for registry in [&mut html, &mut plain] {
             if let Err(e) = registry.register_partial(name, source) {
@@ -286,6 +294,62 @@ fn build_set(defaults: &TenantFiles, own: &TenantFiles) -> TenantSet {
     }
 }
 
+/// Names of the partials a template source includes (`{{> name}}`, `{{#> name}}`).
+fn partial_references(source: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = source;
+    while let Some(start) = rest.find("{{") {
+        rest = &rest[start + 2..];
+        let tag = rest.trim_start_matches(['~', '#']).trim_start();
+        if let Some(after) = tag.strip_prefix('>') {
+            let name: String = after
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+                .collect();
+            if !name.is_empty() {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
+/// A cycle among the partials, as the chain of names, if there is one.
+fn partial_cycle(partials: &HashMap<String, (String, String)>) -> Option<Vec<String>> {
+    fn visit(
+        name: &str,
+        partials: &HashMap<String, (String, String)>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::HashSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(pos) = path.iter().position(|p| p == name) {
+            let mut cycle = path[pos..].to_vec();
+            cycle.push(name.to_owned());
+            return Some(cycle);
+        }
+        if done.contains(name) {
+            return None;
+        }
+        let (_, source) = partials.get(name)?;
+        path.push(name.to_owned());
+        for next in partial_references(source) {
+            if let Some(cycle) = visit(&next, partials, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(name.to_owned());
+        None
+    }
+    let mut done = std::collections::HashSet::new();
+    let mut names: Vec<&String> = partials.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .find_map(|name| visit(name, partials, &mut Vec::new(), &mut done))
+}
+
 fn describe_template_error(e: &handlebars::TemplateError) -> String {
     match e.pos() {
         Some((line, col)) => format!("line {line}, column {col}: {}", e.reason()),
@@ -340,6 +404,28 @@ mod tests {
         let r = t.render("acme", "paid", &data).unwrap();
         assert_eq!(r.subject, "ACME: A-1");
         assert_eq!(r.text.as_deref(), Some("Hi <Bob>\n-- ACME"));
+    }
+
+    #[test]
+    fn partial_cycles_mark_templates_broken_instead_of_overflowing() {
+        let dir = fixture();
+        write(dir.path(), "cyc/partials/a.hbs", "a {{> b}}");
+        write(dir.path(), "cyc/partials/b.hbs", "b {{#> a}}x{{/a}}");
+        write(dir.path(), "cyc/paid/text.hbs", "{{> a}}");
+        let t = Templates::load(dir.path()).unwrap();
+        let e = t
+            .render("cyc", "paid", &json!({"order_id": "1"}))
+            .unwrap_err();
+        assert!(e.to_string().contains("partials include each other"), "{e}");
+        // Other tenants are unaffected.
+        assert!(
+            t.render(
+                "acme",
+                "paid",
+                &json!({"order_id": "1", "name": "n", "shop": "s"})
+            )
+            .is_ok()
+        );
     }
 
     #[test]

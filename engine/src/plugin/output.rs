@@ -66,7 +66,7 @@ pub(super) fn validate(
     deliveries
         .into_iter()
         .enumerate()
-        .map(|(i, d)| check(d).map_err(|e| format!("delivery {i}: {e}")))
+        .map(|(i, d)| check(d).map_err(|e| format!("delivery {i}: {}", super::plugin_text(&e))))
         .collect()
 }
 
