@@ -17,7 +17,8 @@
 //! (\*) A host whose memory limiter traps on a refused `memory.grow` sees a trap; one that lets
 //! the grow fail gets `Err(other("chaos: allocation failed after N MiB"))`.
 //!
-//! Any other `chaos` value is an invalid event. There is no `sleep`: the plugin has no clock.
+//! Any other `chaos` value is an invalid event. There is no `sleep` mode yet (WASI clocks are linked,
+//! so a sleeping plugin is stopped by the engine's outer wall-clock bound, not by fuel or epochs).
 
 use std::hint::black_box;
 
