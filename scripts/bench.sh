@@ -12,6 +12,7 @@ set -a
 # shellcheck disable=SC1091
 . "${NOTIFY_STATE_DIR:-$HOME/.cache/notify-engine/run}/services.env"
 set +a
+scripts/clean-test-data.sh
 CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -m); date: $(date -u +%Y-%m-%d)"
 RUST_LOG=${RUST_LOG:-warn} cargo bench --locked --bench throughput

@@ -23,9 +23,8 @@ set -a
 . "$STATE/services.env"
 set +a
 
-log "dropping databases left by earlier test runs"
-psql "$DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'test\_%'" |
-    while read -r db; do psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null; done
+log "dropping databases and topics left by earlier test runs"
+scripts/clean-test-data.sh
 
 log "building the plugins"
 CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh

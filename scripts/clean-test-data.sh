@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Drops what earlier test and benchmark runs left behind on the running services: their
+# databases (test_*, bench_*) and Kafka topics (every test creates its own; hundreds of idle
+# partitions slow the broker down). Needs the services' environment (services.env) loaded.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+psql "$DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'test\_%' OR datname LIKE 'bench\_%'" |
+    while read -r db; do psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null; done
+# Best effort: with no topic to delete the tool exits non-zero, which is fine.
+"$ROOT/scripts/services.sh" kafka-tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$NOTIFY_KAFKA__BROKERS" \
+    --delete --topic 'order_paid-t-.*|order_status_updated-t-.*|bench-.*' >/dev/null 2>&1 || true
