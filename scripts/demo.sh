@@ -38,8 +38,9 @@ BIN=$CARGO_TARGET_DIR/debug/notify-engine
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS notify_demo WITH (FORCE)" >/dev/null
 psql "$DATABASE_URL" -qc "CREATE DATABASE notify_demo" >/dev/null
 export DATABASE_URL=${DATABASE_URL%/*}/notify_demo
-# A fresh consumer group too, so the demo reads only what it publishes.
-export NOTIFY_KAFKA__GROUP_ID="notify-demo-$(date +%s)"
+# One consumer group across demo runs: each run resumes after what the last one committed,
+# so it handles what it publishes now, not every earlier run's messages again.
+export NOTIFY_KAFKA__GROUP_ID=notify-demo
 export NOTIFY_HTTP__LISTEN=$HTTP
 # The demo's signing secret; real deployments inject their own.
 export NOTIFY_AUTH__JWT_SECRET=${NOTIFY_AUTH__JWT_SECRET:-demo-secret-change-me-0123456789abcdef}
