@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{FromRow, PgConnection, PgPool};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::query::Query;
+use sqlx::{FromRow, PgConnection, PgPool, Postgres};
 
 use crate::config::DatabaseConfig;
 
@@ -317,8 +318,25 @@ pub async fn claim_emails(
 }
 
 /// Every write to a claimed row is fenced by (status, attempts): a worker whose claim
-/// expired and was taken over can no longer change the row. `false` = claim lost.
-const FENCE: &str = "id = $1 AND status = 'sending' AND attempts = $2";
+/// expired and was taken over can no longer change the row.
+macro_rules! fenced_update {
+    ($set:literal) => {
+        concat!(
+            "UPDATE email_outbox SET ",
+            $set,
+            " WHERE id = $1 AND status = 'sending' AND attempts = $2"
+        )
+    };
+}
+
+fn fenced<'q>(sql: &'q str, email: &OutboxEmail) -> Query<'q, Postgres, PgArguments> {
+    sqlx::query(sql).bind(email.id).bind(email.attempts)
+}
+
+/// Runs a fenced update; `false` means the claim was lost.
+async fn apply(pool: &PgPool, query: Query<'_, Postgres, PgArguments>) -> Result<bool> {
+    Ok(query.execute(pool).await?.rows_affected() == 1)
+}
 
 /// Extends a claim just before sending, so the claim covers the send even when earlier rows
 /// of the batch were slow. `false` means another worker took the row over: do not send.
@@ -327,28 +345,14 @@ pub async fn renew_email_claim(
     email: &OutboxEmail,
     claim_timeout: Duration,
 ) -> Result<bool> {
-    let done = sqlx::query(&format!(
-        "UPDATE email_outbox SET locked_until = now() + make_interval(secs => $3) WHERE {FENCE}"
-    ))
-    .bind(email.id)
-    .bind(email.attempts)
-    .bind(claim_timeout.as_secs_f64())
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    let sql = fenced_update!("locked_until = now() + make_interval(secs => $3)");
+    apply(pool, fenced(sql, email).bind(claim_timeout.as_secs_f64())).await
 }
 
 pub async fn mark_email_sent(pool: &PgPool, email: &OutboxEmail) -> Result<bool> {
-    let done = sqlx::query(&format!(
-        "UPDATE email_outbox SET status = 'sent', sent_at = now(), locked_until = NULL,
-             last_error = NULL
-         WHERE {FENCE}"
-    ))
-    .bind(email.id)
-    .bind(email.attempts)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    let sql =
+        fenced_update!("status = 'sent', sent_at = now(), locked_until = NULL, last_error = NULL");
+    apply(pool, fenced(sql, email)).await
 }
 
 pub async fn mark_email_retry(
@@ -357,42 +361,24 @@ pub async fn mark_email_retry(
     error: &str,
     delay: Duration,
 ) -> Result<bool> {
-    let done = sqlx::query(&format!(
-        "UPDATE email_outbox SET status = 'pending', last_error = $3, locked_until = NULL,
-             next_attempt_at = now() + make_interval(secs => $4)
-         WHERE {FENCE}"
-    ))
-    .bind(email.id)
-    .bind(email.attempts)
-    .bind(error)
-    .bind(delay.as_secs_f64())
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    let sql = fenced_update!(
+        "status = 'pending', last_error = $3, locked_until = NULL,
+         next_attempt_at = now() + make_interval(secs => $4)"
+    );
+    apply(
+        pool,
+        fenced(sql, email).bind(error).bind(delay.as_secs_f64()),
+    )
+    .await
 }
 
 pub async fn mark_email_failed(pool: &PgPool, email: &OutboxEmail, error: &str) -> Result<bool> {
-    let done = sqlx::query(&format!(
-        "UPDATE email_outbox SET status = 'failed', last_error = $3, locked_until = NULL
-         WHERE {FENCE}"
-    ))
-    .bind(email.id)
-    .bind(email.attempts)
-    .bind(error)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    let sql = fenced_update!("status = 'failed', last_error = $3, locked_until = NULL");
+    apply(pool, fenced(sql, email).bind(error)).await
 }
 
 /// Gives a claimed but unsent row back (shutdown): pending again, the attempt not counted.
 pub async fn release_email(pool: &PgPool, email: &OutboxEmail) -> Result<bool> {
-    let done = sqlx::query(&format!(
-        "UPDATE email_outbox SET status = 'pending', attempts = attempts - 1, locked_until = NULL
-         WHERE {FENCE}"
-    ))
-    .bind(email.id)
-    .bind(email.attempts)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    let sql = fenced_update!("status = 'pending', attempts = attempts - 1, locked_until = NULL");
+    apply(pool, fenced(sql, email)).await
 }
