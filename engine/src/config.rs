@@ -487,16 +487,17 @@ mod tests {
         assert!(err.contains("group.id"), "{err}");
     }
 
-    #[test]
-    fn rejects_secret_in_file() {
+    /// The error `Config::load` gives for a file with `toml` in it.
+    fn load_error(toml: &str) -> String {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("engine.toml");
-        std::fs::write(
-            &path,
-            "[auth]\njwt_secret = \"0123456789abcdef0123456789abcdef\"\n",
-        )
-        .unwrap();
-        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        std::fs::write(&path, toml).unwrap();
+        Config::load(Some(&path)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn rejects_secret_in_file() {
+        let err = load_error("[auth]\njwt_secret = \"0123456789abcdef0123456789abcdef\"\n");
         assert!(err.contains("environment"), "{err}");
     }
 
@@ -513,23 +514,13 @@ mod tests {
 
     #[test]
     fn rejects_kafka_credentials_in_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("engine.toml");
-        std::fs::write(
-            &path,
-            "[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n",
-        )
-        .unwrap();
-        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        let err = load_error("[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n");
         assert!(err.contains("NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD"), "{err}");
     }
 
     #[test]
     fn rejects_unknown_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("engine.toml");
-        std::fs::write(&path, "[kafka]\nbrokerz = \"x\"\n").unwrap();
-        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        let err = load_error("[kafka]\nbrokerz = \"x\"\n");
         assert!(err.contains("brokerz"), "{err}");
     }
 }
