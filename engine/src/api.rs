@@ -1,14 +1,15 @@
-//! HTTP: the SSE stream, health, readiness and metrics.
+//! HTTP: the public API (the SSE stream) and, on a listener of their own, the operator
+//! endpoints (health, readiness, metrics).
 //!
-//! The router is built by [`router`] from explicit state, so tests drive it in-process or
-//! over a real socket alike.
+//! The routers are built by [`router`] and [`admin_router`] from explicit state, so tests
+//! drive them in-process or over a real socket alike; [`serve`] is the hardened listener.
 
 pub mod auth;
 pub mod error;
+pub mod serve;
 pub mod sse;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -19,26 +20,36 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SseConfig;
+use crate::health::Health;
 use crate::hub::Hub;
 use crate::telemetry::Metrics;
 use auth::Auth;
 
 #[derive(Clone)]
 pub struct AppState {
+    /// The public API's own pool (`database.api_max_connections`): whatever arrives on the
+    /// public listener can never take the pipeline's connections.
     pub pool: PgPool,
     pub hub: Arc<Hub>,
     pub metrics: Metrics,
     pub auth: Arc<Auth>,
     pub sse: SseConfig,
-    /// Kept current by a background probe owned by `app`.
-    pub kafka_ready: Arc<AtomicBool>,
+    /// Kept current by background probes and the pipeline.
+    pub health: Arc<Health>,
     /// Fired on shutdown: open streams end so the server can drain.
     pub shutdown: CancellationToken,
 }
 
+/// The public API.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v1/sse", get(sse::stream))
+        .with_state(state)
+}
+
+/// The operator endpoints, served on `http.admin_listen`.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -50,11 +61,11 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Readiness: PostgreSQL answers and the Kafka broker was reachable at the last probe.
+/// Readiness: PostgreSQL and Kafka answered their last probes and the pipeline is not
+/// stalled. Read from the background snapshot: answering costs no database connection.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let postgres = crate::store::ping(&state.pool).await;
-    let kafka = state.kafka_ready.load(Ordering::Relaxed);
-    let status = if postgres && kafka {
+    let health = state.health.snapshot();
+    let status = if health.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -63,8 +74,13 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (
         status,
         axum::Json(serde_json::json!({
-            "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
-            "checks": { "postgres": word(postgres), "kafka": word(kafka) },
+            "status": if health.ready { "ready" } else { "not_ready" },
+            "checks": {
+                "postgres": word(health.postgres),
+                "kafka": word(health.kafka),
+                "pipeline": health.stall.as_deref().map_or("ok".to_owned(), |r| format!("stalled: {r}")),
+                "plugins": health.plugins,
+            },
         })),
     )
 }

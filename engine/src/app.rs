@@ -6,8 +6,9 @@
 //! - the pipeline (Kafka → plugin → PostgreSQL), which finishes its batch in hand, stores
 //!   the offsets of everything committed, and commits them synchronously;
 //! - the email worker, which finishes the email in hand;
-//! - the HTTP server, which stops accepting, ends open SSE streams and drains;
-//! - the Kafka readiness probe.
+//! - the public HTTP server (SSE), which stops accepting, ends open streams and drains, and
+//!   the operator listener (health, readiness, metrics);
+//! - the readiness probes (PostgreSQL, Kafka, the plugin set).
 //!
 //! [`Running::shutdown`] fires the token and waits for all of them.
 
@@ -26,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, AppState, auth::Auth};
 use crate::config::Config;
 use crate::delivery::{self, EmailWorker, render::Templates};
+use crate::health::Health;
 use crate::hub::Hub;
 use crate::ingest::{self, Ingest};
 use crate::pipeline::Pipeline;
@@ -56,7 +58,11 @@ pub enum StartError {
 
 /// A started engine.
 pub struct Running {
+    /// The public API (SSE).
     pub http_addr: SocketAddr,
+    /// Health, readiness, metrics.
+    pub admin_addr: SocketAddr,
+    pub health: Arc<Health>,
     pub metrics: Metrics,
     pub hub: Arc<Hub>,
     pub pool: PgPool,
@@ -108,8 +114,10 @@ const DATABASE_WAIT: Duration = Duration::from_secs(60);
 
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Metrics::new();
-    let pool = store::connect(&config.database)?;
+    let pool = store::connect(&config.database, config.database.max_connections)?;
+    let api_pool = store::connect(&config.database, config.database.api_max_connections)?;
     wait_for_database(&pool, config.database.migrate).await?;
+    let health = Arc::new(Health::default());
 
     let plugins = Arc::new(PluginHost::new(
         config.plugins.clone(),
@@ -118,6 +126,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for line in plugins.load_dir().await? {
         tracing::debug!("plugin {line}");
     }
+    health.set_plugins(plugins.health());
     let templates =
         Templates::load(&config.email.templates_dir).map_err(|error| StartError::Templates {
             dir: config.email.templates_dir.display().to_string(),
@@ -142,11 +151,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let pipeline = Pipeline {
         ingest,
         pool: pool.clone(),
-        plugins,
+        plugins: plugins.clone(),
         hub: hub.clone(),
         metrics: metrics.clone(),
+        health: health.clone(),
         email_wake: email_wake.clone(),
         kafka: config.kafka.clone(),
+        email: config.email.clone(),
         message_id_domain,
     };
     let failed = Arc::new(AtomicBool::new(false));
@@ -173,47 +184,48 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         failed.clone(),
     ));
 
-    let kafka_ready = Arc::new(AtomicBool::new(false));
-    tasks.spawn(probe_kafka(
-        config.kafka.clone(),
-        kafka_ready.clone(),
+    tasks.spawn(probe(
+        Probes {
+            pool: pool.clone(),
+            kafka: config.kafka.clone(),
+            plugins,
+            health: health.clone(),
+        },
         shutdown.clone(),
     ));
 
     let state = AppState {
-        pool: pool.clone(),
+        pool: api_pool,
         hub: hub.clone(),
         metrics: metrics.clone(),
         auth: Arc::new(Auth::new(&config.auth)),
         sse: config.sse.clone(),
-        kafka_ready,
+        health: health.clone(),
         shutdown: shutdown.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .map_err(|error| StartError::Bind {
-            addr: config.http.listen,
-            error,
-        })?;
-    let http_addr = listener.local_addr().map_err(|error| StartError::Bind {
-        addr: config.http.listen,
-        error,
-    })?;
-    let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "http server failed");
-        }
-        tracing::info!("http server stopped");
-    });
-    tracing::info!(http = %http_addr, topics = ?config.kafka.topics, group = %config.kafka.group_id, "engine started");
+    let trace = tower_http::trace::TraceLayer::new_for_http();
+    let http_addr = spawn_server(
+        &tasks,
+        config.http.listen,
+        api::router(state.clone()).layer(trace.clone()),
+        &config.http,
+        shutdown.clone(),
+    )
+    .await?;
+    let admin_addr = spawn_server(
+        &tasks,
+        config.http.admin_listen,
+        api::admin_router(state).layer(trace),
+        &config.http,
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(http = %http_addr, admin = %admin_addr, topics = ?config.kafka.topics, group = %config.kafka.group_id, "engine started");
 
     Ok(Running {
         http_addr,
+        admin_addr,
+        health,
         metrics,
         hub,
         pool,
@@ -262,19 +274,55 @@ async fn wait_for_database(pool: &PgPool, migrate: bool) -> Result<(), StartErro
     Ok(())
 }
 
-async fn probe_kafka(
-    config: crate::config::KafkaConfig,
-    ready: Arc<AtomicBool>,
+/// Binds `addr` and serves `app` there until shutdown; returns the bound address.
+async fn spawn_server(
+    tasks: &TaskTracker,
+    addr: SocketAddr,
+    app: axum::Router,
+    limits: &crate::config::HttpConfig,
     shutdown: CancellationToken,
-) {
+) -> Result<SocketAddr, StartError> {
+    let bind_error = |error| StartError::Bind { addr, error };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    let limits = limits.clone();
+    tasks.spawn(async move {
+        api::serve::serve(listener, app, &limits, shutdown).await;
+        tracing::info!(addr = %bound, "http server stopped");
+    });
+    Ok(bound)
+}
+
+/// What the background readiness probe looks at.
+struct Probes {
+    pool: PgPool,
+    kafka: crate::config::KafkaConfig,
+    plugins: Arc<PluginHost>,
+    health: Arc<Health>,
+}
+
+/// Keeps [`Health`] current: PostgreSQL every 2 s, Kafka every 10 s while reachable (2 s
+/// while not), the plugin set each round.
+async fn probe(probes: Probes, shutdown: CancellationToken) {
+    let mut kafka_due = tokio::time::Instant::now();
     loop {
-        let ok = ingest::probe(&config).await;
-        if ready.swap(ok, Ordering::Relaxed) != ok {
-            tracing::info!(reachable = ok, "kafka readiness changed");
+        let postgres = store::ping(&probes.pool).await;
+        if probes.health.set_postgres(postgres) {
+            tracing::info!(reachable = postgres, "postgres readiness changed");
         }
+        if tokio::time::Instant::now() >= kafka_due {
+            let ok = ingest::probe(&probes.kafka).await;
+            if probes.health.set_kafka(ok) {
+                tracing::info!(reachable = ok, "kafka readiness changed");
+            }
+            kafka_due = tokio::time::Instant::now() + Duration::from_secs(if ok { 10 } else { 2 });
+        }
+        probes.health.set_plugins(probes.plugins.health());
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(if ok { 10 } else { 2 })) => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
 }

@@ -38,24 +38,51 @@ pub struct Config {
     pub auth: AuthConfig,
     pub sse: SseConfig,
     pub log: LogConfig,
+    pub dev: DevConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevConfig {
+    /// Development mode (the demo): accepts the well-known demo JWT secret, which anyone can
+    /// read in this repository. Never set it where real users connect.
+    pub mode: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Address the HTTP API (SSE, health, metrics) listens on.
+    /// Address of the public API (SSE).
     pub listen: SocketAddr,
+    /// Address of the operator endpoints (`/healthz`, `/readyz`, `/metrics`): a listener of
+    /// their own, so probes keep answering while the public side is flooded.
+    pub admin_listen: SocketAddr,
+    /// A connection that has not sent its request headers within this time is closed
+    /// (slowloris).
+    pub header_timeout_ms: u64,
+    /// A response write that makes no progress for this long closes the connection: a
+    /// client that stopped reading its stream is dropped (it catches up by replay).
+    pub write_timeout_ms: u64,
+    /// Open connections on the public listener; more wait to be accepted.
+    pub max_connections: usize,
+    /// Open connections from one IP address; more are closed at once.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".parse().expect("valid default address"),
+            admin_listen: "127.0.0.1:9090".parse().expect("valid default address"),
+            header_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
+            max_connections: 20_000,
+            max_connections_per_ip: 256,
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
@@ -91,12 +118,16 @@ impl Default for KafkaConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL. `DATABASE_URL` overrides it.
     pub url: String,
+    /// Connections of the pipeline, the email worker and the readiness probe.
     pub max_connections: u32,
+    /// Connections of the public API (SSE reads): a pool of its own, so unauthenticated or
+    /// abusive traffic can never take the pipeline's connections.
+    pub api_max_connections: u32,
     /// Apply the embedded migrations at start-up.
     pub migrate: bool,
 }
@@ -106,6 +137,7 @@ impl Default for DatabaseConfig {
         Self {
             url: "postgres://notify:notify@127.0.0.1:15432/notify".into(),
             max_connections: 16,
+            api_max_connections: 8,
             migrate: true,
         }
     }
@@ -150,8 +182,9 @@ impl Default for PluginConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantConfig {
-    /// Routing plugin file stem for this tenant; defaults to the tenant id, falling back to
-    /// the default plugin when no such file exists.
+    /// Routing plugin file stem for this tenant. Set: that file must exist (if it does not,
+    /// the tenant's plugin is broken; its events wait, they are never routed by the default
+    /// plugin instead). Unset: `<tenant id>.wasm` if present, else the default plugin.
     pub plugin: Option<String>,
     /// Values the tenant's plugin reads through the `host.config` import.
     pub config: BTreeMap<String, String>,
@@ -168,7 +201,7 @@ pub enum SmtpTls {
     Tls,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SmtpConfig {
     pub host: String,
@@ -187,7 +220,7 @@ impl Default for SmtpConfig {
         Self {
             host: "127.0.0.1".into(),
             port: 11025,
-            tls: SmtpTls::None,
+            tls: SmtpTls::Starttls,
             username: None,
             password: None,
             from: "Notifications <notifications@example.com>".into(),
@@ -201,8 +234,10 @@ impl Default for SmtpConfig {
 pub struct EmailConfig {
     /// Holds `<tenant>/<template>/{subject,html,text}.hbs`, with `default/` as the fallback.
     pub templates_dir: PathBuf,
-    /// Attempts before a transiently failing email is marked failed.
-    pub max_attempts: i32,
+    /// How long a transiently failing email (4xx, connection trouble, timeouts) keeps being
+    /// retried, counted from when it was queued, the way an MTA keeps its queue. Then it
+    /// fails; `notify-engine email requeue` puts failed rows back.
+    pub max_age_secs: u64,
     /// First retry delay; doubles per attempt, with jitter, up to `backoff_max_ms`.
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
@@ -210,6 +245,17 @@ pub struct EmailConfig {
     pub poll_interval_ms: u64,
     /// Rows claimed per round.
     pub batch: i64,
+    /// Rows of one tenant claimed per round: tenants take turns, so one tenant's backlog
+    /// cannot delay another's email.
+    pub per_tenant_batch: i64,
+    /// Emails sent at the same time.
+    pub concurrency: usize,
+    /// Emails per second one tenant may send from this instance (0: no limit).
+    pub tenant_rate_per_sec: u32,
+    /// Events older than this (by their `time`) are recorded, but their emails are not
+    /// sent (status `skipped`): a new consumer group reading an old topic must not mail
+    /// customers about last month's orders. 0 disables the check.
+    pub max_event_age_secs: u64,
     /// How long a claim holds before another worker may take the row over.
     pub claim_timeout_ms: u64,
 }
@@ -218,17 +264,29 @@ impl Default for EmailConfig {
     fn default() -> Self {
         Self {
             templates_dir: PathBuf::from("templates"),
-            max_attempts: 8,
+            max_age_secs: 2 * 24 * 3600,
             backoff_base_ms: 1_000,
             backoff_max_ms: 300_000,
             poll_interval_ms: 1_000,
             batch: 16,
+            per_tenant_batch: 4,
+            concurrency: 4,
+            tenant_rate_per_sec: 20,
+            max_event_age_secs: 24 * 3600,
             claim_timeout_ms: 60_000,
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+impl EmailConfig {
+    /// The whole of one send (connect, TLS, SMTP dialogue), bounded well inside the claim
+    /// so a slow server can never outlive the claim and cause a second send.
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.claim_timeout_ms / 2)
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// HS256 secret. From the environment only (`NOTIFY_AUTH__JWT_SECRET`), ≥ 32 bytes.
@@ -309,6 +367,97 @@ impl Default for LogConfig {
 impl PluginConfig {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// The JWT secret the demo and `docker-compose.yml` use: public, so refused outside
+/// development mode.
+pub const DEMO_JWT_SECRET: &str = "demo-secret-change-me-0123456789abcdef";
+
+/// `localhost` or a loopback address: traffic that never leaves the machine.
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+// Secrets never reach a `Debug` print (a `{config:?}` in a log line, a panic message):
+// these four sections print their credentials as "[redacted]".
+
+const REDACTED: &str = "[redacted]";
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) { REDACTED } else { v };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("batch_max", &self.batch_max)
+            .field("batch_linger_ms", &self.batch_linger_ms)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url_password(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("api_max_connections", &self.api_max_connections)
+            .field("migrate", &self.migrate)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("from", &self.from)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("jwt_secret", &REDACTED)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway_secs", &self.leeway_secs)
+            .field("cookie_name", &self.cookie_name)
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host/...` with the password replaced.
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}"),
+        None => url.to_owned(),
     }
 }
 
@@ -431,8 +580,46 @@ impl Config {
         if self.plugins.memory_bytes < 1024 * 1024 {
             return invalid("plugins.memory_bytes must be at least 1 MiB".into());
         }
-        if self.email.max_attempts < 1 || self.email.batch < 1 {
-            return invalid("email.max_attempts and email.batch must be at least 1".into());
+        if self.email.batch < 1 || self.email.per_tenant_batch < 1 || self.email.concurrency < 1 {
+            return invalid(
+                "email.batch, email.per_tenant_batch and email.concurrency must be at least 1"
+                    .into(),
+            );
+        }
+        if self.email.max_age_secs < 60 {
+            return invalid("email.max_age_secs must be at least 60".into());
+        }
+        if self.auth.jwt_secret == DEMO_JWT_SECRET && !self.dev.mode {
+            return invalid(format!(
+                "auth.jwt_secret is the demo secret published in this repository; set your own \
+                 ({JWT_SECRET_ENV}), or set dev.mode = true (NOTIFY_DEV__MODE=true) on a \
+                 development machine"
+            ));
+        }
+        if self.smtp.username.is_some()
+            && self.smtp.tls == SmtpTls::None
+            && !is_loopback_host(&self.smtp.host)
+        {
+            return invalid(format!(
+                "smtp.username is set but smtp.tls is \"none\": the password would cross the \
+                 network in clear text to {}; use \"starttls\" or \"tls\"",
+                self.smtp.host
+            ));
+        }
+        if self.http.listen == self.http.admin_listen && self.http.listen.port() != 0 {
+            return invalid("http.listen and http.admin_listen must differ".into());
+        }
+        if self.http.max_connections < 1
+            || self.http.max_connections_per_ip < 1
+            || self.http.header_timeout_ms == 0
+            || self.http.write_timeout_ms == 0
+            || self.database.api_max_connections < 1
+        {
+            return invalid(
+                "http.max_connections, http.max_connections_per_ip, http.header_timeout_ms, \
+                 http.write_timeout_ms and database.api_max_connections must be positive"
+                    .into(),
+            );
         }
         // A claim must outlive the sends it covers, or a second worker sends the same email.
         if self.email.claim_timeout_ms < 3 * self.smtp.timeout_ms {
@@ -516,6 +703,59 @@ mod tests {
     fn rejects_kafka_credentials_in_file() {
         let err = load_error("[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n");
         assert!(err.contains("NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD"), "{err}");
+    }
+
+    #[test]
+    fn debug_prints_no_secret() {
+        let mut c = valid();
+        c.auth.jwt_secret = "jwt-secret-value-0123456789abcdefgh".into();
+        c.smtp.password = Some("smtp-password-value".into());
+        c.database.url = "postgres://notify:db-password-value@db.internal:5432/notify".into();
+        c.kafka
+            .properties
+            .insert("sasl.password".into(), "kafka-password-value".into());
+        c.kafka
+            .properties
+            .insert("sasl.username".into(), "notify-engine".into());
+        let printed = format!("{c:?}");
+        for secret in [
+            "jwt-secret-value",
+            "smtp-password-value",
+            "db-password-value",
+            "kafka-password-value",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("notify-engine"), "{printed}");
+        assert!(printed.contains("db.internal:5432"), "{printed}");
+    }
+
+    #[test]
+    fn refuses_the_demo_secret_outside_dev_mode() {
+        let mut c = valid();
+        c.auth.jwt_secret = DEMO_JWT_SECRET.into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("demo secret"), "{err}");
+        c.dev.mode = true;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn refuses_smtp_credentials_in_clear_text_off_loopback() {
+        let mut c = valid();
+        c.smtp.username = Some("notify".into());
+        c.smtp.tls = SmtpTls::None;
+        c.smtp.host = "smtp.example.com".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("clear text"), "{err}");
+        for host in ["127.0.0.1", "localhost", "::1"] {
+            c.smtp.host = host.into();
+            c.validate().unwrap();
+        }
+        c.smtp.host = "smtp.example.com".into();
+        c.smtp.tls = SmtpTls::Starttls;
+        c.validate().unwrap();
+        assert_eq!(Config::default().smtp.tls, SmtpTls::Starttls);
     }
 
     #[test]

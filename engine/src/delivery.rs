@@ -5,14 +5,22 @@
 //! `FOR UPDATE SKIP LOCKED`, so any number of instances share the work.
 //!
 //! Outcomes: `250` → sent. A transient failure (4xx, connection refused, timeout) → retried
-//! with exponential backoff and jitter, up to `email.max_attempts`. A permanent failure (5xx,
-//! unrenderable template, bad address) → failed at once. Every attempt records its error.
+//! with exponential backoff and jitter, capped, for as long as the row is younger than
+//! `email.max_age_secs` (days, the way an MTA keeps its queue). A permanent failure (5xx,
+//! unrenderable template, bad address) → failed at once. Every attempt records its error;
+//! `notify-engine email requeue` puts failed rows back.
+//!
+//! Fairness: each round claims at most `email.per_tenant_batch` rows of one tenant, each
+//! tenant has a send rate (`email.tenant_rate_per_sec`), and up to `email.concurrency`
+//! sends run at once.
 
+mod rate;
 pub mod render;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use lettre::message::{Mailbox, MultiPart, SinglePart, header};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -74,12 +82,17 @@ impl EmailWorker {
     pub async fn run(self, shutdown: CancellationToken) {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
         let claim_timeout = Duration::from_millis(self.config.claim_timeout_ms);
+        let max_age = Duration::from_secs(self.config.max_age_secs);
+        let rate = std::sync::Mutex::new(rate::TenantRate::new(self.config.tenant_rate_per_sec));
         while !shutdown.is_cancelled() {
+            if let Err(e) = store::sweep_expired_claims(&self.pool, max_age).await {
+                tracing::warn!(error = %e, "sweeping expired outbox claims failed");
+            }
             let claimed = match store::claim_emails(
                 &self.pool,
                 self.config.batch,
+                self.config.per_tenant_batch,
                 claim_timeout,
-                self.config.max_attempts,
             )
             .await
             {
@@ -89,29 +102,14 @@ impl EmailWorker {
                     Vec::new()
                 }
             };
-            let full = claimed.len() as i64 >= self.config.batch;
-            for email in claimed {
-                if shutdown.is_cancelled() {
-                    // Give the rest back at once rather than let their claims time out.
-                    if let Err(e) = store::release_email(&self.pool, &email).await {
-                        tracing::warn!(outbox_id = email.id, error = %e, "releasing a claim failed");
-                    }
-                    continue;
-                }
-                match store::renew_email_claim(&self.pool, &email, claim_timeout).await {
-                    Ok(true) => self.deliver(email).await,
-                    Ok(false) => {
-                        tracing::info!(
-                            outbox_id = email.id,
-                            "claim taken over by another worker; not sending"
-                        )
-                    }
-                    Err(e) => {
-                        tracing::warn!(outbox_id = email.id, error = %e, "renewing a claim failed")
-                    }
-                }
-            }
-            if full {
+            let found = !claimed.is_empty();
+            futures::stream::iter(claimed)
+                .for_each_concurrent(self.config.concurrency, |email| {
+                    self.handle(email, claim_timeout, &rate, &shutdown)
+                })
+                .await;
+            // Work found: look again at once (more may be due, of other tenants too).
+            if found {
                 continue;
             }
             tokio::select! {
@@ -123,21 +121,86 @@ impl EmailWorker {
         tracing::info!("email worker stopped");
     }
 
+    /// One claimed row: give it back (shutdown, tenant rate spent), or renew the claim and
+    /// send it.
+    async fn handle(
+        &self,
+        email: OutboxEmail,
+        claim_timeout: Duration,
+        rate: &std::sync::Mutex<rate::TenantRate>,
+        shutdown: &CancellationToken,
+    ) {
+        let wait = if shutdown.is_cancelled() {
+            // Give it back at once rather than let its claim time out.
+            Some(Duration::ZERO)
+        } else {
+            let wait = rate
+                .lock()
+                .expect("rate lock poisoned")
+                .take(&email.tenant_id, std::time::Instant::now());
+            if wait.is_some() {
+                self.metrics.emails_rate_limited.inc();
+            }
+            wait
+        };
+        if let Some(wait) = wait {
+            if let Err(e) = store::release_email(&self.pool, &email, wait).await {
+                tracing::warn!(outbox_id = email.id, error = %e, "releasing a claim failed");
+            }
+            return;
+        }
+        match store::renew_email_claim(&self.pool, &email, claim_timeout).await {
+            Ok(true) => self.deliver(email).await,
+            Ok(false) => {
+                tracing::info!(
+                    outbox_id = email.id,
+                    "claim taken over by another worker; not sending"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(outbox_id = email.id, error = %e, "renewing a claim failed")
+            }
+        }
+    }
+
     async fn deliver(&self, email: OutboxEmail) {
-        let attempt = self.attempt(&email).await;
+        let limit = self.config.send_timeout();
+        let attempt = tokio::time::timeout(limit, self.attempt(&email))
+            .await
+            .unwrap_or_else(|_| {
+                Attempt::Retry(format!("smtp: no answer within {} s", limit.as_secs()))
+            });
+        let age = (chrono::Utc::now() - email.queued_at)
+            .to_std()
+            .unwrap_or_default();
         let result = match &attempt {
             Attempt::Sent => {
                 self.metrics.emails_sent.inc();
-                tracing::info!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, template = %email.template, "email sent");
+                tracing::info!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, template = %email.template, attempts = email.attempts, "email sent");
                 store::mark_email_sent(&self.pool, &email).await
             }
-            Attempt::Retry(error) if email.attempts < self.config.max_attempts => {
+            Attempt::Retry(error) if age < Duration::from_secs(self.config.max_age_secs) => {
                 self.metrics.emails_retried.inc();
-                let delay = self.backoff(email.attempts);
+                let delay = backoff(
+                    self.config.backoff_base_ms,
+                    self.config.backoff_max_ms,
+                    email.attempts,
+                    rand::rng().random_range(0.5..=1.0),
+                );
                 tracing::warn!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, attempts = email.attempts, retry_in_ms = delay.as_millis() as u64, error = %error, "email failed transiently; will retry");
                 store::mark_email_retry(&self.pool, &email, error, delay).await
             }
-            Attempt::Retry(error) | Attempt::Failed(error) => {
+            Attempt::Retry(error) => {
+                self.metrics.emails_failed.inc();
+                let error = format!(
+                    "gave up after {} attempts over {} s (email.max_age_secs): {error}",
+                    email.attempts,
+                    age.as_secs()
+                );
+                tracing::error!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, error = %error, "email failed");
+                store::mark_email_failed(&self.pool, &email, &error).await
+            }
+            Attempt::Failed(error) => {
                 self.metrics.emails_failed.inc();
                 tracing::error!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, attempts = email.attempts, error = %error, "email failed");
                 store::mark_email_failed(&self.pool, &email, error).await
@@ -205,17 +268,31 @@ impl EmailWorker {
         };
         built.map_err(|e| format!("building the message: {e}"))
     }
+}
 
-    /// `base · 2^(attempt-1)`, capped, then scaled by a random factor in [0.5, 1.0] so
-    /// retries of one outage do not all land at the same moment.
-    fn backoff(&self, attempts: i32) -> Duration {
-        let exp = attempts.saturating_sub(1).clamp(0, 30) as u32;
-        let base = self
-            .config
-            .backoff_base_ms
-            .saturating_mul(1u64 << exp)
-            .min(self.config.backoff_max_ms);
-        let factor: f64 = rand::rng().random_range(0.5..=1.0);
-        Duration::from_millis((base as f64 * factor) as u64)
+/// The delay before retry number `attempts`: `base · 2^(attempts-1)`, capped at `max`, then
+/// scaled by `jitter` (drawn from [0.5, 1.0]) so the retries of one outage do not all land
+/// at the same moment.
+fn backoff(base_ms: u64, max_ms: u64, attempts: i32, jitter: f64) -> Duration {
+    let exp = attempts.saturating_sub(1).clamp(0, 30) as u32;
+    let capped = base_ms.saturating_mul(1u64 << exp).min(max_ms);
+    Duration::from_millis((capped as f64 * jitter) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let ms = |attempts| backoff(1_000, 300_000, attempts, 1.0).as_millis();
+        assert_eq!(ms(1), 1_000);
+        assert_eq!(ms(2), 2_000);
+        assert_eq!(ms(8), 128_000);
+        assert_eq!(ms(9), 256_000);
+        // Past the cap it stays there, however many attempts a long outage piles up.
+        assert_eq!(ms(10), 300_000);
+        assert_eq!(ms(500), 300_000);
+        assert_eq!(backoff(1_000, 300_000, 10, 0.5).as_millis(), 150_000);
     }
 }

@@ -115,7 +115,7 @@ impl Ingest {
 
     /// Marks everything up to and including each message of `handled` as done. Only call
     /// after the messages' outcomes are committed in PostgreSQL.
-    pub fn store_offsets(&self, handled: &[Incoming]) -> Result<(), IngestError> {
+    pub fn store_offsets(&self, handled: &[&Incoming]) -> Result<(), IngestError> {
         // Highest offset per partition: the batch is contiguous per partition, because
         // one consumer delivers a partition in order and batches are handled one by one.
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();

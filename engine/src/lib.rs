@@ -18,7 +18,9 @@
 //! - [`store`]: the only module that holds SQL.
 //! - [`hub`]: which (tenant, user) has something new; wakes their SSE streams.
 //! - [`delivery`]: the email worker (outbox → Handlebars → lettre).
-//! - [`api`]: HTTP: SSE, health, readiness, metrics; JWT auth.
+//! - [`api`]: HTTP: SSE on the public listener; health, readiness, metrics on the
+//!   operator listener; JWT auth.
+//! - [`health`]: what readiness reports, kept current in the background.
 //! - [`telemetry`]: logs and Prometheus metrics.
 //! - [`app`]: wires everything together and owns the shutdown story.
 //!
@@ -28,6 +30,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod delivery;
+pub mod health;
 pub mod hub;
 pub mod ingest;
 pub mod pipeline;

@@ -8,6 +8,8 @@
 //!
 //! A trap, a timeout, a refusal or invalid output is returned as a [`PluginError`]; the
 //! pipeline dead-letters that event and moves on. Nothing a plugin does can crash the engine.
+//! A plugin that is not there to ask is not the event's fault: [`PluginError::disposition`]
+//! tells the pipeline to wait for it ([`Disposition::Stall`], [`Disposition::Park`]) instead.
 
 mod output;
 
@@ -56,23 +58,25 @@ const STDERR_IN_REASON: usize = 1024;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PluginError {
-    #[error(
-        "no routing plugin for tenant {tenant}: neither {tenant_plugin}.wasm nor the default plugin is loaded"
-    )]
-    Missing {
-        tenant: String,
-        tenant_plugin: String,
-    },
-    #[error("plugin {plugin} is broken and was not loaded: {reason}")]
-    Broken { plugin: String, reason: String },
+    /// The tenant has no plugin of its own and the default plugin is missing or broken.
+    #[error("no routing plugin for tenant {tenant}: the default plugin {reason}")]
+    NoDefault { tenant: String, reason: String },
+    /// The tenant's own plugin is configured but missing, or did not load.
+    #[error("routing plugin {plugin} is unavailable: {reason}")]
+    Unavailable { plugin: String, reason: String },
     #[error("event is {size} bytes, the plugin input limit is {limit}")]
     InputTooLarge { size: usize, limit: usize },
     #[error("plugin {plugin} trapped: {message}")]
     Trap { plugin: String, message: String },
     #[error("plugin {plugin} ran out of fuel (budget {fuel} instructions)")]
     OutOfFuel { plugin: String, fuel: u64 },
-    #[error("plugin {plugin} exceeded its time limit of {limit_ms} ms")]
-    Timeout { plugin: String, limit_ms: u64 },
+    #[error("plugin {plugin} exceeded its time limit of {limit_ms} ms{}", if *retried { " twice (retried once on a fresh instance)" } else { "" })]
+    Timeout {
+        plugin: String,
+        limit_ms: u64,
+        /// The call was already a retry.
+        retried: bool,
+    },
     #[error("plugin {plugin} refused the event as invalid: {message}")]
     InvalidEvent { plugin: String, message: String },
     #[error("plugin {plugin} failed: {message}")]
@@ -85,7 +89,7 @@ impl PluginError {
     /// Stable label for metrics and dead-letter rows.
     pub fn kind(&self) -> &'static str {
         match self {
-            PluginError::Missing { .. } | PluginError::Broken { .. } => "plugin_unavailable",
+            PluginError::NoDefault { .. } | PluginError::Unavailable { .. } => "unavailable",
             PluginError::InputTooLarge { .. } => "oversize",
             PluginError::Trap { .. } => "trap",
             PluginError::OutOfFuel { .. } => "out_of_fuel",
@@ -99,14 +103,39 @@ impl PluginError {
     /// The plugin involved, if any.
     pub fn plugin(&self) -> Option<&str> {
         match self {
-            PluginError::Missing { .. } | PluginError::InputTooLarge { .. } => None,
-            PluginError::Broken { plugin, .. }
+            PluginError::NoDefault { .. } | PluginError::InputTooLarge { .. } => None,
+            PluginError::Unavailable { plugin, .. }
             | PluginError::Trap { plugin, .. }
             | PluginError::OutOfFuel { plugin, .. }
             | PluginError::Timeout { plugin, .. }
             | PluginError::InvalidEvent { plugin, .. }
             | PluginError::Failed { plugin, .. }
             | PluginError::InvalidOutput { plugin, .. } => Some(plugin),
+        }
+    }
+}
+
+/// What the pipeline does with an event whose routing failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The plugin judged the event (a trap, a refusal, invalid output, a limit hit twice):
+    /// the event's final outcome is a dead letter.
+    Final,
+    /// The tenant's own plugin is unavailable: the event is set aside in the dead-letter
+    /// table without claiming its id, so replaying or republishing it works once the
+    /// plugin is fixed; other tenants keep flowing.
+    Park,
+    /// The platform is broken for every tenant (no default plugin): the batch waits and the
+    /// engine reports not ready.
+    Stall,
+}
+
+impl PluginError {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            PluginError::NoDefault { .. } => Disposition::Stall,
+            PluginError::Unavailable { .. } => Disposition::Park,
+            _ => Disposition::Final,
         }
     }
 }
@@ -432,33 +461,105 @@ impl PluginHost {
         Ok(())
     }
 
-    /// Routes one event through its tenant's plugin (or the default plugin).
-    pub async fn route(&self, event: &Event) -> Result<Decision, PluginError> {
-        let tenant_plugin = self
-            .tenants
-            .get(&event.tenant)
-            .and_then(|t| t.plugin.clone())
-            .unwrap_or_else(|| event.tenant.clone());
-        // One snapshot for the whole call: a reload swapping the set meanwhile does not
-        // affect this call, which finishes on the version it started with.
+    /// The plugin set as loaded, for readiness.
+    pub fn health(&self) -> crate::health::PluginsHealth {
         let plugins = self.plugins.load();
-        let slot = plugins
-            .get(&tenant_plugin)
-            .or_else(|| plugins.get(&self.limits.default_plugin))
-            .ok_or_else(|| PluginError::Missing {
-                tenant: event.tenant.clone(),
-                tenant_plugin: tenant_plugin.clone(),
-            })?;
-        let loaded = match slot {
-            Slot::Ready(l) => l.clone(),
-            Slot::Broken(reason) => {
-                return Err(PluginError::Broken {
-                    plugin: tenant_plugin,
-                    reason: reason.clone(),
-                });
-            }
+        let default = match plugins.get(&self.limits.default_plugin) {
+            Some(Slot::Ready(_)) => "ok",
+            Some(Slot::Broken(_)) => "broken",
+            None => "missing",
         };
-        drop(plugins);
+        let mut broken: Vec<String> = plugins
+            .iter()
+            .filter_map(|(name, slot)| match slot {
+                Slot::Broken(reason) => Some(format!("{name}: {reason}")),
+                Slot::Ready(_) => None,
+            })
+            .collect();
+        broken.sort();
+        crate::health::PluginsHealth {
+            default: default.into(),
+            broken,
+        }
+    }
+
+    /// Routes one event through its tenant's plugin (or the default plugin). A call that
+    /// runs out of wall-clock time is tried once more on a fresh instance before the
+    /// timeout counts: on a busy host the first may have lost its time to other work.
+    pub async fn route(&self, event: &Event) -> Result<Decision, PluginError> {
+        match self.route_once(event).await {
+            Err(PluginError::Timeout { plugin, .. }) => {
+                tracing::warn!(tenant = %event.tenant, event_id = %event.id, plugin = %plugin, "routing call timed out; retrying once on a fresh instance");
+                self.route_once(event).await.map_err(|e| match e {
+                    PluginError::Timeout {
+                        plugin, limit_ms, ..
+                    } => PluginError::Timeout {
+                        plugin,
+                        limit_ms,
+                        retried: true,
+                    },
+                    other => other,
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// Which plugin routes `tenant`'s events. A plugin named in the tenant's configuration
+    /// must be there: if it is not, the tenant's events wait rather than be routed by the
+    /// default plugin, whose rules may be quite different.
+    fn select(&self, tenant: &str) -> Result<Arc<Loaded>, PluginError> {
+        let plugins = self.plugins.load();
+        let configured = self.tenants.get(tenant).and_then(|t| t.plugin.as_deref());
+        let (name, slot) = match configured {
+            Some(name) => match plugins.get(name) {
+                Some(slot) => (name, slot),
+                None => {
+                    return Err(PluginError::Unavailable {
+                        plugin: name.to_owned(),
+                        reason: format!(
+                            "tenants.{tenant}.plugin names {name}.wasm, which is not in {}",
+                            self.limits.dir.display()
+                        ),
+                    });
+                }
+            },
+            None => match plugins.get(tenant) {
+                Some(slot) => (tenant, slot),
+                None => match plugins.get(&self.limits.default_plugin) {
+                    Some(slot) => (self.limits.default_plugin.as_str(), slot),
+                    None => {
+                        return Err(PluginError::NoDefault {
+                            tenant: tenant.to_owned(),
+                            reason: format!(
+                                "{}.wasm is not in {}",
+                                self.limits.default_plugin,
+                                self.limits.dir.display()
+                            ),
+                        });
+                    }
+                },
+            },
+        };
+        match slot {
+            Slot::Ready(loaded) => Ok(loaded.clone()),
+            Slot::Broken(reason) if name == self.limits.default_plugin && configured.is_none() => {
+                Err(PluginError::NoDefault {
+                    tenant: tenant.to_owned(),
+                    reason: format!("is broken: {reason}"),
+                })
+            }
+            Slot::Broken(reason) => Err(PluginError::Unavailable {
+                plugin: name.to_owned(),
+                reason: format!("it failed to load: {reason}"),
+            }),
+        }
+    }
+
+    async fn route_once(&self, event: &Event) -> Result<Decision, PluginError> {
+        // One plugin for the whole call: a reload swapping the set meanwhile does not
+        // affect this call, which finishes on the version it started with.
+        let loaded = self.select(&event.tenant)?;
 
         let input = wit::Event {
             id: event.id.clone(),
@@ -546,6 +647,7 @@ impl PluginHost {
                 return Err(PluginError::Timeout {
                     plugin,
                     limit_ms: self.limits.timeout_ms,
+                    retried: false,
                 });
             }
             Ok(Err(e)) => return Err(self.classify_trap(plugin, e, &stderr.contents())),
@@ -601,6 +703,7 @@ impl PluginHost {
             Some(Trap::Interrupt) => PluginError::Timeout {
                 plugin,
                 limit_ms: self.limits.timeout_ms,
+                retried: false,
             },
             _ => {
                 let mut message = format!("{e:#}");
@@ -624,10 +727,22 @@ impl PluginHost {
     }
 }
 
-/// Text that came from a plugin, made fit for logs and the database: no NUL (PostgreSQL
-/// text cannot hold it) and at most [`MAX_LOG_LINE`] bytes.
+/// Text that came from a plugin, made fit for logs and the database: control characters
+/// escaped (a plugin cannot forge log lines with a newline, or rewrite a terminal with ANSI
+/// escapes), so no NUL either (PostgreSQL text cannot hold it), and at most
+/// [`MAX_LOG_LINE`] bytes.
 fn plugin_text(text: &str) -> String {
-    let mut out: String = text.chars().filter(|c| *c != '\0').collect();
+    let mut out = String::with_capacity(text.len().min(MAX_LOG_LINE + 8));
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() > MAX_LOG_LINE {
+            break;
+        }
+    }
     if out.len() > MAX_LOG_LINE {
         let mut cut = MAX_LOG_LINE;
         while !out.is_char_boundary(cut) {
@@ -637,6 +752,26 @@ fn plugin_text(text: &str) -> String {
         out.push('…');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn plugin_text_escapes_control_characters_and_is_bounded() {
+        let forged = "ok\n2026-11-27T00:00:00Z  INFO forged line\u{1b}[2J\0end";
+        let clean = super::plugin_text(forged);
+        assert!(!clean.chars().any(char::is_control), "{clean:?}");
+        assert!(clean.contains("ok\\n2026"), "{clean:?}");
+        assert!(clean.contains("\\u{1b}[2J"), "{clean:?}");
+        assert!(clean.contains("\\u{0}end"), "{clean:?}");
+        let long = super::plugin_text(&"é".repeat(5000));
+        assert!(
+            long.len() <= super::MAX_LOG_LINE + '…'.len_utf8(),
+            "{}",
+            long.len()
+        );
+        assert!(long.ends_with('…'));
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -22,11 +22,34 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Connects lazily: the engine starts (and reports not-ready) while PostgreSQL is down.
-pub fn connect(config: &DatabaseConfig) -> Result<PgPool> {
+impl StoreError {
+    /// Is this error about the data being written, so that the same statement would fail
+    /// again on a healthy database? Only such an error may dead-letter a message.
+    ///
+    /// Class 22 (data exception: an invalid byte sequence, a value out of range, an
+    /// untranslatable character) and 54000 (program limit exceeded: a value too large to
+    /// index) follow from the values alone. Everything else (connection trouble, lock and
+    /// statement timeouts, a read-only transaction during failover, a revoked privilege, a
+    /// relation missing mid-migration, a unique conflict on a sequence) is about the
+    /// database or the engine, and the batch waits for it instead.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Sqlx(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|code| code.starts_with("22") || code == "54000"),
+            // A value the driver could not encode (it never reached the server).
+            StoreError::Sqlx(sqlx::Error::Encode(_)) => true,
+            StoreError::Sqlx(_) | StoreError::Migrate(_) => false,
+        }
+    }
+}
+
+/// A pool of at most `max_connections`, connecting lazily: the engine starts (and reports
+/// not ready) while PostgreSQL is down.
+pub fn connect(config: &DatabaseConfig, max_connections: u32) -> Result<PgPool> {
     let options: PgConnectOptions = config.url.parse()?;
     Ok(PgPoolOptions::new()
-        .max_connections(config.max_connections)
+        .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(options.application_name("notify-engine")))
 }
@@ -76,6 +99,30 @@ pub async fn claim_event(
     Ok(inserted == 1)
 }
 
+/// Which of `events` (tenant, event id) were already processed: read before routing, so
+/// duplicates cost no plugin call. The claim inside the transaction stays the authority
+/// (another instance may claim an event between this read and that transaction).
+pub async fn already_processed(
+    pool: &PgPool,
+    events: &[(&str, &str)],
+) -> Result<std::collections::HashSet<(String, String)>> {
+    if events.is_empty() {
+        return Ok(Default::default());
+    }
+    let tenants: Vec<&str> = events.iter().map(|e| e.0).collect();
+    let ids: Vec<&str> = events.iter().map(|e| e.1).collect();
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT p.tenant_id, p.event_id
+         FROM unnest($1::text[], $2::text[]) AS e(tenant_id, event_id)
+         JOIN processed_events p USING (tenant_id, event_id)",
+    )
+    .bind(&tenants)
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Records the outcome of a claimed event and which plugin build decided it.
 pub async fn set_outcome(
     tx: &mut PgConnection,
@@ -117,9 +164,15 @@ pub struct NewNotification<'a> {
 }
 
 /// Stores a notification under the user's next sequence number and returns that number.
+///
+/// The first notification of a user starts after the highest sequence number already stored
+/// for them, not at 1: a `user_streams` row lost to a restore or an operator's mistake then
+/// heals itself instead of colliding with the user's existing notifications forever.
 pub async fn insert_notification(tx: &mut PgConnection, n: &NewNotification<'_>) -> Result<i64> {
     let (seq,): (i64,) = sqlx::query_as(
-        "INSERT INTO user_streams (tenant_id, user_id, last_seq) VALUES ($1, $2, 1)
+        "INSERT INTO user_streams (tenant_id, user_id, last_seq)
+         VALUES ($1, $2, 1 + coalesce(
+             (SELECT max(seq) FROM notifications WHERE tenant_id = $1 AND user_id = $2), 0))
          ON CONFLICT (tenant_id, user_id) DO UPDATE SET last_seq = user_streams.last_seq + 1
          RETURNING last_seq",
     )
@@ -156,13 +209,17 @@ pub struct NewEmail<'a> {
     pub template: &'a str,
     pub data: &'a Map<String, Value>,
     pub message_id: &'a str,
+    /// `Some(reason)`: record the email but do not send it (status `skipped`).
+    pub skip: Option<&'a str>,
 }
 
 pub async fn enqueue_email(tx: &mut PgConnection, e: &NewEmail<'_>) -> Result<()> {
     sqlx::query(
         "INSERT INTO email_outbox
-             (tenant_id, event_id, user_id, recipient, template, data, message_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             (tenant_id, event_id, user_id, recipient, template, data, message_id,
+              status, last_error)
+         VALUES ($1, $2, $3, $4, $5, $6, $7,
+                 CASE WHEN $8::text IS NULL THEN 'pending' ELSE 'skipped' END, $8)",
     )
     .bind(e.tenant)
     .bind(e.event_id)
@@ -171,6 +228,7 @@ pub async fn enqueue_email(tx: &mut PgConnection, e: &NewEmail<'_>) -> Result<()
     .bind(e.template)
     .bind(sqlx::types::Json(e.data))
     .bind(e.message_id)
+    .bind(e.skip)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -188,14 +246,16 @@ pub struct NewDeadLetter<'a> {
     pub plugin: Option<&'a str>,
 }
 
-/// Stores a dead letter; a message redelivered after a crash is stored once.
+/// Stores a dead letter; a message redelivered after a crash is stored once (same origin,
+/// same bytes), while a different message at a reused offset (a recreated topic) gets a row
+/// of its own.
 pub async fn insert_dead_letter(tx: &mut PgConnection, d: &NewDeadLetter<'_>) -> Result<bool> {
     let inserted = sqlx::query(
         "INSERT INTO dead_letters
              (tenant_id, event_id, kafka_topic, kafka_partition, kafka_offset, kafka_key,
               payload, error_kind, reason, plugin)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-         ON CONFLICT (kafka_topic, kafka_partition, kafka_offset) DO NOTHING",
+         ON CONFLICT ON CONSTRAINT dead_letters_origin DO NOTHING",
     )
     .bind(d.tenant)
     .bind(d.event_id)
@@ -275,43 +335,80 @@ pub struct OutboxEmail {
     pub message_id: String,
     /// Including this one.
     pub attempts: i32,
+    /// When the row entered the queue (or was last requeued by an operator): transient
+    /// failures are retried until it is `email.max_age_secs` old.
+    pub queued_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// Claims due outbox rows. `SKIP LOCKED` lets several workers (instances) share the
-/// outbox; the claim expires after `claim_timeout`, so a worker that died mid-send does not
-/// strand its rows (that is the "at most one extra send" case). An expired claim on a row
-/// that already had its last attempt is failed rather than tried again.
+/// Returns rows whose claim expired (their worker died mid-send) to the queue, or fails
+/// them if they are past `max_age`. Index-backed (`email_outbox_claims`). The attempt that
+/// was under way stays counted; the row's stable `Message-ID` makes a resend recognisable:
+/// that is the "at most one extra send" case.
+pub async fn sweep_expired_claims(pool: &PgPool, max_age: Duration) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE email_outbox
+         SET locked_until = NULL, next_attempt_at = now(),
+             status = CASE WHEN queued_at < now() - make_interval(secs => $1)
+                           THEN 'failed' ELSE 'pending' END,
+             last_error = coalesce(last_error || '; ', '')
+                          || 'claim expired (worker stopped mid-send)'
+         WHERE status = 'sending' AND locked_until < now()",
+    )
+    .bind(max_age.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Claims up to `batch` due rows, at most `per_tenant` of any one tenant, oldest first
+/// within a tenant. A skip scan over `email_outbox_pending` finds the tenants with due rows,
+/// so a backlog of thousands of one tenant's emails costs another tenant one round, not
+/// hours. `SKIP LOCKED` lets several workers (instances) share the outbox.
 pub async fn claim_emails(
     pool: &PgPool,
     batch: i64,
+    per_tenant: i64,
     claim_timeout: Duration,
-    max_attempts: i32,
 ) -> Result<Vec<OutboxEmail>> {
-    sqlx::query(
-        "UPDATE email_outbox
-         SET status = 'failed', locked_until = NULL,
-             last_error = coalesce(last_error || '; ', '')
-                          || 'claim expired after the last attempt (worker stopped mid-send)'
-         WHERE status = 'sending' AND locked_until < now() AND attempts >= $1",
-    )
-    .bind(max_attempts)
-    .execute(pool)
-    .await?;
     Ok(sqlx::query_as(
-        "UPDATE email_outbox o
-         SET status = 'sending', attempts = o.attempts + 1,
-             locked_until = now() + make_interval(secs => $2)
-         WHERE o.id IN (
-             SELECT id FROM email_outbox
-             WHERE (status = 'pending' AND next_attempt_at <= now())
-                OR (status = 'sending' AND locked_until < now())
-             ORDER BY next_attempt_at, id
+        "WITH RECURSIVE tenants(tenant_id) AS (
+             (SELECT tenant_id FROM email_outbox
+              WHERE status = 'pending' AND next_attempt_at <= now()
+              ORDER BY tenant_id LIMIT 1)
+             UNION ALL
+             SELECT (SELECT e.tenant_id FROM email_outbox e
+                     WHERE e.status = 'pending' AND e.next_attempt_at <= now()
+                       AND e.tenant_id > t.tenant_id
+                     ORDER BY e.tenant_id LIMIT 1)
+             FROM tenants t WHERE t.tenant_id IS NOT NULL
+         ),
+         candidates AS (
+             SELECT c.id, c.next_attempt_at, c.rank
+             FROM tenants t
+             CROSS JOIN LATERAL (
+                 SELECT e.id, e.next_attempt_at,
+                        row_number() OVER (ORDER BY e.next_attempt_at, e.id) AS rank
+                 FROM email_outbox e
+                 WHERE e.status = 'pending' AND e.tenant_id = t.tenant_id
+                   AND e.next_attempt_at <= now()
+                 ORDER BY e.next_attempt_at, e.id
+                 LIMIT $2) c
+             WHERE t.tenant_id IS NOT NULL
+             ORDER BY c.rank, c.next_attempt_at, c.id
              LIMIT $1
+         )
+         UPDATE email_outbox o
+         SET status = 'sending', attempts = o.attempts + 1,
+             locked_until = now() + make_interval(secs => $3)
+         WHERE o.id IN (
+             SELECT e.id FROM email_outbox e
+             WHERE e.id IN (SELECT id FROM candidates) AND e.status = 'pending'
              FOR UPDATE SKIP LOCKED)
          RETURNING o.id, o.tenant_id, o.event_id, o.recipient, o.template, o.data,
-                   o.message_id, o.attempts",
+                   o.message_id, o.attempts, o.queued_at",
     )
     .bind(batch)
+    .bind(per_tenant)
     .bind(claim_timeout.as_secs_f64())
     .fetch_all(pool)
     .await?)
@@ -377,8 +474,46 @@ pub async fn mark_email_failed(pool: &PgPool, email: &OutboxEmail, error: &str) 
     apply(pool, fenced(sql, email).bind(error)).await
 }
 
-/// Gives a claimed but unsent row back (shutdown): pending again, the attempt not counted.
-pub async fn release_email(pool: &PgPool, email: &OutboxEmail) -> Result<bool> {
-    let sql = fenced_update!("status = 'pending', attempts = attempts - 1, locked_until = NULL");
-    apply(pool, fenced(sql, email)).await
+/// Gives a claimed but unsent row back (shutdown, or its tenant's send rate is spent):
+/// pending again after `delay`, the attempt not counted.
+pub async fn release_email(pool: &PgPool, email: &OutboxEmail, delay: Duration) -> Result<bool> {
+    let sql = fenced_update!(
+        "status = 'pending', attempts = attempts - 1, locked_until = NULL,
+         next_attempt_at = now() + make_interval(secs => $3)"
+    );
+    apply(pool, fenced(sql, email).bind(delay.as_secs_f64())).await
+}
+
+/// Which failed rows an operator puts back in the queue. Every filter is optional; `None`
+/// everywhere requeues every failed row.
+#[derive(Debug, Clone, Default)]
+pub struct RequeueFilter {
+    pub tenant: Option<String>,
+    /// Rows created at or after this time.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Rows created before this time.
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Rows whose last error contains this text (case-insensitive).
+    pub error: Option<String>,
+}
+
+/// Puts failed rows back in the queue, due now, with a fresh `email.max_age_secs` window.
+/// Attempts and the last error stay as a record. Returns how many rows were requeued.
+pub async fn requeue_failed_emails(pool: &PgPool, filter: &RequeueFilter) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE email_outbox
+         SET status = 'pending', next_attempt_at = now(), queued_at = now(), locked_until = NULL
+         WHERE status = 'failed'
+           AND ($1::text IS NULL OR tenant_id = $1)
+           AND ($2::timestamptz IS NULL OR created_at >= $2)
+           AND ($3::timestamptz IS NULL OR created_at < $3)
+           AND ($4::text IS NULL OR strpos(lower(coalesce(last_error, '')), lower($4)) > 0)",
+    )
+    .bind(filter.tenant.as_deref())
+    .bind(filter.since)
+    .bind(filter.until)
+    .bind(filter.error.as_deref())
+    .execute(pool)
+    .await?
+    .rows_affected())
 }

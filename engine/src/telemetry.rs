@@ -46,6 +46,13 @@ pub struct Metrics {
     pub emails_failed: IntCounter,
     /// Email attempts that failed transiently and will be retried.
     pub emails_retried: IntCounter,
+    /// Emails recorded but not sent: their event was older than `email.max_event_age_secs`.
+    pub emails_skipped: IntCounter,
+    /// Claimed emails put back because their tenant's send rate was spent.
+    pub emails_rate_limited: IntCounter,
+    /// Batches that could not be committed because of the database or the platform
+    /// (not the data); the pipeline waits and retries them.
+    pub pipeline_stalls: IntCounterVec,
     /// Open SSE connections.
     pub sse_connections: IntGauge,
     /// SSE connections refused by a connection cap.
@@ -115,6 +122,19 @@ impl Metrics {
             emails_retried: counter(
                 "emails_retried_total",
                 "Email attempts that failed transiently",
+            ),
+            emails_skipped: counter(
+                "emails_skipped_total",
+                "Emails recorded but not sent because their event was too old",
+            ),
+            emails_rate_limited: counter(
+                "emails_rate_limited_total",
+                "Claimed emails put back because their tenant's send rate was spent",
+            ),
+            pipeline_stalls: counter_vec(
+                "pipeline_stalls_total",
+                "Batch attempts that failed for a reason outside the data, by cause",
+                &["cause"],
             ),
             sse_connections,
             sse_rejected: counter(

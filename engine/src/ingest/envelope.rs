@@ -184,7 +184,7 @@ pub fn decode(payload: Option<&[u8]>, max_bytes: usize) -> Result<Event, Rejecti
     };
     // PostgreSQL text cannot hold NUL; refuse it here with a clear reason rather than
     // have the database refuse the outcome later.
-    if serde_json::to_string(&data).is_ok_and(|s| s.contains("\\u0000")) {
+    if contains_nul(&data) {
         return Err(invalid("data contains a NUL character (\\u0000)".into()));
     }
     Ok(Event {
@@ -195,6 +195,23 @@ pub fn decode(payload: Option<&[u8]>, max_bytes: usize) -> Result<Event, Rejecti
         source,
         data,
     })
+}
+
+/// Does any string (value or key) of `object` hold a NUL character, which PostgreSQL text
+/// cannot store? Walks the parsed values: a literal backslash followed by `u0000` in the
+/// text is not a NUL and passes.
+pub fn contains_nul(object: &serde_json::Map<String, Value>) -> bool {
+    fn value_has_nul(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(value_has_nul),
+            Value::Object(map) => contains_nul(map),
+            Value::Null | Value::Bool(_) | Value::Number(_) => false,
+        }
+    }
+    object
+        .iter()
+        .any(|(k, v)| k.contains('\0') || value_has_nul(v))
 }
 
 fn required_str(value: &Option<Value>, field: &str) -> Result<String, String> {
@@ -261,6 +278,18 @@ mod tests {
         assert_eq!(e.event_type, "order_paid");
         assert_eq!(e.time.to_rfc3339(), "2026-11-26T09:00:00+00:00");
         assert_eq!(e.data["user_id"], "u1");
+    }
+
+    #[test]
+    fn a_literal_backslash_u0000_is_not_a_nul() {
+        let e = ok(
+            r#"{"id":"e1","tenant":"acme","type":"order_paid","time":"2026-11-26T10:00:00Z","data":{"path":"C:\\u0000"}}"#,
+        );
+        assert_eq!(e.data["path"], "C:\\u0000");
+        let r = err(
+            r#"{"id":"e1","tenant":"acme","type":"order_paid","time":"2026-11-26T10:00:00Z","data":{"x":{"y":["a\u0000"]}}}"#,
+        );
+        assert!(r.reason.contains("NUL"), "{r}");
     }
 
     #[test]

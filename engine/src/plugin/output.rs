@@ -37,6 +37,11 @@ pub enum Delivery {
 /// The SSE event name of inbox items; live updates must use another.
 pub const NOTIFICATION_EVENT: &str = "notification";
 
+/// SSE event names a live update may not take: inbox items' name, and the names browsers
+/// give meaning to (`message` is what a frame without `event:` is dispatched as; `error`
+/// and `open` are `EventSource`'s own connection events).
+pub const RESERVED_EVENT_NAMES: &[&str] = &[NOTIFICATION_EVENT, "message", "error", "open"];
+
 const MAX_USER_ID: usize = 200;
 const MAX_TITLE: usize = 500;
 const MAX_CATEGORY: usize = 64;
@@ -82,20 +87,20 @@ fn output_size(d: &wit::Delivery) -> usize {
     }
 }
 
-/// PostgreSQL text cannot hold NUL, so it is refused here, with a clear reason.
+/// PostgreSQL text cannot hold NUL, so it is refused here, with a clear reason. (The JSON
+/// `data` fields are checked once parsed, in [`object`]: only there is an escaped `\u0000`
+/// told apart from a literal backslash followed by `u0000`.)
 fn has_nul(d: &wit::Delivery) -> bool {
     let fields: Vec<&str> = match d {
-        wit::Delivery::InApp(n) => vec![&n.user_id, &n.title, &n.body, &n.category, &n.data],
-        wit::Delivery::Live(l) => vec![&l.user_id, &l.name, &l.data],
+        wit::Delivery::InApp(n) => vec![&n.user_id, &n.title, &n.body, &n.category],
+        wit::Delivery::Live(l) => vec![&l.user_id, &l.name],
         wit::Delivery::Email(e) => {
-            let mut f = vec![e.to.as_str(), &e.template, &e.data];
+            let mut f = vec![e.to.as_str(), &e.template];
             f.extend(e.user_id.as_deref());
             f
         }
     };
-    fields
-        .iter()
-        .any(|f| f.contains('\0') || f.contains("\\u0000"))
+    fields.iter().any(|f| f.contains('\0'))
 }
 
 fn check(d: wit::Delivery) -> Result<Delivery, String> {
@@ -120,9 +125,9 @@ fn check(d: wit::Delivery) -> Result<Delivery, String> {
         }
         wit::Delivery::Live(l) => {
             user_id(&l.user_id)?;
-            if !safe_name(&l.name) || l.name == NOTIFICATION_EVENT {
+            if !safe_name(&l.name) || RESERVED_EVENT_NAMES.contains(&l.name.as_str()) {
                 return Err(format!(
-                    "live update name {:?} must be 1..={MAX_NAME} of [a-z0-9._-], starting with a letter, and not {NOTIFICATION_EVENT:?}",
+                    "live update name {:?} must be 1..={MAX_NAME} of [a-z0-9._-], starting with a letter, and none of {RESERVED_EVENT_NAMES:?}",
                     l.name
                 ));
             }
@@ -175,6 +180,9 @@ fn safe_name(n: &str) -> bool {
 
 fn object(json: &str, what: &str) -> Result<Map<String, Value>, String> {
     match serde_json::from_str::<Value>(json) {
+        Ok(Value::Object(m)) if crate::ingest::envelope::contains_nul(&m) => {
+            Err(format!("{what} contains a NUL character (\\u0000)"))
+        }
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(format!("{what} must be a JSON object")),
         Err(e) => Err(format!("{what} is not valid JSON: {e}")),
@@ -216,6 +224,15 @@ mod tests {
             data: "{}".into(),
         });
         assert!(validate(vec![live], &limits).is_err());
+        for reserved in ["message", "error", "open"] {
+            let live = wit::Delivery::Live(wit::LiveUpdate {
+                user_id: "u".into(),
+                name: reserved.into(),
+                data: "{}".into(),
+            });
+            let e = validate(vec![live], &limits).unwrap_err();
+            assert!(e.contains("none of"), "{reserved}: {e}");
+        }
         let email = wit::Delivery::Email(wit::Email {
             to: "not an address".into(),
             user_id: None,
@@ -238,6 +255,26 @@ mod tests {
                 .unwrap_err()
                 .contains("template")
         );
+    }
+
+    #[test]
+    fn tells_an_escaped_nul_from_a_literal_backslash() {
+        let limits = PluginConfig::default();
+        // A literal backslash followed by u0000 (a Windows path, a regex) is fine.
+        let ok = validate(vec![in_app("u1", r#"{"path":"C:\\u0000"}"#)], &limits).unwrap();
+        let Delivery::InApp { data, .. } = &ok[0] else {
+            panic!("an in-app delivery")
+        };
+        assert_eq!(data["path"], "C:\\u0000");
+        // An escaped NUL is refused, in values and in keys.
+        for bad in [
+            r#"{"x":"a\u0000b"}"#,
+            r#"{"a\u0000":1}"#,
+            r#"{"x":["\u0000"]}"#,
+        ] {
+            let e = validate(vec![in_app("u1", bad)], &limits).unwrap_err();
+            assert!(e.contains("NUL"), "{bad}: {e}");
+        }
     }
 
     #[test]

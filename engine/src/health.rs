@@ -1,0 +1,70 @@
+//! What readiness reports: a snapshot kept current in the background (the database and
+//! Kafka probes, the plugin set) and by the pipeline (stalled or flowing). `/readyz` only
+//! reads it, so a flood of probe requests costs no database connection.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+
+#[derive(Default)]
+pub struct Health {
+    postgres: AtomicBool,
+    kafka: AtomicBool,
+    /// Why the pipeline cannot commit its current batch; `None` while it flows.
+    stall: Mutex<Option<String>>,
+    plugins: Mutex<PluginsHealth>,
+}
+
+/// The routing plugins as loaded.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PluginsHealth {
+    /// `ok`, `missing` or `broken`.
+    pub default: String,
+    /// Plugins that failed to load, with the reason: their tenants' events wait in the
+    /// dead-letter table (kind `plugin_unavailable`) until the file is fixed.
+    pub broken: Vec<String>,
+}
+
+/// One reading, as `/readyz` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub ready: bool,
+    pub postgres: bool,
+    pub kafka: bool,
+    pub stall: Option<String>,
+    pub plugins: PluginsHealth,
+}
+
+impl Health {
+    pub fn set_postgres(&self, ok: bool) -> bool {
+        self.postgres.swap(ok, Ordering::Relaxed) != ok
+    }
+
+    /// Returns whether the state changed.
+    pub fn set_kafka(&self, ok: bool) -> bool {
+        self.kafka.swap(ok, Ordering::Relaxed) != ok
+    }
+
+    pub fn set_stall(&self, reason: Option<String>) {
+        *self.stall.lock().expect("health lock poisoned") = reason;
+    }
+
+    pub fn set_plugins(&self, plugins: PluginsHealth) {
+        *self.plugins.lock().expect("health lock poisoned") = plugins;
+    }
+
+    /// Ready: PostgreSQL and Kafka answer and the pipeline is not stalled.
+    pub fn snapshot(&self) -> Snapshot {
+        let postgres = self.postgres.load(Ordering::Relaxed);
+        let kafka = self.kafka.load(Ordering::Relaxed);
+        let stall = self.stall.lock().expect("health lock poisoned").clone();
+        Snapshot {
+            ready: postgres && kafka && stall.is_none(),
+            postgres,
+            kafka,
+            stall,
+            plugins: self.plugins.lock().expect("health lock poisoned").clone(),
+        }
+    }
+}
