@@ -22,8 +22,9 @@ COPY templates /app/templates
 WORKDIR /app
 USER notify
 ENV NOTIFY_HTTP__LISTEN=0.0.0.0:8080 \
+    NOTIFY_HTTP__ADMIN_LISTEN=0.0.0.0:9090 \
     NOTIFY_PLUGINS__DIR=/app/plugins \
     NOTIFY_EMAIL__TEMPLATES_DIR=/app/templates
-EXPOSE 8080
+EXPOSE 8080 9090
 ENTRYPOINT ["/usr/local/bin/notify-engine"]
 CMD ["run"]

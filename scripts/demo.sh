@@ -12,6 +12,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/notify-engine-target}
 PLUGINS_TARGET_DIR=${PLUGINS_TARGET_DIR:-$HOME/.cache/notify-engine-plugins-target}
 STATE=${NOTIFY_STATE_DIR:-$HOME/.cache/notify-engine/run}
 HTTP=127.0.0.1:${NOTIFY_HTTP_PORT:-8080}
+ADMIN=127.0.0.1:${NOTIFY_ADMIN_PORT:-9090}
 
 scripts/bootstrap.sh
 
@@ -42,8 +43,11 @@ export DATABASE_URL=${DATABASE_URL%/*}/notify_demo
 # so it handles what it publishes now, not every earlier run's messages again.
 export NOTIFY_KAFKA__GROUP_ID=notify-demo
 export NOTIFY_HTTP__LISTEN=$HTTP
-# The demo's signing secret; real deployments inject their own.
+export NOTIFY_HTTP__ADMIN_LISTEN=$ADMIN
+# The demo's signing secret, published in this repository: the engine accepts it only in
+# development mode. Real deployments inject their own.
 export NOTIFY_AUTH__JWT_SECRET=${NOTIFY_AUTH__JWT_SECRET:-demo-secret-change-me-0123456789abcdef}
+export NOTIFY_DEV__MODE=true
 export NOTIFY_CONFIG=$ROOT/config/demo.toml
 
 pids=()
@@ -61,11 +65,11 @@ mkdir -p "$STATE/logs"
 "$BIN" run >"$STATE/logs/engine.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 120); do
-    curl -fsS "http://$HTTP/readyz" >/dev/null 2>&1 && break
+    curl -fsS "http://$ADMIN/readyz" >/dev/null 2>&1 && break
     kill -0 "${pids[0]}" 2>/dev/null || { tail -n 30 "$STATE/logs/engine.log"; exit 1; }
     sleep 0.5
 done
-curl -fsS "http://$HTTP/readyz" >/dev/null || { tail -n 30 "$STATE/logs/engine.log"; exit 1; }
+curl -fsS "http://$ADMIN/readyz" >/dev/null || { tail -n 30 "$STATE/logs/engine.log"; exit 1; }
 
 ALICE=$("$BIN" token --tenant acme --user alice --ttl 86400)
 BOB=$("$BIN" token --tenant globex --user bob --ttl 86400)
@@ -77,13 +81,13 @@ pids+=($!)
 sleep 1
 
 log "publishing samples/events.jsonl (one event a second)"
-"$BIN" publish --interval-ms 1000 samples/events.jsonl
+"$BIN" publish --stamp-now --interval-ms 1000 samples/events.jsonl
 
 cat >&2 <<MSG
 
 $(printf '\033[1m')Everything is running.$(printf '\033[0m')
   Emails (Mailpit UI):   $MAILPIT_URL
-  Metrics:               http://$HTTP/metrics        Readiness: http://$HTTP/readyz
+  Metrics:               http://$ADMIN/metrics        Readiness: http://$ADMIN/readyz
   Bob's stream (globex): curl -N -H "Authorization: Bearer $BOB" -H "Last-Event-ID: 0" http://$HTTP/api/v1/sse
   More events:           $BIN publish samples/events.jsonl   (same ids: dropped as duplicates)
   Dead letters:          psql "$DATABASE_URL" -c "SELECT error_kind, reason FROM dead_letters"

@@ -40,11 +40,39 @@ enum Command {
         /// Pause between events, in milliseconds.
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// Set each envelope's `time` to now (sample files carry fixed times).
+        #[arg(long)]
+        stamp_now: bool,
+    },
+    /// Email outbox tools for operators.
+    Email {
+        #[command(subcommand)]
+        command: EmailCommand,
     },
     /// Plugin developer tools.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EmailCommand {
+    /// Put failed emails back in the queue (after a long relay outage, say). Filters combine;
+    /// none requeues every failed email.
+    Requeue {
+        /// Only this tenant's emails.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only emails created at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only emails created before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only emails whose last error contains this text (case-insensitive).
+        #[arg(long)]
+        error: Option<String>,
     },
 }
 
@@ -93,10 +121,30 @@ async fn main() -> anyhow::Result<()> {
             let config = Config::load(cli.config.as_deref())?;
             println!("{}", tools::token(&config.auth, &tenant, &user, ttl)?);
         }
+        Command::Email {
+            command:
+                EmailCommand::Requeue {
+                    tenant,
+                    since,
+                    until,
+                    error,
+                },
+        } => {
+            let config = load_without_secret(cli.config.as_deref())?;
+            let filter = notify_engine::store::RequeueFilter {
+                tenant,
+                since,
+                until,
+                error,
+            };
+            let requeued = tools::requeue_emails(&config.database, &filter).await?;
+            println!("requeued {requeued} failed emails");
+        }
         Command::Publish {
             file,
             topic,
             interval_ms,
+            stamp_now,
         } => {
             let config = load_without_secret(cli.config.as_deref())?;
             telemetry::init_logging(&config.log);
@@ -105,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
                 &file,
                 topic.as_deref(),
                 std::time::Duration::from_millis(interval_ms),
+                stamp_now,
             )
             .await?;
             eprintln!("published {sent} events");

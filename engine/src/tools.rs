@@ -1,5 +1,5 @@
 //! Developer and operator tools behind the binary's subcommands: minting a token, publishing
-//! sample events, and running a plugin locally on one event.
+//! sample events, running a plugin locally on one event, and requeueing failed emails.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::config::{AuthConfig, KafkaConfig, PluginConfig, TenantConfig};
+use crate::config::{AuthConfig, DatabaseConfig, KafkaConfig, PluginConfig, TenantConfig};
 use crate::ingest::{Publisher, envelope};
 use crate::plugin::PluginHost;
 
@@ -19,16 +19,33 @@ pub fn token(auth: &AuthConfig, tenant: &str, user: &str, ttl_secs: u64) -> anyh
     Ok(crate::api::auth::mint(auth, tenant, user, ttl_secs))
 }
 
+/// Puts failed emails matching `filter` back in the outbox queue (due now, with a fresh
+/// `email.max_age_secs` window); returns how many. The engine's email worker sends them.
+pub async fn requeue_emails(
+    database: &DatabaseConfig,
+    filter: &crate::store::RequeueFilter,
+) -> anyhow::Result<u64> {
+    let pool = crate::store::connect(database, 1)?;
+    let requeued = crate::store::requeue_failed_emails(&pool, filter)
+        .await
+        .context("requeueing failed emails")?;
+    pool.close().await;
+    Ok(requeued)
+}
+
 /// Publishes every line of a JSON-lines file. Each line is an envelope; its topic is
 /// `topic` if given, else the envelope's `type`. Lines are sent as they are (so a file can
 /// hold deliberately broken samples too); the key is `data.order_id`, else the event id,
 /// so one order's events stay in order on one partition.
 /// `interval` spaces the events out, so a person watching the demo sees them arrive.
+/// `stamp_now` sets each parseable envelope's `time` to now (sample files carry fixed times,
+/// and events older than `email.max_event_age_secs` send no email).
 pub async fn publish(
     kafka: &KafkaConfig,
     file: &Path,
     topic: Option<&str>,
     interval: std::time::Duration,
+    stamp_now: bool,
 ) -> anyhow::Result<usize> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -56,8 +73,16 @@ pub async fn publish(
                 .and_then(Value::as_str)
                 .map(str::to_owned)
         });
+        let stamped = match parsed {
+            Some(Value::Object(mut envelope)) if stamp_now && envelope.contains_key("time") => {
+                envelope.insert("time".into(), chrono::Utc::now().to_rfc3339().into());
+                Some(Value::Object(envelope).to_string())
+            }
+            _ => None,
+        };
+        let payload = stamped.as_deref().unwrap_or(line);
         let (partition, offset) = publisher
-            .send(&target, key.as_deref(), line.as_bytes())
+            .send(&target, key.as_deref(), payload.as_bytes())
             .await?;
         tracing::info!(topic = %target, partition, offset, "published");
         sent += 1;

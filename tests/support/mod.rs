@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use notify_engine::app::{self, Running};
-use notify_engine::config::{Config, TenantConfig};
+use notify_engine::config::{Config, SmtpTls, TenantConfig};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -141,6 +141,7 @@ impl World {
     pub fn config(&self) -> Config {
         let mut c = Config::default();
         c.http.listen = "127.0.0.1:0".parse().unwrap();
+        c.http.admin_listen = "127.0.0.1:0".parse().unwrap();
         c.kafka.brokers = self.services.brokers.clone();
         c.kafka.group_id = self.group.clone();
         c.kafka.topics = vec![self.topic_paid.clone(), self.topic_status.clone()];
@@ -150,6 +151,8 @@ impl World {
         c.plugins.dir = self.plugin_dir.path().to_owned();
         c.smtp.host = self.services.smtp_host.clone();
         c.smtp.port = self.services.smtp_port;
+        // Mailpit speaks plain SMTP on loopback.
+        c.smtp.tls = SmtpTls::None;
         c.email.templates_dir = self.services.templates.clone();
         c.email.poll_interval_ms = 200;
         c.email.backoff_base_ms = 200;
@@ -283,7 +286,8 @@ pub fn event(id: &str, tenant: &str, event_type: &str, data: Value) -> Value {
         "id": id,
         "tenant": tenant,
         "type": event_type,
-        "time": "2026-11-26T10:00:00Z",
+        // Now: events older than email.max_event_age_secs send no email.
+        "time": chrono::Utc::now().to_rfc3339(),
         "source": "tests",
         "data": data,
     })

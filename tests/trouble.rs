@@ -1,0 +1,497 @@
+//! Real-world trouble, on the real services: what must hold when the environment
+//! misbehaves (a long SMTP outage, lock timeouts, a damaged sequence row, a missing plugin,
+//! old events, abusive HTTP clients). Each test failed before the fix it pins.
+
+use std::time::Duration;
+
+use notify_engine::config::TenantConfig;
+use notify_engine::store::{self, NewDeadLetter, Origin, RequeueFilter};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::WAIT;
+use crate::support::*;
+
+/// Polls `check` until it holds, or fails with `what` after [`WAIT`].
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn readyz(admin: std::net::SocketAddr) -> (u16, Value) {
+    let response = reqwest::get(format!("http://{admin}/readyz"))
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// The relay is down far longer than the old 8-attempt window: the email waits in the
+/// outbox and goes out once, when the relay is back. An operator's requeue brings back
+/// failed rows (here, rows an older release had given up on), filtered by tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_survives_a_long_outage_and_failed_rows_can_be_requeued() {
+    let world = World::new().await;
+    let mut config = world.config();
+    config.smtp.port = 1; // nothing listens: connection refused
+    config.email.backoff_base_ms = 10;
+    config.email.backoff_max_ms = 50;
+    config.email.tenant_rate_per_sec = 0;
+    let engine = world.start(config.clone()).await;
+    let tenant = unique("shop");
+    let other = unique("other");
+    let address = format!("{}@example.test", unique("outage"));
+    let other_address = format!("{}@example.test", unique("other"));
+    world
+        .produce(&order_paid("o1", &tenant, "u1", Some(&address), 3.0))
+        .await;
+    world
+        .wait_until(
+            "SELECT coalesce(max(attempts), 0)::bigint FROM email_outbox WHERE event_id = 'o1'",
+            |n| n >= 20,
+            WAIT,
+        )
+        .await;
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM email_outbox WHERE status = 'failed'")
+            .await,
+        0,
+        "a transient failure is retried for days, not 8 attempts"
+    );
+    engine.shutdown().await;
+
+    // Rows an older release gave up on, for two tenants.
+    world
+        .produce(&order_paid("r1", &tenant, "u2", Some(&address), 4.0))
+        .await;
+    world
+        .produce(&order_paid("r2", &other, "u1", Some(&other_address), 5.0))
+        .await;
+    let engine = world.start(config.clone()).await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM email_outbox WHERE event_id IN ('r1', 'r2') AND attempts > 0",
+            2,
+            WAIT,
+        )
+        .await;
+    engine.shutdown().await;
+    let pool = world.pool().await;
+    sqlx::query(
+        "UPDATE email_outbox SET status = 'failed', last_error = 'smtp: 421 too many attempts'
+         WHERE event_id IN ('r1', 'r2')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut database = config.database.clone();
+    database.url = world.db_url.clone();
+    let filter = |tenant: &str, error: &str| RequeueFilter {
+        tenant: Some(tenant.to_owned()),
+        error: Some(error.to_owned()),
+        since: Some(chrono::Utc::now() - chrono::Duration::hours(1)),
+        until: None,
+    };
+    let none = notify_engine::tools::requeue_emails(&database, &filter(&tenant, "550"))
+        .await
+        .unwrap();
+    assert_eq!(none, 0, "the error filter matches nothing");
+    let requeued = notify_engine::tools::requeue_emails(&database, &filter(&tenant, "421 TOO"))
+        .await
+        .unwrap();
+    assert_eq!(requeued, 1, "only the filtered tenant's failed row");
+
+    // The relay is back: o1 and the requeued r1 go out once each; r2 stays failed.
+    config.smtp.port = world.services.smtp_port;
+    let engine = world.start(config).await;
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&address, 2, WAIT)
+        .await;
+    let mut subjects: Vec<_> = mails.iter().map(|m| m.subject.clone()).collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        [
+            "Payment received for order A-o1",
+            "Payment received for order A-r1"
+        ]
+    );
+    world
+        .wait_count(
+            "SELECT count(*) FROM email_outbox WHERE status = 'sent'",
+            2,
+            WAIT,
+        )
+        .await;
+    let (status,): (String,) =
+        sqlx::query_as("SELECT status FROM email_outbox WHERE event_id = 'r2'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "failed");
+    assert!(
+        Mailpit::new(&world.services)
+            .messages_to(&other_address)
+            .await
+            .is_empty()
+    );
+    engine.shutdown().await;
+}
+
+/// A lock timeout is the database's trouble, not the event's: the batch waits, readiness
+/// says so, and the event is delivered once the lock is released. Nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_timeout_stalls_the_batch_instead_of_dead_lettering() {
+    let world = World::new().await;
+    let mut admin = PgConnection::connect(&world.services.database_url)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE {} SET lock_timeout = '200ms'",
+        world.db_name
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let engine = world.start(world.config()).await;
+    let tenant = unique("shop");
+    world
+        .produce(&order_paid("l1", &tenant, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count("SELECT count(*) FROM notifications", 1, WAIT)
+        .await;
+
+    // Another session holds u1's sequence row.
+    let mut holder = PgConnection::connect(&world.db_url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM user_streams WHERE tenant_id = $1 AND user_id = 'u1' FOR UPDATE")
+        .bind(&tenant)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    world
+        .produce(&order_paid("l2", &tenant, "u1", None, 2.0))
+        .await;
+    eventually("the pipeline reports the stall", async || {
+        engine.health.snapshot().stall.is_some()
+    })
+    .await;
+    let (status, body) = readyz(engine.admin_addr).await;
+    assert_eq!(status, 503, "{body}");
+    let pipeline = body["checks"]["pipeline"].as_str().unwrap();
+    assert!(pipeline.starts_with("stalled: database"), "{body}");
+    assert!(pipeline.contains("lock timeout"), "{body}");
+    assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 0);
+
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id = 'l2'",
+            1,
+            WAIT,
+        )
+        .await;
+    assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 0);
+    eventually("readiness recovers", async || {
+        readyz(engine.admin_addr).await.0 == 200
+    })
+    .await;
+    assert!(
+        engine
+            .metrics
+            .pipeline_stalls
+            .with_label_values(&["database"])
+            .get()
+            >= 1
+    );
+    engine.shutdown().await;
+}
+
+/// A user's sequence row lost (a restore, an operator's mistake) heals itself: the next
+/// notification continues after the highest stored one instead of colliding with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_sequence_row_loses_nothing() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("shop");
+    for id in ["q1", "q2"] {
+        world
+            .produce(&order_paid(id, &tenant, "u1", None, 1.0))
+            .await;
+    }
+    world
+        .wait_count("SELECT count(*) FROM notifications", 2, WAIT)
+        .await;
+    let pool = world.pool().await;
+    sqlx::query("DELETE FROM user_streams")
+        .execute(&pool)
+        .await
+        .unwrap();
+    world
+        .produce(&order_paid("q3", &tenant, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count(
+            "SELECT seq FROM notifications WHERE event_id = 'q3'",
+            3,
+            WAIT,
+        )
+        .await;
+    assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 0);
+    engine.shutdown().await;
+}
+
+/// Platform failures are not the event's outcome. Without a default plugin the batch waits
+/// (not ready, nothing claimed) and flows once the plugin is in place; a tenant whose
+/// configured plugin is missing is neither routed by the default plugin nor claimed: its
+/// event is set aside, so republishing it later works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_plugins_stall_or_park_and_never_claim() {
+    let world = World::new().await;
+    std::fs::remove_file(world.plugin_dir.path().join("default.wasm")).unwrap();
+    let ghost = unique("ghost");
+    let mut config = world.config();
+    config.tenants.insert(
+        ghost.clone(),
+        TenantConfig {
+            plugin: Some("ghost-router".into()),
+            config: Default::default(),
+        },
+    );
+    let engine = world.start(config).await;
+
+    world
+        .produce(&order_paid("g1", &ghost, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE event_id = 'g1' AND error_kind = 'plugin_unavailable'",
+            1,
+            WAIT,
+        )
+        .await;
+    let pool = world.pool().await;
+    let (reason,): (String,) =
+        sqlx::query_as("SELECT reason FROM dead_letters WHERE event_id = 'g1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(reason.contains("ghost-router.wasm"), "{reason}");
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM processed_events WHERE event_id = 'g1'")
+            .await,
+        0,
+        "a parked event is not claimed"
+    );
+
+    let tenant = unique("shop");
+    world
+        .produce(&order_paid("p1", &tenant, "u1", None, 1.0))
+        .await;
+    eventually(
+        "the pipeline stalls on the missing default plugin",
+        async || engine.health.snapshot().stall.is_some(),
+    )
+    .await;
+    let (status, body) = readyz(engine.admin_addr).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["checks"]["plugins"]["default"], "missing", "{body}");
+    assert!(
+        body["checks"]["pipeline"]
+            .as_str()
+            .unwrap()
+            .starts_with("stalled: plugin"),
+        "{body}"
+    );
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM processed_events WHERE event_id = 'p1'")
+            .await,
+        0
+    );
+    assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 1);
+
+    // The operator puts the default plugin in place: the waiting event is routed.
+    std::fs::copy(
+        world.services.plugins.join("default.wasm"),
+        world.plugin_dir.path().join("default.wasm"),
+    )
+    .unwrap();
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id = 'p1'",
+            1,
+            WAIT,
+        )
+        .await;
+    assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 1);
+    eventually("readiness recovers", async || {
+        readyz(engine.admin_addr).await.0 == 200
+    })
+    .await;
+    engine.shutdown().await;
+}
+
+/// A new consumer group on an old topic: old events are recorded (in-app included) but
+/// send no email.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_events_are_recorded_but_send_no_email() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("shop");
+    let address = format!("{}@example.test", unique("old"));
+    let mut old = order_paid("old1", &tenant, "u1", Some(&address), 1.0);
+    old["time"] = (chrono::Utc::now() - chrono::Duration::days(3))
+        .to_rfc3339()
+        .into();
+    world.produce(&old).await;
+    world
+        .produce(&order_paid("new1", &tenant, "u1", Some(&address), 2.0))
+        .await;
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&address, 1, WAIT)
+        .await;
+    assert_eq!(mails[0].subject, "Payment received for order A-new1");
+    let (status, reason): (String, String) =
+        sqlx::query_as("SELECT status, last_error FROM email_outbox WHERE event_id = 'old1'")
+            .fetch_one(&world.pool().await)
+            .await
+            .unwrap();
+    assert_eq!(status, "skipped");
+    assert!(reason.contains("max_event_age_secs"), "{reason}");
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM notifications WHERE event_id = 'old1'")
+            .await,
+        1
+    );
+    assert_eq!(engine.metrics.emails_skipped.get(), 1);
+    engine.shutdown().await;
+}
+
+/// A recreated topic starts its offsets again: a new dead letter at a reused offset keeps
+/// its payload, while a redelivery of the same message is still stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_keep_payloads_at_reused_offsets() {
+    let world = World::new().await;
+    let config = world.config();
+    let pool = store::connect(&config.database, 2).unwrap();
+    store::migrate(&pool).await.unwrap();
+    let letter = |payload: &'static [u8]| NewDeadLetter {
+        tenant: None,
+        event_id: None,
+        origin: Origin {
+            topic: "orders",
+            partition: 0,
+            offset: 7,
+        },
+        key: None,
+        payload,
+        error_kind: "decode",
+        reason: "not JSON",
+        plugin: None,
+    };
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        store::insert_dead_letter(&mut tx, &letter(b"first life"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store::insert_dead_letter(&mut tx, &letter(b"first life"))
+            .await
+            .unwrap(),
+        "a redelivery is stored once"
+    );
+    assert!(
+        store::insert_dead_letter(&mut tx, &letter(b"second life"))
+            .await
+            .unwrap(),
+        "another message at a reused offset is kept"
+    );
+    tx.commit().await.unwrap();
+    let payloads: Vec<(Vec<u8>,)> = sqlx::query_as("SELECT payload FROM dead_letters ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        payloads,
+        [(b"first life".to_vec(),), (b"second life".to_vec(),)]
+    );
+}
+
+/// The HTTP edge under abuse: operator endpoints live on their own listener, a client that
+/// never finishes its headers is cut off, and one address cannot hold every connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_edge_holds_under_abuse() {
+    let world = World::new().await;
+    let mut config = world.config();
+    config.http.header_timeout_ms = 300;
+    config.http.max_connections_per_ip = 3;
+    let engine = world.start(config).await;
+    let http = reqwest::Client::new();
+
+    // Operator endpoints are not on the public listener.
+    let public = http
+        .get(format!("http://{}/healthz", engine.http_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 404);
+    let admin = http
+        .get(format!("http://{}/healthz", engine.admin_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 200);
+
+    // Slowloris: headers never finished → closed after the header timeout.
+    let started = tokio::time::Instant::now();
+    let mut slow = tokio::net::TcpStream::connect(engine.http_addr)
+        .await
+        .unwrap();
+    slow.write_all(b"GET /api/v1/sse HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest))
+        .await
+        .expect("the server closes a connection whose headers never end")
+        .ok();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+
+    // Per-address cap: three idle connections are the most one address may hold.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(
+            tokio::net::TcpStream::connect(engine.http_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    // Give the server time to accept them.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fourth = tokio::net::TcpStream::connect(engine.http_addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_millis(250), fourth.read(&mut buf))
+        .await
+        .expect("the fourth connection is closed at once, well before the header timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, _, body) = connect_sse(&engine, None, None).await;
+    assert_eq!(status, 401, "{body}");
+    engine.shutdown().await;
+}
