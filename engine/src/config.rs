@@ -98,6 +98,9 @@ pub struct KafkaConfig {
     pub batch_linger_ms: u64,
     /// Messages larger than this are dead-lettered without being decoded.
     pub max_message_bytes: usize,
+    /// Messages queued per tenant lane. When a slow tenant's lane is full, the partitions
+    /// carrying its next messages pause (in Kafka, not in memory) until it catches up.
+    pub lane_capacity: usize,
     /// Passed to librdkafka as-is (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`,
     /// ...). Credentials come from the environment only: `NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD`
     /// sets `sasl.password`.
@@ -113,6 +116,7 @@ impl Default for KafkaConfig {
             batch_max: 256,
             batch_linger_ms: 5,
             max_message_bytes: 256 * 1024,
+            lane_capacity: 1024,
             properties: BTreeMap::new(),
         }
     }
@@ -162,6 +166,9 @@ pub struct PluginConfig {
     pub max_output_bytes: usize,
     /// Most deliveries one event may produce.
     pub max_deliveries: usize,
+    /// Routing time one tenant may use per second (its lane pauses when it is spent), so a
+    /// slow plugin cannot take the cores other tenants need. 0: no limit.
+    pub tenant_budget_ms_per_sec: u64,
 }
 
 impl Default for PluginConfig {
@@ -175,6 +182,7 @@ impl Default for PluginConfig {
             max_input_bytes: 256 * 1024,
             max_output_bytes: 64 * 1024,
             max_deliveries: 100,
+            tenant_budget_ms_per_sec: 500,
         }
     }
 }
@@ -405,6 +413,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("batch_max", &self.batch_max)
             .field("batch_linger_ms", &self.batch_linger_ms)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("lane_capacity", &self.lane_capacity)
             .field("properties", &properties)
             .finish()
     }
@@ -564,8 +573,8 @@ impl Config {
         if self.kafka.brokers.trim().is_empty() {
             return invalid("kafka.brokers must be set".into());
         }
-        if self.kafka.batch_max == 0 {
-            return invalid("kafka.batch_max must be at least 1".into());
+        if self.kafka.batch_max == 0 || self.kafka.lane_capacity == 0 {
+            return invalid("kafka.batch_max and kafka.lane_capacity must be at least 1".into());
         }
         for key in ["group.id", "bootstrap.servers", "enable.auto.offset.store"] {
             if self.kafka.properties.contains_key(key) {

@@ -2,6 +2,7 @@
 //! Kafka probes, the plugin set) and by the pipeline (stalled or flowing). `/readyz` only
 //! reads it, so a flood of probe requests costs no database connection.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,8 +12,8 @@ use serde::Serialize;
 pub struct Health {
     postgres: AtomicBool,
     kafka: AtomicBool,
-    /// Why the pipeline cannot commit its current batch; `None` while it flows.
-    stall: Mutex<Option<String>>,
+    /// Why a pipeline lane cannot commit its current batch, per lane; empty while all flow.
+    stalls: Mutex<BTreeMap<String, String>>,
     plugins: Mutex<PluginsHealth>,
 }
 
@@ -46,8 +47,17 @@ impl Health {
         self.kafka.swap(ok, Ordering::Relaxed) != ok
     }
 
-    pub fn set_stall(&self, reason: Option<String>) {
-        *self.stall.lock().expect("health lock poisoned") = reason;
+    /// Records why `lane` is stalled, or (`None`) that it flows again.
+    pub fn set_stall(&self, lane: &str, reason: Option<String>) {
+        let mut stalls = self.stalls.lock().expect("health lock poisoned");
+        match reason {
+            Some(reason) => {
+                stalls.insert(lane.to_owned(), reason);
+            }
+            None => {
+                stalls.remove(lane);
+            }
+        }
     }
 
     pub fn set_plugins(&self, plugins: PluginsHealth) {
@@ -58,7 +68,13 @@ impl Health {
     pub fn snapshot(&self) -> Snapshot {
         let postgres = self.postgres.load(Ordering::Relaxed);
         let kafka = self.kafka.load(Ordering::Relaxed);
-        let stall = self.stall.lock().expect("health lock poisoned").clone();
+        let stall = {
+            let stalls = self.stalls.lock().expect("health lock poisoned");
+            stalls.values().next().map(|reason| match stalls.len() {
+                1 => reason.clone(),
+                n => format!("{reason} (and {} more lanes)", n - 1),
+            })
+        };
         Snapshot {
             ready: postgres && kafka && stall.is_none(),
             postgres,

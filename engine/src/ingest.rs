@@ -6,8 +6,10 @@
 //! argument; see `ARCHITECTURE.md`.
 
 pub mod envelope;
+mod offsets;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -34,8 +36,12 @@ pub struct Incoming {
     pub payload: Option<Vec<u8>>,
 }
 
-/// Logs partition assignments; librdkafka commits stored offsets on revocation itself.
-struct IngestContext;
+/// Logs partition assignments and forgets revoked partitions' in-flight offsets (their
+/// next owner re-reads them); librdkafka commits stored offsets on revocation itself.
+struct IngestContext {
+    offsets: Arc<Mutex<offsets::OffsetTracker>>,
+    revoked: tokio::sync::mpsc::UnboundedSender<(String, i32)>,
+}
 
 impl ClientContext for IngestContext {}
 
@@ -43,7 +49,12 @@ impl ConsumerContext for IngestContext {
     fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance) {
         match r {
             Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = %describe(tpl), "partitions revoked")
+                tracing::info!(partitions = %describe(tpl), "partitions revoked");
+                let mut offsets = self.offsets.lock().expect("offset lock poisoned");
+                for e in tpl.elements() {
+                    offsets.forget(e.topic(), e.partition());
+                    let _ = self.revoked.send((e.topic().to_owned(), e.partition()));
+                }
             }
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = %describe(tpl), "partitions assigned")
@@ -63,6 +74,8 @@ fn describe(tpl: &TopicPartitionList) -> String {
 
 pub struct Ingest {
     consumer: StreamConsumer<IngestContext>,
+    offsets: Arc<Mutex<offsets::OffsetTracker>>,
+    revoked: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(String, i32)>>,
 }
 
 impl Ingest {
@@ -76,22 +89,34 @@ impl Ingest {
             .set("auto.commit.interval.ms", "1000")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false");
-        let consumer: StreamConsumer<IngestContext> = client.create_with_context(IngestContext)?;
+        let offsets = Arc::new(Mutex::new(offsets::OffsetTracker::default()));
+        let (revoked_tx, revoked) = tokio::sync::mpsc::unbounded_channel();
+        let consumer: StreamConsumer<IngestContext> =
+            client.create_with_context(IngestContext {
+                offsets: offsets.clone(),
+                revoked: revoked_tx,
+            })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        Ok(Self { consumer })
+        Ok(Self {
+            consumer,
+            offsets,
+            revoked: tokio::sync::Mutex::new(revoked),
+        })
     }
 
-    /// Waits for the first message, then gathers more for up to `linger`, at most `max`.
-    /// Transient consumer errors are logged and waited out: the engine never stops
-    /// consuming because the broker hiccuped.
-    pub async fn next_batch(&self, max: usize, linger: Duration) -> Vec<Incoming> {
-        let mut batch = Vec::new();
+    /// The next message, recorded as in flight. Transient consumer errors are logged and
+    /// waited out: the engine never stops consuming because the broker hiccuped.
+    pub async fn recv(&self) -> Incoming {
         loop {
             match self.consumer.recv().await {
                 Ok(m) => {
-                    batch.push(owned(&m));
-                    break;
+                    let incoming = owned(&m);
+                    self.offsets
+                        .lock()
+                        .expect("offset lock poisoned")
+                        .dispatched(&incoming.topic, incoming.partition, incoming.offset);
+                    return incoming;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka consumer error");
@@ -99,32 +124,65 @@ impl Ingest {
                 }
             }
         }
-        let deadline = tokio::time::Instant::now() + linger;
-        while batch.len() < max {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(owned(&m)),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "kafka consumer error");
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        batch
     }
 
-    /// Marks everything up to and including each message of `handled` as done. Only call
-    /// after the messages' outcomes are committed in PostgreSQL.
-    pub fn store_offsets(&self, handled: &[&Incoming]) -> Result<(), IngestError> {
-        // Highest offset per partition: the batch is contiguous per partition, because
-        // one consumer delivers a partition in order and batches are handled one by one.
-        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-        for m in handled {
-            let e = next.entry((&m.topic, m.partition)).or_insert(m.offset + 1);
-            *e = (*e).max(m.offset + 1);
+    /// A partition taken away by a rebalance (its in-flight offsets are already forgotten).
+    pub async fn revoked(&self) -> (String, i32) {
+        let mut revoked = self.revoked.lock().await;
+        match revoked.recv().await {
+            Some(partition) => partition,
+            // The consumer (which holds the sender) lives as long as `self`.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops fetching a partition (its messages wait in Kafka) until [`Ingest::resume`].
+    pub fn pause(&self, topic: &str, partition: i32) {
+        self.flow(topic, partition, true);
+    }
+
+    pub fn resume(&self, topic: &str, partition: i32) {
+        self.flow(topic, partition, false);
+    }
+
+    fn flow(&self, topic: &str, partition: i32, pause: bool) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let result = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        match result {
+            Ok(()) => tracing::debug!(topic, partition, pause, "partition flow changed"),
+            // Revoked meanwhile: nothing to pause or resume.
+            Err(e) => {
+                tracing::info!(topic, partition, pause, error = %e, "partition flow unchanged")
+            }
+        }
+    }
+
+    /// Marks messages whose outcomes are committed as finished, and stores each affected
+    /// partition's safe offset (its lowest unfinished message). Only call after COMMIT.
+    pub fn finished(&self, handled: &[&Incoming]) -> Result<(), IngestError> {
+        let mut safe: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        {
+            let mut offsets = self.offsets.lock().expect("offset lock poisoned");
+            for m in handled {
+                if let Some(offset) = offsets.finished(&m.topic, m.partition, m.offset) {
+                    safe.insert((&m.topic, m.partition), offset);
+                }
+            }
+        }
+        self.store(safe)
+    }
+
+    fn store(&self, safe: BTreeMap<(&str, i32), i64>) -> Result<(), IngestError> {
+        if safe.is_empty() {
+            return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in next {
+        for ((topic, partition), offset) in safe {
             tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
         }
         match self.consumer.store_offsets(&tpl) {

@@ -1,13 +1,20 @@
-//! The orchestrator: one batch of Kafka messages, routed, then one short transaction.
+//! The orchestrator: Kafka messages in, one outcome per event out, tenant by tenant.
 //!
-//! A batch goes through two steps, the way mini-redis's handlers read:
+//! [`Pipeline::run`] is the dispatcher: it reads messages, decodes each once, and hands it
+//! to its tenant's *lane* (undecodable messages share one). Lanes run side by side, each
+//! handling its own messages in order, so a tenant whose plugin is slow delays only itself;
+//! the [`offsets`](crate::ingest) tracker stores each partition's lowest unfinished offset,
+//! whatever order lanes finish in. A lane that is full pauses the partitions carrying its
+//! next messages (they wait in Kafka) until it catches up, and each tenant has a routing
+//! time budget ([`budget`]), so one tenant cannot take the cores the others need.
 //!
-//! 1. [`Pipeline::prepare`], outside any transaction: decode every message (bad input → a
-//!    dead letter), skip events already processed, and route the rest through their
-//!    tenants' plugins. Plugin time never holds a database lock.
-//! 2. [`Pipeline::commit`], one transaction: claim `(tenant, event id)` (already claimed →
-//!    duplicate), write notifications, outbox rows and dead letters. COMMIT, and only then
-//!    store the Kafka offsets and wake the SSE streams and the email worker.
+//! A lane's batch goes through two steps, the way mini-redis's handlers read:
+//!
+//! 1. [`Pipeline::prepare`], outside any transaction: skip events already processed and
+//!    route the rest through the tenant's plugin. Plugin time never holds a database lock.
+//! 2. [`Pipeline::commit`], one short transaction: claim `(tenant, event id)` (already
+//!    claimed → duplicate), write notifications, outbox rows and dead letters. COMMIT, and
+//!    only then mark the messages finished (offsets), wake SSE streams and the email worker.
 //!
 //! What the database or the platform does wrong is never blamed on a message: such a batch
 //! *stalls* (waits, reports not ready, tries again) until it commits. Only an error about a
@@ -16,12 +23,17 @@
 //! but before the offset commit they are re-read too, and the claim turns them into
 //! duplicates. Exactly one outcome per event.
 
+mod budget;
+
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio::sync::Notify;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EmailConfig, KafkaConfig};
@@ -50,6 +62,27 @@ pub struct Pipeline {
 
 /// Longest wait between two tries of a stalled batch.
 const MAX_STALL_DELAY: Duration = Duration::from_secs(30);
+/// Routing time after which a lane commits what it has routed so far.
+const MAX_ROUTING_PER_COMMIT: Duration = Duration::from_millis(250);
+/// How often messages held back for a full lane are offered to it again.
+const HELD_RETRY: Duration = Duration::from_millis(20);
+/// The lane of messages that did not decode (they have no trustworthy tenant).
+const REJECTS_LANE: &str = "";
+
+/// A message on its way to a lane, decoded once by the dispatcher.
+struct Work {
+    message: Incoming,
+    decoded: Result<Event, Rejection>,
+}
+
+impl Work {
+    fn lane(&self) -> &str {
+        match &self.decoded {
+            Ok(event) => &event.tenant,
+            Err(_) => REJECTS_LANE,
+        }
+    }
+}
 
 /// One message of a batch, ready to be written.
 struct Prepared<'a> {
@@ -99,55 +132,134 @@ struct Outcome {
 }
 
 impl Pipeline {
-    /// Consumes until `shutdown` fires, finishing the batch in hand first.
+    /// Dispatches messages to tenant lanes until `shutdown` fires; each lane finishes the
+    /// batch in hand. Returns early only if a lane died (a bug): the engine then stops.
     pub async fn run(self, shutdown: CancellationToken) {
-        let linger = Duration::from_millis(self.kafka.batch_linger_ms);
+        let pipeline = Arc::new(self);
+        let mut dispatcher = Dispatcher {
+            pipeline: pipeline.clone(),
+            shutdown: shutdown.clone(),
+            lanes: HashMap::new(),
+            running: JoinSet::new(),
+            held: HashMap::new(),
+        };
         loop {
-            let batch = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => break,
-                batch = self.ingest.next_batch(self.kafka.batch_max, linger) => batch,
-            };
-            if !self.handle_batch(&batch, &shutdown).await {
-                break;
-            }
-            if shutdown.is_cancelled() {
-                break;
+                Some(ended) = dispatcher.running.join_next() => {
+                    tracing::error!(panicked = ended.is_err(), "a pipeline lane stopped; stopping the pipeline");
+                    break;
+                }
+                (topic, partition) = pipeline.ingest.revoked() => dispatcher.revoked(&topic, partition),
+                message = pipeline.ingest.recv() => dispatcher.dispatch(message),
+                _ = tokio::time::sleep(HELD_RETRY), if !dispatcher.held.is_empty() => dispatcher.offer_held(),
             }
         }
+        // Lanes watch the same token: each finishes its batch in hand, the rest of its
+        // queue is re-read by whoever owns the partitions next.
+        shutdown.cancel();
+        while dispatcher.running.join_next().await.is_some() {}
         // Offsets of every committed batch are stored; make them durable before leaving so
         // the partitions' next owner does not re-read finished work.
-        self.ingest.commit_stored();
+        pipeline.ingest.commit_stored();
         tracing::info!("pipeline stopped");
     }
 
-    /// Handles a batch until it is committed. Returns false if shutdown interrupted the
-    /// waiting (the batch is then not acknowledged and will be re-read).
-    async fn handle_batch(&self, batch: &[Incoming], shutdown: &CancellationToken) -> bool {
+    /// One tenant's lane: takes what is queued (up to `kafka.batch_max`, waiting at most
+    /// `kafka.batch_linger_ms` for more) and handles it as one batch, in order.
+    async fn lane(
+        self: Arc<Self>,
+        tenant: String,
+        mut queue: mpsc::Receiver<Work>,
+        shutdown: CancellationToken,
+    ) {
+        let linger = Duration::from_millis(self.kafka.batch_linger_ms);
+        let mut budget = budget::Budget::new(
+            Duration::from_millis(self.plugins.tenant_budget_ms_per_sec()),
+            Instant::now(),
+        );
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                work = queue.recv() => match work {
+                    Some(work) => work,
+                    None => return,
+                },
+            };
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + linger;
+            while batch.len() < self.kafka.batch_max {
+                match tokio::time::timeout_at(deadline, queue.recv()).await {
+                    Ok(Some(work)) => batch.push(work),
+                    _ => break,
+                }
+            }
+            if !self
+                .handle_batch(&tenant, &batch, &mut budget, &shutdown)
+                .await
+            {
+                return;
+            }
+        }
+    }
+
+    /// Handles a lane's batch until all of it is committed, in order: a prefix per
+    /// transaction (see [`MAX_ROUTING_PER_COMMIT`]). Returns false if shutdown interrupted
+    /// the waiting (what is not committed then is re-read).
+    async fn handle_batch(
+        &self,
+        lane: &str,
+        batch: &[Work],
+        budget: &mut budget::Budget,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut rest = batch;
+        while !rest.is_empty() {
+            match self.commit_prefix(lane, rest, budget, shutdown).await {
+                Some(done) => rest = &rest[done..],
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Commits a prefix of `batch`, stalling (waiting and trying again) while the database
+    /// or the platform fails. Returns how many messages it committed, or `None` on shutdown.
+    async fn commit_prefix(
+        &self,
+        lane: &str,
+        batch: &[Work],
+        budget: &mut budget::Budget,
+        shutdown: &CancellationToken,
+    ) -> Option<usize> {
         let mut delay = Duration::from_millis(100);
         loop {
-            let stall = match self.prepare(batch).await {
+            let stall = match self.prepare(batch, budget, shutdown).await {
                 Ok(prepared) => match self.write(&prepared).await {
                     Ok(()) => {
-                        self.health.set_stall(None);
-                        return true;
+                        self.health.set_stall(lane, None);
+                        return Some(prepared.len());
                     }
                     Err(stall) => stall,
                 },
                 Err(stall) => stall,
             };
+            if shutdown.is_cancelled() {
+                return None;
+            }
             self.metrics
                 .pipeline_stalls
                 .with_label_values(&[stall.cause()])
                 .inc();
             tracing::warn!(
-                cause = stall.cause(), error = %stall, size = batch.len(),
+                lane, cause = stall.cause(), error = %stall, size = batch.len(),
                 retry_in_ms = delay.as_millis() as u64,
                 "batch stalled: the database or the platform failed, not the data; waiting"
             );
             self.health
-                .set_stall(Some(format!("{}: {stall}", stall.cause())));
+                .set_stall(lane, Some(format!("{}: {stall}", stall.cause())));
             tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
             if let Stall::Plugin(_) = stall {
@@ -160,28 +272,51 @@ impl Pipeline {
         }
     }
 
-    /// Step 1, outside any transaction: decode, skip known duplicates, route.
-    async fn prepare<'a>(&self, batch: &'a [Incoming]) -> Result<Vec<Prepared<'a>>, Stall> {
-        let decoded: Vec<Result<Event, Rejection>> = batch
+    /// Step 1, outside any transaction: skip known duplicates, route the rest, within the
+    /// tenant's routing-time budget. Stops early, returning a prefix, once routing has taken
+    /// [`MAX_ROUTING_PER_COMMIT`]: a slow tenant's events are committed (and reach their
+    /// users) a few at a time instead of all at the end of a long batch.
+    async fn prepare<'a>(
+        &self,
+        batch: &'a [Work],
+        budget: &mut budget::Budget,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Prepared<'a>>, Stall> {
+        let keys: Vec<(&str, &str)> = batch
             .iter()
-            .map(|m| envelope::decode(m.payload.as_deref(), self.kafka.max_message_bytes))
-            .collect();
-        let keys: Vec<(&str, &str)> = decoded
-            .iter()
-            .filter_map(|d| d.as_ref().ok())
+            .filter_map(|w| w.decoded.as_ref().ok())
             .map(|e| (e.tenant.as_str(), e.id.as_str()))
             .collect();
         let seen = store::already_processed(&self.pool, &keys).await?;
         let mut prepared = Vec::with_capacity(batch.len());
-        for (message, decoded) in batch.iter().zip(decoded) {
-            let step = match decoded {
-                Err(rejection) => Step::Rejected(rejection),
+        let routing_since = Instant::now();
+        for work in batch {
+            if routing_since.elapsed() >= MAX_ROUTING_PER_COMMIT {
+                break;
+            }
+            let step = match &work.decoded {
+                Err(rejection) => Step::Rejected(rejection.clone()),
                 Ok(event) if seen.contains(&(event.tenant.clone(), event.id.clone())) => {
                     Step::Duplicate
                 }
-                Ok(event) => self.route(event).await?,
+                Ok(event) => {
+                    let started = Instant::now();
+                    let step = self.route(event.clone()).await?;
+                    if let Some(pause) = budget.spend(started.elapsed(), Instant::now()) {
+                        tracing::debug!(tenant = %event.tenant, pause_ms = pause.as_millis() as u64, "tenant over its routing budget; pausing its lane");
+                        self.metrics.tenant_budget_pauses.inc();
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                    }
+                    step
+                }
             };
-            prepared.push(Prepared { message, step });
+            prepared.push(Prepared {
+                message: &work.message,
+                step,
+            });
         }
         Ok(prepared)
     }
@@ -248,7 +383,7 @@ impl Pipeline {
     /// After COMMIT: offsets, metrics, wake-ups.
     fn acknowledge(&self, prepared: &[Prepared<'_>], outcome: Outcome) {
         let messages: Vec<&Incoming> = prepared.iter().map(|p| p.message).collect();
-        if let Err(e) = self.ingest.store_offsets(&messages) {
+        if let Err(e) = self.ingest.finished(&messages) {
             // The outcome is committed; a later batch's offsets cover this one, and at
             // worst the messages are re-read and dropped as duplicates.
             tracing::warn!(error = %e, "storing offsets failed");
@@ -569,5 +704,91 @@ fn origin(message: &Incoming) -> Origin<'_> {
         topic: &message.topic,
         partition: message.partition,
         offset: message.offset,
+    }
+}
+
+/// Hands messages to tenant lanes, holding back (and pausing the partitions of) messages
+/// whose lane is full.
+struct Dispatcher {
+    pipeline: Arc<Pipeline>,
+    shutdown: CancellationToken,
+    lanes: HashMap<String, mpsc::Sender<Work>>,
+    running: JoinSet<()>,
+    /// Per paused partition, its messages that could not be queued yet, in order.
+    held: HashMap<(String, i32), VecDeque<Work>>,
+}
+
+impl Dispatcher {
+    fn dispatch(&mut self, message: Incoming) {
+        let decoded = envelope::decode(
+            message.payload.as_deref(),
+            self.pipeline.kafka.max_message_bytes,
+        );
+        let work = Work { message, decoded };
+        let partition = (work.message.topic.clone(), work.message.partition);
+        // A partition with held messages keeps its order: later ones queue behind.
+        if let Some(held) = self.held.get_mut(&partition) {
+            held.push_back(work);
+            return;
+        }
+        if let Some(work) = self.offer(work) {
+            tracing::info!(topic = %partition.0, partition = partition.1, lane = work.lane(), "tenant lane full; pausing the partition");
+            self.pipeline.ingest.pause(&partition.0, partition.1);
+            self.held.insert(partition, VecDeque::from([work]));
+        }
+    }
+
+    /// Queues `work` on its lane (starting the lane if needed); gives it back if full.
+    fn offer(&mut self, work: Work) -> Option<Work> {
+        let lane = work.lane().to_owned();
+        let sender = self.lanes.entry(lane.clone()).or_insert_with(|| {
+            let (sender, queue) = mpsc::channel(self.pipeline.kafka.lane_capacity);
+            self.running.spawn(
+                self.pipeline
+                    .clone()
+                    .lane(lane, queue, self.shutdown.clone()),
+            );
+            sender
+        });
+        match sender.try_send(work) {
+            Ok(()) => None,
+            Err(TrySendError::Full(work)) => Some(work),
+            // The lane ended (shutdown, or a panic the run loop is about to see).
+            Err(TrySendError::Closed(_)) => None,
+        }
+    }
+
+    /// Offers held messages to their lanes again, keeping each tenant's order; resumes a
+    /// partition once nothing of it is held.
+    fn offer_held(&mut self) {
+        let partitions: Vec<(String, i32)> = self.held.keys().cloned().collect();
+        for partition in partitions {
+            let Some(mut held) = self.held.remove(&partition) else {
+                continue;
+            };
+            let mut blocked: HashSet<String> = HashSet::new();
+            let mut still = VecDeque::new();
+            while let Some(work) = held.pop_front() {
+                if blocked.contains(work.lane()) {
+                    still.push_back(work);
+                    continue;
+                }
+                if let Some(work) = self.offer(work) {
+                    blocked.insert(work.lane().to_owned());
+                    still.push_back(work);
+                }
+            }
+            if still.is_empty() {
+                tracing::info!(topic = %partition.0, partition = partition.1, "held messages queued; resuming the partition");
+                self.pipeline.ingest.resume(&partition.0, partition.1);
+            } else {
+                self.held.insert(partition, still);
+            }
+        }
+    }
+
+    /// A revoked partition's held messages are its next owner's to read.
+    fn revoked(&mut self, topic: &str, partition: i32) {
+        self.held.remove(&(topic.to_owned(), partition));
     }
 }

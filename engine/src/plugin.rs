@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -461,6 +461,11 @@ impl PluginHost {
         Ok(())
     }
 
+    /// Routing time one tenant may use per second (`plugins.tenant_budget_ms_per_sec`).
+    pub fn tenant_budget_ms_per_sec(&self) -> u64 {
+        self.limits.tenant_budget_ms_per_sec
+    }
+
     /// The plugin set as loaded, for readiness.
     pub fn health(&self) -> crate::health::PluginsHealth {
         let plugins = self.plugins.load();
@@ -615,8 +620,19 @@ impl PluginHost {
             .as_millis()
             .div_ceil(EPOCH_TICK.as_millis())
             .max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // Every epoch tick the guest yields to tokio, so a plugin spinning for its whole
+        // budget shares its worker thread with everything else (the HTTP side, other
+        // tenants' lanes) instead of holding it; once `ticks` have passed, it traps.
+        let mut remaining = ticks;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            remaining = remaining.saturating_sub(1);
+            Ok(if remaining == 0 {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
+            })
+        });
 
         let started = Instant::now();
         let plugin = loaded.name.clone();
@@ -754,6 +770,10 @@ fn plugin_text(text: &str) -> String {
     out
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -772,8 +792,4 @@ mod tests {
         );
         assert!(long.ends_with('…'));
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -53,6 +53,8 @@ pub struct Metrics {
     /// Batches that could not be committed because of the database or the platform
     /// (not the data); the pipeline waits and retries them.
     pub pipeline_stalls: IntCounterVec,
+    /// Times a tenant's lane paused because it had spent its routing-time budget.
+    pub tenant_budget_pauses: IntCounter,
     /// Open SSE connections.
     pub sse_connections: IntGauge,
     /// SSE connections refused by a connection cap.
@@ -135,6 +137,10 @@ impl Metrics {
                 "pipeline_stalls_total",
                 "Batch attempts that failed for a reason outside the data, by cause",
                 &["cause"],
+            ),
+            tenant_budget_pauses: counter(
+                "tenant_budget_pauses_total",
+                "Pauses of a tenant's lane that had spent its routing-time budget",
             ),
             sse_connections,
             sse_rejected: counter(

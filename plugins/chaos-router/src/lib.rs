@@ -13,12 +13,14 @@
 //! | `error`       | returns `Err(other("chaos: refused"))`                                     |
 //! | `bad_output`  | an in-app delivery with an empty user id and `data` that is not JSON       |
 //! | `huge_output` | 2000 in-app deliveries with 1 KiB bodies (~2 MiB, way over 64 KiB)         |
+//! | `slow`        | busy-waits `data.spin_ms` (default 90) ms of wall clock, then as if absent  |
 //!
 //! (\*) A host whose memory limiter traps on a refused `memory.grow` sees a trap; one that lets
 //! the grow fail gets `Err(other("chaos: allocation failed after N MiB"))`.
 //!
 //! Any other `chaos` value is an invalid event. There is no `sleep` mode yet (WASI clocks are linked,
 //! so a sleeping plugin is stopped by the engine's outer wall-clock bound, not by fuel or epochs).
+//! `slow` stands for a tenant whose routing is expensive: the noisy neighbour.
 
 use std::hint::black_box;
 
@@ -46,6 +48,19 @@ pub fn route_event(event: &Event) -> Result<Vec<Delivery>, RouteError> {
         log::warn(&format!("chaos: {mode}"));
     }
     match mode {
+        Some("slow") => {
+            let ms = data.opt_f64("spin_ms")?.unwrap_or(90.0);
+            spin_for(std::time::Duration::from_secs_f64(
+                ms.clamp(0.0, 10_000.0) / 1000.0,
+            ));
+            Ok(vec![Delivery::in_app(
+                data.str("user_id")?,
+                "chaos slow",
+                &event.id,
+                "chaos",
+                json!({}),
+            )])
+        }
         None => Ok(vec![Delivery::in_app(
             data.str("user_id")?,
             "chaos ok",
@@ -76,8 +91,19 @@ pub fn route_event(event: &Event) -> Result<Vec<Delivery>, RouteError> {
             Ok(vec![one; HUGE_COUNT])
         }
         Some(other) => Err(RouteError::invalid_event(format!(
-            "data.chaos must be one of trap, loop, oom, error, bad_output, huge_output (got {other:?})"
+            "data.chaos must be one of trap, loop, oom, error, bad_output, huge_output, slow (got {other:?})"
         ))),
+    }
+}
+
+/// Burns CPU for `duration` of wall clock (the host's monotonic clock, through WASI).
+fn spin_for(duration: std::time::Duration) {
+    let until = std::time::Instant::now() + duration;
+    let mut counter: u64 = 0;
+    while std::time::Instant::now() < until {
+        for _ in 0..1000 {
+            counter = black_box(counter.wrapping_add(1));
+        }
     }
 }
 
@@ -128,6 +154,20 @@ mod tests {
             time: "2026-01-01T00:00:00Z".into(),
             source: None,
             data: data.to_string(),
+        }
+    }
+
+    #[test]
+    fn slow_spins_then_delivers() {
+        let started = std::time::Instant::now();
+        let out = route_event(&event(
+            json!({"user_id": "u-1", "chaos": "slow", "spin_ms": 5}),
+        ))
+        .unwrap();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(5));
+        match &out[..] {
+            [Delivery::InApp(item)] => assert_eq!(item.title, "chaos slow"),
+            other => panic!("{other:?}"),
         }
     }
 
