@@ -557,3 +557,79 @@ async fn a_slow_tenant_does_not_slow_the_others() {
     assert!(engine.metrics.tenant_budget_pauses.get() >= 1);
     engine.shutdown().await;
 }
+
+/// Who may speak for a tenant, with `kafka.tenant_from = "header"`: a producer that names
+/// another tenant than its gateway header is refused and claims nothing (the victim's real
+/// event then goes through: no "duplicate"), as are a message without the header and a
+/// tenant outside the allow-list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_gateway_header_speaks_for_a_tenant() {
+    let world = World::new().await;
+    let victim = unique("victim");
+    let attacker = unique("attacker");
+    let stranger = unique("stranger");
+    let mut config = world.config();
+    config.kafka.tenant_from = notify_engine::config::TenantFrom::Header;
+    config.kafka.tenant_header = "x-tenant".into();
+    config.kafka.allowed_tenants = vec![victim.clone(), attacker.clone()];
+    let engine = world.start(config).await;
+    let (_, sse, _) = connect_sse(&engine, Some(&world.token(&victim, "u1")), None).await;
+    let mut sse = sse.unwrap();
+
+    let payload = |id: &str, tenant: &str| order_paid(id, tenant, "u1", None, 1.0).to_string();
+    let topic = world.topic_paid.clone();
+    // The attacker's producer writes the victim's tenant and event id first.
+    world
+        .produce_with_headers(
+            &topic,
+            None,
+            payload("v1", &victim).as_bytes(),
+            &[("x-tenant", &attacker)],
+        )
+        .await;
+    world
+        .produce_with_headers(&topic, None, payload("v0", &victim).as_bytes(), &[])
+        .await;
+    world
+        .produce_with_headers(
+            &topic,
+            None,
+            payload("s1", &stranger).as_bytes(),
+            &[("x-tenant", &stranger)],
+        )
+        .await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE error_kind = 'validation'",
+            3,
+            WAIT,
+        )
+        .await;
+    let pool = world.pool().await;
+    let reasons: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_id, reason FROM dead_letters ORDER BY event_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    // By event id: s1 (stranger), v0 (no header), v1 (the attacker's).
+    assert!(reasons[0].1.contains("allowed_tenants"), "{reasons:?}");
+    assert!(reasons[1].1.contains("header"), "{reasons:?}");
+    assert!(reasons[2].1.contains("may only speak for"), "{reasons:?}");
+    assert_eq!(
+        world.count("SELECT count(*) FROM processed_events").await,
+        0
+    );
+
+    // The victim's real event, through the gateway: delivered, not dropped as a duplicate.
+    world
+        .produce_with_headers(
+            &topic,
+            None,
+            payload("v1", &victim).as_bytes(),
+            &[("x-tenant", &victim)],
+        )
+        .await;
+    let frame = sse.next(WAIT).await.expect("the victim's real event");
+    assert_eq!(frame.data["event_id"], "v1");
+    engine.shutdown().await;
+}

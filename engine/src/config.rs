@@ -98,6 +98,16 @@ pub struct KafkaConfig {
     pub batch_linger_ms: u64,
     /// Messages larger than this are dead-lettered without being decoded.
     pub max_message_bytes: usize,
+    /// Where an event's tenant comes from: `payload` (the envelope; any producer on the
+    /// topics may speak for any tenant), `topic` (`tenant_topic_pattern`) or `header`
+    /// (`tenant_header`, set by a trusted gateway). See README, "Who may speak for a tenant".
+    pub tenant_from: TenantFrom,
+    /// With `tenant_from = "topic"`: topic names with one `{tenant}` placeholder.
+    pub tenant_topic_pattern: String,
+    /// With `tenant_from = "header"`: the Kafka header that names the tenant.
+    pub tenant_header: String,
+    /// Tenants accepted (empty: any); others are dead-lettered.
+    pub allowed_tenants: Vec<String>,
     /// Messages queued per tenant lane. When a slow tenant's lane is full, the partitions
     /// carrying its next messages pause (in Kafka, not in memory) until it catches up.
     pub lane_capacity: usize,
@@ -117,6 +127,10 @@ impl Default for KafkaConfig {
             batch_linger_ms: 5,
             max_message_bytes: 256 * 1024,
             lane_capacity: 1024,
+            tenant_from: TenantFrom::Payload,
+            tenant_topic_pattern: String::new(),
+            tenant_header: "tenant".into(),
+            allowed_tenants: Vec::new(),
             properties: BTreeMap::new(),
         }
     }
@@ -196,6 +210,29 @@ pub struct TenantConfig {
     pub plugin: Option<String>,
     /// Values the tenant's plugin reads through the `host.config` import.
     pub config: BTreeMap<String, String>,
+}
+
+/// Where an event's tenant comes from (`kafka.tenant_from`); see `ingest::trust`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantFrom {
+    /// The envelope's `tenant` field.
+    Payload,
+    /// The topic name, through `kafka.tenant_topic_pattern`.
+    Topic,
+    /// A Kafka header set by a trusted gateway (`kafka.tenant_header`).
+    Header,
+}
+
+impl TenantFrom {
+    /// As written in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantFrom::Payload => "payload",
+            TenantFrom::Topic => "topic",
+            TenantFrom::Header => "header",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,6 +451,10 @@ impl std::fmt::Debug for KafkaConfig {
             .field("batch_linger_ms", &self.batch_linger_ms)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("lane_capacity", &self.lane_capacity)
+            .field("tenant_from", &self.tenant_from)
+            .field("tenant_topic_pattern", &self.tenant_topic_pattern)
+            .field("tenant_header", &self.tenant_header)
+            .field("allowed_tenants", &self.allowed_tenants)
             .field("properties", &properties)
             .finish()
     }
@@ -575,6 +616,30 @@ impl Config {
         }
         if self.kafka.batch_max == 0 || self.kafka.lane_capacity == 0 {
             return invalid("kafka.batch_max and kafka.lane_capacity must be at least 1".into());
+        }
+        if self.kafka.tenant_from == TenantFrom::Topic
+            && self
+                .kafka
+                .tenant_topic_pattern
+                .matches(crate::ingest::trust::TENANT_PLACEHOLDER)
+                .count()
+                != 1
+        {
+            return invalid(
+                "kafka.tenant_from = \"topic\" needs kafka.tenant_topic_pattern with exactly one {tenant}, e.g. \"orders.{tenant}\""
+                    .into(),
+            );
+        }
+        if self.kafka.tenant_from == TenantFrom::Header && self.kafka.tenant_header.is_empty() {
+            return invalid("kafka.tenant_from = \"header\" needs kafka.tenant_header".into());
+        }
+        if let Some(bad) = self
+            .kafka
+            .allowed_tenants
+            .iter()
+            .find(|t| !crate::ingest::envelope::valid_tenant(t))
+        {
+            return invalid(format!("kafka.allowed_tenants: {bad:?} is not a tenant id"));
         }
         for key in ["group.id", "bootstrap.servers", "enable.auto.offset.store"] {
             if self.kafka.properties.contains_key(key) {

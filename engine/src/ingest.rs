@@ -7,6 +7,7 @@
 
 pub mod envelope;
 mod offsets;
+pub mod trust;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
@@ -34,6 +35,8 @@ pub struct Incoming {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// Kafka headers, in order (the tenant header of `kafka.tenant_from = "header"`).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 /// Logs partition assignments and forgets revoked partitions' in-flight offsets (their
@@ -243,6 +246,15 @@ fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
         offset: m.offset(),
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec),
+        headers: m
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

@@ -40,6 +40,7 @@ use crate::config::{EmailConfig, KafkaConfig};
 use crate::health::Health;
 use crate::hub::Hub;
 use crate::ingest::envelope::{self, Event, Rejection};
+use crate::ingest::trust::TenantTrust;
 use crate::ingest::{Incoming, Ingest};
 use crate::plugin::{Decision, Delivery, Disposition, NOTIFICATION_EVENT, PluginError, PluginHost};
 use crate::store::{self, NewDeadLetter, NewEmail, NewNotification, Origin, StoreError};
@@ -137,6 +138,7 @@ impl Pipeline {
     pub async fn run(self, shutdown: CancellationToken) {
         let pipeline = Arc::new(self);
         let mut dispatcher = Dispatcher {
+            trust: TenantTrust::new(&pipeline.kafka),
             pipeline: pipeline.clone(),
             shutdown: shutdown.clone(),
             lanes: HashMap::new(),
@@ -711,6 +713,7 @@ fn origin(message: &Incoming) -> Origin<'_> {
 /// whose lane is full.
 struct Dispatcher {
     pipeline: Arc<Pipeline>,
+    trust: TenantTrust,
     shutdown: CancellationToken,
     lanes: HashMap<String, mpsc::Sender<Work>>,
     running: JoinSet<()>,
@@ -723,7 +726,8 @@ impl Dispatcher {
         let decoded = envelope::decode(
             message.payload.as_deref(),
             self.pipeline.kafka.max_message_bytes,
-        );
+        )
+        .and_then(|event| self.trust.check(&message, event));
         let work = Work { message, decoded };
         let partition = (work.message.topic.clone(), work.message.partition);
         // A partition with held messages keeps its order: later ones queue behind.

@@ -189,7 +189,27 @@ impl World {
     }
 
     async fn produce_keyed(&self, topic: &str, key: Option<&str>, payload: &[u8]) {
-        let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
+        self.produce_with_headers(topic, key, payload, &[]).await;
+    }
+
+    /// Produces raw bytes with Kafka headers (a gateway's tenant header, say).
+    pub async fn produce_with_headers(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) {
+        let mut owned = rdkafka::message::OwnedHeaders::new();
+        for (name, value) in headers {
+            owned = owned.insert(rdkafka::message::Header {
+                key: name,
+                value: Some(*value),
+            });
+        }
+        let mut record = FutureRecord::<str, [u8]>::to(topic)
+            .payload(payload)
+            .headers(owned);
         if let Some(k) = key {
             record = record.key(k);
         }
