@@ -265,6 +265,7 @@ async fn missing_plugins_stall_or_park_and_never_claim() {
         TenantConfig {
             plugin: Some("ghost-router".into()),
             config: Default::default(),
+            ..TenantConfig::default()
         },
     );
     let engine = world.start(config).await;
@@ -631,5 +632,91 @@ async fn only_the_gateway_header_speaks_for_a_tenant() {
         .await;
     let frame = sse.next(WAIT).await.expect("the victim's real event");
     assert_eq!(frame.data["event_id"], "v1");
+    engine.shutdown().await;
+}
+
+/// Email cannot be turned into a phishing relay: a link from event data must be https:
+/// (and, for a tenant with link_domains, go to its domains), and a tenant with
+/// recipient_domains can mail only those. Refused emails fail unsent, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_links_and_recipients_follow_the_tenant_policy() {
+    let world = World::new().await;
+    let tenant = unique("shop");
+    let mut config = world.config();
+    config.tenants.insert(
+        tenant.clone(),
+        TenantConfig {
+            link_domains: vec!["track.example".into()],
+            recipient_domains: vec!["shop.example".into()],
+            ..TenantConfig::default()
+        },
+    );
+    let engine = world.start(config).await;
+    let customer = format!("{}@shop.example", unique("c"));
+    let outsider = format!("{}@bank.example", unique("victim"));
+    let shipped = |id: &str, to: &str, url: &str| {
+        event(
+            id,
+            &tenant,
+            "order_status_updated",
+            serde_json::json!({"user_id": "u1", "order_id": format!("A-{id}"), "status": "shipped",
+                    "email": to, "tracking_url": url}),
+        )
+    };
+    world
+        .produce(&shipped("good", &customer, "https://eu.track.example/p/1"))
+        .await;
+    world
+        .produce(&shipped(
+            "phish",
+            &customer,
+            "http://track.example.evil.example/login",
+        ))
+        .await;
+    world
+        .produce(&shipped(
+            "elsewhere",
+            &customer,
+            "https://evil.example/login",
+        ))
+        .await;
+    world
+        .produce(&shipped(
+            "outsider",
+            &outsider,
+            "https://eu.track.example/p/2",
+        ))
+        .await;
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&customer, 1, WAIT)
+        .await;
+    assert!(
+        mails[0].html.contains("https://eu.track.example/p/1"),
+        "{}",
+        mails[0].html
+    );
+    world
+        .wait_count(
+            "SELECT count(*) FROM email_outbox WHERE status = 'failed'",
+            3,
+            WAIT,
+        )
+        .await;
+    let failed: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_id, last_error FROM email_outbox WHERE status = 'failed' ORDER BY event_id",
+    )
+    .fetch_all(&world.pool().await)
+    .await
+    .unwrap();
+    // elsewhere, outsider, phish
+    assert!(failed[0].1.contains("link_domains"), "{failed:?}");
+    assert!(failed[1].1.contains("recipient_domains"), "{failed:?}");
+    assert!(failed[2].1.contains("is not https"), "{failed:?}");
+    assert!(
+        Mailpit::new(&world.services)
+            .messages_to(&outsider)
+            .await
+            .is_empty()
+    );
     engine.shutdown().await;
 }

@@ -174,6 +174,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         transport: delivery::transport(&config.smtp)?,
         from,
         config: config.email.clone(),
+        tenants: config.tenants.clone(),
         metrics: metrics.clone(),
         wake: email_wake,
     };

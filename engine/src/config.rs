@@ -210,6 +210,11 @@ pub struct TenantConfig {
     pub plugin: Option<String>,
     /// Values the tenant's plugin reads through the `host.config` import.
     pub config: BTreeMap<String, String>,
+    /// Domains `{{link}}` may point to in this tenant's emails (and their subdomains);
+    /// empty: any `https:` link.
+    pub link_domains: Vec<String>,
+    /// Domains this tenant may send email to; empty: any. Other recipients fail unsent.
+    pub recipient_domains: Vec<String>,
 }
 
 /// Where an event's tenant comes from (`kafka.tenant_from`); see `ingest::trust`.

@@ -29,7 +29,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{EmailConfig, SmtpConfig, SmtpTls};
+use crate::config::{EmailConfig, SmtpConfig, SmtpTls, TenantConfig};
 use crate::store::{self, OutboxEmail};
 use crate::telemetry::Metrics;
 use render::{RenderedEmail, Templates};
@@ -55,6 +55,8 @@ pub struct EmailWorker {
     pub transport: AsyncSmtpTransport<Tokio1Executor>,
     pub from: Mailbox,
     pub config: EmailConfig,
+    /// Per-tenant link and recipient policies.
+    pub tenants: std::collections::BTreeMap<String, TenantConfig>,
     pub metrics: Metrics,
     pub wake: Arc<Notify>,
 }
@@ -220,9 +222,19 @@ impl EmailWorker {
     }
 
     async fn attempt(&self, email: &OutboxEmail) -> Attempt {
+        let policy = self.tenants.get(&email.tenant_id);
+        if let Some(refusal) = policy.and_then(|t| recipient_refusal(&email.recipient, t)) {
+            return Attempt::Failed(refusal);
+        }
+        let link_domains = policy.map_or(&[][..], |t| &t.link_domains[..]);
         let rendered = {
             let templates = self.templates.load();
-            templates.render(&email.tenant_id, &email.template, &email.data.0)
+            templates.render(
+                &email.tenant_id,
+                &email.template,
+                &email.data.0,
+                link_domains,
+            )
         };
         let rendered = match rendered {
             Ok(r) => r,
@@ -270,6 +282,25 @@ impl EmailWorker {
     }
 }
 
+/// Why `recipient` may not receive this tenant's email (`tenants.<id>.recipient_domains`),
+/// or `None` if it may. Checked at every send, so a requeued row is checked again.
+fn recipient_refusal(recipient: &str, tenant: &TenantConfig) -> Option<String> {
+    if tenant.recipient_domains.is_empty() {
+        return None;
+    }
+    let domain = recipient
+        .rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('>').to_ascii_lowercase())
+        .unwrap_or_default();
+    let allowed = tenant
+        .recipient_domains
+        .iter()
+        .any(|d| d.eq_ignore_ascii_case(&domain));
+    (!allowed).then(|| {
+        format!("recipient domain {domain:?} is not among the tenant's recipient_domains; not sent")
+    })
+}
+
 /// The delay before retry number `attempts`: `base · 2^(attempts-1)`, capped at `max`, then
 /// scaled by `jitter` (drawn from [0.5, 1.0]) so the retries of one outage do not all land
 /// at the same moment.
@@ -282,6 +313,21 @@ fn backoff(base_ms: u64, max_ms: u64, attempts: i32, jitter: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recipients_are_checked_against_the_tenants_domains() {
+        let open = TenantConfig::default();
+        assert_eq!(recipient_refusal("anyone@anywhere.example", &open), None);
+        let strict = TenantConfig {
+            recipient_domains: vec!["acme.example".into()],
+            ..TenantConfig::default()
+        };
+        assert_eq!(recipient_refusal("Bob@ACME.example", &strict), None);
+        let refusal = recipient_refusal("victim@bank.example", &strict).unwrap();
+        assert!(refusal.contains("bank.example"), "{refusal}");
+        // A subdomain is another domain: listed explicitly or refused.
+        assert!(recipient_refusal("x@mail.acme.example", &strict).is_some());
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_cap() {

@@ -112,6 +112,7 @@ pub async fn run_plugin(
         TenantConfig {
             plugin: Some(limits.default_plugin.clone()),
             config: tenant_config,
+            ..TenantConfig::default()
         },
     );
     let host = PluginHost::new(limits.clone(), tenants)?;

@@ -162,6 +162,7 @@ impl World {
             TenantConfig {
                 plugin: None,
                 config: [("vip_threshold".to_string(), "500".to_string())].into(),
+                ..TenantConfig::default()
             },
         );
         c

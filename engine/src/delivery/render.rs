@@ -5,11 +5,21 @@
 //! HTML-escaped, subject and text are not (they are not HTML). Strict mode: a template that
 //! names a field the data lacks fails to render rather than sending a hole.
 //! Errors name the file and, for syntax errors, line and column.
+//!
+//! Email must not become a phishing relay for whoever controls event data: a link built
+//! from data goes through `{{link url}}`, which renders only `https:` URLs without
+//! credentials (and, when the tenant lists `link_domains`, only to those domains); an
+//! `href`/`src`/`action` attribute that puts data in a URL any other way marks the template
+//! broken at load. Partials cannot overflow the stack: cycles among partials, inline
+//! partials and templates (which `{{> name}}` also finds) are refused at load, and so are
+//! dynamic partials (`{{> (expr)}}`), which cannot be checked.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use handlebars::Handlebars;
+use handlebars::{
+    Context, Handlebars, Helper, HelperDef, RenderContext, RenderErrorReason, ScopedJson,
+};
 use serde_json::Value;
 
 /// The fallback tenant folder.
@@ -96,13 +106,21 @@ impl Templates {
         &self.dir
     }
 
-    /// Renders `template` for `tenant` with `data`.
+    /// Renders `template` for `tenant` with `data`; `{{link}}` accepts only hosts among
+    /// `link_domains` (and their subdomains) when it is not empty.
     pub fn render(
         &self,
         tenant: &str,
         template: &str,
         data: &Value,
+        link_domains: &[String],
     ) -> Result<RenderedEmail, RenderError> {
+        // The link policy travels in the data, under a key the data itself cannot set.
+        let mut data = data.clone();
+        if let Value::Object(map) = &mut data {
+            map.insert(LINK_DOMAINS_KEY.into(), link_domains.into());
+        }
+        let data = &data;
         let set = self
             .sets
             .get(tenant)
@@ -207,6 +225,129 @@ fn read_tenant_dir(dir: &Path) -> std::io::Result<TenantFiles> {
 
 handlebars::handlebars_helper!(money: |amount: f64| format!("{amount:.2}"));
 
+/// Where [`Templates::render`] puts the tenant's link domains for the `link` helper.
+const LINK_DOMAINS_KEY: &str = "_notify_link_domains";
+
+/// `{{link url}}`: the URL, if it is safe to put in an email; otherwise rendering fails and
+/// the email is not sent.
+struct Link;
+
+impl HelperDef for Link {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        ctx: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, handlebars::RenderError> {
+        let url = h
+            .param(0)
+            .and_then(|p| p.value().as_str())
+            .ok_or_else(|| RenderErrorReason::Other("link needs a URL string".into()))?;
+        let domains: Vec<&str> = ctx
+            .data()
+            .get(LINK_DOMAINS_KEY)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        check_link(url, &domains).map_err(RenderErrorReason::Other)?;
+        Ok(ScopedJson::Derived(Value::String(url.to_owned())))
+    }
+}
+
+/// `https:`, a host, no credentials (`https://bank.example@evil.example/` shows one host
+/// and goes to another), and among `domains` if any are given.
+fn check_link(raw: &str, domains: &[&str]) -> Result<(), String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("link {raw:?} is not a URL: {e}"))?;
+    if url.scheme() != "https" {
+        return Err(format!("link {raw:?} is not https:"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("link {raw:?} carries credentials"));
+    }
+    let host = url
+        .host_str()
+        .ok_or_else(|| format!("link {raw:?} has no host"))?
+        .to_ascii_lowercase();
+    let allowed = domains.is_empty()
+        || domains.iter().any(|d| {
+            let d = d.to_ascii_lowercase();
+            host == d || host.ends_with(&format!(".{d}"))
+        });
+    if !allowed {
+        return Err(format!(
+            "link {raw:?} goes to {host}, which is not among the tenant's link_domains"
+        ));
+    }
+    Ok(())
+}
+
+/// The first URL attribute (`href`, `src`, `action`) whose value puts data in the URL
+/// without the `link` helper, as written.
+fn unchecked_link(source: &str) -> Option<String> {
+    let lower = source.to_ascii_lowercase();
+    for attribute in ["href=", "src=", "action="] {
+        let mut from = 0;
+        while let Some(found) = lower[from..].find(attribute) {
+            let start = from + found + attribute.len();
+            from = start;
+            let rest = &source[start..];
+            let (quote, body) = match rest.chars().next() {
+                Some(q @ ('"' | '\'')) => (Some(q), &rest[1..]),
+                _ => (None, rest),
+            };
+            let end = match quote {
+                Some(q) => body.find(q).unwrap_or(body.len()),
+                None => body
+                    .find(|c: char| c.is_whitespace() || c == '>')
+                    .unwrap_or(body.len()),
+            };
+            let value = &body[..end];
+            let mut expressions = value.match_indices("{{");
+            let unchecked = expressions.any(|(i, _)| {
+                let tag = value[i + 2..].trim_start_matches(['{', '~']).trim_start();
+                !(tag.starts_with("link ") || tag.starts_with('!'))
+            });
+            if unchecked {
+                return Some(format!(
+                    "{}{}",
+                    &source[start - attribute.len()..start],
+                    value
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Does `source` include a partial chosen at render time (`{{> (expr)}}`)?
+fn has_dynamic_partial(source: &str) -> bool {
+    source.match_indices("{{").any(|(i, _)| {
+        let tag = source[i + 2..].trim_start_matches(['~', '#']).trim_start();
+        tag.strip_prefix('>')
+            .is_some_and(|after| after.trim_start().starts_with('('))
+    })
+}
+
+/// Inline partials defined in `source`: `{{#*inline "name"}}body{{/inline}}`.
+fn inline_partials(source: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = source;
+    while let Some(start) = rest.find("{{#*inline") {
+        rest = &rest[start + "{{#*inline".len()..];
+        let Some(close) = rest.find("}}") else { break };
+        let name = rest[..close]
+            .trim()
+            .trim_matches(['"', '\'', '~'])
+            .to_owned();
+        rest = &rest[close + 2..];
+        let end = rest.find("{{/inline}}").unwrap_or(rest.len());
+        out.push((name, rest[..end].to_owned()));
+        rest = &rest[end..];
+    }
+    out
+}
+
 fn build_set(defaults: &TenantFiles, own: &TenantFiles) -> TenantSet {
     let mut html = Handlebars::new();
     let mut plain = Handlebars::new();
@@ -214,6 +355,8 @@ fn build_set(defaults: &TenantFiles, own: &TenantFiles) -> TenantSet {
         registry.set_strict_mode(true);
         // `{{money amount}}`: 129.9 → "129.90".
         registry.register_helper("money", Box::new(money));
+        // `{{link url}}`: only safe links (see `check_link`).
+        registry.register_helper("link", Box::new(Link));
     }
     plain.register_escape_fn(handlebars::no_escape);
     let mut broken: HashMap<String, String> = own
@@ -227,15 +370,44 @@ fn build_set(defaults: &TenantFiles, own: &TenantFiles) -> TenantSet {
     let mut partials = defaults.partials.clone();
     partials.extend(own.partials.clone());
     let mut partial_errors = Vec::new();
+    let mut parts = defaults.parts.clone();
+    parts.extend(own.parts.clone());
     // Handlebars refuses a partial that includes itself, but not a longer cycle, which
-    // would overflow the stack at render time and take the process down.
-    if let Some(cycle) = partial_cycle(&partials) {
+    // would overflow the stack at render time and take the process down. `{{> name}}`
+    // finds partials, inline partials and templates alike: all are checked together.
+    let mut includable = partials.clone();
+    for ((template, part), (file, source)) in &parts {
+        includable.insert(format!("{template}/{part}"), (file.clone(), source.clone()));
+    }
+    let inline: Vec<(String, (String, String))> = includable
+        .values()
+        .flat_map(|(file, source)| {
+            inline_partials(source)
+                .into_iter()
+                .map(move |(name, body)| (name, (file.clone(), body)))
+        })
+        .collect();
+    for (name, definition) in inline {
+        includable.entry(name).or_insert(definition);
+    }
+    let cycle = partial_cycle(&includable);
+    if let Some(cycle) = &cycle {
         partial_errors.push(format!(
             "partials include each other: {}",
             cycle.join(" → ")
         ));
     }
     for (name, (file, source)) in &partials {
+        if has_dynamic_partial(source) {
+            partial_errors.push(format!(
+                "{file}: a dynamic partial ({{{{> (…)}}}}) cannot be checked for cycles; name the partial"
+            ));
+        }
+        if let Some(attribute) = unchecked_link(source) {
+            partial_errors.push(format!(
+                "{file}: {attribute}: a URL built from data must go through {{{{link …}}}}"
+            ));
+        }
         for registry in [&mut html, &mut plain] {
             if let Err(e) = registry.register_partial(name, source) {
                 partial_errors.push(format!("{file}: {}", describe_template_error(&e)));
@@ -244,10 +416,23 @@ fn build_set(defaults: &TenantFiles, own: &TenantFiles) -> TenantSet {
         }
     }
 
-    let mut parts = defaults.parts.clone();
-    parts.extend(own.parts.clone());
     let mut templates: HashMap<String, HashMap<&'static str, String>> = HashMap::new();
     for ((template, part), (file, source)) in &parts {
+        let refusal = if has_dynamic_partial(source) {
+            Some(format!(
+                "{file}: a dynamic partial ({{{{> (…)}}}}) cannot be checked for cycles; name the partial"
+            ))
+        } else if *part == "html" {
+            unchecked_link(source).map(|attribute| {
+                format!("{file}: {attribute}: a URL built from data must go through {{{{link …}}}}")
+            })
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            broken.insert(template.clone(), reason);
+            continue;
+        }
         let registry = if *part == "html" {
             &mut html
         } else {
@@ -397,11 +582,11 @@ mod tests {
         let dir = fixture();
         let t = Templates::load(dir.path()).unwrap();
         let data = json!({"order_id": "A-1", "name": "<Bob>", "shop": "Shop"});
-        let r = t.render("other", "paid", &data).unwrap();
+        let r = t.render("other", "paid", &data, &[]).unwrap();
         assert_eq!(r.subject, "Order A-1 paid");
         assert_eq!(r.text.as_deref(), Some("Hi <Bob>\n-- Shop"));
         assert_eq!(r.html.as_deref(), Some("<p>Hi &lt;Bob&gt;</p>"));
-        let r = t.render("acme", "paid", &data).unwrap();
+        let r = t.render("acme", "paid", &data, &[]).unwrap();
         assert_eq!(r.subject, "ACME: A-1");
         assert_eq!(r.text.as_deref(), Some("Hi <Bob>\n-- ACME"));
     }
@@ -414,7 +599,7 @@ mod tests {
         write(dir.path(), "cyc/paid/text.hbs", "{{> a}}");
         let t = Templates::load(dir.path()).unwrap();
         let e = t
-            .render("cyc", "paid", &json!({"order_id": "1"}))
+            .render("cyc", "paid", &json!({"order_id": "1"}), &[])
             .unwrap_err();
         assert!(e.to_string().contains("partials include each other"), "{e}");
         // Other tenants are unaffected.
@@ -422,10 +607,103 @@ mod tests {
             t.render(
                 "acme",
                 "paid",
-                &json!({"order_id": "1", "name": "n", "shop": "s"})
+                &json!({"order_id": "1", "name": "n", "shop": "s"}),
+                &[]
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn inline_dynamic_and_template_recursion_cannot_overflow_the_stack() {
+        let dir = fixture();
+        // An inline partial that includes itself.
+        write(
+            dir.path(),
+            "inl/paid/text.hbs",
+            "{{#*inline \"x\"}}x {{> x}}{{/inline}}{{> x}}",
+        );
+        // A template that includes itself by name (`{{> name}}` finds templates too).
+        write(dir.path(), "tpl/paid/text.hbs", "again {{> paid/text}}");
+        // A partial chosen at render time.
+        write(
+            dir.path(),
+            "dyn/paid/text.hbs",
+            "{{> (lookup this \"which\")}}",
+        );
+        let t = Templates::load(dir.path()).unwrap();
+        let data = json!({"order_id": "1", "name": "n", "shop": "s", "which": "footer"});
+        for (tenant, want) in [
+            ("inl", "include each other"),
+            ("tpl", "include each other"),
+            ("dyn", "dynamic partial"),
+        ] {
+            let e = t.render(tenant, "paid", &data, &[]).unwrap_err();
+            assert!(e.to_string().contains(want), "{tenant}: {e}");
+        }
+        assert!(t.render("acme", "paid", &data, &[]).is_ok());
+    }
+
+    #[test]
+    fn links_must_be_https_and_go_through_the_helper() {
+        let dir = fixture();
+        write(
+            dir.path(),
+            "lnk/paid/html.hbs",
+            "<a href=\"{{link url}}\">track</a>",
+        );
+        write(
+            dir.path(),
+            "raw/paid/html.hbs",
+            "<a href=\"{{url}}\">track</a>",
+        );
+        write(
+            dir.path(),
+            "raw2/paid/html.hbs",
+            "<img src='https://cdn.example/{{path}}'>",
+        );
+        let t = Templates::load(dir.path()).unwrap();
+        let with =
+            |url: &str| json!({"order_id": "1", "url": url, "path": "x", "name": "n", "shop": "s"});
+        let ok = t
+            .render(
+                "lnk",
+                "paid",
+                &with("https://track.example/p/1?a=1&b=2"),
+                &[],
+            )
+            .unwrap();
+        assert_eq!(
+            ok.html.as_deref(),
+            Some("<a href=\"https://track.example/p/1?a&#x3D;1&amp;b&#x3D;2\">track</a>")
+        );
+        for bad in [
+            "javascript:alert(1)",
+            "http://track.example/",
+            "https://bank.example@evil.example/",
+            "data:text/html,hi",
+        ] {
+            let e = t.render("lnk", "paid", &with(bad), &[]).unwrap_err();
+            assert!(matches!(e, RenderError::Render { .. }), "{bad}: {e}");
+        }
+        let domains = ["track.example".to_string()];
+        assert!(
+            t.render("lnk", "paid", &with("https://eu.track.example/1"), &domains)
+                .is_ok()
+        );
+        let e = t
+            .render("lnk", "paid", &with("https://evil.example/1"), &domains)
+            .unwrap_err();
+        assert!(e.to_string().contains("link_domains"), "{e}");
+        // The data cannot widen the policy by setting the key itself.
+        let mut sneaky = with("https://evil.example/1");
+        sneaky[LINK_DOMAINS_KEY] = json!(["evil.example"]);
+        assert!(t.render("lnk", "paid", &sneaky, &domains).is_err());
+        // Data in a URL attribute without the helper: refused at load.
+        for tenant in ["raw", "raw2"] {
+            let e = t.render(tenant, "paid", &with("x"), &[]).unwrap_err();
+            assert!(e.to_string().contains("link"), "{tenant}: {e}");
+        }
     }
 
     #[test]
@@ -437,13 +715,13 @@ mod tests {
             problems.contains("broken/subject.hbs: line 1"),
             "{problems}"
         );
-        let e = t.render("default", "broken", &json!({})).unwrap_err();
+        let e = t.render("default", "broken", &json!({}), &[]).unwrap_err();
         assert!(matches!(e, RenderError::Broken { .. }), "{e}");
-        let e = t.render("acme", "nope", &json!({})).unwrap_err();
+        let e = t.render("acme", "nope", &json!({}), &[]).unwrap_err();
         assert!(matches!(e, RenderError::Missing { .. }), "{e}");
         // Strict mode: a missing field is an error naming the file, not an empty hole.
         let e = t
-            .render("default", "paid", &json!({"order_id": "A"}))
+            .render("default", "paid", &json!({"order_id": "A"}), &[])
             .unwrap_err();
         assert!(
             e.to_string().contains("text.hbs") || e.to_string().contains("html.hbs"),
