@@ -720,3 +720,83 @@ async fn email_links_and_recipients_follow_the_tenant_policy() {
     );
     engine.shutdown().await;
 }
+
+/// A stream holds a bounded number of bytes: a replay page stops at `sse.page_bytes` (past
+/// its first row), and the whole history still arrives, in order. Deep replays are limited
+/// per user and minute (429 with Retry-After).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_are_bounded_in_bytes_and_rate() {
+    let world = World::new().await;
+    let mut config = world.config();
+    config.sse.page_bytes = 150_000;
+    config.sse.deep_replays_per_minute = 2;
+    let engine = world.start(config.clone()).await;
+    let tenant = unique("shop");
+    // Ten notifications of ~60 KB each, written as the pipeline would.
+    let pool = world.pool().await;
+    for seq in 1..=10i64 {
+        sqlx::query(
+            "INSERT INTO notifications (tenant_id, user_id, seq, event_id, kind, title, body, data)
+             VALUES ($1, 'u1', $2, $3, 'notification', 't', $4, '{}')",
+        )
+        .bind(&tenant)
+        .bind(seq)
+        .bind(format!("big{seq}"))
+        .bind("x".repeat(60_000))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query("INSERT INTO user_streams VALUES ($1, 'u1', 10)")
+        .bind(&tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let api = notify_engine::store::connect(&config.database, 1).unwrap();
+    let page = notify_engine::store::notifications_after(&api, &tenant, "u1", 0, 200, 150_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.len(),
+        2,
+        "two rows of ~60 KB fit in 150 KB, a third does not"
+    );
+    let page = notify_engine::store::notifications_after(&api, &tenant, "u1", 0, 200, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1, "a page always holds its first row");
+
+    let token = world.token(&tenant, "u1");
+    for _ in 0..2 {
+        let (status, sse, body) = connect_sse(&engine, Some(&token), Some("0")).await;
+        assert_eq!(status, 200, "{body}");
+        let mut sse = sse.unwrap();
+        for seq in 1..=10 {
+            let e = sse
+                .next(WAIT)
+                .await
+                .expect("the whole history, page by page");
+            assert_eq!(e.id.as_deref(), Some(seq.to_string().as_str()));
+        }
+    }
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/api/v1/sse", engine.http_addr))
+        .bearer_auth(&token)
+        .header("Last-Event-ID", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_requests");
+    // A stream that starts at "now" is not a deep replay.
+    let (status, _, body) = connect_sse(&engine, Some(&token), None).await;
+    assert_eq!(status, 200, "{body}");
+    engine.shutdown().await;
+}

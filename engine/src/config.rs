@@ -372,6 +372,11 @@ pub struct SseConfig {
     pub retry_ms: u64,
     /// Rows read from PostgreSQL per replay page.
     pub page_size: i64,
+    /// Bytes (titles, bodies, data) per page, past its first row: what one stream may hold.
+    pub page_bytes: i64,
+    /// Deep replays (`Last-Event-ID: 0`, or more than a page behind) one user may start per
+    /// minute; more answer 429. Each reads the user's history from PostgreSQL.
+    pub deep_replays_per_minute: u32,
     /// Open streams allowed per (tenant, user); more answer 429.
     pub max_connections_per_user: usize,
     /// Open streams allowed in total on this instance; more answer 429.
@@ -384,6 +389,8 @@ impl Default for SseConfig {
             keepalive_secs: 15,
             retry_ms: 3_000,
             page_size: 200,
+            page_bytes: 256 * 1024,
+            deep_replays_per_minute: 6,
             max_connections_per_user: 8,
             max_connections: 10_000,
         }
@@ -708,11 +715,13 @@ impl Config {
             ));
         }
         if self.sse.page_size < 1
+            || self.sse.page_bytes < 1
+            || self.sse.deep_replays_per_minute < 1
             || self.sse.max_connections_per_user < 1
             || self.sse.max_connections < 1
         {
             return invalid(
-                "sse.page_size, sse.max_connections_per_user and sse.max_connections must be at least 1"
+                "sse.page_size, sse.page_bytes, sse.deep_replays_per_minute, sse.max_connections_per_user and sse.max_connections must be at least 1"
                     .into(),
             );
         }

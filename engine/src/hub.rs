@@ -5,8 +5,9 @@
 //! slow client never makes the engine buffer (it simply reads later), ordering and gaps
 //! are PostgreSQL's to keep, and live delivery and `Last-Event-ID` replay are the same code.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -20,7 +21,14 @@ struct Entry {
 #[derive(Default)]
 pub struct Hub {
     entries: Mutex<HashMap<Key, Entry>>,
+    /// When each user started their recent deep replays (see [`Hub::deep_replay`]).
+    replays: Mutex<HashMap<Key, VecDeque<Instant>>>,
 }
+
+/// The window of `sse.deep_replays_per_minute`.
+const REPLAY_WINDOW: Duration = Duration::from_secs(60);
+/// Users tracked before stale entries are swept.
+const MAX_REPLAY_ENTRIES: usize = 10_000;
 
 /// Why a subscription was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +88,43 @@ impl Hub {
         })
     }
 
+    /// Admits a deep replay (a stream starting far behind, which reads the user's history
+    /// from PostgreSQL) for (tenant, user) at `now`, at most `per_minute` in any minute.
+    /// `Err` holds how long until the next one is admitted.
+    pub fn deep_replay(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        per_minute: u32,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        let mut replays = self.replays.lock().expect("hub lock poisoned");
+        let recent = |times: &mut VecDeque<Instant>| {
+            while times
+                .front()
+                .is_some_and(|t| now.saturating_duration_since(*t) >= REPLAY_WINDOW)
+            {
+                times.pop_front();
+            }
+        };
+        if replays.len() >= MAX_REPLAY_ENTRIES {
+            replays.retain(|_, times| {
+                recent(times);
+                !times.is_empty()
+            });
+        }
+        let times = replays
+            .entry((tenant.to_owned(), user_id.to_owned()))
+            .or_default();
+        recent(times);
+        if times.len() >= per_minute as usize {
+            let oldest = *times.front().expect("at least per_minute ≥ 1 entries");
+            return Err(REPLAY_WINDOW.saturating_sub(now.saturating_duration_since(oldest)));
+        }
+        times.push_back(now);
+        Ok(())
+    }
+
     /// Is anyone of (tenant, user) connected to this instance right now?
     pub fn is_connected(&self, tenant: &str, user_id: &str) -> bool {
         self.entries
@@ -124,6 +169,35 @@ mod tests {
         // An older sequence number never moves the watermark back.
         hub.publish("t1", "u1", 2);
         assert!(!a.updates.has_changed().unwrap());
+    }
+
+    #[test]
+    fn limits_deep_replays_per_user_and_minute() {
+        let hub = Hub::new();
+        let t0 = Instant::now();
+        assert!(hub.deep_replay("t", "u", 2, t0).is_ok());
+        assert!(
+            hub.deep_replay("t", "u", 2, t0 + Duration::from_secs(10))
+                .is_ok()
+        );
+        let wait = hub
+            .deep_replay("t", "u", 2, t0 + Duration::from_secs(20))
+            .unwrap_err();
+        assert_eq!(wait, Duration::from_secs(40));
+        // Another user, or the same tenant's other user, is not affected.
+        assert!(
+            hub.deep_replay("t", "v", 2, t0 + Duration::from_secs(20))
+                .is_ok()
+        );
+        assert!(
+            hub.deep_replay("t2", "u", 2, t0 + Duration::from_secs(20))
+                .is_ok()
+        );
+        // A minute after the first, one more is admitted.
+        assert!(
+            hub.deep_replay("t", "u", 2, t0 + Duration::from_secs(60))
+                .is_ok()
+        );
     }
 
     #[test]

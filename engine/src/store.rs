@@ -288,26 +288,40 @@ pub struct StoredNotification {
     pub read_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// The user's notifications after `after_seq`, oldest first. Every read is scoped by
-/// tenant *and* user: there is no query that takes only one of them.
+/// The user's notifications after `after_seq`, oldest first: at most `limit` rows and, past
+/// the first row, at most `max_bytes` of title, body and data, so a stream never holds more
+/// than one such page (or one row) in memory. Every read is scoped by tenant *and* user:
+/// there is no query that takes only one of them.
 pub async fn notifications_after(
     pool: &PgPool,
     tenant: &str,
     user_id: &str,
     after_seq: i64,
     limit: i64,
+    max_bytes: i64,
 ) -> Result<Vec<StoredNotification>> {
     Ok(sqlx::query_as(
         "SELECT seq, event_id, kind, title, body, category, data, created_at, read_at
-         FROM notifications
-         WHERE tenant_id = $1 AND user_id = $2 AND seq > $3
-         ORDER BY seq
-         LIMIT $4",
+         FROM (
+             SELECT page.*, sum(size) OVER (ORDER BY seq) AS running
+             FROM (
+                 SELECT seq, event_id, kind, title, body, category, data, created_at, read_at,
+                        octet_length(coalesce(title, '')) + octet_length(coalesce(body, ''))
+                            + octet_length(data::text) AS size
+                 FROM notifications
+                 WHERE tenant_id = $1 AND user_id = $2 AND seq > $3
+                 ORDER BY seq
+                 LIMIT $4
+             ) page
+         ) sized
+         WHERE running <= $5 OR running = size
+         ORDER BY seq",
     )
     .bind(tenant)
     .bind(user_id)
     .bind(after_seq)
     .bind(limit)
+    .bind(max_bytes)
     .fetch_all(pool)
     .await?)
 }

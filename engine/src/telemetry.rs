@@ -145,7 +145,7 @@ impl Metrics {
             sse_connections,
             sse_rejected: counter(
                 "sse_rejected_total",
-                "SSE connections refused by a connection cap",
+                "SSE connections refused by a connection cap or the deep-replay rate",
             ),
             plugin_calls: counter_vec(
                 "plugin_calls_total",

@@ -67,6 +67,28 @@ pub async fn stream(
     // An id beyond the latest (a tab left open across a database reset) would hide every
     // new event until the sequence caught up; start from "now" instead.
     let cursor = last_event_id.map_or(latest, |n| n.min(latest));
+    // Replaying a whole history costs the database a lot and a client nothing: a user may
+    // start only a few deep replays a minute.
+    if latest - cursor > state.sse.page_size || (last_event_id == Some(0) && latest > 0) {
+        state
+            .hub
+            .deep_replay(
+                &identity.tenant,
+                &identity.user_id,
+                state.sse.deep_replays_per_minute,
+                std::time::Instant::now(),
+            )
+            .map_err(|wait| {
+                state.metrics.sse_rejected.inc();
+                ApiError::RateLimited {
+                    message: format!(
+                        "too many deep replays for this user (sse.deep_replays_per_minute = {}); retry later",
+                        state.sse.deep_replays_per_minute
+                    ),
+                    retry_after_secs: wait.as_secs().max(1),
+                }
+            })?;
+    }
     tracing::debug!(tenant = %identity.tenant, user = %identity.user_id, cursor, "sse stream opened");
 
     let gauge = state.metrics.sse_connections.clone();
@@ -77,6 +99,7 @@ pub async fn stream(
         user_id: identity.user_id,
         cursor,
         page_size: state.sse.page_size,
+        page_bytes: state.sse.page_bytes,
         pending: VecDeque::new(),
         subscription,
         _open: OpenStream(gauge),
@@ -120,6 +143,7 @@ struct Reader {
     /// Highest sequence number sent (or skipped, for a stream without Last-Event-ID).
     cursor: i64,
     page_size: i64,
+    page_bytes: i64,
     pending: VecDeque<StoredNotification>,
     subscription: Subscription,
     _open: OpenStream,
@@ -155,6 +179,7 @@ impl Reader {
                 &self.user_id,
                 self.cursor,
                 self.page_size,
+                self.page_bytes,
             )
             .await
             {
