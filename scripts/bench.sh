@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks on the real services (release build): plugin call cost, pipeline events/s,
-# produce → SSE latency. BENCH_EVENTS sets the backlog size (default 20000).
+# produce → SSE latency. BENCH_EVENTS sets the backlog size (default 20000), BENCH_TENANTS
+# how many tenants (lanes) share it (default 1). Figures go to docs/benchmarks.md.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

@@ -4,7 +4,9 @@
 //! 2. `pipeline`: events/s from Kafka to committed notifications, with a backlog of N events.
 //! 3. `latency`: produce → SSE frame received, one event at a time.
 //!
-//! Prints one line per figure; `ARCHITECTURE.md` quotes them with machine and date.
+//! Prints one line per figure; `docs/benchmarks.md` records them with machine and date.
+//! `BENCH_EVENTS` sets the backlog (default 20 000), `BENCH_TENANTS` how many tenants share
+//! it (default 1; each tenant is a lane of its own).
 
 use std::time::{Duration, Instant};
 
@@ -26,7 +28,7 @@ fn env(name: &str) -> String {
 fn event(id: usize, tenant: &str, user: usize) -> serde_json::Value {
     json!({
         "id": format!("e{id}"), "tenant": tenant, "type": "order_paid",
-        "time": "2026-11-26T10:00:00Z",
+        "time": chrono::Utc::now().to_rfc3339(),
         "data": {"user_id": format!("u{user}"), "order_id": format!("A-{id}"),
                  "amount": 12.5, "currency": "EUR"}
     })
@@ -100,11 +102,21 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
+    let tenants: usize = std::env::var("BENCH_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let users = 500;
     let mut sends = Vec::with_capacity(events);
     let (producer_ref, topic_ref) = (&producer, &topic);
     for i in 0..events {
-        let payload = event(i, "bench", i % users).to_string();
+        let tenant = if tenants == 1 {
+            "bench".to_string()
+        } else {
+            format!("bench{}", i % tenants)
+        };
+        let payload = event(i, &tenant, i % users).to_string();
         let key = format!("u{}", i % users);
         sends.push(async move {
             producer_ref
@@ -125,6 +137,8 @@ async fn main() {
 
     let mut config = Config::default();
     config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.admin_listen = "127.0.0.1:0".parse().unwrap();
+    config.smtp.tls = notify_engine::config::SmtpTls::None;
     config.kafka.brokers = brokers.clone();
     config.kafka.topics = vec![topic.clone()];
     config.kafka.group_id = format!("bench-{suffix}");
@@ -147,7 +161,7 @@ async fn main() {
     }
     let elapsed = first.elapsed();
     println!(
-        "pipeline: {events} events ({users} users, 3 partitions, batch_max {}) in {:.2} s: {:.0} events/s (group join + start {:.1} s not counted)",
+        "pipeline: {events} events ({tenants} tenants, {users} users, 3 partitions, batch_max {}) in {:.2} s: {:.0} events/s (group join + start {:.1} s not counted)",
         config.kafka.batch_max,
         elapsed.as_secs_f64(),
         events as f64 / elapsed.as_secs_f64(),
