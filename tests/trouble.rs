@@ -216,8 +216,8 @@ async fn a_lock_timeout_stalls_the_batch_instead_of_dead_lettering() {
     engine.shutdown().await;
 }
 
-/// A user's sequence row lost (a restore, an operator's mistake) heals itself: the next
-/// notification continues after the highest stored one instead of colliding with it.
+/// A user's sequence row lost or set back (a restore, an operator's mistake) heals itself:
+/// the next notification continues after the highest stored one instead of colliding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_sequence_row_loses_nothing() {
     let world = World::new().await;
@@ -243,6 +243,21 @@ async fn a_deleted_sequence_row_loses_nothing() {
         .wait_count(
             "SELECT seq FROM notifications WHERE event_id = 'q3'",
             3,
+            WAIT,
+        )
+        .await;
+    // A row set back (a partial restore) heals the same way.
+    sqlx::query("UPDATE user_streams SET last_seq = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    world
+        .produce(&order_paid("q4", &tenant, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count(
+            "SELECT seq FROM notifications WHERE event_id = 'q4'",
+            4,
             WAIT,
         )
         .await;
@@ -470,6 +485,14 @@ async fn the_http_edge_holds_under_abuse() {
         .expect("the server closes a connection whose headers never end")
         .ok();
     assert!(started.elapsed() >= Duration::from_millis(250));
+    // An idle connection that never sends anything is closed the same way.
+    let mut idle = tokio::net::TcpStream::connect(engine.http_addr)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut rest))
+        .await
+        .expect("the server closes an idle connection")
+        .ok();
 
     // Per-address cap: three idle connections are the most one address may hold.
     let mut idle = Vec::new();

@@ -49,20 +49,37 @@ struct IngestContext {
 impl ClientContext for IngestContext {}
 
 impl ConsumerContext for IngestContext {
-    fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance) {
+    fn pre_rebalance(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance) {
         match r {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = %describe(tpl), "partitions revoked");
-                let mut offsets = self.offsets.lock().expect("offset lock poisoned");
-                for e in tpl.elements() {
-                    offsets.forget(e.topic(), e.partition());
-                    let _ = self.revoked.send((e.topic().to_owned(), e.partition()));
+                // librdkafka keeps a partition's pause flag across revoke and reassign: a
+                // partition paused behind a full lane and given back later would never be
+                // read again. Its held messages are dropped (below), so resume it now.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::info!(error = %e, "resuming revoked partitions failed");
                 }
+                self.forget(tpl);
             }
             Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = %describe(tpl), "partitions assigned")
+                tracing::info!(partitions = %describe(tpl), "partitions assigned");
+                // Whatever is still in flight from an earlier assignment is re-delivered
+                // from the committed offset; its old copies no longer hold the offset back.
+                self.forget(tpl);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+impl IngestContext {
+    /// Drops the partitions' in-flight offsets and tells the dispatcher to drop their held
+    /// messages: their next owner (maybe us) reads them again.
+    fn forget(&self, tpl: &TopicPartitionList) {
+        let mut offsets = self.offsets.lock().expect("offset lock poisoned");
+        for e in tpl.elements() {
+            offsets.forget(e.topic(), e.partition());
+            let _ = self.revoked.send((e.topic().to_owned(), e.partition()));
         }
     }
 }

@@ -145,6 +145,10 @@ impl Pipeline {
             running: JoinSet::new(),
             held: HashMap::new(),
         };
+        // One timer across iterations: a `sleep` made anew in the loop would be reset by
+        // every arriving message, and held messages would starve under steady traffic.
+        let mut held_retry = tokio::time::interval(HELD_RETRY);
+        held_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -154,7 +158,7 @@ impl Pipeline {
                 }
                 (topic, partition) = pipeline.ingest.revoked() => dispatcher.revoked(&topic, partition),
                 message = pipeline.ingest.recv() => dispatcher.dispatch(message),
-                _ = tokio::time::sleep(HELD_RETRY), if !dispatcher.held.is_empty() => dispatcher.offer_held(),
+                _ = held_retry.tick(), if !dispatcher.held.is_empty() => dispatcher.offer_held(),
             }
         }
         // Lanes watch the same token: each finishes its batch in hand, the rest of its
@@ -217,6 +221,10 @@ impl Pipeline {
     ) -> bool {
         let mut rest = batch;
         while !rest.is_empty() {
+            if shutdown.is_cancelled() {
+                // The prefix in hand is committed; the rest is re-read after the restart.
+                return false;
+            }
             match self.commit_prefix(lane, rest, budget, shutdown).await {
                 Some(done) => rest = &rest[done..],
                 None => return false,
@@ -266,9 +274,7 @@ impl Pipeline {
             }
             if let Stall::Plugin(_) = stall {
                 // An operator may have put the missing plugin in place meanwhile.
-                if let Err(e) = self.plugins.load_dir().await {
-                    tracing::warn!(error = %e, "reloading the plugin directory failed");
-                }
+                self.plugins.reload_after_stall().await;
             }
             delay = (delay * 2).min(MAX_STALL_DELAY);
         }

@@ -333,8 +333,14 @@ pub struct PluginHost {
     empty_config: Arc<BTreeMap<String, String>>,
     tenant_configs: HashMap<String, Arc<BTreeMap<String, String>>>,
     plugins: ArcSwap<HashMap<String, Slot>>,
+    /// When stalled lanes last reloaded the directory: one reload at a time, at most one per
+    /// [`STALL_RELOAD_INTERVAL`], however many lanes wait.
+    stall_reload: tokio::sync::Mutex<Option<Instant>>,
     _ticker: EpochTicker,
 }
+
+/// Least time between two reloads of the plugin directory by stalled lanes.
+const STALL_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 impl PluginHost {
     pub fn new(
@@ -371,6 +377,7 @@ impl PluginHost {
             empty_config: Arc::new(BTreeMap::new()),
             tenant_configs,
             plugins: ArcSwap::from_pointee(HashMap::new()),
+            stall_reload: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -446,6 +453,19 @@ impl PluginHost {
             .unwrap_or_default()
             .to_owned();
         Ok(Loaded { name, digest, pre })
+    }
+
+    /// Reloads the directory for lanes stalled on a missing plugin: one lane does it, the
+    /// others wait for it, and not more than once per [`STALL_RELOAD_INTERVAL`].
+    pub async fn reload_after_stall(&self) {
+        let mut last = self.stall_reload.lock().await;
+        if last.is_some_and(|t| t.elapsed() < STALL_RELOAD_INTERVAL) {
+            return;
+        }
+        if let Err(e) = self.load_dir().await {
+            tracing::warn!(error = %e, "reloading the plugin directory failed");
+        }
+        *last = Some(Instant::now());
     }
 
     /// Loads a single file as the only plugin, under the default name (the local runner).

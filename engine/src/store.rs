@@ -165,15 +165,16 @@ pub struct NewNotification<'a> {
 
 /// Stores a notification under the user's next sequence number and returns that number.
 ///
-/// The first notification of a user starts after the highest sequence number already stored
-/// for them, not at 1: a `user_streams` row lost to a restore or an operator's mistake then
-/// heals itself instead of colliding with the user's existing notifications forever.
+/// The next number is never below one past the highest sequence number stored for the user:
+/// a `user_streams` row lost or set back by a restore or an operator's mistake heals itself
+/// instead of colliding with the user's existing notifications forever.
 pub async fn insert_notification(tx: &mut PgConnection, n: &NewNotification<'_>) -> Result<i64> {
     let (seq,): (i64,) = sqlx::query_as(
         "INSERT INTO user_streams (tenant_id, user_id, last_seq)
          VALUES ($1, $2, 1 + coalesce(
              (SELECT max(seq) FROM notifications WHERE tenant_id = $1 AND user_id = $2), 0))
-         ON CONFLICT (tenant_id, user_id) DO UPDATE SET last_seq = user_streams.last_seq + 1
+         ON CONFLICT (tenant_id, user_id)
+         DO UPDATE SET last_seq = greatest(user_streams.last_seq + 1, EXCLUDED.last_seq)
          RETURNING last_seq",
     )
     .bind(n.tenant)
@@ -375,9 +376,10 @@ pub async fn sweep_expired_claims(pool: &PgPool, max_age: Duration) -> Result<u6
 }
 
 /// Claims up to `batch` due rows, at most `per_tenant` of any one tenant, oldest first
-/// within a tenant. A skip scan over `email_outbox_pending` finds the tenants with due rows,
-/// so a backlog of thousands of one tenant's emails costs another tenant one round, not
-/// hours. `SKIP LOCKED` lets several workers (instances) share the outbox.
+/// within a tenant. A skip scan over `email_outbox_pending` walks the tenants with pending
+/// rows and a range probe per tenant finds its due ones, so a backlog of thousands of one
+/// tenant's emails costs another tenant one round, not hours, and a queue full of rows in
+/// backoff costs one probe per tenant. `SKIP LOCKED` lets several workers (instances) share the outbox.
 pub async fn claim_emails(
     pool: &PgPool,
     batch: i64,
@@ -386,13 +388,16 @@ pub async fn claim_emails(
 ) -> Result<Vec<OutboxEmail>> {
     Ok(sqlx::query_as(
         "WITH RECURSIVE tenants(tenant_id) AS (
+             -- Distinct tenants with pending rows: one index probe each (a skip scan over
+             -- email_outbox_pending), and none at all when nothing is due yet.
              (SELECT tenant_id FROM email_outbox
-              WHERE status = 'pending' AND next_attempt_at <= now()
+              WHERE status = 'pending'
+                AND EXISTS (SELECT 1 FROM email_outbox
+                            WHERE status = 'pending' AND next_attempt_at <= now())
               ORDER BY tenant_id LIMIT 1)
              UNION ALL
              SELECT (SELECT e.tenant_id FROM email_outbox e
-                     WHERE e.status = 'pending' AND e.next_attempt_at <= now()
-                       AND e.tenant_id > t.tenant_id
+                     WHERE e.status = 'pending' AND e.tenant_id > t.tenant_id
                      ORDER BY e.tenant_id LIMIT 1)
              FROM tenants t WHERE t.tenant_id IS NOT NULL
          ),

@@ -282,39 +282,58 @@ fn check_link(raw: &str, domains: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// The first URL attribute (`href`, `src`, `action`) whose value puts data in the URL
-/// without the `link` helper, as written.
+/// Attributes whose value a mail client may load or follow as a URL. `style` is among them
+/// (`url(...)`), and so is `content` (`<meta http-equiv=refresh content="0;url=...">`).
+const URL_ATTRIBUTES: &[&str] = &[
+    "href",
+    "src",
+    "srcset",
+    "action",
+    "formaction",
+    "background",
+    "poster",
+    "cite",
+    "data",
+    "xlink:href",
+    "ping",
+    "manifest",
+    "style",
+    "content",
+];
+
+/// The first URL attribute (see [`URL_ATTRIBUTES`]) whose value puts data in it without the
+/// `link` helper, as written. Attribute names are matched case-insensitively, with any
+/// whitespace around `=`.
 fn unchecked_link(source: &str) -> Option<String> {
-    let lower = source.to_ascii_lowercase();
-    for attribute in ["href=", "src=", "action="] {
-        let mut from = 0;
-        while let Some(found) = lower[from..].find(attribute) {
-            let start = from + found + attribute.len();
-            from = start;
-            let rest = &source[start..];
-            let (quote, body) = match rest.chars().next() {
-                Some(q @ ('"' | '\'')) => (Some(q), &rest[1..]),
-                _ => (None, rest),
-            };
-            let end = match quote {
-                Some(q) => body.find(q).unwrap_or(body.len()),
-                None => body
-                    .find(|c: char| c.is_whitespace() || c == '>')
-                    .unwrap_or(body.len()),
-            };
-            let value = &body[..end];
-            let mut expressions = value.match_indices("{{");
-            let unchecked = expressions.any(|(i, _)| {
-                let tag = value[i + 2..].trim_start_matches(['{', '~']).trim_start();
-                !(tag.starts_with("link ") || tag.starts_with('!'))
-            });
-            if unchecked {
-                return Some(format!(
-                    "{}{}",
-                    &source[start - attribute.len()..start],
-                    value
-                ));
-            }
+    for (eq, _) in source.match_indices('=') {
+        let before = source[..eq].trim_end();
+        let name_start = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_')))
+            .map_or(0, |i| i + 1);
+        let name = &before[name_start..];
+        // An attribute name follows whitespace inside a tag, never `{{`-syntax or text.
+        let preceded_by_space = before[..name_start].ends_with(char::is_whitespace);
+        if !preceded_by_space || !URL_ATTRIBUTES.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        let rest = source[eq + 1..].trim_start();
+        let (quote, body) = match rest.chars().next() {
+            Some(q @ ('"' | '\'')) => (Some(q), &rest[1..]),
+            _ => (None, rest),
+        };
+        let end = match quote {
+            Some(q) => body.find(q).unwrap_or(body.len()),
+            None => body
+                .find(|c: char| c.is_whitespace() || c == '>')
+                .unwrap_or(body.len()),
+        };
+        let value = &body[..end];
+        let unchecked = value.match_indices("{{").any(|(i, _)| {
+            let tag = value[i + 2..].trim_start_matches(['{', '~']).trim_start();
+            !(tag.starts_with("link ") || tag.starts_with('!'))
+        });
+        if unchecked {
+            return Some(format!("{name}=\"{value}\""));
         }
     }
     None
@@ -662,6 +681,27 @@ mod tests {
             "raw2/paid/html.hbs",
             "<img src='https://cdn.example/{{path}}'>",
         );
+        write(
+            dir.path(),
+            "raw3/paid/html.hbs",
+            "<a HREF = \"{{url}}\">x</a>",
+        );
+        write(
+            dir.path(),
+            "raw4/paid/html.hbs",
+            "<meta http-equiv=refresh content=\"0;url={{url}}\"><p>{{name}}</p>",
+        );
+        write(
+            dir.path(),
+            "raw5/paid/html.hbs",
+            "<td style=\"background: url({{url}})\">x</td>",
+        );
+        // Data in other attributes, and `=` in text, are fine.
+        write(
+            dir.path(),
+            "fine/paid/html.hbs",
+            "<img alt=\"{{name}}\" src=\"https://cdn.example/logo.png\"><p>a = {{name}}</p>",
+        );
         let t = Templates::load(dir.path()).unwrap();
         let with =
             |url: &str| json!({"order_id": "1", "url": url, "path": "x", "name": "n", "shop": "s"});
@@ -700,10 +740,11 @@ mod tests {
         sneaky[LINK_DOMAINS_KEY] = json!(["evil.example"]);
         assert!(t.render("lnk", "paid", &sneaky, &domains).is_err());
         // Data in a URL attribute without the helper: refused at load.
-        for tenant in ["raw", "raw2"] {
+        for tenant in ["raw", "raw2", "raw3", "raw4", "raw5"] {
             let e = t.render(tenant, "paid", &with("x"), &[]).unwrap_err();
             assert!(e.to_string().contains("link"), "{tenant}: {e}");
         }
+        assert!(t.render("fine", "paid", &with("x"), &[]).is_ok());
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl TenantTrust {
             })?),
             TenantFrom::Header => Some(self.tenant_of_header(message).ok_or_else(|| {
                 refuse(format!(
-                    "the {:?} header naming the tenant is missing or not a tenant id (kafka.tenant_from = \"header\")",
+                    "the {:?} header naming the tenant is missing, repeated or not a tenant id (kafka.tenant_from = \"header\")",
                     self.header
                 ))
             })?),
@@ -102,11 +102,17 @@ impl TenantTrust {
         super::envelope::valid_tenant(tenant).then_some(tenant)
     }
 
+    /// The tenant header's value, if there is exactly one: headers are a list, and a
+    /// gateway that appends its header to a client's own must not let the client's win.
     fn tenant_of_header<'m>(&self, message: &'m Incoming) -> Option<&'m str> {
-        let (_, value) = message
+        let mut found = message
             .headers
             .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(&self.header))?;
+            .filter(|(name, _)| name.eq_ignore_ascii_case(&self.header));
+        let (_, value) = found.next()?;
+        if found.next().is_some() {
+            return None;
+        }
         let tenant = std::str::from_utf8(value.as_deref()?).ok()?;
         super::envelope::valid_tenant(tenant).then_some(tenant)
     }
@@ -194,6 +200,14 @@ mod tests {
             .unwrap_err();
         assert!(r.reason.contains("may only speak for"), "{r}");
         let r = t.check(&message("orders", &[]), event("acme")).unwrap_err();
+        assert!(r.reason.contains("header"), "{r}");
+        // A client's own header before the gateway's: refused, not first-wins.
+        let r = t
+            .check(
+                &message("orders", &[("x-tenant", "acme"), ("x-tenant", "evil")]),
+                event("acme"),
+            )
+            .unwrap_err();
         assert!(r.reason.contains("header"), "{r}");
     }
 }
