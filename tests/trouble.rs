@@ -823,3 +823,61 @@ async fn replays_are_bounded_in_bytes_and_rate() {
     assert_eq!(status, 200, "{body}");
     engine.shutdown().await;
 }
+
+/// Fair claiming: a tenant's backlog of emails does not hold back another tenant's email,
+/// which goes out within the first rounds, not after the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_email_backlog_does_not_delay_another() {
+    let world = World::new().await;
+    let config = world.config();
+    // Migrate and fill the outbox before the worker starts: the backlog is older.
+    let pool = notify_engine::store::connect(&config.database, 2).unwrap();
+    notify_engine::store::migrate(&pool).await.unwrap();
+    let bulk = unique("bulk");
+    let small = unique("small");
+    let insert = |tenant: String, n: i64, age_secs: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO email_outbox
+                     (tenant_id, event_id, recipient, template, data, message_id, next_attempt_at)
+                 SELECT $1, $1 || '-' || i, $1 || '@example.test', 'order_paid',
+                        jsonb_build_object('order_id', 'A-' || i, 'amount', 1, 'currency', 'EUR',
+                                           'customer_name', 'C', 'event_id', 'e' || i),
+                        '<' || $1 || '-' || i || '@example.test>',
+                        now() - make_interval(secs => $3)
+                 FROM generate_series(1, $2) AS i",
+            )
+            .bind(tenant)
+            .bind(n)
+            .bind(age_secs as f64)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    insert(bulk.clone(), 120, 60).await;
+    insert(small.clone(), 1, 0).await;
+    let engine = world.start(config).await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM email_outbox WHERE status = 'sent'",
+            121,
+            WAIT,
+        )
+        .await;
+    let (rank,): (i64,) = sqlx::query_as(
+        "SELECT rank FROM (
+             SELECT tenant_id, rank() OVER (ORDER BY sent_at) AS rank FROM email_outbox
+         ) r WHERE tenant_id = $1",
+    )
+    .bind(&small)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        rank <= 8,
+        "the small tenant's email went out as number {rank} of 121, behind the other tenant's backlog"
+    );
+    engine.shutdown().await;
+}
