@@ -151,9 +151,13 @@ impl Pipeline {
         held_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
                 Some(ended) = dispatcher.running.join_next() => {
-                    tracing::error!(panicked = ended.is_err(), "a pipeline lane stopped; stopping the pipeline");
+                    // Lanes end on their own only on shutdown (handled above) or a panic.
+                    if !shutdown.is_cancelled() {
+                        tracing::error!(panicked = ended.is_err(), "a pipeline lane stopped; stopping the pipeline");
+                    }
                     break;
                 }
                 (topic, partition) = pipeline.ingest.revoked() => dispatcher.revoked(&topic, partition),
