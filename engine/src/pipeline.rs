@@ -161,8 +161,10 @@ impl Pipeline {
                     break;
                 }
                 (topic, partition) = pipeline.ingest.revoked() => dispatcher.revoked(&topic, partition),
-                message = pipeline.ingest.recv() => dispatcher.dispatch(message),
+                // Before `recv`: under steady traffic a message is always ready, and this
+                // `biased` select would never get to the held messages.
                 _ = held_retry.tick(), if !dispatcher.held.is_empty() => dispatcher.offer_held(),
+                message = pipeline.ingest.recv() => dispatcher.dispatch(message),
             }
         }
         // Lanes watch the same token: each finishes its batch in hand, the rest of its
