@@ -686,6 +686,10 @@ async fn health_readiness_and_metrics() {
         "notify_notifications_written_total 1".to_string(),
         "notify_sse_connections 1".to_string(),
         "notify_plugin_calls_total{outcome=\"ok\"} 1".to_string(),
+        "notify_emails_skipped_total 0".to_string(),
+        "notify_emails_rate_limited_total 0".to_string(),
+        "notify_tenant_budget_pauses_total 0".to_string(),
+        "notify_partition_pauses_total 0".to_string(),
     ] {
         assert!(metrics.contains(&line), "missing {line:?} in\n{metrics}");
     }

@@ -881,3 +881,67 @@ async fn one_tenants_email_backlog_does_not_delay_another() {
     );
     engine.shutdown().await;
 }
+
+/// A full lane pauses its partition instead of buffering: with room for 2 messages per lane,
+/// a slow tenant's 30 events and a normal tenant's 10, all on one partition, are each
+/// delivered once and in order, and the partition is resumed (the normal tenant's events
+/// arrive while the slow tenant still works).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_lane_pauses_and_resumes_its_partition_in_order() {
+    let world = World::new().await;
+    let slow = unique("slow");
+    world.install_chaos_plugin(&slow);
+    let mut config = world.config();
+    config.kafka.lane_capacity = 2;
+    config.kafka.batch_max = 2;
+    config.plugins.timeout_ms = 2_000;
+    config.plugins.fuel = 2_000_000_000;
+    let engine = world.start(config).await;
+    let tenant = unique("shop");
+    let topic = world.topic_paid.clone();
+    for i in 0..30 {
+        let data = serde_json::json!({"user_id": "u1", "chaos": "slow", "spin_ms": 30});
+        let e = event(&format!("s{i:02}"), &slow, "order_paid", data);
+        world
+            .produce_with_headers(&topic, Some("one-partition"), e.to_string().as_bytes(), &[])
+            .await;
+    }
+    for i in 0..10 {
+        let e = order_paid(&format!("n{i:02}"), &tenant, "u1", None, 1.0);
+        world
+            .produce_with_headers(&topic, Some("one-partition"), e.to_string().as_bytes(), &[])
+            .await;
+    }
+    world
+        .wait_count(
+            &format!("SELECT count(*) FROM notifications WHERE tenant_id = '{tenant}'"),
+            10,
+            WAIT,
+        )
+        .await;
+    world
+        .wait_count(
+            &format!("SELECT count(*) FROM notifications WHERE tenant_id = '{slow}'"),
+            30,
+            WAIT,
+        )
+        .await;
+    let pool = world.pool().await;
+    for (t, prefix, n) in [(&slow, "s", 30), (&tenant, "n", 10)] {
+        let ids: Vec<(String,)> =
+            sqlx::query_as("SELECT event_id FROM notifications WHERE tenant_id = $1 ORDER BY seq")
+                .bind(t)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let want: Vec<String> = (0..n).map(|i| format!("{prefix}{i:02}")).collect();
+        let got: Vec<String> = ids.into_iter().map(|r| r.0).collect();
+        assert_eq!(got, want, "each once, in order");
+    }
+    assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 0);
+    assert!(
+        engine.metrics.partition_pauses.get() >= 1,
+        "the lane filled up"
+    );
+    engine.shutdown().await;
+}

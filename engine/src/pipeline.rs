@@ -748,7 +748,8 @@ impl Dispatcher {
             return;
         }
         if let Some(work) = self.offer(work) {
-            tracing::info!(topic = %partition.0, partition = partition.1, lane = work.lane(), "tenant lane full; pausing the partition");
+            tracing::debug!(topic = %partition.0, partition = partition.1, lane = work.lane(), "tenant lane full; pausing the partition");
+            self.pipeline.metrics.partition_pauses.inc();
             self.pipeline.ingest.pause(&partition.0, partition.1);
             self.held.insert(partition, VecDeque::from([work]));
         }
@@ -795,7 +796,7 @@ impl Dispatcher {
                 }
             }
             if still.is_empty() {
-                tracing::info!(topic = %partition.0, partition = partition.1, "held messages queued; resuming the partition");
+                tracing::debug!(topic = %partition.0, partition = partition.1, "held messages queued; resuming the partition");
                 self.pipeline.ingest.resume(&partition.0, partition.1);
             } else {
                 self.held.insert(partition, still);

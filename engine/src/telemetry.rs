@@ -55,6 +55,8 @@ pub struct Metrics {
     pub pipeline_stalls: IntCounterVec,
     /// Times a tenant's lane paused because it had spent its routing-time budget.
     pub tenant_budget_pauses: IntCounter,
+    /// Times a Kafka partition was paused because a tenant lane it feeds was full.
+    pub partition_pauses: IntCounter,
     /// Open SSE connections.
     pub sse_connections: IntGauge,
     /// SSE connections refused by a connection cap.
@@ -141,6 +143,10 @@ impl Metrics {
             tenant_budget_pauses: counter(
                 "tenant_budget_pauses_total",
                 "Pauses of a tenant's lane that had spent its routing-time budget",
+            ),
+            partition_pauses: counter(
+                "partition_pauses_total",
+                "Kafka partitions paused because a tenant lane they feed was full",
             ),
             sse_connections,
             sse_rejected: counter(
