@@ -3,6 +3,7 @@
 //!
 //! Run through `scripts/test.sh`, which starts the services and builds the plugins.
 
+mod live;
 mod support;
 mod trouble;
 

@@ -49,6 +49,8 @@ pub enum StartError {
     Ingest(#[from] ingest::IngestError),
     #[error(transparent)]
     Delivery(#[from] delivery::DeliveryError),
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
     #[error("binding {addr}: {error}")]
     Bind {
         addr: SocketAddr,
@@ -123,9 +125,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config.plugins.clone(),
         config.tenants.clone(),
     )?);
-    for line in plugins.load_dir().await? {
-        tracing::debug!("plugin {line}");
-    }
+    plugins.load_dir().await?;
     health.set_plugins(plugins.health());
     let templates =
         Templates::load(&config.email.templates_dir).map_err(|error| StartError::Templates {
@@ -168,9 +168,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         failed.clone(),
     ));
 
+    let templates = Arc::new(ArcSwap::from_pointee(templates));
+    let reload = crate::watch::watch(
+        crate::watch::Reloadable {
+            plugins: plugins.clone(),
+            plugin_dir: config.plugins.dir.clone(),
+            templates: templates.clone(),
+            templates_dir: config.email.templates_dir.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+        },
+        shutdown.clone(),
+    )?;
+    tasks.spawn(reload);
+
     let worker = EmailWorker {
         pool: pool.clone(),
-        templates: Arc::new(ArcSwap::from_pointee(templates)),
+        templates,
         transport: delivery::transport(&config.smtp)?,
         from,
         config: config.email.clone(),

@@ -25,6 +25,9 @@ pub struct PluginsHealth {
     /// Plugins that failed to load, with the reason: their tenants' events wait in the
     /// dead-letter table (kind `plugin_unavailable`) until the file is fixed.
     pub broken: Vec<String>,
+    /// Plugins whose newest file was refused (with the reason) while their previous
+    /// version keeps serving.
+    pub rejected: Vec<String>,
 }
 
 /// One reading, as `/readyz` shows it.

@@ -22,6 +22,7 @@
 //!   operator listener; JWT auth.
 //! - [`health`]: what readiness reports, kept current in the background.
 //! - [`telemetry`]: logs and Prometheus metrics.
+//! - [`watch`]: hot reload of plugins and templates (the only module using notify).
 //! - [`app`]: wires everything together and owns the shutdown story.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the invariants these modules keep.
@@ -38,3 +39,4 @@ pub mod plugin;
 pub mod store;
 pub mod telemetry;
 pub mod tools;
+pub mod watch;

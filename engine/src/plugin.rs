@@ -173,6 +173,80 @@ struct Loaded {
     pre: bindings::RoutingPre<CallState>,
 }
 
+/// What a reload did with one plugin file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub name: String,
+    pub outcome: ReloadOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// New or changed, compiled and swapped in.
+    Loaded,
+    /// Same bytes as the version serving.
+    Unchanged,
+    /// Changed but failed: the previous version keeps serving.
+    Rejected(String),
+    /// New and failed: nothing serves under this name.
+    Broken(String),
+    /// The file is still being written: left for the next reload.
+    Pending(String),
+    /// The file is gone, and so is the plugin.
+    Removed,
+}
+
+impl ReloadOutcome {
+    /// Stable label for the `notify_plugin_reloads_total{outcome}` metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReloadOutcome::Loaded => "loaded",
+            ReloadOutcome::Unchanged => "unchanged",
+            ReloadOutcome::Rejected(_) => "rejected",
+            ReloadOutcome::Broken(_) => "broken",
+            ReloadOutcome::Pending(_) => "pending",
+            ReloadOutcome::Removed => "removed",
+        }
+    }
+}
+
+/// What reading and compiling one file came to, before the slot is decided.
+enum Change {
+    Unchanged,
+    Loaded(Arc<Loaded>),
+    Failed(String),
+    Pending(String),
+}
+
+/// `<name>.wasm`, not hidden (`.acme.wasm.tmp`-style files of a write-then-rename are not
+/// plugins yet).
+fn plugin_name(path: &Path) -> Option<String> {
+    if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
+        return None;
+    }
+    let name = path.file_stem()?.to_str()?;
+    (!name.starts_with('.') && !name.is_empty()).then(|| name.to_owned())
+}
+
+/// The file's bytes, if its size did not change while it was read (a file written in
+/// place and still growing is read again at the next reload).
+async fn read_settled(path: &Path) -> Result<Vec<u8>, String> {
+    let bytes = tokio::fs::read(path)
+        .await
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let size = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| format!("cannot stat: {e}"))?
+        .len();
+    if size != bytes.len() as u64 {
+        return Err(format!(
+            "the file changed while it was read ({} then {size} bytes)",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
 /// The outcome of loading one plugin file: ready, or broken with the reason. A broken
 /// tenant plugin is remembered (not silently replaced by the default plugin): that tenant's
 /// events are dead-lettered with the reason until the file is fixed.
@@ -336,6 +410,10 @@ pub struct PluginHost {
     /// When stalled lanes last reloaded the directory: one reload at a time, at most one per
     /// [`STALL_RELOAD_INTERVAL`], however many lanes wait.
     stall_reload: tokio::sync::Mutex<Option<Instant>>,
+    /// One directory reload at a time (the watcher and stalled lanes both reload).
+    reloading: tokio::sync::Mutex<()>,
+    /// Plugins whose newest file was refused while an older version keeps serving.
+    rejected: std::sync::Mutex<BTreeMap<String, String>>,
     _ticker: EpochTicker,
 }
 
@@ -378,61 +456,127 @@ impl PluginHost {
             tenant_configs,
             plugins: ArcSwap::from_pointee(HashMap::new()),
             stall_reload: tokio::sync::Mutex::new(None),
+            reloading: tokio::sync::Mutex::new(()),
+            rejected: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
-    /// Compiles and links every `*.wasm` in the plugin directory, replacing the current set.
-    /// A file that fails is kept as broken with its reason; the others load regardless.
-    pub async fn load_dir(&self) -> Result<Vec<String>, LoadError> {
+    /// Brings the loaded set in line with the plugin directory: every `*.wasm` file (not
+    /// hidden) is a plugin named by its stem. Unchanged files (same SHA-256) keep their
+    /// compiled version; new and changed ones are compiled, checked against the world and
+    /// swapped in atomically (calls in flight finish on the version they started with). A
+    /// changed file that fails keeps the previous version serving and is reported as
+    /// rejected; a new file that fails is remembered as broken; a file still being written
+    /// (its size changed while it was read) is left for the next reload; a deleted file's
+    /// plugin is dropped. One reload runs at a time.
+    pub async fn load_dir(&self) -> Result<Vec<Reloaded>, LoadError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let dir = &self.limits.dir;
         let entries = std::fs::read_dir(dir).map_err(|e| LoadError {
             path: dir.clone(),
             message: format!("cannot read the plugin directory: {e}"),
         })?;
+        let current = self.plugins.load_full();
         let mut slots = HashMap::new();
         let mut report = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
-                continue;
-            }
-            let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+            let Some(name) = plugin_name(&path) else {
                 continue;
             };
-            match self.load_file(&path).await {
-                Ok(loaded) => {
-                    tracing::info!(plugin = %name, digest = %&loaded.digest[..12], "routing plugin loaded");
-                    report.push(format!("{name}: ok ({})", &loaded.digest[..12]));
-                    slots.insert(name, Slot::Ready(Arc::new(loaded)));
+            let previous = match current.get(&name) {
+                Some(Slot::Ready(loaded)) => Some(loaded.clone()),
+                _ => None,
+            };
+            let change = match read_settled(&path).await {
+                Err(e) => Change::Pending(e),
+                Ok(bytes) => {
+                    let digest = hex(&Sha256::digest(&bytes));
+                    match &previous {
+                        Some(old) if old.digest == digest => Change::Unchanged,
+                        _ => match self.compile(&path, &name, bytes, digest).await {
+                            Ok(loaded) => Change::Loaded(Arc::new(loaded)),
+                            Err(e) => Change::Failed(e.message),
+                        },
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(plugin = %name, error = %e.message, "routing plugin rejected");
-                    report.push(format!("{name}: rejected: {}", e.message));
-                    slots.insert(name, Slot::Broken(e.message));
+            };
+            let outcome = match change {
+                Change::Unchanged => {
+                    if let Some(old) = previous {
+                        slots.insert(name.clone(), Slot::Ready(old));
+                    }
+                    ReloadOutcome::Unchanged
                 }
-            }
+                Change::Loaded(loaded) => {
+                    tracing::info!(plugin = %name, digest = %&loaded.digest[..12], replaced = previous.is_some(), "routing plugin loaded");
+                    slots.insert(name.clone(), Slot::Ready(loaded));
+                    ReloadOutcome::Loaded
+                }
+                Change::Failed(reason) => match previous {
+                    Some(old) => {
+                        tracing::error!(plugin = %name, error = %reason, serving = %&old.digest[..12], "new version of routing plugin rejected; the previous version keeps serving");
+                        slots.insert(name.clone(), Slot::Ready(old));
+                        ReloadOutcome::Rejected(reason)
+                    }
+                    None => {
+                        tracing::error!(plugin = %name, error = %reason, "routing plugin rejected");
+                        slots.insert(name.clone(), Slot::Broken(reason.clone()));
+                        ReloadOutcome::Broken(reason)
+                    }
+                },
+                Change::Pending(reason) => {
+                    tracing::info!(plugin = %name, reason = %reason, "routing plugin file not settled; left for the next reload");
+                    if let Some(slot) = current.get(&name) {
+                        slots.insert(name.clone(), slot.clone());
+                    }
+                    ReloadOutcome::Pending(reason)
+                }
+            };
+            report.push(Reloaded { name, outcome });
+        }
+        for name in current.keys().filter(|n| !slots.contains_key(*n)) {
+            tracing::info!(plugin = %name, "routing plugin removed");
+            report.push(Reloaded {
+                name: name.clone(),
+                outcome: ReloadOutcome::Removed,
+            });
         }
         if !slots.contains_key(&self.limits.default_plugin) {
             tracing::warn!(
                 dir = %dir.display(),
                 default = %self.limits.default_plugin,
-                "no default routing plugin: tenants without their own plugin will be dead-lettered"
+                "no default routing plugin: tenants without their own plugin wait until it is in place"
             );
+        }
+        let mut rejected = self.rejected.lock().expect("rejected lock poisoned");
+        for r in &report {
+            match &r.outcome {
+                ReloadOutcome::Rejected(reason) => {
+                    rejected.insert(r.name.clone(), reason.clone());
+                }
+                ReloadOutcome::Loaded | ReloadOutcome::Removed | ReloadOutcome::Broken(_) => {
+                    rejected.remove(&r.name);
+                }
+                ReloadOutcome::Unchanged | ReloadOutcome::Pending(_) => {}
+            }
         }
         self.plugins.store(Arc::new(slots));
         Ok(report)
     }
 
     /// Compiles one component off the async threads and checks it implements the world.
-    async fn load_file(&self, path: &Path) -> Result<Loaded, LoadError> {
+    async fn compile(
+        &self,
+        path: &Path,
+        name: &str,
+        bytes: Vec<u8>,
+        digest: String,
+    ) -> Result<Loaded, LoadError> {
         let err = |message: String| LoadError {
             path: path.to_owned(),
             message,
         };
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|e| err(format!("cannot read: {e}")))?;
-        let digest = hex(&Sha256::digest(&bytes));
         let engine = self.engine.clone();
         let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
             .await
@@ -447,12 +591,11 @@ impl PluginHost {
                 "does not implement the notify:plugin/routing world: {e:#}"
             ))
         })?;
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        Ok(Loaded { name, digest, pre })
+        Ok(Loaded {
+            name: name.to_owned(),
+            digest,
+            pre,
+        })
     }
 
     /// Reloads the directory for lanes stalled on a missing plugin: one lane does it, the
@@ -470,8 +613,14 @@ impl PluginHost {
 
     /// Loads a single file as the only plugin, under the default name (the local runner).
     pub async fn load_single(&self, path: &Path) -> Result<(), LoadError> {
-        let mut loaded = self.load_file(path).await?;
-        loaded.name = self.limits.default_plugin.clone();
+        let bytes = tokio::fs::read(path).await.map_err(|e| LoadError {
+            path: path.to_owned(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let digest = hex(&Sha256::digest(&bytes));
+        let loaded = self
+            .compile(path, &self.limits.default_plugin, bytes, digest)
+            .await?;
         let mut slots = HashMap::new();
         slots.insert(
             self.limits.default_plugin.clone(),
@@ -502,9 +651,17 @@ impl PluginHost {
             })
             .collect();
         broken.sort();
+        let rejected = self
+            .rejected
+            .lock()
+            .expect("rejected lock poisoned")
+            .iter()
+            .map(|(name, reason)| format!("{name}: {reason}"))
+            .collect();
         crate::health::PluginsHealth {
             default: default.into(),
             broken,
+            rejected,
         }
     }
 

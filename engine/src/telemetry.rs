@@ -57,6 +57,11 @@ pub struct Metrics {
     pub tenant_budget_pauses: IntCounter,
     /// Times a Kafka partition was paused because a tenant lane it feeds was full.
     pub partition_pauses: IntCounter,
+    /// Plugin files handled by hot reload, by outcome (`loaded`, `rejected`, `broken`,
+    /// `pending`, `removed`).
+    pub plugin_reloads: IntCounterVec,
+    /// Template directory reloads, by outcome (`loaded`, `rejected`, `failed`).
+    pub template_reloads: IntCounterVec,
     /// Open SSE connections.
     pub sse_connections: IntGauge,
     /// SSE connections refused by a connection cap.
@@ -147,6 +152,16 @@ impl Metrics {
             partition_pauses: counter(
                 "partition_pauses_total",
                 "Kafka partitions paused because a tenant lane they feed was full",
+            ),
+            plugin_reloads: counter_vec(
+                "plugin_reloads_total",
+                "Plugin files handled by hot reload, by outcome",
+                &["outcome"],
+            ),
+            template_reloads: counter_vec(
+                "template_reloads_total",
+                "Template directory reloads, by outcome",
+                &["outcome"],
             ),
             sse_connections,
             sse_rejected: counter(

@@ -50,6 +50,7 @@ pub struct RenderedEmail {
 }
 
 /// One tenant's effective set (default merged with its overrides).
+#[derive(Clone)]
 struct TenantSet {
     /// HTML-escaping registry for `html` parts.
     html: Handlebars<'static>,
@@ -89,6 +90,37 @@ impl Templates {
             dir: dir.to_owned(),
             sets,
         })
+    }
+
+    /// Loads the directory again for a hot reload. A tenant whose new set breaks a template
+    /// that worked keeps its previous set whole (the email goes out as before the edit);
+    /// the returned lines say which, with the new problems (file:line).
+    pub fn reload(&self) -> std::io::Result<(Templates, Vec<String>)> {
+        let mut fresh = Templates::load(&self.dir)?;
+        let mut kept = Vec::new();
+        for (tenant, set) in fresh.sets.iter_mut() {
+            let Some(old) = self.sets.get(tenant) else {
+                continue;
+            };
+            let mut newly_broken: Vec<String> = set
+                .broken
+                .iter()
+                .filter(|(name, _)| {
+                    !old.broken.contains_key(*name) && old.templates.contains_key(*name)
+                })
+                .map(|(name, reason)| format!("{name}: {reason}"))
+                .collect();
+            if newly_broken.is_empty() {
+                continue;
+            }
+            newly_broken.sort();
+            kept.push(format!(
+                "{tenant}: kept the previous templates; the edit broke {}",
+                newly_broken.join("; ")
+            ));
+            *set = old.clone();
+        }
+        Ok((fresh, kept))
     }
 
     /// Every template that failed to load, as `tenant/template: reason`.
@@ -745,6 +777,55 @@ mod tests {
             assert!(e.to_string().contains("link"), "{tenant}: {e}");
         }
         assert!(t.render("fine", "paid", &with("x"), &[]).is_ok());
+    }
+
+    #[test]
+    fn a_reload_picks_up_edits_and_keeps_a_tenant_set_an_edit_broke() {
+        let dir = fixture();
+        let t = Templates::load(dir.path()).unwrap();
+        let data = json!({"order_id": "A-1", "name": "n", "shop": "s"});
+        write(dir.path(), "acme/paid/subject.hbs", "ACME v2: {{order_id}}");
+        write(dir.path(), "default/paid/subject.hbs", "Paid: {{order_id}}");
+        let (t, kept) = t.reload().unwrap();
+        assert!(kept.is_empty(), "{kept:?}");
+        assert_eq!(
+            t.render("acme", "paid", &data, &[]).unwrap().subject,
+            "ACME v2: A-1"
+        );
+        assert_eq!(
+            t.render("other", "paid", &data, &[]).unwrap().subject,
+            "Paid: A-1"
+        );
+        // A broken edit of acme's subject: acme keeps v2, and the problem names file:line.
+        write(
+            dir.path(),
+            "acme/paid/subject.hbs",
+            "ACME v3: {{#if order_id}}",
+        );
+        let (t, kept) = t.reload().unwrap();
+        assert_eq!(
+            t.render("acme", "paid", &data, &[]).unwrap().subject,
+            "ACME v2: A-1"
+        );
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(
+            kept[0].starts_with("acme: kept the previous templates"),
+            "{kept:?}"
+        );
+        assert!(kept[0].contains("subject.hbs: line 1"), "{kept:?}");
+        // Other tenants take their edits regardless.
+        assert_eq!(
+            t.render("other", "paid", &data, &[]).unwrap().subject,
+            "Paid: A-1"
+        );
+        // Fixed: the next reload takes it.
+        write(dir.path(), "acme/paid/subject.hbs", "ACME v4: {{order_id}}");
+        let (t, kept) = t.reload().unwrap();
+        assert!(kept.is_empty(), "{kept:?}");
+        assert_eq!(
+            t.render("acme", "paid", &data, &[]).unwrap().subject,
+            "ACME v4: A-1"
+        );
     }
 
     #[test]

@@ -1,0 +1,146 @@
+//! Hot reload on the real services: plugins and templates change under a running engine,
+//! published by write-then-rename; a broken new version never replaces a working one.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::WAIT;
+use crate::support::*;
+
+/// Publishes `bytes` as `dir/name` the documented way: written under a hidden name in the
+/// same directory, then renamed into place.
+fn publish(dir: &Path, name: &str, bytes: &[u8]) {
+    let temporary = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&temporary, bytes).unwrap();
+    std::fs::rename(&temporary, dir.join(name)).unwrap();
+}
+
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not after {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_reload_live_and_a_broken_version_never_replaces_a_working_one() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("live");
+    let (_, sse, _) = connect_sse(&engine, Some(&world.token(&tenant, "u1")), None).await;
+    let mut sse = sse.unwrap();
+    let reloads = |outcome: &str| {
+        engine
+            .metrics
+            .plugin_reloads
+            .with_label_values(&[outcome])
+            .get()
+    };
+    let mut next_title = async |id: &str| {
+        world
+            .produce(&order_paid(id, &tenant, "u1", None, 1.0))
+            .await;
+        let frame = sse.next(WAIT).await.expect("a notification");
+        assert_eq!(frame.data["event_id"], id);
+        frame.data["title"].as_str().unwrap().to_owned()
+    };
+
+    // No plugin of its own: the default plugin routes the tenant.
+    assert_eq!(next_title("d1").await, "Payment received");
+
+    // The tenant's own plugin appears: the next event is routed by it.
+    let chaos = std::fs::read(world.services.plugins.join("fixtures/chaos.wasm")).unwrap();
+    publish(world.plugin_dir.path(), &format!("{tenant}.wasm"), &chaos);
+    eventually("the new plugin is loaded", || reloads("loaded") >= 1).await;
+    assert_eq!(next_title("c1").await, "chaos ok");
+
+    // A broken new version: refused, reported, and the working one keeps serving.
+    publish(
+        world.plugin_dir.path(),
+        &format!("{tenant}.wasm"),
+        b"\0asm but not a component",
+    );
+    eventually("the broken version is rejected", || {
+        reloads("rejected") >= 1
+    })
+    .await;
+    let rejected = engine.health.snapshot().plugins.rejected;
+    assert!(
+        rejected.iter().any(|r| r.starts_with(&tenant)),
+        "{rejected:?}"
+    );
+    assert_eq!(next_title("c2").await, "chaos ok");
+
+    // Which build decided is recorded per event.
+    let pool = world.pool().await;
+    let digests: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_id, plugin_digest FROM processed_events WHERE tenant_id = $1 ORDER BY event_id",
+    )
+    .bind(&tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(digests.len(), 3);
+    assert_eq!(
+        digests[0].1, digests[1].1,
+        "c1 and c2: the same chaos build"
+    );
+    assert_ne!(digests[0].1, digests[2].1, "d1: the default plugin");
+
+    // The file is deleted: the tenant falls back to the default plugin.
+    std::fs::remove_file(world.plugin_dir.path().join(format!("{tenant}.wasm"))).unwrap();
+    eventually("the plugin is removed", || reloads("removed") >= 1).await;
+    assert_eq!(next_title("d2").await, "Payment received");
+    assert!(engine.health.snapshot().plugins.rejected.is_empty());
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_reload_live_and_a_broken_edit_keeps_the_previous_set() {
+    let world = World::new().await;
+    let templates = tempfile::tempdir().unwrap();
+    super::copy_dir(&world.services.templates, templates.path());
+    let mut config = world.config();
+    config.email.templates_dir = templates.path().to_owned();
+    let engine = world.start(config).await;
+    let reloads = |outcome: &str| {
+        engine
+            .metrics
+            .template_reloads
+            .with_label_values(&[outcome])
+            .get()
+    };
+    let tenant = unique("shop");
+    let address = format!("{}@example.test", unique("live"));
+    let folder = templates.path().join(&tenant).join("order_paid");
+    std::fs::create_dir_all(&folder).unwrap();
+    eventually("the new tenant folder is seen", || reloads("loaded") >= 1).await;
+    let loaded = reloads("loaded");
+    publish(&folder, "subject.hbs", b"Live v1 {{order_id}}");
+    eventually("the edit is loaded", || reloads("loaded") > loaded).await;
+    world
+        .produce(&order_paid("e1", &tenant, "u1", Some(&address), 1.0))
+        .await;
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&address, 1, WAIT)
+        .await;
+    assert_eq!(mails[0].subject, "Live v1 A-e1");
+
+    // A broken edit: the tenant keeps v1, the problem is counted.
+    publish(&folder, "subject.hbs", b"Live v2 {{#if order_id}}");
+    eventually("the broken edit is rejected", || reloads("rejected") >= 1).await;
+    world
+        .produce(&order_paid("e2", &tenant, "u1", Some(&address), 1.0))
+        .await;
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&address, 2, WAIT)
+        .await;
+    let mut subjects: Vec<_> = mails.iter().map(|m| m.subject.clone()).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["Live v1 A-e1", "Live v1 A-e2"]);
+    engine.shutdown().await;
+}
