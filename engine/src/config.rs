@@ -183,6 +183,20 @@ pub struct PluginConfig {
     /// Routing time one tenant may use per second (its lane pauses when it is spent), so a
     /// slow plugin cannot take the cores other tenants need. 0: no limit.
     pub tenant_budget_ms_per_sec: u64,
+    /// Consecutive malfunctions (trap, limit, invalid output) after which a plugin version is
+    /// quarantined until a new version is published. 0: never.
+    pub breaker_failures: u32,
+    /// What happens to a quarantined plugin's events: `dead_letter` (set aside in the
+    /// dead-letter table, not claimed, so they can be republished) or `default` (routed by
+    /// the default plugin).
+    pub breaker_fail_mode: BreakerFailMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerFailMode {
+    DeadLetter,
+    Default,
 }
 
 impl Default for PluginConfig {
@@ -197,6 +211,8 @@ impl Default for PluginConfig {
             max_output_bytes: 64 * 1024,
             max_deliveries: 100,
             tenant_budget_ms_per_sec: 500,
+            breaker_failures: 5,
+            breaker_fail_mode: BreakerFailMode::DeadLetter,
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct PluginsHealth {
     /// Plugins whose newest file was refused (with the reason) while their previous
     /// version keeps serving.
     pub rejected: Vec<String>,
+    /// Plugin versions stopped by their breaker (consecutive failures), until a new version.
+    pub quarantined: Vec<String>,
 }
 
 /// One reading, as `/readyz` shows it.

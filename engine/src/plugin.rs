@@ -11,6 +11,7 @@
 //! A plugin that is not there to ask is not the event's fault: [`PluginError::disposition`]
 //! tells the pipeline to wait for it ([`Disposition::Stall`], [`Disposition::Park`]) instead.
 
+mod breaker;
 mod output;
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,7 +27,7 @@ use wasmtime::{Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::config::{PluginConfig, TenantConfig};
+use crate::config::{BreakerFailMode, PluginConfig, TenantConfig};
 use crate::ingest::envelope::Event;
 
 pub use output::{Delivery, NOTIFICATION_EVENT};
@@ -83,6 +84,12 @@ pub enum PluginError {
     Failed { plugin: String, message: String },
     #[error("plugin {plugin} returned invalid output: {message}")]
     InvalidOutput { plugin: String, message: String },
+    /// This version failed `failures` times in a row and is not called until a new one
+    /// arrives.
+    #[error(
+        "plugin {plugin} is quarantined after {failures} consecutive failures; publish a new version"
+    )]
+    Quarantined { plugin: String, failures: u32 },
 }
 
 impl PluginError {
@@ -97,6 +104,7 @@ impl PluginError {
             PluginError::InvalidEvent { .. } => "invalid_event",
             PluginError::Failed { .. } => "refused",
             PluginError::InvalidOutput { .. } => "invalid_output",
+            PluginError::Quarantined { .. } => "quarantined",
         }
     }
 
@@ -110,7 +118,8 @@ impl PluginError {
             | PluginError::Timeout { plugin, .. }
             | PluginError::InvalidEvent { plugin, .. }
             | PluginError::Failed { plugin, .. }
-            | PluginError::InvalidOutput { plugin, .. } => Some(plugin),
+            | PluginError::InvalidOutput { plugin, .. }
+            | PluginError::Quarantined { plugin, .. } => Some(plugin),
         }
     }
 }
@@ -134,9 +143,21 @@ impl PluginError {
     pub fn disposition(&self) -> Disposition {
         match self {
             PluginError::NoDefault { .. } => Disposition::Stall,
-            PluginError::Unavailable { .. } => Disposition::Park,
+            PluginError::Unavailable { .. } | PluginError::Quarantined { .. } => Disposition::Park,
             _ => Disposition::Final,
         }
+    }
+
+    /// Did the plugin malfunction (trap, limit, invalid output), as opposed to judging the
+    /// event (a refusal) or not being there? Only malfunctions count toward the breaker.
+    fn is_malfunction(&self) -> bool {
+        matches!(
+            self,
+            PluginError::Trap { .. }
+                | PluginError::OutOfFuel { .. }
+                | PluginError::Timeout { .. }
+                | PluginError::InvalidOutput { .. }
+        )
     }
 }
 
@@ -414,6 +435,7 @@ pub struct PluginHost {
     reloading: tokio::sync::Mutex<()>,
     /// Plugins whose newest file was refused while an older version keeps serving.
     rejected: std::sync::Mutex<BTreeMap<String, String>>,
+    breaker: breaker::Breakers,
     _ticker: EpochTicker,
 }
 
@@ -458,6 +480,7 @@ impl PluginHost {
             stall_reload: tokio::sync::Mutex::new(None),
             reloading: tokio::sync::Mutex::new(()),
             rejected: std::sync::Mutex::new(BTreeMap::new()),
+            breaker: breaker::Breakers::default(),
         })
     }
 
@@ -662,17 +685,36 @@ impl PluginHost {
             default: default.into(),
             broken,
             rejected,
+            quarantined: self.breaker.quarantined_list(),
         }
     }
 
     /// Routes one event through its tenant's plugin (or the default plugin). A call that
     /// runs out of wall-clock time is tried once more on a fresh instance before the
-    /// timeout counts: on a busy host the first may have lost its time to other work.
+    /// timeout counts: on a busy host the first may have lost its time to other work. A
+    /// plugin version quarantined by its breaker is not called: the tenant's events follow
+    /// `plugins.breaker_fail_mode`.
     pub async fn route(&self, event: &Event) -> Result<Decision, PluginError> {
-        match self.route_once(event).await {
+        // One plugin for the whole call: a reload swapping the set meanwhile does not
+        // affect this call, which finishes on the version it started with.
+        let mut loaded = self.select(&event.tenant)?;
+        if let Some(failures) = self.breaker.quarantined(&loaded.name, &loaded.digest) {
+            match self.limits.breaker_fail_mode {
+                BreakerFailMode::DeadLetter => {
+                    return Err(PluginError::Quarantined {
+                        plugin: loaded.name.clone(),
+                        failures,
+                    });
+                }
+                BreakerFailMode::Default => {
+                    loaded = self.select_default(&event.tenant)?;
+                }
+            }
+        }
+        let result = match self.route_once(&loaded, event).await {
             Err(PluginError::Timeout { plugin, .. }) => {
                 tracing::warn!(tenant = %event.tenant, event_id = %event.id, plugin = %plugin, "routing call timed out; retrying once on a fresh instance");
-                self.route_once(event).await.map_err(|e| match e {
+                self.route_once(&loaded, event).await.map_err(|e| match e {
                     PluginError::Timeout {
                         plugin, limit_ms, ..
                     } => PluginError::Timeout {
@@ -684,6 +726,30 @@ impl PluginHost {
                 })
             }
             other => other,
+        };
+        let malfunction = result
+            .as_ref()
+            .err()
+            .is_some_and(PluginError::is_malfunction);
+        if let Some(failures) = self.breaker.record(
+            &loaded.name,
+            &loaded.digest,
+            malfunction,
+            self.limits.breaker_failures,
+        ) {
+            tracing::error!(tenant = %event.tenant, plugin = %loaded.name, digest = %&loaded.digest[..12], failures, fail_mode = ?self.limits.breaker_fail_mode, "routing plugin quarantined after consecutive failures; a new version clears it");
+        }
+        result
+    }
+
+    /// The default plugin, for a tenant whose own plugin is quarantined.
+    fn select_default(&self, tenant: &str) -> Result<Arc<Loaded>, PluginError> {
+        match self.plugins.load().get(&self.limits.default_plugin) {
+            Some(Slot::Ready(loaded)) => Ok(loaded.clone()),
+            _ => Err(PluginError::NoDefault {
+                tenant: tenant.to_owned(),
+                reason: "is not loaded (needed because the tenant's plugin is quarantined)".into(),
+            }),
         }
     }
 
@@ -738,11 +804,7 @@ impl PluginHost {
         }
     }
 
-    async fn route_once(&self, event: &Event) -> Result<Decision, PluginError> {
-        // One plugin for the whole call: a reload swapping the set meanwhile does not
-        // affect this call, which finishes on the version it started with.
-        let loaded = self.select(&event.tenant)?;
-
+    async fn route_once(&self, loaded: &Loaded, event: &Event) -> Result<Decision, PluginError> {
         let input = wit::Event {
             id: event.id.clone(),
             tenant: event.tenant.clone(),

@@ -73,11 +73,14 @@ pub fn watch(
     };
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) => {
+            // Reading a file is an event too (a reload reads every file): only changes
+            // count, or each reload would trigger the next.
+            Ok(event) if changes_content(&event.kind) => {
                 for dir in event.paths.iter().filter_map(|p| classify(p)) {
                     let _ = sender.send(dir);
                 }
             }
+            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "file watcher error"),
         })
         .map_err(|error| WatchError {
@@ -176,6 +179,19 @@ fn reload_templates(what: &Reloadable) {
                 .inc();
             tracing::error!(error = %e, dir = %what.templates_dir.display(), "reloading the templates failed; the previous ones keep serving");
         }
+    }
+}
+
+/// Does the event change what a reload would read?
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, MetadataKind, ModifyKind};
+    match kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)) => false,
+        EventKind::Modify(_) => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
     }
 }
 
