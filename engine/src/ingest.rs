@@ -39,6 +39,17 @@ pub struct Incoming {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
+/// The header carrying a dead letter's one-time replay token.
+pub const REPLAY_HEADER: &str = "notify-replay";
+
+impl Incoming {
+    /// The replay token, if this message is a replayed dead letter.
+    pub fn replay_token(&self) -> Option<uuid::Uuid> {
+        let (_, value) = self.headers.iter().find(|(n, _)| n == REPLAY_HEADER)?;
+        std::str::from_utf8(value.as_deref()?).ok()?.parse().ok()
+    }
+}
+
 /// Logs partition assignments and forgets revoked partitions' in-flight offsets (their
 /// next owner re-reads them); librdkafka commits stored offsets on revocation itself.
 struct IngestContext {
@@ -298,7 +309,28 @@ impl Publisher {
         key: Option<&str>,
         payload: &[u8],
     ) -> Result<(i32, i64), IngestError> {
-        let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
+        self.send_raw(topic, key.map(str::as_bytes), payload, &[])
+            .await
+    }
+
+    /// Sends raw key bytes and headers (a replayed dead letter, its replay token).
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<(i32, i64), IngestError> {
+        let mut owned = rdkafka::message::OwnedHeaders::new();
+        for (name, value) in headers {
+            owned = owned.insert(rdkafka::message::Header {
+                key: name,
+                value: Some(*value),
+            });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+            .payload(payload)
+            .headers(owned);
         if let Some(k) = key {
             record = record.key(k);
         }

@@ -44,6 +44,11 @@ enum Command {
         #[arg(long)]
         stamp_now: bool,
     },
+    /// Dead letters: list them, or replay them once the cause is fixed.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// Email outbox tools for operators.
     Email {
         #[command(subcommand)]
@@ -54,6 +59,55 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Print dead letters as JSON lines, oldest first (replayed ones only with --all).
+    List {
+        #[command(flatten)]
+        filter: DeadLetterArgs,
+        /// Include dead letters already replayed.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Republish dead letters to their topics; the engine routes each again, once.
+    Replay {
+        #[command(flatten)]
+        filter: DeadLetterArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct DeadLetterArgs {
+    /// Only this tenant's dead letters.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only this kind (e.g. plugin_trap, plugin_unavailable, plugin_quarantined).
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only dead letters created at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only dead letters created before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// At most this many.
+    #[arg(long, default_value_t = 1000)]
+    limit: i64,
+}
+
+impl DeadLetterArgs {
+    fn filter(self, include_replayed: bool) -> notify_engine::store::DeadLetterFilter {
+        notify_engine::store::DeadLetterFilter {
+            tenant: self.tenant,
+            kind: self.kind,
+            since: self.since,
+            until: self.until,
+            include_replayed,
+            limit: self.limit,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -120,6 +174,28 @@ async fn main() -> anyhow::Result<()> {
         Command::Token { tenant, user, ttl } => {
             let config = Config::load(cli.config.as_deref())?;
             println!("{}", tools::token(&config.auth, &tenant, &user, ttl)?);
+        }
+        Command::DeadLetters { command } => {
+            let config = load_without_secret(cli.config.as_deref())?;
+            match command {
+                DeadLetterCommand::List { filter, all } => {
+                    let rows =
+                        tools::list_dead_letters(&config.database, &filter.filter(all)).await?;
+                    for row in rows {
+                        println!("{}", serde_json::to_string(&row)?);
+                    }
+                }
+                DeadLetterCommand::Replay { filter } => {
+                    telemetry::init_logging(&config.log);
+                    let replayed = tools::replay_dead_letters(
+                        &config.kafka,
+                        &config.database,
+                        &filter.filter(false),
+                    )
+                    .await?;
+                    println!("republished {replayed} dead letters");
+                }
+            }
         }
         Command::Email {
             command:

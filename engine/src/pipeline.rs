@@ -310,7 +310,12 @@ impl Pipeline {
             }
             let step = match &work.decoded {
                 Err(rejection) => Step::Rejected(rejection.clone()),
-                Ok(event) if seen.contains(&(event.tenant.clone(), event.id.clone())) => {
+                // A replayed dead letter was claimed when it was dead-lettered: the
+                // transaction decides whether its replay token still counts.
+                Ok(event)
+                    if work.message.replay_token().is_none()
+                        && seen.contains(&(event.tenant.clone(), event.id.clone())) =>
+                {
                     Step::Duplicate
                 }
                 Ok(event) => {
@@ -437,6 +442,14 @@ impl Pipeline {
         let message = one.message;
         outcome.consumed.push(message.topic.clone());
         let origin = origin(message);
+        if let (
+            Some(token),
+            Step::Routed(event, _) | Step::Failed(event, _) | Step::Parked(event, _),
+        ) = (message.replay_token(), &one.step)
+            && store::accept_replay(tx, &event.tenant, &event.id, token).await?
+        {
+            tracing::info!(tenant = %event.tenant, event_id = %event.id, "dead letter replayed");
+        }
         match &one.step {
             Step::Rejected(rejection) => {
                 tracing::warn!(

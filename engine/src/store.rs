@@ -536,3 +536,126 @@ pub async fn requeue_failed_emails(pool: &PgPool, filter: &RequeueFilter) -> Res
     .await?
     .rows_affected())
 }
+
+/// Which dead letters an operator lists or replays. Every filter is optional.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    pub tenant: Option<String>,
+    /// `error_kind`, e.g. `plugin_trap`, `plugin_unavailable`.
+    pub kind: Option<String>,
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Include rows already replayed (listing only; replay never repeats one).
+    pub include_replayed: bool,
+    pub limit: i64,
+}
+
+/// A dead letter as an operator sees it.
+#[derive(Debug, Clone, FromRow, serde::Serialize)]
+pub struct DeadLetterRow {
+    pub id: i64,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub tenant_id: Option<String>,
+    pub event_id: Option<String>,
+    pub error_kind: String,
+    pub reason: String,
+    pub kafka_topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub replayed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+const DEAD_LETTER_FILTER: &str = "($1::text IS NULL OR tenant_id = $1)
+    AND ($2::text IS NULL OR error_kind = $2)
+    AND ($3::timestamptz IS NULL OR created_at >= $3)
+    AND ($4::timestamptz IS NULL OR created_at < $4)";
+
+pub async fn list_dead_letters(
+    pool: &PgPool,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<DeadLetterRow>> {
+    let sql = format!(
+        "SELECT id, created_at, tenant_id, event_id, error_kind, reason, kafka_topic,
+                kafka_partition, kafka_offset, replayed_at
+         FROM dead_letters
+         WHERE {DEAD_LETTER_FILTER} AND ($5 OR replayed_at IS NULL)
+         ORDER BY id LIMIT $6"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(filter.tenant.as_deref())
+        .bind(filter.kind.as_deref())
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.include_replayed)
+        .bind(filter.limit)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// A dead letter to republish, with the one-time token its replay must carry.
+#[derive(Debug, Clone, FromRow)]
+pub struct Replay {
+    pub id: i64,
+    pub kafka_topic: String,
+    pub kafka_key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub replay_token: uuid::Uuid,
+}
+
+/// Gives the selected, not yet replayed dead letters a fresh replay token each (an older
+/// token, from a replay whose message never arrived, stops counting).
+pub async fn prepare_replays(pool: &PgPool, filter: &DeadLetterFilter) -> Result<Vec<Replay>> {
+    let sql = format!(
+        "UPDATE dead_letters SET replay_token = gen_random_uuid()
+         WHERE id IN (SELECT id FROM dead_letters
+                      WHERE {DEAD_LETTER_FILTER} AND replayed_at IS NULL
+                      ORDER BY id LIMIT $5)
+         RETURNING id, kafka_topic, kafka_key, payload, replay_token"
+    );
+    let mut rows: Vec<Replay> = sqlx::query_as(&sql)
+        .bind(filter.tenant.as_deref())
+        .bind(filter.kind.as_deref())
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.limit)
+        .fetch_all(pool)
+        .await?;
+    rows.sort_by_key(|r| r.id);
+    Ok(rows)
+}
+
+/// Accepts a replay token once, inside the transaction that handles the replayed event:
+/// marks the dead letter replayed and releases the event's dead-lettered claim, so the
+/// event is routed again. `false` (a token used before, or forged): the message is an
+/// ordinary redelivery, and the claim decides as usual.
+pub async fn accept_replay(
+    tx: &mut PgConnection,
+    tenant: &str,
+    event_id: &str,
+    token: uuid::Uuid,
+) -> Result<bool> {
+    let accepted = sqlx::query(
+        "UPDATE dead_letters SET replayed_at = now()
+         WHERE replay_token = $3 AND replayed_at IS NULL
+           AND (tenant_id IS NULL OR tenant_id = $1)
+           AND (event_id IS NULL OR event_id = $2)",
+    )
+    .bind(tenant)
+    .bind(event_id)
+    .bind(token)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if accepted {
+        sqlx::query(
+            "DELETE FROM processed_events
+             WHERE tenant_id = $1 AND event_id = $2 AND outcome = 'dead_lettered'",
+        )
+        .bind(tenant)
+        .bind(event_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(accepted)
+}

@@ -33,6 +33,48 @@ pub async fn requeue_emails(
     Ok(requeued)
 }
 
+/// Republishes the selected dead letters (not yet replayed) to their topics, each with a
+/// one-time replay token: the engine routes each again once, even if its id was claimed
+/// when it was dead-lettered. Returns how many were republished.
+pub async fn replay_dead_letters(
+    kafka: &KafkaConfig,
+    database: &DatabaseConfig,
+    filter: &crate::store::DeadLetterFilter,
+) -> anyhow::Result<usize> {
+    let pool = crate::store::connect(database, 1)?;
+    let replays = crate::store::prepare_replays(&pool, filter)
+        .await
+        .context("selecting dead letters")?;
+    pool.close().await;
+    let publisher = Publisher::connect(kafka)?;
+    for replay in &replays {
+        let token = replay.replay_token.to_string();
+        publisher
+            .send_raw(
+                &replay.kafka_topic,
+                replay.kafka_key.as_deref(),
+                &replay.payload,
+                &[(crate::ingest::REPLAY_HEADER, token.as_bytes())],
+            )
+            .await
+            .with_context(|| format!("republishing dead letter {}", replay.id))?;
+    }
+    Ok(replays.len())
+}
+
+/// The selected dead letters, oldest first.
+pub async fn list_dead_letters(
+    database: &DatabaseConfig,
+    filter: &crate::store::DeadLetterFilter,
+) -> anyhow::Result<Vec<crate::store::DeadLetterRow>> {
+    let pool = crate::store::connect(database, 1)?;
+    let rows = crate::store::list_dead_letters(&pool, filter)
+        .await
+        .context("listing dead letters")?;
+    pool.close().await;
+    Ok(rows)
+}
+
 /// Publishes every line of a JSON-lines file. Each line is an envelope; its topic is
 /// `topic` if given, else the envelope's `type`. Lines are sent as they are (so a file can
 /// hold deliberately broken samples too); the key is `data.order_id`, else the event id,
