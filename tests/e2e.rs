@@ -548,6 +548,34 @@ async fn plugin_sandbox_enforces_every_limit() {
         err.message.contains("not a valid WebAssembly component"),
         "{err}"
     );
+
+    // A component importing what plugins are not granted is refused, naming the import.
+    for import in [
+        "wasi:sockets/tcp@0.2.0",
+        "wasi:filesystem/preopens@0.2.0",
+        "wasi:http/outgoing-handler@0.2.0",
+        "acme:backdoor/shell",
+    ] {
+        let forbidden = dir.path().join("forbidden.wasm");
+        let bytes =
+            wat::parse_str(format!("(component (import \"{import}\" (instance)))")).unwrap();
+        std::fs::write(&forbidden, bytes).unwrap();
+        let err = host.load_single(&forbidden).await.unwrap_err();
+        assert!(
+            err.message
+                .contains(&format!("imports {import}, which plugins are not granted")),
+            "{import}: {err}"
+        );
+    }
+    // A valid component of another world: refused, naming the world.
+    let other = dir.path().join("other.wasm");
+    std::fs::write(&other, wat::parse_str("(component)").unwrap()).unwrap();
+    let err = host.load_single(&other).await.unwrap_err();
+    assert!(
+        err.message
+            .contains("does not implement the notify:plugin/routing world"),
+        "{err}"
+    );
 }
 
 /// An SMTP outage delays email without stalling anything else; a broken template fails its

@@ -239,6 +239,21 @@ enum Change {
     Pending(String),
 }
 
+/// Interface packages a plugin may import. The host links more of WASI than this (the
+/// linker is shared), but a component that imports sockets, the filesystem, HTTP or anything
+/// unknown is refused at load, naming the import, instead of failing later.
+const GRANTED_IMPORTS: &[&str] = &[
+    "notify:plugin/",
+    "wasi:io/",
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:random/",
+];
+
+fn is_granted(import: &str) -> bool {
+    GRANTED_IMPORTS.iter().any(|p| import.starts_with(p))
+}
+
 /// `<name>.wasm`, not hidden (`.acme.wasm.tmp`-style files of a write-then-rename are not
 /// plugins yet).
 fn plugin_name(path: &Path) -> Option<String> {
@@ -605,6 +620,17 @@ impl PluginHost {
             .await
             .map_err(|e| err(format!("compiler task failed: {e}")))?
             .map_err(|e| err(format!("not a valid WebAssembly component: {e:#}")))?;
+        if let Some(import) = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name)
+            .find(|name| !is_granted(name))
+        {
+            return Err(err(format!(
+                "imports {import}, which plugins are not granted (allowed: {})",
+                GRANTED_IMPORTS.join(", ")
+            )));
+        }
         let pre = self
             .linker
             .instantiate_pre(&component)
