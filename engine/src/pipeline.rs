@@ -3,16 +3,16 @@
 //! [`Pipeline::run`] is the dispatcher: it reads messages, decodes each once, and hands it
 //! to its tenant's *lane* (undecodable messages share one). Lanes run side by side, each
 //! handling its own messages in order, so a tenant whose plugin is slow delays only itself;
-//! the [`offsets`](crate::ingest) tracker stores each partition's lowest unfinished offset,
+//! the offset tracker (`ingest::offsets`) stores each partition's lowest unfinished offset,
 //! whatever order lanes finish in. A lane that is full pauses the partitions carrying its
 //! next messages (they wait in Kafka) until it catches up, and each tenant has a routing
-//! time budget ([`budget`]), so one tenant cannot take the cores the others need.
+//! time budget (`budget`), so one tenant cannot take the cores the others need.
 //!
 //! A lane's batch goes through two steps, the way mini-redis's handlers read:
 //!
-//! 1. [`Pipeline::prepare`], outside any transaction: skip events already processed and
+//! 1. `Pipeline::prepare`, outside any transaction: skip events already processed and
 //!    route the rest through the tenant's plugin. Plugin time never holds a database lock.
-//! 2. [`Pipeline::commit`], one short transaction: claim `(tenant, event id)` (already
+//! 2. `Pipeline::commit`, one short transaction: claim `(tenant, event id)` (already
 //!    claimed → duplicate), write notifications, outbox rows and dead letters. COMMIT, and
 //!    only then mark the messages finished (offsets), wake SSE streams and the email worker.
 //!

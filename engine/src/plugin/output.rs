@@ -71,7 +71,9 @@ pub(super) fn validate(
     deliveries
         .into_iter()
         .enumerate()
-        .map(|(i, d)| check(d).map_err(|e| format!("delivery {i}: {}", super::plugin_text(&e))))
+        .map(|(i, d)| {
+            check(d).map_err(|e| format!("delivery {i}: {}", super::sandbox::plugin_text(&e)))
+        })
         .collect()
 }
 

@@ -1,0 +1,399 @@
+//! The plugin registry: which compiled version serves under which name, and the single
+//! hot-swap point (`ArcSwap`) that reloads go through. Loading diffs the directory by
+//! SHA-256, checks what a component imports and which world it implements, and never lets a
+//! broken new version replace a working one.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+
+use super::{LoadError, PluginError, PluginHost, bindings};
+
+/// A compiled, linked plugin, ready to instantiate.
+pub(super) struct Loaded {
+    pub(super) name: String,
+    pub(super) digest: String,
+    pub(super) pre: bindings::RoutingPre<super::CallState>,
+}
+
+/// What a reload did with one plugin file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub name: String,
+    pub outcome: ReloadOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// New or changed, compiled and swapped in.
+    Loaded,
+    /// Same bytes as the version serving.
+    Unchanged,
+    /// Changed but failed: the previous version keeps serving.
+    Rejected(String),
+    /// New and failed: nothing serves under this name.
+    Broken(String),
+    /// The file is still being written: left for the next reload.
+    Pending(String),
+    /// The file is gone, and so is the plugin.
+    Removed,
+}
+
+impl ReloadOutcome {
+    /// Stable label for the `notify_plugin_reloads_total{outcome}` metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ReloadOutcome::Loaded => "loaded",
+            ReloadOutcome::Unchanged => "unchanged",
+            ReloadOutcome::Rejected(_) => "rejected",
+            ReloadOutcome::Broken(_) => "broken",
+            ReloadOutcome::Pending(_) => "pending",
+            ReloadOutcome::Removed => "removed",
+        }
+    }
+}
+
+/// What reading and compiling one file came to, before the slot is decided.
+enum Change {
+    Unchanged,
+    Loaded(Arc<Loaded>),
+    Failed(String),
+    Pending(String),
+}
+
+/// Interface packages a plugin may import. The host links more of WASI than this (the
+/// linker is shared), but a component that imports sockets, the filesystem, HTTP or anything
+/// unknown is refused at load, naming the import, instead of failing later.
+const GRANTED_IMPORTS: &[&str] = &[
+    "notify:plugin/",
+    "wasi:io/",
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:random/",
+];
+
+fn is_granted(import: &str) -> bool {
+    GRANTED_IMPORTS.iter().any(|p| import.starts_with(p))
+}
+
+/// `<name>.wasm`, not hidden (`.acme.wasm.tmp`-style files of a write-then-rename are not
+/// plugins yet).
+fn plugin_name(path: &Path) -> Option<String> {
+    if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
+        return None;
+    }
+    let name = path.file_stem()?.to_str()?;
+    (!name.starts_with('.') && !name.is_empty()).then(|| name.to_owned())
+}
+
+/// The file's bytes, if its size did not change while it was read (a file written in
+/// place and still growing is read again at the next reload).
+async fn read_settled(path: &Path) -> Result<Vec<u8>, String> {
+    let bytes = tokio::fs::read(path)
+        .await
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let size = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| format!("cannot stat: {e}"))?
+        .len();
+    if size != bytes.len() as u64 {
+        return Err(format!(
+            "the file changed while it was read ({} then {size} bytes)",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The outcome of loading one plugin file: ready, or broken with the reason. A broken
+/// tenant plugin is remembered (not silently replaced by the default plugin): that tenant's
+/// events are dead-lettered with the reason until the file is fixed.
+#[derive(Clone)]
+pub(super) enum Slot {
+    Ready(Arc<Loaded>),
+    Broken(String),
+}
+/// Least time between two reloads of the plugin directory by stalled lanes.
+pub(super) const STALL_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+impl PluginHost {
+    /// Brings the loaded set in line with the plugin directory: every `*.wasm` file (not
+    /// hidden) is a plugin named by its stem. Unchanged files (same SHA-256) keep their
+    /// compiled version; new and changed ones are compiled, checked against the world and
+    /// swapped in atomically (calls in flight finish on the version they started with). A
+    /// changed file that fails keeps the previous version serving and is reported as
+    /// rejected; a new file that fails is remembered as broken; a file still being written
+    /// (its size changed while it was read) is left for the next reload; a deleted file's
+    /// plugin is dropped. One reload runs at a time.
+    pub async fn load_dir(&self) -> Result<Vec<Reloaded>, LoadError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let dir = &self.limits.dir;
+        let entries = std::fs::read_dir(dir).map_err(|e| LoadError {
+            path: dir.clone(),
+            message: format!("cannot read the plugin directory: {e}"),
+        })?;
+        let current = self.plugins.load_full();
+        let mut slots = HashMap::new();
+        let mut report = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = plugin_name(&path) else {
+                continue;
+            };
+            let previous = match current.get(&name) {
+                Some(Slot::Ready(loaded)) => Some(loaded.clone()),
+                _ => None,
+            };
+            let change = match read_settled(&path).await {
+                Err(e) => Change::Pending(e),
+                Ok(bytes) => {
+                    let digest = hex(&Sha256::digest(&bytes));
+                    match &previous {
+                        Some(old) if old.digest == digest => Change::Unchanged,
+                        _ => match self.compile(&path, &name, bytes, digest).await {
+                            Ok(loaded) => Change::Loaded(Arc::new(loaded)),
+                            Err(e) => Change::Failed(e.message),
+                        },
+                    }
+                }
+            };
+            let outcome = match change {
+                Change::Unchanged => {
+                    if let Some(old) = previous {
+                        slots.insert(name.clone(), Slot::Ready(old));
+                    }
+                    ReloadOutcome::Unchanged
+                }
+                Change::Loaded(loaded) => {
+                    tracing::info!(plugin = %name, digest = %&loaded.digest[..12], replaced = previous.is_some(), "routing plugin loaded");
+                    slots.insert(name.clone(), Slot::Ready(loaded));
+                    ReloadOutcome::Loaded
+                }
+                Change::Failed(reason) => match previous {
+                    Some(old) => {
+                        tracing::error!(plugin = %name, error = %reason, serving = %&old.digest[..12], "new version of routing plugin rejected; the previous version keeps serving");
+                        slots.insert(name.clone(), Slot::Ready(old));
+                        ReloadOutcome::Rejected(reason)
+                    }
+                    None => {
+                        tracing::error!(plugin = %name, error = %reason, "routing plugin rejected");
+                        slots.insert(name.clone(), Slot::Broken(reason.clone()));
+                        ReloadOutcome::Broken(reason)
+                    }
+                },
+                Change::Pending(reason) => {
+                    tracing::info!(plugin = %name, reason = %reason, "routing plugin file not settled; left for the next reload");
+                    if let Some(slot) = current.get(&name) {
+                        slots.insert(name.clone(), slot.clone());
+                    }
+                    ReloadOutcome::Pending(reason)
+                }
+            };
+            report.push(Reloaded { name, outcome });
+        }
+        for name in current.keys().filter(|n| !slots.contains_key(*n)) {
+            tracing::info!(plugin = %name, "routing plugin removed");
+            report.push(Reloaded {
+                name: name.clone(),
+                outcome: ReloadOutcome::Removed,
+            });
+        }
+        if !slots.contains_key(&self.limits.default_plugin) {
+            tracing::warn!(
+                dir = %dir.display(),
+                default = %self.limits.default_plugin,
+                "no default routing plugin: tenants without their own plugin wait until it is in place"
+            );
+        }
+        let mut rejected = self.rejected.lock().expect("rejected lock poisoned");
+        for r in &report {
+            match &r.outcome {
+                ReloadOutcome::Rejected(reason) => {
+                    rejected.insert(r.name.clone(), reason.clone());
+                }
+                ReloadOutcome::Loaded | ReloadOutcome::Removed | ReloadOutcome::Broken(_) => {
+                    rejected.remove(&r.name);
+                }
+                ReloadOutcome::Unchanged | ReloadOutcome::Pending(_) => {}
+            }
+        }
+        self.plugins.store(Arc::new(slots));
+        Ok(report)
+    }
+
+    /// Compiles one component off the async threads and checks it implements the world.
+    async fn compile(
+        &self,
+        path: &Path,
+        name: &str,
+        bytes: Vec<u8>,
+        digest: String,
+    ) -> Result<Loaded, LoadError> {
+        let err = |message: String| LoadError {
+            path: path.to_owned(),
+            message,
+        };
+        let engine = self.engine.clone();
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .map_err(|e| err(format!("compiler task failed: {e}")))?
+            .map_err(|e| err(format!("not a valid WebAssembly component: {e:#}")))?;
+        if let Some(import) = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name)
+            .find(|name| !is_granted(name))
+        {
+            return Err(err(format!(
+                "imports {import}, which plugins are not granted (allowed: {})",
+                GRANTED_IMPORTS.join(", ")
+            )));
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| err(format!("imports something the host does not offer: {e:#}")))?;
+        let pre = bindings::RoutingPre::new(pre).map_err(|e| {
+            err(format!(
+                "does not implement the notify:plugin/routing world: {e:#}"
+            ))
+        })?;
+        Ok(Loaded {
+            name: name.to_owned(),
+            digest,
+            pre,
+        })
+    }
+
+    /// Reloads the directory for lanes stalled on a missing plugin: one lane does it, the
+    /// others wait for it, and not more than once per [`STALL_RELOAD_INTERVAL`].
+    pub async fn reload_after_stall(&self) {
+        let mut last = self.stall_reload.lock().await;
+        if last.is_some_and(|t| t.elapsed() < STALL_RELOAD_INTERVAL) {
+            return;
+        }
+        if let Err(e) = self.load_dir().await {
+            tracing::warn!(error = %e, "reloading the plugin directory failed");
+        }
+        *last = Some(Instant::now());
+    }
+
+    /// Loads a single file as the only plugin, under the default name (the local runner).
+    pub async fn load_single(&self, path: &Path) -> Result<(), LoadError> {
+        let bytes = tokio::fs::read(path).await.map_err(|e| LoadError {
+            path: path.to_owned(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let digest = hex(&Sha256::digest(&bytes));
+        let loaded = self
+            .compile(path, &self.limits.default_plugin, bytes, digest)
+            .await?;
+        let mut slots = HashMap::new();
+        slots.insert(
+            self.limits.default_plugin.clone(),
+            Slot::Ready(Arc::new(loaded)),
+        );
+        self.plugins.store(Arc::new(slots));
+        Ok(())
+    }
+
+    /// The plugin set as loaded, for readiness.
+    pub fn health(&self) -> crate::health::PluginsHealth {
+        let plugins = self.plugins.load();
+        let default = match plugins.get(&self.limits.default_plugin) {
+            Some(Slot::Ready(_)) => "ok",
+            Some(Slot::Broken(_)) => "broken",
+            None => "missing",
+        };
+        let mut broken: Vec<String> = plugins
+            .iter()
+            .filter_map(|(name, slot)| match slot {
+                Slot::Broken(reason) => Some(format!("{name}: {reason}")),
+                Slot::Ready(_) => None,
+            })
+            .collect();
+        broken.sort();
+        let rejected = self
+            .rejected
+            .lock()
+            .expect("rejected lock poisoned")
+            .iter()
+            .map(|(name, reason)| format!("{name}: {reason}"))
+            .collect();
+        crate::health::PluginsHealth {
+            default: default.into(),
+            broken,
+            rejected,
+            quarantined: self.breaker.quarantined_list(),
+        }
+    }
+
+    /// The default plugin, for a tenant whose own plugin is quarantined.
+    pub(super) fn select_default(&self, tenant: &str) -> Result<Arc<Loaded>, PluginError> {
+        match self.plugins.load().get(&self.limits.default_plugin) {
+            Some(Slot::Ready(loaded)) => Ok(loaded.clone()),
+            _ => Err(PluginError::NoDefault {
+                tenant: tenant.to_owned(),
+                reason: "is not loaded (needed because the tenant's plugin is quarantined)".into(),
+            }),
+        }
+    }
+
+    /// Which plugin routes `tenant`'s events. A plugin named in the tenant's configuration
+    /// must be there: if it is not, the tenant's events wait rather than be routed by the
+    /// default plugin, whose rules may be quite different.
+    pub(super) fn select(&self, tenant: &str) -> Result<Arc<Loaded>, PluginError> {
+        let plugins = self.plugins.load();
+        let configured = self.tenants.get(tenant).and_then(|t| t.plugin.as_deref());
+        let (name, slot) = match configured {
+            Some(name) => match plugins.get(name) {
+                Some(slot) => (name, slot),
+                None => {
+                    return Err(PluginError::Unavailable {
+                        plugin: name.to_owned(),
+                        reason: format!(
+                            "tenants.{tenant}.plugin names {name}.wasm, which is not in {}",
+                            self.limits.dir.display()
+                        ),
+                    });
+                }
+            },
+            None => match plugins.get(tenant) {
+                Some(slot) => (tenant, slot),
+                None => match plugins.get(&self.limits.default_plugin) {
+                    Some(slot) => (self.limits.default_plugin.as_str(), slot),
+                    None => {
+                        return Err(PluginError::NoDefault {
+                            tenant: tenant.to_owned(),
+                            reason: format!(
+                                "{}.wasm is not in {}",
+                                self.limits.default_plugin,
+                                self.limits.dir.display()
+                            ),
+                        });
+                    }
+                },
+            },
+        };
+        match slot {
+            Slot::Ready(loaded) => Ok(loaded.clone()),
+            Slot::Broken(reason) if name == self.limits.default_plugin && configured.is_none() => {
+                Err(PluginError::NoDefault {
+                    tenant: tenant.to_owned(),
+                    reason: format!("is broken: {reason}"),
+                })
+            }
+            Slot::Broken(reason) => Err(PluginError::Unavailable {
+                plugin: name.to_owned(),
+                reason: format!("it failed to load: {reason}"),
+            }),
+        }
+    }
+}
+
+pub(super) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
