@@ -781,4 +781,45 @@ async fn local_plugin_runner_reports_decision_and_cost() {
     .unwrap();
     assert!(!ok);
     assert_eq!(report["error"]["kind"], "invalid_event", "{report:#}");
+
+    // `plugin check`: what the engine sees in a file, or why it would refuse it.
+    let limits = notify_engine::config::PluginConfig::default();
+    let check =
+        notify_engine::tools::check_plugin(limits.clone(), &services.plugins.join("acme.wasm"))
+            .await
+            .unwrap();
+    assert_eq!(check.world, "notify:plugin/routing");
+    assert_eq!(check.wit_version, notify_engine::plugin::WIT_VERSION);
+    assert!(
+        check
+            .exports
+            .iter()
+            .any(|e| e == "notify:plugin/router@0.1.0"),
+        "{check:?}"
+    );
+    assert!(
+        check
+            .imports
+            .iter()
+            .any(|i| i == "notify:plugin/host@0.1.0"),
+        "{check:?}"
+    );
+    assert!(
+        check.imports.iter().all(|i| !i.starts_with("wasi:sockets")),
+        "{check:?}"
+    );
+    assert_eq!(check.sha256.len(), 64);
+    assert!(check.size_bytes > 10_000);
+    let dir = tempfile::tempdir().unwrap();
+    let forbidden = dir.path().join("net.wasm");
+    std::fs::write(
+        &forbidden,
+        wat::parse_str("(component (import \"wasi:sockets/tcp@0.2.0\" (instance)))").unwrap(),
+    )
+    .unwrap();
+    let refusal = notify_engine::tools::check_plugin(limits, &forbidden)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refusal.contains("wasi:sockets/tcp@0.2.0"), "{refusal}");
 }

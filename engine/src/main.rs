@@ -132,6 +132,10 @@ enum EmailCommand {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Check a plugin file as the engine would load it: world, WIT version, imports, exports,
+    /// size, SHA-256, compile time. Exits non-zero with the reason if the engine would
+    /// refuse it.
+    Check { plugin: PathBuf },
     /// Run a routing plugin on one event with production limits; print what it decided and
     /// what it cost.
     Run {
@@ -233,6 +237,13 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             eprintln!("published {sent} events");
+        }
+        Command::Plugin {
+            command: PluginCommand::Check { plugin },
+        } => {
+            let config = load_without_secret(cli.config.as_deref())?;
+            let report = tools::check_plugin(config.plugins, &plugin).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Plugin {
             command: PluginCommand::Run { plugin, event, set },

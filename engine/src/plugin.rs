@@ -34,8 +34,8 @@ use crate::config::{BreakerFailMode, PluginConfig, TenantConfig};
 use crate::ingest::envelope::Event;
 
 pub use output::{Delivery, NOTIFICATION_EVENT};
+pub use registry::{CheckReport, ReloadOutcome, Reloaded, WIT_VERSION};
 use registry::{Loaded, Slot};
-pub use registry::{ReloadOutcome, Reloaded};
 use sandbox::{
     CallState, EPOCH_TICK, EpochTicker, MAX_CAPTURED_LOGS, MemoryCap, STDERR_CAPTURE,
     STDERR_IN_REASON, plugin_text,

@@ -135,6 +135,16 @@ pub async fn publish(
     Ok(sent)
 }
 
+/// Checks a plugin file the way the engine would load it: world, WIT version, imports,
+/// exports, size, digest, compile time; `Err` with the reason the engine would refuse it.
+pub async fn check_plugin(
+    limits: PluginConfig,
+    plugin: &Path,
+) -> anyhow::Result<crate::plugin::CheckReport> {
+    let host = PluginHost::new(limits, BTreeMap::new())?;
+    Ok(host.check(plugin).await?)
+}
+
 /// Runs `plugin` on the event in `event_file` with the production sandbox and limits, and
 /// returns a report: the deliveries (or the error), the plugin's logs, and the cost against
 /// each limit.

@@ -20,6 +20,21 @@ pub(super) struct Loaded {
     pub(super) pre: bindings::RoutingPre<super::CallState>,
 }
 
+/// The WIT package version this host implements.
+pub const WIT_VERSION: &str = "notify:plugin@0.1.0";
+
+/// A plugin file as the host sees it (`notify-engine plugin check`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    pub world: String,
+    pub wit_version: String,
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+    pub size_bytes: usize,
+    pub sha256: String,
+    pub compile_ms: u64,
+}
+
 /// What a reload did with one plugin file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reloaded {
@@ -224,7 +239,21 @@ impl PluginHost {
         Ok(report)
     }
 
-    /// Compiles one component off the async threads and checks it implements the world.
+    /// Compiles a component off the async threads (the blocking pool).
+    async fn compile_component(&self, path: &Path, bytes: Vec<u8>) -> Result<Component, LoadError> {
+        let err = |message: String| LoadError {
+            path: path.to_owned(),
+            message,
+        };
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .map_err(|e| err(format!("compiler task failed: {e}")))?
+            .map_err(|e| err(format!("not a valid WebAssembly component: {e:#}")))
+    }
+
+    /// Compiles one component off the async threads and checks what it imports and that it
+    /// implements the world.
     async fn compile(
         &self,
         path: &Path,
@@ -236,11 +265,7 @@ impl PluginHost {
             path: path.to_owned(),
             message,
         };
-        let engine = self.engine.clone();
-        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-            .await
-            .map_err(|e| err(format!("compiler task failed: {e}")))?
-            .map_err(|e| err(format!("not a valid WebAssembly component: {e:#}")))?;
+        let component = self.compile_component(path, bytes).await?;
         if let Some(import) = component
             .component_type()
             .imports(&self.engine)
@@ -279,6 +304,49 @@ impl PluginHost {
             tracing::warn!(error = %e, "reloading the plugin directory failed");
         }
         *last = Some(Instant::now());
+    }
+
+    /// What `notify-engine plugin check` reports: the checks a reload makes, without loading
+    /// anything. `Err` carries the reason the host would refuse the file.
+    pub async fn check(&self, path: &Path) -> Result<CheckReport, LoadError> {
+        let bytes = tokio::fs::read(path).await.map_err(|e| LoadError {
+            path: path.to_owned(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let size_bytes = bytes.len();
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let started = Instant::now();
+        let component = self.compile_component(path, bytes.clone()).await?;
+        let compile_ms = started.elapsed().as_millis() as u64;
+        let names = |items: Vec<String>| {
+            let mut items = items;
+            items.sort();
+            items
+        };
+        let imports = names(
+            component
+                .component_type()
+                .imports(&self.engine)
+                .map(|(name, _)| name.to_owned())
+                .collect(),
+        );
+        let exports = names(
+            component
+                .component_type()
+                .exports(&self.engine)
+                .map(|(name, _)| name.to_owned())
+                .collect(),
+        );
+        self.compile(path, "check", bytes, sha256.clone()).await?;
+        Ok(CheckReport {
+            world: "notify:plugin/routing".into(),
+            wit_version: WIT_VERSION.into(),
+            imports,
+            exports,
+            size_bytes,
+            sha256,
+            compile_ms,
+        })
     }
 
     /// Loads a single file as the only plugin, under the default name (the local runner).
