@@ -501,3 +501,22 @@ async fn plugins_reload_under_load_without_losing_or_repeating_an_event() {
     assert_eq!(whole, digest(&v5));
     engine.shutdown().await;
 }
+
+/// The repository's own templates render against the sample data kept beside them (what
+/// `notify-engine template lint` checks), and `template preview`'s renderer agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_templates_lint_clean() {
+    let services = Services::get();
+    let problems = notify_engine::tools::lint_templates(&services.templates).unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    let preview = notify_engine::tools::preview_template(
+        &services.templates,
+        "acme",
+        "order_paid",
+        &services.templates.join("default/order_paid/sample.json"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(preview.subject, "Thanks for your ACME order A-1001");
+    assert!(preview.html.unwrap().contains("129.90 EUR"));
+}

@@ -44,6 +44,11 @@ enum Command {
         #[arg(long)]
         stamp_now: bool,
     },
+    /// Email template tools for template authors.
+    Template {
+        #[command(subcommand)]
+        command: TemplateCommand,
+    },
     /// Dead letters: list them, or replay them once the cause is fixed.
     DeadLetters {
         #[command(subcommand)]
@@ -59,6 +64,26 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Render a template for a tenant with sample data: prints subject and text, writes the
+    /// html to a file.
+    Preview {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        template: String,
+        /// JSON data (default: the template's sample.json).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Where the html goes.
+        #[arg(long, default_value = "preview.html")]
+        html: PathBuf,
+    },
+    /// Render every template against the sample.json beside it; non-zero exit on any error.
+    Lint,
 }
 
 #[derive(Subcommand)]
@@ -178,6 +203,53 @@ async fn main() -> anyhow::Result<()> {
         Command::Token { tenant, user, ttl } => {
             let config = Config::load(cli.config.as_deref())?;
             println!("{}", tools::token(&config.auth, &tenant, &user, ttl)?);
+        }
+        Command::Template { command } => {
+            let config = load_without_secret(cli.config.as_deref())?;
+            let dir = &config.email.templates_dir;
+            match command {
+                TemplateCommand::Preview {
+                    tenant,
+                    template,
+                    data,
+                    html,
+                } => {
+                    let data = data.unwrap_or_else(|| {
+                        let own = dir.join(&tenant).join(&template).join("sample.json");
+                        if own.exists() {
+                            own
+                        } else {
+                            dir.join("default").join(&template).join("sample.json")
+                        }
+                    });
+                    let link_domains = config
+                        .tenants
+                        .get(&tenant)
+                        .map(|t| t.link_domains.clone())
+                        .unwrap_or_default();
+                    let email =
+                        tools::preview_template(dir, &tenant, &template, &data, &link_domains)?;
+                    println!("Subject: {}\n", email.subject);
+                    if let Some(text) = &email.text {
+                        println!("{text}");
+                    }
+                    if let Some(body) = &email.html {
+                        std::fs::write(&html, body)
+                            .with_context(|| format!("writing {}", html.display()))?;
+                        eprintln!("html written to {}", html.display());
+                    }
+                }
+                TemplateCommand::Lint => {
+                    let problems = tools::lint_templates(dir)?;
+                    for problem in &problems {
+                        eprintln!("{problem}");
+                    }
+                    if !problems.is_empty() {
+                        anyhow::bail!("{} template problems", problems.len());
+                    }
+                    eprintln!("templates in {} render cleanly", dir.display());
+                }
+            }
         }
         Command::DeadLetters { command } => {
             let config = load_without_secret(cli.config.as_deref())?;

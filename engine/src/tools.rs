@@ -135,6 +135,32 @@ pub async fn publish(
     Ok(sent)
 }
 
+/// Renders one template for a tenant with the data in `data_file`: returns subject, text
+/// and html (the CLI prints the first two and writes the html to a file).
+pub fn preview_template(
+    templates_dir: &Path,
+    tenant: &str,
+    template: &str,
+    data_file: &Path,
+    link_domains: &[String],
+) -> anyhow::Result<crate::delivery::render::RenderedEmail> {
+    let templates = crate::delivery::render::Templates::load(templates_dir)
+        .with_context(|| format!("loading {}", templates_dir.display()))?;
+    let data: Value = serde_json::from_str(
+        &std::fs::read_to_string(data_file)
+            .with_context(|| format!("reading {}", data_file.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", data_file.display()))?;
+    Ok(templates.render(tenant, template, &data, link_domains)?)
+}
+
+/// Every problem `template lint` finds (empty: clean).
+pub fn lint_templates(templates_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let templates = crate::delivery::render::Templates::load(templates_dir)
+        .with_context(|| format!("loading {}", templates_dir.display()))?;
+    Ok(templates.lint())
+}
+
 /// Checks a plugin file the way the engine would load it: world, WIT version, imports,
 /// exports, size, digest, compile time; `Err` with the reason the engine would refuse it.
 pub async fn check_plugin(
