@@ -520,3 +520,58 @@ async fn the_shipped_templates_lint_clean() {
     assert_eq!(preview.subject, "Thanks for your ACME order A-1001");
     assert!(preview.html.unwrap().contains("129.90 EUR"));
 }
+
+/// The precompiled cache: the first load writes it, a restart (a new engine) loads from it,
+/// and a cache file it cannot use (another wasmtime's, or damaged) is compiled over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precompiled_plugins_are_cached_outside_the_plugin_directory() {
+    use notify_engine::config::PluginConfig;
+    use notify_engine::ingest::envelope;
+    use notify_engine::plugin::PluginHost;
+
+    let services = Services::get();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        services.plugins.join("default.wasm"),
+        dir.path().join("default.wasm"),
+    )
+    .unwrap();
+    let limits = PluginConfig {
+        dir: dir.path().to_owned(),
+        cache_dir: cache.path().to_owned(),
+        ..Default::default()
+    };
+    let raw = order_paid("c1", "t1", "u1", None, 1.0);
+    let event = envelope::decode(Some(raw.to_string().as_bytes()), 1 << 20).unwrap();
+    let cached = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .collect()
+    };
+
+    let first = PluginHost::new(limits.clone(), Default::default()).unwrap();
+    first.load_dir().await.unwrap();
+    assert!(first.route(&event).await.is_ok());
+    let files = cached();
+    assert_eq!(files.len(), 1, "one precompiled plugin: {files:?}");
+    let written = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+
+    // A restart: loaded from the cache (the file is not rewritten), and it routes.
+    let second = PluginHost::new(limits.clone(), Default::default()).unwrap();
+    second.load_dir().await.unwrap();
+    assert!(second.route(&event).await.is_ok());
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().modified().unwrap(),
+        written
+    );
+
+    // A damaged cache file is not trusted: compiled again, and the cache repaired.
+    std::fs::write(&files[0], b"not a precompiled component").unwrap();
+    let third = PluginHost::new(limits, Default::default()).unwrap();
+    third.load_dir().await.unwrap();
+    assert!(third.route(&event).await.is_ok());
+    assert!(std::fs::read(&files[0]).unwrap().len() > 1000, "rewritten");
+}

@@ -166,6 +166,9 @@ impl Default for DatabaseConfig {
 pub struct PluginConfig {
     /// Holds `<tenant>.wasm` routing plugins and the fallback `<default>.wasm`.
     pub dir: PathBuf,
+    /// Precompiled plugins, so a restart skips compilation; empty: no cache. It must be
+    /// outside `dir` and writable by the engine alone (what is in it runs as native code).
+    pub cache_dir: PathBuf,
     /// File stem of the fallback routing plugin used by tenants without their own.
     pub default_plugin: String,
     /// Instruction budget of one routing call (wasmtime fuel).
@@ -203,6 +206,7 @@ impl Default for PluginConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("plugins/dist"),
+            cache_dir: PathBuf::new(),
             default_plugin: "default".into(),
             fuel: 20_000_000,
             timeout_ms: 100,
@@ -678,6 +682,13 @@ impl Config {
         }
         if self.plugins.fuel == 0 || self.plugins.timeout_ms == 0 {
             return invalid("plugins.fuel and plugins.timeout_ms must be positive".into());
+        }
+        if !self.plugins.cache_dir.as_os_str().is_empty()
+            && self.plugins.cache_dir.starts_with(&self.plugins.dir)
+        {
+            return invalid(
+                "plugins.cache_dir must be outside plugins.dir (the watched directory)".into(),
+            );
         }
         if self.plugins.memory_bytes < 1024 * 1024 {
             return invalid("plugins.memory_bytes must be at least 1 MiB".into());

@@ -95,6 +95,23 @@ fn is_granted(import: &str) -> bool {
     GRANTED_IMPORTS.iter().any(|p| import.starts_with(p))
 }
 
+/// Writes a compiled component to the cache (write then rename, so a reader never sees half
+/// a file). A failure only costs the next start a compilation.
+fn store_in_cache(component: &Component, file: &Path) {
+    let write = || -> Result<(), String> {
+        let bytes = component.serialize().map_err(|e| e.to_string())?;
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        let temporary = file.with_extension(format!("tmp.{}", std::process::id()));
+        std::fs::write(&temporary, bytes).map_err(|e| e.to_string())?;
+        std::fs::rename(&temporary, file).map_err(|e| e.to_string())
+    };
+    if let Err(e) = write() {
+        tracing::warn!(file = %file.display(), error = %e, "could not write the precompiled plugin cache");
+    }
+}
+
 /// `<name>.wasm`, not hidden (`.acme.wasm.tmp`-style files of a write-then-rename are not
 /// plugins yet).
 fn plugin_name(path: &Path) -> Option<String> {
@@ -239,17 +256,60 @@ impl PluginHost {
         Ok(report)
     }
 
-    /// Compiles a component off the async threads (the blocking pool).
+    /// Compiles a component off the async threads (the blocking pool), or takes it from the
+    /// precompiled cache (`plugins.cache_dir`) when this engine compiled the same bytes
+    /// before, so a restart skips compilation.
     async fn compile_component(&self, path: &Path, bytes: Vec<u8>) -> Result<Component, LoadError> {
         let err = |message: String| LoadError {
             path: path.to_owned(),
             message,
         };
+        let cached = self.cache_file(&bytes);
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-            .await
-            .map_err(|e| err(format!("compiler task failed: {e}")))?
-            .map_err(|e| err(format!("not a valid WebAssembly component: {e:#}")))
+        tokio::task::spawn_blocking(move || {
+            if let Some(file) = &cached
+                && file.exists()
+            {
+                // SAFETY: deserializing runs native code compiled earlier. The cache holds
+                // only what this engine serialized under its compatibility hash (part of the
+                // file name, and checked again by wasmtime), and `plugins.cache_dir` must be
+                // writable by the engine alone (documented with the setting).
+                // Read into memory rather than mapped: a cache file truncated under a mapping
+                // would kill the process with SIGBUS.
+                let precompiled = std::fs::read(file).map_err(wasmtime::Error::from);
+                match precompiled.and_then(|b| unsafe { Component::deserialize(&engine, &b) }) {
+                    Ok(component) => return Ok(component),
+                    Err(e) => tracing::warn!(file = %file.display(), error = %e, "precompiled plugin unusable; compiling again"),
+                }
+            }
+            let component = Component::new(&engine, &bytes)?;
+            if let Some(file) = &cached {
+                store_in_cache(&component, file);
+            }
+            Ok(component)
+        })
+        .await
+        .map_err(|e| err(format!("compiler task failed: {e}")))?
+        .map_err(|e: wasmtime::Error| err(format!("not a valid WebAssembly component: {e:#}")))
+    }
+
+    /// `<cache_dir>/<sha256 of the bytes>-<engine compatibility hash>.cwasm`, if a cache is
+    /// configured: a cache written by another wasmtime version or configuration has another
+    /// name and is never read.
+    fn cache_file(&self, bytes: &[u8]) -> Option<std::path::PathBuf> {
+        if self.limits.cache_dir.as_os_str().is_empty() {
+            return None;
+        }
+        use std::hash::{Hash, Hasher};
+        let mut compat = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut compat);
+        Some(self.limits.cache_dir.join(format!(
+            "{}-{:016x}.cwasm",
+            hex(&Sha256::digest(bytes)),
+            compat.finish()
+        )))
     }
 
     /// Compiles one component off the async threads and checks what it imports and that it
