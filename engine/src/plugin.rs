@@ -260,14 +260,15 @@ impl PluginHost {
         let mut loaded = self.select(&event.tenant)?;
         if let Some(failures) = self.breaker.quarantined(&loaded.name, &loaded.digest) {
             match self.limits.breaker_fail_mode {
-                BreakerFailMode::DeadLetter => {
+                // The default plugin itself quarantined has nothing to fall back to.
+                BreakerFailMode::Default if loaded.name != self.limits.default_plugin => {
+                    loaded = self.select_default(&event.tenant)?;
+                }
+                BreakerFailMode::Default | BreakerFailMode::DeadLetter => {
                     return Err(PluginError::Quarantined {
                         plugin: loaded.name.clone(),
                         failures,
                     });
-                }
-                BreakerFailMode::Default => {
-                    loaded = self.select_default(&event.tenant)?;
                 }
             }
         }
