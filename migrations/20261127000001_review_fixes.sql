@@ -29,11 +29,3 @@ ALTER TABLE email_outbox ADD CONSTRAINT email_outbox_status_check
 -- operator's requeue starts that clock again (created_at keeps the original time).
 ALTER TABLE email_outbox ADD COLUMN queued_at TIMESTAMPTZ NOT NULL DEFAULT now();
 UPDATE email_outbox SET queued_at = created_at;
-
--- Dead letters can be replayed (`notify-engine dead-letters replay`): the command republishes
--- the payload with a one-time token in the `notify-replay` header; the pipeline accepts the
--- token once, re-routes the event even though its id was claimed, and marks the row replayed.
-ALTER TABLE dead_letters ADD COLUMN replay_token UUID;
-ALTER TABLE dead_letters ADD COLUMN replayed_at TIMESTAMPTZ;
-CREATE UNIQUE INDEX dead_letters_replay_token ON dead_letters (replay_token)
-    WHERE replay_token IS NOT NULL;

@@ -354,6 +354,40 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
         .await
         .unwrap();
     assert_eq!(again, 0, "a replayed dead letter is not replayed again");
+
+    // A message that cannot be decoded is dead-lettered again when replayed, as itself, and
+    // the original is marked replayed: the next replay does not pick it up again.
+    world.produce_raw(&world.topic_paid, b"{not json").await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE error_kind = 'decode'",
+            1,
+            WAIT,
+        )
+        .await;
+    let decode = DeadLetterFilter {
+        kind: Some("decode".into()),
+        limit: 100,
+        ..Default::default()
+    };
+    let replayed = tools::replay_dead_letters(&config.kafka, &config.database, &decode)
+        .await
+        .unwrap();
+    assert_eq!(replayed, 1);
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE error_kind = 'decode' AND replayed_at IS NOT NULL",
+            1,
+            WAIT,
+        )
+        .await;
+    let again = tools::replay_dead_letters(&config.kafka, &config.database, &decode)
+        .await
+        .unwrap();
+    assert_eq!(
+        again, 1,
+        "only the new dead letter (the replay itself), not the original"
+    );
     engine.shutdown().await;
 }
 

@@ -442,13 +442,16 @@ impl Pipeline {
         let message = one.message;
         outcome.consumed.push(message.topic.clone());
         let origin = origin(message);
-        if let (
-            Some(token),
-            Step::Routed(event, _) | Step::Failed(event, _) | Step::Parked(event, _),
-        ) = (message.replay_token(), &one.step)
-            && store::accept_replay(tx, &event.tenant, &event.id, token).await?
-        {
-            tracing::info!(tenant = %event.tenant, event_id = %event.id, "dead letter replayed");
+        if let Some(token) = message.replay_token() {
+            match &one.step {
+                Step::Routed(event, _) | Step::Failed(event, _) | Step::Parked(event, _) => {
+                    if store::accept_replay(tx, &event.tenant, &event.id, token).await? {
+                        tracing::info!(tenant = %event.tenant, event_id = %event.id, "dead letter replayed");
+                    }
+                }
+                Step::Rejected(_) => store::mark_replayed(tx, token).await?,
+                Step::Duplicate => {}
+            }
         }
         match &one.step {
             Step::Rejected(rejection) => {

@@ -260,9 +260,16 @@ impl PluginHost {
         let mut loaded = self.select(&event.tenant)?;
         if let Some(failures) = self.breaker.quarantined(&loaded.name, &loaded.digest) {
             match self.limits.breaker_fail_mode {
-                // The default plugin itself quarantined has nothing to fall back to.
-                BreakerFailMode::Default if loaded.name != self.limits.default_plugin => {
-                    loaded = self.select_default(&event.tenant)?;
+                // Nothing to fall back to (the default plugin is missing, or quarantined
+                // itself): the event is set aside like in fail mode `dead_letter`.
+                BreakerFailMode::Default
+                    if let Some(default) = self.select_default()
+                        && self
+                            .breaker
+                            .quarantined(&default.name, &default.digest)
+                            .is_none() =>
+                {
+                    loaded = default;
                 }
                 BreakerFailMode::Default | BreakerFailMode::DeadLetter => {
                     return Err(PluginError::Quarantined {

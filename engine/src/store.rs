@@ -596,6 +596,7 @@ pub async fn list_dead_letters(
 #[derive(Debug, Clone, FromRow)]
 pub struct Replay {
     pub id: i64,
+    pub tenant_id: Option<String>,
     pub kafka_topic: String,
     pub kafka_key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
@@ -610,7 +611,7 @@ pub async fn prepare_replays(pool: &PgPool, filter: &DeadLetterFilter) -> Result
          WHERE id IN (SELECT id FROM dead_letters
                       WHERE {DEAD_LETTER_FILTER} AND replayed_at IS NULL
                       ORDER BY id LIMIT $5)
-         RETURNING id, kafka_topic, kafka_key, payload, replay_token"
+         RETURNING id, tenant_id, kafka_topic, kafka_key, payload, replay_token"
     );
     let mut rows: Vec<Replay> = sqlx::query_as(&sql)
         .bind(filter.tenant.as_deref())
@@ -634,28 +635,47 @@ pub async fn accept_replay(
     event_id: &str,
     token: uuid::Uuid,
 ) -> Result<bool> {
-    let accepted = sqlx::query(
+    let accepted: Option<(String, i32, i64)> = sqlx::query_as(
         "UPDATE dead_letters SET replayed_at = now()
          WHERE replay_token = $3 AND replayed_at IS NULL
            AND (tenant_id IS NULL OR tenant_id = $1)
-           AND (event_id IS NULL OR event_id = $2)",
+           AND (event_id IS NULL OR event_id = $2)
+         RETURNING kafka_topic, kafka_partition, kafka_offset",
     )
     .bind(tenant)
     .bind(event_id)
     .bind(token)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((topic, partition, offset)) = accepted else {
+        return Ok(false);
+    };
+    // Only the claim this dead letter made (same message): a later outcome of the event,
+    // such as another replay's, is not undone.
+    sqlx::query(
+        "DELETE FROM processed_events
+         WHERE tenant_id = $1 AND event_id = $2 AND outcome = 'dead_lettered'
+           AND kafka_topic = $3 AND kafka_partition = $4 AND kafka_offset = $5",
+    )
+    .bind(tenant)
+    .bind(event_id)
+    .bind(topic)
+    .bind(partition)
+    .bind(offset)
     .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if accepted {
-        sqlx::query(
-            "DELETE FROM processed_events
-             WHERE tenant_id = $1 AND event_id = $2 AND outcome = 'dead_lettered'",
-        )
-        .bind(tenant)
-        .bind(event_id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    Ok(accepted)
+    .await?;
+    Ok(true)
+}
+
+/// Marks a replayed dead letter done when the replay could not even be decoded (it is
+/// dead-lettered again, as itself): the operator's next replay does not select it again.
+pub async fn mark_replayed(tx: &mut PgConnection, token: uuid::Uuid) -> Result<()> {
+    sqlx::query(
+        "UPDATE dead_letters SET replayed_at = now()
+         WHERE replay_token = $1 AND replayed_at IS NULL",
+    )
+    .bind(token)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }

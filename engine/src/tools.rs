@@ -49,12 +49,20 @@ pub async fn replay_dead_letters(
     let publisher = Publisher::connect(kafka)?;
     for replay in &replays {
         let token = replay.replay_token.to_string();
+        let mut headers = vec![(crate::ingest::REPLAY_HEADER, token.as_bytes())];
+        // With the tenant bound to a gateway's header, the operator's tool speaks for the
+        // tenant the dead letter was recorded under, as the gateway did.
+        if kafka.tenant_from == crate::config::TenantFrom::Header
+            && let Some(tenant) = &replay.tenant_id
+        {
+            headers.push((kafka.tenant_header.as_str(), tenant.as_bytes()));
+        }
         publisher
             .send_raw(
                 &replay.kafka_topic,
                 replay.kafka_key.as_deref(),
                 &replay.payload,
-                &[(crate::ingest::REPLAY_HEADER, token.as_bytes())],
+                &headers,
             )
             .await
             .with_context(|| format!("republishing dead letter {}", replay.id))?;

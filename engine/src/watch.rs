@@ -75,6 +75,11 @@ pub fn watch(
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             // Reading a file is an event too (a reload reads every file): only changes
             // count, or each reload would trigger the next.
+            // The kernel's queue overflowed: events were lost, so reload both.
+            Ok(event) if event.need_rescan() => {
+                let _ = sender.send(Dir::Plugins);
+                let _ = sender.send(Dir::Templates);
+            }
             Ok(event) if changes_content(&event.kind) => {
                 for dir in event.paths.iter().filter_map(|p| classify(p)) {
                     let _ = sender.send(dir);

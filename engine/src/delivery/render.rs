@@ -101,7 +101,12 @@ impl Templates {
         let mut fresh = Templates::load(&self.dir)?;
         let mut kept = Vec::new();
         for (tenant, set) in fresh.sets.iter_mut() {
-            let Some(old) = self.sets.get(tenant) else {
+            // A tenant folder that is new was served by the default set until now.
+            let Some(old) = self
+                .sets
+                .get(tenant)
+                .or_else(|| self.sets.get(DEFAULT_TENANT))
+            else {
                 continue;
             };
             let mut newly_broken: Vec<String> = set

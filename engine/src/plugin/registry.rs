@@ -122,21 +122,29 @@ fn plugin_name(path: &Path) -> Option<String> {
     (!name.starts_with('.') && !name.is_empty()).then(|| name.to_owned())
 }
 
+/// Why a plugin file was not read.
+enum Unsettled {
+    /// Its size changed while it was read: still being written; tried at the next reload.
+    Growing(String),
+    /// It cannot be read at all (permissions, say): a failure, reported as such.
+    Unreadable(String),
+}
+
 /// The file's bytes, if its size did not change while it was read (a file written in
 /// place and still growing is read again at the next reload).
-async fn read_settled(path: &Path) -> Result<Vec<u8>, String> {
+async fn read_settled(path: &Path) -> Result<Vec<u8>, Unsettled> {
     let bytes = tokio::fs::read(path)
         .await
-        .map_err(|e| format!("cannot read: {e}"))?;
+        .map_err(|e| Unsettled::Unreadable(format!("cannot read: {e}")))?;
     let size = tokio::fs::metadata(path)
         .await
-        .map_err(|e| format!("cannot stat: {e}"))?
+        .map_err(|e| Unsettled::Unreadable(format!("cannot stat: {e}")))?
         .len();
     if size != bytes.len() as u64 {
-        return Err(format!(
+        return Err(Unsettled::Growing(format!(
             "the file changed while it was read ({} then {size} bytes)",
             bytes.len()
-        ));
+        )));
     }
     Ok(bytes)
 }
@@ -180,7 +188,8 @@ impl PluginHost {
                 _ => None,
             };
             let change = match read_settled(&path).await {
-                Err(e) => Change::Pending(e),
+                Err(Unsettled::Growing(e)) => Change::Pending(e),
+                Err(Unsettled::Unreadable(e)) => Change::Failed(e),
                 Ok(bytes) => {
                     let digest = hex(&Sha256::digest(&bytes));
                     match &previous {
@@ -246,10 +255,14 @@ impl PluginHost {
                 ReloadOutcome::Rejected(reason) => {
                     rejected.insert(r.name.clone(), reason.clone());
                 }
-                ReloadOutcome::Loaded | ReloadOutcome::Removed | ReloadOutcome::Broken(_) => {
+                // Unchanged too: a reverted file serves what it always did.
+                ReloadOutcome::Loaded
+                | ReloadOutcome::Unchanged
+                | ReloadOutcome::Removed
+                | ReloadOutcome::Broken(_) => {
                     rejected.remove(&r.name);
                 }
-                ReloadOutcome::Unchanged | ReloadOutcome::Pending(_) => {}
+                ReloadOutcome::Pending(_) => {}
             }
         }
         self.plugins.store(Arc::new(slots));
@@ -459,14 +472,11 @@ impl PluginHost {
         }
     }
 
-    /// The default plugin, for a tenant whose own plugin is quarantined.
-    pub(super) fn select_default(&self, tenant: &str) -> Result<Arc<Loaded>, PluginError> {
+    /// The default plugin, for a tenant whose own plugin is quarantined, if it is loaded.
+    pub(super) fn select_default(&self) -> Option<Arc<Loaded>> {
         match self.plugins.load().get(&self.limits.default_plugin) {
-            Some(Slot::Ready(loaded)) => Ok(loaded.clone()),
-            _ => Err(PluginError::NoDefault {
-                tenant: tenant.to_owned(),
-                reason: "is not loaded (needed because the tenant's plugin is quarantined)".into(),
-            }),
+            Some(Slot::Ready(loaded)) => Some(loaded.clone()),
+            _ => None,
         }
     }
 
