@@ -15,6 +15,27 @@ fn publish(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::rename(&temporary, dir.join(name)).unwrap();
 }
 
+/// Publishes the built plugin `file` as `tenant`'s plugin and waits until it is loaded (the
+/// first load of the test's engine).
+async fn install_build(
+    world: &World,
+    engine: &notify_engine::app::Running,
+    tenant: &str,
+    file: &str,
+) {
+    let bytes = std::fs::read(world.services.plugins.join(file)).unwrap();
+    publish(world.plugin_dir.path(), &format!("{tenant}.wasm"), &bytes);
+    eventually("the new build is loaded", || {
+        engine
+            .metrics
+            .plugin_reloads
+            .with_label_values(&["loaded"])
+            .get()
+            >= 1
+    })
+    .await;
+}
+
 async fn eventually(what: &str, check: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !check() {
@@ -197,17 +218,7 @@ async fn a_failing_plugin_is_quarantined_until_a_new_version_arrives() {
     .await;
 
     // A new version (here: the default router's build) closes the breaker.
-    let default = std::fs::read(world.services.plugins.join("default.wasm")).unwrap();
-    publish(world.plugin_dir.path(), &format!("{tenant}.wasm"), &default);
-    eventually("the new version is loaded", || {
-        engine
-            .metrics
-            .plugin_reloads
-            .with_label_values(&["loaded"])
-            .get()
-            >= 1
-    })
-    .await;
+    install_build(&world, &engine, &tenant, "default.wasm").await;
     world
         .produce(&order_paid("q2", &tenant, "u1", None, 1.0))
         .await;
@@ -292,17 +303,7 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
         .await;
 
     // The fix: the tenant's plugin is replaced by one that handles the event.
-    let fixed = std::fs::read(world.services.plugins.join("default.wasm")).unwrap();
-    publish(world.plugin_dir.path(), &format!("{tenant}.wasm"), &fixed);
-    eventually("the fixed plugin is loaded", || {
-        engine
-            .metrics
-            .plugin_reloads
-            .with_label_values(&["loaded"])
-            .get()
-            >= 1
-    })
-    .await;
+    install_build(&world, &engine, &tenant, "default.wasm").await;
 
     let filter = DeadLetterFilter {
         tenant: Some(tenant.clone()),
