@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState, auth::Auth};
 use crate::config::Config;
-use crate::delivery::{self, EmailWorker, render::Templates};
+use crate::delivery::{self, EmailWorker};
 use crate::health::Health;
 use crate::hub::Hub;
 use crate::ingest::{self, Ingest};
@@ -34,6 +34,7 @@ use crate::pipeline::Pipeline;
 use crate::plugin::PluginHost;
 use crate::store;
 use crate::telemetry::Metrics;
+use crate::templates::Templates;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

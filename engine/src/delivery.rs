@@ -15,7 +15,6 @@
 //! sends run at once.
 
 mod rate;
-pub mod render;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{EmailConfig, SmtpConfig, SmtpTls, TenantConfig};
 use crate::store::{self, OutboxEmail};
 use crate::telemetry::Metrics;
-use render::{RenderedEmail, Templates};
+use crate::templates::{RenderedEmail, Templates};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {

@@ -17,7 +17,9 @@
 //! - [`plugin`]: the only module that touches wasmtime; the routing sandbox.
 //! - [`store`]: the only module that holds SQL.
 //! - [`hub`]: which (tenant, user) has something new; wakes their SSE streams.
-//! - [`delivery`]: the email worker (outbox → Handlebars → lettre).
+//! - [`delivery`]: the email worker (outbox → templates → lettre).
+//! - [`templates`]: the tenants' Handlebars files, their checks and hot reload; used by the
+//!   email worker (and, later, a templating plugin host), so neither depends on the other.
 //! - [`api`]: HTTP: SSE on the public listener; health, readiness, metrics on the
 //!   operator listener; JWT auth.
 //! - [`health`]: what readiness reports, kept current in the background.
@@ -38,5 +40,6 @@ pub mod pipeline;
 pub mod plugin;
 pub mod store;
 pub mod telemetry;
+pub mod templates;
 pub mod tools;
 pub mod watch;

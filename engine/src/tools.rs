@@ -151,8 +151,8 @@ pub fn preview_template(
     template: &str,
     data_file: &Path,
     link_domains: &[String],
-) -> anyhow::Result<crate::delivery::render::RenderedEmail> {
-    let templates = crate::delivery::render::Templates::load(templates_dir)
+) -> anyhow::Result<crate::templates::RenderedEmail> {
+    let templates = crate::templates::Templates::load(templates_dir)
         .with_context(|| format!("loading {}", templates_dir.display()))?;
     let data: Value = serde_json::from_str(
         &std::fs::read_to_string(data_file)
@@ -164,7 +164,7 @@ pub fn preview_template(
 
 /// Every problem `template lint` finds (empty: clean).
 pub fn lint_templates(templates_dir: &Path) -> anyhow::Result<Vec<String>> {
-    let templates = crate::delivery::render::Templates::load(templates_dir)
+    let templates = crate::templates::Templates::load(templates_dir)
         .with_context(|| format!("loading {}", templates_dir.display()))?;
     Ok(templates.lint())
 }

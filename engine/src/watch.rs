@@ -17,10 +17,10 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::render::Templates;
 use crate::health::Health;
 use crate::plugin::{PluginHost, ReloadOutcome};
 use crate::telemetry::Metrics;
+use crate::templates::Templates;
 
 /// How long a directory must be quiet before it is reloaded.
 const QUIET: Duration = Duration::from_millis(250);
