@@ -112,13 +112,10 @@ async fn run(
     shutdown: CancellationToken,
 ) {
     // The watch began after the start-up load: catch up on anything changed in between
-    // (unchanged plugins cost one SHA-256 each; nothing is counted as a reload).
-    if let Err(e) = what.plugins.load_dir().await {
-        tracing::error!(error = %e, "reloading the plugin directory failed");
-    }
-    if let Ok((fresh, _)) = what.templates.load().reload() {
-        what.templates.store(Arc::new(fresh));
-    }
+    // (unchanged plugins cost one SHA-256 each). Counted like any reload: a change caught
+    // here is not seen again by the event it also caused.
+    reload_plugins(&what).await;
+    reload_templates(&what);
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
