@@ -225,8 +225,8 @@ impl Default for PluginConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct TenantConfig {
     /// Routing plugin file stem for this tenant. Set: that file must exist (if it does not,
-    /// the tenant's plugin is broken; its events wait, they are never routed by the default
-    /// plugin instead). Unset: `<tenant id>.wasm` if present, else the default plugin.
+    /// the tenant's plugin is unavailable: its events are set aside unclaimed in the
+    /// dead-letter table, never routed by the default plugin instead). Unset: `<tenant id>.wasm` if present, else the default plugin.
     pub plugin: Option<String>,
     /// Values the tenant's plugin reads through the `host.config` import.
     pub config: BTreeMap<String, String>,

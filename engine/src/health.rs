@@ -43,6 +43,7 @@ pub struct Snapshot {
 }
 
 impl Health {
+    /// Returns whether the state changed.
     pub fn set_postgres(&self, ok: bool) -> bool {
         self.postgres.swap(ok, Ordering::Relaxed) != ok
     }

@@ -122,6 +122,16 @@ fn plugin_name(path: &Path) -> Option<String> {
     (!name.starts_with('.') && !name.is_empty()).then(|| name.to_owned())
 }
 
+/// A plugin file's bytes and their SHA-256 (the tools, which read one file once).
+async fn read_plugin(path: &Path) -> Result<(Vec<u8>, String), LoadError> {
+    let bytes = tokio::fs::read(path).await.map_err(|e| LoadError {
+        path: path.to_owned(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let digest = hex(&Sha256::digest(&bytes));
+    Ok((bytes, digest))
+}
+
 /// Why a plugin file was not read.
 enum Unsettled {
     /// Its size changed while it was read: still being written; tried at the next reload.
@@ -334,11 +344,23 @@ impl PluginHost {
         bytes: Vec<u8>,
         digest: String,
     ) -> Result<Loaded, LoadError> {
+        let component = self.compile_component(path, bytes).await?;
+        self.link(path, name, &component, digest)
+    }
+
+    /// Checks what a compiled component imports and that it implements the world, and links
+    /// it, ready to instantiate.
+    fn link(
+        &self,
+        path: &Path,
+        name: &str,
+        component: &Component,
+        digest: String,
+    ) -> Result<Loaded, LoadError> {
         let err = |message: String| LoadError {
             path: path.to_owned(),
             message,
         };
-        let component = self.compile_component(path, bytes).await?;
         if let Some(import) = component
             .component_type()
             .imports(&self.engine)
@@ -352,7 +374,7 @@ impl PluginHost {
         }
         let pre = self
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(|e| err(format!("imports something the host does not offer: {e:#}")))?;
         let pre = bindings::RoutingPre::new(pre).map_err(|e| {
             err(format!(
@@ -382,14 +404,10 @@ impl PluginHost {
     /// What `notify-engine plugin check` reports: the checks a reload makes, without loading
     /// anything. `Err` carries the reason the host would refuse the file.
     pub async fn check(&self, path: &Path) -> Result<CheckReport, LoadError> {
-        let bytes = tokio::fs::read(path).await.map_err(|e| LoadError {
-            path: path.to_owned(),
-            message: format!("cannot read: {e}"),
-        })?;
+        let (bytes, sha256) = read_plugin(path).await?;
         let size_bytes = bytes.len();
-        let sha256 = hex(&Sha256::digest(&bytes));
         let started = Instant::now();
-        let component = self.compile_component(path, bytes.clone()).await?;
+        let component = self.compile_component(path, bytes).await?;
         let compile_ms = started.elapsed().as_millis() as u64;
         let names = |items: Vec<String>| {
             let mut items = items;
@@ -410,7 +428,7 @@ impl PluginHost {
                 .map(|(name, _)| name.to_owned())
                 .collect(),
         );
-        self.compile(path, "check", bytes, sha256.clone()).await?;
+        self.link(path, "check", &component, sha256.clone())?;
         Ok(CheckReport {
             world: "notify:plugin/routing".into(),
             wit_version: WIT_VERSION.into(),
@@ -424,11 +442,7 @@ impl PluginHost {
 
     /// Loads a single file as the only plugin, under the default name (the local runner).
     pub async fn load_single(&self, path: &Path) -> Result<(), LoadError> {
-        let bytes = tokio::fs::read(path).await.map_err(|e| LoadError {
-            path: path.to_owned(),
-            message: format!("cannot read: {e}"),
-        })?;
-        let digest = hex(&Sha256::digest(&bytes));
+        let (bytes, digest) = read_plugin(path).await?;
         let loaded = self
             .compile(path, &self.limits.default_plugin, bytes, digest)
             .await?;
@@ -481,7 +495,7 @@ impl PluginHost {
     }
 
     /// Which plugin routes `tenant`'s events. A plugin named in the tenant's configuration
-    /// must be there: if it is not, the tenant's events wait rather than be routed by the
+    /// must be there: if it is not, the tenant's events are set aside rather than routed by the
     /// default plugin, whose rules may be quite different.
     pub(super) fn select(&self, tenant: &str) -> Result<Arc<Loaded>, PluginError> {
         let plugins = self.plugins.load();
