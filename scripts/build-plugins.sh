@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Builds the routing plugins (the cargo workspace in plugins/) into WebAssembly components:
+# Builds the plugins (the cargo workspace in plugins/) into WebAssembly components:
 #
-#   plugins/dist/default.wasm          the fallback router (plugins/default-router)
-#   plugins/dist/acme.wasm             tenant acme's router (plugins/acme-router)
-#   plugins/dist/fixtures/chaos.wasm   the misbehaving test fixture (plugins/chaos-router)
+#   plugins/dist/default.wasm                   the fallback router (plugins/default-router)
+#   plugins/dist/acme.wasm                      tenant acme's router (plugins/acme-router)
+#   plugins/dist/locale-templater.wasm          the example templating plugin (plugins/locale-templater)
+#   plugins/dist/fixtures/chaos.wasm            misbehaving test fixture, routing (plugins/chaos-router)
+#   plugins/dist/fixtures/chaos-templater.wasm  misbehaving test fixture, templating (plugins/chaos-templater)
+#
+# Each plugin is built on its own (`-p`): cargo unifies features across the packages of one
+# build, and the SDK's `routing` and `templating` features must not meet in one component.
 #
 # The wasm32-wasip2 target links a component directly (wasm-component-ld ships with rustc), so
 # neither cargo-component nor wasm-tools is needed. Idempotent: a second run is a no-op build
@@ -41,8 +46,10 @@ fi
 locked=()
 [[ -f $PLUGINS/Cargo.lock ]] && locked=(--locked)
 
-log "cargo build --release --target $TARGET (target dir $CARGO_TARGET_DIR)"
-cargo build --release --target "$TARGET" --manifest-path "$PLUGINS/Cargo.toml" "${locked[@]}"
+for crate in default-router acme-router chaos-router locale-templater chaos-templater; do
+    log "cargo build --release --target $TARGET -p $crate (target dir $CARGO_TARGET_DIR)"
+    cargo build --release --target "$TARGET" --manifest-path "$PLUGINS/Cargo.toml" -p "$crate" "${locked[@]}"
+done
 
 out=$CARGO_TARGET_DIR/$TARGET/release
 mkdir -p "$DIST/fixtures"
@@ -65,3 +72,5 @@ install_component() {
 install_component default_router "$DIST/default.wasm"
 install_component acme_router "$DIST/acme.wasm"
 install_component chaos_router "$DIST/fixtures/chaos.wasm"
+install_component locale_templater "$DIST/locale-templater.wasm"
+install_component chaos_templater "$DIST/fixtures/chaos-templater.wasm"

@@ -518,9 +518,10 @@ async fn plugin_sandbox_enforces_every_limit() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     for bad in ["bad_output", "huge_output"] {
+        let result = run(bad).await;
         assert!(
-            matches!(run(bad).await, Err(PluginError::InvalidOutput { .. })),
-            "{bad}"
+            matches!(result, Err(PluginError::InvalidOutput { .. })),
+            "{bad}: {result:?}"
         );
     }
     // The instance of a failed call is gone: the next call starts clean.
@@ -573,7 +574,7 @@ async fn plugin_sandbox_enforces_every_limit() {
     let err = host.load_single(&other).await.unwrap_err();
     assert!(
         err.message
-            .contains("does not implement the notify:plugin/routing world"),
+            .contains("implements no plugin world: it must export notify:plugin/router"),
         "{err}"
     );
 }
@@ -714,7 +715,8 @@ async fn health_readiness_and_metrics() {
         ),
         "notify_notifications_written_total 1".to_string(),
         "notify_sse_connections 1".to_string(),
-        "notify_plugin_calls_total{outcome=\"ok\"} 1".to_string(),
+        "notify_plugin_calls_total{outcome=\"ok\",tenant=\"_other\",world=\"routing\"} 1"
+            .to_string(),
         "notify_emails_skipped_total 0".to_string(),
         "notify_emails_rate_limited_total 0".to_string(),
         "notify_tenant_budget_pauses_total 0".to_string(),
@@ -789,19 +791,19 @@ async fn local_plugin_runner_reports_decision_and_cost() {
             .await
             .unwrap();
     assert_eq!(check.world, "notify:plugin/routing");
-    assert_eq!(check.wit_version, notify_engine::plugin::WIT_VERSION);
+    assert_eq!(check.wit_version, notify_engine::plugin::WIT_VERSIONS[0]);
     assert!(
         check
             .exports
             .iter()
-            .any(|e| e == "notify:plugin/router@0.1.0"),
+            .any(|e| e == "notify:plugin/router@0.2.0"),
         "{check:?}"
     );
     assert!(
         check
             .imports
             .iter()
-            .any(|i| i == "notify:plugin/host@0.1.0"),
+            .any(|i| i == "notify:plugin/host@0.2.0"),
         "{check:?}"
     );
     assert!(

@@ -116,7 +116,13 @@ impl Running {
 const DATABASE_WAIT: Duration = Duration::from_secs(60);
 
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let metrics = Metrics::new();
+    let metrics = Metrics::new().with_known_tenants(
+        config
+            .tenants
+            .keys()
+            .chain(&config.kafka.allowed_tenants)
+            .cloned(),
+    );
     let pool = store::connect(&config.database, config.database.max_connections)?;
     let api_pool = store::connect(&config.database, config.database.api_max_connections)?;
     wait_for_database(&pool, config.database.migrate).await?;
@@ -192,6 +198,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tenants: config.tenants.clone(),
         metrics: metrics.clone(),
         wake: email_wake,
+        plugins: plugins.clone(),
     };
     tasks.spawn(critical(
         "email worker",

@@ -193,6 +193,15 @@ pub struct PluginConfig {
     /// dead-letter table, not claimed, so they can be republished) or `default` (routed by
     /// the default plugin).
     pub breaker_fail_mode: BreakerFailMode,
+    /// Instruction budget of one templating call.
+    pub templating_fuel: u64,
+    /// Wall-clock budget of one templating call.
+    pub templating_timeout_ms: u64,
+    /// Linear-memory cap of one templating instance.
+    pub templating_memory_bytes: usize,
+    /// Largest rendered email (subject, html and text together), and largest text one
+    /// `templates.render` host call may return.
+    pub templating_max_output_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +226,10 @@ impl Default for PluginConfig {
             tenant_budget_ms_per_sec: 500,
             breaker_failures: 5,
             breaker_fail_mode: BreakerFailMode::DeadLetter,
+            templating_fuel: 200_000_000,
+            templating_timeout_ms: 500,
+            templating_memory_bytes: 64 * 1024 * 1024,
+            templating_max_output_bytes: 1024 * 1024,
         }
     }
 }
@@ -228,6 +241,10 @@ pub struct TenantConfig {
     /// the tenant's plugin is unavailable: its events are set aside unclaimed in the
     /// dead-letter table, never routed by the default plugin instead). Unset: `<tenant id>.wasm` if present, else the default plugin.
     pub plugin: Option<String>,
+    /// Templating plugin file stem (world `templating`) that renders this tenant's emails.
+    /// Unset: its Handlebars files render directly. Set but missing or broken: its emails
+    /// wait (retried like a relay outage) until the plugin is there.
+    pub templating_plugin: Option<String>,
     /// Values the tenant's plugin reads through the `host.config` import.
     pub config: BTreeMap<String, String>,
     /// Domains `{{link}}` may point to in this tenant's emails (and their subdomains);
@@ -444,6 +461,10 @@ impl Default for LogConfig {
 impl PluginConfig {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn templating_timeout(&self) -> Duration {
+        Duration::from_millis(self.templating_timeout_ms)
     }
 }
 
@@ -690,8 +711,31 @@ impl Config {
                 "plugins.cache_dir must be outside plugins.dir (the watched directory)".into(),
             );
         }
-        if self.plugins.memory_bytes < 1024 * 1024 {
-            return invalid("plugins.memory_bytes must be at least 1 MiB".into());
+        if self.plugins.memory_bytes < 1024 * 1024
+            || self.plugins.templating_memory_bytes < 1024 * 1024
+        {
+            return invalid(
+                "plugins.memory_bytes and plugins.templating_memory_bytes must be at least 1 MiB"
+                    .into(),
+            );
+        }
+        if self.plugins.templating_fuel == 0
+            || self.plugins.templating_timeout_ms == 0
+            || self.plugins.templating_max_output_bytes == 0
+        {
+            return invalid(
+                "plugins.templating_fuel, templating_timeout_ms and templating_max_output_bytes must be positive"
+                    .into(),
+            );
+        }
+        if let Some((id, _)) = self
+            .tenants
+            .iter()
+            .find(|(_, t)| t.templating_plugin.is_some() && t.templating_plugin == t.plugin)
+        {
+            return invalid(format!(
+                "tenants.{id}: plugin and templating_plugin name the same file; a component implements one world"
+            ));
         }
         if self.email.batch < 1 || self.email.per_tenant_batch < 1 || self.email.concurrency < 1 {
             return invalid(

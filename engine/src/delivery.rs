@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EmailConfig, SmtpConfig, SmtpTls, TenantConfig};
+use crate::plugin::{Disposition, EmailToRender, PluginError, PluginHost};
 use crate::store::{self, OutboxEmail};
 use crate::telemetry::Metrics;
 use crate::templates::{RenderedEmail, Templates};
@@ -58,6 +59,8 @@ pub struct EmailWorker {
     pub tenants: std::collections::BTreeMap<String, TenantConfig>,
     pub metrics: Metrics,
     pub wake: Arc<Notify>,
+    /// Tenants' templating plugins.
+    pub plugins: Arc<PluginHost>,
 }
 
 /// Builds the SMTP transport from configuration (no connection is made yet).
@@ -226,18 +229,9 @@ impl EmailWorker {
             return Attempt::Failed(refusal);
         }
         let link_domains = policy.map_or(&[][..], |t| &t.link_domains[..]);
-        let rendered = {
-            let templates = self.templates.load();
-            templates.render(
-                &email.tenant_id,
-                &email.template,
-                &email.data.0,
-                link_domains,
-            )
-        };
-        let rendered = match rendered {
+        let rendered = match self.render(email, link_domains).await {
             Ok(r) => r,
-            Err(e) => return Attempt::Failed(e.to_string()),
+            Err(attempt) => return attempt,
         };
         let message = match self.message(email, rendered) {
             Ok(m) => m,
@@ -248,6 +242,65 @@ impl EmailWorker {
             Err(e) if e.is_permanent() => Attempt::Failed(format!("smtp: {e}")),
             // 4xx, connection trouble, timeouts, TLS hiccups: all worth another try.
             Err(e) => Attempt::Retry(format!("smtp: {e}")),
+        }
+    }
+
+    /// Renders the email: through the tenant's templating plugin if it has one, else from
+    /// its files. A plugin that is not there yet (missing, broken, quarantined) or ran out
+    /// of time is a reason to try again later, like a relay outage; a plugin that judged
+    /// the email (refused its data, trapped, answered something unsendable) fails it with
+    /// the reason, which `email requeue` undoes once the plugin is fixed.
+    async fn render(
+        &self,
+        email: &OutboxEmail,
+        link_domains: &[String],
+    ) -> Result<RenderedEmail, Attempt> {
+        let templates = self.templates.load_full();
+        let request = EmailToRender {
+            tenant: &email.tenant_id,
+            outbox_id: email.id,
+            event_id: &email.event_id,
+            event_type: email.event_type.as_deref().unwrap_or_default(),
+            event_time: email
+                .event_time
+                .unwrap_or(email.queued_at)
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            template: &email.template,
+            recipient: &email.recipient,
+            user_id: email.user_id.as_deref(),
+            locale: email.locale.as_deref(),
+            time_zone: email.time_zone.as_deref(),
+            data: &email.data.0,
+        };
+        match self
+            .plugins
+            .render_email(&request, templates.clone(), link_domains)
+            .await
+        {
+            None => templates
+                .render(
+                    &email.tenant_id,
+                    &email.template,
+                    &email.data.0,
+                    link_domains,
+                )
+                .map_err(|e| Attempt::Failed(e.to_string())),
+            Some(Ok(rendered)) => {
+                self.metrics
+                    .plugin_call(&email.tenant_id, "templating", "ok");
+                Ok(rendered)
+            }
+            Some(Err(e)) => {
+                self.metrics
+                    .plugin_call(&email.tenant_id, "templating", e.kind());
+                let wait = e.disposition() != Disposition::Final
+                    || matches!(e, PluginError::Timeout { .. });
+                Err(if wait {
+                    Attempt::Retry(format!("templating: {e}"))
+                } else {
+                    Attempt::Failed(format!("templating: {e}"))
+                })
+            }
         }
     }
 

@@ -343,7 +343,7 @@ impl Pipeline {
     async fn route(&self, event: Event) -> Result<Step, Stall> {
         match self.plugins.route(&event).await {
             Ok(decision) => {
-                self.metrics.plugin_calls.with_label_values(&["ok"]).inc();
+                self.metrics.plugin_call(&event.tenant, "routing", "ok");
                 self.metrics
                     .plugin_call_seconds
                     .observe(decision.cost.elapsed.as_secs_f64());
@@ -351,9 +351,7 @@ impl Pipeline {
             }
             Err(error) => {
                 self.metrics
-                    .plugin_calls
-                    .with_label_values(&[error.kind()])
-                    .inc();
+                    .plugin_call(&event.tenant, "routing", error.kind());
                 match error.disposition() {
                     Disposition::Final => Ok(Step::Failed(event, error)),
                     Disposition::Park => Ok(Step::Parked(event, error)),
@@ -580,6 +578,8 @@ impl Pipeline {
                 user_id,
                 template,
                 data,
+                locale,
+                time_zone,
             } => {
                 let message_id = format!("<{}@{}>", uuid::Uuid::new_v4(), self.message_id_domain);
                 let skip = self.too_old_for_email(event);
@@ -594,6 +594,10 @@ impl Pipeline {
                         data,
                         message_id: &message_id,
                         skip: skip.as_deref(),
+                        event_type: &event.event_type,
+                        event_time: event.time,
+                        locale: locale.as_deref(),
+                        time_zone: time_zone.as_deref(),
                     },
                 )
                 .await?;

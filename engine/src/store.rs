@@ -212,15 +212,20 @@ pub struct NewEmail<'a> {
     pub message_id: &'a str,
     /// `Some(reason)`: record the email but do not send it (status `skipped`).
     pub skip: Option<&'a str>,
+    pub event_type: &'a str,
+    pub event_time: chrono::DateTime<chrono::Utc>,
+    pub locale: Option<&'a str>,
+    pub time_zone: Option<&'a str>,
 }
 
 pub async fn enqueue_email(tx: &mut PgConnection, e: &NewEmail<'_>) -> Result<()> {
     sqlx::query(
         "INSERT INTO email_outbox
              (tenant_id, event_id, user_id, recipient, template, data, message_id,
-              status, last_error)
+              status, last_error, event_type, event_time, locale, time_zone)
          VALUES ($1, $2, $3, $4, $5, $6, $7,
-                 CASE WHEN $8::text IS NULL THEN 'pending' ELSE 'skipped' END, $8)",
+                 CASE WHEN $8::text IS NULL THEN 'pending' ELSE 'skipped' END, $8,
+                 $9, $10, $11, $12)",
     )
     .bind(e.tenant)
     .bind(e.event_id)
@@ -230,6 +235,10 @@ pub async fn enqueue_email(tx: &mut PgConnection, e: &NewEmail<'_>) -> Result<()
     .bind(sqlx::types::Json(e.data))
     .bind(e.message_id)
     .bind(e.skip)
+    .bind(e.event_type)
+    .bind(e.event_time)
+    .bind(e.locale)
+    .bind(e.time_zone)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -353,6 +362,12 @@ pub struct OutboxEmail {
     /// When the row entered the queue (or was last requeued by an operator): transient
     /// failures are retried until it is `email.max_age_secs` old.
     pub queued_at: chrono::DateTime<chrono::Utc>,
+    pub user_id: Option<String>,
+    /// The event's type and time (NULL on rows written before they were recorded).
+    pub event_type: Option<String>,
+    pub event_time: Option<chrono::DateTime<chrono::Utc>>,
+    pub locale: Option<String>,
+    pub time_zone: Option<String>,
 }
 
 /// Returns rows whose claim expired (their worker died mid-send) to the queue, or fails
@@ -424,7 +439,8 @@ pub async fn claim_emails(
              WHERE e.id IN (SELECT id FROM candidates) AND e.status = 'pending'
              FOR UPDATE SKIP LOCKED)
          RETURNING o.id, o.tenant_id, o.event_id, o.recipient, o.template, o.data,
-                   o.message_id, o.attempts, o.queued_at",
+                   o.message_id, o.attempts, o.queued_at, o.user_id, o.event_type,
+                   o.event_time, o.locale, o.time_zone",
     )
     .bind(batch)
     .bind(per_tenant)

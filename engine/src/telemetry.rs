@@ -66,13 +66,22 @@ pub struct Metrics {
     pub sse_connections: IntGauge,
     /// SSE connections refused by a connection cap.
     pub sse_rejected: IntCounter,
-    /// Routing plugin calls, by outcome (`ok`, `error`, `trap`, `timeout`, `invalid_output`).
+    /// Plugin calls, by tenant (see [`Metrics::tenant_label`]), world (`routing`,
+    /// `templating`) and outcome (`ok` or a `PluginError::kind`: `trap`, `timeout`,
+    /// `out_of_fuel`, `invalid_output`, `invalid_event`, `invalid_data`, `refused`,
+    /// `unavailable`, `quarantined`, `oversize`).
     pub plugin_calls: IntCounterVec,
     /// Duration of one routing call, instantiation included.
     pub plugin_call_seconds: Histogram,
     /// Duration of one pipeline batch transaction.
     pub batch_seconds: Histogram,
+    /// Tenants named in the configuration: the only values the `tenant` label takes, so a
+    /// stream of made-up tenant ids cannot grow the series without bound.
+    known_tenants: std::sync::Arc<std::collections::BTreeSet<String>>,
 }
+
+/// The `tenant` label of every tenant not named in the configuration.
+pub const OTHER_TENANTS: &str = "_other";
 
 impl Metrics {
     pub fn new() -> Self {
@@ -170,8 +179,8 @@ impl Metrics {
             ),
             plugin_calls: counter_vec(
                 "plugin_calls_total",
-                "Routing plugin calls by outcome",
-                &["outcome"],
+                "Plugin calls by tenant, world and outcome",
+                &["tenant", "world", "outcome"],
             ),
             plugin_call_seconds: histogram(
                 "plugin_call_seconds",
@@ -183,8 +192,32 @@ impl Metrics {
                 "Duration of one pipeline batch transaction",
                 fast,
             ),
+            known_tenants: Default::default(),
             registry,
         }
+    }
+
+    /// The same metrics, labelling these tenants by name (the configuration's tenants);
+    /// every other tenant is [`OTHER_TENANTS`].
+    pub fn with_known_tenants(mut self, tenants: impl IntoIterator<Item = String>) -> Self {
+        self.known_tenants = std::sync::Arc::new(tenants.into_iter().collect());
+        self
+    }
+
+    /// The value of the `tenant` label for `tenant`.
+    pub fn tenant_label<'a>(&self, tenant: &'a str) -> &'a str {
+        if self.known_tenants.contains(tenant) {
+            tenant
+        } else {
+            OTHER_TENANTS
+        }
+    }
+
+    /// Counts one plugin call.
+    pub fn plugin_call(&self, tenant: &str, world: &str, outcome: &str) {
+        self.plugin_calls
+            .with_label_values(&[self.tenant_label(tenant), world, outcome])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -195,51 +195,23 @@ impl Templates {
         data: &Value,
         link_domains: &[String],
     ) -> Result<RenderedEmail, RenderError> {
-        // The link policy travels in the data, under a key the data itself cannot set.
-        let mut data = data.clone();
-        if let Value::Object(map) = &mut data {
-            map.insert(LINK_DOMAINS_KEY.into(), link_domains.into());
-        }
-        let data = &data;
-        let set = self
-            .sets
-            .get(tenant)
-            .or_else(|| self.sets.get(DEFAULT_TENANT))
-            .ok_or_else(|| RenderError::Missing {
-                tenant: tenant.into(),
-                template: template.into(),
-            })?;
-        if let Some(reason) = set.broken.get(template) {
-            return Err(RenderError::Broken {
-                tenant: tenant.into(),
-                template: template.into(),
-                reason: reason.clone(),
-            });
-        }
-        let parts = set
-            .templates
-            .get(template)
-            .ok_or_else(|| RenderError::Missing {
-                tenant: tenant.into(),
-                template: template.into(),
-            })?;
-        let render = |registry: &Handlebars<'static>, part: &'static str| {
+        let (set, parts) = self.lookup(tenant, template)?;
+        let data = &with_link_policy(data, link_domains);
+        let render = |part: &'static str| {
             parts
                 .get(part)
-                .map(|file| {
-                    registry
-                        .render(&format!("{template}/{part}"), data)
-                        .map_err(|e| RenderError::Render {
-                            file: file.clone(),
-                            reason: describe_render_error(&e),
-                        })
-                })
+                .map(|file| set.render_part(template, part, file, data))
                 .transpose()
         };
-        let subject = render(&set.plain, "subject")?.unwrap_or_default();
+        let subject = render("subject")?.unwrap_or_default();
         // Header injection is impossible (lettre encodes headers), but a multi-line subject
         // is still a template mistake: fold it to one line.
-        let subject = subject.split_whitespace().collect::<Vec<_>>().join(" ");
+        // (ASCII blanks only: a no-break space inside a price is meant.)
+        let subject = subject
+            .split(|c: char| c.is_ascii_whitespace())
+            .filter(|w| !w.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
         if subject.is_empty() {
             return Err(RenderError::EmptySubject {
                 template: template.into(),
@@ -247,10 +219,90 @@ impl Templates {
         }
         Ok(RenderedEmail {
             subject,
-            html: render(&set.html, "html")?,
-            text: render(&set.plain, "text")?,
+            html: render("html")?,
+            text: render("text")?,
         })
     }
+
+    /// Renders one part (`subject`, `html` or `text`) of `template` for `tenant`, under the
+    /// rules of [`Templates::render`]: what a templating plugin's `templates.render` import
+    /// does. A part the template does not have is [`RenderError::Missing`].
+    pub fn render_part(
+        &self,
+        tenant: &str,
+        template: &str,
+        part: &str,
+        data: &Value,
+        link_domains: &[String],
+    ) -> Result<String, RenderError> {
+        let missing = || RenderError::Missing {
+            tenant: tenant.into(),
+            template: format!("{template}/{part}"),
+        };
+        let part = PARTS.iter().find(|p| **p == part).ok_or_else(missing)?;
+        let (set, parts) = self.lookup(tenant, template)?;
+        let file = parts.get(part).ok_or_else(missing)?;
+        set.render_part(template, part, file, &with_link_policy(data, link_domains))
+    }
+
+    /// The tenant's set and the parts of `template` in it, if it is there and not broken.
+    fn lookup(
+        &self,
+        tenant: &str,
+        template: &str,
+    ) -> Result<(&TenantSet, &HashMap<&'static str, String>), RenderError> {
+        let missing = || RenderError::Missing {
+            tenant: tenant.into(),
+            template: template.into(),
+        };
+        let set = self
+            .sets
+            .get(tenant)
+            .or_else(|| self.sets.get(DEFAULT_TENANT))
+            .ok_or_else(missing)?;
+        if let Some(reason) = set.broken.get(template) {
+            return Err(RenderError::Broken {
+                tenant: tenant.into(),
+                template: template.into(),
+                reason: reason.clone(),
+            });
+        }
+        let parts = set.templates.get(template).ok_or_else(missing)?;
+        Ok((set, parts))
+    }
+}
+
+impl TenantSet {
+    fn render_part(
+        &self,
+        template: &str,
+        part: &'static str,
+        file: &str,
+        data: &Value,
+    ) -> Result<String, RenderError> {
+        // HTML is escaped; subject and text are not HTML.
+        let registry = if part == "html" {
+            &self.html
+        } else {
+            &self.plain
+        };
+        registry
+            .render(&format!("{template}/{part}"), data)
+            .map_err(|e| RenderError::Render {
+                file: file.to_owned(),
+                reason: describe_render_error(&e),
+            })
+    }
+}
+
+/// The data with the tenant's link policy added, under a key the data itself cannot set
+/// (it is overwritten here), for the `link` helper.
+fn with_link_policy(data: &Value, link_domains: &[String]) -> Value {
+    let mut data = data.clone();
+    if let Value::Object(map) = &mut data {
+        map.insert(LINK_DOMAINS_KEY.into(), link_domains.into());
+    }
+    data
 }
 
 /// Files of one tenant folder: partial name → (file, source); (template, part) → (file, source).

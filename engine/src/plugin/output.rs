@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use super::wit;
+use super::bindings::wit;
 use crate::config::PluginConfig;
 
 /// A checked delivery, in the host's own types.
@@ -31,6 +31,12 @@ pub enum Delivery {
         user_id: Option<String>,
         template: String,
         data: Map<String, Value>,
+        /// BCP 47 language tag of the recipient, for a templating plugin.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        locale: Option<String>,
+        /// IANA time zone of the recipient, for a templating plugin.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        time_zone: Option<String>,
     },
 }
 
@@ -84,7 +90,12 @@ fn output_size(d: &wit::Delivery) -> usize {
         }
         wit::Delivery::Live(l) => l.user_id.len() + l.name.len() + l.data.len(),
         wit::Delivery::Email(e) => {
-            e.to.len() + e.user_id.as_ref().map_or(0, String::len) + e.template.len() + e.data.len()
+            e.to.len()
+                + e.user_id.as_ref().map_or(0, String::len)
+                + e.template.len()
+                + e.data.len()
+                + e.locale.as_ref().map_or(0, String::len)
+                + e.time_zone.as_ref().map_or(0, String::len)
         }
     }
 }
@@ -99,6 +110,8 @@ fn has_nul(d: &wit::Delivery) -> bool {
         wit::Delivery::Email(e) => {
             let mut f = vec![e.to.as_str(), &e.template];
             f.extend(e.user_id.as_deref());
+            f.extend(e.locale.as_deref());
+            f.extend(e.time_zone.as_deref());
             f
         }
     };
@@ -151,14 +164,53 @@ fn check(d: wit::Delivery) -> Result<Delivery, String> {
                     e.template
                 ));
             }
+            if let Some(locale) = &e.locale
+                && !is_locale(locale)
+            {
+                return Err(format!(
+                    "email locale {locale:?} must be a BCP 47 tag such as de-DE (letters, digits and -, at most {MAX_LOCALE} bytes)"
+                ));
+            }
+            if let Some(zone) = &e.time_zone
+                && !is_time_zone(zone)
+            {
+                return Err(format!(
+                    "email time zone {zone:?} must be an IANA name such as Europe/Berlin (at most {MAX_NAME} bytes)"
+                ));
+            }
             Ok(Delivery::Email {
                 to: e.to,
                 user_id: e.user_id,
                 template: e.template,
                 data: object(&e.data, "email data")?,
+                locale: e.locale,
+                time_zone: e.time_zone,
             })
         }
     }
+}
+
+const MAX_LOCALE: usize = 35;
+
+/// A BCP 47 language tag's shape: alphanumeric subtags of 1..=8 joined by `-`, the first
+/// alphabetic. (Whether the locale is known is the templating plugin's business.)
+fn is_locale(tag: &str) -> bool {
+    tag.len() <= MAX_LOCALE
+        && tag.starts_with(|c: char| c.is_ascii_alphabetic())
+        && tag
+            .split('-')
+            .all(|s| (1..=8).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// An IANA time zone name's shape, e.g. `Europe/Berlin`, `America/Argentina/Buenos_Aires`,
+/// `Etc/GMT+5`, `UTC`.
+fn is_time_zone(zone: &str) -> bool {
+    zone.len() <= MAX_NAME
+        && zone.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !zone.contains("..")
+        && zone
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'+'))
 }
 
 fn user_id(u: &str) -> Result<(), String> {
@@ -240,6 +292,8 @@ mod tests {
             user_id: None,
             template: "order_paid".into(),
             data: "{}".into(),
+            locale: None,
+            time_zone: None,
         });
         assert!(
             validate(vec![email], &limits)
@@ -251,12 +305,42 @@ mod tests {
             user_id: None,
             template: "../../etc/passwd".into(),
             data: "{}".into(),
+            locale: None,
+            time_zone: None,
         });
         assert!(
             validate(vec![email], &limits)
                 .unwrap_err()
                 .contains("template")
         );
+        let email = |locale: &str, zone: &str| {
+            wit::Delivery::Email(wit::Email {
+                to: "a@example.com".into(),
+                user_id: None,
+                template: "order_paid".into(),
+                data: "{}".into(),
+                locale: Some(locale.into()),
+                time_zone: Some(zone.into()),
+            })
+        };
+        assert!(validate(vec![email("de-DE", "Europe/Berlin")], &limits).is_ok());
+        assert!(
+            validate(
+                vec![email("zh-Hant-TW", "America/Argentina/Buenos_Aires")],
+                &limits
+            )
+            .is_ok()
+        );
+        assert!(validate(vec![email("en-US", "Etc/GMT+5")], &limits).is_ok());
+        for (locale, zone, word) in [
+            ("de_DE\n", "UTC", "locale"),
+            ("", "UTC", "locale"),
+            ("de-DE", "../../etc/localtime", "time zone"),
+            ("de-DE", "Europe/Berlin\r\nBcc: x", "time zone"),
+        ] {
+            let e = validate(vec![email(locale, zone)], &limits).unwrap_err();
+            assert!(e.contains(word), "{locale} {zone}: {e}");
+        }
     }
 
     #[test]

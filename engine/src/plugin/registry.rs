@@ -11,17 +11,111 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
-use super::{LoadError, PluginError, PluginHost, bindings};
+use super::bindings::{v0_1, v0_2};
+use super::{CallState, LoadError, PluginError, PluginHost};
 
 /// A compiled, linked plugin, ready to instantiate.
 pub(super) struct Loaded {
     pub(super) name: String,
     pub(super) digest: String,
-    pub(super) pre: bindings::RoutingPre<super::CallState>,
+    pub(super) pre: Pre,
+    pub(super) loaded_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// The WIT package version this host implements.
-pub const WIT_VERSION: &str = "notify:plugin@0.1.0";
+/// A linked component, by the world and WIT version it implements.
+pub(super) enum Pre {
+    Routing02(v0_2::routing::RoutingPre<CallState>),
+    Routing01(v0_1::RoutingPre<CallState>),
+    Templating02(v0_2::templating::TemplatingPre<CallState>),
+}
+
+/// The plugin worlds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum World {
+    Routing,
+    Templating,
+}
+
+impl World {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            World::Routing => "routing",
+            World::Templating => "templating",
+        }
+    }
+}
+
+impl Pre {
+    pub(super) fn world(&self) -> World {
+        match self {
+            Pre::Routing02(_) | Pre::Routing01(_) => World::Routing,
+            Pre::Templating02(_) => World::Templating,
+        }
+    }
+
+    pub(super) fn wit_version(&self) -> &'static str {
+        match self {
+            Pre::Routing02(_) | Pre::Templating02(_) => "notify:plugin@0.2.0",
+            Pre::Routing01(_) => "notify:plugin@0.1.0",
+        }
+    }
+}
+
+/// One plugin as the admin listing shows it (`GET /api/v1/admin/plugins`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginInfo {
+    /// File stem in the plugin directory.
+    pub plugin: String,
+    /// `serving`, `quarantined` or `broken` (a new file that never loaded).
+    pub state: &'static str,
+    /// `None` when the plugin is broken (its world is unknown).
+    pub world: Option<World>,
+    pub wit_version: Option<&'static str>,
+    pub sha256: Option<String>,
+    pub loaded_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The newest file, refused while the version above keeps serving, and why; or why a
+    /// broken plugin did not load.
+    pub error: Option<String>,
+    /// Calls and malfunctions (trap, limit, invalid output) of the serving version since it
+    /// was loaded.
+    pub calls: u64,
+    pub failures: u64,
+    /// Tenants this plugin serves in its world (configured, by file name, or as the default
+    /// routing plugin: `*`).
+    pub tenants: Vec<String>,
+}
+
+/// Calls and malfunctions per plugin version (name and SHA-256).
+#[derive(Default)]
+pub(super) struct Stats(std::sync::Mutex<HashMap<(String, String), (u64, u64)>>);
+
+impl Stats {
+    pub(super) fn record(&self, name: &str, digest: &str, failed: bool) {
+        let mut stats = self.0.lock().expect("stats lock poisoned");
+        let entry = stats
+            .entry((name.to_owned(), digest.to_owned()))
+            .or_default();
+        entry.0 += 1;
+        entry.1 += u64::from(failed);
+    }
+
+    fn get(&self, name: &str, digest: &str) -> (u64, u64) {
+        let stats = self.0.lock().expect("stats lock poisoned");
+        stats
+            .get(&(name.to_owned(), digest.to_owned()))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Forgets versions no longer loaded, so the map does not grow with every reload.
+    fn retain(&self, loaded: &HashMap<String, Slot>) {
+        let mut stats = self.0.lock().expect("stats lock poisoned");
+        stats.retain(|(name, digest), _| {
+            matches!(loaded.get(name), Some(Slot::Ready(l)) if &l.digest == digest)
+        });
+    }
+}
 
 /// A plugin file as the host sees it (`notify-engine plugin check`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -219,24 +313,24 @@ impl PluginHost {
                     ReloadOutcome::Unchanged
                 }
                 Change::Loaded(loaded) => {
-                    tracing::info!(plugin = %name, digest = %&loaded.digest[..12], replaced = previous.is_some(), "routing plugin loaded");
+                    tracing::info!(plugin = %name, world = loaded.pre.world().as_str(), wit = loaded.pre.wit_version(), digest = %&loaded.digest[..12], replaced = previous.is_some(), "plugin loaded");
                     slots.insert(name.clone(), Slot::Ready(loaded));
                     ReloadOutcome::Loaded
                 }
                 Change::Failed(reason) => match previous {
                     Some(old) => {
-                        tracing::error!(plugin = %name, error = %reason, serving = %&old.digest[..12], "new version of routing plugin rejected; the previous version keeps serving");
+                        tracing::error!(plugin = %name, error = %reason, serving = %&old.digest[..12], "new version of plugin rejected; the previous version keeps serving");
                         slots.insert(name.clone(), Slot::Ready(old));
                         ReloadOutcome::Rejected(reason)
                     }
                     None => {
-                        tracing::error!(plugin = %name, error = %reason, "routing plugin rejected");
+                        tracing::error!(plugin = %name, error = %reason, "plugin rejected");
                         slots.insert(name.clone(), Slot::Broken(reason.clone()));
                         ReloadOutcome::Broken(reason)
                     }
                 },
                 Change::Pending(reason) => {
-                    tracing::info!(plugin = %name, reason = %reason, "routing plugin file not settled; left for the next reload");
+                    tracing::info!(plugin = %name, reason = %reason, "plugin file not settled; left for the next reload");
                     if let Some(slot) = current.get(&name) {
                         slots.insert(name.clone(), slot.clone());
                     }
@@ -246,7 +340,7 @@ impl PluginHost {
             report.push(Reloaded { name, outcome });
         }
         for name in current.keys().filter(|n| !slots.contains_key(*n)) {
-            tracing::info!(plugin = %name, "routing plugin removed");
+            tracing::info!(plugin = %name, "plugin removed");
             report.push(Reloaded {
                 name: name.clone(),
                 outcome: ReloadOutcome::Removed,
@@ -275,6 +369,7 @@ impl PluginHost {
                 ReloadOutcome::Pending(_) => {}
             }
         }
+        self.stats.retain(&slots);
         self.plugins.store(Arc::new(slots));
         Ok(report)
     }
@@ -376,15 +471,34 @@ impl PluginHost {
             .linker
             .instantiate_pre(component)
             .map_err(|e| err(format!("imports something the host does not offer: {e:#}")))?;
-        let pre = bindings::RoutingPre::new(pre).map_err(|e| {
-            err(format!(
-                "does not implement the notify:plugin/routing world: {e:#}"
-            ))
-        })?;
+        // The newest version first; a component exports exactly one world's interface.
+        let pre = if let Ok(p) = v0_2::routing::RoutingPre::new(pre.clone()) {
+            Pre::Routing02(p)
+        } else if let Ok(p) = v0_2::templating::TemplatingPre::new(pre.clone()) {
+            Pre::Templating02(p)
+        } else {
+            match v0_1::RoutingPre::new(pre) {
+                Ok(p) => Pre::Routing01(p),
+                Err(_) => {
+                    let mut exports: Vec<String> = component
+                        .component_type()
+                        .exports(&self.engine)
+                        .map(|(name, _)| name.to_owned())
+                        .collect();
+                    exports.sort();
+                    return Err(err(format!(
+                        "implements no plugin world: it must export notify:plugin/router (routing, WIT {}) or notify:plugin/templater (templating, WIT 0.2.0) with the signatures of the WIT; it exports [{}]",
+                        super::WIT_VERSIONS.join(" or "),
+                        exports.join(", ")
+                    )));
+                }
+            }
+        };
         Ok(Loaded {
             name: name.to_owned(),
             digest,
             pre,
+            loaded_at: chrono::Utc::now(),
         })
     }
 
@@ -428,10 +542,10 @@ impl PluginHost {
                 .map(|(name, _)| name.to_owned())
                 .collect(),
         );
-        self.link(path, "check", &component, sha256.clone())?;
+        let linked = self.link(path, "check", &component, sha256.clone())?;
         Ok(CheckReport {
-            world: "notify:plugin/routing".into(),
-            wit_version: WIT_VERSION.into(),
+            world: format!("notify:plugin/{}", linked.pre.world().as_str()),
+            wit_version: linked.pre.wit_version().into(),
             imports,
             exports,
             size_bytes,
@@ -489,9 +603,130 @@ impl PluginHost {
     /// The default plugin, for a tenant whose own plugin is quarantined, if it is loaded.
     pub(super) fn select_default(&self) -> Option<Arc<Loaded>> {
         match self.plugins.load().get(&self.limits.default_plugin) {
-            Some(Slot::Ready(loaded)) => Some(loaded.clone()),
+            Some(Slot::Ready(loaded)) if loaded.pre.world() == World::Routing => {
+                Some(loaded.clone())
+            }
             _ => None,
         }
+    }
+
+    /// The templating plugin that renders `tenant`'s emails: `None` when the tenant has
+    /// none configured (`tenants.<id>.templating_plugin`), so its files render directly.
+    /// A configured one that is missing, broken or of the wrong world is unavailable: the
+    /// email waits for it rather than going out in a shape the tenant did not choose.
+    pub(super) fn select_templating(
+        &self,
+        tenant: &str,
+    ) -> Option<Result<Arc<Loaded>, PluginError>> {
+        let name = self.tenants.get(tenant)?.templating_plugin.as_deref()?;
+        let unavailable = |reason: String| PluginError::Unavailable {
+            plugin: name.to_owned(),
+            reason,
+        };
+        Some(match self.plugins.load().get(name) {
+            Some(Slot::Ready(loaded)) if loaded.pre.world() == World::Templating => {
+                Ok(loaded.clone())
+            }
+            Some(Slot::Ready(_)) => Err(unavailable(format!(
+                "tenants.{tenant}.templating_plugin names {name}.wasm, which is a routing plugin"
+            ))),
+            Some(Slot::Broken(reason)) => Err(unavailable(format!("it failed to load: {reason}"))),
+            None => Err(unavailable(format!(
+                "tenants.{tenant}.templating_plugin names {name}.wasm, which is not in {}",
+                self.limits.dir.display()
+            ))),
+        })
+    }
+
+    /// Every plugin, for the admin listing: what serves, what is quarantined or broken,
+    /// the last refused candidate, and which tenants each serves.
+    pub fn list(&self) -> Vec<PluginInfo> {
+        let plugins = self.plugins.load();
+        let rejected = self
+            .rejected
+            .lock()
+            .expect("rejected lock poisoned")
+            .clone();
+        let mut out: Vec<PluginInfo> = plugins
+            .iter()
+            .map(|(name, slot)| match slot {
+                Slot::Ready(loaded) => {
+                    let world = loaded.pre.world();
+                    let (calls, failures) = self.stats.get(name, &loaded.digest);
+                    let quarantined = self.breaker.quarantined(name, &loaded.digest).is_some();
+                    PluginInfo {
+                        plugin: name.clone(),
+                        state: if quarantined {
+                            "quarantined"
+                        } else {
+                            "serving"
+                        },
+                        world: Some(world),
+                        wit_version: Some(loaded.pre.wit_version()),
+                        sha256: Some(loaded.digest.clone()),
+                        loaded_at: Some(loaded.loaded_at),
+                        error: rejected.get(name).cloned(),
+                        calls,
+                        failures,
+                        tenants: self.tenants_of(name, world),
+                    }
+                }
+                Slot::Broken(reason) => PluginInfo {
+                    plugin: name.clone(),
+                    state: "broken",
+                    world: None,
+                    wit_version: None,
+                    sha256: None,
+                    loaded_at: None,
+                    error: Some(reason.clone()),
+                    calls: 0,
+                    failures: 0,
+                    tenants: Vec::new(),
+                },
+            })
+            .collect();
+        out.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+        out
+    }
+
+    /// The tenants `name` serves in `world`, as [`PluginHost::select`] and
+    /// [`PluginHost::select_templating`] would choose; `*` for every tenant the default
+    /// routing plugin serves.
+    fn tenants_of(&self, name: &str, world: World) -> Vec<String> {
+        let mut tenants: Vec<String> = match world {
+            World::Templating => self
+                .tenants
+                .iter()
+                .filter(|(_, t)| t.templating_plugin.as_deref() == Some(name))
+                .map(|(id, _)| id.clone())
+                .collect(),
+            World::Routing => {
+                let mut v: Vec<String> = self
+                    .tenants
+                    .iter()
+                    .filter(|(id, t)| match t.plugin.as_deref() {
+                        Some(p) => p == name,
+                        None => id.as_str() == name,
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                if name == self.limits.default_plugin {
+                    v.push("*".into());
+                } else if !self.tenants.contains_key(name)
+                    && !self
+                        .tenants
+                        .values()
+                        .any(|t| t.plugin.as_deref() == Some(name))
+                {
+                    // `<tenant>.wasm` for a tenant not in the configuration.
+                    v.push(name.to_owned());
+                }
+                v
+            }
+        };
+        tenants.sort();
+        tenants.dedup();
+        tenants
     }
 
     /// Which plugin routes `tenant`'s events. A plugin named in the tenant's configuration
@@ -531,7 +766,11 @@ impl PluginHost {
             },
         };
         match slot {
-            Slot::Ready(loaded) => Ok(loaded.clone()),
+            Slot::Ready(loaded) if loaded.pre.world() == World::Routing => Ok(loaded.clone()),
+            Slot::Ready(_) => Err(PluginError::Unavailable {
+                plugin: name.to_owned(),
+                reason: format!("{name}.wasm is a templating plugin, not a routing plugin"),
+            }),
             Slot::Broken(reason) if name == self.limits.default_plugin && configured.is_none() => {
                 Err(PluginError::NoDefault {
                     tenant: tenant.to_owned(),

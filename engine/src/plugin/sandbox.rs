@@ -1,19 +1,21 @@
-//! The sandbox every plugin call runs in: the state of one call's `Store` (deny-all WASI,
-//! the host imports, captured logs), the memory cap, the epoch ticker, and the hygiene of
-//! text that comes out of a plugin. World-agnostic: adapters build on it.
+//! The sandbox every plugin call runs in, whatever the world: the linker (exactly the
+//! interfaces plugins are granted), the state of one call's `Store` (deny-all WASI with
+//! coarse clocks and bounded randomness, the host imports, captured logs), the store's
+//! limits (memory, fuel, hostcall fuel, resource handles, the epoch deadline), the epoch
+//! ticker, and the hygiene of text that comes out of a plugin. Adapters build on it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, ResourceLimiter};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings;
-use super::bindings::notify::plugin::host::LogLevel;
-use super::wit;
+use super::bindings::{v0_1, v0_2};
+use crate::templates::Templates;
 
 /// How often the epoch ticker advances; the wall-clock bound is rounded up to this.
 pub(super) const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -27,6 +29,41 @@ const MAX_LOG_LINE: usize = 2048;
 pub(super) const STDERR_CAPTURE: usize = 64 * 1024;
 /// How much of the captured stderr a trap's reason quotes.
 pub(super) const STDERR_IN_REASON: usize = 1024;
+/// Least "hostcall fuel" of a call: roughly the bytes a guest may hand the host in one
+/// host call or one result (a log line, template data, the decision). wasmtime refuses to
+/// copy more into the host, so a guest cannot make the host allocate without bound; the
+/// adapters raise it to a few times their output limit, so that what exceeds the output
+/// limit is refused with that limit's reason before it is all copied.
+pub(super) const MIN_HOSTCALL_BYTES: usize = 256 * 1024;
+/// How wasmtime words running out of hostcall fuel (an error, not a `Trap` code).
+pub(super) const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
+/// Random bytes one `get-random-bytes` call may ask for (a hash map seed needs 16).
+const MAX_RANDOM_BYTES: u64 = 4096;
+/// Live resource handles (streams, pollables) one call may hold.
+const MAX_RESOURCES: usize = 1024;
+/// Resolution of the clocks a plugin sees: enough to stamp or measure, too coarse to time
+/// anything a side channel would need.
+const WALL_CLOCK_RESOLUTION: Duration = Duration::from_secs(1);
+const MONOTONIC_RESOLUTION: Duration = Duration::from_millis(1);
+
+/// What one call may use.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CallLimits {
+    pub(super) fuel: u64,
+    pub(super) timeout: Duration,
+    pub(super) memory_bytes: usize,
+    /// Bytes the guest may hand the host in one host call or result.
+    pub(super) hostcall_bytes: usize,
+}
+
+/// The tenant's Handlebars files, for the templating world's `templates.render` import.
+pub(super) struct TemplateAccess {
+    pub(super) templates: Arc<Templates>,
+    pub(super) link_domains: Arc<[String]>,
+    /// Longest text one `render` may return.
+    pub(super) max_output: usize,
+}
+
 /// State of one call's `Store`.
 pub(super) struct CallState {
     pub(super) wasi: WasiCtx,
@@ -35,9 +72,153 @@ pub(super) struct CallState {
     pub(super) tenant_config: Arc<BTreeMap<String, String>>,
     pub(super) tenant: String,
     pub(super) plugin: String,
-    pub(super) event_id: String,
+    /// What the call is about, for log lines: an event id, or an outbox email.
+    pub(super) subject: String,
     pub(super) logs: Vec<(String, String)>,
     pub(super) dropped_logs: usize,
+    pub(super) templates: Option<TemplateAccess>,
+}
+
+/// The linker every plugin is linked with: WASI's I/O streams, stdio (stdout discarded,
+/// stderr captured), exit, an empty environment, coarse clocks and random, and the host
+/// imports of every supported WIT version. No filesystem, sockets or name lookup: a
+/// component importing them fails to link, and the registry names the import.
+pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+    use wasmtime_wasi::p2::bindings::{cli, clocks, random};
+    use wasmtime_wasi::random::{WasiRandom, WasiRandomView};
+
+    let mut linker = Linker::<CallState>::new(engine);
+    let l = &mut linker;
+    wasmtime_wasi_io::add_to_linker_async(l)?;
+    clocks::wall_clock::add_to_linker::<CallState, WasiClocks>(l, CallState::clocks)?;
+    clocks::monotonic_clock::add_to_linker::<CallState, WasiClocks>(l, CallState::clocks)?;
+    random::random::add_to_linker::<CallState, WasiRandom>(l, CallState::random)?;
+    random::insecure::add_to_linker::<CallState, WasiRandom>(l, CallState::random)?;
+    random::insecure_seed::add_to_linker::<CallState, WasiRandom>(l, CallState::random)?;
+    cli::exit::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
+    cli::environment::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
+    cli::stdin::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
+    cli::stdout::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
+    cli::stderr::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
+    cli::terminal_input::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
+    cli::terminal_output::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
+    cli::terminal_stdin::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
+    cli::terminal_stdout::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
+    cli::terminal_stderr::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
+    v0_1::notify::plugin::host::add_to_linker::<CallState, HasSelf<CallState>>(l, |s| s)?;
+    v0_2::routing::notify::plugin::host::add_to_linker::<CallState, HasSelf<CallState>>(l, |s| s)?;
+    v0_2::templating::notify::plugin::templates::add_to_linker::<CallState, HasSelf<CallState>>(
+        l,
+        |s| s,
+    )?;
+    Ok(linker)
+}
+
+/// Deny-all WASI for one call: no preopens, environment, arguments or sockets; stdout
+/// discarded; stderr captured; coarse clocks; bounded random.
+pub(super) fn wasi(stderr: MemoryOutputPipe) -> WasiCtx {
+    WasiCtx::builder()
+        .stderr(stderr)
+        .wall_clock(CoarseWallClock)
+        .monotonic_clock(CoarseMonotonicClock::default())
+        .max_random_size(MAX_RANDOM_BYTES)
+        .build()
+}
+
+/// A store for one call with every limit set: memory (the limiter), instructions (fuel),
+/// bytes handed to the host per host call, resource handles, and the epoch deadline, at
+/// which the guest yields its worker every tick (so a plugin spinning for its whole budget
+/// shares its thread with everything else) and traps once `limits.timeout` has passed.
+pub(super) fn store(engine: &Engine, mut state: CallState, limits: CallLimits) -> Store<CallState> {
+    state.table.set_max_capacity(MAX_RESOURCES);
+    state.limits = MemoryCap {
+        limit: limits.memory_bytes,
+        total: 0,
+        peak: 0,
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limits);
+    store
+        .set_fuel(limits.fuel)
+        .expect("fuel is enabled on this engine");
+    store.set_hostcall_fuel(limits.hostcall_bytes.max(MIN_HOSTCALL_BYTES));
+    let ticks = limits
+        .timeout
+        .as_millis()
+        .div_ceil(EPOCH_TICK.as_millis())
+        .max(1) as u64;
+    let mut remaining = ticks;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        remaining = remaining.saturating_sub(1);
+        Ok(if remaining == 0 {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
+        })
+    });
+    store
+}
+
+impl CallState {
+    pub(super) fn new(
+        tenant: &str,
+        plugin: &str,
+        subject: &str,
+        tenant_config: Arc<BTreeMap<String, String>>,
+        stderr: MemoryOutputPipe,
+    ) -> Self {
+        CallState {
+            wasi: wasi(stderr),
+            table: ResourceTable::new(),
+            limits: MemoryCap {
+                limit: 0,
+                total: 0,
+                peak: 0,
+            },
+            tenant_config,
+            tenant: tenant.to_owned(),
+            plugin: plugin.to_owned(),
+            subject: subject.to_owned(),
+            logs: Vec::new(),
+            dropped_logs: 0,
+            templates: None,
+        }
+    }
+
+    /// The captured log lines, with a note when some were dropped.
+    pub(super) fn take_logs(&mut self) -> Vec<(String, String)> {
+        let mut logs = std::mem::take(&mut self.logs);
+        if self.dropped_logs > 0 {
+            logs.push((
+                "warn".into(),
+                format!(
+                    "{} more log lines dropped (limit {MAX_CAPTURED_LOGS} per call)",
+                    self.dropped_logs
+                ),
+            ));
+        }
+        logs
+    }
+
+    fn log(&mut self, level: &'static str, message: String) {
+        if self.logs.len() >= MAX_CAPTURED_LOGS {
+            self.dropped_logs += 1;
+            return;
+        }
+        let message = plugin_text(&message);
+        let (tenant, plugin, about) = (&self.tenant, &self.plugin, &self.subject);
+        match level {
+            "trace" => tracing::trace!(tenant, plugin, about, "plugin: {message}"),
+            "debug" => tracing::debug!(tenant, plugin, about, "plugin: {message}"),
+            "info" => tracing::info!(tenant, plugin, about, "plugin: {message}"),
+            "warn" => tracing::warn!(tenant, plugin, about, "plugin: {message}"),
+            _ => tracing::error!(tenant, plugin, about, "plugin: {message}"),
+        }
+        self.logs.push((level.to_owned(), message));
+    }
 }
 
 impl WasiView for CallState {
@@ -49,30 +230,132 @@ impl WasiView for CallState {
     }
 }
 
-impl wit::Host for CallState {}
+impl wasmtime_wasi_io::IoView for CallState {
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+}
 
-impl bindings::notify::plugin::host::Host for CallState {
-    async fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
-        if self.logs.len() >= MAX_CAPTURED_LOGS {
-            self.dropped_logs += 1;
-            return Ok(());
+/// The host imports, once per WIT version: each version's generated trait, one behaviour.
+macro_rules! host_imports {
+    ($($version:ident)::+) => {
+        impl $($version)::+::types::Host for CallState {}
+
+        impl $($version)::+::host::Host for CallState {
+            async fn log(
+                &mut self,
+                level: $($version)::+::host::LogLevel,
+                message: String,
+            ) -> wasmtime::Result<()> {
+                use $($version)::+::host::LogLevel;
+                let level = match level {
+                    LogLevel::Trace => "trace",
+                    LogLevel::Debug => "debug",
+                    LogLevel::Info => "info",
+                    LogLevel::Warn => "warn",
+                    LogLevel::Error => "error",
+                };
+                CallState::log(self, level, message);
+                Ok(())
+            }
+
+            async fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+                Ok(self.tenant_config.get(&key).cloned())
+            }
         }
-        let message = plugin_text(&message);
-        let (tenant, plugin, event_id) = (&self.tenant, &self.plugin, &self.event_id);
-        match level {
-            LogLevel::Trace => tracing::trace!(tenant, plugin, event_id, "plugin: {message}"),
-            LogLevel::Debug => tracing::debug!(tenant, plugin, event_id, "plugin: {message}"),
-            LogLevel::Info => tracing::info!(tenant, plugin, event_id, "plugin: {message}"),
-            LogLevel::Warn => tracing::warn!(tenant, plugin, event_id, "plugin: {message}"),
-            LogLevel::Error => tracing::error!(tenant, plugin, event_id, "plugin: {message}"),
-        }
-        let level = format!("{level:?}").to_lowercase();
-        self.logs.push((level, message));
-        Ok(())
+    };
+}
+
+host_imports!(v0_1::notify::plugin);
+host_imports!(v0_2::routing::notify::plugin);
+
+impl v0_2::templating::notify::plugin::templates::Host for CallState {
+    async fn render(
+        &mut self,
+        name: String,
+        data: String,
+    ) -> wasmtime::Result<Result<String, v0_2::templating::notify::plugin::templates::TemplateError>>
+    {
+        use v0_2::templating::notify::plugin::templates::TemplateError;
+        let Some(access) = &self.templates else {
+            return Ok(Err(TemplateError::Failed(
+                "templates are not available to this call".into(),
+            )));
+        };
+        let Some((template, part)) = name.rsplit_once('/') else {
+            return Ok(Err(TemplateError::Failed(format!(
+                "template name {:?} must be <template>/<part> (part: subject, html or text)",
+                plugin_text(&name)
+            ))));
+        };
+        let data: serde_json::Value = match serde_json::from_str(&data) {
+            Ok(v @ serde_json::Value::Object(_)) => v,
+            Ok(_) => {
+                return Ok(Err(TemplateError::Failed(
+                    "data must be a JSON object".into(),
+                )));
+            }
+            Err(e) => {
+                return Ok(Err(TemplateError::Failed(format!(
+                    "data is not valid JSON: {e}"
+                ))));
+            }
+        };
+        use crate::templates::RenderError;
+        Ok(
+            match access.templates.render_part(
+                &self.tenant,
+                template,
+                part,
+                &data,
+                &access.link_domains,
+            ) {
+                Ok(text) if text.len() > access.max_output => Err(TemplateError::Failed(format!(
+                    "{name} rendered {} bytes, the limit is {}",
+                    text.len(),
+                    access.max_output
+                ))),
+                Ok(text) => Ok(text),
+                Err(RenderError::Missing { .. }) => Err(TemplateError::Missing),
+                Err(e) => Err(TemplateError::Failed(e.to_string())),
+            },
+        )
+    }
+}
+
+/// Wall-clock time rounded down to [`WALL_CLOCK_RESOLUTION`].
+struct CoarseWallClock;
+
+impl HostWallClock for CoarseWallClock {
+    fn resolution(&self) -> Duration {
+        WALL_CLOCK_RESOLUTION
     }
 
-    async fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.tenant_config.get(&key).cloned())
+    fn now(&self) -> Duration {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Duration::from_secs(now.as_secs())
+    }
+}
+
+/// Nanoseconds since the call began, rounded down to [`MONOTONIC_RESOLUTION`].
+struct CoarseMonotonicClock(std::time::Instant);
+
+impl Default for CoarseMonotonicClock {
+    fn default() -> Self {
+        Self(std::time::Instant::now())
+    }
+}
+
+impl HostMonotonicClock for CoarseMonotonicClock {
+    fn resolution(&self) -> u64 {
+        MONOTONIC_RESOLUTION.as_nanos() as u64
+    }
+
+    fn now(&self) -> u64 {
+        let step = MONOTONIC_RESOLUTION.as_nanos();
+        (self.0.elapsed().as_nanos() / step * step) as u64
     }
 }
 

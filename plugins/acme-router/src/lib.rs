@@ -18,7 +18,8 @@
 //! Decisions are logged at info level.
 
 use notify_plugin_sdk::{
-    Data, Delivery, Event, RouteError, Router, config_or, format_amount, json, log,
+    Data, Delivery, Email, Event, InApp, LiveUpdate, RouteError, Router, config_or, debug,
+    format_amount, info, json,
 };
 struct AcmeRouter;
 
@@ -28,7 +29,7 @@ impl Router for AcmeRouter {
     }
 }
 
-notify_plugin_sdk::export!(AcmeRouter);
+notify_plugin_sdk::export_router!(AcmeRouter);
 
 /// Acme's plugin configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,7 +73,7 @@ pub fn route_event(event: &Event, settings: &Settings) -> Result<Vec<Delivery>, 
         "order_paid" => order_paid(event, &Data::parse(event)?, settings),
         "order_status_updated" => order_status_updated(event, &Data::parse(event)?),
         other => {
-            log::debug(&format!("acme: no rule for event type {other:?}"));
+            debug!("acme: no rule for event type {other:?}");
             Ok(Vec::new())
         }
     }
@@ -108,7 +109,7 @@ fn order_paid(
     } else {
         format!("Thank you for your order of {total}.")
     };
-    log::info(&format!(
+    info!(
         "acme: order {order_id} paid {total}, {} (threshold {}){}",
         if vip { "VIP" } else { "regular" },
         format_amount(settings.vip_threshold, &settings.currency),
@@ -117,19 +118,19 @@ fn order_paid(
         } else {
             ", no email address"
         },
-    ));
+    );
 
-    let mut deliveries = vec![Delivery::in_app(
-        user_id,
-        "Payment received",
-        &body,
-        "billing",
-        json!({ "order_id": order_id, "vip": vip }),
-    )];
+    let mut deliveries = vec![
+        InApp::new(user_id, "Payment received")
+            .body(body)
+            .category("billing")
+            .data(json!({ "order_id": order_id, "vip": vip }))
+            .into(),
+    ];
     if let Some(to) = email {
         let mut mail = data.email_model(event);
         mail["vip"] = json!(vip);
-        deliveries.push(Delivery::email(to, Some(user_id), "order_paid", mail));
+        deliveries.push(Email::new(to, "order_paid").user(user_id).data(mail).into());
     }
     Ok(deliveries)
 }
@@ -170,7 +171,7 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
 
     let rule = status_rule(status);
     let send_email = rule.email && email.is_some();
-    log::info(&format!(
+    info!(
         "acme: order {order_id} is {status}: live{}{}",
         if rule.in_app { " + in-app" } else { "" },
         match (rule.email, email.is_some()) {
@@ -178,13 +179,13 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
             (true, false) => " (no email address)",
             _ => "",
         },
-    ));
+    );
 
     let mut live = json!({ "order_id": order_id, "status": status });
     if let Some(previous) = previous_status {
         live["previous_status"] = json!(previous);
     }
-    let mut deliveries = vec![Delivery::live(user_id, "order.updated", live)];
+    let mut deliveries = vec![LiveUpdate::new(user_id, "order.updated").data(live).into()];
 
     if rule.in_app {
         let mut item_data = json!({ "order_id": order_id, "status": status });
@@ -209,17 +210,21 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
                 ),
             ),
         };
-        deliveries.push(Delivery::in_app(
-            user_id, &title, &body, "shipping", item_data,
-        ));
+        deliveries.push(
+            InApp::new(user_id, title)
+                .body(body)
+                .category("shipping")
+                .data(item_data)
+                .into(),
+        );
     }
     if let (true, Some(to)) = (send_email, email) {
-        deliveries.push(Delivery::email(
-            to,
-            Some(user_id),
-            "order_status_updated",
-            data.email_model(event),
-        ));
+        deliveries.push(
+            Email::new(to, "order_status_updated")
+                .user(user_id)
+                .data(data.email_model(event))
+                .into(),
+        );
     }
     Ok(deliveries)
 }
@@ -227,17 +232,13 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify_plugin_sdk::{Email, InApp};
+    use notify_plugin_sdk::testing;
     use serde_json::Value;
 
     fn event(event_type: &str, data: Value) -> Event {
         Event {
             id: "evt-9".into(),
-            tenant: "acme".into(),
-            event_type: event_type.into(),
-            time: "2026-01-01T00:00:00Z".into(),
-            source: Some("shop".into()),
-            data: data.to_string(),
+            ..testing::event(event_type, data)
         }
     }
 
@@ -253,17 +254,11 @@ mod tests {
     }
 
     fn in_app(d: &Delivery) -> &InApp {
-        match d {
-            Delivery::InApp(x) => x,
-            other => panic!("expected in-app, got {other:?}"),
-        }
+        d.as_in_app().expect("an in-app delivery")
     }
 
     fn email(d: &Delivery) -> &Email {
-        match d {
-            Delivery::Email(x) => x,
-            other => panic!("expected email, got {other:?}"),
-        }
+        d.as_email().expect("an email")
     }
 
     fn kinds(out: &[Delivery]) -> Vec<&'static str> {
@@ -283,8 +278,8 @@ mod tests {
         }
     }
 
-    fn data_of(s: &str) -> Value {
-        serde_json::from_str(s).unwrap()
+    fn data_of(v: &Value) -> Value {
+        v.clone()
     }
 
     #[test]

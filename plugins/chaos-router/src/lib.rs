@@ -14,6 +14,7 @@
 //! | `bad_output`  | an in-app delivery with an empty user id and `data` that is not JSON       |
 //! | `huge_output` | 2000 in-app deliveries with 1 KiB bodies (~2 MiB, way over 64 KiB)         |
 //! | `slow`        | busy-waits `data.spin_ms` (default 90) ms of wall clock, then as if absent  |
+//! | `recurse`     | recurses without end: the guest stack overflows (a trap)                   |
 //!
 //! (\*) A host whose memory limiter traps on a refused `memory.grow` sees a trap; one that lets
 //! the grow fail gets `Err(other("chaos: allocation failed after N MiB"))`.
@@ -22,9 +23,11 @@
 //! so a sleeping plugin is stopped by the engine's outer wall-clock bound, not by fuel or epochs).
 //! `slow` stands for a tenant whose routing is expensive: the noisy neighbour.
 
-use std::hint::black_box;
+#[path = "misbehave.rs"]
+mod misbehave;
 
-use notify_plugin_sdk::{Data, Delivery, Event, InApp, RouteError, Router, json, log};
+use misbehave::{exhaust_memory, recurse, spin_for, spin_forever};
+use notify_plugin_sdk::{Data, Delivery, Event, InApp, RouteError, Router, json, warn};
 
 struct ChaosRouter;
 
@@ -34,18 +37,24 @@ impl Router for ChaosRouter {
     }
 }
 
-notify_plugin_sdk::export!(ChaosRouter);
+notify_plugin_sdk::export_router!(ChaosRouter);
 
-const MIB: usize = 1 << 20;
-const WASM_PAGE: usize = 64 << 10;
 const HUGE_COUNT: usize = 2000;
+
+fn chaos_item(user_id: &str, title: &str, event: &Event) -> Delivery {
+    InApp::new(user_id, title)
+        .body(&event.id)
+        .category("chaos")
+        .data(json!({}))
+        .into()
+}
 
 /// The misbehaviour for `data.chaos`. `trap`, `loop` and `oom` are not unit-tested natively.
 pub fn route_event(event: &Event) -> Result<Vec<Delivery>, RouteError> {
     let data = Data::parse(event)?;
     let mode = data.opt_str("chaos")?;
     if let Some(mode) = mode {
-        log::warn(&format!("chaos: {mode}"));
+        warn!("chaos: {mode}");
     }
     match mode {
         Some("slow") => {
@@ -53,21 +62,9 @@ pub fn route_event(event: &Event) -> Result<Vec<Delivery>, RouteError> {
             spin_for(std::time::Duration::from_secs_f64(
                 ms.clamp(0.0, 10_000.0) / 1000.0,
             ));
-            Ok(vec![Delivery::in_app(
-                data.str("user_id")?,
-                "chaos slow",
-                &event.id,
-                "chaos",
-                json!({}),
-            )])
+            Ok(vec![chaos_item(data.str("user_id")?, "chaos slow", event)])
         }
-        None => Ok(vec![Delivery::in_app(
-            data.str("user_id")?,
-            "chaos ok",
-            &event.id,
-            "chaos",
-            json!({}),
-        )]),
+        None => Ok(vec![chaos_item(data.str("user_id")?, "chaos ok", event)]),
         Some("trap") => panic!("chaos: trap requested by event {}", event.id),
         Some("loop") => spin_forever(),
         Some("oom") => Err(RouteError::other(format!(
@@ -75,70 +72,32 @@ pub fn route_event(event: &Event) -> Result<Vec<Delivery>, RouteError> {
             exhaust_memory()
         ))),
         Some("error") => Err(RouteError::other("chaos: refused")),
-        Some("bad_output") => Ok(vec![Delivery::InApp(InApp {
-            user_id: String::new(),
-            title: "chaos bad output".to_owned(),
-            body: event.id.clone(),
-            category: "chaos".to_owned(),
-            data: "{this is not json".to_owned(),
-        })]),
+        Some("recurse") => Ok(vec![chaos_item(
+            data.str("user_id")?,
+            &format!("chaos recursed {}", recurse(0)),
+            event,
+        )]),
+        Some("bad_output") => Ok(vec![
+            InApp::new("", "chaos bad output")
+                .body(&event.id)
+                .category("chaos")
+                .data(json!(["not", "an", "object"]))
+                .into(),
+        ]),
         Some("huge_output") => {
             let user_id = data.opt_str("user_id")?.unwrap_or("chaos-user");
             // Clones of one delivery: cheap in fuel (~1M of the 20M budget), so that the output
             // size limit, not the fuel limit, is what this mode runs into.
-            let one =
-                Delivery::in_app(user_id, "chaos huge", &"x".repeat(1024), "chaos", json!({}));
+            let one: Delivery = InApp::new(user_id, "chaos huge")
+                .body("x".repeat(1024))
+                .category("chaos")
+                .into();
             Ok(vec![one; HUGE_COUNT])
         }
         Some(other) => Err(RouteError::invalid_event(format!(
-            "data.chaos must be one of trap, loop, oom, error, bad_output, huge_output, slow (got {other:?})"
+            "data.chaos must be one of trap, loop, oom, recurse, error, bad_output, huge_output, slow (got {other:?})"
         ))),
     }
-}
-
-/// Burns CPU for `duration` of wall clock (the host's monotonic clock, through WASI).
-fn spin_for(duration: std::time::Duration) {
-    let until = std::time::Instant::now() + duration;
-    let mut counter: u64 = 0;
-    while std::time::Instant::now() < until {
-        for _ in 0..1000 {
-            counter = black_box(counter.wrapping_add(1));
-        }
-    }
-}
-
-/// Never returns; `black_box` keeps the optimizer from proving the loop side-effect free.
-fn spin_forever() -> ! {
-    let mut counter: u64 = 0;
-    loop {
-        counter = black_box(counter.wrapping_add(1));
-    }
-}
-
-/// Grabs 1 MiB chunks, writing into every page so the memory is really committed, until an
-/// allocation fails; returns how many MiB it held at that point (then frees them).
-fn exhaust_memory() -> usize {
-    // Reserved up front: growing this list must not be the allocation that fails (that
-    // would abort instead of returning). 4096 chunks = 4 GiB, all that wasm32 can address.
-    let mut chunks: Vec<Vec<u8>> = Vec::new();
-    if chunks.try_reserve_exact(4096).is_err() {
-        return 0;
-    }
-    loop {
-        let mut chunk: Vec<u8> = Vec::new();
-        if chunk.try_reserve_exact(MIB).is_err() {
-            break;
-        }
-        // One write per 64 KiB wasm page rather than filling the whole MiB: enough to use the
-        // memory, and cheap in fuel and page faults, so that the memory limit (not the fuel
-        // limit or the deadline) is what stops this mode.
-        for page in chunk.spare_capacity_mut().chunks_mut(WASM_PAGE) {
-            page[0].write(0xA5);
-        }
-        chunks.push(black_box(chunk));
-    }
-    black_box(&chunks);
-    chunks.len()
 }
 
 #[cfg(test)]
@@ -198,7 +157,7 @@ mod tests {
         match &out[..] {
             [Delivery::InApp(item)] => {
                 assert!(item.user_id.is_empty());
-                assert!(serde_json::from_str::<Value>(&item.data).is_err());
+                assert!(!item.data.is_object());
             }
             other => panic!("{other:?}"),
         }

@@ -10,7 +10,9 @@
 //!
 //! Every other event type is acknowledged with no deliveries.
 
-use notify_plugin_sdk::{Data, Delivery, Event, RouteError, Router, format_amount, json, log};
+use notify_plugin_sdk::{
+    Data, Delivery, Email, Event, InApp, LiveUpdate, RouteError, Router, debug, format_amount, json,
+};
 
 struct DefaultRouter;
 
@@ -20,7 +22,7 @@ impl Router for DefaultRouter {
     }
 }
 
-notify_plugin_sdk::export!(DefaultRouter);
+notify_plugin_sdk::export_router!(DefaultRouter);
 
 /// The routing decision, free of host calls other than logging (so it runs in native tests).
 pub fn route_event(event: &Event) -> Result<Vec<Delivery>, RouteError> {
@@ -28,7 +30,7 @@ pub fn route_event(event: &Event) -> Result<Vec<Delivery>, RouteError> {
         "order_paid" => order_paid(event, &Data::parse(event)?),
         "order_status_updated" => order_status_updated(event, &Data::parse(event)?),
         other => {
-            log::debug(&format!("default router: no rule for event type {other:?}"));
+            debug!("default router: no rule for event type {other:?}");
             Ok(Vec::new())
         }
     }
@@ -41,25 +43,37 @@ fn order_paid(event: &Event, data: &Data) -> Result<Vec<Delivery>, RouteError> {
     let currency = data.str("currency")?;
     let email = data.opt_str("email")?;
 
-    let mut deliveries = vec![Delivery::in_app(
-        user_id,
-        "Payment received",
-        &format!(
-            "We received your payment of {} for order {order_id}.",
-            format_amount(amount, currency)
-        ),
-        "billing",
-        json!({ "order_id": order_id }),
-    )];
+    let mut deliveries = vec![
+        InApp::new(user_id, "Payment received")
+            .body(format!(
+                "We received your payment of {} for order {order_id}.",
+                format_amount(amount, currency)
+            ))
+            .category("billing")
+            .data(json!({ "order_id": order_id }))
+            .into(),
+    ];
     if let Some(to) = email {
-        deliveries.push(Delivery::email(
-            to,
-            Some(user_id),
-            "order_paid",
-            data.email_model(event),
-        ));
+        deliveries.push(recipient(
+            email_to(to, user_id, "order_paid", data, event),
+            data,
+        )?);
     }
     Ok(deliveries)
+}
+
+fn email_to(to: &str, user_id: &str, template: &str, data: &Data, event: &Event) -> Email {
+    Email::new(to, template)
+        .user(user_id)
+        .data(data.email_model(event))
+}
+
+/// The recipient's `locale` and `time_zone`, when the event names them, for the tenant's
+/// templating plugin.
+fn recipient(mut mail: Email, data: &Data) -> Result<Delivery, RouteError> {
+    mail.locale = data.opt_str("locale")?.map(str::to_owned);
+    mail.time_zone = data.opt_str("time_zone")?.map(str::to_owned);
+    Ok(mail.into())
 }
 
 fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, RouteError> {
@@ -104,16 +118,16 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
     }
 
     let mut deliveries = vec![
-        Delivery::live(user_id, "order.updated", live),
-        Delivery::in_app(user_id, &title, &body, "shipping", in_app_data),
+        LiveUpdate::new(user_id, "order.updated").data(live).into(),
+        InApp::new(user_id, title)
+            .body(body)
+            .category("shipping")
+            .data(in_app_data)
+            .into(),
     ];
     if let (Some(to), "shipped" | "cancelled") = (email, status) {
-        deliveries.push(Delivery::email(
-            to,
-            Some(user_id),
-            "order_status_updated",
-            data.email_model(event),
-        ));
+        let mail = email_to(to, user_id, "order_status_updated", data, event);
+        deliveries.push(recipient(mail, data)?);
     }
     Ok(deliveries)
 }
@@ -121,43 +135,23 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify_plugin_sdk::{Email, InApp, LiveUpdate};
+    use notify_plugin_sdk::testing::event;
     use serde_json::Value;
 
-    fn event(event_type: &str, data: Value) -> Event {
-        Event {
-            id: "evt-1".into(),
-            tenant: "shop".into(),
-            event_type: event_type.into(),
-            time: "2026-01-01T00:00:00Z".into(),
-            source: None,
-            data: data.to_string(),
-        }
-    }
-
-    fn json_of(s: &str) -> Value {
-        serde_json::from_str(s).unwrap()
+    fn json_of(v: &Value) -> Value {
+        v.clone()
     }
 
     fn in_app(d: &Delivery) -> &InApp {
-        match d {
-            Delivery::InApp(x) => x,
-            other => panic!("expected in-app, got {other:?}"),
-        }
+        d.as_in_app().expect("an in-app delivery")
     }
 
     fn live(d: &Delivery) -> &LiveUpdate {
-        match d {
-            Delivery::Live(x) => x,
-            other => panic!("expected live, got {other:?}"),
-        }
+        d.as_live().expect("a live update")
     }
 
     fn email(d: &Delivery) -> &Email {
-        match d {
-            Delivery::Email(x) => x,
-            other => panic!("expected email, got {other:?}"),
-        }
+        d.as_email().expect("an email")
     }
 
     fn invalid(result: Result<Vec<Delivery>, RouteError>) -> String {
@@ -195,6 +189,21 @@ mod tests {
         let mut expected = paid();
         expected["event_id"] = json!("evt-1");
         assert_eq!(json_of(&mail.data), expected);
+        assert_eq!(
+            (mail.locale.as_deref(), mail.time_zone.as_deref()),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn the_recipients_locale_and_time_zone_reach_the_email() {
+        let mut data = paid();
+        data["locale"] = json!("de-DE");
+        data["time_zone"] = json!("Europe/Berlin");
+        let out = route_event(&event("order_paid", data)).unwrap();
+        let mail = email(&out[1]);
+        assert_eq!(mail.locale.as_deref(), Some("de-DE"));
+        assert_eq!(mail.time_zone.as_deref(), Some("Europe/Berlin"));
     }
 
     #[test]

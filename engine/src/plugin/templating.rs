@@ -1,0 +1,235 @@
+//! The templating world's adapter: a tenant's templating plugin renders its emails. The
+//! call runs in the same sandbox as routing, under its own limits
+//! (`plugins.templating_*`), with one more host import: the tenant's Handlebars files,
+//! rendered by the host under the same rules as an email rendered from files. What comes
+//! back is checked before lettre sees it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+use super::bindings::wit;
+use super::registry::Pre;
+use super::sandbox::{self, CallLimits, CallState, STDERR_CAPTURE, TemplateAccess, plugin_text};
+use super::{PluginError, PluginHost, outer_bound};
+use crate::templates::{RenderedEmail, Templates};
+
+/// Longest subject accepted (an email header line is at most 998 bytes).
+const MAX_SUBJECT: usize = 998;
+
+/// One outbox email, as a templating plugin is asked to render it.
+#[derive(Debug, Clone)]
+pub struct EmailToRender<'a> {
+    pub tenant: &'a str,
+    pub outbox_id: i64,
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    /// RFC 3339.
+    pub event_time: String,
+    pub template: &'a str,
+    pub recipient: &'a str,
+    pub user_id: Option<&'a str>,
+    pub locale: Option<&'a str>,
+    pub time_zone: Option<&'a str>,
+    pub data: &'a serde_json::Value,
+}
+
+impl PluginHost {
+    /// Renders `email` with its tenant's templating plugin; `None` when the tenant has
+    /// none (its files render directly). `templates` is the set the plugin's
+    /// `templates.render` calls see; `link_domains` the tenant's link policy.
+    pub async fn render_email(
+        &self,
+        email: &EmailToRender<'_>,
+        templates: Arc<Templates>,
+        link_domains: &[String],
+    ) -> Option<Result<RenderedEmail, PluginError>> {
+        let loaded = match self.select_templating(email.tenant)? {
+            Ok(loaded) => loaded,
+            Err(e) => return Some(Err(e)),
+        };
+        if let Some(failures) = self.breaker.quarantined(&loaded.name, &loaded.digest) {
+            return Some(Err(PluginError::Quarantined {
+                plugin: loaded.name.clone(),
+                failures,
+            }));
+        }
+        let Pre::Templating02(pre) = &loaded.pre else {
+            unreachable!("select_templating() returns templating plugins only")
+        };
+        let request = wit::RenderRequest {
+            template: email.template.to_owned(),
+            event: wit::EventRef {
+                id: email.event_id.to_owned(),
+                event_type: email.event_type.to_owned(),
+                time: email.event_time.clone(),
+            },
+            recipient: wit::Recipient {
+                address: email.recipient.to_owned(),
+                user_id: email.user_id.map(str::to_owned),
+                locale: email.locale.map(str::to_owned),
+                time_zone: email.time_zone.map(str::to_owned),
+            },
+            data: email.data.to_string(),
+        };
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let mut state = CallState::new(
+            email.tenant,
+            &loaded.name,
+            &format!("outbox email {}", email.outbox_id),
+            self.tenant_config(email.tenant),
+            stderr.clone(),
+        );
+        let max_output = self.limits.templating_max_output_bytes;
+        state.templates = Some(TemplateAccess {
+            templates,
+            link_domains: link_domains.into(),
+            max_output,
+        });
+        let limits = CallLimits {
+            fuel: self.limits.templating_fuel,
+            timeout: self.limits.templating_timeout(),
+            memory_bytes: self.limits.templating_memory_bytes,
+            hostcall_bytes: max_output.saturating_mul(2),
+        };
+        let mut store = sandbox::store(&self.engine, state, limits);
+        let plugin = loaded.name.clone();
+        let started = Instant::now();
+        let call = async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            instance
+                .notify_plugin_templater()
+                .call_render(&mut store, &request)
+                .await
+        };
+        let result = match tokio::time::timeout(outer_bound(limits.timeout), call).await {
+            Err(_) => Err(PluginError::Timeout {
+                plugin: plugin.clone(),
+                limit_ms: self.limits.templating_timeout_ms,
+                retried: false,
+            }),
+            Ok(Err(e)) => Err(self.classify_trap(
+                plugin.clone(),
+                e,
+                &stderr.contents(),
+                limits.fuel,
+                self.limits.templating_timeout_ms,
+            )),
+            Ok(Ok(Err(wit::RenderError::InvalidData(message)))) => Err(PluginError::InvalidData {
+                plugin: plugin.clone(),
+                message: plugin_text(&message),
+            }),
+            Ok(Ok(Err(wit::RenderError::Other(message)))) => Err(PluginError::Failed {
+                plugin: plugin.clone(),
+                message: plugin_text(&message),
+            }),
+            Ok(Ok(Ok(rendered))) => {
+                check(rendered, max_output).map_err(|message| PluginError::InvalidOutput {
+                    plugin: plugin.clone(),
+                    message,
+                })
+            }
+        };
+        self.record_outcome(&loaded, email.tenant, &result);
+        tracing::debug!(tenant = %email.tenant, plugin = %plugin, outbox_id = email.outbox_id, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "templating call");
+        Some(result)
+    }
+}
+
+/// A templating plugin's answer, made fit for lettre: a subject of one line (no CR, LF or
+/// NUL; not blank; at most [`MAX_SUBJECT`] bytes), bodies without NUL, at least one body,
+/// and all of it within `max_output` bytes. (WIT strings are UTF-8 by construction.)
+fn check(rendered: wit::Rendered, max_output: usize) -> Result<RenderedEmail, String> {
+    let wit::Rendered {
+        subject,
+        html,
+        text,
+    } = rendered;
+    let size =
+        subject.len() + html.as_ref().map_or(0, String::len) + text.as_ref().map_or(0, String::len);
+    if size > max_output {
+        return Err(format!(
+            "the email is {size} bytes, the limit is {max_output} (plugins.templating_max_output_bytes)"
+        ));
+    }
+    if let Some(c) = subject.chars().find(|c| matches!(c, '\r' | '\n' | '\0')) {
+        return Err(format!(
+            "the subject contains {:?}; it must be one line without NUL",
+            c
+        ));
+    }
+    if subject.trim().is_empty() {
+        return Err("the subject is blank".into());
+    }
+    if subject.len() > MAX_SUBJECT {
+        return Err(format!(
+            "the subject is {} bytes, the limit is {MAX_SUBJECT}",
+            subject.len()
+        ));
+    }
+    for (part, body) in [("html", &html), ("text", &text)] {
+        if body.as_ref().is_some_and(|b| b.contains('\0')) {
+            return Err(format!("the {part} part contains a NUL character"));
+        }
+    }
+    if html.as_deref().is_none_or(str::is_empty) && text.as_deref().is_none_or(str::is_empty) {
+        return Err("neither an html nor a text part".into());
+    }
+    Ok(RenderedEmail {
+        subject: subject.trim().to_owned(),
+        html: html.filter(|h| !h.is_empty()),
+        text: text.filter(|t| !t.is_empty()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(subject: &str, html: Option<&str>, text: Option<&str>) -> wit::Rendered {
+        wit::Rendered {
+            subject: subject.into(),
+            html: html.map(Into::into),
+            text: text.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn accepts_a_well_formed_email() {
+        let ok = check(rendered(" Zahlung erhalten ", Some("<p>x</p>"), None), 1024).unwrap();
+        assert_eq!(ok.subject, "Zahlung erhalten");
+        assert_eq!(ok.html.as_deref(), Some("<p>x</p>"));
+        assert_eq!(ok.text, None);
+    }
+
+    #[test]
+    fn refuses_what_lettre_must_not_see() {
+        for (r, expect) in [
+            (
+                rendered("a\r\nBcc: x@evil.example", None, Some("t")),
+                "one line",
+            ),
+            (rendered("a\nb", None, Some("t")), "one line"),
+            (rendered("a\0", None, Some("t")), "one line"),
+            (rendered("  ", None, Some("t")), "blank"),
+            (
+                rendered(&"s".repeat(999), None, Some("t")),
+                "subject is 999 bytes",
+            ),
+            (
+                rendered("s", Some("a\0b"), None),
+                "html part contains a NUL",
+            ),
+            (rendered("s", None, Some("")), "neither"),
+            (rendered("s", None, None), "neither"),
+            (
+                rendered("s", Some(&"h".repeat(2000)), None),
+                "limit is 1024",
+            ),
+        ] {
+            let e = check(r, 1024).unwrap_err();
+            assert!(e.contains(expect), "{e} should say {expect}");
+        }
+    }
+}
