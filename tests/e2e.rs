@@ -5,6 +5,7 @@
 
 mod live;
 mod support;
+mod templating;
 mod trouble;
 
 use std::time::Duration;
@@ -296,6 +297,7 @@ async fn streams_are_isolated_and_tokens_checked() {
             exp: now - 120,
             nbf: None,
             iat: None,
+            roles: Vec::new(),
         };
         jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
@@ -512,6 +514,16 @@ async fn plugin_sandbox_enforces_every_limit() {
             assert!(message.contains("memory limit"), "{message}")
         }
         other => panic!("expected a memory trap, got {other:?}"),
+    }
+    // Deep recursion: a Rust guest's shadow stack (linear memory) overflows first, an
+    // out-of-bounds trap; a guest without one exhausts wasmtime's call stack.
+    match run("recurse").await {
+        Err(PluginError::Trap { message, .. }) => assert!(
+            message.contains("out of bounds memory access")
+                || message.contains("call stack exhausted"),
+            "{message}"
+        ),
+        other => panic!("expected a stack overflow trap, got {other:?}"),
     }
     match run("error").await {
         Err(PluginError::Failed { message, .. }) => assert!(message.contains("chaos"), "{message}"),

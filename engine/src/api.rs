@@ -24,6 +24,7 @@ use crate::health::Health;
 use crate::hub::Hub;
 use crate::telemetry::Metrics;
 use auth::Auth;
+use error::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -36,6 +37,8 @@ pub struct AppState {
     pub sse: SseConfig,
     /// Kept current by background probes and the pipeline.
     pub health: Arc<Health>,
+    /// The plugin host, for the admin listing.
+    pub plugins: Arc<crate::plugin::PluginHost>,
     /// Fired on shutdown: open streams end so the server can drain.
     pub shutdown: CancellationToken,
 }
@@ -53,7 +56,28 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/api/v1/admin/plugins", get(admin_plugins))
         .with_state(state)
+}
+
+/// Every plugin per world: what serves (SHA-256, WIT version, loaded at), what is
+/// quarantined or broken, the last refused candidate with its error, calls and failures,
+/// and the tenants each serves. Only on the admin listener, and only for a token with the
+/// `admin` role.
+async fn admin_plugins(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let identity = state.auth.authenticate(&headers)?;
+    if !identity.has_role(auth::ADMIN_ROLE) {
+        return Err(ApiError::Forbidden(format!(
+            "the admin API needs the {:?} role in the token",
+            auth::ADMIN_ROLE
+        )));
+    }
+    Ok(axum::Json(
+        serde_json::json!({ "plugins": state.plugins.list() }),
+    ))
 }
 
 /// Liveness: the process serves HTTP.

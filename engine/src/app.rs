@@ -211,7 +211,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Probes {
             pool: pool.clone(),
             kafka: config.kafka.clone(),
-            plugins,
+            plugins: plugins.clone(),
             health: health.clone(),
         },
         shutdown.clone(),
@@ -224,6 +224,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         auth: Arc::new(Auth::new(&config.auth)),
         sse: config.sse.clone(),
         health: health.clone(),
+        plugins: plugins.clone(),
         shutdown: shutdown.clone(),
     };
     let trace = tower_http::trace::TraceLayer::new_for_http();

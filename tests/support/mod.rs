@@ -48,7 +48,13 @@ impl Services {
         let plugins = std::env::var("NOTIFY_TEST_PLUGINS")
             .map(PathBuf::from)
             .unwrap_or_else(|_| root.join("plugins/dist"));
-        for file in ["default.wasm", "acme.wasm", "fixtures/chaos.wasm"] {
+        for file in [
+            "default.wasm",
+            "acme.wasm",
+            "locale-templater.wasm",
+            "fixtures/chaos.wasm",
+            "fixtures/chaos-templater.wasm",
+        ] {
             assert!(
                 plugins.join(file).exists(),
                 "{} is missing: build the plugins with scripts/build-plugins.sh",

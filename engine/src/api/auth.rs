@@ -13,11 +13,22 @@ use super::error::ApiError;
 use crate::config::AuthConfig;
 use crate::ingest::envelope::valid_tenant;
 
-/// Who is asking: always a (tenant, user) pair.
+/// Who is asking: always a (tenant, user) pair, with the roles the token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub tenant: String,
     pub user_id: String,
+    /// The `roles` claim (e.g. `admin` for the admin API); empty when absent.
+    pub roles: Vec<String>,
+}
+
+/// The role the admin API requires.
+pub const ADMIN_ROLE: &str = "admin";
+
+impl Identity {
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -33,12 +44,16 @@ pub struct Claims {
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
 }
 
 #[derive(Deserialize)]
 struct IdentityClaims {
     sub: String,
     tenant: String,
+    #[serde(default)]
+    roles: Vec<String>,
 }
 
 pub struct Auth {
@@ -86,9 +101,15 @@ impl Auth {
                 "invalid token: sub claim must be a user id".into(),
             ));
         }
+        if claims.roles.len() > 32 || claims.roles.iter().any(|r| r.len() > 64) {
+            return Err(ApiError::Unauthorized(
+                "invalid token: roles claim is too large".into(),
+            ));
+        }
         Ok(Identity {
             tenant: claims.tenant,
             user_id: claims.sub,
+            roles: claims.roles,
         })
     }
 }
@@ -96,6 +117,17 @@ impl Auth {
 /// Mints a token (the demo and tests; production tokens come from the tenant's identity
 /// provider, signed with the shared secret).
 pub fn mint(config: &AuthConfig, tenant: &str, user_id: &str, ttl_secs: u64) -> String {
+    mint_with_roles(config, tenant, user_id, &[], ttl_secs)
+}
+
+/// [`mint`] with a `roles` claim (e.g. [`ADMIN_ROLE`]).
+pub fn mint_with_roles(
+    config: &AuthConfig,
+    tenant: &str,
+    user_id: &str,
+    roles: &[&str],
+    ttl_secs: u64,
+) -> String {
     let now = jsonwebtoken::get_current_timestamp();
     let claims = Claims {
         sub: user_id.into(),
@@ -105,6 +137,7 @@ pub fn mint(config: &AuthConfig, tenant: &str, user_id: &str, ttl_secs: u64) -> 
         exp: now + ttl_secs,
         nbf: Some(now.saturating_sub(1)),
         iat: Some(now),
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -179,9 +212,15 @@ mod tests {
             id,
             Identity {
                 tenant: "acme".into(),
-                user_id: "u1".into()
+                user_id: "u1".into(),
+                roles: Vec::new(),
             }
         );
+        let admin = mint_with_roles(&c, "ops", "root", &[ADMIN_ROLE], 60);
+        let id = auth
+            .authenticate(&headers(AUTHORIZATION, &format!("Bearer {admin}")))
+            .unwrap();
+        assert!(id.has_role(ADMIN_ROLE));
         let id = auth
             .authenticate(&headers(COOKIE, &format!("a=b; notify_token={token}")))
             .unwrap();
