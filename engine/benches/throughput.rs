@@ -1,6 +1,9 @@
 //! Benchmarks on the real services (run through `scripts/bench.sh`, which starts them):
 //!
 //! 1. `plugin`: one routing call (fresh store + instantiate + call) of the default plugin.
+//!    `render`: one email of the example tenant `globex` rendered by its templating plugin
+//!    (`locale-templater`, which renders the tenant's files through the host) against the
+//!    same files rendered directly.
 //! 2. `pipeline`: events/s from Kafka to committed notifications, with a backlog of N events.
 //! 3. `latency`: produce → SSE frame received, one event at a time.
 //! 4. `reload`: a plugin published by rename → the new version serving (hot reload).
@@ -70,6 +73,83 @@ async fn main() {
         percentile(&samples, 0.5).as_secs_f64() * 1e6,
         percentile(&samples, 0.99).as_secs_f64() * 1e6,
     );
+
+    // 1b. Rendering one email: templating plugin vs files directly.
+    {
+        use notify_engine::config::{PluginConfig, TenantConfig};
+        use notify_engine::plugin::EmailToRender;
+        use notify_engine::templates::Templates;
+        use std::sync::Arc;
+        let limits = PluginConfig {
+            dir: plugins.clone(),
+            ..PluginConfig::default()
+        };
+        let tenants = [(
+            "globex".to_string(),
+            TenantConfig {
+                templating_plugin: Some("locale-templater".into()),
+                ..TenantConfig::default()
+            },
+        )]
+        .into();
+        let host = PluginHost::new(limits, tenants).unwrap();
+        host.load_dir().await.unwrap();
+        let templates = Arc::new(Templates::load(&root.join("templates")).unwrap());
+        let data = json!({"event_id": "e1", "order_id": "G-1", "customer_name": "Bob",
+                          "amount": 1234.5, "currency": "EUR"});
+        let email = EmailToRender {
+            tenant: "globex",
+            outbox_id: 1,
+            event_id: "e1",
+            event_type: "order_paid",
+            event_time: "2026-11-27T13:05:00Z".into(),
+            template: "order_paid",
+            recipient: "bob@example.test",
+            user_id: Some("bob"),
+            locale: Some("de-DE"),
+            time_zone: Some("Europe/Berlin"),
+            data: &data,
+        };
+        let n = 2_000;
+        let mut plugin = Vec::with_capacity(n);
+        for i in 0..n + 100 {
+            let t = Instant::now();
+            host.render_email(&email, templates.clone(), &[])
+                .await
+                .unwrap()
+                .unwrap();
+            if i >= 100 {
+                plugin.push(t.elapsed());
+            }
+        }
+        // The same files, with the fields the plugin would add, rendered directly.
+        let mut model = data.clone();
+        model["amount_display"] = json!("1.234,50 €");
+        model["event_time_display"] = json!("27. November 2026, 14:05 CET");
+        model["lang"] = json!("de");
+        model["locale"] = json!("de-DE");
+        model["time_zone"] = json!("Europe/Berlin");
+        let mut files = Vec::with_capacity(n);
+        for i in 0..n + 100 {
+            let t = Instant::now();
+            templates
+                .render("globex", "order_paid.de", &model, &[])
+                .unwrap();
+            if i >= 100 {
+                files.push(t.elapsed());
+            }
+        }
+        plugin.sort();
+        files.sort();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "render: {n} emails: templating plugin p50 {:.1} µs p99 {:.1} µs; files directly p50 {:.1} µs p99 {:.1} µs",
+            us(percentile(&plugin, 0.5)),
+            us(percentile(&plugin, 0.99)),
+            us(percentile(&files, 0.5)),
+            us(percentile(&files, 0.99)),
+        );
+    }
 
     // 2 and 3 need the services.
     let brokers = env("NOTIFY_KAFKA__BROKERS");
