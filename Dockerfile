@@ -1,4 +1,4 @@
-# The engine image for docker-compose.yml. Builds the routing plugins and the engine, then
+# The engine image for docker-compose.yml. Builds the plugins and the engine, then
 # ships the binary with the plugins, templates and migrations it loads at run time.
 FROM rust:1.95-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake pkg-config libssl-dev zlib1g-dev \
@@ -7,10 +7,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake pkg-confi
 WORKDIR /src
 ENV CARGO_TARGET_DIR=/src/target
 COPY . .
-RUN cargo build --release --locked --target wasm32-wasip2 --manifest-path plugins/Cargo.toml \
+# One plugin per build: the SDK's `routing` and `templating` features must not be unified.
+RUN for crate in default-router acme-router locale-templater; do \
+        cargo build --release --locked --target wasm32-wasip2 --manifest-path plugins/Cargo.toml -p $crate || exit 1; \
+    done \
     && mkdir -p /out/plugins \
     && cp target/wasm32-wasip2/release/default_router.wasm /out/plugins/default.wasm \
-    && cp target/wasm32-wasip2/release/acme_router.wasm /out/plugins/acme.wasm
+    && cp target/wasm32-wasip2/release/acme_router.wasm /out/plugins/acme.wasm \
+    && cp target/wasm32-wasip2/release/locale_templater.wasm /out/plugins/locale-templater.wasm
 RUN cargo build --release --locked --bin notify-engine && cp target/release/notify-engine /out/
 
 FROM debian:bookworm-slim

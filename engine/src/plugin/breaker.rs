@@ -66,6 +66,13 @@ impl Breakers {
     }
 
     /// Quarantined versions, as `plugin (digest prefix): N consecutive failures`.
+    /// Forgets the state of versions no longer loaded (`serving(name, digest)` is false), so
+    /// a replaced or deleted version is not reported as quarantined after it is gone.
+    pub(super) fn retain(&self, serving: impl Fn(&str, &str) -> bool) {
+        let mut states = self.states.lock().expect("breaker lock poisoned");
+        states.retain(|name, s| serving(name, &s.digest));
+    }
+
     pub(super) fn quarantined_list(&self) -> Vec<String> {
         let states = self.states.lock().expect("breaker lock poisoned");
         let mut out: Vec<String> = states
@@ -87,6 +94,20 @@ impl Breakers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_no_longer_loaded_are_forgotten() {
+        let b = Breakers::default();
+        for _ in 0..3 {
+            b.record("p", "v1", true, 3);
+        }
+        assert_eq!(b.quarantined_list().len(), 1);
+        b.retain(|name, digest| name == "p" && digest == "v1");
+        assert_eq!(b.quarantined_list().len(), 1);
+        b.retain(|_, digest| digest == "v2");
+        assert!(b.quarantined_list().is_empty());
+        assert_eq!(b.quarantined("p", "v1"), None);
+    }
 
     #[test]
     fn opens_after_consecutive_malfunctions_and_a_new_version_closes_it() {

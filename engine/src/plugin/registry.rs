@@ -370,6 +370,9 @@ impl PluginHost {
             }
         }
         self.stats.retain(&slots);
+        self.breaker.retain(
+            |name, digest| matches!(slots.get(name), Some(Slot::Ready(l)) if l.digest == digest),
+        );
         self.plugins.store(Arc::new(slots));
         Ok(report)
     }
