@@ -240,17 +240,10 @@ async fn a_quarantined_plugin_can_fall_back_to_the_default_plugin() {
     use notify_engine::plugin::{PluginError, PluginHost};
 
     let services = Services::get();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        services.plugins.join("default.wasm"),
-        dir.path().join("default.wasm"),
-    )
-    .unwrap();
-    std::fs::copy(
-        services.plugins.join("fixtures/chaos.wasm"),
-        dir.path().join("t1.wasm"),
-    )
-    .unwrap();
+    let dir = services.plugin_dir(&[
+        ("default.wasm", "default.wasm"),
+        ("fixtures/chaos.wasm", "t1.wasm"),
+    ]);
     let limits = PluginConfig {
         dir: dir.path().to_owned(),
         breaker_failures: 2,
@@ -565,13 +558,8 @@ async fn precompiled_plugins_are_cached_outside_the_plugin_directory() {
     use notify_engine::plugin::PluginHost;
 
     let services = Services::get();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = services.plugin_dir(&[("default.wasm", "default.wasm")]);
     let cache = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        services.plugins.join("default.wasm"),
-        dir.path().join("default.wasm"),
-    )
-    .unwrap();
     let limits = PluginConfig {
         dir: dir.path().to_owned(),
         cache_dir: cache.path().to_owned(),

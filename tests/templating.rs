@@ -38,11 +38,7 @@ fn paid_at(id: &str, tenant: &str, email: &str, locale: &str, zone: &str) -> ser
 async fn the_templating_plugin_renders_each_recipient_in_their_locale() {
     let world = World::new().await;
     let tenant = unique("globex");
-    std::fs::copy(
-        world.services.plugins.join("locale-templater.wasm"),
-        world.plugin_dir.path().join("locale-templater.wasm"),
-    )
-    .unwrap();
+    world.install_plugin("locale-templater.wasm", "locale-templater.wasm");
     let templates = templates_for(&tenant);
     let mut config = world.config();
     config.email.templates_dir = templates.path().to_owned();
@@ -210,22 +206,11 @@ async fn a_0_1_0_routing_component_still_loads_and_routes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misbehaving_templating_plugin_is_contained() {
     let services = Services::get();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        services.plugins.join("fixtures/chaos-templater.wasm"),
-        dir.path().join("chaos-templater.wasm"),
-    )
-    .unwrap();
-    std::fs::copy(
-        services.plugins.join("locale-templater.wasm"),
-        dir.path().join("locale-templater.wasm"),
-    )
-    .unwrap();
-    std::fs::copy(
-        services.plugins.join("default.wasm"),
-        dir.path().join("default.wasm"),
-    )
-    .unwrap();
+    let dir = services.plugin_dir(&[
+        ("fixtures/chaos-templater.wasm", "chaos-templater.wasm"),
+        ("locale-templater.wasm", "locale-templater.wasm"),
+        ("default.wasm", "default.wasm"),
+    ]);
     let limits = PluginConfig {
         dir: dir.path().to_owned(),
         breaker_failures: 0,

@@ -338,11 +338,7 @@ async fn missing_plugins_stall_or_park_and_never_claim() {
     assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 1);
 
     // The operator puts the default plugin in place: the waiting event is routed.
-    std::fs::copy(
-        world.services.plugins.join("default.wasm"),
-        world.plugin_dir.path().join("default.wasm"),
-    )
-    .unwrap();
+    world.install_plugin("default.wasm", "default.wasm");
     world
         .wait_count(
             "SELECT count(*) FROM notifications WHERE event_id = 'p1'",

@@ -273,50 +273,6 @@ impl PluginHost {
             tracing::error!(tenant = %tenant, plugin = %loaded.name, world = loaded.pre.world().as_str(), digest = %&loaded.digest[..12], failures, fail_mode = ?self.limits.breaker_fail_mode, "plugin quarantined after consecutive failures; a new version clears it");
         }
     }
-
-    /// The error a failed call comes to: out of fuel, out of time, or a trap (with the tail
-    /// of the plugin's stderr, where a panic message lands).
-    fn classify_trap(
-        &self,
-        plugin: String,
-        e: wasmtime::Error,
-        stderr: &[u8],
-        fuel: u64,
-        timeout_ms: u64,
-    ) -> PluginError {
-        match e.downcast_ref::<Trap>() {
-            Some(Trap::OutOfFuel) => PluginError::OutOfFuel { plugin, fuel },
-            Some(Trap::Interrupt) => PluginError::Timeout {
-                plugin,
-                limit_ms: timeout_ms,
-                retried: false,
-            },
-            // The guest tried to hand the host more than its output limit allows: refused
-            // before it was all copied.
-            _ if format!("{e:#}").contains(HOSTCALL_FUEL_EXHAUSTED) => PluginError::InvalidOutput {
-                plugin,
-                message: "the plugin handed the host more data than its output limit allows (refused before copying)".into(),
-            },
-            _ => {
-                let mut message = format!("{e:#}");
-                let stderr = String::from_utf8_lossy(stderr);
-                let stderr = stderr.trim();
-                if !stderr.is_empty() {
-                    // The tail: a panic message is the last thing a plugin writes.
-                    let mut start = stderr.len().saturating_sub(STDERR_IN_REASON);
-                    while !stderr.is_char_boundary(start) {
-                        start += 1;
-                    }
-                    message.push_str("; stderr: ");
-                    message.push_str(&stderr[start..]);
-                }
-                PluginError::Trap {
-                    plugin,
-                    message: plugin_text(&message),
-                }
-            }
-        }
-    }
 }
 
 /// The outer bound of a call: the epoch deadline stops guest code; this also covers time
@@ -324,4 +280,50 @@ impl PluginHost {
 /// ticks), with a grace period of a few ticks.
 fn outer_bound(timeout: Duration) -> Duration {
     timeout + EPOCH_TICK * 4
+}
+
+/// The error a failed call comes to: out of fuel, out of time, more data handed to the host
+/// than the output limit allows, or a trap (with the tail of the plugin's stderr, where a
+/// panic message lands).
+fn classify_trap(
+    plugin: String,
+    e: wasmtime::Error,
+    stderr: &[u8],
+    fuel: u64,
+    timeout_ms: u64,
+) -> PluginError {
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => return PluginError::OutOfFuel { plugin, fuel },
+        Some(Trap::Interrupt) => {
+            return PluginError::Timeout {
+                plugin,
+                limit_ms: timeout_ms,
+                retried: false,
+            };
+        }
+        _ => {}
+    }
+    let mut message = format!("{e:#}");
+    if message.contains(HOSTCALL_FUEL_EXHAUSTED) {
+        // Refused before it was all copied into the host.
+        return PluginError::InvalidOutput {
+            plugin,
+            message: "the plugin handed the host more data than its output limit allows (refused before copying)".into(),
+        };
+    }
+    let stderr = String::from_utf8_lossy(stderr);
+    let stderr = stderr.trim();
+    if !stderr.is_empty() {
+        // The tail: a panic message is the last thing a plugin writes.
+        let mut start = stderr.len().saturating_sub(STDERR_IN_REASON);
+        while !stderr.is_char_boundary(start) {
+            start += 1;
+        }
+        message.push_str("; stderr: ");
+        message.push_str(&stderr[start..]);
+    }
+    PluginError::Trap {
+        plugin,
+        message: plugin_text(&message),
+    }
 }

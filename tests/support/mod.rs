@@ -43,6 +43,15 @@ fn required(name: &str) -> String {
 }
 
 impl Services {
+    /// A fresh plugin directory holding built plugins: `(built file, name in the directory)`.
+    pub fn plugin_dir(&self, files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (from, to) in files {
+            std::fs::copy(self.plugins.join(from), dir.path().join(to)).unwrap();
+        }
+        dir
+    }
+
     pub fn get() -> Self {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let plugins = std::env::var("NOTIFY_TEST_PLUGINS")
@@ -113,10 +122,8 @@ impl World {
         let topic_status = format!("order_status_updated-{suffix}");
         create_topics(&services.brokers, &[&topic_paid, &topic_status]).await;
 
-        let plugin_dir = tempfile::tempdir().unwrap();
-        for (from, to) in [("default.wasm", "default.wasm"), ("acme.wasm", "acme.wasm")] {
-            std::fs::copy(services.plugins.join(from), plugin_dir.path().join(to)).unwrap();
-        }
+        let plugin_dir =
+            services.plugin_dir(&[("default.wasm", "default.wasm"), ("acme.wasm", "acme.wasm")]);
         let producer = ClientConfig::new()
             .set("bootstrap.servers", &services.brokers)
             .set("message.timeout.ms", "10000")
@@ -136,9 +143,14 @@ impl World {
 
     /// Installs the chaos fixture as `tenant`'s routing plugin.
     pub fn install_chaos_plugin(&self, tenant: &str) {
+        self.install_plugin("fixtures/chaos.wasm", &format!("{tenant}.wasm"));
+    }
+
+    /// Copies the built plugin `file` into this world's plugin directory as `name`.
+    pub fn install_plugin(&self, file: &str, name: &str) {
         std::fs::copy(
-            self.services.plugins.join("fixtures/chaos.wasm"),
-            self.plugin_dir.path().join(format!("{tenant}.wasm")),
+            self.services.plugins.join(file),
+            self.plugin_dir.path().join(name),
         )
         .unwrap();
     }

@@ -9,7 +9,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use super::bindings::wit;
 use super::registry::{Loaded, Pre};
 use super::sandbox::{self, CallLimits, CallState, STDERR_CAPTURE, plugin_text};
-use super::{Cost, Decision, PluginError, PluginHost, outer_bound, output};
+use super::{Cost, Decision, PluginError, PluginHost, classify_trap, outer_bound, output};
 use crate::config::BreakerFailMode;
 use crate::ingest::envelope::Event;
 
@@ -145,7 +145,7 @@ impl PluginHost {
                 });
             }
             Ok(Err(e)) => {
-                return Err(self.classify_trap(
+                return Err(classify_trap(
                     plugin,
                     e,
                     &stderr.contents(),

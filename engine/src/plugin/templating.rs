@@ -12,7 +12,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use super::bindings::wit;
 use super::registry::Pre;
 use super::sandbox::{self, CallLimits, CallState, STDERR_CAPTURE, TemplateAccess, plugin_text};
-use super::{PluginError, PluginHost, outer_bound};
+use super::{PluginError, PluginHost, classify_trap, outer_bound};
 use crate::templates::{RenderedEmail, Templates};
 
 /// Longest subject accepted (an email header line is at most 998 bytes).
@@ -109,7 +109,7 @@ impl PluginHost {
                 limit_ms: self.limits.templating_timeout_ms,
                 retried: false,
             }),
-            Ok(Err(e)) => Err(self.classify_trap(
+            Ok(Err(e)) => Err(classify_trap(
                 plugin.clone(),
                 e,
                 &stderr.contents(),

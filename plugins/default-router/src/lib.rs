@@ -8,7 +8,8 @@
 //!   (category `shipping`) and, for `shipped` and `cancelled` when `email` is given, an
 //!   `order_status_updated` email.
 //!
-//! Every other event type is acknowledged with no deliveries.
+//! Emails carry the payload's `locale` and `time_zone`, when given, for the tenant's
+//! templating plugin. Every other event type is acknowledged with no deliveries.
 
 use notify_plugin_sdk::{
     Data, Delivery, Email, Event, InApp, LiveUpdate, RouteError, Router, debug, format_amount, json,
