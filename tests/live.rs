@@ -258,7 +258,7 @@ async fn a_quarantined_plugin_can_fall_back_to_the_default_plugin() {
             data["chaos"] = c.into();
         }
         let raw = event("e1", "t1", "order_paid", data);
-        envelope::decode(Some(raw.to_string().as_bytes()), 1 << 20).unwrap()
+        envelope::decode(Some(raw.to_string().as_bytes()), &[], 1 << 20).unwrap()
     };
     for _ in 0..2 {
         assert!(matches!(
@@ -566,7 +566,7 @@ async fn precompiled_plugins_are_cached_outside_the_plugin_directory() {
         ..Default::default()
     };
     let raw = order_paid("c1", "t1", "u1", None, 1.0);
-    let event = envelope::decode(Some(raw.to_string().as_bytes()), 1 << 20).unwrap();
+    let event = envelope::decode(Some(raw.to_string().as_bytes()), &[], 1 << 20).unwrap();
     let cached = || -> Vec<std::path::PathBuf> {
         std::fs::read_dir(cache.path())
             .unwrap()

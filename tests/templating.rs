@@ -181,7 +181,7 @@ async fn a_0_1_0_routing_component_still_loads_and_routes() {
         12.0,
     ))
     .unwrap();
-    let event = notify_engine::ingest::envelope::decode(Some(&bytes), 1 << 20).unwrap();
+    let event = notify_engine::ingest::envelope::decode(Some(&bytes), &[], 1 << 20).unwrap();
     let decision = host.route(&event).await.unwrap();
     let kinds: Vec<_> = decision
         .deliveries

@@ -53,7 +53,7 @@ async fn main() {
         .await
         .unwrap();
     let raw = event(1, "bench", 1).to_string();
-    let e = envelope::decode(Some(raw.as_bytes()), 1 << 20).unwrap();
+    let e = envelope::decode(Some(raw.as_bytes()), &[], 1 << 20).unwrap();
     for _ in 0..200 {
         host.route(&e).await.unwrap();
     }

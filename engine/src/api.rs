@@ -1,29 +1,35 @@
-//! HTTP: the public API (the SSE stream) and, on a listener of their own, the operator
-//! endpoints (health, readiness, metrics).
+//! HTTP: the public API (the inbox, stream tickets, the SSE stream, the OpenAPI document)
+//! and, on a listener of their own, the operator endpoints (health, readiness, metrics, the
+//! admin API).
 //!
 //! The routers are built by [`router`] and [`admin_router`] from explicit state, so tests
 //! drive them in-process or over a real socket alike; [`serve`] is the hardened listener.
+//! Authenticated handlers take an [`auth::Identity`]; errors are one [`error::ApiError`].
 
 pub mod auth;
 pub mod error;
+pub mod inbox;
+pub mod openapi;
 pub mod serve;
 pub mod sse;
+pub mod tickets;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::SseConfig;
 use crate::health::Health;
 use crate::hub::Hub;
 use crate::telemetry::Metrics;
-use auth::Auth;
+use auth::{Auth, Identity};
 use error::ApiError;
 
 #[derive(Clone)]
@@ -39,15 +45,68 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// The plugin host, for the admin listing.
     pub plugins: Arc<crate::plugin::PluginHost>,
+    /// `http.cors_origins`.
+    pub cors_origins: Arc<[String]>,
+    /// `auth.ticket_ttl_secs`.
+    pub ticket_ttl_secs: u64,
     /// Fired on shutdown: open streams end so the server can drain.
     pub shutdown: CancellationToken,
 }
 
+/// Request bodies of the public API are small JSON objects.
+const MAX_BODY_BYTES: usize = 16 * 1024;
+
 /// The public API.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let cors = cors(&state.cors_origins);
+    let router = Router::new()
         .route("/api/v1/sse", get(sse::stream))
-        .with_state(state)
+        .route("/api/v1/sse/tickets", post(tickets::create))
+        .route("/api/v1/openapi.json", get(openapi_json))
+        .merge(inbox::routes())
+        .fallback(no_route)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// Browsers on the configured origins may call the API with credentials (the cookie);
+/// nobody else gets CORS headers.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_credentials(true)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("last-event-id"),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+async fn openapi_json() -> impl IntoResponse {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.get_or_init(openapi::document).as_str(),
+    )
+}
+
+async fn no_route() -> ApiError {
+    ApiError::NotFound("no such route".into())
 }
 
 /// The operator endpoints, served on `http.admin_listen`.
@@ -66,9 +125,8 @@ pub fn admin_router(state: AppState) -> Router {
 /// `admin` role.
 async fn admin_plugins(
     State(state): State<AppState>,
-    headers: axum::http::HeaderMap,
+    identity: Identity,
 ) -> Result<impl IntoResponse, ApiError> {
-    let identity = state.auth.authenticate(&headers)?;
     if !identity.has_role(auth::ADMIN_ROLE) {
         return Err(ApiError::Forbidden(format!(
             "the admin API needs the {:?} role in the token",

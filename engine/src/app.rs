@@ -52,6 +52,8 @@ pub enum StartError {
     Delivery(#[from] delivery::DeliveryError),
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
+    #[error("verification keys: {0}")]
+    Keys(#[from] crate::api::auth::keys::KeyError),
     #[error("binding {addr}: {error}")]
     Bind {
         addr: SocketAddr,
@@ -124,7 +126,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .cloned(),
     );
     let pool = store::connect(&config.database, config.database.max_connections)?;
-    let api_pool = store::connect(&config.database, config.database.api_max_connections)?;
+    let api_pool = store::connect_api(&config.database, config.database.api_max_connections)?;
+    // Before anything starts: a missing or broken key file is a start-up error.
+    let auth = Arc::new(Auth::new(&config)?);
     wait_for_database(&pool, config.database.migrate).await?;
     let health = Arc::new(Health::default());
 
@@ -217,17 +221,38 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown.clone(),
     ));
 
+    tasks.spawn(
+        crate::retention::Retention {
+            pool: pool.clone(),
+            config: config.retention.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(shutdown.clone()),
+    );
+
+    tasks.spawn(
+        auth.clone()
+            .reload_keys(Arc::new(config.clone()), shutdown.clone()),
+    );
     let state = AppState {
         pool: api_pool,
         hub: hub.clone(),
         metrics: metrics.clone(),
-        auth: Arc::new(Auth::new(&config.auth)),
+        auth,
         sse: config.sse.clone(),
         health: health.clone(),
         plugins: plugins.clone(),
+        cors_origins: config.http.cors_origins.clone().into(),
+        ticket_ttl_secs: config.auth.ticket_ttl_secs,
         shutdown: shutdown.clone(),
     };
-    let trace = tower_http::trace::TraceLayer::new_for_http();
+    // The path only: a query string may hold a stream ticket, and credentials stay out of
+    // logs.
+    let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(
+        |request: &axum::http::Request<axum::body::Body>| {
+            tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+        },
+    );
     let http_addr = spawn_server(
         &tasks,
         config.http.listen,

@@ -37,6 +37,7 @@ pub struct Config {
     pub email: EmailConfig,
     pub auth: AuthConfig,
     pub sse: SseConfig,
+    pub retention: RetentionConfig,
     pub log: LogConfig,
     pub dev: DevConfig,
 }
@@ -67,6 +68,9 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// Open connections from one IP address; more are closed at once.
     pub max_connections_per_ip: usize,
+    /// Origins (`https://app.example.com`) whose pages may call the public API from a
+    /// browser, cookies included. Empty: no cross-origin access.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -78,6 +82,7 @@ impl Default for HttpConfig {
             write_timeout_ms: 30_000,
             max_connections: 20_000,
             max_connections_per_ip: 256,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -252,6 +257,11 @@ pub struct TenantConfig {
     pub link_domains: Vec<String>,
     /// Domains this tenant may send email to; empty: any. Other recipients fail unsent.
     pub recipient_domains: Vec<String>,
+    /// The tenant's identity provider's JWKS file: its keys verify tokens of this tenant
+    /// only. Reloaded when it changes.
+    pub jwks_file: Option<PathBuf>,
+    /// The `iss` of tokens verified by `jwks_file`; unset: `auth.issuer`.
+    pub jwt_issuer: Option<String>,
 }
 
 /// Where an event's tenant comes from (`kafka.tenant_from`); see `ingest::trust`.
@@ -386,6 +396,38 @@ pub struct AuthConfig {
     pub leeway_secs: u64,
     /// Name of the HttpOnly cookie that may carry the token instead of `Authorization`.
     pub cookie_name: String,
+    /// Keys selected by the token's `kid`, each pinned to one algorithm and optionally to one
+    /// tenant and issuer. `jwt_secret` stays the key of tokens without a `kid`.
+    pub keys: Vec<JwtKeyConfig>,
+    /// A JWKS file (RFC 7517) of RS256 / ES256 public keys, reloaded when it changes ("":
+    /// none). A key may carry the non-standard members `tenant` and `iss` to bind it.
+    pub jwks_file: PathBuf,
+    /// How often key files are checked for changes.
+    pub jwks_reload_ms: u64,
+    /// Lifetime of a stream ticket (`POST /api/v1/sse/tickets`), at most 30 seconds.
+    pub ticket_ttl_secs: u64,
+}
+
+/// One verification key (`[[auth.keys]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKeyConfig {
+    /// The `kid` header that selects this key.
+    pub kid: String,
+    /// The only algorithm this key verifies: "HS256", "RS256" or "ES256".
+    pub algorithm: String,
+    /// HS256: the environment variable holding the secret (secrets never sit in files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// RS256 / ES256: a PEM file with the public key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_file: Option<PathBuf>,
+    /// Tokens this key verifies must name this tenant; unset: any tenant (an operator key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The `iss` these tokens must carry; unset: `auth.issuer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
 }
 
 impl Default for AuthConfig {
@@ -396,6 +438,10 @@ impl Default for AuthConfig {
             audience: "notify-api".into(),
             leeway_secs: 5,
             cookie_name: "notify_token".into(),
+            keys: Vec::new(),
+            jwks_file: PathBuf::new(),
+            jwks_reload_ms: 2_000,
+            ticket_ttl_secs: 30,
         }
     }
 }
@@ -416,6 +462,8 @@ pub struct SseConfig {
     pub deep_replays_per_minute: u32,
     /// Open streams allowed per (tenant, user); more answer 429.
     pub max_connections_per_user: usize,
+    /// Open streams allowed per tenant on this instance; more answer 429.
+    pub max_connections_per_tenant: usize,
     /// Open streams allowed in total on this instance; more answer 429.
     pub max_connections: usize,
 }
@@ -429,7 +477,36 @@ impl Default for SseConfig {
             page_bytes: 256 * 1024,
             deep_replays_per_minute: 6,
             max_connections_per_user: 8,
+            max_connections_per_tenant: 5_000,
             max_connections: 10_000,
+        }
+    }
+}
+
+/// What is deleted when it gets old (`[retention]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Notifications (inbox items, live updates, read and archive events) older than this
+    /// many days are deleted; 0: kept forever.
+    pub notifications_days: u32,
+    /// Duplicate-filter keys older than this many days are deleted; 0: kept forever. An
+    /// event redelivered after that (a consumer group reset past it) is handled again, so
+    /// keep it above the topics' retention.
+    pub processed_events_days: u32,
+    /// Rows deleted per statement: a purge never holds long locks or a long transaction.
+    pub batch: i64,
+    /// Pause between purge rounds.
+    pub interval_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            notifications_days: 90,
+            processed_events_days: 30,
+            batch: 5_000,
+            interval_secs: 60,
         }
     }
 }
@@ -546,6 +623,10 @@ impl std::fmt::Debug for AuthConfig {
             .field("audience", &self.audience)
             .field("leeway_secs", &self.leeway_secs)
             .field("cookie_name", &self.cookie_name)
+            .field("keys", &self.keys)
+            .field("jwks_file", &self.jwks_file)
+            .field("jwks_reload_ms", &self.jwks_reload_ms)
+            .field("ticket_ttl_secs", &self.ticket_ttl_secs)
             .finish()
     }
 }
@@ -655,11 +736,63 @@ impl Config {
     /// Every check that can be made before touching the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if self.auth.jwt_secret.len() < 32 {
+        let other_keys = !self.auth.keys.is_empty()
+            || !self.auth.jwks_file.as_os_str().is_empty()
+            || self.tenants.values().any(|t| t.jwks_file.is_some());
+        if (!self.auth.jwt_secret.is_empty() || !other_keys) && self.auth.jwt_secret.len() < 32 {
             return invalid(
-                "auth.jwt_secret must be set (NOTIFY_AUTH__JWT_SECRET) and at least 32 bytes long"
+                "auth.jwt_secret must be set (NOTIFY_AUTH__JWT_SECRET) and at least 32 bytes long \
+                 (or configure auth.keys / auth.jwks_file instead)"
                     .into(),
             );
+        }
+        if self.auth.ticket_ttl_secs == 0 || self.auth.ticket_ttl_secs > 30 {
+            return invalid("auth.ticket_ttl_secs must be between 1 and 30".into());
+        }
+        if self.auth.jwks_reload_ms < 100 {
+            return invalid("auth.jwks_reload_ms must be at least 100".into());
+        }
+        for key in &self.auth.keys {
+            if !["HS256", "RS256", "ES256"].contains(&key.algorithm.as_str()) {
+                return invalid(format!(
+                    "auth.keys {:?}: algorithm {:?} is not one of HS256, RS256, ES256",
+                    key.kid, key.algorithm
+                ));
+            }
+            let hs = key.algorithm == "HS256";
+            if key.kid.is_empty()
+                || hs != key.secret_env.is_some()
+                || hs == key.public_key_file.is_some()
+            {
+                return invalid(format!(
+                    "auth.keys {:?}: needs a kid, and secret_env for HS256 or public_key_file for RS256/ES256 (not both)",
+                    key.kid
+                ));
+            }
+            if let Some(t) = &key.tenant
+                && !crate::ingest::envelope::valid_tenant(t)
+            {
+                return invalid(format!(
+                    "auth.keys {:?}: tenant {t:?} is not a tenant id",
+                    key.kid
+                ));
+            }
+        }
+        for origin in &self.http.cors_origins {
+            let ok = url::Url::parse(origin).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.path() == "/"
+                    && !origin.ends_with('/')
+                    && u.query().is_none()
+            });
+            if !ok || origin == "*" {
+                return invalid(format!(
+                    "http.cors_origins: {origin:?} must be an origin like \"https://app.example.com\" (no path, no wildcard)"
+                ));
+            }
+        }
+        if self.retention.batch < 1 || self.retention.interval_secs == 0 {
+            return invalid("retention.batch and retention.interval_secs must be positive".into());
         }
         if self.kafka.topics.is_empty() {
             return invalid("kafka.topics must name at least one topic".into());
@@ -789,10 +922,11 @@ impl Config {
             || self.sse.page_bytes < 1
             || self.sse.deep_replays_per_minute < 1
             || self.sse.max_connections_per_user < 1
+            || self.sse.max_connections_per_tenant < 1
             || self.sse.max_connections < 1
         {
             return invalid(
-                "sse.page_size, sse.page_bytes, sse.deep_replays_per_minute, sse.max_connections_per_user and sse.max_connections must be at least 1"
+                "sse.page_size, sse.page_bytes, sse.deep_replays_per_minute, sse.max_connections_per_user, sse.max_connections_per_tenant and sse.max_connections must be at least 1"
                     .into(),
             );
         }

@@ -21,6 +21,8 @@ struct Entry {
 #[derive(Default)]
 pub struct Hub {
     entries: Mutex<HashMap<Key, Entry>>,
+    /// Open streams per tenant (updated under the `entries` lock).
+    tenants: Mutex<HashMap<String, usize>>,
     /// When each user started their recent deep replays (see [`Hub::deep_replay`]).
     replays: Mutex<HashMap<Key, VecDeque<Instant>>>,
 }
@@ -30,11 +32,21 @@ const REPLAY_WINDOW: Duration = Duration::from_secs(60);
 /// Users tracked before stale entries are swept.
 const MAX_REPLAY_ENTRIES: usize = 10_000;
 
+/// How many streams may be open on this instance.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub per_user: usize,
+    pub per_tenant: usize,
+    pub global: usize,
+}
+
 /// Why a subscription was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CapExceeded {
     #[error("too many open streams for this user")]
     User,
+    #[error("too many open streams for this tenant")]
+    Tenant,
     #[error("too many open streams on this instance")]
     Global,
 }
@@ -64,23 +76,27 @@ impl Hub {
         self: &Arc<Self>,
         tenant: &str,
         user_id: &str,
-        per_user: usize,
-        global: usize,
+        caps: Caps,
     ) -> Result<Subscription, CapExceeded> {
         let mut entries = self.entries.lock().expect("hub lock poisoned");
-        let total: usize = entries.values().map(|e| e.connections).sum();
-        if total >= global {
+        let mut tenants = self.tenants.lock().expect("hub lock poisoned");
+        let total: usize = tenants.values().sum();
+        if total >= caps.global {
             return Err(CapExceeded::Global);
+        }
+        if tenants.get(tenant).copied().unwrap_or(0) >= caps.per_tenant {
+            return Err(CapExceeded::Tenant);
         }
         let key = (tenant.to_owned(), user_id.to_owned());
         let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
             latest: watch::channel(0).0,
             connections: 0,
         });
-        if entry.connections >= per_user {
+        if entry.connections >= caps.per_user {
             return Err(CapExceeded::User);
         }
         entry.connections += 1;
+        *tenants.entry(tenant.to_owned()).or_default() += 1;
         Ok(Subscription {
             updates: entry.latest.subscribe(),
             hub: self.clone(),
@@ -144,10 +160,17 @@ pub struct Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut entries = self.hub.entries.lock().expect("hub lock poisoned");
+        let mut tenants = self.hub.tenants.lock().expect("hub lock poisoned");
         if let Some(entry) = entries.get_mut(&self.key) {
             entry.connections -= 1;
             if entry.connections == 0 {
                 entries.remove(&self.key);
+            }
+        }
+        if let Some(n) = tenants.get_mut(&self.key.0) {
+            *n -= 1;
+            if *n == 0 {
+                tenants.remove(&self.key.0);
             }
         }
     }
@@ -160,8 +183,13 @@ mod tests {
     #[tokio::test]
     async fn publishes_only_to_the_right_user() {
         let hub = Hub::new();
-        let mut a = hub.subscribe("t1", "u1", 2, 10).unwrap();
-        let b = hub.subscribe("t2", "u1", 2, 10).unwrap();
+        let caps = Caps {
+            per_user: 2,
+            per_tenant: 10,
+            global: 10,
+        };
+        let mut a = hub.subscribe("t1", "u1", caps).unwrap();
+        let b = hub.subscribe("t2", "u1", caps).unwrap();
         hub.publish("t1", "u1", 3);
         a.updates.changed().await.unwrap();
         assert_eq!(*a.updates.borrow_and_update(), 3);
@@ -203,15 +231,25 @@ mod tests {
     #[test]
     fn enforces_caps_and_releases_slots() {
         let hub = Hub::new();
-        let s1 = hub.subscribe("t", "u", 1, 2).unwrap();
-        assert_eq!(hub.subscribe("t", "u", 1, 2).err(), Some(CapExceeded::User));
-        let _s2 = hub.subscribe("t", "v", 1, 2).unwrap();
+        let caps = Caps {
+            per_user: 1,
+            per_tenant: 2,
+            global: 3,
+        };
+        let s1 = hub.subscribe("t", "u", caps).unwrap();
+        assert_eq!(hub.subscribe("t", "u", caps).err(), Some(CapExceeded::User));
+        let _s2 = hub.subscribe("t", "v", caps).unwrap();
         assert_eq!(
-            hub.subscribe("t", "w", 1, 2).err(),
+            hub.subscribe("t", "w", caps).err(),
+            Some(CapExceeded::Tenant)
+        );
+        let _s3 = hub.subscribe("t2", "w", caps).unwrap();
+        assert_eq!(
+            hub.subscribe("t3", "w", caps).err(),
             Some(CapExceeded::Global)
         );
         drop(s1);
         assert!(!hub.is_connected("t", "u"));
-        assert!(hub.subscribe("t", "u", 1, 2).is_ok());
+        assert!(hub.subscribe("t", "u", caps).is_ok());
     }
 }

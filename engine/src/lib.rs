@@ -20,8 +20,9 @@
 //! - [`delivery`]: the email worker (outbox → templates → lettre).
 //! - [`templates`]: the tenants' Handlebars files, their checks and hot reload; used by the
 //!   email worker (and, later, a templating plugin host), so neither depends on the other.
-//! - [`api`]: HTTP: SSE on the public listener; health, readiness, metrics on the
-//!   operator listener; JWT auth.
+//! - [`api`]: HTTP: the inbox API, stream tickets and SSE on the public listener; health,
+//!   readiness, metrics and the admin API on the operator listener; JWT auth by key.
+//! - [`retention`]: deletes old notifications, duplicate-filter keys and stale tickets.
 //! - [`health`]: what readiness reports, kept current in the background.
 //! - [`telemetry`]: logs and Prometheus metrics.
 //! - [`watch`]: hot reload of plugins and templates (the only module using notify).
@@ -38,6 +39,7 @@ pub mod hub;
 pub mod ingest;
 pub mod pipeline;
 pub mod plugin;
+pub mod retention;
 pub mod store;
 pub mod telemetry;
 pub mod templates;

@@ -757,6 +757,7 @@ impl Dispatcher {
     fn dispatch(&mut self, message: Incoming) {
         let decoded = envelope::decode(
             message.payload.as_deref(),
+            &message.headers,
             self.pipeline.kafka.max_message_bytes,
         )
         .and_then(|event| self.trust.check(&message, event));

@@ -2,13 +2,21 @@
 //!
 //! Functions that belong to an event's outcome take a `&mut PgConnection` so the caller (the
 //! pipeline) owns the transaction; read paths take the pool.
+//!
+//! The public API reads and writes through [`connect_api`]'s pool, whose connections act as
+//! the `notify_api` role: row-level security then lets each of its transactions see only
+//! the rows of the (tenant, user) that [`scoped`] named (migration `20261128000001`).
+
+pub mod inbox;
+pub mod retention;
+pub mod tickets;
 
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
 use sqlx::query::Query;
-use sqlx::{FromRow, PgConnection, PgPool, Postgres};
+use sqlx::{Executor, FromRow, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::config::DatabaseConfig;
 
@@ -52,6 +60,39 @@ pub fn connect(config: &DatabaseConfig, max_connections: u32) -> Result<PgPool> 
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(options.application_name("notify-engine")))
+}
+
+/// The public API's pool: like [`connect`], but every connection acts as `notify_api`, so
+/// it reads and writes only inside a [`scoped`] transaction, and only that user's rows.
+pub fn connect_api(config: &DatabaseConfig, max_connections: u32) -> Result<PgPool> {
+    let options: PgConnectOptions = config.url.parse()?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("SET ROLE notify_api").await?;
+                Ok(())
+            })
+        })
+        .connect_lazy_with(options.application_name("notify-engine-api")))
+}
+
+/// A transaction that row-level security confines to one (tenant, user).
+pub async fn scoped(
+    pool: &PgPool,
+    tenant: &str,
+    user_id: &str,
+) -> Result<Transaction<'static, Postgres>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "SELECT set_config('notify.tenant', $1, true), set_config('notify.user', $2, true)",
+    )
+    .bind(tenant)
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(tx)
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<()> {
@@ -296,6 +337,7 @@ pub struct StoredNotification {
     pub data: sqlx::types::Json<Value>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub read_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub archived_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The user's notifications after `after_seq`, oldest first: at most `limit` rows and, past
@@ -310,12 +352,14 @@ pub async fn notifications_after(
     limit: i64,
     max_bytes: i64,
 ) -> Result<Vec<StoredNotification>> {
-    Ok(sqlx::query_as(
-        "SELECT seq, event_id, kind, title, body, category, data, created_at, read_at
+    let mut tx = scoped(pool, tenant, user_id).await?;
+    let rows = sqlx::query_as(
+        "SELECT seq, event_id, kind, title, body, category, data, created_at, read_at, archived_at
          FROM (
              SELECT page.*, sum(size) OVER (ORDER BY seq) AS running
              FROM (
                  SELECT seq, event_id, kind, title, body, category, data, created_at, read_at,
+                        archived_at,
                         octet_length(coalesce(title, '')) + octet_length(coalesce(body, ''))
                             + octet_length(data::text) AS size
                  FROM notifications
@@ -332,18 +376,22 @@ pub async fn notifications_after(
     .bind(after_seq)
     .bind(limit)
     .bind(max_bytes)
-    .fetch_all(pool)
-    .await?)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
 }
 
 /// The user's latest sequence number (0 when they have none).
 pub async fn latest_seq(pool: &PgPool, tenant: &str, user_id: &str) -> Result<i64> {
+    let mut tx = scoped(pool, tenant, user_id).await?;
     let row: Option<(i64,)> =
         sqlx::query_as("SELECT last_seq FROM user_streams WHERE tenant_id = $1 AND user_id = $2")
             .bind(tenant)
             .bind(user_id)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *tx)
             .await?;
+    tx.commit().await?;
     Ok(row.map_or(0, |r| r.0))
 }
 

@@ -66,6 +66,9 @@ pub struct Metrics {
     pub sse_connections: IntGauge,
     /// SSE connections refused by a connection cap.
     pub sse_rejected: IntCounter,
+    /// Rows deleted by retention, by table (`notifications`, `processed_events`,
+    /// `sse_tickets`).
+    pub retention_deleted: IntCounterVec,
     /// Plugin calls, by tenant (see [`Metrics::tenant_label`]), world (`routing`,
     /// `templating`) and outcome (`ok` or a `PluginError::kind`: `trap`, `timeout`,
     /// `out_of_fuel`, `invalid_output`, `invalid_event`, `invalid_data`, `refused`,
@@ -176,6 +179,11 @@ impl Metrics {
             sse_rejected: counter(
                 "sse_rejected_total",
                 "SSE connections refused by a connection cap or the deep-replay rate",
+            ),
+            retention_deleted: counter_vec(
+                "retention_deleted_total",
+                "Rows deleted by retention, by table",
+                &["table"],
             ),
             plugin_calls: counter_vec(
                 "plugin_calls_total",

@@ -190,7 +190,7 @@ pub async fn run_plugin(
 ) -> anyhow::Result<(bool, Value)> {
     let raw =
         std::fs::read(event_file).with_context(|| format!("reading {}", event_file.display()))?;
-    let event = envelope::decode(Some(&raw), limits.max_input_bytes)
+    let event = envelope::decode(Some(&raw), &[], limits.max_input_bytes)
         .map_err(|r| anyhow::anyhow!("{}: {r}", event_file.display()))?;
     let mut tenants = BTreeMap::new();
     tenants.insert(

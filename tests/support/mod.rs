@@ -437,6 +437,19 @@ impl SseClient {
         }
     }
 
+    /// Does the server end the stream within `timeout`? (What arrives meanwhile stays
+    /// buffered for [`SseClient::next`].)
+    pub async fn ends_within(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return false,
+                Ok(None | Some(Err(_))) => return true,
+                Ok(Some(Ok(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+            }
+        }
+    }
+
     /// Asserts that nothing arrives within `quiet`.
     pub async fn expect_nothing(&mut self, quiet: Duration) {
         if let Some(e) = self.next(quiet).await {
@@ -531,4 +544,127 @@ impl Mailpit {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// The JSON Schemas of `contracts/schemas/`, to hold real messages and frames against.
+pub struct Contracts {
+    schemas: std::collections::HashMap<String, jsonschema::Validator>,
+}
+
+impl Contracts {
+    pub fn load() -> Self {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contracts/schemas");
+        let mut schemas = std::collections::HashMap::new();
+        for entry in std::fs::read_dir(&dir).expect("contracts/schemas") {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap();
+            let Some(name) = name.strip_suffix(".schema.json") else {
+                continue;
+            };
+            let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let validator = jsonschema::draft202012::options()
+                .should_validate_formats(true)
+                .build(&schema)
+                .unwrap_or_else(|e| panic!("{}: not a valid schema: {e}", path.display()));
+            schemas.insert(name.to_owned(), validator);
+        }
+        Self { schemas }
+    }
+
+    /// Panics, naming every violation, unless `value` is valid against `schema`.
+    pub fn check(&self, schema: &str, value: &Value) {
+        let validator = self
+            .schemas
+            .get(schema)
+            .unwrap_or_else(|| panic!("no contracts/schemas/{schema}.schema.json"));
+        let errors: Vec<String> = validator
+            .iter_errors(value)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{schema}: {value} violates the contract: {errors:?}"
+        );
+    }
+
+    /// Holds an SSE frame against the schema of its event name.
+    pub fn check_sse(&self, event: &SseEvent) {
+        let schema = match event.event.as_str() {
+            "notification" => "sse-notification",
+            "notification.read" => "sse-notification-read",
+            "notification.archived" => "sse-notification-archived",
+            "auth.expired" => "sse-auth-expired",
+            _ => "sse-live-update",
+        };
+        assert!(
+            event
+                .id
+                .as_deref()
+                .is_some_and(|id| id.parse::<i64>().is_ok()),
+            "every frame carries a numeric id: {event:?}"
+        );
+        self.check(schema, &event.data);
+    }
+}
+
+/// A client of the public REST API acting with one token.
+pub struct Api {
+    base: String,
+    client: reqwest::Client,
+    pub token: String,
+}
+
+impl Api {
+    pub fn new(engine: &Running, token: &str) -> Self {
+        Self {
+            base: format!("http://{}", engine.http_addr),
+            client: reqwest::Client::new(),
+            token: token.to_owned(),
+        }
+    }
+
+    /// `method path` with the token and an optional JSON body: the status and JSON body.
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("API request");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call("POST", path, body).await
+    }
+}
+
+/// Opens `GET /api/v1/sse?<query>` without a token (a ticket in the query).
+pub async fn connect_sse_query(engine: &Running, query: &str) -> (u16, Option<SseClient>, String) {
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/api/v1/sse?{query}", engine.http_addr))
+        .send()
+        .await
+        .expect("SSE request");
+    let status = response.status().as_u16();
+    if status != 200 {
+        return (status, None, response.text().await.unwrap_or_default());
+    }
+    let client = SseClient {
+        stream: Box::pin(response.bytes_stream()),
+        buffer: String::new(),
+        last_id: None,
+    };
+    (status, Some(client), String::new())
 }

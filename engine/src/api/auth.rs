@@ -1,25 +1,44 @@
 //! JWT authentication. Tenant and user come from the token's claims and nowhere else.
 //!
-//! The token travels in `Authorization: Bearer …` or in an HttpOnly cookie (browsers'
-//! `EventSource` cannot set headers). Never in the URL: URLs end up in access logs.
-//! The algorithm is pinned (HS256), and `exp`, `nbf`, `iss` and `aud` are checked.
+//! The token travels in `Authorization: Bearer …` or in an HttpOnly cookie; a browser's
+//! `EventSource`, which can set neither, trades it for a single-use ticket first
+//! (`POST /api/v1/sse/tickets`, see [`super::tickets`]). Never a token in a URL: URLs end up
+//! in access logs.
+//!
+//! The key is chosen by the token's `kid` and pins the algorithm (see [`keys`]); `exp`,
+//! `nbf`, `iss` and `aud` are checked, and a tenant's key verifies only that tenant's tokens.
+//! Every refusal answers the same 401 body: which check failed is logged, never told, so a
+//! caller cannot probe the key set.
 
+pub mod keys;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
 use axum::http::header::{AUTHORIZATION, COOKIE};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use axum::http::request::Parts;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use super::AppState;
 use super::error::ApiError;
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, Config};
 use crate::ingest::envelope::valid_tenant;
+use keys::{KeyError, KeySet};
 
-/// Who is asking: always a (tenant, user) pair, with the roles the token grants.
+/// Who is asking: always a (tenant, user) pair, with the roles the token grants and when it
+/// stops being valid. Handlers take it as an extractor; a request without a valid token
+/// never reaches them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub tenant: String,
     pub user_id: String,
     /// The `roles` claim (e.g. `admin` for the admin API); empty when absent.
     pub roles: Vec<String>,
+    /// The token's `exp` (seconds since the epoch): a stream ends then.
+    pub expires_at: u64,
 }
 
 /// The role the admin API requires.
@@ -28,6 +47,14 @@ pub const ADMIN_ROLE: &str = "admin";
 impl Identity {
     pub fn has_role(&self, role: &str) -> bool {
         self.roles.iter().any(|r| r == role)
+    }
+}
+
+impl FromRequestParts<AppState> for Identity {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        state.auth.authenticate(&parts.headers)
     }
 }
 
@@ -52,70 +79,122 @@ pub struct Claims {
 struct IdentityClaims {
     sub: String,
     tenant: String,
+    exp: u64,
     #[serde(default)]
     roles: Vec<String>,
 }
 
+/// The one message of every 401: the same for a missing, malformed, expired, forged or
+/// foreign token, and for a used or late ticket.
+pub const UNAUTHORIZED: &str = "missing or invalid credentials: send a valid token (Authorization: Bearer, or the cookie) or a fresh ticket";
+
+/// Refuses, logging why (without the token) for the operator.
+pub(crate) fn refuse(reason: &str) -> ApiError {
+    tracing::debug!(reason, "request refused: unauthorized");
+    ApiError::Unauthorized(UNAUTHORIZED.into())
+}
+
 pub struct Auth {
-    key: DecodingKey,
-    validation: Validation,
+    keys: ArcSwap<KeySet>,
+    audience: String,
+    leeway_secs: u64,
     cookie_name: String,
 }
 
 impl Auth {
-    pub fn new(config: &AuthConfig) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_issuer(&[&config.issuer]);
-        validation.set_audience(&[&config.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.validate_nbf = true;
-        validation.leeway = config.leeway_secs;
-        Self {
-            key: DecodingKey::from_secret(config.jwt_secret.as_bytes()),
-            validation,
-            cookie_name: config.cookie_name.clone(),
+    /// Reads every key the configuration names.
+    pub fn new(config: &Config) -> Result<Self, KeyError> {
+        Ok(Self {
+            keys: ArcSwap::from_pointee(KeySet::load(config)?),
+            audience: config.auth.audience.clone(),
+            leeway_secs: config.auth.leeway_secs,
+            cookie_name: config.auth.cookie_name.clone(),
+        })
+    }
+
+    /// Re-reads the key files whenever they change, until `shutdown`. A set that fails to
+    /// load leaves the previous one in force.
+    pub async fn reload_keys(
+        self: Arc<Self>,
+        config: Arc<Config>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let every = std::time::Duration::from_millis(config.auth.jwks_reload_ms);
+        let mut seen = KeySet::fingerprint(&config);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let now = KeySet::fingerprint(&config);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match KeySet::load(&config) {
+                Ok(set) => {
+                    tracing::info!(keys = set.len(), "verification keys reloaded");
+                    self.keys.store(Arc::new(set));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "verification keys not reloaded; the previous keys stay in force")
+                }
+            }
         }
     }
 
+    /// The identity of the token in `headers`.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, ApiError> {
         let token = bearer(headers)
             .or_else(|| cookie(headers, &self.cookie_name))
-            .ok_or_else(|| {
-                ApiError::Unauthorized(format!(
-                    "missing token: send Authorization: Bearer <jwt> or the {} cookie",
-                    self.cookie_name
-                ))
-            })?;
+            .ok_or_else(|| refuse("no token"))?;
+        self.verify(token)
+    }
+
+    /// The identity a token proves.
+    pub fn verify(&self, token: &str) -> Result<Identity, ApiError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| refuse("malformed header"))?;
+        let keys = self.keys.load();
+        let key = keys
+            .select(header.kid.as_deref())
+            .ok_or_else(|| refuse("unknown kid"))?;
+        if header.alg != key.algorithm {
+            return Err(refuse("algorithm not the key's"));
+        }
+        let mut validation = Validation::new(key.algorithm);
+        validation.set_issuer(&[&key.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway_secs;
         // Only the identity is deserialised: `exp`, `nbf`, `iss` and `aud` are checked by the
         // validation on the raw claims (so `aud` may be a string or a list, per RFC 7519).
-        let data = jsonwebtoken::decode::<IdentityClaims>(token, &self.key, &self.validation)
-            .map_err(|e| ApiError::Unauthorized(format!("invalid token: {}", describe(&e))))?;
-        let claims = data.claims;
+        let claims = jsonwebtoken::decode::<IdentityClaims>(token, &key.key, &validation)
+            .map_err(|e| refuse(describe(&e)))?
+            .claims;
         if !valid_tenant(&claims.tenant) {
-            return Err(ApiError::Unauthorized(
-                "invalid token: tenant claim is not a valid tenant id".into(),
-            ));
+            return Err(refuse("tenant claim is not a tenant id"));
+        }
+        if key.tenant.as_deref().is_some_and(|t| t != claims.tenant) {
+            return Err(refuse("a tenant's key signed another tenant's token"));
         }
         if claims.sub.is_empty() || claims.sub.len() > 200 {
-            return Err(ApiError::Unauthorized(
-                "invalid token: sub claim must be a user id".into(),
-            ));
+            return Err(refuse("sub claim is not a user id"));
         }
         if claims.roles.len() > 32 || claims.roles.iter().any(|r| r.len() > 64) {
-            return Err(ApiError::Unauthorized(
-                "invalid token: roles claim is too large".into(),
-            ));
+            return Err(refuse("roles claim too large"));
         }
         Ok(Identity {
             tenant: claims.tenant,
             user_id: claims.sub,
             roles: claims.roles,
+            expires_at: claims.exp,
         })
     }
 }
 
-/// Mints a token (the demo and tests; production tokens come from the tenant's identity
-/// provider, signed with the shared secret).
+/// Mints a token signed with `auth.jwt_secret`, without `kid` (the demo and tests;
+/// production tokens come from an identity provider).
 pub fn mint(config: &AuthConfig, tenant: &str, user_id: &str, ttl_secs: u64) -> String {
     mint_with_roles(config, tenant, user_id, &[], ttl_secs)
 }
@@ -167,7 +246,7 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// Says which check failed without echoing the token.
+/// Which check failed, for the log.
 fn describe(e: &jsonwebtoken::errors::Error) -> &'static str {
     use jsonwebtoken::errors::ErrorKind::*;
     match e.kind() {
@@ -176,7 +255,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> &'static str {
         InvalidAudience => "wrong audience",
         InvalidIssuer => "wrong issuer",
         InvalidSignature => "bad signature",
-        InvalidAlgorithm => "algorithm not allowed (only HS256)",
+        InvalidAlgorithm => "algorithm not allowed",
         MissingRequiredClaim(_) => "a required claim is missing (exp, iss, aud, sub)",
         _ => "malformed",
     }
@@ -186,12 +265,30 @@ fn describe(e: &jsonwebtoken::errors::Error) -> &'static str {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+    use std::path::Path;
 
-    fn config() -> AuthConfig {
-        AuthConfig {
-            jwt_secret: "0123456789abcdef0123456789abcdef".into(),
-            ..AuthConfig::default()
-        }
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn fixtures() -> &'static Path {
+        Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/keys"
+        ))
+    }
+
+    /// The shared secret, and acme's identity provider's keys bound to acme.
+    fn config() -> Config {
+        let mut c = Config::default();
+        c.auth.jwt_secret = SECRET.into();
+        c.tenants.insert(
+            "acme".into(),
+            crate::config::TenantConfig {
+                jwks_file: Some(fixtures().join("acme.jwks.json")),
+                jwt_issuer: Some("https://login.acme.example".into()),
+                ..Default::default()
+            },
+        );
+        c
     }
 
     fn headers(name: axum::http::HeaderName, value: &str) -> HeaderMap {
@@ -200,23 +297,33 @@ mod tests {
         h
     }
 
+    fn signed(alg: Algorithm, kid: &str, file: &str, tenant: &str, iss: &str) -> String {
+        let pem = std::fs::read(fixtures().join(file)).unwrap();
+        let key = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
+            _ => EncodingKey::from_ec_pem(&pem).unwrap(),
+        };
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.into());
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = serde_json::json!({
+            "sub": "u1", "tenant": tenant, "iss": iss, "aud": "notify-api", "exp": now + 60,
+        });
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
     #[test]
     fn accepts_bearer_and_cookie() {
         let c = config();
-        let auth = Auth::new(&c);
-        let token = mint(&c, "acme", "u1", 60);
+        let auth = Auth::new(&c).unwrap();
+        let token = mint(&c.auth, "acme", "u1", 60);
         let id = auth
             .authenticate(&headers(AUTHORIZATION, &format!("Bearer {token}")))
             .unwrap();
-        assert_eq!(
-            id,
-            Identity {
-                tenant: "acme".into(),
-                user_id: "u1".into(),
-                roles: Vec::new(),
-            }
-        );
-        let admin = mint_with_roles(&c, "ops", "root", &[ADMIN_ROLE], 60);
+        assert_eq!((id.tenant.as_str(), id.user_id.as_str()), ("acme", "u1"));
+        assert!(id.roles.is_empty());
+        assert!(id.expires_at > jsonwebtoken::get_current_timestamp());
+        let admin = mint_with_roles(&c.auth, "ops", "root", &[ADMIN_ROLE], 60);
         let id = auth
             .authenticate(&headers(AUTHORIZATION, &format!("Bearer {admin}")))
             .unwrap();
@@ -228,27 +335,108 @@ mod tests {
     }
 
     #[test]
-    fn rejects_wrong_secret_audience_and_missing() {
+    fn a_tenants_keys_verify_its_tokens_by_kid_and_algorithm() {
+        let auth = Auth::new(&config()).unwrap();
+        let iss = "https://login.acme.example";
+        for token in [
+            signed(Algorithm::RS256, "acme-rsa", "acme-rsa.key", "acme", iss),
+            signed(Algorithm::ES256, "acme-ec", "acme-ec.key", "acme", iss),
+        ] {
+            assert_eq!(auth.verify(&token).unwrap().tenant, "acme");
+        }
+        // The same keys cannot speak for another tenant, nor with another issuer.
+        assert!(
+            auth.verify(&signed(
+                Algorithm::RS256,
+                "acme-rsa",
+                "acme-rsa.key",
+                "globex",
+                iss
+            ))
+            .is_err()
+        );
+        assert!(
+            auth.verify(&signed(
+                Algorithm::ES256,
+                "acme-ec",
+                "acme-ec.key",
+                "acme",
+                "notify-engine"
+            ))
+            .is_err()
+        );
+        // A key signing under another key's kid, and an unknown kid.
+        assert!(
+            auth.verify(&signed(
+                Algorithm::ES256,
+                "acme-ec",
+                "globex-ec.key",
+                "acme",
+                iss
+            ))
+            .is_err()
+        );
+        assert!(
+            auth.verify(&signed(
+                Algorithm::ES256,
+                "nobody",
+                "acme-ec.key",
+                "acme",
+                iss
+            ))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn every_refusal_has_the_same_message() {
         let c = config();
-        let auth = Auth::new(&c);
-        let mut other = config();
+        let auth = Auth::new(&c).unwrap();
+        let mut other = c.auth.clone();
         other.jwt_secret = "another-secret-another-secret-!!".into();
-        let forged = mint(&other, "acme", "u1", 60);
-        let e = auth
-            .authenticate(&headers(AUTHORIZATION, &format!("Bearer {forged}")))
-            .unwrap_err();
-        assert!(e.to_string().contains("bad signature"), "{e}");
-        let mut aud = config();
+        let mut aud = c.auth.clone();
         aud.audience = "elsewhere".into();
-        let wrong = mint(&aud, "acme", "u1", 60);
-        let e = auth
-            .authenticate(&headers(AUTHORIZATION, &format!("Bearer {wrong}")))
-            .unwrap_err();
-        assert!(e.to_string().contains("audience"), "{e}");
-        assert!(auth.authenticate(&HeaderMap::new()).is_err());
-        let e = auth
-            .authenticate(&headers(AUTHORIZATION, "Bearer not.a.jwt"))
-            .unwrap_err();
-        assert!(e.to_string().contains("malformed"), "{e}");
+        let cases = [
+            headers(
+                AUTHORIZATION,
+                &format!("Bearer {}", mint(&other, "acme", "u1", 60)),
+            ),
+            headers(
+                AUTHORIZATION,
+                &format!("Bearer {}", mint(&aud, "acme", "u1", 60)),
+            ),
+            headers(AUTHORIZATION, "Bearer not.a.jwt"),
+            headers(AUTHORIZATION, "Basic dXNlcjpwYXNz"),
+            HeaderMap::new(),
+        ];
+        for h in cases {
+            let e = auth.authenticate(&h).unwrap_err();
+            assert!(
+                matches!(&e, ApiError::Unauthorized(m) if m == UNAUTHORIZED),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_broken_key_file_is_a_clear_start_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        std::fs::write(
+            &path,
+            r#"{"keys":[{"kty":"EC","kid":"k","crv":"P-256","x":"AA","y":"AA"}]}"#,
+        )
+        .unwrap();
+        let mut c = config();
+        c.auth.jwks_file = path.clone();
+        let e = Auth::new(&c).err().unwrap().to_string();
+        assert!(e.contains("no alg"), "{e}");
+        std::fs::write(&path, "[]").unwrap();
+        let e = Auth::new(&c).err().unwrap().to_string();
+        assert!(e.contains("JWKS"), "{e}");
+        // The same kid twice.
+        std::fs::copy(fixtures().join("acme.jwks.json"), &path).unwrap();
+        let e = Auth::new(&c).err().unwrap().to_string();
+        assert!(e.contains("defined twice"), "{e}");
     }
 }

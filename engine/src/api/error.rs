@@ -1,9 +1,30 @@
 //! One error type for every HTTP handler, with one body shape:
-//! `{"error": {"code": "...", "message": "..."}}`.
+//! `{"error": {"code": "...", "message": "..."}}`, and the extractors that turn malformed
+//! query strings and bodies into that shape too (axum's own rejections are plain text).
 
 use axum::Json;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use utoipa::ToSchema;
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `unauthorized`, `forbidden`, `not_found`, `bad_request`,
+    /// `too_many_requests`, `unavailable`, `internal`.
+    pub code: String,
+    /// For people; never echoes a credential.
+    pub message: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -13,6 +34,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     BadRequest(String),
+    /// No such resource *for this caller*: another user's id answers the same.
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0}")]
     TooManyRequests(String),
     /// Too many requests of this kind; `Retry-After` tells when to come back.
@@ -33,6 +57,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::TooManyRequests(_) | ApiError::RateLimited { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_requests")
             }
@@ -55,9 +80,12 @@ impl IntoResponse for ApiError {
             // The detail goes to the log, never to the client.
             tracing::error!(error = %detail, "request failed");
         }
-        let body = Json(serde_json::json!({
-            "error": { "code": code, "message": self.to_string() }
-        }));
+        let body = Json(ErrorBody {
+            error: ErrorDetail {
+                code: code.into(),
+                message: self.to_string(),
+            },
+        });
         let mut response = (status, body).into_response();
         if let ApiError::RateLimited {
             retry_after_secs, ..
@@ -75,5 +103,33 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+/// `Query<T>` whose rejection is an [`ApiError::BadRequest`].
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+/// `Json<T>` whose rejection is an [`ApiError::BadRequest`].
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|j| ApiJson(j.0))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
     }
 }

@@ -1,18 +1,22 @@
 //! `GET /api/v1/sse`: a user's notifications as Server-Sent Events.
 //!
-//! Events: `notification` (an inbox item) and live updates named by the routing plugin
-//! (`order.updated`, ...). Every event carries `id:` = the user's sequence number; a client
-//! reconnecting with `Last-Event-ID: N` first receives everything after N, from PostgreSQL,
-//! in order. Without the header the stream starts at "now".
+//! Events: `notification` (an inbox item), `notification.read` and `notification.archived`
+//! (the user changed an item, perhaps in another tab), live updates named by the routing
+//! plugin (`order.updated`, ...), and `auth.expired` as the last frame when the token runs
+//! out. Every event carries `id:` = the user's sequence number; a client reconnecting with
+//! `Last-Event-ID: N` first receives everything after N, from PostgreSQL, in order. Without
+//! the header the stream starts at "now". `contracts/asyncapi.json` is the contract.
 //!
 //! The stream reads from PostgreSQL page by page and sleeps on the hub between pages, so a
-//! slow client only slows its own reads: nothing is buffered for it.
+//! slow client only slows its own reads: nothing is buffered for it beyond one page, and a
+//! client that stops reading is cut off by the listener's write deadline
+//! (`http.write_timeout_ms`) and catches up by replay.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -22,22 +26,60 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
-use super::error::ApiError;
-use crate::hub::{CapExceeded, Subscription};
+use super::auth::Identity;
+use super::error::{ApiError, ErrorBody};
+use super::tickets::{self, TICKET_PARAM};
+use crate::hub::{CapExceeded, Caps, Subscription};
 use crate::plugin::NOTIFICATION_EVENT;
+use crate::store::inbox::{ARCHIVED_EVENT, READ_EVENT};
 use crate::store::{self, StoredNotification};
 
+/// The query parameter standing in for the `Last-Event-ID` header.
+pub const LAST_EVENT_ID_PARAM: &str = "last_event_id";
+
+/// The last frame of a stream whose token expired.
+pub const AUTH_EXPIRED_EVENT: &str = "auth.expired";
+
+/// The user's notifications as they happen, after a replay from `Last-Event-ID`.
+#[utoipa::path(
+    get, path = "/api/v1/sse", tag = "stream", operation_id = "openStream",
+    params(
+        ("Last-Event-ID" = Option<String>, Header, description = "The last `id:` received: the stream replays what came after it"),
+        ("ticket" = Option<String>, Query, description = "A single-use ticket from `POST /api/v1/sse/tickets`, for `EventSource`"),
+        ("last_event_id" = Option<String>, Query, description = "Stands in for `Last-Event-ID` when the header cannot be set (a new `EventSource`); the header wins"),
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`; the events are specified in contracts/asyncapi.json", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A malformed `Last-Event-ID`", body = ErrorBody),
+        (status = 401, description = "No valid token or ticket", body = ErrorBody),
+        (status = 429, description = "A connection cap or the deep-replay limit", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("cookie" = []), ("ticket" = [])),
+)]
 pub async fn stream(
     State(state): State<AppState>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let identity = state.auth.authenticate(&headers)?;
-    let last_event_id = match headers.get("last-event-id") {
+    let param = |name: &str| {
+        query.as_deref().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        })
+    };
+    // The header, which browsers send on their own reconnects; else the query parameter, for
+    // a page that opens a new EventSource (with a new ticket) and cannot set headers.
+    let last_event_id = match headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+        .or_else(|| param(LAST_EVENT_ID_PARAM))
+    {
         None => None,
         Some(v) => Some(
-            v.to_str()
+            v.trim()
+                .parse::<i64>()
                 .ok()
-                .and_then(|s| s.trim().parse::<i64>().ok())
                 .filter(|n| *n >= 0)
                 .ok_or_else(|| {
                     ApiError::BadRequest(
@@ -47,19 +89,30 @@ pub async fn stream(
                 })?,
         ),
     };
+    // After every check of the request that could refuse it: redeeming burns the ticket.
+    let identity = match param(TICKET_PARAM) {
+        Some(ticket) => tickets::redeem(&state, &ticket).await?,
+        None => state.auth.authenticate(&headers)?,
+    };
     // Subscribe before reading the cursor: whatever commits after this point wakes us.
     let subscription = state
         .hub
         .subscribe(
             &identity.tenant,
             &identity.user_id,
-            state.sse.max_connections_per_user,
-            state.sse.max_connections,
+            Caps {
+                per_user: state.sse.max_connections_per_user,
+                per_tenant: state.sse.max_connections_per_tenant,
+                global: state.sse.max_connections,
+            },
         )
         .map_err(|e| {
             state.metrics.sse_rejected.inc();
             ApiError::TooManyRequests(match e {
                 CapExceeded::User => "too many open streams for this user".into(),
+                CapExceeded::Tenant => {
+                    "too many open streams for this tenant; try again later".into()
+                }
                 CapExceeded::Global => "too many open streams; try again later".into(),
             })
         })?;
@@ -93,10 +146,12 @@ pub async fn stream(
 
     let gauge = state.metrics.sse_connections.clone();
     gauge.inc();
+    let expiry = Expiry::of(&identity);
     let reader = Reader {
         pool: state.pool.clone(),
         tenant: identity.tenant,
         user_id: identity.user_id,
+        expiry: Some(expiry),
         cursor,
         page_size: state.sse.page_size,
         page_bytes: state.sse.page_bytes,
@@ -136,10 +191,48 @@ impl Drop for OpenStream {
     }
 }
 
+/// When a stream's credentials run out.
+struct Expiry {
+    at: tokio::time::Instant,
+    wall: chrono::DateTime<chrono::Utc>,
+}
+
+impl Expiry {
+    fn of(identity: &Identity) -> Self {
+        let wall =
+            chrono::DateTime::from_timestamp(identity.expires_at.min(i64::MAX as u64) as i64, 0)
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+        let left = (wall - chrono::Utc::now()).to_std().unwrap_or_default();
+        // A far-future exp must not overflow the timer.
+        let left = left.min(Duration::from_secs(365 * 24 * 3600));
+        Self {
+            at: tokio::time::Instant::now() + left,
+            wall,
+        }
+    }
+
+    /// The frame that ends the stream: the client gets new credentials and reconnects with
+    /// the id it carries (its cursor), so it misses nothing.
+    fn event(&self, cursor: i64) -> Event {
+        Event::default()
+            .id(cursor.to_string())
+            .event(AUTH_EXPIRED_EVENT)
+            .data(
+                serde_json::json!({
+                    "expired_at": self.wall.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    "message": "the token expired: reconnect with a fresh token or ticket and Last-Event-ID",
+                })
+                .to_string(),
+            )
+    }
+}
+
 struct Reader {
     pool: PgPool,
     tenant: String,
     user_id: String,
+    /// `None` once the `auth.expired` frame went out: the stream then ends.
+    expiry: Option<Expiry>,
     /// Highest sequence number sent (or skipped, for a stream without Last-Event-ID).
     cursor: i64,
     page_size: i64,
@@ -165,7 +258,11 @@ impl Reader {
                     .comment("connected"),
             );
         }
+        let expires = self.expiry.as_ref()?.at;
         loop {
+            if tokio::time::Instant::now() >= expires {
+                return Some(self.expiry.take()?.event(self.cursor));
+            }
             if let Some(n) = self.pending.pop_front() {
                 self.cursor = n.seq;
                 return Some(to_event(&n));
@@ -196,6 +293,7 @@ impl Reader {
             tokio::select! {
                 // Clients reconnect (to another instance) and replay from their last id.
                 _ = self.shutdown.cancelled() => return None,
+                _ = tokio::time::sleep_until(expires) => {}
                 changed = self.subscription.updates.changed() => changed.ok()?,
             }
         }
@@ -203,7 +301,10 @@ impl Reader {
 }
 
 fn to_event(n: &StoredNotification) -> Event {
-    let data = if n.kind == NOTIFICATION_EVENT {
+    let data = if n.kind == READ_EVENT || n.kind == ARCHIVED_EVENT {
+        // The inbox API's change events carry their own data.
+        n.data.0.clone()
+    } else if n.kind == NOTIFICATION_EVENT {
         serde_json::json!({
             "id": n.seq,
             "event_id": n.event_id,
@@ -213,6 +314,7 @@ fn to_event(n: &StoredNotification) -> Event {
             "data": n.data.0,
             "created_at": n.created_at,
             "read": n.read_at.is_some(),
+            "archived": n.archived_at.is_some(),
         })
     } else {
         // Live updates carry the plugin's object as-is, plus where it came from.

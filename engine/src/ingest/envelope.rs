@@ -4,7 +4,12 @@
 //!
 //! - the native envelope: `{"id", "tenant", "type", "time", "source"?, "data"}`;
 //! - CloudEvents 1.0 structured mode: `{"specversion": "1.0", "id", "source", "type",
-//!   "time", "data", "tenant"}` (`tenant` or `tenantid` as an extension attribute).
+//!   "time", "data", "tenant"}` (`tenant` or `tenantid` as an extension attribute);
+//!
+//! and CloudEvents 1.0 binary mode (the Kafka protocol binding): the attributes in `ce_`
+//! headers (`ce_specversion`, `ce_id`, `ce_type`, `ce_source`, `ce_time`, `ce_tenant` or
+//! `ce_tenantid`), `content-type` for `datacontenttype`, and the data object as the value.
+//! A message with a `ce_specversion` header is read in binary mode.
 //!
 //! Identifiers are restricted because they name files (plugins and templates are looked up
 //! by tenant) and appear in logs: a tenant id can never be a path.
@@ -83,8 +88,15 @@ pub const MAX_ID_LEN: usize = 200;
 pub const MAX_TENANT_LEN: usize = 64;
 pub const MAX_TYPE_LEN: usize = 128;
 
-/// Decodes and validates one message value.
-pub fn decode(payload: Option<&[u8]>, max_bytes: usize) -> Result<Event, Rejection> {
+/// The header that marks a CloudEvents binary-mode message.
+pub const BINARY_MODE_HEADER: &str = "ce_specversion";
+
+/// Decodes and validates one message: its value, or in binary mode its headers and value.
+pub fn decode(
+    payload: Option<&[u8]>,
+    headers: &[(String, Option<Vec<u8>>)],
+    max_bytes: usize,
+) -> Result<Event, Rejection> {
     let reject = |kind, reason: String| Rejection {
         kind,
         reason,
@@ -103,12 +115,16 @@ pub fn decode(payload: Option<&[u8]>, max_bytes: usize) -> Result<Event, Rejecti
             format!("message is {} bytes, the limit is {max_bytes}", bytes.len()),
         ));
     }
-    let raw: Raw = serde_json::from_slice(bytes).map_err(|e| {
-        reject(
-            RejectionKind::Decode,
-            format!("not a JSON envelope object: {e}"),
-        )
-    })?;
+    let raw = if headers.iter().any(|(name, _)| name == BINARY_MODE_HEADER) {
+        binary(bytes, headers).map_err(|reason| reject(RejectionKind::Decode, reason))?
+    } else {
+        serde_json::from_slice(bytes).map_err(|e| {
+            reject(
+                RejectionKind::Decode,
+                format!("not a JSON envelope object: {e}"),
+            )
+        })?
+    };
     // From here on, keep what we learned so the dead-letter row can name tenant and event.
     let tenant = raw
         .tenant
@@ -197,6 +213,36 @@ pub fn decode(payload: Option<&[u8]>, max_bytes: usize) -> Result<Event, Rejecti
     })
 }
 
+/// The attributes of a binary-mode message, from its headers, with its value as `data`.
+/// Validation proper happens on the result, exactly as for the structured forms.
+fn binary(value: &[u8], headers: &[(String, Option<Vec<u8>>)]) -> Result<Raw, String> {
+    let header = |name: &str| -> Result<Option<Value>, String> {
+        let mut found = headers.iter().filter(|(n, _)| n == name);
+        let Some((_, bytes)) = found.next() else {
+            return Ok(None);
+        };
+        if found.next().is_some() {
+            return Err(format!("header {name} appears more than once"));
+        }
+        let text = std::str::from_utf8(bytes.as_deref().unwrap_or_default())
+            .map_err(|_| format!("header {name} is not UTF-8"))?;
+        Ok(Some(Value::String(text.to_owned())))
+    };
+    let data: Value = serde_json::from_slice(value)
+        .map_err(|e| format!("binary-mode CloudEvent: the value is not JSON data: {e}"))?;
+    Ok(Raw {
+        id: header("ce_id")?,
+        tenant: header("ce_tenant")?,
+        tenantid: header("ce_tenantid")?,
+        event_type: header("ce_type")?,
+        time: header("ce_time")?,
+        source: header("ce_source")?,
+        specversion: header(BINARY_MODE_HEADER)?,
+        datacontenttype: header("content-type")?,
+        data: Some(data),
+    })
+}
+
 /// Does any string (value or key) of `object` hold a NUL character, which PostgreSQL text
 /// cannot store? Walks the parsed values: a literal backslash followed by `u0000` in the
 /// text is not a NUL and passes.
@@ -261,11 +307,11 @@ mod tests {
     use super::*;
 
     fn ok(json: &str) -> Event {
-        decode(Some(json.as_bytes()), 1 << 20).unwrap()
+        decode(Some(json.as_bytes()), &[], 1 << 20).unwrap()
     }
 
     fn err(json: &str) -> Rejection {
-        decode(Some(json.as_bytes()), 1 << 20).unwrap_err()
+        decode(Some(json.as_bytes()), &[], 1 << 20).unwrap_err()
     }
 
     #[test]
@@ -334,8 +380,84 @@ mod tests {
 
     #[test]
     fn oversize_and_tombstone() {
-        let r = decode(Some(&[b' '; 100]), 10).unwrap_err();
+        let r = decode(Some(&[b' '; 100]), &[], 10).unwrap_err();
         assert_eq!(r.kind, RejectionKind::Oversize);
-        assert_eq!(decode(None, 10).unwrap_err().kind, RejectionKind::Decode);
+        assert_eq!(
+            decode(None, &[], 10).unwrap_err().kind,
+            RejectionKind::Decode
+        );
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Option<Vec<u8>>)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Some(v.as_bytes().to_vec())))
+            .collect()
+    }
+
+    #[test]
+    fn decodes_cloudevents_binary_mode() {
+        let base = [
+            ("ce_specversion", "1.0"),
+            ("ce_id", "b1"),
+            ("ce_type", "order_paid"),
+            ("ce_source", "/payments"),
+            ("ce_time", "2026-11-27T10:00:00Z"),
+            ("ce_tenant", "acme"),
+            ("content-type", "application/json"),
+        ];
+        let e = decode(Some(br#"{"order_id":"A-1"}"#), &headers(&base), 1 << 20).unwrap();
+        assert_eq!((e.id.as_str(), e.tenant.as_str()), ("b1", "acme"));
+        assert_eq!(e.event_type, "order_paid");
+        assert_eq!(e.source.as_deref(), Some("/payments"));
+        assert_eq!(e.data["order_id"], "A-1");
+
+        // Each missing attribute is named, and tenant/id survive for the dead letter.
+        let without = |name: &str| {
+            let h: Vec<_> = base.iter().copied().filter(|(k, _)| *k != name).collect();
+            decode(Some(b"{}"), &headers(&h), 1 << 20).unwrap_err()
+        };
+        assert!(without("ce_id").reason.contains("id is required"));
+        assert!(without("ce_tenant").reason.contains("tenant is required"));
+        let r = without("ce_time");
+        assert!(r.reason.contains("time is required"));
+        assert_eq!(r.tenant.as_deref(), Some("acme"));
+        // The value must be a JSON object; the content type JSON; headers single and UTF-8.
+        let r = decode(Some(b"not json"), &headers(&base), 1 << 20).unwrap_err();
+        assert_eq!(r.kind, RejectionKind::Decode);
+        let r = decode(Some(b"[1]"), &headers(&base), 1 << 20).unwrap_err();
+        assert!(
+            r.reason.contains("data must be a JSON object"),
+            "{}",
+            r.reason
+        );
+        let mut xml = base.to_vec();
+        xml.retain(|(k, _)| *k != "content-type");
+        xml.push(("content-type", "application/xml"));
+        assert!(
+            decode(Some(b"{}"), &headers(&xml), 1 << 20)
+                .unwrap_err()
+                .reason
+                .contains("not JSON")
+        );
+        let mut twice = base.to_vec();
+        twice.push(("ce_tenant", "globex"));
+        assert!(
+            decode(Some(b"{}"), &headers(&twice), 1 << 20)
+                .unwrap_err()
+                .reason
+                .contains("more than once")
+        );
+        let mut bad = headers(&base);
+        bad[1].1 = Some(vec![0xff, 0xfe]);
+        assert!(
+            decode(Some(b"{}"), &bad, 1 << 20)
+                .unwrap_err()
+                .reason
+                .contains("UTF-8")
+        );
+        // Oversize is checked before anything is parsed.
+        let r = decode(Some(&[b' '; 100]), &headers(&base), 10).unwrap_err();
+        assert_eq!(r.kind, RejectionKind::Oversize);
     }
 }

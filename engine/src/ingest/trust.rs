@@ -142,6 +142,7 @@ mod tests {
                 format!(r#"{{"id":"e1","tenant":"{tenant}","type":"t","time":"2026-11-26T10:00:00Z","data":{{}}}}"#)
                     .as_bytes(),
             ),
+            &[],
             1 << 20,
         )
         .unwrap()

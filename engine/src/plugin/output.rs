@@ -48,6 +48,10 @@ pub const NOTIFICATION_EVENT: &str = "notification";
 /// and `open` are `EventSource`'s own connection events).
 pub const RESERVED_EVENT_NAMES: &[&str] = &[NOTIFICATION_EVENT, "message", "error", "open"];
 
+/// Prefixes of the engine's own SSE events (`notification.read`, `auth.expired`, ...),
+/// which a live update may not take either.
+pub const RESERVED_EVENT_PREFIXES: &[&str] = &["notification.", "auth."];
+
 const MAX_USER_ID: usize = 200;
 const MAX_TITLE: usize = 500;
 const MAX_CATEGORY: usize = 64;
@@ -140,9 +144,14 @@ fn check(d: wit::Delivery) -> Result<Delivery, String> {
         }
         wit::Delivery::Live(l) => {
             user_id(&l.user_id)?;
-            if !safe_name(&l.name) || RESERVED_EVENT_NAMES.contains(&l.name.as_str()) {
+            if !safe_name(&l.name)
+                || RESERVED_EVENT_NAMES.contains(&l.name.as_str())
+                || RESERVED_EVENT_PREFIXES
+                    .iter()
+                    .any(|p| l.name.starts_with(p))
+            {
                 return Err(format!(
-                    "live update name {:?} must be 1..={MAX_NAME} of [a-z0-9._-], starting with a letter, and none of {RESERVED_EVENT_NAMES:?}",
+                    "live update name {:?} must be 1..={MAX_NAME} of [a-z0-9._-], starting with a letter, none of {RESERVED_EVENT_NAMES:?} and not starting with {RESERVED_EVENT_PREFIXES:?}",
                     l.name
                 ));
             }
@@ -278,7 +287,13 @@ mod tests {
             data: "{}".into(),
         });
         assert!(validate(vec![live], &limits).is_err());
-        for reserved in ["message", "error", "open"] {
+        for reserved in [
+            "message",
+            "error",
+            "open",
+            "notification.read",
+            "auth.expired",
+        ] {
             let live = wit::Delivery::Live(wit::LiveUpdate {
                 user_id: "u".into(),
                 name: reserved.into(),

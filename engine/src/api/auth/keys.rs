@@ -1,0 +1,284 @@
+//! The verification keys: which key checks a token, for which algorithm, tenant and issuer.
+//!
+//! A token's `kid` header selects a key; a token without `kid` is checked by
+//! `auth.jwt_secret`. Every key is pinned to one algorithm, so a token cannot choose how it
+//! is verified (an HS256 token "signed" with an RSA public key names that key's `kid` and is
+//! refused for its algorithm). A key bound to a tenant verifies that tenant's tokens only.
+//!
+//! Keys come from `auth.jwt_secret`, `auth.keys`, `auth.jwks_file` and each tenant's
+//! `jwks_file`. The JWKS files are re-read when they change ([`KeySet::fingerprint`]); a
+//! file that no longer parses leaves the previous keys in force.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use jsonwebtoken::jwk::{Jwk, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey};
+
+use crate::config::Config;
+use crate::ingest::envelope::valid_tenant;
+
+/// One key and what it may verify.
+pub struct Key {
+    pub algorithm: Algorithm,
+    pub key: DecodingKey,
+    /// `Some`: tokens it verifies must name this tenant.
+    pub tenant: Option<String>,
+    /// The `iss` its tokens must carry.
+    pub issuer: String,
+}
+
+/// Every key in force.
+#[derive(Default)]
+pub struct KeySet {
+    by_kid: HashMap<String, Key>,
+    /// The key of tokens without a `kid` (`auth.jwt_secret`).
+    default: Option<Key>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {reason}")]
+pub struct KeyError {
+    source_name: String,
+    reason: String,
+}
+
+fn key_error(source_name: impl Into<String>, reason: impl std::fmt::Display) -> KeyError {
+    KeyError {
+        source_name: source_name.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A JWKS file and what its keys are bound to.
+struct JwksSource {
+    path: PathBuf,
+    tenant: Option<String>,
+    issuer: Option<String>,
+}
+
+impl KeySet {
+    /// The key for a token's `kid` (or the `kid`-less key).
+    pub fn select(&self, kid: Option<&str>) -> Option<&Key> {
+        match kid {
+            Some(kid) => self.by_kid.get(kid),
+            None => self.default.as_ref(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_kid.len() + usize::from(self.default.is_some())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Builds the set from the configuration, reading every key file.
+    pub fn load(config: &Config) -> Result<Self, KeyError> {
+        let auth = &config.auth;
+        let mut set = KeySet::default();
+        if !auth.jwt_secret.is_empty() {
+            set.default = Some(Key {
+                algorithm: Algorithm::HS256,
+                key: DecodingKey::from_secret(auth.jwt_secret.as_bytes()),
+                tenant: None,
+                issuer: auth.issuer.clone(),
+            });
+        }
+        for k in &auth.keys {
+            let name = format!("auth.keys {:?}", k.kid);
+            let algorithm = parse_algorithm(&k.algorithm).map_err(|e| key_error(&name, e))?;
+            let key = match (algorithm, &k.secret_env, &k.public_key_file) {
+                (Algorithm::HS256, Some(var), None) => {
+                    let secret = std::env::var(var).map_err(|_| {
+                        key_error(&name, format!("environment variable {var} is not set"))
+                    })?;
+                    if secret.len() < 32 {
+                        return Err(key_error(
+                            &name,
+                            format!("the secret in {var} is shorter than 32 bytes"),
+                        ));
+                    }
+                    DecodingKey::from_secret(secret.as_bytes())
+                }
+                (Algorithm::RS256 | Algorithm::ES256, None, Some(path)) => {
+                    let pem = std::fs::read(path)
+                        .map_err(|e| key_error(&name, format!("{}: {e}", path.display())))?;
+                    let key = if algorithm == Algorithm::RS256 {
+                        DecodingKey::from_rsa_pem(&pem)
+                    } else {
+                        DecodingKey::from_ec_pem(&pem)
+                    };
+                    key.map_err(|e| {
+                        key_error(
+                            &name,
+                            format!(
+                                "{} is not a {:?} public key: {e}",
+                                path.display(),
+                                algorithm
+                            ),
+                        )
+                    })?
+                }
+                _ => {
+                    return Err(key_error(
+                        &name,
+                        "HS256 needs secret_env, RS256/ES256 need public_key_file",
+                    ));
+                }
+            };
+            set.insert(
+                &name,
+                k.kid.clone(),
+                Key {
+                    algorithm,
+                    key,
+                    tenant: k.tenant.clone(),
+                    issuer: k.issuer.clone().unwrap_or_else(|| auth.issuer.clone()),
+                },
+            )?;
+        }
+        for source in jwks_sources(config) {
+            let name = source.path.display().to_string();
+            let text = std::fs::read_to_string(&source.path).map_err(|e| key_error(&name, e))?;
+            for (kid, key) in parse_jwks(
+                &text,
+                source.tenant.as_deref(),
+                source.issuer.as_deref(),
+                &auth.issuer,
+            )
+            .map_err(|e| key_error(&name, e))?
+            {
+                set.insert(&name, kid, key)?;
+            }
+        }
+        Ok(set)
+    }
+
+    fn insert(&mut self, source_name: &str, kid: String, key: Key) -> Result<(), KeyError> {
+        if self.by_kid.insert(kid.clone(), key).is_some() {
+            return Err(key_error(
+                source_name,
+                format!("kid {kid:?} is defined twice"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Modification time and length of every key file, to notice a change cheaply.
+    pub fn fingerprint(config: &Config) -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
+        jwks_sources(config)
+            .into_iter()
+            .map(|s| s.path)
+            .chain(
+                config
+                    .auth
+                    .keys
+                    .iter()
+                    .filter_map(|k| k.public_key_file.clone()),
+            )
+            .map(|path| {
+                let stamp = std::fs::metadata(&path)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())));
+                (path, stamp)
+            })
+            .collect()
+    }
+}
+
+fn jwks_sources(config: &Config) -> Vec<JwksSource> {
+    let mut sources = Vec::new();
+    if !config.auth.jwks_file.as_os_str().is_empty() {
+        sources.push(JwksSource {
+            path: config.auth.jwks_file.clone(),
+            tenant: None,
+            issuer: None,
+        });
+    }
+    for (tenant, t) in &config.tenants {
+        if let Some(path) = &t.jwks_file {
+            sources.push(JwksSource {
+                path: path.clone(),
+                tenant: Some(tenant.clone()),
+                issuer: t.jwt_issuer.clone(),
+            });
+        }
+    }
+    sources
+}
+
+fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    match name {
+        "HS256" => Ok(Algorithm::HS256),
+        "RS256" => Ok(Algorithm::RS256),
+        "ES256" => Ok(Algorithm::ES256),
+        other => Err(format!(
+            "algorithm {other:?} is not one of HS256, RS256, ES256"
+        )),
+    }
+}
+
+/// The keys of a JWKS document. `bound_tenant` (a tenant's own file) binds every key to that
+/// tenant; otherwise a key's `tenant` member may. Every key needs `kid` and `alg`.
+fn parse_jwks(
+    text: &str,
+    bound_tenant: Option<&str>,
+    bound_issuer: Option<&str>,
+    default_issuer: &str,
+) -> Result<Vec<(String, Key)>, String> {
+    let doc: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let keys = doc
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or("not a JWKS document (no \"keys\" array)")?;
+    let mut out = Vec::new();
+    for (i, raw) in keys.iter().enumerate() {
+        let jwk: Jwk =
+            serde_json::from_value(raw.clone()).map_err(|e| format!("key {i}: not a JWK: {e}"))?;
+        let kid = jwk
+            .common
+            .key_id
+            .clone()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| format!("key {i}: no kid"))?;
+        let algorithm = match jwk.common.key_algorithm {
+            Some(KeyAlgorithm::RS256) => Algorithm::RS256,
+            Some(KeyAlgorithm::ES256) => Algorithm::ES256,
+            Some(other) => return Err(format!("key {kid:?}: alg {other:?} is not RS256 or ES256")),
+            None => return Err(format!("key {kid:?}: no alg (every key is pinned to one)")),
+        };
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("key {kid:?}: {e}"))?;
+        let member = |name: &str| raw.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+        let tenant = match (bound_tenant, member("tenant")) {
+            (Some(bound), Some(own)) if own != bound => {
+                return Err(format!(
+                    "key {kid:?}: tenant {own:?} in the file of tenant {bound:?}"
+                ));
+            }
+            (Some(bound), _) => Some(bound.to_owned()),
+            (None, own) => own,
+        };
+        if let Some(t) = &tenant
+            && !valid_tenant(t)
+        {
+            return Err(format!("key {kid:?}: tenant {t:?} is not a tenant id"));
+        }
+        let issuer = member("iss")
+            .or_else(|| bound_issuer.map(str::to_owned))
+            .unwrap_or_else(|| default_issuer.to_owned());
+        out.push((
+            kid,
+            Key {
+                algorithm,
+                key,
+                tenant,
+                issuer,
+            },
+        ));
+    }
+    Ok(out)
+}

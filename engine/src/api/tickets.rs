@@ -1,0 +1,105 @@
+//! `POST /api/v1/sse/tickets`: trades a token for a single-use stream ticket.
+//!
+//! A browser's `EventSource` cannot send an `Authorization` header, and a cookie is not
+//! always possible (another site, a third-party cookie policy). The page asks for a ticket
+//! with its token (a `fetch` can send the header) and opens
+//! `/api/v1/sse?ticket=<ticket>` within `auth.ticket_ttl_secs` (≤ 30 s). The ticket opens one
+//! stream; the stream ends when the token would have expired. A ticket is the only
+//! credential ever allowed in a URL, and access logs record paths without query strings.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use base64::Engine;
+use chrono::{DateTime, TimeDelta, Utc};
+use rand::RngCore;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::auth::{Identity, refuse};
+use super::error::{ApiError, ErrorBody};
+use crate::store::tickets::{self, Redeemed};
+
+/// The query parameter of `GET /api/v1/sse` that carries a ticket.
+pub const TICKET_PARAM: &str = "ticket";
+/// A ticket is 32 random bytes, base64url without padding.
+const TICKET_LEN: usize = 43;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ticket {
+    /// Single use; pass as the `ticket` query parameter of `GET /api/v1/sse`.
+    pub ticket: String,
+    /// Seconds until it is worthless.
+    pub expires_in: u64,
+    /// The stream URL with the ticket, relative to the API's origin.
+    pub url: String,
+}
+
+/// Get a single-use ticket for `GET /api/v1/sse?ticket=…` (for `EventSource`).
+#[utoipa::path(
+    post, path = "/api/v1/sse/tickets", tag = "stream", operation_id = "createStreamTicket",
+    responses(
+        (status = 201, description = "A ticket valid for `expires_in` seconds", body = Ticket),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("cookie" = [])),
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    identity: Identity,
+) -> Result<impl IntoResponse, ApiError> {
+    let token_expires_at = DateTime::<Utc>::from_timestamp(identity.expires_at as i64, 0)
+        .ok_or_else(|| refuse("exp out of range"))?;
+    let now = Utc::now();
+    let ttl = TimeDelta::seconds(state.ticket_ttl_secs as i64).min(token_expires_at - now);
+    if ttl <= TimeDelta::zero() {
+        return Err(refuse("token expires now"));
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let ticket = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    tickets::issue(
+        &state.pool,
+        &Sha256::digest(ticket.as_bytes()),
+        &identity.tenant,
+        &identity.user_id,
+        token_expires_at,
+        now + ttl,
+    )
+    .await?;
+    let url = format!("/api/v1/sse?{TICKET_PARAM}={ticket}");
+    let body = Ticket {
+        ticket,
+        expires_in: ttl.num_seconds().max(1) as u64,
+        url,
+    };
+    Ok((
+        StatusCode::CREATED,
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(body),
+    ))
+}
+
+/// The identity a ticket stands for, consuming it. Unknown, used and late tickets are
+/// refused alike.
+pub async fn redeem(state: &AppState, ticket: &str) -> Result<Identity, ApiError> {
+    if ticket.len() != TICKET_LEN {
+        return Err(refuse("malformed ticket"));
+    }
+    let Redeemed {
+        tenant,
+        user_id,
+        token_expires_at,
+    } = tickets::redeem(&state.pool, &Sha256::digest(ticket.as_bytes()))
+        .await?
+        .ok_or_else(|| refuse("unknown, used or expired ticket"))?;
+    Ok(Identity {
+        tenant,
+        user_id,
+        roles: Vec::new(),
+        expires_at: token_expires_at.timestamp().max(0) as u64,
+    })
+}

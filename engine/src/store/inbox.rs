@@ -1,0 +1,304 @@
+//! The inbox: a user's inbox items (notifications of kind `notification`), listed newest
+//! first, counted, marked read and archived.
+//!
+//! Every function runs in a [`scoped`] transaction for one (tenant, user) and names both in
+//! its `WHERE` clause as well: the clause is the first wall, row-level security the second.
+//! Ids are the user's sequence numbers (the SSE ids), so an id from another user or tenant
+//! simply matches nothing.
+//!
+//! A change (read, archived) is written to the same log as a `notification.read` or
+//! `notification.archived` event in the same transaction, so the user's other streams see
+//! it, in order, live or on replay.
+
+use serde_json::{Map, Value, json};
+use sqlx::{FromRow, PgConnection, PgPool};
+
+use super::{NewNotification, Result, insert_notification, scoped};
+use crate::plugin::NOTIFICATION_EVENT;
+
+/// SSE event of a change to read state.
+pub const READ_EVENT: &str = "notification.read";
+/// SSE event of a change to archive state.
+pub const ARCHIVED_EVENT: &str = "notification.archived";
+
+/// One inbox item.
+#[derive(Debug, Clone, FromRow)]
+pub struct InboxItem {
+    pub seq: i64,
+    pub event_id: String,
+    pub title: Option<String>,
+    pub body: Option<String>,
+    pub category: Option<String>,
+    pub data: sqlx::types::Json<Value>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub read_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub archived_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Which archive state a list shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Archived {
+    /// Only items not archived (the inbox).
+    Exclude,
+    /// Only archived items (the archive).
+    Only,
+    /// Both.
+    Include,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListFilter {
+    /// Items older than this id (the cursor); `None`: from the newest.
+    pub before: Option<i64>,
+    pub limit: i64,
+    pub unread_only: bool,
+    pub archived: Archived,
+    pub category: Option<String>,
+}
+
+/// A change and what the user's other streams are told.
+#[derive(Debug, Clone)]
+pub struct Change<T> {
+    pub result: T,
+    pub unread_count: i64,
+    /// The sequence number of the change event, to publish to the hub after commit;
+    /// `None` when nothing changed (no event was written).
+    pub event_seq: Option<i64>,
+}
+
+const COLUMNS: &str =
+    "seq, event_id, title, body, category, data, created_at, read_at, archived_at";
+
+/// Newest first, at most `limit` items older than the cursor. New items get higher ids, so
+/// paging with `before` is stable while notifications arrive.
+pub async fn list(
+    pool: &PgPool,
+    tenant: &str,
+    user_id: &str,
+    filter: &ListFilter,
+) -> Result<Vec<InboxItem>> {
+    let mut tx = scoped(pool, tenant, user_id).await?;
+    let archived = match filter.archived {
+        Archived::Exclude => "AND archived_at IS NULL",
+        Archived::Only => "AND archived_at IS NOT NULL",
+        Archived::Include => "",
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM notifications
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3
+           AND ($4::bigint IS NULL OR seq < $4)
+           AND (NOT $5 OR read_at IS NULL)
+           AND ($6::text IS NULL OR category = $6)
+           {archived}
+         ORDER BY seq DESC
+         LIMIT $7"
+    );
+    let rows = sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(user_id)
+        .bind(NOTIFICATION_EVENT)
+        .bind(filter.before)
+        .bind(filter.unread_only)
+        .bind(filter.category.as_deref())
+        .bind(filter.limit)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(rows)
+}
+
+pub async fn get(
+    pool: &PgPool,
+    tenant: &str,
+    user_id: &str,
+    seq: i64,
+) -> Result<Option<InboxItem>> {
+    let mut tx = scoped(pool, tenant, user_id).await?;
+    let item = fetch(&mut tx, tenant, user_id, seq).await?;
+    tx.commit().await?;
+    Ok(item)
+}
+
+/// Inbox items neither read nor archived.
+pub async fn unread_count(pool: &PgPool, tenant: &str, user_id: &str) -> Result<i64> {
+    let mut tx = scoped(pool, tenant, user_id).await?;
+    let n = count_unread(&mut tx, tenant, user_id).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Marks one item read. `None`: no such item for this user.
+pub async fn mark_read(
+    pool: &PgPool,
+    tenant: &str,
+    user_id: &str,
+    seq: i64,
+) -> Result<Option<Change<InboxItem>>> {
+    let mut tx = scoped(pool, tenant, user_id).await?;
+    let changed = sqlx::query(
+        "UPDATE notifications SET read_at = now()
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3 AND seq = $4 AND read_at IS NULL",
+    )
+    .bind(tenant)
+    .bind(user_id)
+    .bind(NOTIFICATION_EVENT)
+    .bind(seq)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    let Some(item) = fetch(&mut tx, tenant, user_id, seq).await? else {
+        return Ok(None);
+    };
+    let unread_count = count_unread(&mut tx, tenant, user_id).await?;
+    let event_seq = if changed {
+        let data = json!({ "ids": [seq], "up_to": null, "unread_count": unread_count });
+        Some(log_change(&mut tx, tenant, user_id, READ_EVENT, data).await?)
+    } else {
+        None
+    };
+    tx.commit().await?;
+    Ok(Some(Change {
+        result: item,
+        unread_count,
+        event_seq,
+    }))
+}
+
+/// Marks every item up to and including `up_to` read (what the user has seen; newer items
+/// stay unread). The result is how many changed.
+pub async fn mark_all_read(
+    pool: &PgPool,
+    tenant: &str,
+    user_id: &str,
+    up_to: i64,
+) -> Result<Change<u64>> {
+    let mut tx = scoped(pool, tenant, user_id).await?;
+    let marked = sqlx::query(
+        "UPDATE notifications SET read_at = now()
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3 AND seq <= $4 AND read_at IS NULL",
+    )
+    .bind(tenant)
+    .bind(user_id)
+    .bind(NOTIFICATION_EVENT)
+    .bind(up_to)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let unread_count = count_unread(&mut tx, tenant, user_id).await?;
+    let event_seq = if marked > 0 {
+        let data = json!({ "ids": [], "up_to": up_to, "unread_count": unread_count });
+        Some(log_change(&mut tx, tenant, user_id, READ_EVENT, data).await?)
+    } else {
+        None
+    };
+    tx.commit().await?;
+    Ok(Change {
+        result: marked,
+        unread_count,
+        event_seq,
+    })
+}
+
+/// Archives (or unarchives) one item. `None`: no such item for this user.
+pub async fn set_archived(
+    pool: &PgPool,
+    tenant: &str,
+    user_id: &str,
+    seq: i64,
+    archived: bool,
+) -> Result<Option<Change<InboxItem>>> {
+    let mut tx = scoped(pool, tenant, user_id).await?;
+    let changed = sqlx::query(
+        "UPDATE notifications
+         SET archived_at = CASE WHEN $5 THEN now() ELSE NULL END
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3 AND seq = $4
+           AND (archived_at IS NULL) = $5",
+    )
+    .bind(tenant)
+    .bind(user_id)
+    .bind(NOTIFICATION_EVENT)
+    .bind(seq)
+    .bind(archived)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    let Some(item) = fetch(&mut tx, tenant, user_id, seq).await? else {
+        return Ok(None);
+    };
+    let unread_count = count_unread(&mut tx, tenant, user_id).await?;
+    let event_seq = if changed {
+        let data = json!({ "id": seq, "archived": archived, "unread_count": unread_count });
+        Some(log_change(&mut tx, tenant, user_id, ARCHIVED_EVENT, data).await?)
+    } else {
+        None
+    };
+    tx.commit().await?;
+    Ok(Some(Change {
+        result: item,
+        unread_count,
+        event_seq,
+    }))
+}
+
+async fn fetch(
+    conn: &mut PgConnection,
+    tenant: &str,
+    user_id: &str,
+    seq: i64,
+) -> Result<Option<InboxItem>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM notifications
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3 AND seq = $4"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(user_id)
+        .bind(NOTIFICATION_EVENT)
+        .bind(seq)
+        .fetch_optional(conn)
+        .await?)
+}
+
+async fn count_unread(conn: &mut PgConnection, tenant: &str, user_id: &str) -> Result<i64> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM notifications
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3
+           AND read_at IS NULL AND archived_at IS NULL",
+    )
+    .bind(tenant)
+    .bind(user_id)
+    .bind(NOTIFICATION_EVENT)
+    .fetch_one(conn)
+    .await?;
+    Ok(n)
+}
+
+/// Writes a change event to the user's log; returns its sequence number.
+async fn log_change(
+    conn: &mut PgConnection,
+    tenant: &str,
+    user_id: &str,
+    kind: &str,
+    data: Value,
+) -> Result<i64> {
+    let data: Map<String, Value> = match data {
+        Value::Object(m) => m,
+        _ => unreachable!("change events are objects"),
+    };
+    insert_notification(
+        conn,
+        &NewNotification {
+            tenant,
+            user_id,
+            event_id: "",
+            kind,
+            title: None,
+            body: None,
+            category: None,
+            data: &data,
+        },
+    )
+    .await
+}
