@@ -173,3 +173,204 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         state.metrics.render(),
     )
 }
+
+/// The HTTP edge in-process (`oneshot`): the paths that answer before any database work
+/// (a lazy pool that never connects), so they need no services.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use crate::config::Config;
+
+    fn state(cors: &[&str]) -> (AppState, Config) {
+        let mut config = Config::default();
+        config.auth.jwt_secret = "0123456789abcdef0123456789abcdef".into();
+        let state = AppState {
+            pool: crate::store::connect_api(&config.database, 1).unwrap(),
+            hub: Hub::new(),
+            metrics: Metrics::new(),
+            auth: Arc::new(Auth::new(&config).unwrap()),
+            sse: config.sse.clone(),
+            health: Arc::new(Health::default()),
+            plugins: Arc::new(
+                crate::plugin::PluginHost::new(config.plugins.clone(), Default::default()).unwrap(),
+            ),
+            cors_origins: cors.iter().map(|o| (*o).to_owned()).collect(),
+            ticket_ttl_secs: 30,
+            shutdown: CancellationToken::new(),
+        };
+        (state, config)
+    }
+
+    async fn send(router: &Router, request: Request<Body>) -> (StatusCode, HeaderMapAndBody) {
+        let response = router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, HeaderMapAndBody { headers, body })
+    }
+
+    struct HeaderMapAndBody {
+        headers: axum::http::HeaderMap,
+        body: serde_json::Value,
+    }
+
+    fn request(method: &str, uri: &str, token: Option<&str>) -> axum::http::request::Builder {
+        let mut r = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            r = r.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn every_documented_route_exists_and_wants_a_token() {
+        let (state, _) = state(&[]);
+        let router = router(state);
+        let doc: serde_json::Value = serde_json::from_str(&openapi::document()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        assert_eq!(paths.len(), 9, "{:?}", paths.keys());
+        for (path, item) in paths {
+            for method in item.as_object().unwrap().keys() {
+                let uri = path.replace("{id}", "1");
+                let (status, r) = send(
+                    &router,
+                    request(&method.to_uppercase(), &uri, None)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+                assert_eq!(r.body["error"]["message"], auth::UNAUTHORIZED);
+            }
+        }
+        let (status, r) = send(
+            &router,
+            request("GET", "/api/v1/nothing", None)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(r.body["error"]["code"], "not_found");
+        let (status, r) = send(
+            &router,
+            request("GET", "/api/v1/openapi.json", None)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(r.body, doc);
+    }
+
+    #[tokio::test]
+    async fn malformed_requests_get_a_400_with_the_uniform_body() {
+        let (state, config) = state(&[]);
+        let router = router(state);
+        let token = auth::mint(&config.auth, "acme", "u1", 60);
+        for uri in [
+            "/api/v1/notifications?limit=0",
+            "/api/v1/notifications?limit=many",
+            "/api/v1/notifications?cursor=-5",
+            "/api/v1/notifications?archived=maybe",
+            "/api/v1/notifications?category=",
+            "/api/v1/notifications?unknown=1",
+        ] {
+            let (status, r) = send(
+                &router,
+                request("GET", uri, Some(&token))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+            assert_eq!(r.body["error"]["code"], "bad_request", "{uri}");
+        }
+        for body in [
+            "",
+            "{",
+            "[]",
+            r#"{"up_to": "3"}"#,
+            r#"{"up_to": -1}"#,
+            &format!(r#"{{"up_to": 1, "pad": "{}"}}"#, "x".repeat(20_000)),
+        ] {
+            let (status, r) = send(
+                &router,
+                request("POST", "/api/v1/notifications/read-all", Some(&token))
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(body.to_owned()))
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body:.40}");
+            assert_eq!(r.body["error"]["code"], "bad_request");
+        }
+        let (status, _) = send(
+            &router,
+            request("GET", "/api/v1/sse", Some(&token))
+                .header("last-event-id", "abc")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn a_tenant_at_its_stream_cap_gets_429() {
+        let (mut state, config) = state(&[]);
+        state.sse.max_connections_per_tenant = 0;
+        let router = router(state);
+        let token = auth::mint(&config.auth, "acme", "u1", 60);
+        let (status, r) = send(
+            &router,
+            request("GET", "/api/v1/sse", Some(&token))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("tenant")
+        );
+    }
+
+    #[tokio::test]
+    async fn cors_answers_only_the_configured_origins_with_credentials() {
+        let (state, _) = state(&["https://app.example.com"]);
+        let router = router(state);
+        let preflight = |origin: &str| {
+            Request::builder()
+                .method("OPTIONS")
+                .uri("/api/v1/notifications")
+                .header(header::ORIGIN, origin)
+                .header(header::ACCESS_CONTROL_REQUEST_METHOD, "GET")
+                .header(header::ACCESS_CONTROL_REQUEST_HEADERS, "authorization")
+                .body(Body::empty())
+                .unwrap()
+        };
+        let (status, r) = send(&router, preflight("https://app.example.com")).await;
+        assert!(status.is_success());
+        assert_eq!(
+            r.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://app.example.com"
+        );
+        assert_eq!(r.headers[header::ACCESS_CONTROL_ALLOW_CREDENTIALS], "true");
+        let (_, r) = send(&router, preflight("https://evil.example")).await;
+        assert!(r.headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+        // Without configured origins, no CORS headers at all.
+        let (state, _) = super::tests::state(&[]);
+        let (_, r) = send(&super::router(state), preflight("https://app.example.com")).await;
+        assert!(r.headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+    }
+}

@@ -96,6 +96,9 @@ pub(crate) fn refuse(reason: &str) -> ApiError {
 
 pub struct Auth {
     keys: ArcSwap<KeySet>,
+    /// The key files as they were when `keys` was read (taken before reading them, so a
+    /// change racing with the read is seen by the next check).
+    files: std::sync::Mutex<keys::Fingerprint>,
     audience: String,
     leeway_secs: u64,
     cookie_name: String,
@@ -104,8 +107,10 @@ pub struct Auth {
 impl Auth {
     /// Reads every key the configuration names.
     pub fn new(config: &Config) -> Result<Self, KeyError> {
+        let files = KeySet::fingerprint(config);
         Ok(Self {
             keys: ArcSwap::from_pointee(KeySet::load(config)?),
+            files: std::sync::Mutex::new(files),
             audience: config.auth.audience.clone(),
             leeway_secs: config.auth.leeway_secs,
             cookie_name: config.auth.cookie_name.clone(),
@@ -120,17 +125,19 @@ impl Auth {
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         let every = std::time::Duration::from_millis(config.auth.jwks_reload_ms);
-        let mut seen = KeySet::fingerprint(&config);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
             let now = KeySet::fingerprint(&config);
-            if now == seen {
-                continue;
+            {
+                let mut seen = self.files.lock().expect("auth lock poisoned");
+                if *seen == now {
+                    continue;
+                }
+                *seen = now;
             }
-            seen = now;
             match KeySet::load(&config) {
                 Ok(set) => {
                     tracing::info!(keys = set.len(), "verification keys reloaded");
@@ -438,5 +445,61 @@ mod tests {
         std::fs::copy(fixtures().join("acme.jwks.json"), &path).unwrap();
         let e = Auth::new(&c).err().unwrap().to_string();
         assert!(e.contains("defined twice"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_changed_jwks_file_is_reloaded_and_a_broken_one_keeps_the_old_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let acme: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixtures().join("acme.jwks.json")).unwrap())
+                .unwrap();
+        let globex: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixtures().join("globex.jwks.json")).unwrap())
+                .unwrap();
+        std::fs::write(&path, acme.to_string()).unwrap();
+        let mut c = Config::default();
+        c.auth.jwks_file = path.clone();
+        c.auth.jwks_reload_ms = 50;
+        let auth = Arc::new(Auth::new(&c).unwrap());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let reloader = tokio::spawn(auth.clone().reload_keys(Arc::new(c), shutdown.clone()));
+        let globex_token = signed(
+            Algorithm::ES256,
+            "globex-ec",
+            "globex-ec.key",
+            "globex",
+            "notify-engine",
+        );
+        let acme_token = signed(
+            Algorithm::ES256,
+            "acme-ec",
+            "acme-ec.key",
+            "acme",
+            "notify-engine",
+        );
+        assert!(auth.verify(&globex_token).is_err());
+        assert!(auth.verify(&acme_token).is_ok());
+
+        // Rotation: globex's keys replace acme's (a new length, so the change is seen even
+        // within the file system's timestamp granularity).
+        std::fs::write(&path, format!("{globex}\n\n")).unwrap();
+        let eventually = async |token: &str, ok: bool| {
+            for _ in 0..100 {
+                if auth.verify(token).is_ok() == ok {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            panic!("the key set did not change");
+        };
+        eventually(&globex_token, true).await;
+        assert!(auth.verify(&acme_token).is_err(), "the old keys are gone");
+        // A broken file leaves the keys in force.
+        std::fs::write(&path, "{ not json").unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(auth.verify(&globex_token).is_ok());
+        shutdown.cancel();
+        reloader.await.unwrap();
     }
 }

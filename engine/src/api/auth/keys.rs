@@ -51,6 +51,9 @@ fn key_error(source_name: impl Into<String>, reason: impl std::fmt::Display) -> 
     }
 }
 
+/// Modification time and length of each key file (`None`: unreadable).
+pub type Fingerprint = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
+
 /// A JWKS file and what its keys are bound to.
 struct JwksSource {
     path: PathBuf,
@@ -168,7 +171,7 @@ impl KeySet {
     }
 
     /// Modification time and length of every key file, to notice a change cheaply.
-    pub fn fingerprint(config: &Config) -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
+    pub fn fingerprint(config: &Config) -> Fingerprint {
         jwks_sources(config)
             .into_iter()
             .map(|s| s.path)
