@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks on the real services (release build): plugin call cost, pipeline events/s,
-# produce → SSE latency. BENCH_EVENTS sets the backlog size (default 20000), BENCH_TENANTS
-# how many tenants (lanes) share it (default 1). Figures go to docs/benchmarks.md.
+# produce → SSE latency (bench "throughput"), and inbox list / unread-count latency with a
+# million notifications (bench "inbox"). BENCH=throughput or BENCH=inbox runs one of them.
+# BENCH_EVENTS sets the backlog size (default 20000), BENCH_TENANTS how many tenants (lanes)
+# share it (default 1); BENCH_INBOX_ROWS / BENCH_INBOX_USERS the inbox table (1000000 / 10000).
+# Figures go to docs/benchmarks.md.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -16,4 +19,6 @@ set +a
 scripts/clean-test-data.sh
 CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -m); date: $(date -u +%Y-%m-%d)"
-RUST_LOG=${RUST_LOG:-warn} cargo bench --locked --bench throughput
+for bench in ${BENCH:-throughput inbox}; do
+    RUST_LOG=${RUST_LOG:-warn} cargo bench --locked --bench "$bench"
+done

@@ -89,6 +89,9 @@ $(printf '\033[1m')Everything is running.$(printf '\033[0m')
   Emails (Mailpit UI):   $MAILPIT_URL
   Metrics:               http://$ADMIN/metrics        Readiness: http://$ADMIN/readyz
   Bob's stream (globex): curl -N -H "Authorization: Bearer $BOB" -H "Last-Event-ID: 0" http://$HTTP/api/v1/sse
+  Alice's inbox:         curl -H "Authorization: Bearer $ALICE" http://$HTTP/api/v1/notifications
+  Mark all read:         curl -H "Authorization: Bearer $ALICE" -H "Content-Type: application/json" -d '{"up_to": 100}' http://$HTTP/api/v1/notifications/read-all
+  API contract:          http://$HTTP/api/v1/openapi.json   (and contracts/asyncapi.json for the events)
   More events:           $BIN publish samples/events.jsonl   (same ids: dropped as duplicates)
   Dead letters:          psql "$DATABASE_URL" -c "SELECT error_kind, reason FROM dead_letters"
   Try a plugin:          $BIN plugin run --plugin plugins/dist/acme.wasm --event samples/order_paid.json --set vip_threshold=500

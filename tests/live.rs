@@ -287,10 +287,29 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
     let mut bad = order_paid("r1", &tenant, "u1", None, 5.0);
     bad["data"]["chaos"] = "trap".into();
     world.produce(&bad).await;
+    // The same trouble for a CloudEvents binary-mode message: its attributes are headers,
+    // which the dead letter keeps so the replay republishes the event whole.
+    let time = chrono::Utc::now().to_rfc3339();
+    let headers = [
+        ("ce_specversion", "1.0"),
+        ("ce_id", "r2"),
+        ("ce_type", "order_paid"),
+        ("ce_source", "/payments"),
+        ("ce_time", time.as_str()),
+        ("ce_tenant", tenant.as_str()),
+    ];
+    world
+        .produce_with_headers(
+            &world.topic_paid,
+            None,
+            bad["data"].to_string().as_bytes(),
+            &headers,
+        )
+        .await;
     world
         .wait_count(
-            "SELECT count(*) FROM dead_letters WHERE event_id = 'r1' AND error_kind = 'plugin_trap'",
-            1,
+            "SELECT count(*) FROM dead_letters WHERE event_id IN ('r1', 'r2') AND error_kind = 'plugin_trap'",
+            2,
             WAIT,
         )
         .await;
@@ -306,9 +325,11 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
     let listed = tools::list_dead_letters(&config.database, &filter)
         .await
         .unwrap();
-    assert_eq!(listed.len(), 1);
+    assert_eq!(listed.len(), 2);
     assert_eq!(listed[0].error_kind, "plugin_trap");
-    assert_eq!(listed[0].event_id.as_deref(), Some("r1"));
+    let mut ids: Vec<_> = listed.iter().filter_map(|l| l.event_id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["r1", "r2"]);
 
     // Twice, back to back: one outcome.
     for _ in 0..2 {
@@ -318,8 +339,8 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
     }
     world
         .wait_count(
-            "SELECT count(*) FROM notifications WHERE event_id = 'r1'",
-            1,
+            "SELECT count(*) FROM notifications WHERE event_id IN ('r1', 'r2')",
+            2,
             WAIT,
         )
         .await;

@@ -409,6 +409,7 @@ async fn dead_letters_keep_payloads_at_reused_offsets() {
         },
         key: None,
         payload,
+        headers: &[],
         error_kind: "decode",
         reason: "not JSON",
         plugin: None,

@@ -642,6 +642,7 @@ impl Pipeline {
                 origin: origin(d.message),
                 key: d.message.key.as_deref(),
                 payload: d.message.payload.as_deref().unwrap_or_default(),
+                headers: &d.message.headers,
                 error_kind: &d.kind,
                 reason: &d.reason,
                 plugin: d.plugin,

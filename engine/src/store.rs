@@ -292,6 +292,8 @@ pub struct NewDeadLetter<'a> {
     pub origin: Origin<'a>,
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
+    /// The message's Kafka headers, in order.
+    pub headers: &'a [(String, Option<Vec<u8>>)],
     pub error_kind: &'a str,
     pub reason: &'a str,
     pub plugin: Option<&'a str>,
@@ -304,8 +306,8 @@ pub async fn insert_dead_letter(tx: &mut PgConnection, d: &NewDeadLetter<'_>) ->
     let inserted = sqlx::query(
         "INSERT INTO dead_letters
              (tenant_id, event_id, kafka_topic, kafka_partition, kafka_offset, kafka_key,
-              payload, error_kind, reason, plugin)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+              payload, error_kind, reason, plugin, kafka_headers)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
          ON CONFLICT ON CONSTRAINT dead_letters_origin DO NOTHING",
     )
     .bind(d.tenant)
@@ -319,10 +321,49 @@ pub async fn insert_dead_letter(tx: &mut PgConnection, d: &NewDeadLetter<'_>) ->
     // Defence in depth: a reason quoting bad input must not make the dead letter itself fail.
     .bind(d.reason.replace('\0', ""))
     .bind(d.plugin)
+    .bind(sqlx::types::Json(encode_headers(d.headers)))
     .execute(&mut *tx)
     .await?
     .rows_affected();
     Ok(inserted == 1)
+}
+
+/// Headers as stored with a dead letter: `[{"name", "value": base64 | null}]`, without the
+/// replay token (a replay gets a fresh one).
+fn encode_headers(headers: &[(String, Option<Vec<u8>>)]) -> Value {
+    use base64::Engine;
+    Value::Array(
+        headers
+            .iter()
+            .filter(|(name, _)| name != crate::ingest::REPLAY_HEADER)
+            .map(|(name, value)| {
+                serde_json::json!({
+                    "name": name,
+                    "value": value.as_ref().map(|v| base64::engine::general_purpose::STANDARD.encode(v)),
+                })
+            })
+            .collect(),
+    )
+}
+
+fn decode_headers(stored: Option<Value>) -> Vec<(String, Option<Vec<u8>>)> {
+    use base64::Engine;
+    let Some(Value::Array(items)) = stored else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|h| {
+            let name = h.get("name")?.as_str()?.to_owned();
+            let value = match h.get("value") {
+                Some(Value::String(b64)) => {
+                    Some(base64::engine::general_purpose::STANDARD.decode(b64).ok()?)
+                }
+                _ => None,
+            };
+            Some((name, value))
+        })
+        .collect()
 }
 
 /// A stored notification as streamed to its user.
@@ -657,13 +698,15 @@ pub async fn list_dead_letters(
 }
 
 /// A dead letter to republish, with the one-time token its replay must carry.
-#[derive(Debug, Clone, FromRow)]
+#[derive(Debug, Clone)]
 pub struct Replay {
     pub id: i64,
     pub tenant_id: Option<String>,
     pub kafka_topic: String,
     pub kafka_key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
+    /// The original message's headers (none for rows stored before they were kept).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
     pub replay_token: uuid::Uuid,
 }
 
@@ -675,9 +718,18 @@ pub async fn prepare_replays(pool: &PgPool, filter: &DeadLetterFilter) -> Result
          WHERE id IN (SELECT id FROM dead_letters
                       WHERE {DEAD_LETTER_FILTER} AND replayed_at IS NULL
                       ORDER BY id LIMIT $5)
-         RETURNING id, tenant_id, kafka_topic, kafka_key, payload, replay_token"
+         RETURNING id, tenant_id, kafka_topic, kafka_key, payload, kafka_headers, replay_token"
     );
-    let mut rows: Vec<Replay> = sqlx::query_as(&sql)
+    type Row = (
+        i64,
+        Option<String>,
+        String,
+        Option<Vec<u8>>,
+        Vec<u8>,
+        Option<Value>,
+        uuid::Uuid,
+    );
+    let rows: Vec<Row> = sqlx::query_as(&sql)
         .bind(filter.tenant.as_deref())
         .bind(filter.kind.as_deref())
         .bind(filter.since)
@@ -685,8 +737,22 @@ pub async fn prepare_replays(pool: &PgPool, filter: &DeadLetterFilter) -> Result
         .bind(filter.limit)
         .fetch_all(pool)
         .await?;
-    rows.sort_by_key(|r| r.id);
-    Ok(rows)
+    let mut replays: Vec<Replay> = rows
+        .into_iter()
+        .map(
+            |(id, tenant_id, kafka_topic, kafka_key, payload, headers, replay_token)| Replay {
+                id,
+                tenant_id,
+                kafka_topic,
+                kafka_key,
+                payload,
+                headers: decode_headers(headers),
+                replay_token,
+            },
+        )
+        .collect();
+    replays.sort_by_key(|r| r.id);
+    Ok(replays)
 }
 
 /// Accepts a replay token once, inside the transaction that handles the replayed event:

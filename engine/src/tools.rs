@@ -49,11 +49,23 @@ pub async fn replay_dead_letters(
     let publisher = Publisher::connect(kafka)?;
     for replay in &replays {
         let token = replay.replay_token.to_string();
-        let mut headers = vec![(crate::ingest::REPLAY_HEADER, token.as_bytes())];
+        // The message's own headers (a binary-mode CloudEvent's attributes among them), then
+        // the one-time token.
+        let mut headers: Vec<(&str, &[u8])> = replay
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_deref().unwrap_or_default()))
+            .collect();
+        headers.push((crate::ingest::REPLAY_HEADER, token.as_bytes()));
         // With the tenant bound to a gateway's header, the operator's tool speaks for the
-        // tenant the dead letter was recorded under, as the gateway did.
+        // tenant the dead letter was recorded under, as the gateway did (unless the header
+        // was kept with the message).
         if kafka.tenant_from == crate::config::TenantFrom::Header
             && let Some(tenant) = &replay.tenant_id
+            && !replay
+                .headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(&kafka.tenant_header))
         {
             headers.push((kafka.tenant_header.as_str(), tenant.as_bytes()));
         }

@@ -105,7 +105,8 @@ impl InApp {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LiveUpdate {
     pub user_id: String,
-    /// Lowercase letters, digits, `.`, `_`, `-`; not `notification`, `message`, `error`, `open`.
+    /// Lowercase letters, digits, `.`, `_`, `-`; not `notification`, `message`, `error`, `open`,
+    /// nor starting with `notification.` or `auth.` (the engine's own events).
     pub name: String,
     pub data: Value,
 }
