@@ -26,45 +26,41 @@ CREATE TABLE sse_tickets (
 );
 CREATE INDEX sse_tickets_expires ON sse_tickets (expires_at);
 
--- The public API's connections act as notify_api (SET ROLE after connecting), and every
--- statement they run sees only the rows of the (tenant, user) its transaction names in the
--- settings notify.tenant and notify.user. A query that forgot its WHERE clause, or a
--- transaction that forgot to name its user, reads nothing. The engine's own role owns the
--- tables and is not subject to these policies (the pipeline writes for every user).
--- Creating the role needs CREATEROLE (or a DBA creating notify_api beforehand).
--- Roles are shared by every database of the server, so engines migrating side by side (the
--- test suite) may race to create it: losing that race is fine.
+-- The public API's connections act as a role of this database's own, notify_api_<database
+-- oid> (set when they connect), and every statement they run sees only the rows of the
+-- (tenant, user) its transaction names in the settings notify.tenant and notify.user. A
+-- query that forgot its WHERE clause, or a transaction that forgot to name its user, reads
+-- nothing. The engine's own role owns the tables and is not subject to these policies (the
+-- pipeline writes for every user); it must be the tables' owner.
+-- One role per database: roles belong to the whole server, and a role shared by several
+-- deployments would let one deployment's user act as the API role in another's database.
+-- Creating it needs CREATEROLE (or a superuser).
 DO $$
+DECLARE
+    api_role TEXT := 'notify_api_' || (SELECT oid FROM pg_database WHERE datname = current_database());
+    rls TEXT := 'tenant_id = current_setting(''notify.tenant'', true) '
+             || 'AND user_id = current_setting(''notify.user'', true)';
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'notify_api') THEN
-        BEGIN
-            CREATE ROLE notify_api NOLOGIN;
-        EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-        END;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = api_role) THEN
+        EXECUTE format('CREATE ROLE %I NOLOGIN', api_role);
     END IF;
-    IF NOT pg_has_role(current_user, 'notify_api', 'MEMBER') THEN
-        BEGIN
-            EXECUTE format('GRANT notify_api TO %I', current_user);
-        EXCEPTION WHEN OTHERS THEN
-            IF NOT pg_has_role(current_user, 'notify_api', 'MEMBER') THEN RAISE; END IF;
-        END;
+    -- PostgreSQL 16 separates the right to SET ROLE from membership: ask for it explicitly.
+    IF current_setting('server_version_num')::int >= 160000 THEN
+        IF NOT pg_has_role(current_user, api_role, 'SET') THEN
+            EXECUTE format('GRANT %I TO %I WITH SET TRUE', api_role, current_user);
+        END IF;
+    ELSIF NOT pg_has_role(current_user, api_role, 'MEMBER') THEN
+        EXECUTE format('GRANT %I TO %I', api_role, current_user);
     END IF;
-    EXECUTE format('GRANT USAGE ON SCHEMA %I TO notify_api', current_schema());
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), api_role);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON notifications, user_streams TO %I', api_role);
+    EXECUTE format('GRANT USAGE ON SEQUENCE notifications_id_seq TO %I', api_role);
+    EXECUTE format('GRANT SELECT, INSERT, DELETE ON sse_tickets TO %I', api_role);
+    EXECUTE format('CREATE POLICY api_own_rows ON notifications TO %I USING (%s) WITH CHECK (%s)',
+                   api_role, rls, rls);
+    EXECUTE format('CREATE POLICY api_own_stream ON user_streams TO %I USING (%s) WITH CHECK (%s)',
+                   api_role, rls, rls);
 END
 $$;
-GRANT SELECT, INSERT, UPDATE ON notifications, user_streams TO notify_api;
-GRANT USAGE ON SEQUENCE notifications_id_seq TO notify_api;
-GRANT SELECT, INSERT, DELETE ON sse_tickets TO notify_api;
-
 ALTER TABLE notifications ENABLE ROW LEVEL SECURITY;
 ALTER TABLE user_streams ENABLE ROW LEVEL SECURITY;
-CREATE POLICY api_own_rows ON notifications TO notify_api
-    USING (tenant_id = current_setting('notify.tenant', true)
-           AND user_id = current_setting('notify.user', true))
-    WITH CHECK (tenant_id = current_setting('notify.tenant', true)
-                AND user_id = current_setting('notify.user', true));
-CREATE POLICY api_own_stream ON user_streams TO notify_api
-    USING (tenant_id = current_setting('notify.tenant', true)
-           AND user_id = current_setting('notify.user', true))
-    WITH CHECK (tenant_id = current_setting('notify.tenant', true)
-                AND user_id = current_setting('notify.user', true));

@@ -5,7 +5,7 @@
 //!
 //! The rows are generated inside PostgreSQL (`generate_series`), a third read and a
 //! twentieth archived; then the public router serves on a loopback socket with its own
-//! `notify_api` pool (row-level security on), and random users' requests run one at a time.
+//! API pool (its own role, row-level security on), and random users' requests run one at a time.
 //! Prints p50 / p99 per request kind; `docs/benchmarks.md` records them.
 
 use std::sync::Arc;

@@ -52,6 +52,12 @@ pub enum StartError {
     Delivery(#[from] delivery::DeliveryError),
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
+    #[error(
+        "the public API cannot act as its database role notify_api_<database oid> (created by \
+         the migrations; the engine's database user needs CREATEROLE once, or a DBA creates \
+         the role and grants it to that user): {0}"
+    )]
+    ApiRole(store::StoreError),
     #[error("verification keys: {0}")]
     Keys(#[from] crate::api::auth::keys::KeyError),
     #[error("binding {addr}: {error}")]
@@ -130,6 +136,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // Before anything starts: a missing or broken key file is a start-up error.
     let auth = Arc::new(Auth::new(&config)?);
     wait_for_database(&pool, config.database.migrate).await?;
+    // The API's connections switch to their role as they connect: fail now, clearly, rather
+    // than answer every request with 500.
+    store::ping_api(&api_pool)
+        .await
+        .map_err(StartError::ApiRole)?;
     let health = Arc::new(Health::default());
 
     let plugins = Arc::new(PluginHost::new(
@@ -246,13 +257,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ticket_ttl_secs: config.auth.ticket_ttl_secs,
         shutdown: shutdown.clone(),
     };
-    // The path only: a query string may hold a stream ticket, and credentials stay out of
-    // logs.
-    let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(
-        |request: &axum::http::Request<axum::body::Body>| {
-            tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
-        },
-    );
+    let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(api::request_span);
     let http_addr = spawn_server(
         &tasks,
         config.http.listen,

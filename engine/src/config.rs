@@ -148,7 +148,7 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Connections of the pipeline, the email worker and the readiness probe.
     pub max_connections: u32,
-    /// Connections of the public API (SSE reads): a pool of its own, so unauthenticated or
+    /// Connections of the public API (inbox, tickets, SSE reads): a pool of its own, so unauthenticated or
     /// abusive traffic can never take the pipeline's connections.
     pub api_max_connections: u32,
     /// Apply the embedded migrations at start-up.

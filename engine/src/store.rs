@@ -4,7 +4,7 @@
 //! pipeline) owns the transaction; read paths take the pool.
 //!
 //! The public API reads and writes through [`connect_api`]'s pool, whose connections act as
-//! the `notify_api` role: row-level security then lets each of its transactions see only
+//! the database's `notify_api_<oid>` role: row-level security then lets each of its transactions see only
 //! the rows of the (tenant, user) that [`scoped`] named (migration `20261128000001`).
 
 pub mod inbox;
@@ -62,8 +62,14 @@ pub fn connect(config: &DatabaseConfig, max_connections: u32) -> Result<PgPool> 
         .connect_lazy_with(options.application_name("notify-engine")))
 }
 
-/// The public API's pool: like [`connect`], but every connection acts as `notify_api`, so
-/// it reads and writes only inside a [`scoped`] transaction, and only that user's rows.
+/// Makes a connection act as this database's API role, `notify_api_<database oid>`
+/// (migration `20261128000001`).
+const API_ROLE_SQL: &str = "SELECT set_config('role', 'notify_api_' || oid, false) \
+     FROM pg_database WHERE datname = current_database()";
+
+/// The public API's pool: like [`connect`], but every connection acts as the database's API
+/// role, so it reads and writes only inside a [`scoped`] transaction, and only that user's
+/// rows.
 pub fn connect_api(config: &DatabaseConfig, max_connections: u32) -> Result<PgPool> {
     let options: PgConnectOptions = config.url.parse()?;
     Ok(PgPoolOptions::new()
@@ -71,11 +77,17 @@ pub fn connect_api(config: &DatabaseConfig, max_connections: u32) -> Result<PgPo
         .acquire_timeout(Duration::from_secs(5))
         .after_connect(|conn, _| {
             Box::pin(async move {
-                conn.execute("SET ROLE notify_api").await?;
+                conn.execute(API_ROLE_SQL).await?;
                 Ok(())
             })
         })
         .connect_lazy_with(options.application_name("notify-engine-api")))
+}
+
+/// Opens a connection of the API's pool (which takes on its role).
+pub async fn ping_api(pool: &PgPool) -> Result<()> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
 }
 
 /// A transaction that row-level security confines to one (tenant, user).

@@ -54,7 +54,7 @@ impl FromRequestParts<AppState> for Identity {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        state.auth.authenticate(&parts.headers)
+        state.auth.authenticate_request(parts)
     }
 }
 
@@ -108,8 +108,9 @@ impl Auth {
     /// Reads every key the configuration names.
     pub fn new(config: &Config) -> Result<Self, KeyError> {
         let files = KeySet::fingerprint(config);
+        let (keys, _) = KeySet::load(config, None)?;
         Ok(Self {
-            keys: ArcSwap::from_pointee(KeySet::load(config)?),
+            keys: ArcSwap::from_pointee(keys),
             files: std::sync::Mutex::new(files),
             audience: config.auth.audience.clone(),
             leeway_secs: config.auth.leeway_secs,
@@ -138,8 +139,11 @@ impl Auth {
                 }
                 *seen = now;
             }
-            match KeySet::load(&config) {
-                Ok(set) => {
+            match KeySet::load(&config, Some(&self.keys.load())) {
+                Ok((set, kept)) => {
+                    for e in kept {
+                        tracing::error!(error = %e, "key file not reloaded; its previous keys stay in force");
+                    }
                     tracing::info!(keys = set.len(), "verification keys reloaded");
                     self.keys.store(Arc::new(set));
                 }
@@ -150,6 +154,26 @@ impl Auth {
         }
     }
 
+    /// The identity of a request's token. A browser sends the cookie on any request to us,
+    /// a forged cross-site form's too; so a request that changes something and carries only
+    /// the cookie must be `Content-Type: application/json`, which no form can send and which
+    /// makes a cross-site page ask first (CORS preflight, answered only for
+    /// `http.cors_origins`).
+    pub fn authenticate_request(&self, parts: &Parts) -> Result<Identity, ApiError> {
+        if bearer(&parts.headers).is_none()
+            && cookie(&parts.headers, &self.cookie_name).is_some()
+            && !parts.method.is_safe()
+            && !is_json(&parts.headers)
+        {
+            return Err(ApiError::Forbidden(
+                "a request authenticated by the cookie that changes state must be sent with \
+                 Content-Type: application/json (cross-site request forgery protection)"
+                    .into(),
+            ));
+        }
+        self.authenticate(&parts.headers)
+    }
+
     /// The identity of the token in `headers`.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, ApiError> {
         let token = bearer(headers)
@@ -158,16 +182,8 @@ impl Auth {
         self.verify(token)
     }
 
-    /// The identity a token proves.
-    pub fn verify(&self, token: &str) -> Result<Identity, ApiError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| refuse("malformed header"))?;
-        let keys = self.keys.load();
-        let key = keys
-            .select(header.kid.as_deref())
-            .ok_or_else(|| refuse("unknown kid"))?;
-        if header.alg != key.algorithm {
-            return Err(refuse("algorithm not the key's"));
-        }
+    /// The claims `token` carries if `key` signed it for its tenant; else why not.
+    fn check(&self, token: &str, key: &keys::Key) -> Result<IdentityClaims, &'static str> {
         let mut validation = Validation::new(key.algorithm);
         validation.set_issuer(&[&key.issuer]);
         validation.set_audience(&[&self.audience]);
@@ -177,24 +193,56 @@ impl Auth {
         // Only the identity is deserialised: `exp`, `nbf`, `iss` and `aud` are checked by the
         // validation on the raw claims (so `aud` may be a string or a list, per RFC 7519).
         let claims = jsonwebtoken::decode::<IdentityClaims>(token, &key.key, &validation)
-            .map_err(|e| refuse(describe(&e)))?
+            .map_err(|e| describe(&e))?
             .claims;
         if !valid_tenant(&claims.tenant) {
-            return Err(refuse("tenant claim is not a tenant id"));
+            return Err("tenant claim is not a tenant id");
         }
         if key.tenant.as_deref().is_some_and(|t| t != claims.tenant) {
-            return Err(refuse("a tenant's key signed another tenant's token"));
+            return Err("a tenant's key signed another tenant's token");
         }
+        Ok(claims)
+    }
+
+    /// The identity a token proves.
+    pub fn verify(&self, token: &str) -> Result<Identity, ApiError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| refuse("malformed header"))?;
+        let keys = self.keys.load();
+        let candidates = keys.select(header.kid.as_deref());
+        if candidates.is_empty() {
+            return Err(refuse("unknown kid"));
+        }
+        // Usually one key; several when sources share a kid (one identity provider serving
+        // two tenants): the first that verifies the token for its own tenant decides.
+        let mut reason = "algorithm not the key's";
+        let mut verified = None;
+        for key in candidates.iter().filter(|k| k.algorithm == header.alg) {
+            match self.check(token, key) {
+                Ok(claims) => {
+                    verified = Some((key, claims));
+                    break;
+                }
+                Err(why) => reason = why,
+            }
+        }
+        let (key, claims) = verified.ok_or_else(|| refuse(reason))?;
         if claims.sub.is_empty() || claims.sub.len() > 200 {
             return Err(refuse("sub claim is not a user id"));
         }
         if claims.roles.len() > 32 || claims.roles.iter().any(|r| r.len() > 64) {
             return Err(refuse("roles claim too large"));
         }
+        // Roles are the operator's to grant: a tenant's own identity provider (a key bound
+        // to a tenant) speaks for its users, never for the engine's administrators.
+        let roles = if key.tenant.is_some() {
+            Vec::new()
+        } else {
+            claims.roles
+        };
         Ok(Identity {
             tenant: claims.tenant,
             user_id: claims.sub,
-            roles: claims.roles,
+            roles,
             expires_at: claims.exp,
         })
     }
@@ -231,6 +279,14 @@ pub fn mint_with_roles(
         &EncodingKey::from_secret(config.jwt_secret.as_bytes()),
     )
     .expect("HS256 encoding of plain claims cannot fail")
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -351,6 +407,18 @@ mod tests {
         ] {
             assert_eq!(auth.verify(&token).unwrap().tenant, "acme");
         }
+        // A tenant's identity provider cannot grant the engine's roles.
+        let pem = std::fs::read(fixtures().join("acme-rsa.key")).unwrap();
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("acme-rsa".into());
+        let claims = serde_json::json!({
+            "sub": "u1", "tenant": "acme", "iss": iss, "aud": "notify-api",
+            "exp": jsonwebtoken::get_current_timestamp() + 60, "roles": [ADMIN_ROLE],
+        });
+        let admin =
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_pem(&pem).unwrap())
+                .unwrap();
+        assert!(!auth.verify(&admin).unwrap().has_role(ADMIN_ROLE));
         // The same keys cannot speak for another tenant, nor with another issuer.
         assert!(
             auth.verify(&signed(
@@ -441,10 +509,40 @@ mod tests {
         std::fs::write(&path, "[]").unwrap();
         let e = Auth::new(&c).err().unwrap().to_string();
         assert!(e.contains("JWKS"), "{e}");
-        // The same kid twice.
-        std::fs::copy(fixtures().join("acme.jwks.json"), &path).unwrap();
+        // The same kid twice in one file.
+        let acme: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixtures().join("acme.jwks.json")).unwrap())
+                .unwrap();
+        let twice = serde_json::json!({ "keys": [acme["keys"][0], acme["keys"][0]] });
+        std::fs::write(&path, twice.to_string()).unwrap();
         let e = Auth::new(&c).err().unwrap().to_string();
         assert!(e.contains("defined twice"), "{e}");
+        // The same kids in two files (the operator's and acme's): a token is checked against
+        // both, and the acme-bound copy still verifies only acme's tokens.
+        std::fs::copy(fixtures().join("acme.jwks.json"), &path).unwrap();
+        let auth = Auth::new(&c).unwrap();
+        let iss = "https://login.acme.example";
+        assert!(
+            auth.verify(&signed(
+                Algorithm::ES256,
+                "acme-ec",
+                "acme-ec.key",
+                "acme",
+                iss
+            ))
+            .is_ok()
+        );
+        assert!(
+            auth.verify(&signed(
+                Algorithm::ES256,
+                "acme-ec",
+                "acme-ec.key",
+                "globex",
+                "notify-engine"
+            ))
+            .is_ok(),
+            "the operator's unbound copy speaks for anyone"
+        );
     }
 
     #[tokio::test]

@@ -89,7 +89,8 @@ pub async fn stream(
                 })?,
         ),
     };
-    // After every check of the request that could refuse it: redeeming burns the ticket.
+    // After the checks of the request itself: redeeming uses the ticket up, so a malformed
+    // request keeps it (a refusal by a cap after this point does not: the client asks again).
     let identity = match param(TICKET_PARAM) {
         Some(ticket) => tickets::redeem(&state, &ticket).await?,
         None => state.auth.authenticate(&headers)?,

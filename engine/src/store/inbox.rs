@@ -14,7 +14,6 @@ use serde_json::{Map, Value, json};
 use sqlx::{FromRow, PgConnection, PgPool};
 
 use super::{NewNotification, Result, insert_notification, scoped};
-use crate::plugin::NOTIFICATION_EVENT;
 
 /// SSE event of a change to read state.
 pub const READ_EVENT: &str = "notification.read";
@@ -85,18 +84,17 @@ pub async fn list(
     };
     let sql = format!(
         "SELECT {COLUMNS} FROM notifications
-         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3
-           AND ($4::bigint IS NULL OR seq < $4)
-           AND (NOT $5 OR read_at IS NULL)
-           AND ($6::text IS NULL OR category = $6)
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = 'notification'
+           AND ($3::bigint IS NULL OR seq < $3)
+           AND (NOT $4 OR read_at IS NULL)
+           AND ($5::text IS NULL OR category = $5)
            {archived}
          ORDER BY seq DESC
-         LIMIT $7"
+         LIMIT $6"
     );
     let rows = sqlx::query_as(&sql)
         .bind(tenant)
         .bind(user_id)
-        .bind(NOTIFICATION_EVENT)
         .bind(filter.before)
         .bind(filter.unread_only)
         .bind(filter.category.as_deref())
@@ -135,13 +133,13 @@ pub async fn mark_read(
     seq: i64,
 ) -> Result<Option<Change<InboxItem>>> {
     let mut tx = scoped(pool, tenant, user_id).await?;
+    lock_stream(&mut tx, tenant, user_id).await?;
     let changed = sqlx::query(
         "UPDATE notifications SET read_at = now()
-         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3 AND seq = $4 AND read_at IS NULL",
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = 'notification' AND seq = $3 AND read_at IS NULL",
     )
     .bind(tenant)
     .bind(user_id)
-    .bind(NOTIFICATION_EVENT)
     .bind(seq)
     .execute(&mut *tx)
     .await?
@@ -174,13 +172,13 @@ pub async fn mark_all_read(
     up_to: i64,
 ) -> Result<Change<u64>> {
     let mut tx = scoped(pool, tenant, user_id).await?;
+    lock_stream(&mut tx, tenant, user_id).await?;
     let marked = sqlx::query(
         "UPDATE notifications SET read_at = now()
-         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3 AND seq <= $4 AND read_at IS NULL",
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = 'notification' AND seq <= $3 AND read_at IS NULL",
     )
     .bind(tenant)
     .bind(user_id)
-    .bind(NOTIFICATION_EVENT)
     .bind(up_to)
     .execute(&mut *tx)
     .await?
@@ -209,15 +207,15 @@ pub async fn set_archived(
     archived: bool,
 ) -> Result<Option<Change<InboxItem>>> {
     let mut tx = scoped(pool, tenant, user_id).await?;
+    lock_stream(&mut tx, tenant, user_id).await?;
     let changed = sqlx::query(
         "UPDATE notifications
-         SET archived_at = CASE WHEN $5 THEN now() ELSE NULL END
-         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3 AND seq = $4
-           AND (archived_at IS NULL) = $5",
+         SET archived_at = CASE WHEN $4 THEN now() ELSE NULL END
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = 'notification' AND seq = $3
+           AND (archived_at IS NULL) = $4",
     )
     .bind(tenant)
     .bind(user_id)
-    .bind(NOTIFICATION_EVENT)
     .bind(seq)
     .bind(archived)
     .execute(&mut *tx)
@@ -242,6 +240,18 @@ pub async fn set_archived(
     }))
 }
 
+/// Takes the user's stream row lock, which every writer of the user's log takes too (the
+/// pipeline's inserts, other changes): the unread count read after it, and carried by the
+/// change event, is then the count as of this change, in the log's order.
+async fn lock_stream(conn: &mut PgConnection, tenant: &str, user_id: &str) -> Result<()> {
+    sqlx::query("SELECT 1 FROM user_streams WHERE tenant_id = $1 AND user_id = $2 FOR UPDATE")
+        .bind(tenant)
+        .bind(user_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 async fn fetch(
     conn: &mut PgConnection,
     tenant: &str,
@@ -250,12 +260,11 @@ async fn fetch(
 ) -> Result<Option<InboxItem>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM notifications
-         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3 AND seq = $4"
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = 'notification' AND seq = $3"
     );
     Ok(sqlx::query_as(&sql)
         .bind(tenant)
         .bind(user_id)
-        .bind(NOTIFICATION_EVENT)
         .bind(seq)
         .fetch_optional(conn)
         .await?)
@@ -264,12 +273,11 @@ async fn fetch(
 async fn count_unread(conn: &mut PgConnection, tenant: &str, user_id: &str) -> Result<i64> {
     let (n,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM notifications
-         WHERE tenant_id = $1 AND user_id = $2 AND kind = $3
+         WHERE tenant_id = $1 AND user_id = $2 AND kind = 'notification'
            AND read_at IS NULL AND archived_at IS NULL",
     )
     .bind(tenant)
     .bind(user_id)
-    .bind(NOTIFICATION_EVENT)
     .fetch_one(conn)
     .await?;
     Ok(n)

@@ -6,11 +6,15 @@
 //! refused for its algorithm). A key bound to a tenant verifies that tenant's tokens only.
 //!
 //! Keys come from `auth.jwt_secret`, `auth.keys`, `auth.jwks_file` and each tenant's
-//! `jwks_file`. The JWKS files are re-read when they change ([`KeySet::fingerprint`]); a
-//! file that no longer parses leaves the previous keys in force.
+//! `jwks_file`. The files are re-read when they change ([`KeySet::fingerprint`]). At start-up
+//! every file must load; on a reload, a JWKS file that no longer loads keeps its previous
+//! keys while the other files' changes (a revoked key, say) take effect. Several sources may
+//! publish the same `kid` (two tenants on one identity provider): a token is checked against
+//! each key of its `kid` until one verifies it for its own tenant.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm};
@@ -32,9 +36,11 @@ pub struct Key {
 /// Every key in force.
 #[derive(Default)]
 pub struct KeySet {
-    by_kid: HashMap<String, Key>,
+    by_kid: HashMap<String, Vec<Arc<Key>>>,
     /// The key of tokens without a `kid` (`auth.jwt_secret`).
-    default: Option<Key>,
+    default: Option<Arc<Key>>,
+    /// Each JWKS file's keys, kept for a reload in which that file fails to load.
+    jwks: HashMap<PathBuf, Vec<(String, Arc<Key>)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,33 +68,39 @@ struct JwksSource {
 }
 
 impl KeySet {
-    /// The key for a token's `kid` (or the `kid`-less key).
-    pub fn select(&self, kid: Option<&str>) -> Option<&Key> {
+    /// The keys for a token's `kid` (or the `kid`-less key); empty: none.
+    pub fn select(&self, kid: Option<&str>) -> &[Arc<Key>] {
         match kid {
-            Some(kid) => self.by_kid.get(kid),
-            None => self.default.as_ref(),
+            Some(kid) => self.by_kid.get(kid).map_or(&[], Vec::as_slice),
+            None => self.default.as_slice(),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.by_kid.len() + usize::from(self.default.is_some())
+        self.by_kid.values().map(Vec::len).sum::<usize>() + usize::from(self.default.is_some())
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Builds the set from the configuration, reading every key file.
-    pub fn load(config: &Config) -> Result<Self, KeyError> {
+    /// Builds the set from the configuration, reading every key file. With `previous` (a
+    /// reload), a JWKS file that fails keeps the keys it had there, and its error is returned
+    /// beside the set; without (start-up), any failure fails.
+    pub fn load(
+        config: &Config,
+        previous: Option<&KeySet>,
+    ) -> Result<(Self, Vec<KeyError>), KeyError> {
         let auth = &config.auth;
         let mut set = KeySet::default();
+        let mut kept = Vec::new();
         if !auth.jwt_secret.is_empty() {
-            set.default = Some(Key {
+            set.default = Some(Arc::new(Key {
                 algorithm: Algorithm::HS256,
                 key: DecodingKey::from_secret(auth.jwt_secret.as_bytes()),
                 tenant: None,
                 issuer: auth.issuer.clone(),
-            });
+            }));
         }
         for k in &auth.keys {
             let name = format!("auth.keys {:?}", k.kid);
@@ -132,42 +144,43 @@ impl KeySet {
                     ));
                 }
             };
-            set.insert(
-                &name,
-                k.kid.clone(),
-                Key {
-                    algorithm,
-                    key,
-                    tenant: k.tenant.clone(),
-                    issuer: k.issuer.clone().unwrap_or_else(|| auth.issuer.clone()),
-                },
-            )?;
+            let key = Arc::new(Key {
+                algorithm,
+                key,
+                tenant: k.tenant.clone(),
+                issuer: k.issuer.clone().unwrap_or_else(|| auth.issuer.clone()),
+            });
+            if set.by_kid.insert(k.kid.clone(), vec![key]).is_some() {
+                return Err(key_error(&name, "kid defined twice in auth.keys"));
+            }
         }
         for source in jwks_sources(config) {
             let name = source.path.display().to_string();
-            let text = std::fs::read_to_string(&source.path).map_err(|e| key_error(&name, e))?;
-            for (kid, key) in parse_jwks(
-                &text,
-                source.tenant.as_deref(),
-                source.issuer.as_deref(),
-                &auth.issuer,
-            )
-            .map_err(|e| key_error(&name, e))?
-            {
-                set.insert(&name, kid, key)?;
+            let loaded = std::fs::read_to_string(&source.path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    parse_jwks(
+                        &text,
+                        source.tenant.as_deref(),
+                        source.issuer.as_deref(),
+                        &auth.issuer,
+                    )
+                })
+                .map_err(|e| key_error(&name, e));
+            let keys = match (loaded, previous) {
+                (Ok(keys), _) => keys,
+                (Err(e), None) => return Err(e),
+                (Err(e), Some(previous)) => {
+                    kept.push(e);
+                    previous.jwks.get(&source.path).cloned().unwrap_or_default()
+                }
+            };
+            for (kid, key) in &keys {
+                set.by_kid.entry(kid.clone()).or_default().push(key.clone());
             }
+            set.jwks.insert(source.path, keys);
         }
-        Ok(set)
-    }
-
-    fn insert(&mut self, source_name: &str, kid: String, key: Key) -> Result<(), KeyError> {
-        if self.by_kid.insert(kid.clone(), key).is_some() {
-            return Err(key_error(
-                source_name,
-                format!("kid {kid:?} is defined twice"),
-            ));
-        }
-        Ok(())
+        Ok((set, kept))
     }
 
     /// Modification time and length of every key file, to notice a change cheaply.
@@ -225,13 +238,14 @@ fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
 }
 
 /// The keys of a JWKS document. `bound_tenant` (a tenant's own file) binds every key to that
-/// tenant; otherwise a key's `tenant` member may. Every key needs `kid` and `alg`.
+/// tenant; otherwise a key's `tenant` member may. Every key needs a `kid` unique in the file
+/// and an `alg`.
 fn parse_jwks(
     text: &str,
     bound_tenant: Option<&str>,
     bound_issuer: Option<&str>,
     default_issuer: &str,
-) -> Result<Vec<(String, Key)>, String> {
+) -> Result<Vec<(String, Arc<Key>)>, String> {
     let doc: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
     let keys = doc
@@ -273,14 +287,17 @@ fn parse_jwks(
         let issuer = member("iss")
             .or_else(|| bound_issuer.map(str::to_owned))
             .unwrap_or_else(|| default_issuer.to_owned());
+        if out.iter().any(|(k, _): &(String, Arc<Key>)| *k == kid) {
+            return Err(format!("kid {kid:?} is defined twice"));
+        }
         out.push((
             kid,
-            Key {
+            Arc::new(Key {
                 algorithm,
                 key,
                 tenant,
                 issuer,
-            },
+            }),
         ));
     }
     Ok(out)
