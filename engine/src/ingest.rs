@@ -319,13 +319,13 @@ impl Publisher {
         topic: &str,
         key: Option<&[u8]>,
         payload: &[u8],
-        headers: &[(&str, &[u8])],
+        headers: &[(&str, Option<&[u8]>)],
     ) -> Result<(i32, i64), IngestError> {
         let mut owned = rdkafka::message::OwnedHeaders::new();
         for (name, value) in headers {
             owned = owned.insert(rdkafka::message::Header {
                 key: name,
-                value: Some(*value),
+                value: *value,
             });
         }
         let mut record = FutureRecord::<[u8], [u8]>::to(topic)

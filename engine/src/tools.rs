@@ -51,12 +51,12 @@ pub async fn replay_dead_letters(
         let token = replay.replay_token.to_string();
         // The message's own headers (a binary-mode CloudEvent's attributes among them), then
         // the one-time token.
-        let mut headers: Vec<(&str, &[u8])> = replay
+        let mut headers: Vec<(&str, Option<&[u8]>)> = replay
             .headers
             .iter()
-            .map(|(name, value)| (name.as_str(), value.as_deref().unwrap_or_default()))
+            .map(|(name, value)| (name.as_str(), value.as_deref()))
             .collect();
-        headers.push((crate::ingest::REPLAY_HEADER, token.as_bytes()));
+        headers.push((crate::ingest::REPLAY_HEADER, Some(token.as_bytes())));
         // With the tenant bound to a gateway's header, the operator's tool speaks for the
         // tenant the dead letter was recorded under, as the gateway did (unless the header
         // was kept with the message).
@@ -67,7 +67,7 @@ pub async fn replay_dead_letters(
                 .iter()
                 .any(|(n, _)| n.eq_ignore_ascii_case(&kafka.tenant_header))
         {
-            headers.push((kafka.tenant_header.as_str(), tenant.as_bytes()));
+            headers.push((kafka.tenant_header.as_str(), Some(tenant.as_bytes())));
         }
         publisher
             .send_raw(
