@@ -255,14 +255,8 @@ pub async fn read(
     Path(id): Path<String>,
 ) -> Result<Json<NotificationChanged>, ApiError> {
     let id = parse_id(&id)?;
-    let change = inbox::mark_read(&state.pool, &identity.tenant, &identity.user_id, id)
-        .await?
-        .ok_or_else(not_found)?;
-    publish(&state, &identity, change.event_seq);
-    Ok(Json(NotificationChanged {
-        notification: change.result.into(),
-        unread_count: change.unread_count,
-    }))
+    let change = inbox::mark_read(&state.pool, &identity.tenant, &identity.user_id, id).await?;
+    item_changed(&state, &identity, change)
 }
 
 /// Mark every item up to `up_to` read: what the user has seen, not what arrived since.
@@ -345,9 +339,19 @@ async fn set_archived(
         id,
         archived,
     )
-    .await?
-    .ok_or_else(not_found)?;
-    publish(&state, &identity, change.event_seq);
+    .await?;
+    item_changed(&state, &identity, change)
+}
+
+/// The answer to a change of one item (404 when it is not the caller's), after waking the
+/// user's streams for its change event.
+fn item_changed(
+    state: &AppState,
+    identity: &Identity,
+    change: Option<inbox::Change<InboxItem>>,
+) -> Result<Json<NotificationChanged>, ApiError> {
+    let change = change.ok_or_else(not_found)?;
+    publish(state, identity, change.event_seq);
     Ok(Json(NotificationChanged {
         notification: change.result.into(),
         unread_count: change.unread_count,

@@ -11,7 +11,7 @@
 //! it, in order, live or on replay.
 
 use serde_json::{Map, Value, json};
-use sqlx::{FromRow, PgConnection, PgPool};
+use sqlx::{FromRow, PgConnection, PgPool, Postgres, Transaction};
 
 use super::{NewNotification, Result, insert_notification, scoped};
 
@@ -145,22 +145,8 @@ pub async fn mark_read(
     .await?
     .rows_affected()
         == 1;
-    let Some(item) = fetch(&mut tx, tenant, user_id, seq).await? else {
-        return Ok(None);
-    };
-    let unread_count = count_unread(&mut tx, tenant, user_id).await?;
-    let event_seq = if changed {
-        let data = json!({ "ids": [seq], "up_to": null, "unread_count": unread_count });
-        Some(log_change(&mut tx, tenant, user_id, READ_EVENT, data).await?)
-    } else {
-        None
-    };
-    tx.commit().await?;
-    Ok(Some(Change {
-        result: item,
-        unread_count,
-        event_seq,
-    }))
+    let change = changed.then_some((READ_EVENT, json!({ "ids": [seq], "up_to": null })));
+    finish_item_change(tx, tenant, user_id, seq, change).await
 }
 
 /// Marks every item up to and including `up_to` read (what the user has seen; newer items
@@ -222,15 +208,30 @@ pub async fn set_archived(
     .await?
     .rows_affected()
         == 1;
+    let change = changed.then_some((ARCHIVED_EVENT, json!({ "id": seq, "archived": archived })));
+    finish_item_change(tx, tenant, user_id, seq, change).await
+}
+
+/// After one item's UPDATE: the item as it is now and the unread count, and, when it changed,
+/// the change event (`data` plus that count) in the user's log; then COMMIT. `None`: no such
+/// item for this user.
+async fn finish_item_change(
+    mut tx: Transaction<'static, Postgres>,
+    tenant: &str,
+    user_id: &str,
+    seq: i64,
+    change: Option<(&str, Value)>,
+) -> Result<Option<Change<InboxItem>>> {
     let Some(item) = fetch(&mut tx, tenant, user_id, seq).await? else {
         return Ok(None);
     };
     let unread_count = count_unread(&mut tx, tenant, user_id).await?;
-    let event_seq = if changed {
-        let data = json!({ "id": seq, "archived": archived, "unread_count": unread_count });
-        Some(log_change(&mut tx, tenant, user_id, ARCHIVED_EVENT, data).await?)
-    } else {
-        None
+    let event_seq = match change {
+        Some((kind, mut data)) => {
+            data["unread_count"] = unread_count.into();
+            Some(log_change(&mut tx, tenant, user_id, kind, data).await?)
+        }
+        None => None,
     };
     tx.commit().await?;
     Ok(Some(Change {
