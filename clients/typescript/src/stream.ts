@@ -1,0 +1,237 @@
+// The live stream: `GET /api/v1/sse` read with `fetch` (in browsers and in Node), typed
+// events, and reconnection that loses nothing.
+//
+// Every frame carries the user's sequence number as its id. The stream remembers the last
+// one and reconnects with it (the `Last-Event-ID` header, or `last_event_id` beside a fresh
+// ticket), so the engine replays exactly what was missed; frames at or below that id are
+// dropped, so nothing is delivered twice. Reconnects back off exponentially with jitter,
+// and an `auth.expired` frame makes the stream reconnect at once with fresh credentials.
+
+import type {
+  AuthExpiredEvent,
+  LiveUpdateEvent,
+  NotificationArchivedEvent,
+  NotificationEvent,
+  NotificationReadEvent,
+} from "./generated/events.js";
+import type { NotifyClient } from "./client.js";
+import { apiError } from "./client.js";
+import { NotifyApiError } from "./errors.js";
+import { SseParser, type SseFrame } from "./sse.js";
+
+/** The engine's events by name; any other name is a live update a routing plugin chose. */
+export interface StreamEventMap {
+  notification: NotificationEvent;
+  "notification.read": NotificationReadEvent;
+  "notification.archived": NotificationArchivedEvent;
+  "auth.expired": AuthExpiredEvent;
+  "order.updated": LiveUpdateEvent;
+}
+
+export type StreamStatus = "connecting" | "open" | "reconnecting" | "closed";
+
+export interface StreamOptions {
+  /**
+   * `ticket` (default): each connection first asks for a single-use ticket with the client's
+   * credentials, then opens `?ticket=`: works across origins without third-party cookies.
+   * `direct`: the stream request itself carries the cookie or the bearer header.
+   */
+  mode?: "ticket" | "direct";
+  /** Resume after this id (e.g. kept from a previous page load). */
+  lastEventId?: string;
+  /** Reconnection delays: `initialMs` (250) doubling up to `maxMs` (10 000), jittered. */
+  backoff?: { initialMs?: number; maxMs?: number };
+}
+
+export interface EventMeta {
+  /** The frame's id: the user's sequence number. */
+  id: string | null;
+}
+
+type Handler = (data: never, meta: EventMeta) => void;
+
+export class NotifyStream {
+  private readonly handlers = new Map<string, Set<Handler>>();
+  private readonly statusHandlers = new Set<(status: StreamStatus) => void>();
+  private readonly errorHandlers = new Set<(error: Error) => void>();
+  private readonly abort = new AbortController();
+  private lastId: string | null;
+  private current: StreamStatus = "connecting";
+
+  constructor(
+    private readonly client: NotifyClient,
+    private readonly options: StreamOptions,
+  ) {
+    this.lastId = options.lastEventId ?? null;
+    // Started on the next tick, so handlers registered right after construction see all.
+    queueMicrotask(() => void this.run());
+  }
+
+  /** The last id received: keep it to resume in a later session. */
+  get lastEventId(): string | null {
+    return this.lastId;
+  }
+
+  get status(): StreamStatus {
+    return this.current;
+  }
+
+  on<K extends keyof StreamEventMap>(
+    event: K,
+    handler: (data: StreamEventMap[K], meta: EventMeta) => void,
+  ): () => void;
+  on(event: string, handler: (data: LiveUpdateEvent, meta: EventMeta) => void): () => void;
+  on(event: string, handler: (data: never, meta: EventMeta) => void): () => void {
+    let set = this.handlers.get(event);
+    if (!set) this.handlers.set(event, (set = new Set()));
+    set.add(handler);
+    return () => set.delete(handler);
+  }
+
+  onStatus(handler: (status: StreamStatus) => void): () => void {
+    this.statusHandlers.add(handler);
+    return () => this.statusHandlers.delete(handler);
+  }
+
+  /** Connection trouble (the stream keeps retrying until closed). */
+  onError(handler: (error: Error) => void): () => void {
+    this.errorHandlers.add(handler);
+    return () => this.errorHandlers.delete(handler);
+  }
+
+  close(): void {
+    this.abort.abort();
+    this.setStatus("closed");
+  }
+
+  private get closed(): boolean {
+    return this.abort.signal.aborted;
+  }
+
+  private async run(): Promise<void> {
+    let failures = 0;
+    let opened = false;
+    while (!this.closed) {
+      this.setStatus(opened ? "reconnecting" : "connecting");
+      let wait: number;
+      try {
+        const response = await this.connect();
+        if (!response.ok) {
+          this.emitError(await apiError(response));
+          const retryAfter = Number(response.headers.get("retry-after"));
+          wait = retryAfter > 0 ? retryAfter * 1000 : this.backoff(failures++);
+        } else {
+          opened = true;
+          failures = 0;
+          this.setStatus("open");
+          const ending = await this.read(response);
+          // Expired credentials: new ones at once. Otherwise the server went away.
+          wait = ending === "expired" ? 0 : this.backoff(failures++);
+        }
+      } catch (error) {
+        if (this.closed) break;
+        this.emitError(error instanceof Error ? error : new Error(String(error)));
+        wait = this.backoff(failures++);
+      }
+      if (!this.closed && wait > 0) await sleep(wait, this.abort.signal);
+    }
+    this.setStatus("closed");
+  }
+
+  private async connect(): Promise<Response> {
+    const headers: Record<string, string> = { Accept: "text/event-stream" };
+    if ((this.options.mode ?? "ticket") === "ticket") {
+      const ticket = await this.client.createTicket();
+      let path = ticket.url;
+      if (this.lastId !== null) path += `&last_event_id=${encodeURIComponent(this.lastId)}`;
+      return this.client.send(path, { headers, signal: this.abort.signal });
+    }
+    if (this.lastId !== null) headers["Last-Event-ID"] = this.lastId;
+    return this.client.send("/api/v1/sse", { headers, signal: this.abort.signal });
+  }
+
+  /** Reads frames until the response ends: `expired` after an `auth.expired` frame. */
+  private async read(response: Response): Promise<"ended" | "expired"> {
+    if (!response.body) throw new NotifyApiError(response.status, "no_body", "the stream has no body");
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let expired = false;
+    const parser = new SseParser({
+      frame: (frame) => {
+        if (frame.event === "auth.expired") {
+          expired = true;
+          this.dispatch(frame);
+          return;
+        }
+        // Already delivered (ids only grow per user): never twice.
+        if (frame.id !== null && this.lastId !== null && Number(frame.id) <= Number(this.lastId)) {
+          return;
+        }
+        if (frame.id !== null) this.lastId = frame.id;
+        this.dispatch(frame);
+      },
+      id: (id) => {
+        // The engine's first frame (a comment) carries the position the stream starts from.
+        if (this.lastId === null || Number(id) > Number(this.lastId)) this.lastId = id;
+      },
+    });
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        parser.push(value);
+        if (expired) break;
+      }
+    } finally {
+      reader.cancel().catch(() => {});
+    }
+    return expired ? "expired" : "ended";
+  }
+
+  private dispatch(frame: SseFrame): void {
+    const handlers = this.handlers.get(frame.event);
+    if (!handlers?.size) return;
+    let data: unknown;
+    try {
+      data = JSON.parse(frame.data);
+    } catch {
+      this.emitError(new Error(`event ${frame.event} ${frame.id ?? ""} has data that is not JSON`));
+      return;
+    }
+    for (const handler of handlers) {
+      try {
+        handler(data as never, { id: frame.id });
+      } catch (error) {
+        this.emitError(error instanceof Error ? error : new Error(String(error)));
+      }
+    }
+  }
+
+  private backoff(failures: number): number {
+    const initial = this.options.backoff?.initialMs ?? 250;
+    const max = this.options.backoff?.maxMs ?? 10_000;
+    const delay = Math.min(max, initial * 2 ** Math.min(failures, 16));
+    return delay / 2 + Math.random() * (delay / 2);
+  }
+
+  private setStatus(status: StreamStatus): void {
+    if (this.current === status) return;
+    this.current = status;
+    for (const handler of this.statusHandlers) handler(status);
+  }
+
+  private emitError(error: Error): void {
+    for (const handler of this.errorHandlers) handler(error);
+  }
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    }
+    signal.addEventListener("abort", done);
+  });
+}

@@ -1,0 +1,117 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { NotifyApiError, NotifyClient, type StreamStatus } from "../src/index.js";
+import { Stub, notification, sse, waitFor } from "./stub.js";
+
+const fast = { initialMs: 10, maxMs: 50 };
+
+test("inbox calls: bearer per request, JSON bodies, typed errors", async () => {
+  const stub = new Stub();
+  const baseUrl = await stub.start();
+  let n = 0;
+  const client = new NotifyClient({ baseUrl, auth: { kind: "bearer", token: () => `tok${++n}` } });
+  assert.equal(await client.unreadCount(), 3);
+  await client.list({ unread: true, limit: 5, category: undefined });
+  await client.markAllRead(41);
+  await client.archive(7);
+  await assert.rejects(client.markRead(404), (e: unknown) => {
+    assert.ok(e instanceof NotifyApiError);
+    assert.equal(e.status, 404);
+    assert.equal(e.code, "not_found");
+    return true;
+  });
+  const [count, list, readAll, archive] = stub.seen;
+  assert.equal(count?.headers.authorization, "Bearer tok1");
+  assert.equal(list?.url, "/api/v1/notifications?unread=true&limit=5");
+  assert.equal(readAll?.headers["content-type"], "application/json");
+  assert.equal(readAll?.body, '{"up_to":41}');
+  assert.equal(archive?.method, "POST");
+  assert.equal(archive?.url, "/api/v1/notifications/7/archive");
+  // Never a token in a URL.
+  assert.ok(stub.seen.every((s) => !s.url.includes("tok")));
+  await stub.stop();
+});
+
+test("the stream resumes after a drop with the last id, and delivers nothing twice", async () => {
+  const stub = new Stub();
+  const baseUrl = await stub.start();
+  stub.streams = [
+    (res) => sse(res, ["id: 0\nretry: 3000\n: connected\n\n", notification(1), notification(2)]),
+    // The server replays from the id it was given, and (wrongly) repeats 2: dropped.
+    (res) => sse(res, ["id: 2\n: connected\n\n", notification(2), notification(3)], false),
+  ];
+  const client = new NotifyClient({ baseUrl, auth: { kind: "bearer", token: () => "tok" } });
+  const stream = client.stream({ backoff: fast });
+  const got: number[] = [];
+  const statuses: StreamStatus[] = [];
+  stream.on("notification", (n, meta) => {
+    got.push(n.id);
+    assert.equal(meta.id, String(n.id));
+  });
+  stream.onStatus((s) => statuses.push(s));
+  await waitFor(() => got.length === 3);
+  assert.deepEqual(got, [1, 2, 3]);
+  assert.equal(stream.lastEventId, "3");
+  // Ticket mode: a fresh ticket per connection, the resume point beside it.
+  const [first, second] = stub.streamRequests;
+  assert.equal(first?.url, "/api/v1/sse?ticket=t1");
+  assert.equal(second?.url, "/api/v1/sse?ticket=t2&last_event_id=2");
+  assert.deepEqual(statuses, ["open", "reconnecting", "open"]);
+  stream.close();
+  await waitFor(() => stream.status === "closed");
+  await stub.stop();
+});
+
+test("auth.expired reconnects at once with fresh credentials; errors back off", async () => {
+  const stub = new Stub();
+  const baseUrl = await stub.start();
+  stub.streams = [
+    (res) => {
+      res.writeHead(503, { "content-type": "application/json" });
+      res.end('{"error":{"code":"unavailable","message":"later"}}');
+    },
+    (res) =>
+      sse(res, [
+        notification(5),
+        'id: 5\nevent: auth.expired\ndata: {"expired_at":"2026-11-27T10:00:00Z","message":"x"}\n\n',
+      ], false),
+    (res) => sse(res, [notification(6)], false),
+  ];
+  const client = new NotifyClient({ baseUrl, auth: { kind: "cookie" } });
+  const stream = client.stream({ mode: "direct", backoff: fast, lastEventId: "4" });
+  const got: number[] = [];
+  const errors: Error[] = [];
+  let expired = 0;
+  stream.on("notification", (n) => got.push(n.id));
+  stream.on("auth.expired", () => expired++);
+  stream.onError((e) => errors.push(e));
+  await waitFor(() => got.length === 2);
+  assert.deepEqual(got, [5, 6]);
+  assert.equal(expired, 1);
+  assert.equal((errors[0] as NotifyApiError).status, 503);
+  const ids = stub.streamRequests.map((r) => r.headers["last-event-id"]);
+  assert.deepEqual(ids, ["4", "4", "5"]);
+  stream.close();
+  await stub.stop();
+});
+
+test("live updates by any name, typed order.updated", async () => {
+  const stub = new Stub();
+  const baseUrl = await stub.start();
+  stub.streams = [
+    (res) =>
+      sse(res, [
+        'id: 1\nevent: order.updated\ndata: {"order_id":"A-1","status":"shipped","event_id":"e1"}\n\n',
+        'id: 2\nevent: cart.changed\ndata: {"items":2,"event_id":"e2"}\n\n',
+      ], false),
+  ];
+  const client = new NotifyClient({ baseUrl, auth: { kind: "cookie" } });
+  const stream = client.stream({ mode: "direct" });
+  const seen: string[] = [];
+  stream.on("order.updated", (u) => seen.push(`${String(u.status)}:${u.event_id}`));
+  stream.on("cart.changed", (u) => seen.push(`cart:${u.event_id}`));
+  await waitFor(() => seen.length === 2);
+  assert.deepEqual(seen, ["shipped:e1", "cart:e2"]);
+  stream.close();
+  await stub.stop();
+});
