@@ -2,7 +2,8 @@
 # Runs every check and test against the real services (Kafka, PostgreSQL, Mailpit), which
 # it starts (and leaves running for the next run; `scripts/services.sh down` stops them).
 #
-#   scripts/test.sh            formatting, clippy, plugin tests, engine unit + integration tests
+#   scripts/test.sh            formatting, clippy, plugin tests, engine unit + integration tests,
+#                              the TypeScript client (unit, and against a real engine)
 #   scripts/test.sh e2e        extra arguments go to `cargo test` of the engine
 set -euo pipefail
 
@@ -44,3 +45,14 @@ log "engine tests (unit + integration on the real services)"
 # --lib --bins --tests: no doc tests (there are none) and no benchmarks, so the run ends on
 # the integration tests' summary.
 cargo test --workspace --locked --lib --bins --tests "$@"
+
+log "TypeScript client: types against the contracts, unit tests, then against a real engine"
+(cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && npm run --silent check-generated && npm test)
+cargo build --locked --bin notify-engine
+(
+    # shellcheck source=scripts/lib/engine.sh
+    . scripts/lib/engine.sh
+    start_engine client
+    export ENGINE_BIN ENGINE_URL ENGINE_TOPIC_PAID
+    cd clients/typescript && npm run test:engine
+)
