@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building the engine needs and a fresh machine of our kind may lack:
 # a C toolchain, pkg-config, OpenSSL and zlib headers (librdkafka is compiled from source
-# by rdkafka-sys), and the PostgreSQL client for the scripts. Idempotent; apt runs only if
-# something is missing.
+# by rdkafka-sys), the PostgreSQL client for the scripts, and Chromium for the browser test
+# (`--with-browser`). Idempotent; apt runs only if something is missing.
 set -euo pipefail
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
@@ -15,6 +15,10 @@ command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
+if [[ ${1:-} == --with-browser ]]; then
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v node >/dev/null 2>&1 || { log "node not found: install Node.js 20 or newer"; exit 1; }
+fi
 
 if ((${#missing[@]})); then
     command -v apt-get >/dev/null 2>&1 || { log "missing ${missing[*]} and no apt-get"; exit 1; }

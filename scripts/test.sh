@@ -3,7 +3,8 @@
 # it starts (and leaves running for the next run; `scripts/services.sh down` stops them).
 #
 #   scripts/test.sh            formatting, clippy, plugin tests, engine unit + integration tests,
-#                              the TypeScript client (unit, and against a real engine)
+#                              the TypeScript client (unit, and against a real engine), the
+#                              example shop (jest, then Chromium against a real engine)
 #   scripts/test.sh e2e        extra arguments go to `cargo test` of the engine
 set -euo pipefail
 
@@ -55,4 +56,18 @@ cargo build --locked --bin notify-engine
     start_engine client
     export ENGINE_BIN ENGINE_URL ENGINE_TOPIC_PAID
     cd clients/typescript && npm run test:engine
+)
+
+log "example shop: component tests, production build, then the browser test (Chromium)"
+scripts/bootstrap.sh --with-browser
+(cd examples/nextjs-shop && npm ci --no-audit --no-fund --loglevel=error && npm test -- --ci &&
+    NEXT_TELEMETRY_DISABLED=1 npx next build)
+(
+    # shellcheck source=scripts/lib/engine.sh
+    . scripts/lib/engine.sh
+    SHOP_PORT=$(free_port)
+    export SHOP_PORT
+    ENGINE_CORS="\"http://127.0.0.1:$SHOP_PORT\""
+    prepare_engine shop
+    cd examples/nextjs-shop && node tests/browser.mjs
 )

@@ -1,13 +1,31 @@
-# Starts a throwaway engine for the client and browser tests: its own database, topics,
-# consumer group and ports, the demo's development secret. Sourced by scripts/test.sh after
-# the services are up and services.env is loaded.
+# A throwaway engine for the client and browser tests: its own database, topics, consumer
+# group and ports, the demo's development secret. Sourced by scripts/test.sh after the
+# services are up and services.env is loaded.
 #
-#   start_engine NAME      sets ENGINE_URL, ENGINE_ADMIN_URL, ENGINE_PID, ENGINE_CONFIG,
-#                          ENGINE_TOPIC_PAID, ENGINE_TOPIC_STATUS; exports what the engine's
-#                          own tools (token, publish) need
+#   prepare_engine NAME    creates its database and topics and writes its configuration; sets
+#                          ENGINE_BIN, ENGINE_CONFIG, ENGINE_DATABASE_URL, ENGINE_URL,
+#                          ENGINE_ADMIN_URL, ENGINE_TOPIC_PAID, ENGINE_TOPIC_STATUS and exports
+#                          what the engine and its tools (token, publish) read; ENGINE_CORS
+#                          (quoted origins, comma-separated) becomes http.cors_origins
+#   start_engine NAME      prepare_engine, then runs it until ready; sets ENGINE_PID
 #   stop_engine            stops it (also on exit)
 
 start_engine() {
+    prepare_engine "$1"
+    DATABASE_URL=$ENGINE_DATABASE_URL "$ENGINE_BIN" run >"$ENGINE_DIR/engine.log" 2>&1 &
+    ENGINE_PID=$!
+    trap stop_engine EXIT
+    for _ in $(seq 1 120); do
+        curl -fsS "$ENGINE_ADMIN_URL/readyz" >/dev/null 2>&1 && return 0
+        kill -0 "$ENGINE_PID" 2>/dev/null || break
+        sleep 0.5
+    done
+    tail -n 40 "$ENGINE_DIR/engine.log" >&2
+    echo "the test engine did not become ready" >&2
+    return 1
+}
+
+prepare_engine() {
     local name=$1 run
     run="${name}_$$"
     ENGINE_BIN=${ENGINE_BIN:-$CARGO_TARGET_DIR/debug/notify-engine}
@@ -40,20 +58,13 @@ TOML
     export NOTIFY_CONFIG=$ENGINE_CONFIG
     export NOTIFY_AUTH__JWT_SECRET=demo-secret-change-me-0123456789abcdef
     export NOTIFY_DEV__MODE=true
-    # services.env's DATABASE_URL would override the file's database.
-    DATABASE_URL="${DATABASE_URL%/*}/test_$run" "$ENGINE_BIN" run >"$ENGINE_DIR/engine.log" 2>&1 &
-    ENGINE_PID=$!
+    # services.env's DATABASE_URL would override the file's database: the engine is started
+    # with this one.
+    ENGINE_DATABASE_URL="${DATABASE_URL%/*}/test_$run"
     ENGINE_URL="http://127.0.0.1:$http"
     ENGINE_ADMIN_URL="http://127.0.0.1:$admin"
-    trap stop_engine EXIT
-    for _ in $(seq 1 120); do
-        curl -fsS "$ENGINE_ADMIN_URL/readyz" >/dev/null 2>&1 && return 0
-        kill -0 "$ENGINE_PID" 2>/dev/null || break
-        sleep 0.5
-    done
-    tail -n 40 "$ENGINE_DIR/engine.log" >&2
-    echo "the test engine did not become ready" >&2
-    return 1
+    export ENGINE_BIN ENGINE_DIR ENGINE_CONFIG ENGINE_DATABASE_URL ENGINE_URL ENGINE_ADMIN_URL \
+        ENGINE_TOPIC_PAID ENGINE_TOPIC_STATUS
 }
 
 stop_engine() {

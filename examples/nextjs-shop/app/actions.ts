@@ -1,0 +1,26 @@
+"use server";
+
+import { cookies } from "next/headers";
+import { redirect } from "next/navigation";
+import { COOKIE, TTL_SECS, mint } from "@/lib/session";
+
+const ID = /^[A-Za-z0-9_-]{1,64}$/;
+
+export async function signIn(form: FormData): Promise<void> {
+  const tenant = String(form.get("tenant") ?? "");
+  const user = String(form.get("user") ?? "");
+  if (!ID.test(tenant) || !ID.test(user)) throw new Error("tenant and user must be 1-64 of [A-Za-z0-9_-]");
+  (await cookies()).set(COOKIE, mint(tenant, user), {
+    httpOnly: true,
+    sameSite: "lax",
+    secure: process.env.NODE_ENV === "production" && process.env.DEMO_INSECURE_COOKIE !== "1",
+    path: "/",
+    maxAge: TTL_SECS,
+  });
+  redirect("/");
+}
+
+export async function signOut(): Promise<void> {
+  (await cookies()).delete(COOKIE);
+  redirect("/");
+}

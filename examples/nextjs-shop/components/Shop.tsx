@@ -1,0 +1,49 @@
+"use client";
+import { useEffect, useState } from "react";
+import { useInbox } from "@/lib/useInbox";
+import { Bell } from "./Bell";
+import { NotificationCentre } from "./NotificationCentre";
+import { OrderRow } from "./OrderRow";
+import { Toasts } from "./Toasts";
+
+export function Shop({ engineUrl }: { engineUrl: string }) {
+  const inbox = useInbox(engineUrl);
+  const [open, setOpen] = useState(true);
+  // Re-render now and then so highlights fade.
+  const [now, setNow] = useState(() => Date.now());
+  useEffect(() => {
+    const t = setInterval(() => setNow(Date.now()), 1000);
+    return () => clearInterval(t);
+  }, []);
+  return (
+    <div className="shop">
+      <div className="bar">
+        <span className={`conn conn-${inbox.status}`} data-testid="connection">
+          {inbox.status === "open" ? "live" : inbox.status === "reconnecting" ? "reconnecting…" : inbox.status}
+        </span>
+        <Bell unread={inbox.unread} onClick={() => setOpen((o) => !o)} />
+      </div>
+      <main className="content">
+        <section>
+          <h1>Your orders</h1>
+          <table className="orders">
+            <thead>
+              <tr>
+                <th>Order</th>
+                <th>Status</th>
+              </tr>
+            </thead>
+            <tbody>
+              {inbox.orders.map((o) => (
+                <OrderRow key={o.id} order={o} now={now} />
+              ))}
+            </tbody>
+          </table>
+          {inbox.orders.length === 0 && <p className="empty">No orders yet.</p>}
+        </section>
+        {open && <NotificationCentre client={inbox.client} items={inbox.items} />}
+      </main>
+      <Toasts toasts={inbox.toasts} onDismiss={inbox.dismiss} />
+    </div>
+  );
+}
