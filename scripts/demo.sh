@@ -13,6 +13,8 @@ PLUGINS_TARGET_DIR=${PLUGINS_TARGET_DIR:-$HOME/.cache/notify-engine-plugins-targ
 STATE=${NOTIFY_STATE_DIR:-$HOME/.cache/notify-engine/run}
 HTTP=127.0.0.1:${NOTIFY_HTTP_PORT:-8080}
 ADMIN=127.0.0.1:${NOTIFY_ADMIN_PORT:-9090}
+# The example shop; the engine's CORS origin in config/demo.toml names this port.
+SHOP=127.0.0.1:3000
 
 scripts/bootstrap.sh
 
@@ -35,6 +37,12 @@ log "building the engine"
 cargo build --locked --bin notify-engine
 BIN=$CARGO_TARGET_DIR/debug/notify-engine
 
+log "building the example shop (clients/typescript, examples/nextjs-shop)"
+(cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build)
+(cd examples/nextjs-shop && npm ci --no-audit --no-fund --loglevel=error &&
+    NEXT_TELEMETRY_DISABLED=1 npx next build >"$STATE/shop-build.log" 2>&1) ||
+    { tail -n 30 "$STATE/shop-build.log"; exit 1; }
+
 # A fresh demo database each run, so the samples (fixed event ids) are new every time.
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS notify_demo WITH (FORCE)" >/dev/null
 psql "$DATABASE_URL" -qc "CREATE DATABASE notify_demo" >/dev/null
@@ -55,6 +63,7 @@ cleanup() {
     trap - INT TERM EXIT
     log "stopping"
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    [[ -n ${shop_pid:-} ]] && kill -- "-$shop_pid" 2>/dev/null || true
     wait 2>/dev/null || true
     if ((started_services)); then scripts/services.sh down; fi
 }
@@ -71,6 +80,16 @@ for _ in $(seq 1 120); do
 done
 curl -fsS "http://$ADMIN/readyz" >/dev/null || { tail -n 30 "$STATE/logs/engine.log"; exit 1; }
 
+log "starting the example shop on http://$SHOP (log: $STATE/logs/shop.log)"
+# In a session of its own (setsid), so stopping it stops the server process Next.js forks.
+(cd examples/nextjs-shop && NOTIFY_ENGINE_URL="http://$HTTP" DEMO_INSECURE_COOKIE=1 NEXT_TELEMETRY_DISABLED=1 \
+    exec setsid npx next start --hostname 127.0.0.1 --port "${SHOP##*:}") >"$STATE/logs/shop.log" 2>&1 &
+shop_pid=$!
+for _ in $(seq 1 60); do
+    curl -fsS -o /dev/null "http://$SHOP" 2>/dev/null && break
+    sleep 0.5
+done
+
 ALICE=$("$BIN" token --tenant acme --user alice --ttl 86400)
 BOB=$("$BIN" token --tenant globex --user bob --ttl 86400)
 
@@ -86,6 +105,7 @@ log "publishing samples/events.jsonl (one event a second)"
 cat >&2 <<MSG
 
 $(printf '\033[1m')Everything is running.$(printf '\033[0m')
+  The shop (browser):    http://$SHOP   (sign in as acme/alice to see the samples; open two tabs)
   Emails (Mailpit UI):   $MAILPIT_URL
   Metrics:               http://$ADMIN/metrics        Readiness: http://$ADMIN/readyz
   Bob's stream (globex): curl -N -H "Authorization: Bearer $BOB" -H "Last-Event-ID: 0" http://$HTTP/api/v1/sse

@@ -6,59 +6,17 @@
 // an order status within a second; mark-all-read in one tab clears the badge in another; the
 // engine restarted mid-session loses nothing and repeats nothing; another user sees nothing.
 // Screenshots go to test-results/.
-import { spawn, execFileSync } from "node:child_process";
-import { mkdirSync, openSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { writeFileSync } from "node:fs";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
-import { chromium } from "playwright-core";
+import {
+  SECOND, bin, engineRunning, env, launchBrowser, results, root, shopUrl, signIn as signInAs,
+  startEngine, startShop, stopEngine, waitHttp,
+} from "./harness.mjs";
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const shopDir = path.resolve(here, "..");
-const root = path.resolve(shopDir, "../..");
-const results = path.join(shopDir, "test-results");
-mkdirSync(results, { recursive: true });
-
-function env(name) {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set: run through scripts/test.sh`);
-  return v;
-}
-const bin = env("ENGINE_BIN");
-const engineUrl = env("ENGINE_URL");
-const adminUrl = env("ENGINE_ADMIN_URL");
-const shopPort = env("SHOP_PORT");
-const shopUrl = `http://127.0.0.1:${shopPort}`;
 const tenant = `shop${Date.now().toString(36)}`;
-const SECOND = 1000;
-
-let engine;
-function startEngine() {
-  const log = openSync(path.join(env("ENGINE_DIR"), "engine.log"), "a");
-  engine = spawn(bin, ["run"], {
-    cwd: root,
-    env: { ...process.env, DATABASE_URL: env("ENGINE_DATABASE_URL") },
-    stdio: ["ignore", log, log],
-  });
-  return waitHttp(`${adminUrl}/readyz`, 60 * SECOND);
-}
-async function stopEngine() {
-  const exited = new Promise((r) => engine.once("exit", r));
-  engine.kill("SIGTERM");
-  await exited;
-}
-
-async function waitHttp(url, ms) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    try {
-      const r = await fetch(url);
-      if (r.ok) return;
-    } catch {}
-    if (Date.now() > deadline) throw new Error(`${url} did not answer in time`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+const signIn = (page, user) => signInAs(page, tenant, user);
 
 let serial = 0;
 /** Publishes envelopes with the engine's own tool; resolves once Kafka acknowledged them. */
@@ -72,14 +30,6 @@ function publish(type, user, data) {
   writeFileSync(file, JSON.stringify(event) + "\n");
   execFileSync(bin, ["publish", file, "--topic", topic], { cwd: root, stdio: "ignore" });
   return Date.now();
-}
-
-async function signIn(page, user) {
-  await page.goto(shopUrl);
-  await page.getByTestId("tenant").fill(tenant);
-  await page.getByTestId("user").fill(user);
-  await page.getByTestId("sign-in").click();
-  await page.getByTestId("connection").getByText("live").waitFor({ timeout: 15 * SECOND });
 }
 
 async function badge(page) {
@@ -96,23 +46,8 @@ async function eventually(check, what, ms = SECOND) {
   }
 }
 
-const shop = spawn("npx", ["next", "start", "--port", shopPort, "--hostname", "127.0.0.1"], {
-  cwd: shopDir,
-  env: {
-    ...process.env,
-    NOTIFY_ENGINE_URL: engineUrl,
-    // The test serves plain http: the session cookie cannot be Secure here.
-    DEMO_INSECURE_COOKIE: "1",
-    NEXT_TELEMETRY_DISABLED: "1",
-  },
-  stdio: ["ignore", "inherit", "inherit"],
-  // Its own process group, so stopping it stops the server npx started too.
-  detached: true,
-});
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-dev-shm-usage"],
-});
+const stopShop = startShop();
+const browser = await launchBrowser();
 try {
   await startEngine();
   await waitHttp(shopUrl, 60 * SECOND);
@@ -182,7 +117,7 @@ try {
   assert.equal(await badge(bobPage), 0);
   assert.equal(await bobPage.getByTestId("order-A-1001").count(), 0);
   await bobPage.screenshot({ path: path.join(results, "5-other-user.png") });
-  console.log(`browser test passed; publish→screen ${latencies.join(" ms, ")} ms`);
+  console.log(`browser test passed; on screen ${latencies.join(" ms, ")} ms after the publish tool returned`);
 } catch (error) {
   for (const [i, page] of (browser.contexts().flatMap((c) => c.pages())).entries()) {
     await page.screenshot({ path: path.join(results, `failure-${i}.png`) }).catch(() => {});
@@ -190,6 +125,6 @@ try {
   throw error;
 } finally {
   await browser.close();
-  process.kill(-shop.pid, "SIGTERM");
-  if (engine && engine.exitCode === null) await stopEngine();
+  stopShop();
+  if (engineRunning()) await stopEngine();
 }
