@@ -86,9 +86,11 @@ log "starting the example shop on http://$SHOP (log: $STATE/logs/shop.log)"
     exec setsid npx next start --hostname 127.0.0.1 --port "${SHOP##*:}") >"$STATE/logs/shop.log" 2>&1 &
 shop_pid=$!
 for _ in $(seq 1 60); do
+    kill -0 "$shop_pid" 2>/dev/null || { tail -n 30 "$STATE/logs/shop.log"; exit 1; }
     curl -fsS -o /dev/null "http://$SHOP" 2>/dev/null && break
     sleep 0.5
 done
+curl -fsS -o /dev/null "http://$SHOP" || { tail -n 30 "$STATE/logs/shop.log"; exit 1; }
 
 ALICE=$("$BIN" token --tenant acme --user alice --ttl 86400)
 BOB=$("$BIN" token --tenant globex --user bob --ttl 86400)
@@ -99,8 +101,10 @@ curl -sN -H "Authorization: Bearer $ALICE" -H "Last-Event-ID: 0" "http://$HTTP/a
 pids+=($!)
 sleep 1
 
-log "publishing samples/events.jsonl (one event a second)"
-"$BIN" publish --stamp-now --interval-ms 1000 samples/events.jsonl
+log "open http://$SHOP in a browser and sign in as acme/alice to watch the samples arrive"
+log "publishing samples/events.jsonl in 10 s (one event every 2 s)"
+sleep 10
+"$BIN" publish --stamp-now --interval-ms 2000 samples/events.jsonl
 
 cat >&2 <<MSG
 

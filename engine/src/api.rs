@@ -93,6 +93,8 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
                 header::CONTENT_TYPE,
                 header::HeaderName::from_static("last-event-id"),
             ])
+            // A browser client backs off as a 429 says.
+            .expose_headers([header::RETRY_AFTER])
             .max_age(std::time::Duration::from_secs(600)),
     )
 }
@@ -463,6 +465,20 @@ mod tests {
             "https://app.example.com"
         );
         assert_eq!(r.headers[header::ACCESS_CONTROL_ALLOW_CREDENTIALS], "true");
+        // An actual request: Retry-After is readable by the page.
+        let (_, r) = send(
+            &router,
+            Request::builder()
+                .uri("/api/v1/notifications")
+                .header(header::ORIGIN, "https://app.example.com")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            r.headers[header::ACCESS_CONTROL_EXPOSE_HEADERS],
+            "retry-after"
+        );
         let (_, r) = send(&router, preflight("https://evil.example")).await;
         assert!(r.headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
         // Without configured origins, no CORS headers at all.

@@ -114,47 +114,67 @@ export class NotifyStream {
     while (!this.closed) {
       this.setStatus(opened ? "reconnecting" : "connecting");
       let wait: number;
+      // One controller per connection (linked to close()), so no listener outlives it.
+      const connection = new AbortController();
+      const abort = () => connection.abort();
+      this.abort.signal.addEventListener("abort", abort);
       try {
-        const response = await this.connect();
+        const response = await this.connect(connection.signal);
         if (!response.ok) {
-          this.emitError(await apiError(response));
+          const error = await apiError(response);
+          this.emitError(error);
           const retryAfter = Number(response.headers.get("retry-after"));
-          wait = retryAfter > 0 ? retryAfter * 1000 : this.backoff(failures++);
+          // Refused credentials do not fix themselves quickly: retry slowly (the app may
+          // sign in again meanwhile; onError tells it).
+          const permanent = response.status === 401 || response.status === 403;
+          wait = retryAfter > 0
+            ? retryAfter * 1000
+            : permanent
+              ? this.backoff(Math.max(failures++, 16))
+              : this.backoff(failures++);
+          if (response.status === 400) this.lastId = null;
         } else {
           opened = true;
-          failures = 0;
           this.setStatus("open");
-          const ending = await this.read(response);
-          // Expired credentials: new ones at once. Otherwise the server went away.
-          wait = ending === "expired" ? 0 : this.backoff(failures++);
+          const { ending, delivered } = await this.read(response);
+          // A connection that delivered something was healthy: start the backoff afresh.
+          if (delivered > 0) failures = 0;
+          // Expired credentials: new ones at once, unless nothing came through (a token
+          // already past its time keeps expiring: back off). Otherwise the server went away.
+          wait = ending === "expired" && delivered > 0 ? 0 : this.backoff(failures++);
         }
       } catch (error) {
         if (this.closed) break;
         this.emitError(error instanceof Error ? error : new Error(String(error)));
         wait = this.backoff(failures++);
+      } finally {
+        this.abort.signal.removeEventListener("abort", abort);
+        connection.abort();
       }
       if (!this.closed && wait > 0) await sleep(wait, this.abort.signal);
     }
     this.setStatus("closed");
   }
 
-  private async connect(): Promise<Response> {
+  private async connect(signal: AbortSignal): Promise<Response> {
     const headers: Record<string, string> = { Accept: "text/event-stream" };
     if ((this.options.mode ?? "ticket") === "ticket") {
       const ticket = await this.client.createTicket();
       let path = ticket.url;
       if (this.lastId !== null) path += `&last_event_id=${encodeURIComponent(this.lastId)}`;
-      return this.client.send(path, { headers, signal: this.abort.signal });
+      return this.client.send(path, { headers, signal });
     }
     if (this.lastId !== null) headers["Last-Event-ID"] = this.lastId;
-    return this.client.send("/api/v1/sse", { headers, signal: this.abort.signal });
+    return this.client.send("/api/v1/sse", { headers, signal });
   }
 
-  /** Reads frames until the response ends: `expired` after an `auth.expired` frame. */
-  private async read(response: Response): Promise<"ended" | "expired"> {
+  /** Reads frames until the response ends (`expired` after an `auth.expired` frame), and
+   *  counts the frames delivered. */
+  private async read(response: Response): Promise<{ ending: "ended" | "expired"; delivered: number }> {
     if (!response.body) throw new NotifyApiError(response.status, "no_body", "the stream has no body");
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let expired = false;
+    let delivered = 0;
     const parser = new SseParser({
       frame: (frame) => {
         if (frame.event === "auth.expired") {
@@ -167,11 +187,14 @@ export class NotifyStream {
           return;
         }
         if (frame.id !== null) this.lastId = frame.id;
+        delivered++;
         this.dispatch(frame);
       },
       id: (id) => {
-        // The engine's first frame (a comment) carries the position the stream starts from.
-        if (this.lastId === null || Number(id) > Number(this.lastId)) this.lastId = id;
+        // The engine's first frame (a comment) carries the position the stream starts from:
+        // it is authoritative, even below ours (the engine's database was reset, and its ids
+        // start again; keeping ours would hide every new event up to it).
+        this.lastId = id;
       },
     });
     try {
@@ -184,7 +207,7 @@ export class NotifyStream {
     } finally {
       reader.cancel().catch(() => {});
     }
-    return expired ? "expired" : "ended";
+    return { ending: expired ? "expired" : "ended", delivered };
   }
 
   private dispatch(frame: SseFrame): void {

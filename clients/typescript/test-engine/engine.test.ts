@@ -64,7 +64,7 @@ test("stream, inbox and read state against the engine, resuming with nothing los
   const got = collect(stream);
   const reads: number[] = [];
   stream.on("notification.read", (r) => reads.push(r.unread_count));
-  await until(() => stream.status === "open");
+  await until(() => stream.status === "open" && otherStream.status === "open");
 
   publish([paid("c1", tenant, "u1"), paid("c2", tenant, "u1")]);
   await until(() => got.length === 2);

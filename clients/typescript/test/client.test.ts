@@ -115,3 +115,41 @@ test("live updates by any name, typed order.updated", async () => {
   stream.close();
   await stub.stop();
 });
+
+test("after the engine's database was reset, its lower opening id wins: new events are not hidden", async () => {
+  const stub = new Stub();
+  const baseUrl = await stub.start();
+  stub.streams = [
+    // The engine knows only up to 2 now; it starts the stream there.
+    (res) => sse(res, ["id: 2\nretry: 3000\n: connected\n\n", notification(3)], false),
+  ];
+  const client = new NotifyClient({ baseUrl, auth: { kind: "cookie" } });
+  const stream = client.stream({ mode: "direct", lastEventId: "40" });
+  const got: number[] = [];
+  stream.on("notification", (n) => got.push(n.id));
+  await waitFor(() => got.length === 1);
+  assert.deepEqual(got, [3]);
+  assert.equal(stub.streamRequests[0]?.headers["last-event-id"], "40");
+  stream.close();
+  await stub.stop();
+});
+
+test("refused credentials are reported and retried slowly, not in a tight loop", async () => {
+  const stub = new Stub();
+  const baseUrl = await stub.start();
+  stub.streams = [
+    (res) => {
+      res.writeHead(401, { "content-type": "application/json" });
+      res.end('{"error":{"code":"unauthorized","message":"no"}}');
+    },
+  ];
+  const client = new NotifyClient({ baseUrl, auth: { kind: "cookie" } });
+  const stream = client.stream({ mode: "direct", backoff: { initialMs: 10, maxMs: 400 } });
+  const errors: number[] = [];
+  stream.onError((e) => errors.push((e as NotifyApiError).status));
+  await waitFor(() => errors.length === 1);
+  await new Promise((r) => setTimeout(r, 150));
+  assert.deepEqual(errors, [401], "no fast retries after a 401");
+  stream.close();
+  await stub.stop();
+});

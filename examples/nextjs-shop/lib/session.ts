@@ -5,7 +5,7 @@
 import { createHmac } from "node:crypto";
 
 export const COOKIE = "notify_token";
-/** A token lives an hour; the stream ends with it (auth.expired) and the page signs in again. */
+/** A token lives an hour; then the stream is refused and the page shows the sign-in again. */
 export const TTL_SECS = 3600;
 
 export interface Session {
@@ -15,6 +15,10 @@ export interface Session {
 }
 
 function secret(): string {
+  // The sign-in lets anyone be anyone: only beside an engine in development mode.
+  if (process.env.NOTIFY_DEV__MODE !== "true") {
+    throw new Error("the development sign-in needs NOTIFY_DEV__MODE=true (never in production)");
+  }
   const s = process.env.NOTIFY_AUTH__JWT_SECRET;
   if (!s || s.length < 32) {
     throw new Error("NOTIFY_AUTH__JWT_SECRET (the engine's development secret) is not set on the server");

@@ -1,9 +1,11 @@
 "use client";
-// The page's state, kept by the client's stream: inbox items, the unread count, orders by id,
-// toasts, and the connection status. Every change a user makes arrives back as an event
-// (in every tab), so this state follows the events rather than the clicks.
+// The page's state: inbox items, the unread count, orders by id, toasts, and the connection
+// status. The inbox list read when the stream first opens is the baseline; the stream's
+// events come after it. Every change a user makes arrives back as an event (in every tab), so
+// this state follows the events rather than the clicks.
 import { useEffect, useMemo, useRef, useState } from "react";
 import {
+  NotifyApiError,
   NotifyClient,
   type Notification,
   type NotificationEvent,
@@ -73,15 +75,7 @@ export function useInbox(engineUrl: string): Inbox {
         next.set(id, { id, status: orderStatus, changedAt });
         return next;
       });
-    // The stream opens first and replays from the position the list was read at, so
-    // nothing falls between the two.
-    const stream = client.stream();
-    stream.onStatus(setStatus);
-    stream.on("notification", (n) => {
-      setItems((prev) => (prev.some((p) => p.id === n.id) ? prev : [fromEvent(n), ...prev]));
-      if (!n.read && !n.archived) setUnread((u) => u + 1);
-      const order = orderOf(fromEvent(n));
-      if (order) setOrder(order.id, order.status, Date.now());
+    const toast = (n: NotificationEvent) => {
       const key = `${n.id}`;
       setToasts((prev) => [...prev, { key, title: n.title ?? "", body: n.body ?? "" }]);
       const timer = setTimeout(() => {
@@ -89,53 +83,93 @@ export function useInbox(engineUrl: string): Inbox {
         setToasts((prev) => prev.filter((t) => t.key !== key));
       }, TOAST_MS);
       timers.current.add(timer);
+    };
+    // Until the first list has been read, events wait here and are applied on top of it:
+    // the list is the baseline, events are what came after.
+    let pending: Array<() => void> | null = [];
+    let listed = new Set<number>();
+    const apply = (change: () => void) => (pending ? pending.push(change) : change());
+
+    const stream = client.stream();
+    const unsubscribe = stream.onStatus(setStatus);
+    setStatus(stream.status);
+    stream.onError((error) => {
+      // The session ended (the token expired, or another tab signed out): the server
+      // shows the sign-in again.
+      if (error instanceof NotifyApiError && error.status === 401) window.location.reload();
     });
-    stream.on("order.updated", (u) => {
-      if (typeof u.order_id === "string" && typeof u.status === "string") {
-        setOrder(u.order_id, u.status, Date.now());
-      }
-    });
-    stream.on("notification.read", (r) => {
-      const now = new Date().toISOString();
-      setItems((prev) =>
-        prev.map((n) =>
-          !n.read_at && (r.ids.includes(n.id) || (r.up_to !== null && n.id <= r.up_to)) ? { ...n, read_at: now } : n,
-        ),
-      );
-      setUnread(r.unread_count);
-    });
-    stream.on("notification.archived", (a) => {
-      const now = new Date().toISOString();
-      setItems((prev) => prev.map((n) => (n.id === a.id ? { ...n, archived_at: a.archived ? now : null } : n)));
-      setUnread(a.unread_count);
-    });
-    void (async () => {
-      try {
-        const [page, count] = await Promise.all([client.list({ limit: 50 }), client.unreadCount()]);
-        if (cancelled) return;
-        setItems((prev) => {
-          const known = new Set(prev.map((p) => p.id));
-          return [...prev, ...page.items.filter((n) => !known.has(n.id))].sort((a, b) => b.id - a.id);
-        });
-        setUnread(count);
-        setOrders((prev) => {
-          const next = new Map(prev);
-          // Oldest first, so the newest status of an order wins; live ones already there win.
+    stream.on("notification", (n) =>
+      apply(() => {
+        // Already in the list (and so in its unread count): not again.
+        if (listed.has(n.id)) return;
+        listed.add(n.id);
+        setItems((prev) => [fromEvent(n), ...prev]);
+        if (!n.read && !n.archived) setUnread((u) => u + 1);
+        const order = orderOf(fromEvent(n));
+        if (order) setOrder(order.id, order.status, Date.now());
+        toast(n);
+      }),
+    );
+    stream.on("order.updated", (u) =>
+      apply(() => {
+        if (typeof u.order_id === "string" && typeof u.status === "string") {
+          setOrder(u.order_id, u.status, Date.now());
+        }
+      }),
+    );
+    stream.on("notification.read", (r) =>
+      apply(() => {
+        const now = new Date().toISOString();
+        setItems((prev) =>
+          prev.map((n) =>
+            !n.read_at && (r.ids.includes(n.id) || (r.up_to !== null && n.id <= r.up_to)) ? { ...n, read_at: now } : n,
+          ),
+        );
+        setUnread(r.unread_count);
+      }),
+    );
+    stream.on("notification.archived", (a) =>
+      apply(() => {
+        const now = new Date().toISOString();
+        setItems((prev) => prev.map((n) => (n.id === a.id ? { ...n, archived_at: a.archived ? now : null } : n)));
+        setUnread(a.unread_count);
+      }),
+    );
+    // The list is read once the stream is open: everything after the stream's starting point
+    // arrives as events, everything before it is in the list, and what is in both counts once.
+    const loadOnce = stream.onStatus((status) => {
+      if (status !== "open") return;
+      loadOnce();
+      void (async () => {
+        try {
+          const [page, count] = await Promise.all([client.list({ limit: 50 }), client.unreadCount()]);
+          if (cancelled) return;
+          listed = new Set(page.items.map((n) => n.id));
+          setItems(page.items);
+          setUnread(count);
+          const initial = new Map<string, Order>();
+          // Oldest first, so an order's newest status wins.
           for (const n of [...page.items].reverse()) {
             const order = orderOf(n);
-            if (order && !prev.has(order.id)) next.set(order.id, { ...order, changedAt: 0 });
+            if (order) initial.set(order.id, { ...order, changedAt: 0 });
           }
-          return next;
-        });
-      } catch {
-        // The stream reports trouble; the list is read again on the next visit.
-      }
-    })();
-    const pending = timers.current;
+          setOrders(initial);
+        } catch {
+          // Shown as it comes: the events still arrive.
+        } finally {
+          const queued = pending ?? [];
+          pending = null;
+          for (const change of queued) change();
+        }
+      })();
+    });
+    const pendingTimers = timers.current;
     return () => {
       cancelled = true;
+      unsubscribe();
+      loadOnce();
       stream.close();
-      for (const t of pending) clearTimeout(t);
+      for (const t of pendingTimers) clearTimeout(t);
     };
   }, [client]);
 

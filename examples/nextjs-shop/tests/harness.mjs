@@ -40,9 +40,13 @@ export function startEngine() {
   return waitHttp(`${adminUrl}/readyz`, 60 * SECOND);
 }
 export async function stopEngine() {
+  if (!engineRunning()) return;
   const exited = new Promise((r) => engine.once("exit", r));
   engine.kill("SIGTERM");
+  // Graceful shutdown drains for at most 30 s; past that, kill it.
+  const timer = setTimeout(() => engine.kill("SIGKILL"), 40 * SECOND);
   await exited;
+  clearTimeout(timer);
 }
 
 export async function waitHttp(url, ms) {
@@ -80,7 +84,13 @@ export function startShop() {
     // Its own process group, so stopping it stops the server Next.js forks too.
     detached: true,
   });
-  return () => process.kill(-shop.pid, "SIGTERM");
+  return () => {
+    try {
+      process.kill(-shop.pid, "SIGTERM");
+    } catch {
+      // Already gone.
+    }
+  };
 }
 
 export function launchBrowser() {
