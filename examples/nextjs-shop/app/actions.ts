@@ -20,6 +20,8 @@ export async function signIn(form: FormData): Promise<void> {
   redirect("/");
 }
 
+/** Signing out clears the cookie; the other tabs' next connection is refused (401) and they
+ *  reload to the sign-in. */
 export async function signOut(): Promise<void> {
   (await cookies()).delete(COOKIE);
   redirect("/");

@@ -40,7 +40,7 @@ export default async function Home() {
           <button type="submit">Sign out</button>
         </form>
       </header>
-      <Shop engineUrl={engineUrl} />
+      <Shop engineUrl={engineUrl} who={`${session.tenant}/${session.user}`} />
     </>
   );
 }

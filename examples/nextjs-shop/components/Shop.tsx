@@ -6,8 +6,19 @@ import { NotificationCentre } from "./NotificationCentre";
 import { OrderRow } from "./OrderRow";
 import { Toasts } from "./Toasts";
 
-export function Shop({ engineUrl }: { engineUrl: string }) {
+export function Shop({ engineUrl, who }: { engineUrl: string; who: string }) {
   const inbox = useInbox(engineUrl);
+  // The cookie is shared by every tab: when another tab signs in as someone else, this one's
+  // next connection would speak for them. Tabs announce who they are; a tab that hears of
+  // another user reloads (and shows that user, or the sign-in).
+  useEffect(() => {
+    const channel = new BroadcastChannel("notify-shop-session");
+    channel.onmessage = (e) => {
+      if (e.data !== who) window.location.reload();
+    };
+    channel.postMessage(who);
+    return () => channel.close();
+  }, [who]);
   const [open, setOpen] = useState(true);
   // Re-render now and then so highlights fade.
   const [now, setNow] = useState(() => Date.now());

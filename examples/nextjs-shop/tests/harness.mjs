@@ -84,13 +84,22 @@ export function startShop() {
     // Its own process group, so stopping it stops the server Next.js forks too.
     detached: true,
   });
-  return () => {
+  const stop = () => {
     try {
       process.kill(-shop.pid, "SIGTERM");
     } catch {
       // Already gone.
     }
   };
+  // Interrupted (Ctrl-C): the shop runs in a process group of its own, so stop it here.
+  for (const signal of ["SIGINT", "SIGTERM"]) {
+    process.once(signal, () => {
+      stop();
+      if (engineRunning()) engine.kill("SIGTERM");
+      process.exit(130);
+    });
+  }
+  return stop;
 }
 
 export function launchBrowser() {
