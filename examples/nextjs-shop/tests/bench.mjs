@@ -7,7 +7,8 @@
 // same machine clock). BENCH_SHOP_EVENTS sets how many (default 300).
 import { Kafka, logLevel } from "kafkajs";
 import {
-  SECOND, env, launchBrowser, signIn, startEngine, startShop, stopEngine, waitHttp, shopUrl,
+  SECOND, env, launchBrowser, signIn, startEngine, startShop, stopEngine, waitHttp, waitWritten,
+  shopUrl,
 } from "./harness.mjs";
 
 const events = Number(process.env.BENCH_SHOP_EVENTS ?? 300);
@@ -22,6 +23,15 @@ try {
   await startEngine();
   await waitHttp(shopUrl, 60 * SECOND);
   await producer.connect();
+  // Warm-up: the consumer group has its partitions once a first event comes through.
+  await producer.send({
+    topic: env("ENGINE_TOPIC_PAID"),
+    messages: [{ value: JSON.stringify({
+      id: `${tenant}-warm-up`, tenant, type: "order_paid", time: new Date().toISOString(),
+      data: { user_id: "warm-up", order_id: "W-1", amount: 1, currency: "EUR" },
+    }) }],
+  });
+  await waitWritten(1);
   const page = await (await browser.newContext()).newPage();
   await signIn(page, tenant, "alice");
   await page.evaluate(() => {

@@ -19,7 +19,7 @@ export function env(name) {
 }
 export const bin = env("ENGINE_BIN");
 export const engineUrl = env("ENGINE_URL");
-const adminUrl = env("ENGINE_ADMIN_URL");
+export const adminUrl = env("ENGINE_ADMIN_URL");
 const shopPort = env("SHOP_PORT");
 export const shopUrl = `http://127.0.0.1:${shopPort}`;
 export const SECOND = 1000;
@@ -47,6 +47,20 @@ export async function stopEngine() {
   const timer = setTimeout(() => engine.kill("SIGKILL"), 40 * SECOND);
   await exited;
   clearTimeout(timer);
+}
+
+/** Waits until the engine has written `count` notifications in all (its metrics say so): a
+ *  fresh consumer group takes seconds to be given its partitions, which must not count
+ *  against a latency check. */
+export async function waitWritten(count, ms = 60 * SECOND) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const text = await fetch(`${adminUrl}/metrics`).then((r) => r.text()).catch(() => "");
+    const m = text.match(/^notify_notifications_written_total (\d+)/m);
+    if (m && Number(m[1]) >= count) return;
+    if (Date.now() > deadline) throw new Error(`the engine did not write ${count} notifications in time`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }
 
 export async function waitHttp(url, ms) {
