@@ -196,8 +196,15 @@ mod tests {
     fn state(cors: &[&str]) -> (AppState, Config) {
         let mut config = Config::default();
         config.auth.jwt_secret = "0123456789abcdef0123456789abcdef".into();
+        // A pool that never reaches a database (nothing listens on port 1), and gives up at
+        // once: these tests cover what is answered before any query.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_millis(50))
+            .connect_lazy("postgres://nobody:nothing@127.0.0.1:1/none")
+            .unwrap();
         let state = AppState {
-            pool: crate::store::connect_api(&config.database, 1).unwrap(),
+            pool,
             hub: Hub::new(),
             metrics: Metrics::new(),
             auth: Arc::new(Auth::new(&config).unwrap()),
@@ -420,6 +427,35 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn tickets_are_rate_limited_per_user() {
+        let (mut state, config) = state(&[]);
+        state.sse.tickets_per_minute = 1;
+        let router = router(state);
+        let token = auth::mint(&config.auth, "acme", "u1", 60);
+        let ticket = || {
+            request("POST", "/api/v1/sse/tickets", Some(&token))
+                .body(Body::empty())
+                .unwrap()
+        };
+        // The first is admitted (and then fails on the lazy pool, which never connects here).
+        let (first, _) = send(&router, ticket()).await;
+        assert_ne!(first, StatusCode::TOO_MANY_REQUESTS);
+        let (status, r) = send(&router, ticket()).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(r.headers.contains_key(header::RETRY_AFTER));
+        // Another user is not affected.
+        let other = auth::mint(&config.auth, "acme", "u2", 60);
+        let (status, _) = send(
+            &router,
+            request("POST", "/api/v1/sse/tickets", Some(&other))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_ne!(status, StatusCode::TOO_MANY_REQUESTS);
     }
 
     #[tokio::test]

@@ -460,6 +460,8 @@ pub struct SseConfig {
     /// Deep replays (`Last-Event-ID: 0`, or more than a page behind) one user may start per
     /// minute; more answer 429. Each reads the user's history from PostgreSQL.
     pub deep_replays_per_minute: u32,
+    /// Stream tickets one user may get per minute; more answer 429.
+    pub tickets_per_minute: u32,
     /// Open streams allowed per (tenant, user); more answer 429.
     pub max_connections_per_user: usize,
     /// Open streams allowed per tenant on this instance; more answer 429.
@@ -476,6 +478,7 @@ impl Default for SseConfig {
             page_size: 200,
             page_bytes: 256 * 1024,
             deep_replays_per_minute: 6,
+            tickets_per_minute: 60,
             max_connections_per_user: 8,
             max_connections_per_tenant: 5_000,
             max_connections: 10_000,
@@ -921,12 +924,13 @@ impl Config {
         if self.sse.page_size < 1
             || self.sse.page_bytes < 1
             || self.sse.deep_replays_per_minute < 1
+            || self.sse.tickets_per_minute < 1
             || self.sse.max_connections_per_user < 1
             || self.sse.max_connections_per_tenant < 1
             || self.sse.max_connections < 1
         {
             return invalid(
-                "sse.page_size, sse.page_bytes, sse.deep_replays_per_minute, sse.max_connections_per_user, sse.max_connections_per_tenant and sse.max_connections must be at least 1"
+                "sse.page_size, sse.page_bytes, sse.deep_replays_per_minute, sse.tickets_per_minute, sse.max_connections_per_user, sse.max_connections_per_tenant and sse.max_connections must be at least 1"
                     .into(),
             );
         }

@@ -24,12 +24,53 @@ pub struct Hub {
     /// Open streams per tenant (updated under the `entries` lock).
     tenants: Mutex<HashMap<String, usize>>,
     /// When each user started their recent deep replays (see [`Hub::deep_replay`]).
-    replays: Mutex<HashMap<Key, VecDeque<Instant>>>,
+    replays: Mutex<Recent>,
+    /// When each user was given their recent stream tickets (see [`Hub::ticket`]).
+    tickets: Mutex<Recent>,
 }
 
-/// The window of `sse.deep_replays_per_minute`.
+/// Per user, the times of their recent admissions of one kind.
+type Recent = HashMap<Key, VecDeque<Instant>>;
+
+/// A sliding one-minute window per user: admits at `now` if fewer than `per_minute` were
+/// admitted in the minute before; `Err` holds how long until the next one is.
+fn admit(
+    recent: &Mutex<Recent>,
+    tenant: &str,
+    user_id: &str,
+    per_minute: u32,
+    now: Instant,
+) -> Result<(), Duration> {
+    let mut recent = recent.lock().expect("hub lock poisoned");
+    let expire = |times: &mut VecDeque<Instant>| {
+        while times
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= REPLAY_WINDOW)
+        {
+            times.pop_front();
+        }
+    };
+    if recent.len() >= MAX_REPLAY_ENTRIES {
+        recent.retain(|_, times| {
+            expire(times);
+            !times.is_empty()
+        });
+    }
+    let times = recent
+        .entry((tenant.to_owned(), user_id.to_owned()))
+        .or_default();
+    expire(times);
+    if times.len() >= per_minute as usize {
+        let oldest = *times.front().expect("at least per_minute ≥ 1 entries");
+        return Err(REPLAY_WINDOW.saturating_sub(now.saturating_duration_since(oldest)));
+    }
+    times.push_back(now);
+    Ok(())
+}
+
+/// The window of `sse.deep_replays_per_minute` and `sse.tickets_per_minute`.
 const REPLAY_WINDOW: Duration = Duration::from_secs(60);
-/// Users tracked before stale entries are swept.
+/// Users tracked (per kind) before stale entries are swept.
 const MAX_REPLAY_ENTRIES: usize = 10_000;
 
 /// How many streams may be open on this instance.
@@ -114,31 +155,19 @@ impl Hub {
         per_minute: u32,
         now: Instant,
     ) -> Result<(), Duration> {
-        let mut replays = self.replays.lock().expect("hub lock poisoned");
-        let recent = |times: &mut VecDeque<Instant>| {
-            while times
-                .front()
-                .is_some_and(|t| now.saturating_duration_since(*t) >= REPLAY_WINDOW)
-            {
-                times.pop_front();
-            }
-        };
-        if replays.len() >= MAX_REPLAY_ENTRIES {
-            replays.retain(|_, times| {
-                recent(times);
-                !times.is_empty()
-            });
-        }
-        let times = replays
-            .entry((tenant.to_owned(), user_id.to_owned()))
-            .or_default();
-        recent(times);
-        if times.len() >= per_minute as usize {
-            let oldest = *times.front().expect("at least per_minute ≥ 1 entries");
-            return Err(REPLAY_WINDOW.saturating_sub(now.saturating_duration_since(oldest)));
-        }
-        times.push_back(now);
-        Ok(())
+        admit(&self.replays, tenant, user_id, per_minute, now)
+    }
+
+    /// Admits a stream ticket for (tenant, user) at `now`, at most `per_minute` in any
+    /// minute (each is a database row until it is used or expires).
+    pub fn ticket(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        per_minute: u32,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        admit(&self.tickets, tenant, user_id, per_minute, now)
     }
 
     /// Is anyone of (tenant, user) connected to this instance right now?
@@ -224,6 +253,23 @@ mod tests {
         // A minute after the first, one more is admitted.
         assert!(
             hub.deep_replay("t", "u", 2, t0 + Duration::from_secs(60))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn limits_tickets_per_user_apart_from_replays() {
+        let hub = Hub::new();
+        let t0 = Instant::now();
+        assert!(hub.ticket("t", "u", 1, t0).is_ok());
+        assert_eq!(
+            hub.ticket("t", "u", 1, t0 + Duration::from_secs(15)),
+            Err(Duration::from_secs(45))
+        );
+        // Deep replays have a window of their own.
+        assert!(hub.deep_replay("t", "u", 1, t0).is_ok());
+        assert!(
+            hub.ticket("t", "u", 1, t0 + Duration::from_secs(60))
                 .is_ok()
         );
     }

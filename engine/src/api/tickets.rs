@@ -44,6 +44,7 @@ pub struct Ticket {
     responses(
         (status = 201, description = "A ticket valid for `expires_in` seconds", body = Ticket),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "More than `sse.tickets_per_minute` for this user; see `Retry-After`", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = [])),
 )]
@@ -58,6 +59,22 @@ pub async fn create(
     if ttl <= TimeDelta::zero() {
         return Err(refuse("token expires now"));
     }
+    // Each ticket is a row until it is used or expires: a user gets a bounded number.
+    state
+        .hub
+        .ticket(
+            &identity.tenant,
+            &identity.user_id,
+            state.sse.tickets_per_minute,
+            std::time::Instant::now(),
+        )
+        .map_err(|wait| ApiError::RateLimited {
+            message: format!(
+                "too many stream tickets for this user (sse.tickets_per_minute = {}); retry later",
+                state.sse.tickets_per_minute
+            ),
+            retry_after_secs: wait.as_secs().max(1),
+        })?;
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let ticket = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
