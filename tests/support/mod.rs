@@ -375,6 +375,11 @@ pub async fn connect_sse(
     if let Some(id) = last_event_id {
         request = request.header("Last-Event-ID", id);
     }
+    open_sse(request).await
+}
+
+/// Sends an SSE request: the status and, on 200, the client; otherwise the body.
+async fn open_sse(request: reqwest::RequestBuilder) -> (u16, Option<SseClient>, String) {
     let response = request.send().await.expect("SSE request");
     let status = response.status().as_u16();
     if status != 200 {
@@ -652,19 +657,6 @@ impl Api {
 
 /// Opens `GET /api/v1/sse?<query>` without a token (a ticket in the query).
 pub async fn connect_sse_query(engine: &Running, query: &str) -> (u16, Option<SseClient>, String) {
-    let response = reqwest::Client::new()
-        .get(format!("http://{}/api/v1/sse?{query}", engine.http_addr))
-        .send()
+    open_sse(reqwest::Client::new().get(format!("http://{}/api/v1/sse?{query}", engine.http_addr)))
         .await
-        .expect("SSE request");
-    let status = response.status().as_u16();
-    if status != 200 {
-        return (status, None, response.text().await.unwrap_or_default());
-    }
-    let client = SseClient {
-        stream: Box::pin(response.bytes_stream()),
-        buffer: String::new(),
-        last_id: None,
-    };
-    (status, Some(client), String::new())
 }

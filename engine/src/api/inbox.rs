@@ -15,7 +15,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::auth::Identity;
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
-use crate::store::inbox::{self, Archived, InboxItem, ListFilter};
+use crate::store::StoredNotification;
+use crate::store::inbox::{self, Archived, ListFilter};
 
 /// Items per page unless `limit` says otherwise, and the most a page may hold.
 pub const DEFAULT_LIMIT: i64 = 20;
@@ -54,8 +55,8 @@ pub struct Notification {
     pub archived_at: Option<DateTime<Utc>>,
 }
 
-impl From<InboxItem> for Notification {
-    fn from(n: InboxItem) -> Self {
+impl From<StoredNotification> for Notification {
+    fn from(n: StoredNotification) -> Self {
         Self {
             id: n.seq,
             event_id: n.event_id,
@@ -348,7 +349,7 @@ async fn set_archived(
 fn item_changed(
     state: &AppState,
     identity: &Identity,
-    change: Option<inbox::Change<InboxItem>>,
+    change: Option<inbox::Change<StoredNotification>>,
 ) -> Result<Json<NotificationChanged>, ApiError> {
     let change = change.ok_or_else(not_found)?;
     publish(state, identity, change.event_seq);

@@ -11,28 +11,14 @@
 //! it, in order, live or on replay.
 
 use serde_json::{Map, Value, json};
-use sqlx::{FromRow, PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
-use super::{NewNotification, Result, insert_notification, scoped};
+use super::{NewNotification, Result, StoredNotification, insert_notification, scoped};
 
 /// SSE event of a change to read state.
 pub const READ_EVENT: &str = "notification.read";
 /// SSE event of a change to archive state.
 pub const ARCHIVED_EVENT: &str = "notification.archived";
-
-/// One inbox item.
-#[derive(Debug, Clone, FromRow)]
-pub struct InboxItem {
-    pub seq: i64,
-    pub event_id: String,
-    pub title: Option<String>,
-    pub body: Option<String>,
-    pub category: Option<String>,
-    pub data: sqlx::types::Json<Value>,
-    pub created_at: chrono::DateTime<chrono::Utc>,
-    pub read_at: Option<chrono::DateTime<chrono::Utc>>,
-    pub archived_at: Option<chrono::DateTime<chrono::Utc>>,
-}
 
 /// Which archive state a list shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +51,9 @@ pub struct Change<T> {
     pub event_seq: Option<i64>,
 }
 
+/// The columns of a [`StoredNotification`] (an inbox item's kind is always `notification`).
 const COLUMNS: &str =
-    "seq, event_id, title, body, category, data, created_at, read_at, archived_at";
+    "seq, event_id, kind, title, body, category, data, created_at, read_at, archived_at";
 
 /// Newest first, at most `limit` items older than the cursor. New items get higher ids, so
 /// paging with `before` is stable while notifications arrive.
@@ -75,7 +62,7 @@ pub async fn list(
     tenant: &str,
     user_id: &str,
     filter: &ListFilter,
-) -> Result<Vec<InboxItem>> {
+) -> Result<Vec<StoredNotification>> {
     let mut tx = scoped(pool, tenant, user_id).await?;
     let archived = match filter.archived {
         Archived::Exclude => "AND archived_at IS NULL",
@@ -110,7 +97,7 @@ pub async fn get(
     tenant: &str,
     user_id: &str,
     seq: i64,
-) -> Result<Option<InboxItem>> {
+) -> Result<Option<StoredNotification>> {
     let mut tx = scoped(pool, tenant, user_id).await?;
     let item = fetch(&mut tx, tenant, user_id, seq).await?;
     tx.commit().await?;
@@ -131,7 +118,7 @@ pub async fn mark_read(
     tenant: &str,
     user_id: &str,
     seq: i64,
-) -> Result<Option<Change<InboxItem>>> {
+) -> Result<Option<Change<StoredNotification>>> {
     let mut tx = scoped(pool, tenant, user_id).await?;
     lock_stream(&mut tx, tenant, user_id).await?;
     let changed = sqlx::query(
@@ -191,7 +178,7 @@ pub async fn set_archived(
     user_id: &str,
     seq: i64,
     archived: bool,
-) -> Result<Option<Change<InboxItem>>> {
+) -> Result<Option<Change<StoredNotification>>> {
     let mut tx = scoped(pool, tenant, user_id).await?;
     lock_stream(&mut tx, tenant, user_id).await?;
     let changed = sqlx::query(
@@ -221,7 +208,7 @@ async fn finish_item_change(
     user_id: &str,
     seq: i64,
     change: Option<(&str, Value)>,
-) -> Result<Option<Change<InboxItem>>> {
+) -> Result<Option<Change<StoredNotification>>> {
     let Some(item) = fetch(&mut tx, tenant, user_id, seq).await? else {
         return Ok(None);
     };
@@ -258,7 +245,7 @@ async fn fetch(
     tenant: &str,
     user_id: &str,
     seq: i64,
-) -> Result<Option<InboxItem>> {
+) -> Result<Option<StoredNotification>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM notifications
          WHERE tenant_id = $1 AND user_id = $2 AND kind = 'notification' AND seq = $3"
