@@ -6,15 +6,27 @@
 #   plugins/dist/locale-templater.wasm          the example templating plugin (plugins/locale-templater)
 #   plugins/dist/fixtures/chaos.wasm            misbehaving test fixture, routing (plugins/chaos-router)
 #   plugins/dist/fixtures/chaos-templater.wasm  misbehaving test fixture, templating (plugins/chaos-templater)
+#   plugins/dist/guests/python-router.wasm      the default rules in Python (plugins/python-router, componentize-py)
+#   plugins/dist/guests/js-router.wasm          the default rules in JavaScript (plugins/js-router, componentize-js)
+#   plugins/dist/fixtures/chaos-python.wasm     misbehaving test fixture in Python (plugins/chaos-python)
+#   plugins/dist/fixtures/chaos-js.wasm         misbehaving test fixture in JavaScript (plugins/chaos-js)
+#   plugins/dist/starters/starter-router.wasm   the `cargo component` starters (plugins/starters/rust-*)
+#   plugins/dist/starters/starter-templater.wasm
 #
 # Each plugin is built on its own (`-p`): cargo unifies features across the packages of one
 # build, and the SDK's `routing` and `templating` features must not meet in one component.
 #
 # The wasm32-wasip2 target links a component directly (wasm-component-ld ships with rustc), so
-# neither cargo-component nor wasm-tools is needed. Idempotent: a second run is a no-op build
-# plus the copy. Environment:
+# the plugins workspace needs neither cargo-component nor wasm-tools; the starters are built
+# with `cargo component`, as their users will. The guest toolchains are installed from the
+# registries, pinned, into a cache: componentize-py (PyPI, plugins/python-router/requirements.txt)
+# in a virtualenv, componentize-js (npm, plugins/js-router/package-lock.json) with `npm ci`,
+# cargo-component (crates.io) with `cargo install`. Idempotent: a second run is a no-op cargo
+# build, and a Python or JavaScript component is built again only when its inputs changed.
+# Environment:
 #   CARGO_TARGET_DIR   default $HOME/.cache/notify-engine/plugins-target
 #   CARGO_BUILD_JOBS   passed through to cargo (e.g. 1 on a busy machine)
+#   NOTIFY_TOOLS_DIR   where the guest toolchains go, default $HOME/.cache/notify-engine/tools
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -57,16 +69,21 @@ mkdir -p "$DIST/fixtures"
 # install CRATE_ARTIFACT DEST: copy through a temporary file and rename, so an engine watching
 # the plugin directory never sees a half-written component.
 install_component() {
-    local src=$out/$1.wasm dest=$2 magic
+    install_file "$out/$1.wasm" "$2"
+}
+
+install_file() {
+    local src=$1 dest=$2 magic
     [[ -f $src ]] || die "$src was not built"
     # A component starts with `\0asm` and the component-model version/layer 0d 00 01 00
     # (a core module would have 01 00 00 00).
     magic=$(head -c 8 "$src" | od -An -tx1 | tr -d ' \n')
     [[ $magic == 0061736d0d000100 ]] ||
         die "$src is not a WebAssembly component (header $magic)"
+    mkdir -p "$(dirname "$dest")"
     cp "$src" "$dest.tmp.$$"
     mv -f "$dest.tmp.$$" "$dest"
-    log "$(printf '%-40s %8s bytes' "${dest#"$ROOT"/}" "$(stat -c %s "$dest")")"
+    log "$(printf '%-44s %9s bytes' "${dest#"$ROOT"/}" "$(stat -c %s "$dest")")"
 }
 
 install_component default_router "$DIST/default.wasm"
@@ -74,3 +91,90 @@ install_component acme_router "$DIST/acme.wasm"
 install_component chaos_router "$DIST/fixtures/chaos.wasm"
 install_component locale_templater "$DIST/locale-templater.wasm"
 install_component chaos_templater "$DIST/fixtures/chaos-templater.wasm"
+
+TOOLS=${NOTIFY_TOOLS_DIR:-$HOME/.cache/notify-engine/tools}
+mkdir -p "$TOOLS"
+
+# inputs_digest FILE...: one SHA-256 over the files' names and contents.
+inputs_digest() {
+    local f
+    for f in "$@"; do
+        printf '%s\n' "${f#"$ROOT"/}"
+        cat "$f"
+    done | sha256sum | cut -d' ' -f1
+}
+
+# build_guest DEST INPUTS COMMAND...: runs COMMAND (which must write "$OUT") unless DEST was
+# built from the same inputs (a digest kept beside it), then installs "$OUT" as DEST.
+build_guest() {
+    local dest=$1 inputs=$2 stamp digest
+    shift 2
+    stamp=$(dirname "$dest")/.$(basename "$dest").inputs
+    digest=$(inputs_digest $inputs)
+    if [[ -f $dest && -f $stamp && $(cat "$stamp") == "$digest" ]]; then
+        log "$(printf '%-44s unchanged' "${dest#"$ROOT"/}")"
+        return
+    fi
+    OUT=$(mktemp -d)/component.wasm
+    "$@"
+    install_file "$OUT" "$dest"
+    rm -rf "$(dirname "$OUT")"
+    printf '%s\n' "$digest" >"$stamp"
+}
+
+WIT_FILES=$(find "$ROOT/wit/v0.2.0" -type f | sort)
+
+# --- Python (componentize-py): pure components, every WASI import a trapping stub, so they
+# import nothing but the plugin API. ---
+PY_TOOLS=$TOOLS/python
+PY_REQUIREMENTS=$PLUGINS/python-router/requirements.txt
+if ! cmp -s "$PY_REQUIREMENTS" "$PY_TOOLS/requirements.txt" 2>/dev/null; then
+    command -v python3 >/dev/null 2>&1 || die "python3 not found (the Python plugins are built with componentize-py)"
+    log "installing $(cat "$PY_REQUIREMENTS") into $PY_TOOLS"
+    rm -rf "$PY_TOOLS"
+    python3 -m venv "$PY_TOOLS" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    "$PY_TOOLS/bin/pip" install --quiet --disable-pip-version-check -r "$PY_REQUIREMENTS"
+    cp "$PY_REQUIREMENTS" "$PY_TOOLS/requirements.txt"
+fi
+componentize_py() {
+    "$PY_TOOLS/bin/componentize-py" --quiet -d "$ROOT/wit/v0.2.0" -w routing \
+        componentize --stub-wasi -p "$1" app -o "$OUT"
+}
+for guest in python-router:guests/python-router chaos-python:fixtures/chaos-python; do
+    src=$PLUGINS/${guest%%:*}
+    build_guest "$DIST/${guest#*:}.wasm" "$src/app.py $PY_REQUIREMENTS $WIT_FILES" componentize_py "$src"
+done
+
+# --- JavaScript (componentize-js, SpiderMonkey): every WASI feature disabled, for the same
+# reason. The toolchain is plugins/js-router's devDependencies. ---
+command -v npm >/dev/null 2>&1 || die "npm not found (the JavaScript plugins are built with componentize-js)"
+JS=$PLUGINS/js-router
+if ! cmp -s "$JS/package-lock.json" "$JS/node_modules/.notify-engine-lock" 2>/dev/null; then
+    log "npm ci in plugins/js-router (componentize-js)"
+    (cd "$JS" && npm ci --no-audit --no-fund --loglevel=error)
+    cp "$JS/package-lock.json" "$JS/node_modules/.notify-engine-lock"
+fi
+componentize_js() {
+    (cd "$JS" && node_modules/.bin/componentize-js "$1" --wit "$ROOT/wit/v0.2.0" --world-name routing \
+        --disable stdio random clocks http fetch-event --out "$OUT" >/dev/null)
+}
+build_guest "$DIST/guests/js-router.wasm" "$JS/router.js $JS/package-lock.json $WIT_FILES" \
+    componentize_js "$JS/router.js"
+build_guest "$DIST/fixtures/chaos-js.wasm" "$PLUGINS/chaos-js/chaos.js $JS/package-lock.json $WIT_FILES" \
+    componentize_js "$PLUGINS/chaos-js/chaos.js"
+
+# --- Rust with cargo-component: the starters, built as their users build them. ---
+CARGO_COMPONENT_VERSION=0.21.1
+CC_ROOT=$TOOLS/cargo-component-$CARGO_COMPONENT_VERSION
+if [[ ! -x $CC_ROOT/bin/cargo-component ]]; then
+    log "cargo install cargo-component@$CARGO_COMPONENT_VERSION (once; a few minutes)"
+    cargo install --quiet --locked "cargo-component@$CARGO_COMPONENT_VERSION" --root "$CC_ROOT"
+fi
+for starter in routing:starter-router templating:starter-templater; do
+    dir=$PLUGINS/starters/rust-${starter%%:*}
+    crate=${starter#*:}
+    log "cargo component build --release --target $TARGET (plugins/starters/rust-${starter%%:*})"
+    (cd "$dir" && PATH=$CC_ROOT/bin:$PATH CARGO_TARGET_DIR=$CARGO_TARGET_DIR/starters \
+        cargo component build --quiet --release --target "$TARGET" "${locked[@]}")
+    install_file "$CARGO_TARGET_DIR/starters/$TARGET/release/${crate//-/_}.wasm" "$DIST/starters/$crate.wasm"
+done

@@ -198,6 +198,13 @@ pub struct PluginConfig {
     /// dead-letter table, not claimed, so they can be republished) or `default` (routed by
     /// the default plugin).
     pub breaker_fail_mode: BreakerFailMode,
+    /// Calls one plugin instance serves (for one tenant) before it is replaced by a fresh
+    /// one; 1: a fresh instance for every call. See `plugin::instances` for what reuse keeps
+    /// and what it never does.
+    pub instance_max_calls: u32,
+    /// Idle instances kept warm across all tenants and plugins; past it the least recently
+    /// used is dropped. 0: none kept (a fresh instance for every call).
+    pub max_idle_instances: usize,
     /// Instruction budget of one templating call.
     pub templating_fuel: u64,
     /// Wall-clock budget of one templating call.
@@ -231,6 +238,8 @@ impl Default for PluginConfig {
             tenant_budget_ms_per_sec: 500,
             breaker_failures: 5,
             breaker_fail_mode: BreakerFailMode::DeadLetter,
+            instance_max_calls: 10_000,
+            max_idle_instances: 64,
             templating_fuel: 200_000_000,
             templating_timeout_ms: 500,
             templating_memory_bytes: 64 * 1024 * 1024,

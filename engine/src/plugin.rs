@@ -22,6 +22,7 @@
 
 mod bindings;
 mod breaker;
+mod instances;
 mod output;
 mod registry;
 mod routing;
@@ -202,6 +203,8 @@ pub struct PluginHost {
     breaker: breaker::Breakers,
     /// Calls and malfunctions per plugin version, for the admin listing.
     stats: registry::Stats,
+    /// Idle instances kept for their tenant's next call.
+    instances: instances::Instances,
     _ticker: EpochTicker,
 }
 
@@ -231,7 +234,6 @@ impl PluginHost {
             _ticker: EpochTicker::start(engine.clone()),
             engine,
             linker,
-            limits,
             tenants,
             empty_config: Arc::new(BTreeMap::new()),
             tenant_configs,
@@ -241,6 +243,11 @@ impl PluginHost {
             rejected: std::sync::Mutex::new(BTreeMap::new()),
             breaker: breaker::Breakers::default(),
             stats: registry::Stats::default(),
+            instances: instances::Instances::new(
+                limits.max_idle_instances,
+                limits.instance_max_calls,
+            ),
+            limits,
         })
     }
 
@@ -303,14 +310,17 @@ fn classify_trap(
         }
         _ => {}
     }
-    let mut message = format!("{e:#}");
-    if message.contains(HOSTCALL_FUEL_EXHAUSTED) {
+    if format!("{e:#}").contains(HOSTCALL_FUEL_EXHAUSTED) {
         // Refused before it was all copied into the host.
         return PluginError::InvalidOutput {
             plugin,
             message: "the plugin handed the host more data than its output limit allows (refused before copying)".into(),
         };
     }
+    // The cause first (`memory limit exceeded …`, `wasm trap: …`), then the guest's last
+    // words on stderr, then where it happened: an interpreter's backtrace (Python,
+    // JavaScript) is long, and the reason is cut to a log line's length.
+    let mut message = e.root_cause().to_string();
     let stderr = String::from_utf8_lossy(stderr);
     let stderr = stderr.trim();
     if !stderr.is_empty() {
@@ -321,6 +331,10 @@ fn classify_trap(
         }
         message.push_str("; stderr: ");
         message.push_str(&stderr[start..]);
+    }
+    if let Some(backtrace) = e.downcast_ref::<wasmtime::WasmBacktrace>() {
+        message.push_str("; at ");
+        message.push_str(backtrace.to_string().trim());
     }
     PluginError::Trap {
         plugin,

@@ -63,6 +63,12 @@ impl Services {
             "locale-templater.wasm",
             "fixtures/chaos.wasm",
             "fixtures/chaos-templater.wasm",
+            "guests/python-router.wasm",
+            "guests/js-router.wasm",
+            "fixtures/chaos-python.wasm",
+            "fixtures/chaos-js.wasm",
+            "starters/starter-router.wasm",
+            "starters/starter-templater.wasm",
         ] {
             assert!(
                 plugins.join(file).exists(),
@@ -82,6 +88,13 @@ impl Services {
             templates: root.join("templates"),
         }
     }
+}
+
+/// The precompiled-plugin cache every test engine and host shares (`plugins.cache_dir`): a
+/// Python or JavaScript component takes seconds to compile, and this way once per run (or
+/// once per machine: the cache lives in the cargo target directory).
+pub fn plugin_cache_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache")
 }
 
 /// A short random suffix, so parallel tests never share tenants, topics or databases.
@@ -167,6 +180,7 @@ impl World {
         c.database.url = self.db_url.clone();
         c.database.max_connections = 8;
         c.plugins.dir = self.plugin_dir.path().to_owned();
+        c.plugins.cache_dir = plugin_cache_dir();
         c.smtp.host = self.services.smtp_host.clone();
         c.smtp.port = self.services.smtp_port;
         // Mailpit speaks plain SMTP on loopback.

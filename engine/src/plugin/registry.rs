@@ -373,6 +373,9 @@ impl PluginHost {
         self.breaker.retain(
             |name, digest| matches!(slots.get(name), Some(Slot::Ready(l)) if l.digest == digest),
         );
+        self.instances.retain(
+            |l| matches!(slots.get(&l.name), Some(Slot::Ready(serving)) if Arc::ptr_eq(serving, l)),
+        );
         self.plugins.store(Arc::new(slots));
         Ok(report)
     }
@@ -568,6 +571,7 @@ impl PluginHost {
             self.limits.default_plugin.clone(),
             Slot::Ready(Arc::new(loaded)),
         );
+        self.instances.retain(|_| false);
         self.plugins.store(Arc::new(slots));
         Ok(())
     }

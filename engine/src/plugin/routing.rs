@@ -2,16 +2,25 @@
 //! epoch deadline, an outer tokio bound), the retry of a timed-out call, the breaker's
 //! fail mode, and the checks of the decision.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-
 use super::bindings::wit;
-use super::registry::{Loaded, Pre};
-use super::sandbox::{self, CallLimits, CallState, STDERR_CAPTURE, plugin_text};
+use super::instances::{Bindings, Warm};
+use super::registry::Loaded;
+use super::sandbox::{CallLimits, plugin_text};
 use super::{Cost, Decision, PluginError, PluginHost, classify_trap, outer_bound, output};
 use crate::config::BreakerFailMode;
 use crate::ingest::envelope::Event;
+
+/// Whether a call may run on a warm instance of its tenant.
+#[derive(Clone, Copy)]
+enum Fresh {
+    Any,
+    /// The retry of a timed-out call: on an instance of its own, in case the warm one is
+    /// what is slow.
+    Required,
+}
 
 impl PluginHost {
     /// Routes one event through its tenant's plugin (or the default plugin). A call that
@@ -44,19 +53,21 @@ impl PluginHost {
                 }
             }
         }
-        let result = match self.route_once(&loaded, event).await {
+        let result = match self.route_once(&loaded, event, Fresh::Any).await {
             Err(PluginError::Timeout { plugin, .. }) => {
                 tracing::warn!(tenant = %event.tenant, event_id = %event.id, plugin = %plugin, "routing call timed out; retrying once on a fresh instance");
-                self.route_once(&loaded, event).await.map_err(|e| match e {
-                    PluginError::Timeout {
-                        plugin, limit_ms, ..
-                    } => PluginError::Timeout {
-                        plugin,
-                        limit_ms,
-                        retried: true,
-                    },
-                    other => other,
-                })
+                self.route_once(&loaded, event, Fresh::Required)
+                    .await
+                    .map_err(|e| match e {
+                        PluginError::Timeout {
+                            plugin, limit_ms, ..
+                        } => PluginError::Timeout {
+                            plugin,
+                            limit_ms,
+                            retried: true,
+                        },
+                        other => other,
+                    })
             }
             other => other,
         };
@@ -73,7 +84,12 @@ impl PluginHost {
         }
     }
 
-    async fn route_once(&self, loaded: &Loaded, event: &Event) -> Result<Decision, PluginError> {
+    async fn route_once(
+        &self,
+        loaded: &Arc<Loaded>,
+        event: &Event,
+        fresh: Fresh,
+    ) -> Result<Decision, PluginError> {
         let input = wit::Event {
             id: event.id.clone(),
             tenant: event.tenant.clone(),
@@ -95,47 +111,46 @@ impl PluginHost {
             });
         }
 
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
-        let state = CallState::new(
-            &event.tenant,
-            &loaded.name,
-            &event.id,
-            self.tenant_config(&event.tenant),
-            stderr.clone(),
-        );
         let limits = self.routing_limits();
-        let mut store = sandbox::store(&self.engine, state, limits);
+        let mut warm = match fresh {
+            Fresh::Any => self.instances.take(&event.tenant, loaded),
+            Fresh::Required => None,
+        }
+        .unwrap_or_else(|| {
+            Warm::new(
+                &self.engine,
+                loaded.clone(),
+                &event.tenant,
+                self.tenant_config(&event.tenant),
+            )
+        });
+        warm.arm(limits, &event.id);
 
         let started = Instant::now();
         let plugin = loaded.name.clone();
         let call = async {
-            match &loaded.pre {
-                Pre::Routing02(pre) => {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    instance
+            let (store, bindings) = warm.bindings().await?;
+            match bindings {
+                Bindings::Routing02(b) => b.notify_plugin_router().call_route(store, &input).await,
+                Bindings::Routing01(b) => {
+                    let answer = b
                         .notify_plugin_router()
-                        .call_route(&mut store, &input)
-                        .await
-                }
-                Pre::Routing01(pre) => {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    let answer = instance
-                        .notify_plugin_router()
-                        .call_route(&mut store, &(&input).into())
+                        .call_route(store, &(&input).into())
                         .await?;
                     Ok(answer
                         .map(|deliveries| deliveries.into_iter().map(Into::into).collect())
                         .map_err(Into::into))
                 }
-                Pre::Templating02(_) => unreachable!("select() returns routing plugins only"),
+                Bindings::Templating02(_) => unreachable!("select() returns routing plugins only"),
             }
         };
         let result = tokio::time::timeout(outer_bound(limits.timeout), call).await;
         let cost = Cost {
-            fuel: limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0)),
+            fuel: limits.fuel.saturating_sub(warm.fuel_left()),
             elapsed: started.elapsed(),
-            memory_bytes: store.data().limits.peak,
+            memory_bytes: warm.memory_bytes(),
         };
+        // From here on, returning early drops the instance: only a clean call gives it back.
         let answer = match result {
             Err(_) => {
                 return Err(PluginError::Timeout {
@@ -148,22 +163,27 @@ impl PluginHost {
                 return Err(classify_trap(
                     plugin,
                     e,
-                    &stderr.contents(),
+                    &warm.call_stderr(),
                     limits.fuel,
                     self.limits.timeout_ms,
                 ));
             }
             Ok(Ok(answer)) => answer,
         };
+        let logs = warm.store.data_mut().take_logs();
         let deliveries = match answer {
             Ok(d) => d,
+            // A refusal is the plugin's judgement of the event, not a malfunction: its
+            // instance serves on.
             Err(wit::RouteError::InvalidEvent(message)) => {
+                self.instances.give_back(&event.tenant, warm);
                 return Err(PluginError::InvalidEvent {
                     plugin,
                     message: plugin_text(&message),
                 });
             }
             Err(wit::RouteError::Other(message)) => {
+                self.instances.give_back(&event.tenant, warm);
                 return Err(PluginError::Failed {
                     plugin,
                     message: plugin_text(&message),
@@ -176,12 +196,13 @@ impl PluginHost {
                 message,
             }
         })?;
+        self.instances.give_back(&event.tenant, warm);
         Ok(Decision {
             plugin,
             digest: loaded.digest.clone(),
             deliveries,
             cost,
-            logs: store.data_mut().take_logs(),
+            logs,
         })
     }
 }

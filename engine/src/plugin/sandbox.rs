@@ -64,7 +64,8 @@ pub(super) struct TemplateAccess {
     pub(super) max_output: usize,
 }
 
-/// State of one call's `Store`.
+/// State of a plugin instance's `Store`; the per-call parts (subject, logs, templates) are
+/// set by each call.
 pub(super) struct CallState {
     pub(super) wasi: WasiCtx,
     pub(super) table: ResourceTable,
@@ -127,19 +128,24 @@ pub(super) fn wasi(stderr: MemoryOutputPipe) -> WasiCtx {
         .build()
 }
 
-/// A store for one call with every limit set: memory (the limiter), instructions (fuel),
-/// bytes handed to the host per host call, resource handles, and the epoch deadline, at
-/// which the guest yields its worker every tick (so a plugin spinning for its whole budget
-/// shares its thread with everything else) and traps once `limits.timeout` has passed.
-pub(super) fn store(engine: &Engine, mut state: CallState, limits: CallLimits) -> Store<CallState> {
+/// A store for a plugin instance, with the limits that hold for its whole life: the memory
+/// limiter (on the instance's total linear memory) and the resource handle cap. Each call
+/// then sets its own budgets with [`arm`].
+pub(super) fn store(engine: &Engine, mut state: CallState) -> Store<CallState> {
     state.table.set_max_capacity(MAX_RESOURCES);
-    state.limits = MemoryCap {
-        limit: limits.memory_bytes,
-        total: 0,
-        peak: 0,
-    };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
+    store
+}
+
+/// Gives a store one call's budgets afresh: memory (the limiter's cap), instructions (fuel),
+/// bytes handed to the host per host call, and the epoch deadline, at which the guest
+/// yields its worker every tick (so a plugin spinning for its whole budget shares its thread
+/// with everything else) and traps once `limits.timeout` has passed.
+pub(super) fn arm(store: &mut Store<CallState>, limits: CallLimits) {
+    let cap = &mut store.data_mut().limits;
+    cap.limit = limits.memory_bytes;
+    cap.peak = cap.total;
     store
         .set_fuel(limits.fuel)
         .expect("fuel is enabled on this engine");
@@ -159,7 +165,6 @@ pub(super) fn store(engine: &Engine, mut state: CallState, limits: CallLimits) -
             UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))
         })
     });
-    store
 }
 
 impl CallState {

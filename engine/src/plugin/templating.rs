@@ -7,11 +7,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-
 use super::bindings::wit;
-use super::registry::Pre;
-use super::sandbox::{self, CallLimits, CallState, STDERR_CAPTURE, TemplateAccess, plugin_text};
+use super::instances::{Bindings, Warm};
+use super::sandbox::{CallLimits, TemplateAccess, plugin_text};
 use super::{PluginError, PluginHost, classify_trap, outer_bound};
 use crate::templates::{RenderedEmail, Templates};
 
@@ -55,9 +53,6 @@ impl PluginHost {
                 failures,
             }));
         }
-        let Pre::Templating02(pre) = &loaded.pre else {
-            unreachable!("select_templating() returns templating plugins only")
-        };
         let request = wit::RenderRequest {
             template: email.template.to_owned(),
             event: wit::EventRef {
@@ -73,36 +68,42 @@ impl PluginHost {
             },
             data: email.data.to_string(),
         };
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
-        let mut state = CallState::new(
-            email.tenant,
-            &loaded.name,
-            &format!("outbox email {}", email.outbox_id),
-            self.tenant_config(email.tenant),
-            stderr.clone(),
-        );
         let max_output = self.limits.templating_max_output_bytes;
-        state.templates = Some(TemplateAccess {
-            templates,
-            link_domains: link_domains.into(),
-            max_output,
-        });
         let limits = CallLimits {
             fuel: self.limits.templating_fuel,
             timeout: self.limits.templating_timeout(),
             memory_bytes: self.limits.templating_memory_bytes,
             hostcall_bytes: max_output.saturating_mul(2),
         };
-        let mut store = sandbox::store(&self.engine, state, limits);
+        let mut warm = self
+            .instances
+            .take(email.tenant, &loaded)
+            .unwrap_or_else(|| {
+                Warm::new(
+                    &self.engine,
+                    loaded.clone(),
+                    email.tenant,
+                    self.tenant_config(email.tenant),
+                )
+            });
+        warm.arm(limits, &format!("outbox email {}", email.outbox_id));
+        warm.store.data_mut().templates = Some(TemplateAccess {
+            templates,
+            link_domains: link_domains.into(),
+            max_output,
+        });
         let plugin = loaded.name.clone();
         let started = Instant::now();
         let call = async {
-            let instance = pre.instantiate_async(&mut store).await?;
-            instance
-                .notify_plugin_templater()
-                .call_render(&mut store, &request)
+            let (store, bindings) = warm.bindings().await?;
+            let Bindings::Templating02(b) = bindings else {
+                unreachable!("select_templating() returns templating plugins only")
+            };
+            b.notify_plugin_templater()
+                .call_render(store, &request)
                 .await
         };
+        // Only a clean call (an email, or the plugin's own refusal) gives the instance back.
         let result = match tokio::time::timeout(outer_bound(limits.timeout), call).await {
             Err(_) => Err(PluginError::Timeout {
                 plugin: plugin.clone(),
@@ -112,23 +113,34 @@ impl PluginHost {
             Ok(Err(e)) => Err(classify_trap(
                 plugin.clone(),
                 e,
-                &stderr.contents(),
+                &warm.call_stderr(),
                 limits.fuel,
                 self.limits.templating_timeout_ms,
             )),
-            Ok(Ok(Err(wit::RenderError::InvalidData(message)))) => Err(PluginError::InvalidData {
-                plugin: plugin.clone(),
-                message: plugin_text(&message),
-            }),
-            Ok(Ok(Err(wit::RenderError::Other(message)))) => Err(PluginError::Failed {
-                plugin: plugin.clone(),
-                message: plugin_text(&message),
-            }),
-            Ok(Ok(Ok(rendered))) => {
-                check(rendered, max_output).map_err(|message| PluginError::InvalidOutput {
+            Ok(Ok(Err(wit::RenderError::InvalidData(message)))) => {
+                self.instances.give_back(email.tenant, warm);
+                Err(PluginError::InvalidData {
                     plugin: plugin.clone(),
-                    message,
+                    message: plugin_text(&message),
                 })
+            }
+            Ok(Ok(Err(wit::RenderError::Other(message)))) => {
+                self.instances.give_back(email.tenant, warm);
+                Err(PluginError::Failed {
+                    plugin: plugin.clone(),
+                    message: plugin_text(&message),
+                })
+            }
+            Ok(Ok(Ok(rendered))) => {
+                let checked =
+                    check(rendered, max_output).map_err(|message| PluginError::InvalidOutput {
+                        plugin: plugin.clone(),
+                        message,
+                    });
+                if checked.is_ok() {
+                    self.instances.give_back(email.tenant, warm);
+                }
+                checked
             }
         };
         self.record_outcome(&loaded, email.tenant, &result);

@@ -15,6 +15,8 @@
 //! | `huge_output` | 2000 in-app deliveries with 1 KiB bodies (~2 MiB, way over 64 KiB)         |
 //! | `slow`        | busy-waits `data.spin_ms` (default 90) ms of wall clock, then as if absent  |
 //! | `recurse`     | recurses without end: the guest stack overflows (a trap)                   |
+//! | `remember`    | `{title "chaos remembered", body <what it remembered, or "nothing">}`, then remembers `<tenant>/<event id>` in a global |
+//! | `remember_then_trap` | remembers `<tenant>/<event id>`, then panics                        |
 //!
 //! (\*) A host whose memory limiter traps on a refused `memory.grow` sees a trap; one that lets
 //! the grow fail gets `Err(other("chaos: allocation failed after N MiB"))`.
@@ -40,6 +42,15 @@ impl Router for ChaosRouter {
 notify_plugin_sdk::export_router!(ChaosRouter);
 
 const HUGE_COUNT: usize = 2000;
+
+/// What `remember` saw last: state kept in the instance between calls, for the engine's
+/// isolation tests (another tenant, or the call after a trap, must never see it).
+static REMEMBERED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn remember(event: &Event) -> Option<String> {
+    let mut remembered = REMEMBERED.lock().unwrap_or_else(|e| e.into_inner());
+    remembered.replace(format!("{}/{}", event.tenant, event.id))
+}
 
 fn chaos_item(user_id: &str, title: &str, event: &Event) -> Delivery {
     InApp::new(user_id, title)
@@ -72,6 +83,20 @@ pub fn route_event(event: &Event) -> Result<Vec<Delivery>, RouteError> {
             exhaust_memory()
         ))),
         Some("error") => Err(RouteError::other("chaos: refused")),
+        Some("remember") => {
+            let before = remember(event).unwrap_or_else(|| "nothing".into());
+            Ok(vec![
+                InApp::new(data.str("user_id")?, "chaos remembered")
+                    .body(before)
+                    .category("chaos")
+                    .data(json!({}))
+                    .into(),
+            ])
+        }
+        Some("remember_then_trap") => {
+            remember(event);
+            panic!("chaos: trap after remembering {}", event.id)
+        }
         Some("recurse") => Ok(vec![chaos_item(
             data.str("user_id")?,
             &format!("chaos recursed {}", recurse(0)),
@@ -95,7 +120,7 @@ pub fn route_event(event: &Event) -> Result<Vec<Delivery>, RouteError> {
             Ok(vec![one; HUGE_COUNT])
         }
         Some(other) => Err(RouteError::invalid_event(format!(
-            "data.chaos must be one of trap, loop, oom, recurse, error, bad_output, huge_output, slow (got {other:?})"
+            "data.chaos must be one of trap, loop, oom, recurse, error, bad_output, huge_output, slow, remember, remember_then_trap (got {other:?})"
         ))),
     }
 }

@@ -10,9 +10,17 @@
 //!
 //! Emails carry the payload's `locale` and `time_zone`, when given, for the tenant's
 //! templating plugin. Every other event type is acknowledged with no deliveries.
+//!
+//! Tenant setting (`[tenants.<id>.config]`): `emails = "off"` sends no emails; in-app items
+//! and live updates are unchanged.
+//!
+//! The same rules exist in Python (`plugins/python-router`) and JavaScript
+//! (`plugins/js-router`); the conformance table `tests/conformance/routing.json` holds all
+//! three to the same decisions.
 
 use notify_plugin_sdk::{
-    Data, Delivery, Email, Event, InApp, LiveUpdate, RouteError, Router, debug, format_amount, json,
+    Data, Delivery, Email, Event, InApp, LiveUpdate, RouteError, Router, config, debug,
+    format_amount, json,
 };
 
 struct DefaultRouter;
@@ -54,13 +62,20 @@ fn order_paid(event: &Event, data: &Data) -> Result<Vec<Delivery>, RouteError> {
             .data(json!({ "order_id": order_id }))
             .into(),
     ];
-    if let Some(to) = email {
+    if let Some(to) = email
+        && emails_enabled()
+    {
         deliveries.push(recipient(
             email_to(to, user_id, "order_paid", data, event),
             data,
         )?);
     }
     Ok(deliveries)
+}
+
+/// The tenant's `emails` setting: anything but `off` sends them.
+fn emails_enabled() -> bool {
+    config("emails").as_deref() != Some("off")
 }
 
 fn email_to(to: &str, user_id: &str, template: &str, data: &Data, event: &Event) -> Email {
@@ -126,7 +141,9 @@ fn order_status_updated(event: &Event, data: &Data) -> Result<Vec<Delivery>, Rou
             .data(in_app_data)
             .into(),
     ];
-    if let (Some(to), "shipped" | "cancelled") = (email, status) {
+    if let (Some(to), "shipped" | "cancelled") = (email, status)
+        && emails_enabled()
+    {
         let mail = email_to(to, user_id, "order_status_updated", data, event);
         deliveries.push(recipient(mail, data)?);
     }
@@ -194,6 +211,20 @@ mod tests {
             (mail.locale.as_deref(), mail.time_zone.as_deref()),
             (None, None)
         );
+    }
+
+    #[test]
+    fn a_tenant_can_turn_emails_off() {
+        notify_plugin_sdk::testing::set_config("emails", "off");
+        let paid_out = route_event(&event("order_paid", paid()));
+        let shipped_out = route_event(&event("order_status_updated", status("shipped")));
+        notify_plugin_sdk::testing::reset();
+        let paid_out = paid_out.unwrap();
+        assert_eq!(paid_out.len(), 1);
+        assert!(paid_out[0].as_in_app().is_some());
+        let shipped_out = shipped_out.unwrap();
+        assert_eq!(shipped_out.len(), 2);
+        assert!(shipped_out.iter().all(|d| d.as_email().is_none()));
     }
 
     #[test]

@@ -1,0 +1,206 @@
+//! Warm instances: one instance serves several calls of one tenant on one plugin version,
+//! so a call costs a function call, not an instantiation (which for a Python or JavaScript
+//! component means mapping an interpreter's tens of MB).
+//!
+//! The rules that keep the sandbox's promises under reuse:
+//!
+//! - **Per tenant.** An instance is only ever handed back to calls of the tenant it was
+//!   created for: state a plugin keeps in a global never reaches another tenant.
+//! - **Only after a clean call.** An instance goes back to the idle set only when its call
+//!   returned normally (deliveries, or the plugin's own refusal) and its output passed the
+//!   checks. A trap, a limit (fuel, time, memory), invalid output or a cancelled call drops
+//!   it: whatever it left half-done is never seen by the next call.
+//! - **Recycled.** After `plugins.instance_max_calls` calls, when its stderr capture is half
+//!   full, and when a new version of its plugin is loaded. `instance_max_calls = 1` is a
+//!   fresh instance per call.
+//! - **Bounded.** At most `plugins.max_idle_instances` idle instances in all; past that the
+//!   least recently used one is dropped.
+//!
+//! What a plugin may assume: nothing about state between calls. A global may still hold
+//! what the previous call of the same tenant left there, or may be fresh; each call gets its
+//! full fuel, time and hostcall budget, and the memory cap applies to the instance.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use wasmtime::Store;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+use super::bindings::{v0_1, v0_2};
+use super::registry::{Loaded, Pre};
+use super::sandbox::{self, CallLimits, CallState, STDERR_CAPTURE};
+
+/// An instance's exports, by the world and WIT version it implements.
+pub(super) enum Bindings {
+    Routing02(v0_2::routing::Routing),
+    Routing01(v0_1::Routing),
+    Templating02(v0_2::templating::Templating),
+}
+
+/// A store with (once its first call instantiated it) one plugin instance in it.
+pub(super) struct Warm {
+    pub(super) loaded: Arc<Loaded>,
+    pub(super) store: Store<CallState>,
+    /// `None` until the first call instantiates the component, inside that call's limits.
+    bindings: Option<Bindings>,
+    stderr: MemoryOutputPipe,
+    /// Bytes of stderr written before the current call: a trap quotes only its own call's.
+    stderr_mark: usize,
+    calls: u32,
+    last_used: u64,
+}
+
+impl Warm {
+    /// A new store for `tenant`'s calls of `loaded`; the instance is created by the first
+    /// call ([`Warm::bindings`]).
+    pub(super) fn new(
+        engine: &wasmtime::Engine,
+        loaded: Arc<Loaded>,
+        tenant: &str,
+        tenant_config: Arc<std::collections::BTreeMap<String, String>>,
+    ) -> Self {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let state = CallState::new(tenant, &loaded.name, "", tenant_config, stderr.clone());
+        Warm {
+            store: sandbox::store(engine, state),
+            loaded,
+            bindings: None,
+            stderr,
+            stderr_mark: 0,
+            calls: 0,
+            last_used: 0,
+        }
+    }
+
+    /// Sets the store up for one call: its budgets afresh (fuel, hostcall bytes, the epoch
+    /// deadline), what it is about, no logs yet.
+    pub(super) fn arm(&mut self, limits: CallLimits, subject: &str) {
+        sandbox::arm(&mut self.store, limits);
+        let state = self.store.data_mut();
+        state.subject.clear();
+        state.subject.push_str(subject);
+        state.logs.clear();
+        state.dropped_logs = 0;
+        state.templates = None;
+        self.calls += 1;
+    }
+
+    /// The instance's exports, instantiating the component in this store on first use.
+    pub(super) async fn bindings(
+        &mut self,
+    ) -> wasmtime::Result<(&mut Store<CallState>, &Bindings)> {
+        if self.bindings.is_none() {
+            let store = &mut self.store;
+            self.bindings = Some(match &self.loaded.pre {
+                Pre::Routing02(pre) => Bindings::Routing02(pre.instantiate_async(store).await?),
+                Pre::Routing01(pre) => Bindings::Routing01(pre.instantiate_async(store).await?),
+                Pre::Templating02(pre) => {
+                    Bindings::Templating02(pre.instantiate_async(store).await?)
+                }
+            });
+        }
+        let bindings = self.bindings.as_ref().expect("instantiated above");
+        Ok((&mut self.store, bindings))
+    }
+
+    /// What this call wrote to stderr (a Rust plugin's panic message lands there).
+    pub(super) fn call_stderr(&self) -> Vec<u8> {
+        let all = self.stderr.contents();
+        all.get(self.stderr_mark..).unwrap_or_default().to_vec()
+    }
+
+    /// Peak linear memory of the instance so far.
+    pub(super) fn memory_bytes(&self) -> usize {
+        self.store.data().limits.peak
+    }
+
+    /// Fuel the current call has left.
+    pub(super) fn fuel_left(&self) -> u64 {
+        self.store.get_fuel().unwrap_or(0)
+    }
+}
+
+/// The idle warm instances of every tenant.
+pub(super) struct Instances {
+    idle: Mutex<HashMap<String, Vec<Warm>>>,
+    max_idle: usize,
+    max_calls: u32,
+    clock: AtomicU64,
+}
+
+impl Instances {
+    pub(super) fn new(max_idle: usize, max_calls: u32) -> Self {
+        Instances {
+            idle: Mutex::new(HashMap::new()),
+            max_idle,
+            max_calls: max_calls.max(1),
+            clock: AtomicU64::new(0),
+        }
+    }
+
+    /// An idle instance of `loaded` made for `tenant`, if there is one.
+    pub(super) fn take(&self, tenant: &str, loaded: &Arc<Loaded>) -> Option<Warm> {
+        let mut idle = self.idle.lock().expect("instances lock poisoned");
+        let warm = idle.get_mut(tenant)?;
+        let at = warm.iter().rposition(|w| Arc::ptr_eq(&w.loaded, loaded))?;
+        let taken = warm.swap_remove(at);
+        if warm.is_empty() {
+            idle.remove(tenant);
+        }
+        Some(taken)
+    }
+
+    /// Keeps `warm` for `tenant`'s next call, unless it is due for recycling. Call only
+    /// after a clean call (see the module's rules).
+    pub(super) fn give_back(&self, tenant: &str, mut warm: Warm) {
+        if warm.calls >= self.max_calls || self.max_idle == 0 {
+            return;
+        }
+        let written = warm.stderr.contents().len();
+        if written > STDERR_CAPTURE / 2 {
+            return;
+        }
+        warm.stderr_mark = written;
+        // Nothing of the call stays behind in the host's part of the store either.
+        warm.store.data_mut().logs.clear();
+        warm.store.data_mut().templates = None;
+        if !warm.store.data().table.is_empty() {
+            // Handles the guest did not drop: start over rather than carry them along.
+            return;
+        }
+        warm.last_used = self.clock.fetch_add(1, Ordering::Relaxed);
+        let mut idle = self.idle.lock().expect("instances lock poisoned");
+        let total: usize = idle.values().map(Vec::len).sum();
+        if total >= self.max_idle
+            && let Some((oldest_tenant, at)) = idle
+                .iter()
+                .flat_map(|(t, ws)| ws.iter().enumerate().map(move |(i, w)| (t, i, w.last_used)))
+                .min_by_key(|(_, _, used)| *used)
+                .map(|(t, i, _)| (t.clone(), i))
+        {
+            let list = idle.get_mut(&oldest_tenant).expect("found above");
+            list.swap_remove(at);
+            if list.is_empty() {
+                idle.remove(&oldest_tenant);
+            }
+        }
+        idle.entry(tenant.to_owned()).or_default().push(warm);
+    }
+
+    /// Drops the idle instances of versions no longer serving.
+    pub(super) fn retain(&self, serving: impl Fn(&Arc<Loaded>) -> bool) {
+        let mut idle = self.idle.lock().expect("instances lock poisoned");
+        for list in idle.values_mut() {
+            list.retain(|w| serving(&w.loaded));
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
+
+    /// Idle instances now held.
+    pub(super) fn idle_count(&self) -> usize {
+        let idle = self.idle.lock().expect("instances lock poisoned");
+        idle.values().map(Vec::len).sum()
+    }
+}
