@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Benchmarks on the real services (release build): plugin call cost, pipeline events/s,
+# Benchmarks on the real services (release build): per-guest plugin call cost (Rust, Python,
+# JavaScript; fresh against warm instances; bench "plugins"), pipeline events/s,
 # produce → SSE latency (bench "throughput"), and inbox list / unread-count latency with a
 # million notifications (bench "inbox"), and produce → toast on screen in Chromium through the
-# example shop (bench "shop"). BENCH=throughput, BENCH=inbox or BENCH=shop runs one of them.
+# example shop (bench "shop"). BENCH=plugins, BENCH=throughput, BENCH=inbox or BENCH=shop runs one of them.
 # BENCH_EVENTS sets the backlog size (default 20000), BENCH_TENANTS how many tenants (lanes)
 # share it (default 1); BENCH_INBOX_ROWS / BENCH_INBOX_USERS the inbox table (1000000 / 10000).
 # Figures go to docs/benchmarks.md.
@@ -20,7 +21,7 @@ set +a
 scripts/clean-test-data.sh
 CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -m); date: $(date -u +%Y-%m-%d)"
-for bench in ${BENCH:-throughput inbox shop}; do
+for bench in ${BENCH:-plugins throughput inbox shop}; do
     if [[ $bench == shop ]]; then
         scripts/bootstrap.sh --with-browser
         cargo build --release --locked --bin notify-engine

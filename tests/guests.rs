@@ -455,5 +455,19 @@ async fn python_and_javascript_plugins_route_to_sse_and_email() {
         .unwrap();
         assert_eq!(&plugin, tenant, "routed by the tenant's own plugin file");
     }
+    // Each tenant's instance stays warm for its next event.
+    let metrics = reqwest::get(format!("http://{}/metrics", engine.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let warm: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("notify_plugin_warm_instances "))
+        .expect("the warm-instance gauge")
+        .parse()
+        .unwrap();
+    assert!(warm >= 2, "{warm} warm instances");
     engine.shutdown().await;
 }

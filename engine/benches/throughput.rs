@@ -1,14 +1,14 @@
 //! Benchmarks on the real services (run through `scripts/bench.sh`, which starts them):
 //!
-//! 1. `plugin`: one routing call (fresh store + instantiate + call) of the default plugin.
-//!    `render`: one email of the example tenant `globex` rendered by its templating plugin
+//! 1. `render`: one email of the example tenant `globex` rendered by its templating plugin
 //!    (`locale-templater`, which renders the tenant's files through the host) against the
 //!    same files rendered directly.
 //! 2. `pipeline`: events/s from Kafka to committed notifications, with a backlog of N events.
 //! 3. `latency`: produce → SSE frame received, one event at a time.
 //! 4. `reload`: a plugin published by rename → the new version serving (hot reload).
 //!
-//! Prints one line per figure; `docs/benchmarks.md` records them with machine and date.
+//! A routing call's cost, per guest language, is `benches/plugins.rs`. Prints one line per
+//! figure; `docs/benchmarks.md` records them with machine and date.
 //! `BENCH_EVENTS` sets the backlog (default 20 000), `BENCH_TENANTS` how many tenants share
 //! it (default 1; each tenant is a lane of its own).
 
@@ -47,34 +47,7 @@ async fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let plugins = root.join("plugins/dist");
 
-    // 1. One routing call.
-    let host = PluginHost::new(Default::default(), Default::default()).unwrap();
-    host.load_single(&plugins.join("default.wasm"))
-        .await
-        .unwrap();
-    let raw = event(1, "bench", 1).to_string();
-    let e = envelope::decode(Some(raw.as_bytes()), &[], 1 << 20).unwrap();
-    for _ in 0..200 {
-        host.route(&e).await.unwrap();
-    }
-    let n = 5_000;
-    let mut samples = Vec::with_capacity(n);
-    let mut fuel = 0;
-    for _ in 0..n {
-        let t = Instant::now();
-        fuel = host.route(&e).await.unwrap().cost.fuel;
-        samples.push(t.elapsed());
-    }
-    samples.sort();
-    let mean = samples.iter().sum::<Duration>() / n as u32;
-    println!(
-        "plugin: {n} calls of default.wasm: mean {:.1} µs, p50 {:.1} µs, p99 {:.1} µs, fuel {fuel}",
-        mean.as_secs_f64() * 1e6,
-        percentile(&samples, 0.5).as_secs_f64() * 1e6,
-        percentile(&samples, 0.99).as_secs_f64() * 1e6,
-    );
-
-    // 1b. Rendering one email: templating plugin vs files directly.
+    // 1. Rendering one email: templating plugin vs files directly.
     {
         use notify_engine::config::{PluginConfig, TenantConfig};
         use notify_engine::plugin::EmailToRender;

@@ -251,6 +251,11 @@ impl PluginHost {
         })
     }
 
+    /// Idle instances kept warm for their tenant's next call (`notify_plugin_warm_instances`).
+    pub fn warm_instances(&self) -> usize {
+        self.instances.idle_count()
+    }
+
     /// Routing time one tenant may use per second (`plugins.tenant_budget_ms_per_sec`).
     pub fn tenant_budget_ms_per_sec(&self) -> u64 {
         self.limits.tenant_budget_ms_per_sec

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub template_reloads: IntCounterVec,
     /// Open SSE connections.
     pub sse_connections: IntGauge,
+    /// Idle warm plugin instances, set when metrics are scraped.
+    pub plugin_warm_instances: IntGauge,
     /// SSE connections refused by a connection cap.
     pub sse_rejected: IntCounter,
     /// Rows deleted by retention, by table (`notifications`, `processed_events`,
@@ -116,6 +118,14 @@ impl Metrics {
             IntGauge::new("sse_connections", "Open SSE connections").expect("static metric");
         registry
             .register(Box::new(sse_connections.clone()))
+            .expect("unique metric");
+        let plugin_warm_instances = IntGauge::new(
+            "plugin_warm_instances",
+            "Idle plugin instances kept warm for their tenant's next call",
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(plugin_warm_instances.clone()))
             .expect("unique metric");
         let fast = vec![
             0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -176,6 +186,7 @@ impl Metrics {
                 &["outcome"],
             ),
             sse_connections,
+            plugin_warm_instances,
             sse_rejected: counter(
                 "sse_rejected_total",
                 "SSE connections refused by a connection cap or the deep-replay rate",
