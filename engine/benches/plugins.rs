@@ -8,11 +8,13 @@
 //!   called plugins before warm instances) and on warm instances (the defaults);
 //! - per call: p50, p99 and mean wall time of `PluginHost::route` on one core (a
 //!   current-thread runtime, calls one after another), hence calls/s/core;
-//! - per plugin version: the engine's resident memory added by loading it (compiled code),
-//!   and per warm instance its linear memory and the resident memory its first call added.
+//! - per plugin version: the engine's resident memory added by loading it from the
+//!   precompiled cache (its compiled code), and per warm instance its linear memory and the
+//!   resident memory its first call added.
 //!
 //! Prints one line per figure; `docs/benchmarks.md` records them with machine and date.
-//! `BENCH_GUESTS` picks guests (default `rust python javascript`).
+//! `BENCH_GUESTS` picks guests (default `floor rust python javascript`; `floor` is the
+//! chaos fixture answering one in-app item: what the host itself costs per call).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -95,9 +97,13 @@ async fn measure(host: &PluginHost, events: &[Event], warm_up: usize) -> Figures
     }
 }
 
-async fn host(file: &Path, instance_max_calls: u32) -> (PluginHost, usize) {
+/// A host with `file` loaded, and the resident memory loading it added. The first host of a
+/// file compiles it into `cache` (the precompiled cache); the next loads it from there, as a
+/// restarted engine does, so its figure is the compiled code, not the compiler's garbage.
+async fn host(file: &Path, instance_max_calls: u32, cache: &Path) -> (PluginHost, usize) {
     let config = PluginConfig {
         instance_max_calls,
+        cache_dir: cache.to_owned(),
         ..Default::default()
     };
     let host = PluginHost::new(config, Default::default()).unwrap();
@@ -110,14 +116,17 @@ async fn host(file: &Path, instance_max_calls: u32) -> (PluginHost, usize) {
 async fn main() {
     let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist");
     let guests: Vec<(String, PathBuf, usize, usize)> = std::env::var("BENCH_GUESTS")
-        .unwrap_or_else(|_| "rust python javascript".into())
+        .unwrap_or_else(|_| "floor rust python javascript".into())
         .split_whitespace()
         .map(|g| {
             let (file, warm_calls, fresh_calls) = match g {
                 "rust" => (dist.join("default.wasm"), 200_000, 5_000),
+                // The host's own share: a Rust plugin that parses the payload and returns
+                // one in-app item, whatever the event (the chaos fixture without `chaos`).
+                "floor" => (dist.join("fixtures/chaos.wasm"), 200_000, 5_000),
                 "python" => (dist.join("guests/python-router.wasm"), 20_000, 300),
                 "javascript" => (dist.join("guests/js-router.wasm"), 20_000, 300),
-                other => panic!("unknown guest {other} (rust, python, javascript)"),
+                other => panic!("unknown guest {other} (floor, rust, python, javascript)"),
             };
             assert!(
                 file.exists(),
@@ -130,7 +139,8 @@ async fn main() {
 
     for (guest, file, warm_calls, fresh_calls) in guests {
         let size = std::fs::metadata(&file).unwrap().len();
-        let (fresh, code_rss) = host(&file, 1).await;
+        let cache = tempfile::tempdir().unwrap();
+        let (fresh, _) = host(&file, 1, cache.path()).await;
         let f = measure(&fresh, &events(fresh_calls), 20).await;
         println!(
             "plugins: {guest} fresh instance per call ({fresh_calls} calls): p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs, {:.0} calls/s/core; fuel {}, linear memory {:.1} MiB",
@@ -143,7 +153,12 @@ async fn main() {
         );
         drop(fresh);
 
-        let (warm, _) = host(&file, PluginConfig::default().instance_max_calls).await;
+        let (warm, code_rss) = host(
+            &file,
+            PluginConfig::default().instance_max_calls,
+            cache.path(),
+        )
+        .await;
         let before_first = rss_bytes();
         warm.route(&events(1)[0]).await.unwrap();
         let instance_rss = rss_bytes().saturating_sub(before_first);
@@ -158,7 +173,7 @@ async fn main() {
             w.memory as f64 / 1048576.0,
         );
         println!(
-            "plugins: {guest} memory: component {:.1} MiB on disk; loading it added {:.1} MiB resident (compiled code); a warm instance's first call added {:.1} MiB resident",
+            "plugins: {guest} memory: component {:.1} MiB on disk; loading it (precompiled) added {:.1} MiB resident; a warm instance's first call added {:.1} MiB resident",
             size as f64 / 1048576.0,
             code_rss as f64 / 1048576.0,
             instance_rss as f64 / 1048576.0,

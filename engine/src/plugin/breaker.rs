@@ -40,6 +40,14 @@ impl Breakers {
             return None;
         }
         let mut states = self.states.lock().expect("breaker lock poisoned");
+        // A healthy call of a known version, the common case, allocates nothing.
+        if !malfunction
+            && let Some(state) = states.get_mut(plugin)
+            && state.digest == digest
+        {
+            state.consecutive = 0;
+            return None;
+        }
         let state = states.entry(plugin.to_owned()).or_insert_with(|| State {
             digest: digest.to_owned(),
             consecutive: 0,

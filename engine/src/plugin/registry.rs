@@ -86,16 +86,22 @@ pub struct PluginInfo {
     pub tenants: Vec<String>,
 }
 
-/// Calls and malfunctions per plugin version (name and SHA-256).
+/// Calls and malfunctions per plugin version: by name, then SHA-256 (looked up without
+/// allocating, as every call records its outcome).
 #[derive(Default)]
-pub(super) struct Stats(std::sync::Mutex<HashMap<(String, String), (u64, u64)>>);
+pub(super) struct Stats(std::sync::Mutex<HashMap<String, HashMap<String, (u64, u64)>>>);
 
 impl Stats {
     pub(super) fn record(&self, name: &str, digest: &str, failed: bool) {
         let mut stats = self.0.lock().expect("stats lock poisoned");
-        let entry = stats
-            .entry((name.to_owned(), digest.to_owned()))
-            .or_default();
+        let entry = match stats.get_mut(name).and_then(|v| v.get_mut(digest)) {
+            Some(entry) => entry,
+            None => stats
+                .entry(name.to_owned())
+                .or_default()
+                .entry(digest.to_owned())
+                .or_default(),
+        };
         entry.0 += 1;
         entry.1 += u64::from(failed);
     }
@@ -103,7 +109,8 @@ impl Stats {
     fn get(&self, name: &str, digest: &str) -> (u64, u64) {
         let stats = self.0.lock().expect("stats lock poisoned");
         stats
-            .get(&(name.to_owned(), digest.to_owned()))
+            .get(name)
+            .and_then(|v| v.get(digest))
             .copied()
             .unwrap_or_default()
     }
@@ -111,8 +118,11 @@ impl Stats {
     /// Forgets versions no longer loaded, so the map does not grow with every reload.
     fn retain(&self, loaded: &HashMap<String, Slot>) {
         let mut stats = self.0.lock().expect("stats lock poisoned");
-        stats.retain(|(name, digest), _| {
-            matches!(loaded.get(name), Some(Slot::Ready(l)) if &l.digest == digest)
+        stats.retain(|name, versions| {
+            versions.retain(
+                |digest, _| matches!(loaded.get(name), Some(Slot::Ready(l)) if &l.digest == digest),
+            );
+            !versions.is_empty()
         });
     }
 }

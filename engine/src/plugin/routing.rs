@@ -96,7 +96,7 @@ impl PluginHost {
             event_type: event.event_type.clone(),
             time: event.time.to_rfc3339(),
             source: event.source.clone(),
-            data: serde_json::Value::Object(event.data.clone()).to_string(),
+            data: serde_json::to_string(&event.data).expect("a JSON map serializes"),
         };
         let size = input.id.len()
             + input.tenant.len()
