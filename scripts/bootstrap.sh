@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building the engine needs and a fresh machine of our kind may lack:
 # a C toolchain, pkg-config, OpenSSL and zlib headers (librdkafka is compiled from source
-# by rdkafka-sys), the PostgreSQL client for the scripts, and Chromium for the browser test
+# by rdkafka-sys), the PostgreSQL client for the scripts, Python's venv (the Python plugins'
+# toolchain is installed into one), and Chromium for the browser test
 # (`--with-browser`). Idempotent; apt runs only if something is missing.
 set -euo pipefail
 
@@ -15,6 +16,9 @@ command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
+# The Python plugins are built with componentize-py, installed into a virtualenv.
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [[ ${1:-} == --with-browser ]]; then
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     command -v node >/dev/null 2>&1 || { log "node not found: install Node.js 20 or newer"; exit 1; }

@@ -2,7 +2,8 @@
 # Runs every check and test against the real services (Kafka, PostgreSQL, Mailpit), which
 # it starts (and leaves running for the next run; `scripts/services.sh down` stops them).
 #
-#   scripts/test.sh            formatting, clippy, plugin tests, engine unit + integration tests,
+#   scripts/test.sh            formatting, clippy, plugin tests, engine unit + integration tests
+#                              (with the Python, JavaScript and cargo-component plugins),
 #                              the TypeScript client (unit, and against a real engine), the
 #                              example shop (jest, then Chromium against a real engine)
 #   scripts/test.sh e2e        extra arguments go to `cargo test` of the engine
@@ -34,10 +35,18 @@ CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh
 log "cargo fmt --check"
 cargo fmt --all -- --check
 cargo fmt --manifest-path plugins/Cargo.toml --all -- --check
+# The starters' own code (read from stdin, so rustfmt does not follow `mod bindings;` into
+# what cargo-component generated).
+for starter in plugins/starters/*/src/lib.rs; do
+    rustfmt --edition 2024 --check <"$starter" >/dev/null || { echo "rustfmt: $starter is not formatted" >&2; exit 1; }
+done
 
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR cargo clippy --manifest-path plugins/Cargo.toml --all-targets --locked -- -D warnings
+for starter in plugins/starters/*/Cargo.toml; do
+    CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR/starters cargo clippy --manifest-path "$starter" --target wasm32-wasip2 --locked -- -D warnings
+done
 
 log "plugin tests (native)"
 CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR cargo test --manifest-path plugins/Cargo.toml --locked

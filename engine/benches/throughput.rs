@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use notify_engine::config::Config;
-use notify_engine::ingest::envelope;
 use notify_engine::plugin::PluginHost;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

@@ -89,7 +89,10 @@ pub struct PluginInfo {
 /// Calls and malfunctions per plugin version: by name, then SHA-256 (looked up without
 /// allocating, as every call records its outcome).
 #[derive(Default)]
-pub(super) struct Stats(std::sync::Mutex<HashMap<String, HashMap<String, (u64, u64)>>>);
+pub(super) struct Stats(std::sync::Mutex<HashMap<String, VersionStats>>);
+
+/// Calls and malfunctions of each version (by SHA-256) of one plugin.
+type VersionStats = HashMap<String, (u64, u64)>;
 
 impl Stats {
     pub(super) fn record(&self, name: &str, digest: &str, failed: bool) {
