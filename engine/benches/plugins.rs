@@ -73,6 +73,20 @@ struct Figures {
     memory: usize,
 }
 
+impl Figures {
+    fn print(&self, what: &str) {
+        println!(
+            "plugins: {what}: p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs, {:.0} calls/s/core; fuel {}, linear memory {:.1} MiB",
+            us(self.p50),
+            us(self.p99),
+            us(self.mean),
+            1.0 / self.mean.as_secs_f64(),
+            self.fuel,
+            self.memory as f64 / 1048576.0,
+        );
+    }
+}
+
 async fn measure(host: &PluginHost, events: &[Event], warm_up: usize) -> Figures {
     for e in events.iter().take(warm_up) {
         host.route(e).await.unwrap();
@@ -142,15 +156,9 @@ async fn main() {
         let cache = tempfile::tempdir().unwrap();
         let (fresh, _) = host(&file, 1, cache.path()).await;
         let f = measure(&fresh, &events(fresh_calls), 20).await;
-        println!(
-            "plugins: {guest} fresh instance per call ({fresh_calls} calls): p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs, {:.0} calls/s/core; fuel {}, linear memory {:.1} MiB",
-            us(f.p50),
-            us(f.p99),
-            us(f.mean),
-            1.0 / f.mean.as_secs_f64(),
-            f.fuel,
-            f.memory as f64 / 1048576.0,
-        );
+        f.print(&format!(
+            "{guest} fresh instance per call ({fresh_calls} calls)"
+        ));
         drop(fresh);
 
         let (warm, code_rss) = host(
@@ -163,15 +171,7 @@ async fn main() {
         warm.route(&events(1)[0]).await.unwrap();
         let instance_rss = rss_bytes().saturating_sub(before_first);
         let w = measure(&warm, &events(warm_calls), 1_000).await;
-        println!(
-            "plugins: {guest} warm instances ({warm_calls} calls): p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs, {:.0} calls/s/core; fuel {}, linear memory {:.1} MiB",
-            us(w.p50),
-            us(w.p99),
-            us(w.mean),
-            1.0 / w.mean.as_secs_f64(),
-            w.fuel,
-            w.memory as f64 / 1048576.0,
-        );
+        w.print(&format!("{guest} warm instances ({warm_calls} calls)"));
         println!(
             "plugins: {guest} memory: component {:.1} MiB on disk; loading it (precompiled) added {:.1} MiB resident; a warm instance's first call added {:.1} MiB resident",
             size as f64 / 1048576.0,

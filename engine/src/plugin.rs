@@ -1,10 +1,12 @@
 //! The plugin host: the only module that touches wasmtime.
 //!
 //! - `sandbox`: what every call runs in, whatever the world: the linker (only the
-//!   interfaces plugins are granted), a fresh `Store` per call with every limit set (memory,
-//!   fuel, hostcall fuel, resource handles, an epoch deadline at which the guest yields every
-//!   tick and traps when it passes), deny-all WASI with coarse clocks, captured logs, text
-//!   hygiene.
+//!   interfaces plugins are granted), a `Store` with every limit set (memory for the
+//!   instance; fuel, hostcall fuel and an epoch deadline, at which the guest yields every tick
+//!   and traps when it passes, afresh for each call; resource handles), deny-all WASI with
+//!   coarse clocks, captured logs, text hygiene.
+//! - `instances`: warm instances, one tenant's and one plugin version's each, reused only
+//!   after a clean call, recycled, bounded.
 //! - `bindings`: the generated bindings, one module per WIT version, and the conversions of
 //!   older versions' values to the newest.
 //! - `registry`: which compiled version serves under which name and world, loading and the

@@ -24,8 +24,9 @@ pub(super) const EPOCH_TICK: Duration = Duration::from_millis(5);
 pub(super) const MAX_CAPTURED_LOGS: usize = 100;
 /// Longest log line a plugin may write; longer ones are cut.
 const MAX_LOG_LINE: usize = 2048;
-/// stderr kept per call (a Rust plugin's panic message lands there); writing more fails the
-/// write, which makes `eprintln!` panic: plugins log through the host `log` import instead.
+/// stderr kept per instance (a Rust plugin's panic message lands there; an instance that
+/// has used half of it is not reused); writing more fails the write, which makes `eprintln!`
+/// panic: plugins log through the host `log` import instead.
 pub(super) const STDERR_CAPTURE: usize = 64 * 1024;
 /// How much of the captured stderr a trap's reason quotes.
 pub(super) const STDERR_IN_REASON: usize = 1024;
@@ -117,7 +118,7 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {
     Ok(linker)
 }
 
-/// Deny-all WASI for one call: no preopens, environment, arguments or sockets; stdout
+/// Deny-all WASI for one instance: no preopens, environment, arguments or sockets; stdout
 /// discarded; stderr captured; coarse clocks; bounded random.
 pub(super) fn wasi(stderr: MemoryOutputPipe) -> WasiCtx {
     WasiCtx::builder()
@@ -344,7 +345,8 @@ impl HostWallClock for CoarseWallClock {
     }
 }
 
-/// Nanoseconds since the call began, rounded down to [`MONOTONIC_RESOLUTION`].
+/// Nanoseconds since the instance's store was made, rounded down to
+/// [`MONOTONIC_RESOLUTION`].
 struct CoarseMonotonicClock(std::time::Instant);
 
 impl Default for CoarseMonotonicClock {
