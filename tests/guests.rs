@@ -118,6 +118,9 @@ async fn host() -> &'static PluginHost {
             cache_dir: plugin_cache_dir(),
             // A busy CI box: the wall clock is not what these tests are about.
             timeout_ms: 5_000,
+            // Room for every tenant's instance: the isolation test counts on reuse, and the
+            // conformance test, running beside it, warms ~70 tenants.
+            max_idle_instances: 1_000,
             ..PluginConfig::default()
         };
         let host = PluginHost::new(config, tenants).unwrap();
@@ -470,4 +473,63 @@ async fn python_and_javascript_plugins_route_to_sse_and_email() {
         .unwrap();
     assert!(warm >= 2, "{warm} warm instances");
     engine.shutdown().await;
+}
+
+/// The idle set's bounds: `plugins.max_idle_instances` (least recently used dropped first)
+/// and `plugins.instance_max_calls` (an instance that served that many calls is replaced),
+/// and a reload that drops the idle instances of a version no longer serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_instances_are_bounded_and_recycled() {
+    let services = Services::get();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        services.plugins.join("fixtures/chaos.wasm"),
+        dir.path().join("default.wasm"),
+    )
+    .unwrap();
+    let host = PluginHost::new(
+        PluginConfig {
+            dir: dir.path().to_owned(),
+            max_idle_instances: 2,
+            instance_max_calls: 3,
+            ..PluginConfig::default()
+        },
+        Default::default(),
+    )
+    .unwrap();
+    host.load_dir().await.unwrap();
+    let call = |tenant: &str, id: &str| {
+        let event = envelope_of(chaos_event(id, Some("remember")), tenant);
+        let host = &host;
+        async move { remembered(host.route(&event).await) }
+    };
+    // Three tenants, room for two: the least recently used (t1) is dropped.
+    assert_eq!(call("t1", "1").await, "nothing");
+    assert_eq!(call("t2", "2").await, "nothing");
+    assert_eq!(call("t3", "3").await, "nothing");
+    assert_eq!(host.warm_instances(), 2);
+    assert_eq!(
+        call("t1", "4").await,
+        "nothing",
+        "t1's instance was evicted"
+    );
+    assert_eq!(call("t3", "5").await, "t3/3", "t3's instance is warm");
+    // t3's instance has served 2 calls; its third is its last, then a fresh one.
+    assert_eq!(call("t3", "6").await, "t3/5");
+    assert_eq!(call("t3", "7").await, "nothing", "recycled after 3 calls");
+    // A new version replaces every idle instance of the old one.
+    std::fs::copy(
+        services.plugins.join("fixtures/chaos.wasm"),
+        dir.path().join("default.wasm.tmp"),
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(dir.path().join("default.wasm.tmp")).unwrap();
+    // A custom section appended: the same code, another SHA-256, hence another version.
+    bytes.extend_from_slice(&[0x00, 0x04, 0x01, b'x', 0x00, 0x00]);
+    std::fs::write(dir.path().join("default.wasm"), bytes).unwrap();
+    std::fs::remove_file(dir.path().join("default.wasm.tmp")).unwrap();
+    let reloaded = host.load_dir().await.unwrap();
+    assert_eq!(reloaded[0].outcome.label(), "loaded", "{reloaded:?}");
+    assert_eq!(host.warm_instances(), 0);
+    assert_eq!(call("t3", "8").await, "nothing");
 }
