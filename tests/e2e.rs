@@ -3,6 +3,7 @@
 //!
 //! Run through `scripts/test.sh`, which starts the services and builds the plugins.
 
+mod cluster;
 mod guests;
 mod inbox;
 mod live;

@@ -232,6 +232,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown.clone(),
     ));
 
+    tasks.spawn(crate::hub::listen(
+        hub.clone(),
+        pool.clone(),
+        shutdown.clone(),
+    ));
+
     tasks.spawn(
         crate::retention::Retention {
             pool: pool.clone(),

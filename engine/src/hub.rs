@@ -1,7 +1,10 @@
 //! The fan-out hub: which (tenant, user) has something new, and who is listening.
 //!
 //! The hub carries no notification content, only "user U of tenant T now has sequence
-//! number N". A stream that wakes up reads what it has not sent yet from PostgreSQL. So a
+//! number N". Within an instance, the writer publishes after its commit; across instances,
+//! every transaction that writes stream rows also NOTIFYs them (`store::announce`), and
+//! [`listen`] publishes what other instances committed, so a stream on any instance hears
+//! of rows written on any other. A stream that wakes up reads what it has not sent yet from PostgreSQL. So a
 //! slow client never makes the engine buffer (it simply reads later), ordering and gaps
 //! are PostgreSQL's to keep, and live delivery and `Last-Event-ID` replay are the same code.
 
@@ -112,6 +115,15 @@ impl Hub {
         }
     }
 
+    /// Wakes every open stream of this instance: each reads what it has not sent yet (and
+    /// finds nothing when nothing is new). For when wake-ups may have been missed.
+    pub fn wake_all(&self) {
+        let entries = self.entries.lock().expect("hub lock poisoned");
+        for entry in entries.values() {
+            entry.latest.send_modify(|_| {});
+        }
+    }
+
     /// Opens a stream for (tenant, user) within the connection caps.
     pub fn subscribe(
         self: &Arc<Self>,
@@ -176,6 +188,65 @@ impl Hub {
             .lock()
             .expect("hub lock poisoned")
             .contains_key(&(tenant.to_owned(), user_id.to_owned()))
+    }
+}
+
+/// Publishes the wake-ups every instance announces (`store::announce`) until `shutdown`:
+/// how a stream on this instance hears of rows committed on another. Its own instance's
+/// arrive too, and are no-ops (the hub only moves forward). When the listening connection is
+/// lost and made again, wake-ups sent meanwhile are gone, so every stream is woken to read
+/// for itself; while PostgreSQL is unreachable, it retries every second.
+pub async fn listen(
+    hub: Arc<Hub>,
+    pool: sqlx::PgPool,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use crate::store::{Heard, WakeListener};
+    const RETRY: Duration = Duration::from_secs(1);
+    let mut listener = None;
+    while !shutdown.is_cancelled() {
+        let heard = match listener.as_mut() {
+            None => {
+                match tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    connected = WakeListener::connect(&pool) => connected,
+                } {
+                    Ok(l) => {
+                        listener = Some(l);
+                        // Whatever was committed before it listened.
+                        hub.wake_all();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for other instances' wake-ups; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(RETRY) => {}
+                        }
+                    }
+                }
+                continue;
+            }
+            Some(l) => tokio::select! {
+                _ = shutdown.cancelled() => return,
+                heard = l.next() => heard,
+            },
+        };
+        match heard {
+            Ok(Heard::Wakes(wakes)) => {
+                for (tenant, user, seq) in wakes {
+                    hub.publish(&tenant, &user, seq);
+                }
+            }
+            Ok(Heard::Reconnected) => hub.wake_all(),
+            Err(e) => {
+                tracing::warn!(error = %e, "lost the wake-up listener; reconnecting");
+                listener = None;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
     }
 }
 

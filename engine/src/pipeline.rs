@@ -389,6 +389,15 @@ impl Pipeline {
         for one in prepared {
             self.write_one(&mut tx, one, &mut outcome).await?;
         }
+        // Streams on other instances hear of the rows when they commit.
+        store::announce(
+            &mut tx,
+            outcome
+                .notifications
+                .iter()
+                .map(|(tenant, user, seq)| (tenant.as_str(), user.as_str(), *seq)),
+        )
+        .await?;
         tx.commit().await?;
         self.metrics
             .batch_seconds

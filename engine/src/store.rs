@@ -378,6 +378,80 @@ fn decode_headers(stored: Option<Value>) -> Vec<(String, Option<Vec<u8>>)> {
         .collect()
 }
 
+/// The channel on which every instance of a deployment (one database) hears of committed
+/// stream rows: the hub's cluster-wide wake-ups (`hub::listen`).
+pub const WAKE_CHANNEL: &str = "notify_engine_wake";
+/// PostgreSQL takes NOTIFY payloads below 8000 bytes; wake-ups are split to stay under it.
+const WAKE_PAYLOAD_BYTES: usize = 7_000;
+
+/// Tells every instance, when `tx` commits, that these users' streams have rows up to these
+/// sequence numbers: `[[tenant, user, seq], …]` on [`WAKE_CHANNEL`], in as few NOTIFYs as
+/// fit. NOTIFY is transactional: delivered at commit and only then, so no listener looks
+/// for a row it cannot see yet, and a rolled-back batch wakes nobody.
+pub async fn announce<'a>(
+    tx: &mut PgConnection,
+    wakes: impl IntoIterator<Item = (&'a str, &'a str, i64)>,
+) -> Result<()> {
+    let mut payloads = Vec::new();
+    let mut payload = String::new();
+    for wake in wakes {
+        let item = serde_json::to_string(&wake).expect("strings and a number serialize");
+        if !payload.is_empty() && payload.len() + item.len() + 2 > WAKE_PAYLOAD_BYTES {
+            payload.push(']');
+            payloads.push(std::mem::take(&mut payload));
+        }
+        payload.push(if payload.is_empty() { '[' } else { ',' });
+        payload.push_str(&item);
+    }
+    if !payload.is_empty() {
+        payload.push(']');
+        payloads.push(payload);
+    }
+    for payload in payloads {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(WAKE_CHANNEL)
+            .bind(payload)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// What the wake-up listener heard.
+pub enum Heard {
+    /// Users' streams with rows up to these sequence numbers.
+    Wakes(Vec<(String, String, i64)>),
+    /// The connection was lost and made again: wake-ups sent meanwhile are gone.
+    Reconnected,
+}
+
+/// A connection of its own listening on [`WAKE_CHANNEL`].
+pub struct WakeListener(sqlx::postgres::PgListener);
+
+impl WakeListener {
+    pub async fn connect(pool: &PgPool) -> Result<Self> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+        listener.listen(WAKE_CHANNEL).await?;
+        Ok(Self(listener))
+    }
+
+    /// The next wake-ups. A payload that is not ours (another program notifying on the
+    /// channel) is skipped with a warning.
+    pub async fn next(&mut self) -> Result<Heard> {
+        loop {
+            let Some(notification) = self.0.try_recv().await? else {
+                return Ok(Heard::Reconnected);
+            };
+            match serde_json::from_str(notification.payload()) {
+                Ok(wakes) => return Ok(Heard::Wakes(wakes)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a NOTIFY on {WAKE_CHANNEL} that is not a wake-up; ignored")
+                }
+            }
+        }
+    }
+}
+
 /// A stored notification as streamed to its user.
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
 pub struct StoredNotification {

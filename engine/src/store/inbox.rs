@@ -283,7 +283,7 @@ async fn log_change(
         Value::Object(m) => m,
         _ => unreachable!("change events are objects"),
     };
-    insert_notification(
+    let seq = insert_notification(
         conn,
         &NewNotification {
             tenant,
@@ -296,5 +296,8 @@ async fn log_change(
             data: &data,
         },
     )
-    .await
+    .await?;
+    // The user's streams on other instances hear of it when it commits.
+    super::announce(conn, [(tenant, user_id, seq)]).await?;
+    Ok(seq)
 }
