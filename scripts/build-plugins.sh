@@ -23,11 +23,14 @@
 # in a virtualenv, componentize-js (npm, plugins/js-router/package-lock.json) with `npm ci`,
 # cargo-component (crates.io) with `cargo install`. Idempotent: a second run is a no-op cargo
 # build, and a Python or JavaScript component is built again only when its inputs changed.
-# Environment:
+# `--workspace-only` builds just the cargo workspace's plugins (what the demo loads), without
+# the Python, JavaScript and cargo-component toolchains. Environment:
 #   CARGO_TARGET_DIR   default $HOME/.cache/notify-engine/plugins-target
 #   CARGO_BUILD_JOBS   passed through to cargo (e.g. 1 on a busy machine)
 #   NOTIFY_TOOLS_DIR   where the guest toolchains go, default $HOME/.cache/notify-engine/tools
 set -euo pipefail
+WORKSPACE_ONLY=
+[[ ${1:-} == --workspace-only ]] && WORKSPACE_ONLY=1
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PLUGINS=$ROOT/plugins
@@ -91,6 +94,8 @@ install_component acme_router "$DIST/acme.wasm"
 install_component chaos_router "$DIST/fixtures/chaos.wasm"
 install_component locale_templater "$DIST/locale-templater.wasm"
 install_component chaos_templater "$DIST/fixtures/chaos-templater.wasm"
+
+[[ -n $WORKSPACE_ONLY ]] && exit 0
 
 TOOLS=${NOTIFY_TOOLS_DIR:-$HOME/.cache/notify-engine/tools}
 mkdir -p "$TOOLS"

@@ -31,7 +31,7 @@ set +a
 scripts/services.sh topics order_paid order_status_updated
 
 log "building the routing plugins (wasm32-wasip2)"
-CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh
+CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh --workspace-only
 
 log "building the engine"
 cargo build --locked --bin notify-engine
