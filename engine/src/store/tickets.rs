@@ -39,20 +39,23 @@ pub async fn issue(
     Ok(())
 }
 
-/// Consumes a ticket. `None`: unknown, already used, or expired.
+/// Consumes a ticket. `None`: unknown, already used, or expired. Freshness is judged on the
+/// engine's clock, the one that set `expires_at` when the ticket was issued (not on
+/// PostgreSQL's `now()`, which is the start of a transaction and another machine's clock).
 pub async fn redeem(pool: &PgPool, ticket_sha256: &[u8]) -> Result<Option<Redeemed>> {
-    let row: Option<(String, String, DateTime<Utc>, bool)> = sqlx::query_as(
+    let row: Option<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
         "DELETE FROM sse_tickets WHERE ticket_sha256 = $1
-         RETURNING tenant_id, user_id, token_expires_at, expires_at > now()",
+         RETURNING tenant_id, user_id, token_expires_at, expires_at",
     )
     .bind(ticket_sha256)
     .fetch_optional(pool)
     .await?;
-    Ok(row
-        .filter(|(_, _, _, fresh)| *fresh)
-        .map(|(tenant, user_id, token_expires_at, _)| Redeemed {
+    let now = Utc::now();
+    Ok(row.filter(|(_, _, _, expires_at)| *expires_at > now).map(
+        |(tenant, user_id, token_expires_at, _)| Redeemed {
             tenant,
             user_id,
             token_expires_at,
-        }))
+        },
+    ))
 }
