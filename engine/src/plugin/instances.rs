@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use wasmtime::Store;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
+use super::PluginHost;
 use super::bindings::{v0_1, v0_2};
 use super::registry::{Loaded, Pre};
 use super::sandbox::{self, CallLimits, CallState, STDERR_CAPTURE};
@@ -124,16 +125,39 @@ impl Warm {
 
 /// The idle warm instances of every tenant.
 pub(super) struct Instances {
-    idle: Mutex<HashMap<String, Vec<Warm>>>,
+    idle: Mutex<Idle>,
     max_idle: usize,
     max_calls: u32,
     clock: AtomicU64,
 }
 
+/// Idle instances by tenant, and how many there are in all (kept, not counted per call).
+#[derive(Default)]
+struct Idle {
+    by_tenant: HashMap<String, Vec<Warm>>,
+    count: usize,
+}
+
+impl Idle {
+    /// Removes the instance at `at` of `tenant`'s list.
+    fn remove(&mut self, tenant: &str, at: usize) -> Warm {
+        let list = self
+            .by_tenant
+            .get_mut(tenant)
+            .expect("a tenant with idle instances");
+        let warm = list.swap_remove(at);
+        if list.is_empty() {
+            self.by_tenant.remove(tenant);
+        }
+        self.count -= 1;
+        warm
+    }
+}
+
 impl Instances {
     pub(super) fn new(max_idle: usize, max_calls: u32) -> Self {
         Instances {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Idle::default()),
             max_idle,
             max_calls: max_calls.max(1),
             clock: AtomicU64::new(0),
@@ -143,13 +167,12 @@ impl Instances {
     /// An idle instance of `loaded` made for `tenant`, if there is one.
     pub(super) fn take(&self, tenant: &str, loaded: &Arc<Loaded>) -> Option<Warm> {
         let mut idle = self.idle.lock().expect("instances lock poisoned");
-        let warm = idle.get_mut(tenant)?;
-        let at = warm.iter().rposition(|w| Arc::ptr_eq(&w.loaded, loaded))?;
-        let taken = warm.swap_remove(at);
-        if warm.is_empty() {
-            idle.remove(tenant);
-        }
-        Some(taken)
+        let at = idle
+            .by_tenant
+            .get(tenant)?
+            .iter()
+            .rposition(|w| Arc::ptr_eq(&w.loaded, loaded))?;
+        Some(idle.remove(tenant, at))
     }
 
     /// Keeps `warm` for `tenant`'s next call, unless it is due for recycling. Call only
@@ -172,35 +195,53 @@ impl Instances {
         }
         warm.last_used = self.clock.fetch_add(1, Ordering::Relaxed);
         let mut idle = self.idle.lock().expect("instances lock poisoned");
-        let total: usize = idle.values().map(Vec::len).sum();
-        if total >= self.max_idle
+        if idle.count >= self.max_idle
             && let Some((oldest_tenant, at)) = idle
+                .by_tenant
                 .iter()
                 .flat_map(|(t, ws)| ws.iter().enumerate().map(move |(i, w)| (t, i, w.last_used)))
                 .min_by_key(|(_, _, used)| *used)
                 .map(|(t, i, _)| (t.clone(), i))
         {
-            let list = idle.get_mut(&oldest_tenant).expect("found above");
-            list.swap_remove(at);
-            if list.is_empty() {
-                idle.remove(&oldest_tenant);
-            }
+            idle.remove(&oldest_tenant, at);
         }
-        idle.entry(tenant.to_owned()).or_default().push(warm);
+        idle.by_tenant
+            .entry(tenant.to_owned())
+            .or_default()
+            .push(warm);
+        idle.count += 1;
     }
 
     /// Drops the idle instances of versions no longer serving.
     pub(super) fn retain(&self, serving: impl Fn(&Arc<Loaded>) -> bool) {
         let mut idle = self.idle.lock().expect("instances lock poisoned");
-        for list in idle.values_mut() {
+        for list in idle.by_tenant.values_mut() {
             list.retain(|w| serving(&w.loaded));
         }
-        idle.retain(|_, list| !list.is_empty());
+        idle.by_tenant.retain(|_, list| !list.is_empty());
+        idle.count = idle.by_tenant.values().map(Vec::len).sum();
     }
 
     /// Idle instances now held.
     pub(super) fn idle_count(&self) -> usize {
-        let idle = self.idle.lock().expect("instances lock poisoned");
-        idle.values().map(Vec::len).sum()
+        self.idle.lock().expect("instances lock poisoned").count
+    }
+}
+
+impl PluginHost {
+    /// An instance for one call of `tenant` on `loaded`: an idle one of theirs when `reuse`
+    /// allows and there is one, else a new store (instantiated by the call itself).
+    pub(super) fn instance_for(&self, tenant: &str, loaded: &Arc<Loaded>, reuse: bool) -> Warm {
+        reuse
+            .then(|| self.instances.take(tenant, loaded))
+            .flatten()
+            .unwrap_or_else(|| {
+                Warm::new(
+                    &self.engine,
+                    loaded.clone(),
+                    tenant,
+                    self.tenant_config(tenant),
+                )
+            })
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::bindings::wit;
-use super::instances::{Bindings, Warm};
+use super::instances::Bindings;
 use super::registry::Loaded;
 use super::sandbox::{CallLimits, plugin_text};
 use super::{Cost, Decision, PluginError, PluginHost, classify_trap, outer_bound, output};
@@ -112,18 +112,7 @@ impl PluginHost {
         }
 
         let limits = self.routing_limits();
-        let mut warm = match fresh {
-            Fresh::Any => self.instances.take(&event.tenant, loaded),
-            Fresh::Required => None,
-        }
-        .unwrap_or_else(|| {
-            Warm::new(
-                &self.engine,
-                loaded.clone(),
-                &event.tenant,
-                self.tenant_config(&event.tenant),
-            )
-        });
+        let mut warm = self.instance_for(&event.tenant, loaded, matches!(fresh, Fresh::Any));
         warm.arm(limits, &event.id);
 
         let started = Instant::now();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::bindings::wit;
-use super::instances::{Bindings, Warm};
+use super::instances::Bindings;
 use super::sandbox::{CallLimits, TemplateAccess, plugin_text};
 use super::{PluginError, PluginHost, classify_trap, outer_bound};
 use crate::templates::{RenderedEmail, Templates};
@@ -75,17 +75,7 @@ impl PluginHost {
             memory_bytes: self.limits.templating_memory_bytes,
             hostcall_bytes: max_output.saturating_mul(2),
         };
-        let mut warm = self
-            .instances
-            .take(email.tenant, &loaded)
-            .unwrap_or_else(|| {
-                Warm::new(
-                    &self.engine,
-                    loaded.clone(),
-                    email.tenant,
-                    self.tenant_config(email.tenant),
-                )
-            });
+        let mut warm = self.instance_for(email.tenant, &loaded, true);
         warm.arm(limits, &format!("outbox email {}", email.outbox_id));
         warm.store.data_mut().templates = Some(TemplateAccess {
             templates,
