@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::WAIT;
 use super::support::*;
+use notify_engine::app::Running;
 
 /// Two instances: one consumes the topics, the other consumes nothing (another topic, its
 /// own group). A stream on the second hears of the notification the first wrote, and of an
@@ -46,5 +47,295 @@ async fn a_stream_on_any_instance_hears_of_rows_committed_on_another() {
     assert_eq!(read.event, "notification.read");
     assert_eq!(read.data["unread_count"], 0);
     other.shutdown().await;
+    consumer.shutdown().await;
+}
+
+/// What one client saw of its user's stream: (SSE id, order id) of every notification.
+type Transcript = Vec<(i64, String)>;
+
+/// Reads `user`'s stream until it holds `want` notifications, reconnecting (to `fallback`,
+/// with `Last-Event-ID`) whenever the stream ends, as a browser's `EventSource` would.
+async fn follow(
+    mut sse: SseClient,
+    fallback: std::net::SocketAddr,
+    token: String,
+    want: usize,
+) -> (Transcript, usize) {
+    let mut seen: Transcript = Vec::new();
+    let mut reconnects = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.len() < want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {want} notifications: {seen:?}",
+            seen.len()
+        );
+        match sse.poll(Duration::from_secs(5)).await {
+            Polled::Event(e) if e.event == "notification" => {
+                let id: i64 = e.id.as_deref().unwrap().parse().unwrap();
+                seen.push((id, e.data["data"]["order_id"].as_str().unwrap().to_owned()));
+            }
+            Polled::Event(_) | Polled::Timeout => {}
+            Polled::Ended => {
+                reconnects += 1;
+                let last = seen.last().map(|(id, _)| id.to_string());
+                let response = reqwest::Client::new()
+                    .get(format!("http://{fallback}/api/v1/sse"))
+                    .bearer_auth(&token);
+                let response = match &last {
+                    Some(id) => response.header("Last-Event-ID", id),
+                    None => response,
+                };
+                let (status, client, body) = open_sse(response).await;
+                assert_eq!(status, 200, "{body}");
+                sse = client.unwrap();
+            }
+        }
+    }
+    (seen, reconnects)
+}
+
+/// Every notification exactly once, in order, without gaps: ids 1..=n and the orders
+/// produced for the user, in production order.
+fn assert_exactly_once(user: &str, seen: &Transcript, produced: &[String]) {
+    let ids: Vec<i64> = seen.iter().map(|(id, _)| *id).collect();
+    let expected: Vec<i64> = (1..=produced.len() as i64).collect();
+    assert_eq!(ids, expected, "{user}: ids in order, no gap, no duplicate");
+    let orders: Vec<&String> = seen.iter().map(|(_, order)| order).collect();
+    let produced: Vec<&String> = produced.iter().collect();
+    assert_eq!(orders, produced, "{user}: every order once, in order");
+}
+
+/// Two instances in one consumer group share the partitions. Each user's client sits on one
+/// instance and receives every notification of that user exactly once, whichever instance
+/// consumed it. Then the first instance stops mid-stream: the group rebalances, the second
+/// takes over its partitions from their committed offsets, and the first's clients
+/// reconnect to the second and replay from `Last-Event-ID` without gap or duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_in_one_group_deliver_every_event_once_and_survive_one_leaving() {
+    let world = World::new().await;
+    let first = world.start(world.config()).await;
+    let second = std::sync::Arc::new(world.start(world.config()).await);
+    let tenant = unique("shop");
+    let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
+
+    // Clients of u0, u2, u4 on the first instance; of u1, u3, u5 on the second.
+    let mut clients = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let token = world.token(&tenant, user);
+        let on = if i % 2 == 0 { &first } else { &*second };
+        let (status, sse, body) = connect_sse(on, Some(&token), None).await;
+        assert_eq!(status, 200, "{body}");
+        clients.push((sse.unwrap(), token));
+    }
+
+    // User i's events go to partition i % 3 (in order, as a keyed producer would): once
+    // the group has given each instance some partitions, both consume.
+    let mut produced: Vec<Vec<String>> = vec![Vec::new(); users.len()];
+    let mut round = 0;
+    let mut produce_round = async |produced: &mut Vec<Vec<String>>| {
+        for (i, user) in users.iter().enumerate() {
+            let id = format!("{user}-{round}");
+            world
+                .produce_to_partition(&order_paid(&id, &tenant, user, None, 10.0), (i % 3) as i32)
+                .await;
+            produced[i].push(format!("A-{id}"));
+        }
+        round += 1;
+    };
+    let consumed = |engine: &Running| -> u64 {
+        engine
+            .metrics
+            .events_consumed
+            .with_label_values(&[&world.topic_paid])
+            .get()
+    };
+    // The first phase: until both instances consumed (the second joined the group after
+    // the first, and the rebalance takes a few seconds), at least 8 rounds.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while produced[0].len() < 8 || consumed(&first) == 0 || consumed(&second) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the group never gave both instances partitions: consumed {} and {}",
+            consumed(&first),
+            consumed(&second)
+        );
+        produce_round(&mut produced).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first_phase = produced[0].len();
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications",
+            (first_phase * users.len()) as i64,
+            WAIT,
+        )
+        .await;
+
+    let total = first_phase + 8;
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|(sse, token)| tokio::spawn(follow(sse, second.http_addr, token, total)))
+        .collect();
+
+    // The second phase: two more rounds, the first instance stops (streams end, offsets of
+    // what it stored are committed), six more rounds, which the second consumes alone.
+    produce_round(&mut produced).await;
+    produce_round(&mut produced).await;
+    first.shutdown().await;
+    for _ in 0..6 {
+        produce_round(&mut produced).await;
+    }
+    assert_eq!(produced[0].len(), total);
+
+    for (i, reader) in readers.into_iter().enumerate() {
+        let (seen, reconnects) = reader.await.unwrap();
+        assert_exactly_once(&users[i], &seen, &produced[i]);
+        if i % 2 == 0 {
+            assert!(reconnects >= 1, "{}: its instance stopped", users[i]);
+        }
+    }
+    // Nothing was stored twice either (the duplicate filter across the rebalance).
+    assert_eq!(
+        world.count("SELECT count(*) FROM notifications").await,
+        (total * users.len()) as i64
+    );
+    std::sync::Arc::into_inner(second)
+        .expect("the readers are done")
+        .shutdown()
+        .await;
+}
+
+/// Presence across instances: a user with a stream open on one instance is online for the
+/// routing plugin running on another (acme's `skip_email_when_online`: no email while the
+/// app is open, an email once it is closed), and the admin listing counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_plugin_sees_presence_on_another_instance() {
+    let world = World::new().await;
+    let tenant = unique("acme");
+    let mut config = world.config();
+    config.tenants.insert(
+        tenant.clone(),
+        notify_engine::config::TenantConfig {
+            plugin: Some("acme".into()),
+            config: [("skip_email_when_online".to_owned(), "true".to_owned())].into(),
+            ..Default::default()
+        },
+    );
+    let consumer = world.start(config.clone()).await;
+    let idle_topic = format!("idle-{}", unique("t"));
+    create_topics(&world.services.brokers, &[&idle_topic]).await;
+    config.kafka.topics = vec![idle_topic];
+    config.kafka.group_id = unique("group");
+    let other = world.start(config).await;
+
+    let token = world.token(&tenant, "u1");
+    let (status, sse, _) = connect_sse(&other, Some(&token), None).await;
+    assert_eq!(status, 200);
+    let mut sse = sse.unwrap();
+    // Seen by the consumer within the documented bound (a flush, a commit, a NOTIFY).
+    let since = std::time::Instant::now();
+    while !consumer.presence.is_online(&tenant, "u1") {
+        assert!(
+            since.elapsed() < Duration::from_secs(2),
+            "the consumer never saw u1 online"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!consumer.presence.is_online(&tenant, "u2"));
+
+    // The admin listing, on either instance.
+    let auth = &world.config().auth;
+    let admin = notify_engine::api::auth::mint_with_roles(auth, "ops", "root", &["admin"], 60);
+    let listing = |engine: &Running| {
+        let url = format!("http://{}/api/v1/admin/presence", engine.admin_addr);
+        let admin = admin.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(admin)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let seen_by_consumer = listing(&consumer).await;
+    assert_eq!(seen_by_consumer["instance"], consumer.presence.instance());
+    assert_eq!(seen_by_consumer["counts"]["local_users"], 0);
+    assert_eq!(seen_by_consumer["counts"]["cluster_users"], 1);
+    let instances = seen_by_consumer["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 2, "{seen_by_consumer:#}");
+    let other_row = instances
+        .iter()
+        .find(|i| i["id"] == other.presence.instance())
+        .unwrap();
+    assert_eq!(other_row["users_online"], 1);
+    let seen_by_other = listing(&other).await;
+    assert_eq!(seen_by_other["counts"]["local_streams"], 1);
+    let user_token = world.token(&tenant, "u1");
+    let refused = reqwest::Client::new()
+        .get(format!("http://{}/api/v1/admin/presence", other.admin_addr))
+        .bearer_auth(user_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403, "the admin role is required");
+
+    world
+        .produce(&order_paid(
+            "watching",
+            &tenant,
+            "u1",
+            Some("u1@example.com"),
+            20.0,
+        ))
+        .await;
+    let n = sse.next(WAIT).await.expect("the in-app item");
+    assert_eq!(n.event, "notification");
+    // The decision and its in-app item commit together: no email was enqueued.
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM email_outbox WHERE event_id = 'watching'")
+            .await,
+        0
+    );
+
+    drop(sse);
+    let since = std::time::Instant::now();
+    while consumer.presence.is_online(&tenant, "u1") {
+        assert!(
+            since.elapsed() < Duration::from_secs(2),
+            "the consumer never saw u1 go offline"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    world
+        .produce(&order_paid(
+            "away",
+            &tenant,
+            "u1",
+            Some("u1@example.com"),
+            20.0,
+        ))
+        .await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM email_outbox WHERE event_id = 'away'",
+            1,
+            WAIT,
+        )
+        .await;
+
+    // A graceful stop takes the instance and its users out of everyone's view at once.
+    let other_id = other.presence.instance().to_owned();
+    other.shutdown().await;
+    let rows = world
+        .count(&format!(
+            "SELECT count(*) FROM engine_instances WHERE id = '{other_id}'"
+        ))
+        .await;
+    assert_eq!(rows, 0);
     consumer.shutdown().await;
 }

@@ -83,9 +83,12 @@ async fn main() {
         started.elapsed()
     );
 
+    let hub = Hub::new();
     let state = AppState {
         pool: store::connect_api(&config.database, 4).unwrap(),
-        hub: Hub::new(),
+        engine_pool: store::connect(&config.database, 1).unwrap(),
+        presence: notify_engine::cluster::Presence::new(hub.clone(), config.presence.clone()),
+        hub,
         metrics: Metrics::new(),
         auth: Arc::new(Auth::new(&config).unwrap()),
         sse: config.sse.clone(),

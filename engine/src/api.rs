@@ -45,6 +45,10 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// The plugin host, for the admin listing.
     pub plugins: Arc<crate::plugin::PluginHost>,
+    /// The engine's own pool, for the admin listing only (no public route reaches it).
+    pub engine_pool: PgPool,
+    /// This instance's view of the cluster's presence, for the admin listing.
+    pub presence: Arc<crate::cluster::Presence>,
     /// `http.cors_origins`.
     pub cors_origins: Arc<[String]>,
     /// `auth.ticket_ttl_secs`.
@@ -124,6 +128,7 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/admin/plugins", get(admin_plugins))
+        .route("/api/v1/admin/presence", get(admin_presence))
         .with_state(state)
 }
 
@@ -135,15 +140,39 @@ async fn admin_plugins(
     State(state): State<AppState>,
     identity: Identity,
 ) -> Result<impl IntoResponse, ApiError> {
-    if !identity.has_role(auth::ADMIN_ROLE) {
-        return Err(ApiError::Forbidden(format!(
-            "the admin API needs the {:?} role in the token",
-            auth::ADMIN_ROLE
-        )));
-    }
+    require_admin(&identity)?;
     Ok(axum::Json(
         serde_json::json!({ "plugins": state.plugins.list() }),
     ))
+}
+
+/// Presence across the cluster: this instance's id and counts (streams and users here,
+/// users anywhere as this instance last heard), and every live instance with its
+/// heartbeat and users. Admin listener, `admin` role.
+async fn admin_presence(
+    State(state): State<AppState>,
+    identity: Identity,
+) -> Result<impl IntoResponse, ApiError> {
+    require_admin(&identity)?;
+    let instances = crate::store::presence::instances(&state.engine_pool)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(axum::Json(serde_json::json!({
+        "instance": state.presence.instance(),
+        "counts": state.presence.counts(),
+        "instances": instances,
+    })))
+}
+
+fn require_admin(identity: &Identity) -> Result<(), ApiError> {
+    if identity.has_role(auth::ADMIN_ROLE) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "the admin API needs the {:?} role in the token",
+            auth::ADMIN_ROLE
+        )))
+    }
 }
 
 /// Liveness: the process serves HTTP.
@@ -207,9 +236,12 @@ mod tests {
             .acquire_timeout(std::time::Duration::from_millis(50))
             .connect_lazy("postgres://nobody:nothing@127.0.0.1:1/none")
             .unwrap();
+        let hub = Hub::new();
         let state = AppState {
+            engine_pool: pool.clone(),
+            presence: crate::cluster::Presence::new(hub.clone(), config.presence.clone()),
             pool,
-            hub: Hub::new(),
+            hub,
             metrics: Metrics::new(),
             auth: Arc::new(Auth::new(&config).unwrap()),
             sse: config.sse.clone(),

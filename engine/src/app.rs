@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState, auth::Auth};
+use crate::cluster::Presence;
 use crate::config::Config;
 use crate::delivery::{self, EmailWorker};
 use crate::health::Health;
@@ -76,6 +77,8 @@ pub struct Running {
     pub health: Arc<Health>,
     pub metrics: Metrics,
     pub hub: Arc<Hub>,
+    /// This instance's identity and view of the cluster's presence.
+    pub presence: Arc<Presence>,
     pub pool: PgPool,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -143,10 +146,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .map_err(StartError::ApiRole)?;
     let health = Arc::new(Health::default());
 
-    let plugins = Arc::new(PluginHost::new(
-        config.plugins.clone(),
-        config.tenants.clone(),
-    )?);
+    let hub = Hub::new();
+    let presence = Presence::new(hub.clone(), config.presence.clone());
+    let plugins = Arc::new(
+        PluginHost::new(config.plugins.clone(), config.tenants.clone())?
+            .with_presence(presence.clone()),
+    );
     plugins.load_dir().await?;
     health.set_plugins(plugins.health());
     let templates =
@@ -165,7 +170,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let message_id_domain = from.email.domain().to_owned();
 
     let ingest = Arc::new(Ingest::connect(&config.kafka)?);
-    let hub = Hub::new();
     let email_wake = Arc::new(Notify::new());
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -232,11 +236,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown.clone(),
     ));
 
-    tasks.spawn(crate::hub::listen(
+    tasks.spawn(crate::cluster::listen(
         hub.clone(),
+        presence.clone(),
         pool.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(presence.clone().run(pool.clone(), shutdown.clone()));
 
     tasks.spawn(
         crate::retention::Retention {
@@ -259,6 +265,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         sse: config.sse.clone(),
         health: health.clone(),
         plugins: plugins.clone(),
+        engine_pool: pool.clone(),
+        presence: presence.clone(),
         cors_origins: config.http.cors_origins.clone().into(),
         ticket_ttl_secs: config.auth.ticket_ttl_secs,
         shutdown: shutdown.clone(),
@@ -288,6 +296,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         health,
         metrics,
         hub,
+        presence,
         pool,
         shutdown,
         tasks,

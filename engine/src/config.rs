@@ -38,6 +38,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub sse: SseConfig,
     pub retention: RetentionConfig,
+    pub presence: PresenceConfig,
     pub log: LogConfig,
     pub dev: DevConfig,
 }
@@ -495,6 +496,26 @@ impl Default for SseConfig {
     }
 }
 
+/// Cluster-wide presence (`[presence]`): which users have a stream open on which instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// How often this instance refreshes its heartbeat row and expires dead instances.
+    pub heartbeat_secs: u64,
+    /// An instance whose heartbeat is older than this is dead: its users count as offline
+    /// from then on. The staleness bound for an instance that died unannounced.
+    pub ttl_secs: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_secs: 5,
+            ttl_secs: 15,
+        }
+    }
+}
+
 /// What is deleted when it gets old (`[retention]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -802,6 +823,15 @@ impl Config {
                     "http.cors_origins: {origin:?} must be an origin like \"https://app.example.com\" (no path, no wildcard)"
                 ));
             }
+        }
+        if self.presence.heartbeat_secs == 0
+            || self.presence.ttl_secs < 2 * self.presence.heartbeat_secs
+        {
+            return invalid(
+                "presence.heartbeat_secs must be positive and presence.ttl_secs at least twice \
+                 as long (a live instance must not expire between two heartbeats)"
+                    .into(),
+            );
         }
         if self.retention.batch < 1 || self.retention.interval_secs == 0 {
             return invalid("retention.batch and retention.interval_secs must be positive".into());

@@ -3,8 +3,9 @@
 //! The hub carries no notification content, only "user U of tenant T now has sequence
 //! number N". Within an instance, the writer publishes after its commit; across instances,
 //! every transaction that writes stream rows also NOTIFYs them (`store::announce`), and
-//! [`listen`] publishes what other instances committed, so a stream on any instance hears
-//! of rows written on any other. A stream that wakes up reads what it has not sent yet from PostgreSQL. So a
+//! `cluster::listen` publishes what other instances committed, so a stream on any instance
+//! hears of rows written on any other. The hub also notes each user's first stream opening
+//! and last closing, which `cluster` writes as the user's presence. A stream that wakes up reads what it has not sent yet from PostgreSQL. So a
 //! slow client never makes the engine buffer (it simply reads later), ordering and gaps
 //! are PostgreSQL's to keep, and live delivery and `Last-Event-ID` replay are the same code.
 
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-type Key = (String, String);
+pub type Key = (String, String);
 
 struct Entry {
     latest: watch::Sender<i64>,
@@ -30,6 +31,10 @@ pub struct Hub {
     replays: Mutex<Recent>,
     /// When each user was given their recent stream tickets (see [`Hub::ticket`]).
     tickets: Mutex<Recent>,
+    /// Users whose first stream opened (`true`) or last stream closed (`false`) since the
+    /// presence writer last took them (updated under the `entries` lock).
+    presence_changes: Mutex<HashMap<Key, bool>>,
+    presence_changed: tokio::sync::Notify,
 }
 
 /// Per user, the times of their recent admissions of one kind.
@@ -149,6 +154,9 @@ impl Hub {
             return Err(CapExceeded::User);
         }
         entry.connections += 1;
+        if entry.connections == 1 {
+            self.presence_change(key.clone(), true);
+        }
         *tenants.entry(tenant.to_owned()).or_default() += 1;
         Ok(Subscription {
             updates: entry.latest.subscribe(),
@@ -182,71 +190,46 @@ impl Hub {
         admit(&self.tickets, tenant, user_id, per_minute, now)
     }
 
+    /// Notes a user's first stream opening or last closing, for the presence writer.
+    fn presence_change(&self, key: Key, online: bool) {
+        self.presence_changes
+            .lock()
+            .expect("hub lock poisoned")
+            .insert(key, online);
+        self.presence_changed.notify_one();
+    }
+
+    /// The users whose first stream opened (`true`) or last stream closed (`false`) since
+    /// the last call, each with where it ended up.
+    pub fn take_presence_changes(&self) -> HashMap<Key, bool> {
+        std::mem::take(&mut *self.presence_changes.lock().expect("hub lock poisoned"))
+    }
+
+    /// Resolves when [`Hub::take_presence_changes`] has something (or had, since the last
+    /// call).
+    pub async fn presence_changed(&self) {
+        self.presence_changed.notified().await
+    }
+
+    /// Every user with a stream open on this instance.
+    pub fn connected_users(&self) -> Vec<Key> {
+        let entries = self.entries.lock().expect("hub lock poisoned");
+        entries.keys().cloned().collect()
+    }
+
+    /// Streams open on this instance, and the distinct users they belong to.
+    pub fn counts(&self) -> (usize, usize) {
+        let entries = self.entries.lock().expect("hub lock poisoned");
+        let streams = entries.values().map(|e| e.connections).sum();
+        (streams, entries.len())
+    }
+
     /// Is anyone of (tenant, user) connected to this instance right now?
     pub fn is_connected(&self, tenant: &str, user_id: &str) -> bool {
         self.entries
             .lock()
             .expect("hub lock poisoned")
             .contains_key(&(tenant.to_owned(), user_id.to_owned()))
-    }
-}
-
-/// Publishes the wake-ups every instance announces (`store::announce`) until `shutdown`:
-/// how a stream on this instance hears of rows committed on another. Its own instance's
-/// arrive too, and are no-ops (the hub only moves forward). When the listening connection is
-/// lost and made again, wake-ups sent meanwhile are gone, so every stream is woken to read
-/// for itself; while PostgreSQL is unreachable, it retries every second.
-pub async fn listen(
-    hub: Arc<Hub>,
-    pool: sqlx::PgPool,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    use crate::store::{Heard, WakeListener};
-    const RETRY: Duration = Duration::from_secs(1);
-    let mut listener = None;
-    while !shutdown.is_cancelled() {
-        let heard = match listener.as_mut() {
-            None => {
-                match tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    connected = WakeListener::connect(&pool) => connected,
-                } {
-                    Ok(l) => {
-                        listener = Some(l);
-                        // Whatever was committed before it listened.
-                        hub.wake_all();
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for other instances' wake-ups; retrying");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(RETRY) => {}
-                        }
-                    }
-                }
-                continue;
-            }
-            Some(l) => tokio::select! {
-                _ = shutdown.cancelled() => return,
-                heard = l.next() => heard,
-            },
-        };
-        match heard {
-            Ok(Heard::Wakes(wakes)) => {
-                for (tenant, user, seq) in wakes {
-                    hub.publish(&tenant, &user, seq);
-                }
-            }
-            Ok(Heard::Reconnected) => hub.wake_all(),
-            Err(e) => {
-                tracing::warn!(error = %e, "lost the wake-up listener; reconnecting");
-                listener = None;
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY) => {}
-                }
-            }
-        }
     }
 }
 
@@ -265,6 +248,7 @@ impl Drop for Subscription {
             entry.connections -= 1;
             if entry.connections == 0 {
                 entries.remove(&self.key);
+                self.hub.presence_change(self.key.clone(), false);
             }
         }
         if let Some(n) = tenants.get_mut(&self.key.0) {

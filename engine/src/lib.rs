@@ -17,9 +17,11 @@
 //! - [`plugin`]: the only module that touches wasmtime; the routing sandbox.
 //! - [`store`]: the only module that holds SQL.
 //! - [`hub`]: which (tenant, user) has something new; wakes their SSE streams.
+//! - [`cluster`]: what the instances tell each other through PostgreSQL: wake-ups for
+//!   every instance's streams, and presence (who has a stream open where).
 //! - [`delivery`]: the email worker (outbox → templates → lettre).
 //! - [`templates`]: the tenants' Handlebars files, their checks and hot reload; used by the
-//!   email worker (and, later, a templating plugin host), so neither depends on the other.
+//!   email worker (and the templating plugins' `templates.render`), so neither depends on the other.
 //! - [`api`]: HTTP: the inbox API, stream tickets and SSE on the public listener; health,
 //!   readiness, metrics and the admin API on the operator listener; JWT auth by key.
 //! - [`retention`]: deletes old notifications, duplicate-filter keys and stale tickets.
@@ -32,6 +34,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod health;

@@ -186,6 +186,22 @@ pub struct Cost {
     pub memory_bytes: usize,
 }
 
+/// Who is watching: what routing plugins ask through `presence.is-online` (WIT 0.3.0).
+pub trait Presence: Send + Sync {
+    /// Does (tenant, user) have a stream open on any instance, as last heard?
+    fn is_online(&self, tenant: &str, user_id: &str) -> bool;
+}
+
+/// Nobody is online: the presence of a host outside a running engine (`plugin run`, the
+/// benchmarks), until [`PluginHost::with_presence`] gives it the engine's.
+pub struct NobodyOnline;
+
+impl Presence for NobodyOnline {
+    fn is_online(&self, _tenant: &str, _user_id: &str) -> bool {
+        false
+    }
+}
+
 /// Loads plugins of every world and runs them.
 pub struct PluginHost {
     engine: Engine,
@@ -207,6 +223,8 @@ pub struct PluginHost {
     stats: registry::Stats,
     /// Idle instances kept for their tenant's next call.
     instances: instances::Instances,
+    /// What `presence.is-online` answers from.
+    presence: Arc<dyn Presence>,
     _ticker: EpochTicker,
 }
 
@@ -249,8 +267,16 @@ impl PluginHost {
                 limits.max_idle_instances,
                 limits.instance_max_calls,
             ),
+            presence: Arc::new(NobodyOnline),
             limits,
         })
+    }
+
+    /// Answers routing plugins' `presence.is-online` from `presence` (the engine's
+    /// cluster-wide view) instead of [`NobodyOnline`].
+    pub fn with_presence(mut self, presence: Arc<dyn Presence>) -> Self {
+        self.presence = presence;
+        self
     }
 
     /// Idle instances kept warm for their tenant's next call (`notify_plugin_warm_instances`).

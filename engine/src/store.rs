@@ -8,6 +8,7 @@
 //! the rows of the (tenant, user) that [`scoped`] named (migration `20261128000001`).
 
 pub mod inbox;
+pub mod presence;
 pub mod retention;
 pub mod tickets;
 
@@ -379,10 +380,32 @@ fn decode_headers(stored: Option<Value>) -> Vec<(String, Option<Vec<u8>>)> {
 }
 
 /// The channel on which every instance of a deployment (one database) hears of committed
-/// stream rows: the hub's cluster-wide wake-ups (`hub::listen`).
+/// stream rows: the hub's cluster-wide wake-ups (`cluster::listen`).
 pub const WAKE_CHANNEL: &str = "notify_engine_wake";
-/// PostgreSQL takes NOTIFY payloads below 8000 bytes; wake-ups are split to stay under it.
-const WAKE_PAYLOAD_BYTES: usize = 7_000;
+/// PostgreSQL takes NOTIFY payloads below 8000 bytes; what is announced is split to stay
+/// under it.
+const NOTIFY_PAYLOAD_BYTES: usize = 7_000;
+
+/// `items` as JSON arrays of at most [`NOTIFY_PAYLOAD_BYTES`] each (one item too large for
+/// that is an array of its own), in order.
+fn json_arrays<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<String> {
+    let mut arrays = Vec::new();
+    let mut array = String::new();
+    for item in items {
+        let item = serde_json::to_string(&item).expect("strings and numbers serialize");
+        if !array.is_empty() && array.len() + item.len() + 2 > NOTIFY_PAYLOAD_BYTES {
+            array.push(']');
+            arrays.push(std::mem::take(&mut array));
+        }
+        array.push(if array.is_empty() { '[' } else { ',' });
+        array.push_str(&item);
+    }
+    if !array.is_empty() {
+        array.push(']');
+        arrays.push(array);
+    }
+    arrays
+}
 
 /// Tells every instance, when `tx` commits, that these users' streams have rows up to these
 /// sequence numbers: `[[tenant, user, seq], …]` on [`WAKE_CHANNEL`], in as few NOTIFYs as
@@ -392,22 +415,7 @@ pub async fn announce<'a>(
     tx: &mut PgConnection,
     wakes: impl IntoIterator<Item = (&'a str, &'a str, i64)>,
 ) -> Result<()> {
-    let mut payloads = Vec::new();
-    let mut payload = String::new();
-    for wake in wakes {
-        let item = serde_json::to_string(&wake).expect("strings and a number serialize");
-        if !payload.is_empty() && payload.len() + item.len() + 2 > WAKE_PAYLOAD_BYTES {
-            payload.push(']');
-            payloads.push(std::mem::take(&mut payload));
-        }
-        payload.push(if payload.is_empty() { '[' } else { ',' });
-        payload.push_str(&item);
-    }
-    if !payload.is_empty() {
-        payload.push(']');
-        payloads.push(payload);
-    }
-    for payload in payloads {
+    for payload in json_arrays(wakes) {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(WAKE_CHANNEL)
             .bind(payload)
@@ -417,35 +425,46 @@ pub async fn announce<'a>(
     Ok(())
 }
 
-/// What the wake-up listener heard.
+/// What the cluster listener heard.
 pub enum Heard {
     /// Users' streams with rows up to these sequence numbers.
     Wakes(Vec<(String, String, i64)>),
-    /// The connection was lost and made again: wake-ups sent meanwhile are gone.
+    /// Users that came online or went offline on another instance, or instances gone.
+    Presence(presence::News),
+    /// The connection was lost and made again: what was sent meanwhile is gone.
     Reconnected,
 }
 
-/// A connection of its own listening on [`WAKE_CHANNEL`].
-pub struct WakeListener(sqlx::postgres::PgListener);
+/// A connection of its own listening on [`WAKE_CHANNEL`] and
+/// [`presence::PRESENCE_CHANNEL`].
+pub struct ClusterListener(sqlx::postgres::PgListener);
 
-impl WakeListener {
+impl ClusterListener {
     pub async fn connect(pool: &PgPool) -> Result<Self> {
         let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
-        listener.listen(WAKE_CHANNEL).await?;
+        listener
+            .listen_all([WAKE_CHANNEL, presence::PRESENCE_CHANNEL])
+            .await?;
         Ok(Self(listener))
     }
 
-    /// The next wake-ups. A payload that is not ours (another program notifying on the
+    /// The next news. A payload that is not ours (another program notifying on the
     /// channel) is skipped with a warning.
     pub async fn next(&mut self) -> Result<Heard> {
         loop {
             let Some(notification) = self.0.try_recv().await? else {
                 return Ok(Heard::Reconnected);
             };
-            match serde_json::from_str(notification.payload()) {
-                Ok(wakes) => return Ok(Heard::Wakes(wakes)),
+            let payload = notification.payload();
+            let heard = if notification.channel() == WAKE_CHANNEL {
+                serde_json::from_str(payload).map(Heard::Wakes)
+            } else {
+                serde_json::from_str(payload).map(Heard::Presence)
+            };
+            match heard {
+                Ok(heard) => return Ok(heard),
                 Err(e) => {
-                    tracing::warn!(error = %e, "a NOTIFY on {WAKE_CHANNEL} that is not a wake-up; ignored")
+                    tracing::warn!(error = %e, channel = notification.channel(), "a NOTIFY that is not the engine's; ignored")
                 }
             }
         }
@@ -894,4 +913,29 @@ pub async fn mark_replayed(tx: &mut PgConnection, token: uuid::Uuid) -> Result<(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_arrays_split_under_the_notify_limit_and_keep_every_item_in_order() {
+        assert!(json_arrays(Vec::<i64>::new()).is_empty());
+        let users: Vec<(String, String, i64)> = (0..2_000)
+            .map(|i| ("tenant".to_owned(), format!("user-{i}"), i))
+            .collect();
+        let arrays = json_arrays(&users);
+        assert!(arrays.len() > 1);
+        let mut back = Vec::new();
+        for array in &arrays {
+            assert!(array.len() <= NOTIFY_PAYLOAD_BYTES, "{}", array.len());
+            let items: Vec<(String, String, i64)> = serde_json::from_str(array).unwrap();
+            back.extend(items);
+        }
+        assert_eq!(back, users);
+        // An item too large for the limit goes alone (PostgreSQL then refuses it, loudly).
+        let huge = "x".repeat(NOTIFY_PAYLOAD_BYTES);
+        assert_eq!(json_arrays(["a", huge.as_str(), "b"]).len(), 3);
+    }
 }

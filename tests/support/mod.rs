@@ -253,6 +253,25 @@ impl World {
             .expect("producing to Kafka");
     }
 
+    /// Produces an envelope to one partition of the topic matching its type.
+    pub async fn produce_to_partition(&self, event: &Value, partition: i32) {
+        let topic = match event["type"].as_str() {
+            Some("order_status_updated") => &self.topic_status,
+            _ => &self.topic_paid,
+        };
+        let payload = event.to_string();
+        self.producer
+            .send(
+                FutureRecord::<str, str>::to(topic)
+                    .payload(&payload)
+                    .partition(partition),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("producing to Kafka");
+    }
+
     /// Produces an envelope to the topic matching its type, keyed by tenant and user as
     /// producers are expected to (one user's events stay in order on one partition).
     pub async fn produce(&self, event: &Value) {
@@ -393,7 +412,7 @@ pub async fn connect_sse(
 }
 
 /// Sends an SSE request: the status and, on 200, the client; otherwise the body.
-async fn open_sse(request: reqwest::RequestBuilder) -> (u16, Option<SseClient>, String) {
+pub async fn open_sse(request: reqwest::RequestBuilder) -> (u16, Option<SseClient>, String) {
     let response = request.send().await.expect("SSE request");
     let status = response.status().as_u16();
     if status != 200 {
@@ -411,6 +430,14 @@ async fn open_sse(request: reqwest::RequestBuilder) -> (u16, Option<SseClient>, 
         last_id: None,
     };
     (status, Some(client), String::new())
+}
+
+/// What [`SseClient::poll`] found.
+#[derive(Debug)]
+pub enum Polled {
+    Event(SseEvent),
+    Ended,
+    Timeout,
 }
 
 impl SseClient {
@@ -453,6 +480,22 @@ impl SseClient {
                 event: name,
                 data,
             });
+        }
+    }
+
+    /// The next event with data, or how the wait ended: the server closed the stream (or
+    /// the connection broke), or `timeout` passed.
+    pub async fn poll(&mut self, timeout: Duration) -> Polled {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(event) = self.parse_one() {
+                return Polled::Event(event);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return Polled::Timeout,
+                Ok(None | Some(Err(_))) => return Polled::Ended,
+                Ok(Some(Ok(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+            }
         }
     }
 

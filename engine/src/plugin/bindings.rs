@@ -1,7 +1,7 @@
 //! The generated bindings, one module per WIT version (`wit/v<version>/`, the shape of
 //! Zed's one module per extension API version), and the conversions that bring an older
 //! version's values to the newest, which the rest of the host works in. A component built
-//! against `notify:plugin@0.1.0` keeps loading and routing after 0.2.0 arrived.
+//! against `notify:plugin@0.1.0` keeps loading and routing after 0.2.0 and 0.3.0 arrived.
 
 /// `notify:plugin@0.1.0`: the routing world as first published.
 pub(super) mod v0_1 {
@@ -39,11 +39,44 @@ pub(super) mod v0_2 {
     }
 }
 
-/// The newest version's types: what the host works in.
+/// `notify:plugin@0.3.0`: routing gains the `presence` import; every type is 0.2.0's, so
+/// its values are 0.2.0's Rust types (a component's values are checked structurally).
+pub(super) mod v0_3 {
+    pub(in crate::plugin) mod routing {
+        wasmtime::component::bindgen!({
+            world: "routing",
+            path: "../wit/v0.3.0",
+            imports: { default: async | trappable },
+            exports: { default: async },
+            with: {
+                "notify:plugin/types": crate::plugin::bindings::v0_2::routing::notify::plugin::types,
+            },
+        });
+    }
+
+    pub(in crate::plugin) mod templating {
+        wasmtime::component::bindgen!({
+            world: "templating",
+            path: "../wit/v0.3.0",
+            imports: { default: async | trappable },
+            exports: { default: async },
+            with: {
+                "notify:plugin/types": crate::plugin::bindings::v0_2::routing::notify::plugin::types,
+                "notify:plugin/host": super::routing::notify::plugin::host,
+            },
+        });
+    }
+}
+
+/// The types of the newest version (unchanged since 0.2.0): what the host works in.
 pub(super) use v0_2::routing::notify::plugin::types as wit;
 
 /// WIT versions this host loads, newest first.
-pub const WIT_VERSIONS: &[&str] = &["notify:plugin@0.2.0", "notify:plugin@0.1.0"];
+pub const WIT_VERSIONS: &[&str] = &[
+    "notify:plugin@0.3.0",
+    "notify:plugin@0.2.0",
+    "notify:plugin@0.1.0",
+];
 
 mod from_v0_1 {
     use super::v0_1::notify::plugin::types as old;

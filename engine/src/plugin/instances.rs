@@ -28,13 +28,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use wasmtime::Store;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
-use super::PluginHost;
-use super::bindings::{v0_1, v0_2};
+use super::bindings::{v0_1, v0_2, v0_3};
 use super::registry::{Loaded, Pre};
 use super::sandbox::{self, CallLimits, CallState, STDERR_CAPTURE};
+use super::{PluginHost, Presence};
 
 /// An instance's exports, by the world and WIT version it implements.
 pub(super) enum Bindings {
+    Routing03(v0_3::routing::Routing),
+    Templating03(v0_3::templating::Templating),
     Routing02(v0_2::routing::Routing),
     Routing01(v0_1::Routing),
     Templating02(v0_2::templating::Templating),
@@ -61,9 +63,17 @@ impl Warm {
         loaded: Arc<Loaded>,
         tenant: &str,
         tenant_config: Arc<std::collections::BTreeMap<String, String>>,
+        presence: Arc<dyn Presence>,
     ) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
-        let state = CallState::new(tenant, &loaded.name, "", tenant_config, stderr.clone());
+        let state = CallState::new(
+            tenant,
+            &loaded.name,
+            "",
+            tenant_config,
+            presence,
+            stderr.clone(),
+        );
         Warm {
             store: sandbox::store(engine, state),
             loaded,
@@ -95,6 +105,10 @@ impl Warm {
         if self.bindings.is_none() {
             let store = &mut self.store;
             self.bindings = Some(match &self.loaded.pre {
+                Pre::Routing03(pre) => Bindings::Routing03(pre.instantiate_async(store).await?),
+                Pre::Templating03(pre) => {
+                    Bindings::Templating03(pre.instantiate_async(store).await?)
+                }
                 Pre::Routing02(pre) => Bindings::Routing02(pre.instantiate_async(store).await?),
                 Pre::Routing01(pre) => Bindings::Routing01(pre.instantiate_async(store).await?),
                 Pre::Templating02(pre) => {
@@ -241,6 +255,7 @@ impl PluginHost {
                     loaded.clone(),
                     tenant,
                     self.tenant_config(tenant),
+                    self.presence.clone(),
                 )
             })
     }

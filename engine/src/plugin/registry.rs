@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
-use super::bindings::{v0_1, v0_2};
+use super::bindings::{v0_1, v0_2, v0_3};
 use super::{CallState, LoadError, PluginError, PluginHost};
 
 /// A compiled, linked plugin, ready to instantiate.
@@ -24,6 +24,8 @@ pub(super) struct Loaded {
 
 /// A linked component, by the world and WIT version it implements.
 pub(super) enum Pre {
+    Routing03(v0_3::routing::RoutingPre<CallState>),
+    Templating03(v0_3::templating::TemplatingPre<CallState>),
     Routing02(v0_2::routing::RoutingPre<CallState>),
     Routing01(v0_1::RoutingPre<CallState>),
     Templating02(v0_2::templating::TemplatingPre<CallState>),
@@ -49,13 +51,14 @@ impl World {
 impl Pre {
     pub(super) fn world(&self) -> World {
         match self {
-            Pre::Routing02(_) | Pre::Routing01(_) => World::Routing,
-            Pre::Templating02(_) => World::Templating,
+            Pre::Routing03(_) | Pre::Routing02(_) | Pre::Routing01(_) => World::Routing,
+            Pre::Templating03(_) | Pre::Templating02(_) => World::Templating,
         }
     }
 
     pub(super) fn wit_version(&self) -> &'static str {
         match self {
+            Pre::Routing03(_) | Pre::Templating03(_) => "notify:plugin@0.3.0",
             Pre::Routing02(_) | Pre::Templating02(_) => "notify:plugin@0.2.0",
             Pre::Routing01(_) => "notify:plugin@0.1.0",
         }
@@ -491,7 +494,11 @@ impl PluginHost {
             .instantiate_pre(component)
             .map_err(|e| err(format!("imports something the host does not offer: {e:#}")))?;
         // The newest version first; a component exports exactly one world's interface.
-        let pre = if let Ok(p) = v0_2::routing::RoutingPre::new(pre.clone()) {
+        let pre = if let Ok(p) = v0_3::routing::RoutingPre::new(pre.clone()) {
+            Pre::Routing03(p)
+        } else if let Ok(p) = v0_3::templating::TemplatingPre::new(pre.clone()) {
+            Pre::Templating03(p)
+        } else if let Ok(p) = v0_2::routing::RoutingPre::new(pre.clone()) {
             Pre::Routing02(p)
         } else if let Ok(p) = v0_2::templating::TemplatingPre::new(pre.clone()) {
             Pre::Templating02(p)
@@ -506,7 +513,7 @@ impl PluginHost {
                         .collect();
                     exports.sort();
                     return Err(err(format!(
-                        "implements no plugin world: it must export notify:plugin/router (routing, WIT {}) or notify:plugin/templater (templating, WIT 0.2.0) with the signatures of the WIT; it exports [{}]",
+                        "implements no plugin world: it must export notify:plugin/router (routing, WIT {}) or notify:plugin/templater (templating, WIT 0.3.0 or 0.2.0) with the signatures of the WIT; it exports [{}]",
                         super::WIT_VERSIONS.join(" or "),
                         exports.join(", ")
                     )));

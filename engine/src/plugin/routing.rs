@@ -120,6 +120,7 @@ impl PluginHost {
         let call = async {
             let (store, bindings) = warm.bindings().await?;
             match bindings {
+                Bindings::Routing03(b) => b.notify_plugin_router().call_route(store, &input).await,
                 Bindings::Routing02(b) => b.notify_plugin_router().call_route(store, &input).await,
                 Bindings::Routing01(b) => {
                     let answer = b
@@ -130,7 +131,9 @@ impl PluginHost {
                         .map(|deliveries| deliveries.into_iter().map(Into::into).collect())
                         .map_err(Into::into))
                 }
-                Bindings::Templating02(_) => unreachable!("select() returns routing plugins only"),
+                Bindings::Templating03(_) | Bindings::Templating02(_) => {
+                    unreachable!("select() returns routing plugins only")
+                }
             }
         };
         let result = tokio::time::timeout(outer_bound(limits.timeout), call).await;

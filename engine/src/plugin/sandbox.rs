@@ -14,7 +14,8 @@ use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{v0_1, v0_2};
+use super::Presence;
+use super::bindings::{v0_1, v0_2, v0_3};
 use crate::templates::Templates;
 
 /// How often the epoch ticker advances; the wall-clock bound is rounded up to this.
@@ -79,6 +80,8 @@ pub(super) struct CallState {
     pub(super) logs: Vec<(String, String)>,
     pub(super) dropped_logs: usize,
     pub(super) templates: Option<TemplateAccess>,
+    /// What `presence.is-online` asks (routing world, WIT 0.3.0).
+    pub(super) presence: Arc<dyn Presence>,
 }
 
 /// The linker every plugin is linked with: WASI's I/O streams, stdio (stdout discarded,
@@ -112,6 +115,15 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {
     v0_1::notify::plugin::host::add_to_linker::<CallState, HasSelf<CallState>>(l, |s| s)?;
     v0_2::routing::notify::plugin::host::add_to_linker::<CallState, HasSelf<CallState>>(l, |s| s)?;
     v0_2::templating::notify::plugin::templates::add_to_linker::<CallState, HasSelf<CallState>>(
+        l,
+        |s| s,
+    )?;
+    v0_3::routing::notify::plugin::host::add_to_linker::<CallState, HasSelf<CallState>>(l, |s| s)?;
+    v0_3::routing::notify::plugin::presence::add_to_linker::<CallState, HasSelf<CallState>>(
+        l,
+        |s| s,
+    )?;
+    v0_3::templating::notify::plugin::templates::add_to_linker::<CallState, HasSelf<CallState>>(
         l,
         |s| s,
     )?;
@@ -174,6 +186,7 @@ impl CallState {
         plugin: &str,
         subject: &str,
         tenant_config: Arc<BTreeMap<String, String>>,
+        presence: Arc<dyn Presence>,
         stderr: MemoryOutputPipe,
     ) -> Self {
         CallState {
@@ -191,6 +204,7 @@ impl CallState {
             logs: Vec::new(),
             dropped_logs: 0,
             templates: None,
+            presence,
         }
     }
 
@@ -245,8 +259,6 @@ impl wasmtime_wasi_io::IoView for CallState {
 /// The host imports, once per WIT version: each version's generated trait, one behaviour.
 macro_rules! host_imports {
     ($($version:ident)::+) => {
-        impl $($version)::+::types::Host for CallState {}
-
         impl $($version)::+::host::Host for CallState {
             async fn log(
                 &mut self,
@@ -274,58 +286,79 @@ macro_rules! host_imports {
 
 host_imports!(v0_1::notify::plugin);
 host_imports!(v0_2::routing::notify::plugin);
+host_imports!(v0_3::routing::notify::plugin);
+// 0.3.0 shares 0.2.0's types.
+impl v0_1::notify::plugin::types::Host for CallState {}
+impl v0_2::routing::notify::plugin::types::Host for CallState {}
 
-impl v0_2::templating::notify::plugin::templates::Host for CallState {
-    async fn render(
-        &mut self,
-        name: String,
-        data: String,
-    ) -> wasmtime::Result<Result<String, v0_2::templating::notify::plugin::templates::TemplateError>>
-    {
-        use v0_2::templating::notify::plugin::templates::TemplateError;
+impl v0_3::routing::notify::plugin::presence::Host for CallState {
+    async fn is_online(&mut self, user_id: String) -> wasmtime::Result<bool> {
+        Ok(self.presence.is_online(&self.tenant, &user_id))
+    }
+}
+
+/// The templating world's `templates` import, once per WIT version.
+macro_rules! templates_import {
+    ($($version:ident)::+) => {
+        impl $($version)::+::templates::Host for CallState {
+            async fn render(
+                &mut self,
+                name: String,
+                data: String,
+            ) -> wasmtime::Result<Result<String, $($version)::+::templates::TemplateError>> {
+                use $($version)::+::templates::TemplateError;
+                Ok(self.render_template(&name, &data).map_err(|e| match e {
+                    TemplateFailure::Missing => TemplateError::Missing,
+                    TemplateFailure::Failed(m) => TemplateError::Failed(m),
+                }))
+            }
+        }
+    };
+}
+
+templates_import!(v0_2::templating::notify::plugin);
+templates_import!(v0_3::templating::notify::plugin);
+
+/// Why `templates.render` failed, in every version's terms.
+enum TemplateFailure {
+    Missing,
+    Failed(String),
+}
+
+impl CallState {
+    fn render_template(&self, name: &str, data: &str) -> Result<String, TemplateFailure> {
+        use TemplateFailure::Failed;
         let Some(access) = &self.templates else {
-            return Ok(Err(TemplateError::Failed(
-                "templates are not available to this call".into(),
-            )));
+            return Err(Failed("templates are not available to this call".into()));
         };
         let Some((template, part)) = name.rsplit_once('/') else {
-            return Ok(Err(TemplateError::Failed(format!(
+            return Err(Failed(format!(
                 "template name {:?} must be <template>/<part> (part: subject, html or text)",
-                plugin_text(&name)
-            ))));
+                plugin_text(name)
+            )));
         };
-        let data: serde_json::Value = match serde_json::from_str(&data) {
+        let data: serde_json::Value = match serde_json::from_str(data) {
             Ok(v @ serde_json::Value::Object(_)) => v,
-            Ok(_) => {
-                return Ok(Err(TemplateError::Failed(
-                    "data must be a JSON object".into(),
-                )));
-            }
-            Err(e) => {
-                return Ok(Err(TemplateError::Failed(format!(
-                    "data is not valid JSON: {e}"
-                ))));
-            }
+            Ok(_) => return Err(Failed("data must be a JSON object".into())),
+            Err(e) => return Err(Failed(format!("data is not valid JSON: {e}"))),
         };
         use crate::templates::RenderError;
-        Ok(
-            match access.templates.render_part(
-                &self.tenant,
-                template,
-                part,
-                &data,
-                &access.link_domains,
-            ) {
-                Ok(text) if text.len() > access.max_output => Err(TemplateError::Failed(format!(
-                    "{name} rendered {} bytes, the limit is {}",
-                    text.len(),
-                    access.max_output
-                ))),
-                Ok(text) => Ok(text),
-                Err(RenderError::Missing { .. }) => Err(TemplateError::Missing),
-                Err(e) => Err(TemplateError::Failed(e.to_string())),
-            },
-        )
+        match access.templates.render_part(
+            &self.tenant,
+            template,
+            part,
+            &data,
+            &access.link_domains,
+        ) {
+            Ok(text) if text.len() > access.max_output => Err(Failed(format!(
+                "{name} rendered {} bytes, the limit is {}",
+                text.len(),
+                access.max_output
+            ))),
+            Ok(text) => Ok(text),
+            Err(RenderError::Missing { .. }) => Err(TemplateFailure::Missing),
+            Err(e) => Err(Failed(e.to_string())),
+        }
     }
 }
 

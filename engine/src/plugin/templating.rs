@@ -86,12 +86,19 @@ impl PluginHost {
         let started = Instant::now();
         let call = async {
             let (store, bindings) = warm.bindings().await?;
-            let Bindings::Templating02(b) = bindings else {
-                unreachable!("select_templating() returns templating plugins only")
-            };
-            b.notify_plugin_templater()
-                .call_render(store, &request)
-                .await
+            match bindings {
+                Bindings::Templating03(b) => {
+                    b.notify_plugin_templater()
+                        .call_render(store, &request)
+                        .await
+                }
+                Bindings::Templating02(b) => {
+                    b.notify_plugin_templater()
+                        .call_render(store, &request)
+                        .await
+                }
+                _ => unreachable!("select_templating() returns templating plugins only"),
+            }
         };
         // Only a clean call (an email, or the plugin's own refusal) gives the instance back.
         let result = match tokio::time::timeout(outer_bound(limits.timeout), call).await {

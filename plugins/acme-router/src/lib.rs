@@ -3,13 +3,17 @@
 //! Configuration (`[tenants.acme.config]` in the engine's configuration):
 //!
 //! - `vip_threshold`: decimal amount from which a paid order counts as VIP (default `500`);
-//! - `currency`: the only currency acme sells in (default `EUR`); another one is an invalid event.
+//! - `currency`: the only currency acme sells in (default `EUR`); another one is an invalid event;
+//! - `skip_email_when_online`: `true` sends no `order_paid` email to a user who has the app
+//!   open on any instance of the engine at that moment (they see the in-app item at once;
+//!   asked through the host's cluster-wide presence); default `false`.
 //!
 //! Rules:
 //!
 //! - `order_paid`: amount must be > 0 and in the configured currency. At or above the VIP
 //!   threshold the in-app text announces free express shipping; the `order_paid` email (when
-//!   `email` is given) carries `"vip": true|false` in its data.
+//!   `email` is given, and the user is not online where `skip_email_when_online` is set)
+//!   carries `"vip": true|false` in its data.
 //! - `order_status_updated`, by status:
 //!   `processing` → live update only; `shipped` → in-app ("on its way", with the tracking
 //!   link), email and live; `delivered` → in-app and live; `cancelled` → in-app, email and
@@ -19,7 +23,7 @@
 
 use notify_plugin_sdk::{
     Data, Delivery, Email, Event, InApp, LiveUpdate, RouteError, Router, config_or, debug,
-    format_amount, info, json,
+    format_amount, info, json, presence,
 };
 struct AcmeRouter;
 
@@ -38,6 +42,8 @@ pub struct Settings {
     pub vip_threshold: f64,
     /// The expected currency code, upper case.
     pub currency: String,
+    /// No `order_paid` email to a user who has the app open.
+    pub skip_email_when_online: bool,
 }
 
 impl Default for Settings {
@@ -45,6 +51,7 @@ impl Default for Settings {
         Settings {
             vip_threshold: 500.0,
             currency: "EUR".to_owned(),
+            skip_email_when_online: false,
         }
     }
 }
@@ -63,6 +70,10 @@ impl Settings {
         Ok(Settings {
             vip_threshold,
             currency: currency.to_ascii_uppercase(),
+            skip_email_when_online: config_or(
+                "skip_email_when_online",
+                defaults.skip_email_when_online,
+            )?,
         })
     }
 }
@@ -103,6 +114,8 @@ fn order_paid(
     }
 
     let vip = amount >= settings.vip_threshold;
+    // Asked only when it matters: every question is a host call.
+    let watching = email.is_some() && settings.skip_email_when_online && presence::is_online(user_id);
     let total = format_amount(amount, &settings.currency);
     let body = if vip {
         format!("Thank you for your order of {total} — you've unlocked free express shipping")
@@ -113,10 +126,10 @@ fn order_paid(
         "acme: order {order_id} paid {total}, {} (threshold {}){}",
         if vip { "VIP" } else { "regular" },
         format_amount(settings.vip_threshold, &settings.currency),
-        if email.is_some() {
-            ", emailing"
-        } else {
-            ", no email address"
+        match (email, watching) {
+            (Some(_), false) => ", emailing",
+            (Some(_), true) => ", no email: the user has the app open",
+            (None, _) => ", no email address",
         },
     );
 
@@ -127,7 +140,9 @@ fn order_paid(
             .data(json!({ "order_id": order_id, "vip": vip }))
             .into(),
     ];
-    if let Some(to) = email {
+    if let Some(to) = email
+        && !watching
+    {
         let mut mail = data.email_model(event);
         mail["vip"] = json!(vip);
         deliveries.push(Email::new(to, "order_paid").user(user_id).data(mail).into());
@@ -348,6 +363,24 @@ mod tests {
             kinds(&route(&event("order_paid", data)).unwrap()),
             ["in-app"]
         );
+    }
+
+    #[test]
+    fn no_email_to_a_user_watching_the_app_where_the_tenant_asks_so() {
+        let skip = Settings {
+            skip_email_when_online: true,
+            ..Settings::default()
+        };
+        testing::set_online("u-1", true);
+        let out = route_event(&event("order_paid", paid(750.0)), &skip).unwrap();
+        assert_eq!(kinds(&out), ["in-app"]);
+        // Without the setting, presence changes nothing.
+        let out = route(&event("order_paid", paid(750.0))).unwrap();
+        assert_eq!(kinds(&out), ["in-app", "email"]);
+        testing::set_online("u-1", false);
+        let out = route_event(&event("order_paid", paid(750.0)), &skip).unwrap();
+        assert_eq!(kinds(&out), ["in-app", "email"]);
+        testing::reset();
     }
 
     fn status(status: &str, tracking: Option<&str>) -> Event {

@@ -1,5 +1,5 @@
-//! The host imports: logging, the tenant's configuration, and (templating world) the
-//! tenant's Handlebars files. Outside WebAssembly (native unit tests) they are stand-ins
+//! The host imports: logging, the tenant's configuration, (routing world) who is online,
+//! and (templating world) the tenant's Handlebars files. Outside WebAssembly (native unit tests) they are stand-ins
 //! that [`crate::testing`] controls: logs go to stderr, configuration and templates are
 //! what the test set.
 
@@ -104,6 +104,22 @@ impl From<ConfigError> for crate::RouteError {
 impl From<ConfigError> for crate::RenderError {
     fn from(e: ConfigError) -> Self {
         crate::RenderError::Other(e.0)
+    }
+}
+
+/// Who is watching: cluster-wide presence (routing world only).
+#[cfg(feature = "routing")]
+pub mod presence {
+    /// Does `user_id` (of the event's tenant) have a stream open (the app open) on any
+    /// instance of the engine? As the host last heard: a stream opened or closed elsewhere is
+    /// seen within about 100 ms, and an instance that died unannounced counts until its
+    /// heartbeat expires (`presence.ttl_secs`). Outside a running engine (`plugin run`),
+    /// nobody is online. In native tests: what [`crate::testing::set_online`] set.
+    pub fn is_online(user_id: &str) -> bool {
+        #[cfg(target_arch = "wasm32")]
+        return crate::routing::bindings::notify::plugin::presence::is_online(user_id);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::is_online(user_id);
     }
 }
 

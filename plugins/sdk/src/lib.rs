@@ -1,12 +1,13 @@
 //! SDK for the notification engine's WebAssembly plugins.
 //!
 //! A plugin is a WebAssembly component (target `wasm32-wasip2`) for one world of the WIT
-//! package `notify:plugin@0.2.0` (`wit/v0.2.0/plugin.wit`):
+//! package `notify:plugin@0.3.0` (`wit/v0.3.0/plugin.wit`):
 //!
 //! - **routing** (feature `routing`): the engine hands it one validated event at a time and
 //!   it answers with the deliveries to make (in-app notifications, live updates, emails),
 //!   or with a [`RouteError`], which dead-letters the event. Implement [`Router`], export
-//!   with [`export_router!`].
+//!   with [`export_router!`]. It may ask whether a user has the app open on any instance
+//!   ([`presence::is_online`]).
 //! - **templating** (feature `templating`): the engine hands it one outbox email (template,
 //!   event, recipient with locale and time zone, data) and it answers with subject, html and
 //!   text, usually by shaping the data and rendering the tenant's Handlebars files through
@@ -69,7 +70,8 @@
 //!
 //! The SDK also compiles for the host target, so a plugin's rules run under a plain
 //! `cargo test`. There the host imports are stand-ins that [`testing`] controls: logs go to
-//! stderr, [`config`] returns what [`testing::set_config`] set, and [`templates::render`]
+//! stderr, [`config`] returns what [`testing::set_config`] set, [`presence::is_online`]
+//! what [`testing::set_online`] set, and [`templates::render`]
 //! does what [`testing::set_templates`] installed; [`testing::event`] and
 //! [`testing::render_request`] build inputs.
 
@@ -84,6 +86,8 @@ pub mod routing;
 pub mod templating;
 
 pub use data::{Data, FieldError};
+#[cfg(feature = "routing")]
+pub use host::presence;
 #[cfg(feature = "templating")]
 pub use host::templates;
 pub use host::{ConfigError, LogLevel, config, config_or, log, parse_config};
@@ -242,6 +246,20 @@ mod tests {
         assert_eq!(config("k").as_deref(), Some("v"));
         testing::reset();
         assert_eq!(config("k"), None);
+    }
+
+    #[cfg(feature = "routing")]
+    #[test]
+    fn testing_controls_who_is_online() {
+        assert!(!presence::is_online("u-1"));
+        testing::set_online("u-1", true);
+        assert!(presence::is_online("u-1"));
+        assert!(!presence::is_online("u-2"));
+        testing::set_online("u-1", false);
+        assert!(!presence::is_online("u-1"));
+        testing::set_online("u-2", true);
+        testing::reset();
+        assert!(!presence::is_online("u-2"));
     }
 
     #[test]

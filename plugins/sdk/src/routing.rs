@@ -1,5 +1,5 @@
 //! The routing world: the [`Router`] trait and [`crate::export_router!`], in front of the
-//! generated bindings of `notify:plugin/routing@0.2.0`.
+//! generated bindings of `notify:plugin/routing@0.3.0`.
 
 use crate::types::{self, Delivery, Event, RouteError, json_object};
 
@@ -9,7 +9,7 @@ pub mod bindings {
     #![allow(missing_docs)]
 
     wit_bindgen::generate!({
-        path: "../../wit/v0.2.0",
+        path: "../../wit/v0.3.0",
         world: "routing",
         pub_export_macro: true,
         export_macro_name: "__export_routing_world",

@@ -1,5 +1,5 @@
 //! The templating world: the [`Templater`] trait and [`crate::export_templater!`], in
-//! front of the generated bindings of `notify:plugin/templating@0.2.0`.
+//! front of the generated bindings of `notify:plugin/templating@0.3.0`.
 
 use crate::types::{EventRef, Recipient, RenderError, RenderRequest, Rendered};
 
@@ -9,7 +9,7 @@ pub mod bindings {
     #![allow(missing_docs)]
 
     wit_bindgen::generate!({
-        path: "../../wit/v0.2.0",
+        path: "../../wit/v0.3.0",
         world: "templating",
         pub_export_macro: true,
         export_macro_name: "__export_templating_world",

@@ -1,5 +1,6 @@
 //! Native unit tests of plugins: events and render requests to feed them, and the host
-//! imports' stand-ins (configuration, the tenant's templates), per test thread.
+//! imports' stand-ins (configuration, who is online, the tenant's templates), per test
+//! thread.
 //!
 //! ```
 //! use notify_plugin_sdk::testing;
@@ -13,7 +14,7 @@
 //! ```
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
@@ -31,6 +32,7 @@ type Renderer = Box<dyn Fn(&str, &Value) -> Result<String, TemplateError>>;
 thread_local! {
     static CONFIG: RefCell<BTreeMap<String, String>> = const { RefCell::new(BTreeMap::new()) };
     static TEMPLATES: RefCell<Option<Renderer>> = const { RefCell::new(None) };
+    static ONLINE: RefCell<BTreeSet<String>> = const { RefCell::new(BTreeSet::new()) };
 }
 
 /// An event of `event_type` with `data` (a JSON object) for [`TENANT`].
@@ -70,21 +72,40 @@ pub fn set_config(key: &str, value: &str) {
     CONFIG.with(|c| c.borrow_mut().insert(key.into(), value.into()));
 }
 
+/// Makes [`crate::presence::is_online`] answer `online` for `user_id` on this thread
+/// (everyone is offline until set).
+pub fn set_online(user_id: &str, online: bool) {
+    ONLINE.with(|o| {
+        let mut o = o.borrow_mut();
+        if online {
+            o.insert(user_id.into());
+        } else {
+            o.remove(user_id);
+        }
+    });
+}
+
 /// Installs what `templates::render` does on this thread (templating plugins' tests):
 /// e.g. a closure that renders from a map of test templates.
 pub fn set_templates(render: impl Fn(&str, &Value) -> Result<String, TemplateError> + 'static) {
     TEMPLATES.with(|t| *t.borrow_mut() = Some(Box::new(render)));
 }
 
-/// Forgets the configuration and templates set on this thread.
+/// Forgets the configuration, who is online and the templates set on this thread.
 pub fn reset() {
     CONFIG.with(|c| c.borrow_mut().clear());
+    ONLINE.with(|o| o.borrow_mut().clear());
     TEMPLATES.with(|t| *t.borrow_mut() = None);
 }
 
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))] // the host answers there
 pub(crate) fn config(key: &str) -> Option<String> {
     CONFIG.with(|c| c.borrow().get(key).cloned())
+}
+
+#[allow(dead_code)] // the routing world's stand-in, natively
+pub(crate) fn is_online(user_id: &str) -> bool {
+    ONLINE.with(|o| o.borrow().contains(user_id))
 }
 
 #[allow(dead_code)] // the templating world's stand-in, natively

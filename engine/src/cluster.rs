@@ -1,0 +1,366 @@
+//! What the instances of one deployment tell each other, through the PostgreSQL they share
+//! (no service of its own):
+//!
+//! - **wake-ups**: every transaction that writes stream rows NOTIFYs `[[tenant, user, seq]]`
+//!   (`store::announce`); [`listen`] publishes them to this instance's hub, so a stream on
+//!   any instance hears of rows committed on any other.
+//! - **presence**: which users have a stream open on which instance. Each instance writes
+//!   its users' first stream opening and last closing ([`Presence::run`], batched, with a
+//!   NOTIFY in the same transaction) and keeps a heartbeat; [`listen`] keeps an in-memory
+//!   view of everyone else's, which routing plugins ask (`presence.is-online`) without a
+//!   query. Staleness: a change is seen elsewhere within [`FLUSH_DELAY`] plus a commit and
+//!   a NOTIFY; an instance that dies unannounced keeps its users online until its heartbeat
+//!   is older than `presence.ttl_secs`, when any live instance expires it.
+//!
+//! The listening connection may be lost: wake-ups and presence changes sent meanwhile are
+//! gone, so after every (re)connection every local stream is woken to read for itself, and
+//! the presence view is read whole again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PresenceConfig;
+use crate::hub::{Hub, Key};
+use crate::store::presence::{self as store, News};
+use crate::store::{ClusterListener, Heard};
+
+/// How long presence changes gather before they are written: one statement for a burst of
+/// connections (a restarted instance's clients all reconnecting) instead of one each.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(50);
+/// The pause before retrying after PostgreSQL failed.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// This instance's identity and its view of who is online where.
+pub struct Presence {
+    instance: String,
+    hub: Arc<Hub>,
+    /// The users with a stream on each other instance, as last heard.
+    others: RwLock<HashMap<String, HashSet<Key>>>,
+    config: PresenceConfig,
+}
+
+/// What the admin listing shows of this instance's view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    /// Streams open on this instance.
+    pub local_streams: usize,
+    /// Distinct users with a stream open on this instance.
+    pub local_users: usize,
+    /// Distinct users with a stream open on any instance, as this instance last heard.
+    pub cluster_users: usize,
+}
+
+impl Presence {
+    pub fn new(hub: Arc<Hub>, config: PresenceConfig) -> Arc<Self> {
+        Arc::new(Self {
+            instance: uuid::Uuid::new_v4().to_string(),
+            hub,
+            others: RwLock::new(HashMap::new()),
+            config,
+        })
+    }
+
+    /// This instance's id (a UUID per start).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Does (tenant, user) have a stream open here, or on another instance as last heard?
+    pub fn is_online(&self, tenant: &str, user_id: &str) -> bool {
+        if self.hub.is_connected(tenant, user_id) {
+            return true;
+        }
+        let key = (tenant.to_owned(), user_id.to_owned());
+        let others = self.others.read().expect("presence lock poisoned");
+        others.values().any(|users| users.contains(&key))
+    }
+
+    pub fn counts(&self) -> Counts {
+        let (local_streams, local_users) = self.hub.counts();
+        let mut everyone: HashSet<Key> = self.hub.connected_users().into_iter().collect();
+        for users in self.others.read().expect("presence lock poisoned").values() {
+            everyone.extend(users.iter().cloned());
+        }
+        Counts {
+            local_streams,
+            local_users,
+            cluster_users: everyone.len(),
+        }
+    }
+
+    /// Applies what another instance announced (this instance's own news is ignored: the
+    /// hub is the truth about local streams).
+    fn apply(&self, news: News) {
+        let mut others = self.others.write().expect("presence lock poisoned");
+        for gone in &news.gone {
+            others.remove(gone);
+        }
+        if news.instance.is_empty() || news.instance == self.instance {
+            return;
+        }
+        let users = others.entry(news.instance).or_default();
+        for user in news.offline {
+            users.remove(&user);
+        }
+        users.extend(news.online);
+        others.retain(|_, users| !users.is_empty());
+    }
+
+    /// Replaces the whole view with what the table holds.
+    async fn reload(&self, pool: &PgPool) -> crate::store::Result<()> {
+        let everyone = store::everyone(pool, &self.instance).await?;
+        *self.others.write().expect("presence lock poisoned") = everyone.into_iter().collect();
+        Ok(())
+    }
+
+    /// Writes this instance's presence until `shutdown`: registers the instance, writes
+    /// each batch of users whose first stream opened or last closed, refreshes the
+    /// heartbeat and expires dead instances every `presence.heartbeat_secs`; at shutdown,
+    /// removes the instance (its users go offline everywhere at once). While PostgreSQL
+    /// fails, changes wait (merged, one entry per user) and are retried every second.
+    pub async fn run(self: Arc<Self>, pool: PgPool, shutdown: CancellationToken) {
+        let mut pending: HashMap<Key, bool> = HashMap::new();
+        let mut registered = false;
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(self.config.heartbeat_secs));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        loop {
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.hub.presence_changed() => {
+                    tokio::time::sleep(FLUSH_DELAY).await;
+                }
+                _ = retry => {}
+                _ = heartbeat.tick() => {
+                    if registered {
+                        match store::heartbeat(&pool, &self.instance).await {
+                            // Expired while away (and its rows with it): register again
+                            // and write every local user anew.
+                            Ok(false) => registered = false,
+                            Ok(true) => {}
+                            Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
+                        }
+                    }
+                    match store::expire(&pool, self.config.ttl_secs).await {
+                        Ok(gone) if !gone.is_empty() => {
+                            tracing::warn!(instances = ?gone, "expired instances whose presence heartbeat stopped");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "expiring dead instances failed"),
+                    }
+                }
+            }
+            pending.extend(self.hub.take_presence_changes());
+            if !registered {
+                match store::register(&pool, &self.instance).await {
+                    Ok(()) => {
+                        registered = true;
+                        for user in self.hub.connected_users() {
+                            pending.entry(user).or_insert(true);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot register this instance's presence; retrying");
+                        retry_at = Some(tokio::time::Instant::now() + RETRY);
+                        continue;
+                    }
+                }
+            }
+            if pending.is_empty() {
+                retry_at = None;
+                continue;
+            }
+            let (online, offline): (Vec<_>, Vec<_>) =
+                pending.iter().partition(|(_, online)| **online);
+            let online: Vec<Key> = online.into_iter().map(|(k, _)| k.clone()).collect();
+            let offline: Vec<Key> = offline.into_iter().map(|(k, _)| k.clone()).collect();
+            match store::write(&pool, &self.instance, &online, &offline).await {
+                Ok(()) => {
+                    pending.clear();
+                    retry_at = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, changes = pending.len(), "writing presence failed; retrying");
+                    // The instance row may be what is missing (expired meanwhile).
+                    registered = false;
+                    retry_at = Some(tokio::time::Instant::now() + RETRY);
+                }
+            }
+        }
+        if let Err(e) = store::unregister(&pool, &self.instance).await {
+            tracing::warn!(error = %e, "could not remove this instance's presence; it expires in presence.ttl_secs");
+        }
+    }
+}
+
+impl crate::plugin::Presence for Presence {
+    fn is_online(&self, tenant: &str, user_id: &str) -> bool {
+        Presence::is_online(self, tenant, user_id)
+    }
+}
+
+/// Hears what the other instances announce until `shutdown`: wake-ups for the hub,
+/// presence changes for the view. After every (re)connection, every local stream is woken
+/// and the view is read whole; while PostgreSQL is unreachable, it retries every second.
+pub async fn listen(
+    hub: Arc<Hub>,
+    presence: Arc<Presence>,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) {
+    let mut listener: Option<ClusterListener> = None;
+    while !shutdown.is_cancelled() {
+        let heard = match listener.as_mut() {
+            None => {
+                let connected = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    connected = ClusterListener::connect(&pool) => connected,
+                };
+                // Listening first, then reading: no change falls between the two.
+                match connected {
+                    Ok(l) => match presence.reload(&pool).await {
+                        Ok(()) => {
+                            listener = Some(l);
+                            // Whatever was committed before it listened.
+                            hub.wake_all();
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the cluster's presence; retrying")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for other instances' news; retrying")
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+                continue;
+            }
+            Some(l) => tokio::select! {
+                _ = shutdown.cancelled() => return,
+                heard = l.next() => heard,
+            },
+        };
+        match heard {
+            Ok(Heard::Wakes(wakes)) => {
+                for (tenant, user, seq) in wakes {
+                    hub.publish(&tenant, &user, seq);
+                }
+            }
+            Ok(Heard::Presence(news)) => presence.apply(news),
+            Ok(Heard::Reconnected) => {
+                hub.wake_all();
+                if let Err(e) = presence.reload(&pool).await {
+                    tracing::warn!(error = %e, "cannot read the cluster's presence after reconnecting; listening again");
+                    listener = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lost the cluster listener; reconnecting");
+                listener = None;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(t: &str, u: &str) -> Key {
+        (t.to_owned(), u.to_owned())
+    }
+
+    #[test]
+    fn the_view_follows_news_of_other_instances_and_forgets_the_gone() {
+        let hub = Hub::new();
+        let presence = Presence::new(hub.clone(), PresenceConfig::default());
+        assert!(!presence.is_online("t", "u"));
+        presence.apply(News {
+            instance: "other".into(),
+            online: vec![key("t", "u"), key("t", "v")],
+            ..News::default()
+        });
+        assert!(presence.is_online("t", "u"));
+        assert!(!presence.is_online("t2", "u"), "scoped by tenant");
+        presence.apply(News {
+            instance: "third".into(),
+            online: vec![key("t", "u")],
+            ..News::default()
+        });
+        presence.apply(News {
+            instance: "other".into(),
+            offline: vec![key("t", "u")],
+            ..News::default()
+        });
+        assert!(presence.is_online("t", "u"), "still on the third instance");
+        presence.apply(News {
+            gone: vec!["third".into()],
+            ..News::default()
+        });
+        assert!(!presence.is_online("t", "u"));
+        assert!(presence.is_online("t", "v"));
+        assert_eq!(presence.counts().cluster_users, 1);
+        // News about this very instance is ignored: its hub is the truth.
+        presence.apply(News {
+            instance: presence.instance().to_owned(),
+            online: vec![key("t", "w")],
+            ..News::default()
+        });
+        assert!(!presence.is_online("t", "w"));
+    }
+
+    #[test]
+    fn a_local_stream_is_online_at_once() {
+        let hub = Hub::new();
+        let presence = Presence::new(hub.clone(), PresenceConfig::default());
+        let caps = crate::hub::Caps {
+            per_user: 2,
+            per_tenant: 10,
+            global: 10,
+        };
+        let stream = hub.subscribe("t", "u", caps).unwrap();
+        assert!(presence.is_online("t", "u"));
+        assert_eq!(
+            presence.counts(),
+            Counts {
+                local_streams: 1,
+                local_users: 1,
+                cluster_users: 1
+            }
+        );
+        assert_eq!(
+            hub.take_presence_changes(),
+            HashMap::from([(key("t", "u"), true)])
+        );
+        let second = hub.subscribe("t", "u", caps).unwrap();
+        drop(stream);
+        assert!(
+            hub.take_presence_changes().is_empty(),
+            "only a user's first opening and last closing are changes"
+        );
+        drop(second);
+        assert!(!presence.is_online("t", "u"));
+        assert_eq!(
+            hub.take_presence_changes(),
+            HashMap::from([(key("t", "u"), false)])
+        );
+    }
+}
