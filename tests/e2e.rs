@@ -195,6 +195,86 @@ async fn duplicates_and_restarts_yield_one_outcome() {
         .await;
 }
 
+/// A batch is written in a handful of statements: the same event twice in one batch is
+/// stored once, a user's several notifications get consecutive numbers, and a user's stream
+/// row set back (a restore) heals to one past their highest stored number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_numbers_each_users_notifications_once_and_in_order() {
+    let world = World::new().await;
+    let tenant = unique("shop");
+    let engine = world.start(world.config()).await;
+    world
+        .produce(&order_paid("h1", &tenant, "u2", None, 1.0))
+        .await;
+    world
+        .wait_count("SELECT count(*) FROM notifications", 1, WAIT)
+        .await;
+    engine.shutdown().await;
+    let pool = world.pool().await;
+    sqlx::query("UPDATE user_streams SET last_seq = 0 WHERE user_id = 'u2'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let twice = order_paid("d0", &tenant, "u1", None, 10.0);
+    world.produce(&twice).await;
+    world.produce(&twice).await;
+    for i in 1..=5 {
+        world
+            .produce(&order_paid(&format!("d{i}"), &tenant, "u1", None, 10.0))
+            .await;
+    }
+    let shipped = json!({"user_id": "u2", "order_id": "A-s1", "status": "shipped"});
+    world
+        .produce(&event("s1", &tenant, "order_status_updated", shipped))
+        .await;
+    world
+        .produce(&order_paid("h2", &tenant, "u2", None, 2.0))
+        .await;
+
+    // Everything waiting in Kafka, and a long linger: one batch (or very few).
+    let mut config = world.config();
+    config.kafka.batch_linger_ms = 1_000;
+    let engine = world.start(config).await;
+    world
+        .wait_count("SELECT count(*) FROM processed_events", 9, WAIT)
+        .await;
+    assert_eq!(engine.metrics.events_duplicate.get(), 1);
+    let seqs = |user: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64, String)>(
+                "SELECT seq, event_id FROM notifications WHERE user_id = $1 ORDER BY seq",
+            )
+            .bind(user)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let u1 = seqs("u1").await;
+    assert_eq!(
+        u1,
+        (0..=5)
+            .map(|i| (i as i64 + 1, format!("d{i}")))
+            .collect::<Vec<_>>(),
+        "in production order, once each"
+    );
+    let u2 = seqs("u2").await;
+    assert_eq!(
+        u2.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4],
+        "{u2:?}: numbered on from the highest stored, not from the set-back row"
+    );
+    assert_eq!(u2.iter().filter(|(_, e)| e == "s1").count(), 2);
+    let (last,): (i64,) = sqlx::query_as("SELECT last_seq FROM user_streams WHERE user_id = 'u2'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(last, 4);
+    engine.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_message_is_dead_lettered_between_good_ones() {
     let world = World::new().await;
@@ -763,14 +843,21 @@ async fn local_plugin_runner_reports_decision_and_cost() {
         check
             .exports
             .iter()
-            .any(|e| e == "notify:plugin/router@0.2.0"),
+            .any(|e| e == "notify:plugin/router@0.3.0"),
         "{check:?}"
     );
     assert!(
         check
             .imports
             .iter()
-            .any(|i| i == "notify:plugin/host@0.2.0"),
+            .any(|i| i == "notify:plugin/host@0.3.0"),
+        "{check:?}"
+    );
+    assert!(
+        check
+            .imports
+            .iter()
+            .any(|i| i == "notify:plugin/presence@0.3.0"),
         "{check:?}"
     );
     assert!(

@@ -130,7 +130,7 @@ async fn the_templating_plugin_renders_each_recipient_in_their_locale() {
         .unwrap_or_else(|| panic!("{listing:#}"));
     assert_eq!(templater["state"], "serving");
     assert_eq!(templater["world"], "templating");
-    assert_eq!(templater["wit_version"], "notify:plugin@0.2.0");
+    assert_eq!(templater["wit_version"], "notify:plugin@0.3.0");
     assert_eq!(templater["tenants"], json!([tenant]));
     assert_eq!(templater["calls"], 2);
     assert_eq!(templater["failures"], 0);

@@ -43,7 +43,7 @@ use crate::ingest::envelope::{self, Event, Rejection};
 use crate::ingest::trust::TenantTrust;
 use crate::ingest::{Incoming, Ingest};
 use crate::plugin::{Decision, Delivery, Disposition, NOTIFICATION_EVENT, PluginError, PluginHost};
-use crate::store::{self, NewDeadLetter, NewEmail, NewNotification, Origin, StoreError};
+use crate::store::{self, Claim, NewDeadLetter, NewEmail, NewNotification, Origin, StoreError};
 use crate::telemetry::Metrics;
 
 pub struct Pipeline {
@@ -381,14 +381,170 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Runs one transaction over `prepared` and acknowledges it.
+    /// Runs one transaction over `prepared` and acknowledges it. A handful of statements
+    /// whatever the batch's size: one claims every event, one numbers every user's new
+    /// notifications and one stores them, one fills the outbox, a few NOTIFY the wake-ups
+    /// (dead letters and replays, rare, are a statement each).
     async fn commit(&self, prepared: &[Prepared<'_>]) -> Result<(), StoreError> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let mut outcome = Outcome::default();
         for one in prepared {
-            self.write_one(&mut tx, one, &mut outcome).await?;
+            outcome.consumed.push(one.message.topic.clone());
+            if let Some(token) = one.message.replay_token() {
+                replay(&mut tx, one, token).await?;
+            }
         }
+
+        // Every event that reached a decision is claimed, once per batch: a second copy of
+        // an event in the same batch is a duplicate like any other.
+        let mut in_batch = HashSet::new();
+        let mut claims = Vec::new();
+        let mut claim_of = Vec::with_capacity(prepared.len());
+        for one in prepared {
+            let claim = match &one.step {
+                Step::Routed(event, decision) => Some(Claim {
+                    dead_lettered: false,
+                    plugin: Some(&decision.plugin),
+                    plugin_digest: Some(&decision.digest),
+                    ..claim(event, one.message)
+                }),
+                Step::Failed(event, error) => Some(Claim {
+                    dead_lettered: true,
+                    plugin: error.plugin(),
+                    plugin_digest: None,
+                    ..claim(event, one.message)
+                }),
+                Step::Rejected(_) | Step::Duplicate | Step::Parked(..) => None,
+            };
+            claim_of.push(match claim {
+                Some(c) if in_batch.insert((c.tenant, c.event_id)) => {
+                    claims.push(c);
+                    Some(claims.len() - 1)
+                }
+                Some(_) => None,
+                None => None,
+            });
+        }
+        let claimed = store::claim_events(&mut tx, &claims).await?;
+
+        let mut notifications = Vec::new();
+        let mut emails = Vec::new();
+        let message_ids: Vec<String>;
+        let mut skips = Vec::new();
+        let mut routed = Vec::new();
+        for (one, claim) in prepared.iter().zip(&claim_of) {
+            let won = claim.is_some_and(|i| claimed[i]);
+            match &one.step {
+                Step::Rejected(rejection) => {
+                    tracing::warn!(
+                        topic = %one.message.topic, partition = one.message.partition,
+                        offset = one.message.offset,
+                        tenant = rejection.tenant.as_deref().unwrap_or("-"),
+                        event_id = rejection.event_id.as_deref().unwrap_or("-"),
+                        kind = rejection.kind.as_str(), reason = %rejection.reason,
+                        "message dead-lettered"
+                    );
+                    let dead = DeadLetter {
+                        message: one.message,
+                        tenant: rejection.tenant.as_deref(),
+                        event_id: rejection.event_id.as_deref(),
+                        kind: rejection.kind.as_str().into(),
+                        reason: rejection.reason.as_str().into(),
+                        plugin: None,
+                    };
+                    self.dead_letter(&mut tx, dead, &mut outcome).await?;
+                }
+                Step::Duplicate => outcome.duplicates += 1,
+                Step::Parked(event, error) => {
+                    tracing::warn!(
+                        tenant = %event.tenant, event_id = %event.id, error = %error,
+                        "tenant's routing plugin unavailable; event set aside (not claimed)"
+                    );
+                    let dead = DeadLetter::plugin(one.message, event, error);
+                    self.dead_letter(&mut tx, dead, &mut outcome).await?;
+                }
+                Step::Routed(event, _) | Step::Failed(event, _) if !won => {
+                    tracing::debug!(tenant = %event.tenant, event_id = %event.id, "duplicate event skipped");
+                    outcome.duplicates += 1;
+                }
+                Step::Failed(event, error) => {
+                    tracing::warn!(
+                        tenant = %event.tenant, event_id = %event.id, kind = error.kind(),
+                        error = %error, "routing failed; event dead-lettered"
+                    );
+                    let dead = DeadLetter::plugin(one.message, event, error);
+                    self.dead_letter(&mut tx, dead, &mut outcome).await?;
+                }
+                Step::Routed(event, decision) => {
+                    tracing::info!(
+                        tenant = %event.tenant, event_id = %event.id, event_type = %event.event_type,
+                        plugin = %decision.plugin, deliveries = decision.deliveries.len(),
+                        fuel = decision.cost.fuel, micros = decision.cost.elapsed.as_micros() as u64,
+                        "event routed"
+                    );
+                    routed.push((event, decision));
+                }
+            }
+        }
+        // The outbox rows borrow their message ids and skip reasons: made first.
+        let mut email_count = 0;
+        for (event, decision) in &routed {
+            for delivery in &decision.deliveries {
+                if let Delivery::Email { .. } = delivery {
+                    email_count += 1;
+                    skips.push(self.too_old_for_email(event));
+                }
+            }
+        }
+        message_ids = (0..email_count)
+            .map(|_| format!("<{}@{}>", uuid::Uuid::new_v4(), self.message_id_domain))
+            .collect();
+        let mut email_index = 0;
+        for (event, decision) in &routed {
+            for delivery in &decision.deliveries {
+                match delivery {
+                    Delivery::Email {
+                        to,
+                        user_id,
+                        template,
+                        data,
+                        locale,
+                        time_zone,
+                    } => {
+                        let skip = skips[email_index].as_deref();
+                        if skip.is_some() {
+                            tracing::info!(tenant = %event.tenant, event_id = %event.id, event_time = %event.time, "email recorded but not sent: the event is too old");
+                            outcome.emails_skipped += 1;
+                        }
+                        emails.push(NewEmail {
+                            tenant: &event.tenant,
+                            event_id: &event.id,
+                            user_id: user_id.as_deref(),
+                            recipient: to,
+                            template,
+                            data,
+                            message_id: &message_ids[email_index],
+                            skip,
+                            event_type: &event.event_type,
+                            event_time: event.time,
+                            locale: locale.as_deref(),
+                            time_zone: time_zone.as_deref(),
+                        });
+                        email_index += 1;
+                    }
+                    other => notifications.push(notification(event, other)),
+                }
+            }
+        }
+        let seqs = store::insert_notifications(&mut tx, &notifications).await?;
+        outcome.notifications = notifications
+            .iter()
+            .zip(seqs)
+            .map(|(n, seq)| (n.tenant.to_owned(), n.user_id.to_owned(), seq))
+            .collect();
+        store::enqueue_emails(&mut tx, &emails).await?;
+        outcome.emails = emails.len() as u64;
         // Streams on other instances hear of the rows when they commit.
         store::announce(
             &mut tx,
@@ -438,191 +594,6 @@ impl Pipeline {
         if outcome.emails > outcome.emails_skipped {
             self.email_wake.notify_one();
         }
-    }
-
-    async fn write_one(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        one: &Prepared<'_>,
-        outcome: &mut Outcome,
-    ) -> Result<(), StoreError> {
-        let message = one.message;
-        outcome.consumed.push(message.topic.clone());
-        let origin = origin(message);
-        if let Some(token) = message.replay_token() {
-            match &one.step {
-                Step::Routed(event, _) | Step::Failed(event, _) | Step::Parked(event, _) => {
-                    if store::accept_replay(tx, &event.tenant, &event.id, token).await? {
-                        tracing::info!(tenant = %event.tenant, event_id = %event.id, "dead letter replayed");
-                    }
-                }
-                Step::Rejected(_) => store::mark_replayed(tx, token).await?,
-                Step::Duplicate => {}
-            }
-        }
-        match &one.step {
-            Step::Rejected(rejection) => {
-                tracing::warn!(
-                    topic = %message.topic, partition = message.partition, offset = message.offset,
-                    tenant = rejection.tenant.as_deref().unwrap_or("-"),
-                    event_id = rejection.event_id.as_deref().unwrap_or("-"),
-                    kind = rejection.kind.as_str(), reason = %rejection.reason,
-                    "message dead-lettered"
-                );
-                self.dead_letter(
-                    tx,
-                    DeadLetter {
-                        message,
-                        tenant: rejection.tenant.as_deref(),
-                        event_id: rejection.event_id.as_deref(),
-                        kind: rejection.kind.as_str().into(),
-                        reason: rejection.reason.as_str().into(),
-                        plugin: None,
-                    },
-                    outcome,
-                )
-                .await
-            }
-            Step::Duplicate => {
-                outcome.duplicates += 1;
-                Ok(())
-            }
-            Step::Parked(event, error) => {
-                tracing::warn!(
-                    tenant = %event.tenant, event_id = %event.id, error = %error,
-                    "tenant's routing plugin unavailable; event set aside (not claimed)"
-                );
-                self.dead_letter(tx, DeadLetter::plugin(message, event, error), outcome)
-                    .await
-            }
-            Step::Routed(event, decision) => {
-                if claim(tx, event, origin, outcome).await? {
-                    self.write_decision(tx, event, decision, outcome).await?;
-                }
-                Ok(())
-            }
-            Step::Failed(event, error) => {
-                if claim(tx, event, origin, outcome).await? {
-                    tracing::warn!(
-                        tenant = %event.tenant, event_id = %event.id, kind = error.kind(),
-                        error = %error, "routing failed; event dead-lettered"
-                    );
-                    self.dead_letter(tx, DeadLetter::plugin(message, event, error), outcome)
-                        .await?;
-                    store::set_outcome(tx, &event.tenant, &event.id, true, error.plugin(), None)
-                        .await?;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    async fn write_decision(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        event: &Event,
-        decision: &Decision,
-        outcome: &mut Outcome,
-    ) -> Result<(), StoreError> {
-        tracing::info!(
-            tenant = %event.tenant, event_id = %event.id, event_type = %event.event_type,
-            plugin = %decision.plugin, deliveries = decision.deliveries.len(),
-            fuel = decision.cost.fuel, micros = decision.cost.elapsed.as_micros() as u64,
-            "event routed"
-        );
-        for delivery in &decision.deliveries {
-            self.write_delivery(tx, event, delivery, outcome).await?;
-        }
-        store::set_outcome(
-            tx,
-            &event.tenant,
-            &event.id,
-            false,
-            Some(&decision.plugin),
-            Some(&decision.digest),
-        )
-        .await
-    }
-
-    async fn write_delivery(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        event: &Event,
-        delivery: &Delivery,
-        outcome: &mut Outcome,
-    ) -> Result<(), StoreError> {
-        let notification = match delivery {
-            Delivery::InApp {
-                user_id,
-                title,
-                body,
-                category,
-                data,
-            } => NewNotification {
-                tenant: &event.tenant,
-                user_id,
-                event_id: &event.id,
-                kind: NOTIFICATION_EVENT,
-                title: Some(title),
-                body: Some(body),
-                category: Some(category),
-                data,
-            },
-            Delivery::Live {
-                user_id,
-                name,
-                data,
-            } => NewNotification {
-                tenant: &event.tenant,
-                user_id,
-                event_id: &event.id,
-                kind: name,
-                title: None,
-                body: None,
-                category: None,
-                data,
-            },
-            Delivery::Email {
-                to,
-                user_id,
-                template,
-                data,
-                locale,
-                time_zone,
-            } => {
-                let message_id = format!("<{}@{}>", uuid::Uuid::new_v4(), self.message_id_domain);
-                let skip = self.too_old_for_email(event);
-                store::enqueue_email(
-                    tx,
-                    &NewEmail {
-                        tenant: &event.tenant,
-                        event_id: &event.id,
-                        user_id: user_id.as_deref(),
-                        recipient: to,
-                        template,
-                        data,
-                        message_id: &message_id,
-                        skip: skip.as_deref(),
-                        event_type: &event.event_type,
-                        event_time: event.time,
-                        locale: locale.as_deref(),
-                        time_zone: time_zone.as_deref(),
-                    },
-                )
-                .await?;
-                outcome.emails += 1;
-                if skip.is_some() {
-                    tracing::info!(tenant = %event.tenant, event_id = %event.id, event_time = %event.time, "email recorded but not sent: the event is too old");
-                    outcome.emails_skipped += 1;
-                }
-                return Ok(());
-            }
-        };
-        let seq = store::insert_notification(tx, &notification).await?;
-        outcome
-            .notifications
-            .push((event.tenant.clone(), notification.user_id.to_owned(), seq));
-        Ok(())
     }
 
     /// `Some(reason)` when the event is older than `email.max_event_age_secs`: a new
@@ -727,20 +698,73 @@ impl<'a> DeadLetter<'a> {
     }
 }
 
-/// Claims the event for this transaction; `false` (and counted) when it is a duplicate.
-async fn claim(
-    tx: &mut sqlx::PgConnection,
-    event: &Event,
-    origin: Origin<'_>,
-    outcome: &mut Outcome,
-) -> Result<bool, StoreError> {
-    let claimed =
-        store::claim_event(tx, &event.tenant, &event.id, &event.event_type, origin).await?;
-    if !claimed {
-        tracing::debug!(tenant = %event.tenant, event_id = %event.id, "duplicate event skipped");
-        outcome.duplicates += 1;
+/// The claim of `event`, routed, with no plugin yet.
+fn claim<'a>(event: &'a Event, message: &'a Incoming) -> Claim<'a> {
+    Claim {
+        tenant: &event.tenant,
+        event_id: &event.id,
+        event_type: &event.event_type,
+        origin: origin(message),
+        dead_lettered: false,
+        plugin: None,
+        plugin_digest: None,
     }
-    Ok(claimed)
+}
+
+/// A replayed dead letter: the transaction decides whether its token still counts (then
+/// the event's dead-lettered claim is released, so it is routed again).
+async fn replay(
+    tx: &mut sqlx::PgConnection,
+    one: &Prepared<'_>,
+    token: uuid::Uuid,
+) -> Result<(), StoreError> {
+    match &one.step {
+        Step::Routed(event, _) | Step::Failed(event, _) | Step::Parked(event, _) => {
+            if store::accept_replay(tx, &event.tenant, &event.id, token).await? {
+                tracing::info!(tenant = %event.tenant, event_id = %event.id, "dead letter replayed");
+            }
+        }
+        Step::Rejected(_) => store::mark_replayed(tx, token).await?,
+        Step::Duplicate => {}
+    }
+    Ok(())
+}
+
+/// The row of an in-app item or a live update.
+fn notification<'a>(event: &'a Event, delivery: &'a Delivery) -> NewNotification<'a> {
+    match delivery {
+        Delivery::InApp {
+            user_id,
+            title,
+            body,
+            category,
+            data,
+        } => NewNotification {
+            tenant: &event.tenant,
+            user_id,
+            event_id: &event.id,
+            kind: NOTIFICATION_EVENT,
+            title: Some(title),
+            body: Some(body),
+            category: Some(category),
+            data,
+        },
+        Delivery::Live {
+            user_id,
+            name,
+            data,
+        } => NewNotification {
+            tenant: &event.tenant,
+            user_id,
+            event_id: &event.id,
+            kind: name,
+            title: None,
+            body: None,
+            category: None,
+            data,
+        },
+        Delivery::Email { .. } => unreachable!("emails go to the outbox"),
+    }
 }
 
 fn origin(message: &Incoming) -> Origin<'_> {

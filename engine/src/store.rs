@@ -125,32 +125,70 @@ pub struct Origin<'a> {
     pub offset: i64,
 }
 
-/// Records `(tenant, event)` as processed. `false` means it already was: a duplicate.
-/// The row stays locked until the transaction ends, so a second instance handling the same
-/// event concurrently waits and then sees the duplicate.
-pub async fn claim_event(
-    tx: &mut PgConnection,
-    tenant: &str,
-    event_id: &str,
-    event_type: &str,
-    origin: Origin<'_>,
-) -> Result<bool> {
-    let inserted = sqlx::query(
+/// One text column of a multi-row statement (bound as `text[]`, `None` as NULL).
+fn texts<'a, T>(rows: &'a [T], f: impl Fn(&'a T) -> Option<&'a str>) -> Vec<Option<&'a str>> {
+    rows.iter().map(f).collect()
+}
+
+/// An event to record as processed, with the outcome already decided (routing happens
+/// before the transaction).
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    pub tenant: &'a str,
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub origin: Origin<'a>,
+    pub dead_lettered: bool,
+    /// Which plugin (and build) decided; `None` when the event never reached one.
+    pub plugin: Option<&'a str>,
+    pub plugin_digest: Option<&'a str>,
+}
+
+/// Records events as processed, in one statement; for each claim, `false` means it already
+/// was: a duplicate. The claims' (tenant, event id) must be distinct. The rows stay locked
+/// until the transaction ends, so a second instance handling one of the same events
+/// concurrently waits and then sees the duplicate.
+pub async fn claim_events<'a>(tx: &mut PgConnection, claims: &'a [Claim<'a>]) -> Result<Vec<bool>> {
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let column = |f: fn(&'a Claim<'a>) -> Option<&'a str>| texts(claims, f);
+    let claimed: Vec<(String, String)> = sqlx::query_as(
         "INSERT INTO processed_events
-             (tenant_id, event_id, event_type, outcome, kafka_topic, kafka_partition, kafka_offset)
-         VALUES ($1, $2, $3, 'routed', $4, $5, $6)
-         ON CONFLICT (tenant_id, event_id) DO NOTHING",
+             (tenant_id, event_id, event_type, outcome, plugin, plugin_digest,
+              kafka_topic, kafka_partition, kafka_offset)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::text[], $8::int[], $9::bigint[])
+         ON CONFLICT (tenant_id, event_id) DO NOTHING
+         RETURNING tenant_id, event_id",
     )
-    .bind(tenant)
-    .bind(event_id)
-    .bind(event_type)
-    .bind(origin.topic)
-    .bind(origin.partition)
-    .bind(origin.offset)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    Ok(inserted == 1)
+    .bind(column(|c| Some(c.tenant)))
+    .bind(column(|c| Some(c.event_id)))
+    .bind(column(|c| Some(c.event_type)))
+    .bind(column(|c| {
+        Some(if c.dead_lettered {
+            "dead_lettered"
+        } else {
+            "routed"
+        })
+    }))
+    .bind(column(|c| c.plugin))
+    .bind(column(|c| c.plugin_digest))
+    .bind(column(|c| Some(c.origin.topic)))
+    .bind(
+        claims
+            .iter()
+            .map(|c| c.origin.partition)
+            .collect::<Vec<_>>(),
+    )
+    .bind(claims.iter().map(|c| c.origin.offset).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let claimed: std::collections::HashSet<(String, String)> = claimed.into_iter().collect();
+    Ok(claims
+        .iter()
+        .map(|c| claimed.contains(&(c.tenant.to_owned(), c.event_id.to_owned())))
+        .collect())
 }
 
 /// Which of `events` (tenant, event id) were already processed: read before routing, so
@@ -177,33 +215,6 @@ pub async fn already_processed(
     Ok(rows.into_iter().collect())
 }
 
-/// Records the outcome of a claimed event and which plugin build decided it.
-pub async fn set_outcome(
-    tx: &mut PgConnection,
-    tenant: &str,
-    event_id: &str,
-    dead_lettered: bool,
-    plugin: Option<&str>,
-    plugin_digest: Option<&str>,
-) -> Result<()> {
-    sqlx::query(
-        "UPDATE processed_events SET outcome = $3, plugin = $4, plugin_digest = $5
-         WHERE tenant_id = $1 AND event_id = $2",
-    )
-    .bind(tenant)
-    .bind(event_id)
-    .bind(if dead_lettered {
-        "dead_lettered"
-    } else {
-        "routed"
-    })
-    .bind(plugin)
-    .bind(plugin_digest)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
 /// A notification to store (an inbox item or a live update).
 #[derive(Debug, Clone)]
 pub struct NewNotification<'a> {
@@ -217,41 +228,86 @@ pub struct NewNotification<'a> {
     pub data: &'a Map<String, Value>,
 }
 
-/// Stores a notification under the user's next sequence number and returns that number.
+/// Stores notifications, each under its user's next sequence number, in two statements
+/// whatever their number; returns the numbers, in the order given (one user's notifications
+/// get consecutive numbers in that order).
 ///
 /// The next number is never below one past the highest sequence number stored for the user:
 /// a `user_streams` row lost or set back by a restore or an operator's mistake heals itself
-/// instead of colliding with the user's existing notifications forever.
-pub async fn insert_notification(tx: &mut PgConnection, n: &NewNotification<'_>) -> Result<i64> {
-    let (seq,): (i64,) = sqlx::query_as(
-        "INSERT INTO user_streams (tenant_id, user_id, last_seq)
-         VALUES ($1, $2, 1 + coalesce(
-             (SELECT max(seq) FROM notifications WHERE tenant_id = $1 AND user_id = $2), 0))
-         ON CONFLICT (tenant_id, user_id)
-         DO UPDATE SET last_seq = greatest(user_streams.last_seq + 1, EXCLUDED.last_seq)
-         RETURNING last_seq",
+/// instead of colliding with the user's existing notifications forever. Users' stream rows
+/// are locked in (tenant, user) order, so two writers never wait on each other in a cycle.
+pub async fn insert_notifications(
+    tx: &mut PgConnection,
+    rows: &[NewNotification<'_>],
+) -> Result<Vec<i64>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut per_user: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
+    for n in rows {
+        *per_user.entry((n.tenant, n.user_id)).or_default() += 1;
+    }
+    let last: Vec<(String, String, i64)> = sqlx::query_as(
+        "WITH input AS (
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS i (tenant_id, user_id, n)
+         )
+         INSERT INTO user_streams AS s (tenant_id, user_id, last_seq)
+         SELECT i.tenant_id, i.user_id, i.n + coalesce(
+             (SELECT max(seq) FROM notifications x
+              WHERE x.tenant_id = i.tenant_id AND x.user_id = i.user_id), 0)
+         FROM input i
+         ORDER BY i.tenant_id, i.user_id
+         ON CONFLICT (tenant_id, user_id) DO UPDATE SET last_seq =
+             greatest(s.last_seq, EXCLUDED.last_seq - (SELECT n FROM input
+                 WHERE input.tenant_id = EXCLUDED.tenant_id AND input.user_id = EXCLUDED.user_id))
+             + (SELECT n FROM input
+                WHERE input.tenant_id = EXCLUDED.tenant_id AND input.user_id = EXCLUDED.user_id)
+         RETURNING tenant_id, user_id, last_seq",
     )
-    .bind(n.tenant)
-    .bind(n.user_id)
-    .fetch_one(&mut *tx)
+    .bind(per_user.keys().map(|k| k.0).collect::<Vec<_>>())
+    .bind(per_user.keys().map(|k| k.1).collect::<Vec<_>>())
+    .bind(per_user.values().copied().collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
     .await?;
+    // The first number of each user's run: last - n + 1, counting up as rows are numbered.
+    let mut next: std::collections::HashMap<(String, String), i64> = last
+        .into_iter()
+        .map(|(tenant, user, last)| {
+            let n = per_user[&(tenant.as_str(), user.as_str())];
+            ((tenant, user), last - n + 1)
+        })
+        .collect();
+    let mut seqs = Vec::with_capacity(rows.len());
+    for n in rows {
+        let next = next
+            .get_mut(&(n.tenant.to_owned(), n.user_id.to_owned()))
+            .expect("every user's stream row was returned");
+        seqs.push(*next);
+        *next += 1;
+    }
+    let data: Vec<String> = rows
+        .iter()
+        .map(|n| serde_json::to_string(n.data).expect("a JSON map serializes"))
+        .collect();
     sqlx::query(
         "INSERT INTO notifications
              (tenant_id, user_id, seq, event_id, kind, title, body, category, data)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         SELECT t, u, s, e, k, ti, b, c, d::jsonb
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::text[]) AS x (t, u, s, e, k, ti, b, c, d)",
     )
-    .bind(n.tenant)
-    .bind(n.user_id)
-    .bind(seq)
-    .bind(n.event_id)
-    .bind(n.kind)
-    .bind(n.title)
-    .bind(n.body)
-    .bind(n.category)
-    .bind(sqlx::types::Json(n.data))
+    .bind(rows.iter().map(|n| n.tenant).collect::<Vec<_>>())
+    .bind(rows.iter().map(|n| n.user_id).collect::<Vec<_>>())
+    .bind(&seqs)
+    .bind(rows.iter().map(|n| n.event_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|n| n.kind).collect::<Vec<_>>())
+    .bind(rows.iter().map(|n| n.title).collect::<Vec<_>>())
+    .bind(rows.iter().map(|n| n.body).collect::<Vec<_>>())
+    .bind(rows.iter().map(|n| n.category).collect::<Vec<_>>())
+    .bind(&data)
     .execute(&mut *tx)
     .await?;
-    Ok(seq)
+    Ok(seqs)
 }
 
 /// An email to put in the outbox.
@@ -272,27 +328,38 @@ pub struct NewEmail<'a> {
     pub time_zone: Option<&'a str>,
 }
 
-pub async fn enqueue_email(tx: &mut PgConnection, e: &NewEmail<'_>) -> Result<()> {
+/// Puts emails in the outbox, in one statement whatever their number.
+pub async fn enqueue_emails<'a>(tx: &mut PgConnection, emails: &'a [NewEmail<'a>]) -> Result<()> {
+    if emails.is_empty() {
+        return Ok(());
+    }
+    let text = |f: fn(&'a NewEmail<'a>) -> Option<&'a str>| texts(emails, f);
+    let data: Vec<String> = emails
+        .iter()
+        .map(|e| serde_json::to_string(e.data).expect("a JSON map serializes"))
+        .collect();
     sqlx::query(
         "INSERT INTO email_outbox
              (tenant_id, event_id, user_id, recipient, template, data, message_id,
               status, last_error, event_type, event_time, locale, time_zone)
-         VALUES ($1, $2, $3, $4, $5, $6, $7,
-                 CASE WHEN $8::text IS NULL THEN 'pending' ELSE 'skipped' END, $8,
-                 $9, $10, $11, $12)",
+         SELECT t, e, u, r, tp, d::jsonb, m,
+                CASE WHEN sk IS NULL THEN 'pending' ELSE 'skipped' END, sk, et, at, l, tz
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::text[],
+                     $12::text[]) AS x (t, e, u, r, tp, d, m, sk, et, at, l, tz)",
     )
-    .bind(e.tenant)
-    .bind(e.event_id)
-    .bind(e.user_id)
-    .bind(e.recipient)
-    .bind(e.template)
-    .bind(sqlx::types::Json(e.data))
-    .bind(e.message_id)
-    .bind(e.skip)
-    .bind(e.event_type)
-    .bind(e.event_time)
-    .bind(e.locale)
-    .bind(e.time_zone)
+    .bind(text(|e| Some(e.tenant)))
+    .bind(text(|e| Some(e.event_id)))
+    .bind(text(|e| e.user_id))
+    .bind(text(|e| Some(e.recipient)))
+    .bind(text(|e| Some(e.template)))
+    .bind(&data)
+    .bind(text(|e| Some(e.message_id)))
+    .bind(text(|e| e.skip))
+    .bind(text(|e| Some(e.event_type)))
+    .bind(emails.iter().map(|e| e.event_time).collect::<Vec<_>>())
+    .bind(text(|e| e.locale))
+    .bind(text(|e| e.time_zone))
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -13,7 +13,7 @@
 use serde_json::{Map, Value, json};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
-use super::{NewNotification, Result, StoredNotification, insert_notification, scoped};
+use super::{NewNotification, Result, StoredNotification, insert_notifications, scoped};
 
 /// SSE event of a change to read state.
 pub const READ_EVENT: &str = "notification.read";
@@ -283,9 +283,9 @@ async fn log_change(
         Value::Object(m) => m,
         _ => unreachable!("change events are objects"),
     };
-    let seq = insert_notification(
+    let [seq] = insert_notifications(
         conn,
-        &NewNotification {
+        &[NewNotification {
             tenant,
             user_id,
             event_id: "",
@@ -294,9 +294,11 @@ async fn log_change(
             body: None,
             category: None,
             data: &data,
-        },
+        }],
     )
-    .await?;
+    .await?[..] else {
+        unreachable!("one number per notification")
+    };
     // The user's streams on other instances hear of it when it commits.
     super::announce(conn, [(tenant, user_id, seq)]).await?;
     Ok(seq)
