@@ -428,10 +428,6 @@ impl Pipeline {
         }
         let claimed = store::claim_events(&mut tx, &claims).await?;
 
-        let mut notifications = Vec::new();
-        let mut emails = Vec::new();
-        let message_ids: Vec<String>;
-        let mut skips = Vec::new();
         let mut routed = Vec::new();
         for (one, claim) in prepared.iter().zip(&claim_of) {
             let won = claim.is_some_and(|i| claimed[i]);
@@ -487,56 +483,44 @@ impl Pipeline {
                 }
             }
         }
-        // The outbox rows borrow their message ids and skip reasons: made first.
-        let mut email_count = 0;
-        for (event, decision) in &routed {
-            for delivery in &decision.deliveries {
-                if let Delivery::Email { .. } = delivery {
-                    email_count += 1;
-                    skips.push(self.too_old_for_email(event));
-                }
-            }
-        }
-        message_ids = (0..email_count)
-            .map(|_| format!("<{}@{}>", uuid::Uuid::new_v4(), self.message_id_domain))
+        // An email's message id and skip reason are made first: the outbox rows borrow them.
+        let emails_of = || {
+            routed
+                .iter()
+                .flat_map(|(event, decision): &(&Event, &Decision)| {
+                    decision
+                        .deliveries
+                        .iter()
+                        .filter(|d| matches!(d, Delivery::Email { .. }))
+                        .map(move |d| (*event, d))
+                })
+        };
+        let extras: Vec<(String, Option<String>)> = emails_of()
+            .map(|(event, _)| {
+                let message_id = format!("<{}@{}>", uuid::Uuid::new_v4(), self.message_id_domain);
+                (message_id, self.too_old_for_email(event))
+            })
             .collect();
-        let mut email_index = 0;
-        for (event, decision) in &routed {
-            for delivery in &decision.deliveries {
-                match delivery {
-                    Delivery::Email {
-                        to,
-                        user_id,
-                        template,
-                        data,
-                        locale,
-                        time_zone,
-                    } => {
-                        let skip = skips[email_index].as_deref();
-                        if skip.is_some() {
-                            tracing::info!(tenant = %event.tenant, event_id = %event.id, event_time = %event.time, "email recorded but not sent: the event is too old");
-                            outcome.emails_skipped += 1;
-                        }
-                        emails.push(NewEmail {
-                            tenant: &event.tenant,
-                            event_id: &event.id,
-                            user_id: user_id.as_deref(),
-                            recipient: to,
-                            template,
-                            data,
-                            message_id: &message_ids[email_index],
-                            skip,
-                            event_type: &event.event_type,
-                            event_time: event.time,
-                            locale: locale.as_deref(),
-                            time_zone: time_zone.as_deref(),
-                        });
-                        email_index += 1;
-                    }
-                    other => notifications.push(notification(event, other)),
+        let emails: Vec<NewEmail<'_>> = emails_of()
+            .zip(&extras)
+            .map(|((event, delivery), (message_id, skip))| {
+                if skip.is_some() {
+                    tracing::info!(tenant = %event.tenant, event_id = %event.id, event_time = %event.time, "email recorded but not sent: the event is too old");
+                    outcome.emails_skipped += 1;
                 }
-            }
-        }
+                new_email(event, delivery, message_id, skip.as_deref())
+            })
+            .collect();
+        let notifications: Vec<NewNotification<'_>> = routed
+            .iter()
+            .flat_map(|(event, decision)| {
+                decision
+                    .deliveries
+                    .iter()
+                    .filter(|d| !matches!(d, Delivery::Email { .. }))
+                    .map(|d| notification(event, d))
+            })
+            .collect();
         let seqs = store::insert_notifications(&mut tx, &notifications).await?;
         outcome.notifications = notifications
             .iter()
@@ -764,6 +748,40 @@ fn notification<'a>(event: &'a Event, delivery: &'a Delivery) -> NewNotification
             data,
         },
         Delivery::Email { .. } => unreachable!("emails go to the outbox"),
+    }
+}
+
+/// The outbox row of an email.
+fn new_email<'a>(
+    event: &'a Event,
+    delivery: &'a Delivery,
+    message_id: &'a str,
+    skip: Option<&'a str>,
+) -> NewEmail<'a> {
+    let Delivery::Email {
+        to,
+        user_id,
+        template,
+        data,
+        locale,
+        time_zone,
+    } = delivery
+    else {
+        unreachable!("in-app items and live updates go to the notifications")
+    };
+    NewEmail {
+        tenant: &event.tenant,
+        event_id: &event.id,
+        user_id: user_id.as_deref(),
+        recipient: to,
+        template,
+        data,
+        message_id,
+        skip,
+        event_type: &event.event_type,
+        event_time: event.time,
+        locale: locale.as_deref(),
+        time_zone: time_zone.as_deref(),
     }
 }
 
