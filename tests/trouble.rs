@@ -885,11 +885,21 @@ async fn one_tenants_email_backlog_does_not_delay_another() {
 /// arrive while the slow tenant still works).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_lane_pauses_and_resumes_its_partition_in_order() {
+    full_lane_pauses(|kafka| kafka.lane_capacity = 2).await;
+}
+
+/// The same, with a lane bounded by bytes (about two of these messages) rather than count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_full_of_bytes_pauses_and_resumes_its_partition_in_order() {
+    full_lane_pauses(|kafka| kafka.lane_max_bytes = 400).await;
+}
+
+async fn full_lane_pauses(limit: impl FnOnce(&mut notify_engine::config::KafkaConfig)) {
     let world = World::new().await;
     let slow = unique("slow");
     world.install_chaos_plugin(&slow);
     let mut config = world.config();
-    config.kafka.lane_capacity = 2;
+    limit(&mut config.kafka);
     config.kafka.batch_max = 2;
     config.plugins.timeout_ms = 2_000;
     config.plugins.fuel = 2_000_000_000;

@@ -117,6 +117,9 @@ pub struct KafkaConfig {
     /// Messages queued per tenant lane. When a slow tenant's lane is full, the partitions
     /// carrying its next messages pause (in Kafka, not in memory) until it catches up.
     pub lane_capacity: usize,
+    /// Bytes (payload, key, headers) queued per tenant lane: the other bound of a lane, so
+    /// that large messages cannot fill memory where small ones would not.
+    pub lane_max_bytes: usize,
     /// Passed to librdkafka as-is (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`,
     /// ...). Credentials come from the environment only: `NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD`
     /// sets `sasl.password`.
@@ -132,7 +135,8 @@ impl Default for KafkaConfig {
             batch_max: 256,
             batch_linger_ms: 5,
             max_message_bytes: 256 * 1024,
-            lane_capacity: 1024,
+            lane_capacity: 16_384,
+            lane_max_bytes: 16 * 1024 * 1024,
             tenant_from: TenantFrom::Payload,
             tenant_topic_pattern: String::new(),
             tenant_header: "tenant".into(),
@@ -614,6 +618,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("batch_linger_ms", &self.batch_linger_ms)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("lane_capacity", &self.lane_capacity)
+            .field("lane_max_bytes", &self.lane_max_bytes)
             .field("tenant_from", &self.tenant_from)
             .field("tenant_topic_pattern", &self.tenant_topic_pattern)
             .field("tenant_header", &self.tenant_header)
@@ -841,6 +846,9 @@ impl Config {
         }
         if self.kafka.brokers.trim().is_empty() {
             return invalid("kafka.brokers must be set".into());
+        }
+        if self.kafka.lane_max_bytes == 0 || self.kafka.lane_max_bytes > u32::MAX as usize {
+            return invalid("kafka.lane_max_bytes must be between 1 and 4294967295".into());
         }
         if self.kafka.batch_max == 0 || self.kafka.lane_capacity == 0 {
             return invalid("kafka.batch_max and kafka.lane_capacity must be at least 1".into());

@@ -43,6 +43,17 @@ pub struct Incoming {
 pub const REPLAY_HEADER: &str = "notify-replay";
 
 impl Incoming {
+    /// Bytes it holds in memory: payload, key and headers.
+    pub fn size(&self) -> usize {
+        self.payload.as_ref().map_or(0, Vec::len)
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
+    }
+
     /// The replay token, if this message is a replayed dead letter.
     pub fn replay_token(&self) -> Option<uuid::Uuid> {
         let (_, value) = self.headers.iter().find(|(n, _)| n == REPLAY_HEADER)?;
@@ -119,7 +130,10 @@ impl Ingest {
             .set("enable.auto.offset.store", "false")
             .set("auto.commit.interval.ms", "1000")
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // A partition resumed after a full lane paused it is fetched again only once
+            // the fetch in flight returns: at most this long, not librdkafka's 500 ms.
+            .set("fetch.wait.max.ms", "50");
         let offsets = Arc::new(Mutex::new(offsets::OffsetTracker::default()));
         let (revoked_tx, revoked) = tokio::sync::mpsc::unbounded_channel();
         let consumer: StreamConsumer<IngestContext> =

@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use tokio::sync::Notify;
 use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +74,9 @@ const REJECTS_LANE: &str = "";
 struct Work {
     message: Incoming,
     decoded: Result<Event, Rejection>,
+    /// Its bytes' share of its lane's `kafka.lane_max_bytes`, given back when it is dropped
+    /// (once handled).
+    admitted: Option<OwnedSemaphorePermit>,
 }
 
 impl Work {
@@ -793,13 +796,20 @@ fn origin(message: &Incoming) -> Origin<'_> {
     }
 }
 
+/// A tenant lane's queue, bounded by count (`kafka.lane_capacity`) and by the bytes of
+/// the messages in it (`kafka.lane_max_bytes`).
+struct Lane {
+    sender: mpsc::Sender<Work>,
+    bytes: Arc<Semaphore>,
+}
+
 /// Hands messages to tenant lanes, holding back (and pausing the partitions of) messages
 /// whose lane is full.
 struct Dispatcher {
     pipeline: Arc<Pipeline>,
     trust: TenantTrust,
     shutdown: CancellationToken,
-    lanes: HashMap<String, mpsc::Sender<Work>>,
+    lanes: HashMap<String, Lane>,
     running: JoinSet<()>,
     /// Per paused partition, its messages that could not be queued yet, in order.
     held: HashMap<(String, i32), VecDeque<Work>>,
@@ -813,7 +823,11 @@ impl Dispatcher {
             self.pipeline.kafka.max_message_bytes,
         )
         .and_then(|event| self.trust.check(&message, event));
-        let work = Work { message, decoded };
+        let work = Work {
+            message,
+            decoded,
+            admitted: None,
+        };
         let partition = (work.message.topic.clone(), work.message.partition);
         // A partition with held messages keeps its order: later ones queue behind.
         if let Some(held) = self.held.get_mut(&partition) {
@@ -828,19 +842,33 @@ impl Dispatcher {
         }
     }
 
-    /// Queues `work` on its lane (starting the lane if needed); gives it back if full.
-    fn offer(&mut self, work: Work) -> Option<Work> {
-        let lane = work.lane().to_owned();
-        let sender = self.lanes.entry(lane.clone()).or_insert_with(|| {
-            let (sender, queue) = mpsc::channel(self.pipeline.kafka.lane_capacity);
+    /// Queues `work` on its lane (starting the lane if needed); gives it back if full, by
+    /// count or by bytes.
+    fn offer(&mut self, mut work: Work) -> Option<Work> {
+        let name = work.lane().to_owned();
+        let kafka = &self.pipeline.kafka;
+        let lane = self.lanes.entry(name.clone()).or_insert_with(|| {
+            let (sender, queue) = mpsc::channel(kafka.lane_capacity);
             self.running.spawn(
                 self.pipeline
                     .clone()
-                    .lane(lane, queue, self.shutdown.clone()),
+                    .lane(name, queue, self.shutdown.clone()),
             );
-            sender
+            Lane {
+                sender,
+                bytes: Arc::new(Semaphore::new(kafka.lane_max_bytes)),
+            }
         });
-        match sender.try_send(work) {
+        if work.admitted.is_none() {
+            // A message larger than the whole budget takes all of it: it waits for an empty
+            // lane instead of forever.
+            let size = work.message.size().min(kafka.lane_max_bytes) as u32;
+            match lane.bytes.clone().try_acquire_many_owned(size) {
+                Ok(permit) => work.admitted = Some(permit),
+                Err(_) => return Some(work),
+            }
+        }
+        match lane.sender.try_send(work) {
             Ok(()) => None,
             Err(TrySendError::Full(work)) => Some(work),
             // The lane ended (shutdown, or a panic the run loop is about to see).
