@@ -37,6 +37,10 @@ pub struct Incoming {
     pub payload: Option<Vec<u8>>,
     /// Kafka headers, in order (the tenant header of `kafka.tenant_from = "header"`).
     pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// When the engine received it, for the latency of the stages after.
+    pub received: std::time::Instant,
+    /// How long it took from its producer to the engine, when it has a Kafka timestamp.
+    pub kafka_delay: Option<std::time::Duration>,
 }
 
 /// The header carrying a dead letter's one-time replay token.
@@ -281,8 +285,18 @@ fn base_client_config(config: &KafkaConfig) -> ClientConfig {
     client
 }
 
+/// How long a message took from its producer to the engine: now minus its Kafka timestamp
+/// (the producer's create time, or the broker's log-append time), when it has one.
+fn kafka_delay(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<std::time::Duration> {
+    let at = m.timestamp().to_millis()?;
+    let now = chrono::Utc::now().timestamp_millis();
+    Some(std::time::Duration::from_millis((now - at).max(0) as u64))
+}
+
 fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
     Incoming {
+        received: std::time::Instant::now(),
+        kafka_delay: kafka_delay(m),
         topic: m.topic().to_owned(),
         partition: m.partition(),
         offset: m.offset(),

@@ -253,13 +253,15 @@ impl Pipeline {
     ) -> Option<usize> {
         let mut delay = Duration::from_millis(100);
         loop {
+            let preparing = Instant::now();
             let stall = match self.prepare(batch, budget, shutdown).await {
-                Ok(prepared) => match self.write(&prepared).await {
-                    Ok(()) => {
+                Ok(prepared) => match (Instant::now(), self.write(&prepared).await) {
+                    (writing, Ok(())) => {
                         self.health.set_stall(lane, None);
+                        self.observe_stages(&prepared, preparing, writing);
                         return Some(prepared.len());
                     }
-                    Err(stall) => stall,
+                    (_, Err(stall)) => stall,
                 },
                 Err(stall) => stall,
             };
@@ -286,6 +288,26 @@ impl Pipeline {
                 self.plugins.reload_after_stall().await;
             }
             delay = (delay * 2).min(MAX_STALL_DELAY);
+        }
+    }
+
+    /// `notify_stage_seconds` of a committed prefix: how long each event waited in its lane,
+    /// and its batch's routing and transaction.
+    fn observe_stages(&self, prepared: &[Prepared<'_>], preparing: Instant, writing: Instant) {
+        let (queue, route, commit) = (
+            self.metrics.stage("queue"),
+            self.metrics.stage("route"),
+            self.metrics.stage("commit"),
+        );
+        let (routing, committing) = (writing - preparing, writing.elapsed());
+        for one in prepared {
+            queue.observe(
+                preparing
+                    .saturating_duration_since(one.message.received)
+                    .as_secs_f64(),
+            );
+            route.observe(routing.as_secs_f64());
+            commit.observe(committing.as_secs_f64());
         }
     }
 
@@ -817,6 +839,12 @@ struct Dispatcher {
 
 impl Dispatcher {
     fn dispatch(&mut self, message: Incoming) {
+        if let Some(delay) = message.kafka_delay {
+            self.pipeline
+                .metrics
+                .stage("kafka")
+                .observe(delay.as_secs_f64());
+        }
         let decoded = envelope::decode(
             message.payload.as_deref(),
             &message.headers,

@@ -5,8 +5,8 @@
 //! rather than the global one, so several engines in one process (tests) do not collide.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -80,6 +80,11 @@ pub struct Metrics {
     pub plugin_call_seconds: Histogram,
     /// Duration of one pipeline batch transaction.
     pub batch_seconds: Histogram,
+    /// Where an event's time goes between its producer and its user's stream, by stage:
+    /// `kafka` (producer to engine), `queue` (waiting in its lane for its batch), `route`
+    /// (the batch's duplicate check and routing), `commit` (the batch's transaction), and
+    /// `stream_read` (a woken stream reading its new rows).
+    pub stage_seconds: HistogramVec,
     /// Tenants named in the configuration: the only values the `tenant` label takes, so a
     /// stream of made-up tenant ids cannot grow the series without bound.
     known_tenants: std::sync::Arc<std::collections::BTreeSet<String>>,
@@ -108,6 +113,14 @@ impl Metrics {
         };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("static metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let histogram_vec = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
                 .expect("static metric");
             registry
                 .register(Box::new(h.clone()))
@@ -209,6 +222,12 @@ impl Metrics {
             batch_seconds: histogram(
                 "pipeline_batch_seconds",
                 "Duration of one pipeline batch transaction",
+                fast.clone(),
+            ),
+            stage_seconds: histogram_vec(
+                "stage_seconds",
+                "Time an event spends in each stage from its producer to its user's stream",
+                &["stage"],
                 fast,
             ),
             known_tenants: Default::default(),
@@ -237,6 +256,11 @@ impl Metrics {
         self.plugin_calls
             .with_label_values(&[self.tenant_label(tenant), world, outcome])
             .inc();
+    }
+
+    /// The histogram of one stage of `notify_stage_seconds`.
+    pub fn stage(&self, stage: &'static str) -> Histogram {
+        self.stage_seconds.with_label_values(&[stage])
     }
 
     /// The Prometheus text exposition of every metric.

@@ -161,6 +161,7 @@ pub async fn stream(
         _open: OpenStream(gauge),
         hello: Some(Duration::from_millis(state.sse.retry_ms)),
         shutdown: state.shutdown.clone(),
+        read_time: state.metrics.stage("stream_read"),
     };
     let events = futures::stream::unfold(reader, |mut r| async move {
         let event = r.next().await?;
@@ -244,6 +245,8 @@ struct Reader {
     /// The first frame: a `retry:` hint for the browser.
     hello: Option<Duration>,
     shutdown: CancellationToken,
+    /// `notify_stage_seconds{stage="stream_read"}`.
+    read_time: prometheus::Histogram,
 }
 
 impl Reader {
@@ -271,7 +274,8 @@ impl Reader {
             // Mark the current hub value seen *before* reading, so a commit racing with
             // this read still wakes us afterwards.
             self.subscription.updates.borrow_and_update();
-            match store::notifications_after(
+            let reading = std::time::Instant::now();
+            let read = store::notifications_after(
                 &self.pool,
                 &self.tenant,
                 &self.user_id,
@@ -279,8 +283,9 @@ impl Reader {
                 self.page_size,
                 self.page_bytes,
             )
-            .await
-            {
+            .await;
+            self.read_time.observe(reading.elapsed().as_secs_f64());
+            match read {
                 Ok(rows) if !rows.is_empty() => {
                     self.pending.extend(rows);
                     continue;

@@ -124,6 +124,8 @@ mod tests {
 
     fn message(topic: &str, headers: &[(&str, &str)]) -> Incoming {
         Incoming {
+            received: std::time::Instant::now(),
+            kafka_delay: None,
             topic: topic.into(),
             partition: 0,
             offset: 0,
