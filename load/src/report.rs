@@ -1,0 +1,438 @@
+//! Recording the frames' latencies (HDR histograms, per scenario and per second) and
+//! writing the report: `report.json`, `report.md`, `latency.png`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::sse::{PHASES, Sample};
+use crate::{Args, Connected};
+
+/// One scenario's run: when (Unix seconds), what it produced, its stage breakdown and its
+/// own figures.
+pub struct Phase {
+    pub name: String,
+    pub start: f64,
+    pub end: f64,
+    pub produced: u64,
+    pub stages: Value,
+    pub extra: Value,
+}
+
+impl Phase {
+    pub fn new(name: &str, _since_start: f64) -> Self {
+        Self {
+            name: name.to_owned(),
+            start: unix_now(),
+            end: 0.0,
+            produced: 0,
+            stages: json!({}),
+            extra: json!({}),
+        }
+    }
+
+    pub fn summary(&self) -> String {
+        format!("{}: {} {}", self.name, self.produced, self.extra)
+    }
+}
+
+fn unix_now() -> f64 {
+    crate::now_us() as f64 / 1e6
+}
+
+/// Every frame's latency, by scenario, and by second for the plot.
+pub struct Recorded {
+    per_phase: Vec<Histogram<u64>>,
+    /// Unix second of receipt → latencies received in it.
+    per_second: BTreeMap<u64, Histogram<u64>>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // µs, 1 µs to 10 min, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("static bounds")
+}
+
+pub struct Recorder;
+
+impl Recorder {
+    /// Collects samples until `stop` (the held connections never end, so their senders
+    /// never go), then what is already queued.
+    pub async fn collect(
+        mut samples: mpsc::UnboundedReceiver<Sample>,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+    ) -> Recorded {
+        let mut recorded = Recorded {
+            per_phase: PHASES.iter().map(|_| histogram()).collect(),
+            per_second: BTreeMap::new(),
+        };
+        let mut stopped = false;
+        loop {
+            let s = if stopped {
+                match samples.try_recv() {
+                    Ok(s) => s,
+                    Err(_) => break,
+                }
+            } else {
+                tokio::select! {
+                    s = samples.recv() => match s {
+                        Some(s) => s,
+                        None => break,
+                    },
+                    _ = &mut stop => {
+                        stopped = true;
+                        continue;
+                    }
+                }
+            };
+            let latency = s
+                .received_us
+                .saturating_sub(s.sent_us)
+                .clamp(1, 600_000_000);
+            recorded.per_phase[s.phase as usize].saturating_record(latency);
+            recorded
+                .per_second
+                .entry(s.received_us / 1_000_000)
+                .or_insert_with(|| {
+                    Histogram::new_with_bounds(1, 600_000_000, 2).expect("static bounds")
+                })
+                .saturating_record(latency);
+        }
+        recorded
+    }
+}
+
+/// p50, p90, p95, p99, p99.9 and max of a histogram of µs, in ms.
+pub fn percentiles_ms(h: &Histogram<u64>) -> Value {
+    let ms = |v: u64| (v as f64 / 1e3 * 1e3).round() / 1e3;
+    json!({
+        "count": h.len(),
+        "p50": ms(h.value_at_quantile(0.5)),
+        "p90": ms(h.value_at_quantile(0.9)),
+        "p95": ms(h.value_at_quantile(0.95)),
+        "p99": ms(h.value_at_quantile(0.99)),
+        "p99_9": ms(h.value_at_quantile(0.999)),
+        "max": ms(h.max()),
+    })
+}
+
+/// Writes the three files of the report to `args.out`.
+pub fn write(
+    args: &Args,
+    phases: &[Phase],
+    recorded: Recorded,
+    connected: Connected,
+) -> Result<()> {
+    let mut scenarios = serde_json::Map::new();
+    for phase in phases {
+        let latency = PHASES
+            .iter()
+            .position(|p| *p == phase.name)
+            .map(|i| percentiles_ms(&recorded.per_phase[i]));
+        scenarios.insert(
+            phase.name.clone(),
+            json!({
+                "start": phase.start,
+                "end": phase.end,
+                "produced": phase.produced,
+                "sse_latency_ms": latency,
+                "stages_mean_ms": phase.stages,
+                "figures": phase.extra,
+            }),
+        );
+    }
+    let report = json!({
+        "date": chrono::Utc::now().to_rfc3339(),
+        "label": args.label,
+        "machine": machine(),
+        "instances": args.engines.len(),
+        "connections": {
+            "requested": args.connections,
+            "held": connected.held,
+            "failed": connected.failed,
+            "open_seconds": connected.seconds,
+            "source_addresses": args.sources,
+        },
+        "scenarios": scenarios,
+        "criteria": criteria(phases, &recorded, connected),
+    });
+    std::fs::write(
+        args.out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(args.out.join("report.md"), markdown(&report))?;
+    if let Err(e) = plot(args, phases, &recorded) {
+        eprintln!("[load] no latency plot: {e:#}");
+    }
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    json!({ "cores": cores, "memory_gib": mem_kib / 1024 / 1024, "cpu": cpu })
+}
+
+/// The plan's pass criteria and this product's targets, each with the measured value.
+fn criteria(phases: &[Phase], recorded: &Recorded, connected: Connected) -> Value {
+    let latency = |name: &str, q: f64| {
+        PHASES
+            .iter()
+            .position(|p| *p == name)
+            .map(|i| &recorded.per_phase[i])
+            .filter(|h| !h.is_empty())
+            .map(|h| h.value_at_quantile(q) as f64 / 1e3)
+    };
+    let figure = |name: &str, path: &[&str]| {
+        let phase = phases.iter().find(|p| p.name == name)?;
+        let mut v = &phase.extra;
+        for key in path {
+            v = v.get(key)?;
+        }
+        v.as_f64()
+    };
+    let bytes_per_connection = phases
+        .iter()
+        .find(|p| p.name == "idle")
+        .and_then(|p| p.extra["bytes_per_connection"].as_array().cloned())
+        .map(|v| v.iter().filter_map(Value::as_f64).fold(0.0f64, f64::max));
+    let check = |what: &str, value: Option<f64>, ok: fn(f64) -> bool, target: &str| {
+        json!({
+            "criterion": what,
+            "target": target,
+            "measured": value,
+            "pass": value.map(ok),
+        })
+    };
+    json!([
+        check(
+            "plan: steady (100/s) produce → SSE p95, ms",
+            latency("steady", 0.95),
+            |v| v <= 5_000.0,
+            "≤ 5000"
+        ),
+        check(
+            "plan: burst (1000/s) produce → SSE p95, ms",
+            latency("burst", 0.95),
+            |v| v <= 5_000.0,
+            "≤ 5000"
+        ),
+        check(
+            "plan: email enqueue p95 (burst), ms",
+            figure("burst", &["email_enqueue_ms", "p95"]),
+            |v| v <= 30_000.0,
+            "≤ 30000"
+        ),
+        check(
+            "plan: SSE connections held",
+            Some(connected.held as f64),
+            |v| v >= 5_000.0,
+            "≥ 5000"
+        ),
+        check(
+            "events/s, produce → commit (max)",
+            figure("max", &["events_per_second"]),
+            |v| v >= 10_000.0,
+            "≥ 10000"
+        ),
+        check(
+            "produce → SSE p50 at 1000/s, ms",
+            latency("burst", 0.5),
+            |v| v <= 10.0,
+            "≤ 10"
+        ),
+        check(
+            "produce → SSE p99 at 1000/s, ms",
+            latency("burst", 0.99),
+            |v| v <= 50.0,
+            "≤ 50"
+        ),
+        check(
+            "email enqueue p99 (burst), ms",
+            figure("burst", &["email_enqueue_ms", "p99"]),
+            |v| v <= 100.0,
+            "≤ 100"
+        ),
+        check(
+            "emails sent/s to the SMTP sink",
+            figure("emails", &["emails_per_second"]),
+            |v| v >= 500.0,
+            "≥ 500"
+        ),
+        check(
+            "resident bytes per idle connection",
+            bytes_per_connection,
+            |v| v <= 8_192.0,
+            "≤ 8192"
+        ),
+    ])
+}
+
+fn markdown(report: &Value) -> String {
+    let mut md = String::new();
+    let m = &report["machine"];
+    let _ = writeln!(
+        md,
+        "# Load run {}\n\n{} · {} cores, {} GiB ({}) · {} engine instance(s) · {} of {} connections held ({} failed, opened in {:.1} s across {} source addresses)\n",
+        report["date"].as_str().unwrap_or_default(),
+        report["label"].as_str().unwrap_or_default(),
+        m["cores"],
+        m["memory_gib"],
+        m["cpu"].as_str().unwrap_or_default(),
+        report["instances"],
+        report["connections"]["held"],
+        report["connections"]["requested"],
+        report["connections"]["failed"],
+        report["connections"]["open_seconds"]
+            .as_f64()
+            .unwrap_or(0.0),
+        report["connections"]["source_addresses"],
+    );
+    md.push_str("## Produce → SSE frame (ms, HDR histogram)\n\n| scenario | events | frames | p50 | p90 | p95 | p99 | p99.9 | max |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    let scenarios = report["scenarios"].as_object().cloned().unwrap_or_default();
+    for (name, s) in &scenarios {
+        let l = &s["sse_latency_ms"];
+        if l.is_null() {
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s["produced"], l["count"], l["p50"], l["p90"], l["p95"], l["p99"], l["p99_9"], l["max"]
+        );
+    }
+    md.push_str("\n## Where the time goes (mean ms per event, `notify_stage_seconds`)\n\n| scenario | kafka | queue | route | commit | stream_read |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
+    for (name, s) in &scenarios {
+        let st = &s["stages_mean_ms"];
+        if st.as_object().is_none_or(|o| o.is_empty()) {
+            continue;
+        }
+        let f = |k: &str| st[k].as_f64().map_or("–".into(), |v| format!("{v:.2}"));
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} | {} | {} |",
+            f("kafka"),
+            f("queue"),
+            f("route"),
+            f("commit"),
+            f("stream_read")
+        );
+    }
+    md.push_str("\n## Figures\n\n");
+    for (name, s) in &scenarios {
+        let _ = writeln!(md, "- **{name}**: `{}`", s["figures"]);
+    }
+    md.push_str(
+        "\n## Criteria\n\n| criterion | target | measured | |\n| --- | --- | ---: | --- |\n",
+    );
+    for c in report["criteria"].as_array().into_iter().flatten() {
+        let measured = c["measured"]
+            .as_f64()
+            .map_or("not measured".into(), |v| format!("{v:.1}"));
+        let verdict = match c["pass"].as_bool() {
+            Some(true) => "pass",
+            Some(false) => "**fail**",
+            None => "–",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {measured} | {verdict} |",
+            c["criterion"].as_str().unwrap_or_default(),
+            c["target"].as_str().unwrap_or_default()
+        );
+    }
+    md.push_str("\n![latency over time](latency.png)\n");
+    md
+}
+
+/// p50 and p99 of each second's frames over the run, log scale, with the scenarios marked.
+fn plot(args: &Args, phases: &[Phase], recorded: &Recorded) -> Result<()> {
+    use plotters::prelude::*;
+    let font = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
+        .iter()
+        .find_map(|p| std::fs::read(p).ok())
+        .ok_or_else(|| anyhow::anyhow!("no DejaVuSans.ttf (apt-get install fonts-dejavu-core)"))?;
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow::anyhow!("the font does not load"))?;
+    let Some(origin) = phases.first().map(|p| p.start) else {
+        return Ok(());
+    };
+    let series = |q: f64| -> Vec<(f64, f64)> {
+        recorded
+            .per_second
+            .iter()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(sec, h)| {
+                (
+                    *sec as f64 - origin,
+                    (h.value_at_quantile(q) as f64 / 1e3).max(0.01),
+                )
+            })
+            .collect()
+    };
+    let (p50, p99) = (series(0.5), series(0.99));
+    let end = phases.iter().map(|p| p.end - origin).fold(1.0, f64::max);
+    let top = p99.iter().map(|p| p.1).fold(10.0, f64::max) * 2.0;
+    let path = args.out.join("latency.png");
+    let root = BitMapBackend::new(&path, (1200, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("produce → SSE frame, per second", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..end, (0.1f64..top).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds into the run")
+        .y_desc("latency, ms (log)")
+        .draw()?;
+    for phase in phases {
+        let x = phase.start - origin;
+        chart.draw_series(LineSeries::new([(x, 0.1), (x, top)], BLACK.mix(0.2)))?;
+        chart.draw_series([Text::new(
+            phase.name.clone(),
+            (x + 0.5, top / 1.6),
+            ("sans-serif", 14),
+        )])?;
+    }
+    chart
+        .draw_series(LineSeries::new(p50, BLUE.stroke_width(2)))?
+        .label("p50")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+    chart
+        .draw_series(LineSeries::new(p99, RED.stroke_width(2)))?
+        .label("p99")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The load's SSE clients: a plain HTTP/1.1 request on a socket bound to a loopback source
+//! address, and a line reader that looks only for frames of the harness's own events
+//! (ids `L<phase>-<n>-<produce time in µs>`). A few KiB per connection, so the harness does
+//! not run out of memory before the engine does.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::now_us;
+
+/// The scenarios whose events carry a produce time, in the order of [`Sample::phase`].
+pub const PHASES: &[&str] = &["steady", "burst", "max", "fanout", "emails"];
+
+/// One frame of one of the harness's events, as received.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Index into [`PHASES`].
+    pub phase: u8,
+    pub sent_us: u64,
+    pub received_us: u64,
+}
+
+/// One connection to open.
+pub struct Spec {
+    pub engine: SocketAddr,
+    pub source: IpAddr,
+    pub token: String,
+}
+
+/// Opens every connection (at most 256 handshakes at a time) and returns (held, failed)
+/// once each has its first frame or failed. The held ones keep reading in the background
+/// for the rest of the process.
+pub async fn open_all(
+    specs: Vec<Spec>,
+    samples: mpsc::UnboundedSender<Sample>,
+    frames: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+) -> (usize, usize) {
+    let gate = Arc::new(Semaphore::new(256));
+    let mut ready = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let (tx, rx) = oneshot::channel();
+        let permit = gate.clone().acquire_owned().await.expect("never closed");
+        let (samples, frames, failures) = (samples.clone(), frames.clone(), failures.clone());
+        tokio::spawn(async move {
+            let mut ready = Some((tx, permit));
+            if let Err(e) = run(spec, &samples, &frames, &mut ready).await {
+                failures.fetch_add(1, Ordering::Relaxed);
+                if let Some((tx, _)) = ready.take() {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+        ready.push(rx);
+    }
+    let (mut held, mut failed) = (0, 0);
+    let mut reasons = std::collections::BTreeMap::<String, usize>::new();
+    for rx in ready {
+        match rx.await {
+            Ok(Ok(())) => held += 1,
+            Ok(Err(e)) => {
+                failed += 1;
+                *reasons.entry(e.to_string()).or_default() += 1;
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    for (reason, n) in reasons {
+        eprintln!("[load] {n} connections failed: {reason}");
+    }
+    (held, failed)
+}
+
+type Ready = Option<(
+    oneshot::Sender<anyhow::Result<()>>,
+    tokio::sync::OwnedSemaphorePermit,
+)>;
+
+async fn run(
+    spec: Spec,
+    samples: &mpsc::UnboundedSender<Sample>,
+    frames: &AtomicU64,
+    ready: &mut Ready,
+) -> anyhow::Result<()> {
+    let socket = match spec.source {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(spec.source, 0))?;
+    let mut stream = socket.connect(spec.engine).await?;
+    stream.set_nodelay(true)?;
+    let request = format!(
+        "GET /api/v1/sse HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
+        spec.engine, spec.token
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = vec![0u8; 4096];
+    let mut line = Vec::with_capacity(256);
+    let mut status_checked = false;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            anyhow::bail!("the engine closed the stream");
+        }
+        let received_us = now_us();
+        for &b in &buf[..n] {
+            if b != b'\n' {
+                if line.len() < 64 * 1024 {
+                    line.push(b);
+                }
+                continue;
+            }
+            if !status_checked {
+                status_checked = true;
+                if !line.starts_with(b"HTTP/1.1 200") {
+                    anyhow::bail!("{}", String::from_utf8_lossy(&line).trim());
+                }
+            } else if line.starts_with(b":") || line.starts_with(b"id:") {
+                // The hello (`: connected` with the cursor as id): the stream is open.
+                if let Some((tx, _permit)) = ready.take() {
+                    let _ = tx.send(Ok(()));
+                }
+            } else if line.starts_with(b"data:")
+                && let Some(sample) = sample_of(&line, received_us)
+            {
+                frames.fetch_add(1, Ordering::Relaxed);
+                let _ = samples.send(sample);
+            }
+            line.clear();
+        }
+    }
+}
+
+/// The sample a `data:` line of a notification carries, if it is one of the harness's.
+fn sample_of(line: &[u8], received_us: u64) -> Option<Sample> {
+    const KEY: &[u8] = b"\"event_id\":\"L";
+    let at = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let rest = &line[at..];
+    let end = rest.iter().position(|&b| b == b'"')?;
+    let id = std::str::from_utf8(&rest[..end]).ok()?;
+    let (phase, rest) = id.split_once('-')?;
+    let sent_us: u64 = rest.rsplit_once('-')?.1.parse().ok()?;
+    let phase = PHASES.iter().position(|p| *p == phase)? as u8;
+    Some(Sample {
+        phase,
+        sent_us,
+        received_us,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_produce_time_from_a_notification_frame() {
+        let line =
+            br#"data: {"id":3,"event_id":"Lburst-17-1764230000123456","title":"Payment received"}"#;
+        let s = sample_of(line, 1_764_230_000_223_456).unwrap();
+        assert_eq!(PHASES[s.phase as usize], "burst");
+        assert_eq!(s.received_us - s.sent_us, 100_000);
+        assert!(sample_of(br#"data: {"event_id":"e1"}"#, 0).is_none());
+        assert!(sample_of(br#"data: {"event_id":"Lother-1-2"}"#, 0).is_none());
+    }
+}

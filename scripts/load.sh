@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The load harness, one command: starts the services and LOAD_INSTANCES engines (release
+# build, one consumer group, one database), holds LOAD_CONNECTIONS SSE connections across
+# loopback source addresses and every instance, runs the scenarios (idle, steady 100/s,
+# burst 1000/s, max, fan-out, emails) and writes report.json, report.md and latency.png.
+#
+#   scripts/load.sh                       # 1 instance, 5 000 connections
+#   LOAD_INSTANCES=3 scripts/load.sh      # three instances in one group
+#   LOAD_CONNECTIONS=19000 LOAD_SCENARIOS=idle scripts/load.sh
+#
+# Other knobs (passed to notify-load): LOAD_SCENARIOS, LOAD_MAX_EVENTS, LOAD_FANOUT,
+# LOAD_EMAILS, LOAD_STEADY_SECS, LOAD_BURST_SECS, LOAD_SOURCES. The report goes to LOAD_OUT
+# (default ~/.cache/notify-engine/load/<UTC time>-<instances>i); docs/performance.md records
+# the figures of a run.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/notify-engine-target}
+PLUGINS_TARGET_DIR=${PLUGINS_TARGET_DIR:-$HOME/.cache/notify-engine-plugins-target}
+INSTANCES=${LOAD_INSTANCES:-1}
+CONNECTIONS=${LOAD_CONNECTIONS:-5000}
+FANOUT=${LOAD_FANOUT:-1000}
+OUT=${LOAD_OUT:-$HOME/.cache/notify-engine/load/$(date -u +%Y%m%dT%H%M%SZ)-${INSTANCES}i}
+log() { printf '[load] %s\n' "$*" >&2; }
+
+scripts/bootstrap.sh
+scripts/services.sh up >&2
+# shellcheck disable=SC1091
+set -a; . "$HOME/.cache/notify-engine/run/services.env"; set +a
+cargo build --release --locked -p notify-engine --bin notify-engine
+cargo build --release --locked -p notify-load
+CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh --workspace-only >&2
+
+# Every connection is a file descriptor, in the engines and in the harness.
+ulimit -n "$(ulimit -Hn)"
+log "open files per process: $(ulimit -n)"
+
+run="load_$$"
+DB_URL="${DATABASE_URL%/*}/$run"
+TOPIC="order_paid-$run"
+psql "$DATABASE_URL" -qc "CREATE DATABASE $run" >/dev/null
+NOTIFY_KAFKA_TOPIC_PARTITIONS=6 scripts/services.sh topics "$TOPIC" >/dev/null 2>&1
+export NOTIFY_AUTH__JWT_SECRET=load-secret-load-secret-load-secret-0123
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+ENGINES=() ADMINS=()
+per_instance=$(((CONNECTIONS + FANOUT) / INSTANCES + 1000))
+for i in $(seq 1 "$INSTANCES"); do
+    http=$(free_port)
+    admin=$(free_port)
+    cat >"$WORK/engine$i.toml" <<TOML
+[http]
+listen = "127.0.0.1:$http"
+admin_listen = "127.0.0.1:$admin"
+max_connections = $per_instance
+max_connections_per_ip = $per_instance
+[kafka]
+topics = ["$TOPIC"]
+group_id = "$run"
+[database]
+url = "$DB_URL"
+max_connections = 16
+api_max_connections = 32
+[plugins]
+dir = "plugins/dist"
+cache_dir = "$CARGO_TARGET_DIR/plugin-cache"
+[email]
+templates_dir = "templates"
+concurrency = 32
+batch = 64
+per_tenant_batch = 64
+tenant_rate_per_sec = 1000
+[smtp]
+tls = "none"
+[sse]
+max_connections = $per_instance
+max_connections_per_tenant = $per_instance
+max_connections_per_user = $((FANOUT + 8))
+[log]
+filter = "warn"
+TOML
+    NOTIFY_CONFIG=$WORK/engine$i.toml DATABASE_URL=$DB_URL \
+        "$CARGO_TARGET_DIR/release/notify-engine" run >"$WORK/engine$i.log" 2>&1 &
+    PIDS+=("$!")
+    ENGINES+=("127.0.0.1:$http")
+    ADMINS+=("127.0.0.1:$admin")
+    for _ in $(seq 1 120); do
+        curl -fsS "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1 && break
+        kill -0 "${PIDS[-1]}" 2>/dev/null || { tail -n 30 "$WORK/engine$i.log" >&2; exit 1; }
+        sleep 0.5
+    done
+    curl -fsS "http://127.0.0.1:$admin/readyz" >/dev/null || { log "engine $i not ready"; exit 1; }
+    log "engine $i: public $http, admin $admin, pid ${PIDS[-1]}"
+done
+join() { local IFS=,; echo "$*"; }
+
+mkdir -p "$OUT"
+"$CARGO_TARGET_DIR/release/notify-load" \
+    --engines "$(join "${ENGINES[@]}")" --admins "$(join "${ADMINS[@]}")" \
+    --pids "$(join "${PIDS[@]}")" \
+    --brokers "$NOTIFY_KAFKA__BROKERS" --topic "$TOPIC" --database-url "$DB_URL" \
+    --connections "$CONNECTIONS" --fanout-connections "$FANOUT" \
+    --sources "${LOAD_SOURCES:-4}" \
+    --scenarios "${LOAD_SCENARIOS:-idle,steady,burst,max,fanout,emails}" \
+    --max-events "${LOAD_MAX_EVENTS:-100000}" --emails "${LOAD_EMAILS:-5000}" \
+    --steady-secs "${LOAD_STEADY_SECS:-30}" --burst-secs "${LOAD_BURST_SECS:-20}" \
+    --label "notify-engine $(git rev-parse --short HEAD), $INSTANCES instance(s)" \
+    --out "$OUT"
+cat "$OUT/report.md"
+log "report: $OUT"
