@@ -1,13 +1,19 @@
 //! The fan-out hub: which (tenant, user) has something new, and who is listening.
 //!
-//! The hub carries no notification content, only "user U of tenant T now has sequence
-//! number N". Within an instance, the writer publishes after its commit; across instances,
-//! every transaction that writes stream rows also NOTIFYs them (`store::announce`), and
-//! `cluster::listen` publishes what other instances committed, so a stream on any instance
-//! hears of rows written on any other. The hub also notes each user's first stream opening
-//! and last closing, which `cluster` writes as the user's presence. A stream that wakes up reads what it has not sent yet from PostgreSQL. So a
-//! slow client never makes the engine buffer (it simply reads later), ordering and gaps
-//! are PostgreSQL's to keep, and live delivery and `Last-Event-ID` replay are the same code.
+//! The hub carries "user U of tenant T now has sequence number N". Within an instance, the
+//! writer publishes after its commit; across instances, every transaction that writes stream
+//! rows also NOTIFYs them (`store::announce`), and `cluster::listen` publishes what other
+//! instances committed, so a stream on any instance hears of rows written on any other.
+//!
+//! A stream that wakes up takes what it has not sent yet from the last few rows this
+//! instance committed for its user ([`Hub::publish_row`]) when nothing is missing before
+//! them, and reads it from PostgreSQL otherwise (another instance's rows, an inbox change, a
+//! stream further behind). So a slow client never makes the engine buffer (it simply reads
+//! later), ordering and gaps are PostgreSQL's to keep, live delivery and `Last-Event-ID`
+//! replay are the same code, and the common case costs no query.
+//!
+//! The hub also notes each user's first stream opening and last closing, which `cluster`
+//! writes as the user's presence.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -15,12 +21,22 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::store::StoredNotification;
+
 pub type Key = (String, String);
 
 struct Entry {
     latest: watch::Sender<i64>,
     connections: usize,
+    /// The user's newest rows written on this instance, oldest first, so the user's streams
+    /// take them from memory instead of reading them back (see [`Hub::publish_row`]).
+    recent: VecDeque<Arc<StoredNotification>>,
 }
+
+/// Rows kept per listening user; a stream further behind reads from PostgreSQL.
+const RECENT_ROWS: usize = 8;
+/// Rows larger than this (title, body, data) are not kept: their streams read them.
+const RECENT_ROW_BYTES: usize = 4 * 1024;
 
 #[derive(Default)]
 pub struct Hub {
@@ -120,6 +136,40 @@ impl Hub {
         }
     }
 
+    /// Does anyone of (tenant, user) listen here? Then a committed row is worth handing
+    /// over with [`Hub::publish_row`].
+    pub fn is_listening(&self, tenant: &str, user_id: &str) -> bool {
+        self.is_connected(tenant, user_id)
+    }
+
+    /// Hands a committed row to the user's streams on this instance (and tells them, like
+    /// [`Hub::publish`]): they take it from memory when it is the next one they need, and
+    /// read from PostgreSQL otherwise. Call after the commit, in sequence order.
+    pub fn publish_row(&self, tenant: &str, user_id: &str, row: Arc<StoredNotification>) {
+        let mut entries = self.entries.lock().expect("hub lock poisoned");
+        let Some(entry) = entries.get_mut(&(tenant.to_owned(), user_id.to_owned())) else {
+            return;
+        };
+        let seq = row.seq;
+        if row.size() <= RECENT_ROW_BYTES {
+            if entry.recent.back().is_some_and(|last| last.seq >= seq) {
+                // Out of order (cannot happen within a lane): start over from this row.
+                entry.recent.clear();
+            }
+            if entry.recent.len() == RECENT_ROWS {
+                entry.recent.pop_front();
+            }
+            entry.recent.push_back(row);
+        }
+        entry.latest.send_if_modified(|current| {
+            let newer = seq > *current;
+            if newer {
+                *current = seq;
+            }
+            newer
+        });
+    }
+
     /// Wakes every open stream of this instance: each reads what it has not sent yet (and
     /// finds nothing when nothing is new). For when wake-ups may have been missed.
     pub fn wake_all(&self) {
@@ -149,6 +199,7 @@ impl Hub {
         let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
             latest: watch::channel(0).0,
             connections: 0,
+            recent: VecDeque::new(),
         });
         if entry.connections >= caps.per_user {
             return Err(CapExceeded::User);
@@ -240,6 +291,21 @@ pub struct Subscription {
     key: Key,
 }
 
+impl Subscription {
+    /// Every row after `cursor` up to `latest`, from memory, when the hub holds all of them
+    /// without a gap; `None` means: read them from PostgreSQL.
+    pub fn recent_after(&self, cursor: i64, latest: i64) -> Option<Vec<Arc<StoredNotification>>> {
+        let entries = self.hub.entries.lock().expect("hub lock poisoned");
+        let recent = &entries.get(&self.key)?.recent;
+        let rows: Vec<_> = recent.iter().filter(|r| r.seq > cursor).cloned().collect();
+        let contiguous = rows
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.seq == cursor + 1 + i as i64);
+        (contiguous && rows.last().is_some_and(|r| r.seq == latest)).then_some(rows)
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut entries = self.hub.entries.lock().expect("hub lock poisoned");
@@ -281,6 +347,69 @@ mod tests {
         // An older sequence number never moves the watermark back.
         hub.publish("t1", "u1", 2);
         assert!(!a.updates.has_changed().unwrap());
+    }
+
+    fn row(seq: i64) -> Arc<StoredNotification> {
+        Arc::new(StoredNotification {
+            seq,
+            event_id: format!("e{seq}"),
+            kind: "notification".into(),
+            title: Some("t".into()),
+            body: None,
+            category: None,
+            data: sqlx::types::Json(serde_json::json!({})),
+            created_at: chrono::Utc::now(),
+            read_at: None,
+            archived_at: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn streams_take_committed_rows_from_memory_only_without_a_gap() {
+        let hub = Hub::new();
+        let caps = Caps {
+            per_user: 2,
+            per_tenant: 10,
+            global: 10,
+        };
+        let mut s = hub.subscribe("t", "u", caps).unwrap();
+        let other = hub.subscribe("t", "v", caps).unwrap();
+        hub.publish_row("t", "u", row(1));
+        hub.publish_row("t", "u", row(2));
+        s.updates.changed().await.unwrap();
+        let latest = *s.updates.borrow_and_update();
+        assert_eq!(latest, 2);
+        let seqs = |rows: Option<Vec<Arc<StoredNotification>>>| {
+            rows.map(|r| r.iter().map(|r| r.seq).collect::<Vec<_>>())
+        };
+        assert_eq!(seqs(s.recent_after(0, latest)), Some(vec![1, 2]));
+        assert_eq!(seqs(s.recent_after(1, latest)), Some(vec![2]));
+        assert_eq!(
+            seqs(other.recent_after(0, latest)),
+            None,
+            "another user's rows"
+        );
+        // A row only announced (another instance's, an inbox change) is read from the
+        // database, and so is everything after it.
+        hub.publish("t", "u", 3);
+        assert_eq!(seqs(s.recent_after(1, 3)), None);
+        hub.publish_row("t", "u", row(4));
+        assert_eq!(seqs(s.recent_after(2, 4)), None, "3 is not in memory");
+        assert_eq!(seqs(s.recent_after(3, 4)), Some(vec![4]));
+        // A stream further behind than the rows kept reads from the database.
+        for seq in 5..=(5 + RECENT_ROWS as i64) {
+            hub.publish_row("t", "u", row(seq));
+        }
+        let latest = 5 + RECENT_ROWS as i64;
+        assert_eq!(seqs(s.recent_after(4, latest)), None);
+        assert_eq!(
+            seqs(s.recent_after(latest - 2, latest)),
+            Some(vec![latest - 1, latest])
+        );
+        // Nobody listening: nothing is kept.
+        drop((s, other));
+        hub.publish_row("t", "w", row(1));
+        assert!(!hub.is_listening("t", "w"));
     }
 
     #[test]

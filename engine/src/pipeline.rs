@@ -43,7 +43,9 @@ use crate::ingest::envelope::{self, Event, Rejection};
 use crate::ingest::trust::TenantTrust;
 use crate::ingest::{Incoming, Ingest};
 use crate::plugin::{Decision, Delivery, Disposition, NOTIFICATION_EVENT, PluginError, PluginHost};
-use crate::store::{self, Claim, NewDeadLetter, NewEmail, NewNotification, Origin, StoreError};
+use crate::store::{
+    self, Claim, NewDeadLetter, NewEmail, NewNotification, Origin, StoreError, StoredNotification,
+};
 use crate::telemetry::Metrics;
 
 pub struct Pipeline {
@@ -130,7 +132,8 @@ struct Outcome {
     consumed: Vec<String>,
     duplicates: u64,
     dead_lettered: Vec<String>,
-    notifications: Vec<(String, String, i64)>,
+    /// (tenant, user, seq, the row when the user listens on this instance).
+    notifications: Vec<(String, String, i64, Option<Arc<StoredNotification>>)>,
     emails: u64,
     emails_skipped: u64,
 }
@@ -546,12 +549,17 @@ impl Pipeline {
                     .map(|d| notification(event, d))
             })
             .collect();
-        let seqs = store::insert_notifications(&mut tx, &notifications).await?;
-        outcome.notifications = notifications
-            .iter()
-            .zip(seqs)
-            .map(|(n, seq)| (n.tenant.to_owned(), n.user_id.to_owned(), seq))
-            .collect();
+        let (seqs, created_at) = store::insert_notifications(&mut tx, &notifications).await?;
+        for (n, seq) in notifications.iter().zip(seqs) {
+            // The row itself, for the user's streams on this instance (if any listen).
+            let row = self
+                .hub
+                .is_listening(n.tenant, n.user_id)
+                .then(|| Arc::new(n.stored(seq, created_at)));
+            outcome
+                .notifications
+                .push((n.tenant.to_owned(), n.user_id.to_owned(), seq, row));
+        }
         store::enqueue_emails(&mut tx, &emails).await?;
         outcome.emails = emails.len() as u64;
         // Streams on other instances hear of the rows when they commit.
@@ -560,7 +568,7 @@ impl Pipeline {
             outcome
                 .notifications
                 .iter()
-                .map(|(tenant, user, seq)| (tenant.as_str(), user.as_str(), *seq)),
+                .map(|(tenant, user, seq, _)| (tenant.as_str(), user.as_str(), *seq)),
         )
         .await?;
         tx.commit().await?;
@@ -597,8 +605,11 @@ impl Pipeline {
             .inc_by(outcome.notifications.len() as u64);
         self.metrics.emails_enqueued.inc_by(outcome.emails);
         self.metrics.emails_skipped.inc_by(outcome.emails_skipped);
-        for (tenant, user, seq) in &outcome.notifications {
-            self.hub.publish(tenant, user, *seq);
+        for (tenant, user, seq, row) in outcome.notifications {
+            match row {
+                Some(row) => self.hub.publish_row(&tenant, &user, row),
+                None => self.hub.publish(&tenant, &user, seq),
+            }
         }
         if outcome.emails > outcome.emails_skipped {
             self.email_wake.notify_one();

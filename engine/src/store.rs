@@ -230,7 +230,8 @@ pub struct NewNotification<'a> {
 
 /// Stores notifications, each under its user's next sequence number, in two statements
 /// whatever their number; returns the numbers, in the order given (one user's notifications
-/// get consecutive numbers in that order).
+/// get consecutive numbers in that order), and their `created_at` (the transaction's start,
+/// the same for all).
 ///
 /// The next number is never below one past the highest sequence number stored for the user:
 /// a `user_streams` row lost or set back by a restore or an operator's mistake heals itself
@@ -239,9 +240,9 @@ pub struct NewNotification<'a> {
 pub async fn insert_notifications(
     tx: &mut PgConnection,
     rows: &[NewNotification<'_>],
-) -> Result<Vec<i64>> {
+) -> Result<(Vec<i64>, chrono::DateTime<chrono::Utc>)> {
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), chrono::Utc::now()));
     }
     let mut per_user: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
     for n in rows {
@@ -289,12 +290,17 @@ pub async fn insert_notifications(
         .iter()
         .map(|n| serde_json::to_string(n.data).expect("a JSON map serializes"))
         .collect();
-    sqlx::query(
-        "INSERT INTO notifications
-             (tenant_id, user_id, seq, event_id, kind, title, body, category, data)
-         SELECT t, u, s, e, k, ti, b, c, d::jsonb
-         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::text[], $9::text[]) AS x (t, u, s, e, k, ti, b, c, d)",
+    let (created_at,): (chrono::DateTime<chrono::Utc>,) = sqlx::query_as(
+        "WITH inserted AS (
+             INSERT INTO notifications
+                 (tenant_id, user_id, seq, event_id, kind, title, body, category, data)
+             SELECT t, u, s, e, k, ti, b, c, d::jsonb
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::text[])
+                 AS x (t, u, s, e, k, ti, b, c, d)
+             RETURNING 1
+         )
+         SELECT now() FROM inserted LIMIT 1",
     )
     .bind(rows.iter().map(|n| n.tenant).collect::<Vec<_>>())
     .bind(rows.iter().map(|n| n.user_id).collect::<Vec<_>>())
@@ -305,9 +311,31 @@ pub async fn insert_notifications(
     .bind(rows.iter().map(|n| n.body).collect::<Vec<_>>())
     .bind(rows.iter().map(|n| n.category).collect::<Vec<_>>())
     .bind(&data)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    Ok(seqs)
+    Ok((seqs, created_at))
+}
+
+impl NewNotification<'_> {
+    /// The row as stored under `seq` at `created_at`, as its streams send it.
+    pub fn stored(
+        &self,
+        seq: i64,
+        created_at: chrono::DateTime<chrono::Utc>,
+    ) -> StoredNotification {
+        StoredNotification {
+            seq,
+            event_id: self.event_id.to_owned(),
+            kind: self.kind.to_owned(),
+            title: self.title.map(str::to_owned),
+            body: self.body.map(str::to_owned),
+            category: self.category.map(str::to_owned),
+            data: sqlx::types::Json(Value::Object(self.data.clone())),
+            created_at,
+            read_at: None,
+            archived_at: None,
+        }
+    }
 }
 
 /// An email to put in the outbox.
@@ -539,7 +567,7 @@ impl ClusterListener {
 }
 
 /// A stored notification as streamed to its user.
-#[derive(Debug, Clone, FromRow, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, FromRow, serde::Serialize)]
 pub struct StoredNotification {
     pub seq: i64,
     pub event_id: String,
@@ -551,6 +579,15 @@ pub struct StoredNotification {
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub read_at: Option<chrono::DateTime<chrono::Utc>>,
     pub archived_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl StoredNotification {
+    /// Roughly the bytes it holds: title, body and data.
+    pub fn size(&self) -> usize {
+        self.title.as_ref().map_or(0, String::len)
+            + self.body.as_ref().map_or(0, String::len)
+            + self.data.0.to_string().len()
+    }
 }
 
 /// The user's notifications after `after_seq`, oldest first: at most `limit` rows and, past

@@ -83,7 +83,8 @@ pub struct Metrics {
     /// Where an event's time goes between its producer and its user's stream, by stage:
     /// `kafka` (producer to engine), `queue` (waiting in its lane for its batch), `route`
     /// (the batch's duplicate check and routing), `commit` (the batch's transaction), and
-    /// `stream_read` (a woken stream reading its new rows).
+    /// `stream_read` (a woken stream reading its new rows from PostgreSQL; rows its own
+    /// instance just committed come from memory).
     pub stage_seconds: HistogramVec,
     /// Tenants named in the configuration: the only values the `tenant` label takes, so a
     /// stream of made-up tenant ids cannot grow the series without bound.

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
@@ -239,7 +240,7 @@ struct Reader {
     cursor: i64,
     page_size: i64,
     page_bytes: i64,
-    pending: VecDeque<StoredNotification>,
+    pending: VecDeque<Arc<StoredNotification>>,
     subscription: Subscription,
     _open: OpenStream,
     /// The first frame: a `retry:` hint for the browser.
@@ -273,7 +274,16 @@ impl Reader {
             }
             // Mark the current hub value seen *before* reading, so a commit racing with
             // this read still wakes us afterwards.
-            self.subscription.updates.borrow_and_update();
+            let latest = *self.subscription.updates.borrow_and_update();
+            // What this instance just committed comes from memory, when the hub holds every
+            // row up to the latest; anything else (another instance's rows, an inbox change,
+            // a gap) is read from PostgreSQL.
+            if latest > self.cursor
+                && let Some(rows) = self.subscription.recent_after(self.cursor, latest)
+            {
+                self.pending.extend(rows);
+                continue;
+            }
             let reading = std::time::Instant::now();
             let read = store::notifications_after(
                 &self.pool,
@@ -287,7 +297,7 @@ impl Reader {
             self.read_time.observe(reading.elapsed().as_secs_f64());
             match read {
                 Ok(rows) if !rows.is_empty() => {
-                    self.pending.extend(rows);
+                    self.pending.extend(rows.into_iter().map(Arc::new));
                     continue;
                 }
                 Ok(_) => {}

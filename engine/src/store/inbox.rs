@@ -283,7 +283,7 @@ async fn log_change(
         Value::Object(m) => m,
         _ => unreachable!("change events are objects"),
     };
-    let [seq] = insert_notifications(
+    let (seqs, _) = insert_notifications(
         conn,
         &[NewNotification {
             tenant,
@@ -296,7 +296,8 @@ async fn log_change(
             data: &data,
         }],
     )
-    .await?[..] else {
+    .await?;
+    let [seq] = seqs[..] else {
         unreachable!("one number per notification")
     };
     // The user's streams on other instances hear of it when it commits.
