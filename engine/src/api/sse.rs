@@ -285,14 +285,16 @@ impl Reader {
                 continue;
             }
             let reading = std::time::Instant::now();
-            let read = store::notifications_after(
+            // Boxed: the query's state lives on the heap while it runs, not in every idle
+            // stream's future for the stream's whole life.
+            let read = Box::pin(store::notifications_after(
                 &self.pool,
                 &self.tenant,
                 &self.user_id,
                 self.cursor,
                 self.page_size,
                 self.page_bytes,
-            )
+            ))
             .await;
             self.read_time.observe(reading.elapsed().as_secs_f64());
             match read {
