@@ -171,7 +171,6 @@ struct Run {
     /// Frames received on all connections (counted by the clients).
     frames: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
-    started: Instant,
     next_id: u64,
 }
 
@@ -200,7 +199,6 @@ impl Run {
             users,
             frames: Arc::default(),
             failed: Arc::default(),
-            started: Instant::now(),
             next_id: 0,
         })
     }
@@ -256,7 +254,7 @@ impl Run {
     }
 
     async fn idle(&mut self, before: &[u64], connected: &Connected) -> Result<Phase> {
-        let mut phase = Phase::new("idle", self.since_start());
+        let mut phase = Phase::new("idle");
         tokio::time::sleep(Duration::from_secs(5)).await;
         let after = self.rss();
         let per_instance = connected.held as f64 / self.args.engines.len().max(1) as f64;
@@ -273,12 +271,8 @@ impl Run {
             "rss_kib_after": after,
             "bytes_per_connection": per_connection,
         });
-        phase.end = self.since_start();
+        phase.end = report::unix_now();
         Ok(phase)
-    }
-
-    fn since_start(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
     }
 
     /// Produces one event for `user`, its id stamped with the phase and the produce time.
@@ -339,7 +333,7 @@ impl Run {
     /// `rate` events/s for `secs`, to users with a held stream, one in `email_every` with an
     /// email; waits for the stragglers, then reads the outbox's timings.
     async fn at_rate(&mut self, name: &str, rate: u64, secs: u64) -> Result<Phase> {
-        let mut phase = Phase::new(name, self.since_start());
+        let mut phase = Phase::new(name);
         let before = self.scrape().await;
         let total = rate * secs;
         let tick = Duration::from_millis(10);
@@ -363,7 +357,7 @@ impl Run {
         }
         self.producer.flush(Duration::from_secs(30))?;
         self.settle(name, total).await;
-        phase.end = self.since_start();
+        phase.end = report::unix_now();
         phase.produced = total;
         phase.stages = stage_delta(&before, &self.scrape().await);
         phase.extra = json!({
@@ -400,7 +394,7 @@ impl Run {
     /// A backlog produced as fast as the producer takes it; events/s from the first
     /// produce to the last commit, read from the engines' `notify_notifications_written_total`.
     async fn max(&mut self) -> Result<Phase> {
-        let mut phase = Phase::new("max", self.since_start());
+        let mut phase = Phase::new("max");
         let before = self.scrape().await;
         let written_before = metric_sum(&before, "notify_notifications_written_total");
         let total = self.args.max_events;
@@ -424,7 +418,7 @@ impl Run {
         }
         let elapsed = started.elapsed();
         self.settle("max", total).await;
-        phase.end = self.since_start();
+        phase.end = report::unix_now();
         phase.produced = total;
         phase.stages = stage_delta(&before, &after);
         phase.extra = json!({
@@ -438,7 +432,7 @@ impl Run {
 
     /// One user with `--fanout-connections` streams; every event goes to all of them.
     async fn fanout(&mut self) -> Result<Phase> {
-        let mut phase = Phase::new("fanout", self.since_start());
+        let mut phase = Phase::new("fanout");
         let auth = self.auth();
         let token = notify_engine::api::auth::mint(&auth, "fanout", "everyone", 24 * 3600);
         // The per-user stream cap would refuse most of them: this user is the exception the
@@ -468,7 +462,7 @@ impl Run {
         }
         self.producer.flush(Duration::from_secs(30))?;
         self.settle("fanout", total * held as u64).await;
-        phase.end = self.since_start();
+        phase.end = report::unix_now();
         phase.produced = total;
         phase.stages = stage_delta(&before, &self.scrape().await);
         phase.extra = json!({
@@ -483,7 +477,7 @@ impl Run {
     /// `--emails` events with an email each, as fast as possible: produce → outbox row, and
     /// the email worker's sending rate to the SMTP sink.
     async fn emails(&mut self) -> Result<Phase> {
-        let mut phase = Phase::new("emails", self.since_start());
+        let mut phase = Phase::new("emails");
         let before = self.scrape().await;
         let sent_before = metric_sum(&before, "notify_emails_sent_total");
         let total = self.args.emails;
@@ -513,7 +507,7 @@ impl Run {
         .fetch_one(&pool)
         .await?;
         let span = last.zip(first).map_or(0.0, |(l, f)| l - f);
-        phase.end = self.since_start();
+        phase.end = report::unix_now();
         phase.produced = total;
         phase.stages = stage_delta(&before, &after);
         phase.extra = json!({

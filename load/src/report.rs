@@ -24,7 +24,7 @@ pub struct Phase {
 }
 
 impl Phase {
-    pub fn new(name: &str, _since_start: f64) -> Self {
+    pub fn new(name: &str) -> Self {
         Self {
             name: name.to_owned(),
             start: unix_now(),
@@ -40,7 +40,8 @@ impl Phase {
     }
 }
 
-fn unix_now() -> f64 {
+/// Now, in seconds since the Unix epoch.
+pub fn unix_now() -> f64 {
     crate::now_us() as f64 / 1e6
 }
 
