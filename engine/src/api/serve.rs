@@ -10,7 +10,11 @@
 //!   with `Last-Event-ID`), instead of pinning a connection and its task forever;
 //! - at most `http.max_connections` connections are open (the rest wait in the kernel's
 //!   accept queue) and at most `http.max_connections_per_ip` from one address (the rest are
-//!   closed at once).
+//!   closed at once);
+//! - a stream request (`GET /api/v1/sse`) is answered by the same router but written
+//!   without hyper ([`lean`]), so an idle stream costs a few KiB, not hyper's buffers.
+
+mod lean;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -53,6 +57,8 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(limits.header_timeout_ms));
     let graceful = GracefulShutdown::new();
+    let header_timeout = Duration::from_millis(limits.header_timeout_ms);
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -75,18 +81,37 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(WriteDeadline::new(stream, write_timeout));
-        let connection =
-            graceful.watch(builder.serve_connection(io, TowerToHyperService::new(app.clone())));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
+        let mut io = WriteDeadline::new(stream, write_timeout);
+        let (app, builder, watcher) = (app.clone(), builder.clone(), graceful.watcher());
+        let stopping = shutdown.clone();
+        connections.spawn(async move {
+            let head = tokio::select! {
+                _ = stopping.cancelled() => None,
+                head = lean::read_head(&mut io, header_timeout) => head,
+            };
+            let outcome = match head {
+                None => Ok(()),
+                Some(lean::Head::Sse(head)) => {
+                    lean::serve(io, app, head).await.map_err(|e| e.to_string())
+                }
+                Some(lean::Head::Other(read)) => {
+                    let io = TokioIo::new(lean::Prefixed::new(read, io));
+                    watcher
+                        .watch(builder.serve_connection(io, TowerToHyperService::new(app)))
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            };
+            if let Err(e) = outcome {
                 tracing::debug!(peer = %peer, error = %e, "connection closed with an error");
             }
             drop((permit, slot));
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Streams end on the same token (the router's); other connections finish their request.
+    connections.close();
+    tokio::join!(graceful.shutdown(), connections.wait());
 }
 
 /// Open connections per client address.
