@@ -952,3 +952,64 @@ async fn full_lane_pauses(limit: impl FnOnce(&mut notify_engine::config::KafkaCo
     );
     engine.shutdown().await;
 }
+
+/// A stream whose reads fail for a while waits and reads again instead of ending: its
+/// instance (which consumes nothing) hears of a row committed on another, and the API's
+/// database role cannot read notifications for a second; the same open stream then gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_outlives_a_spell_of_failing_reads() {
+    let world = World::new().await;
+    let consumer = world.start(world.config()).await;
+    let idle_topic = format!("idle-{}", unique("t"));
+    create_topics(&world.services.brokers, &[&idle_topic]).await;
+    let mut config = world.config();
+    config.kafka.topics = vec![idle_topic];
+    config.kafka.group_id = unique("group");
+    let streams = world.start(config).await;
+
+    let tenant = unique("shop");
+    let token = world.token(&tenant, "u1");
+    let (status, sse, _) = connect_sse(&streams, Some(&token), None).await;
+    assert_eq!(status, 200);
+    let mut sse = sse.unwrap();
+    world
+        .produce(&order_paid("before", &tenant, "u1", None, 1.0))
+        .await;
+    let first = sse.next(WAIT).await.expect("the first notification");
+    assert_eq!(first.id.as_deref(), Some("1"));
+
+    let pool = world.pool().await;
+    let (role,): (String,) = sqlx::query_as(
+        "SELECT 'notify_api_' || oid FROM pg_database WHERE datname = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!("REVOKE SELECT ON notifications FROM {role}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    world
+        .produce(&order_paid("after", &tenant, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count("SELECT count(*) FROM notifications", 2, WAIT)
+        .await;
+    // The stream has been woken and failed to read at least once by now.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    sqlx::query(&format!("GRANT SELECT ON notifications TO {role}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    match sse.poll(WAIT).await {
+        Polled::Event(e) => {
+            assert_eq!(
+                (e.id.as_deref(), e.event.as_str()),
+                (Some("2"), "notification")
+            )
+        }
+        other => panic!("the stream ended instead of retrying: {other:?}"),
+    }
+    streams.shutdown().await;
+    consumer.shutdown().await;
+}

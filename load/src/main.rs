@@ -142,6 +142,8 @@ async fn main() -> Result<()> {
             "emails" => run.emails().await?,
             other => bail!("unknown scenario {other:?}"),
         };
+        let mut phase = phase;
+        phase.reconnects = run.reconnects.swap(0, Ordering::Relaxed);
         eprintln!("[load] {}", phase.summary());
         phases.push(phase);
     }
@@ -171,6 +173,8 @@ struct Run {
     /// Frames received on all connections (counted by the clients).
     frames: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    /// Streams the engines ended and the clients opened again with `Last-Event-ID`.
+    reconnects: Arc<AtomicU64>,
     next_id: u64,
 }
 
@@ -199,6 +203,7 @@ impl Run {
             users,
             frames: Arc::default(),
             failed: Arc::default(),
+            reconnects: Arc::default(),
             next_id: 0,
         })
     }
@@ -239,6 +244,7 @@ impl Run {
             self.samples.clone(),
             self.frames.clone(),
             self.failed.clone(),
+            self.reconnects.clone(),
         )
         .await;
         Ok(Connected {
@@ -449,6 +455,7 @@ impl Run {
             self.samples.clone(),
             self.frames.clone(),
             self.failed.clone(),
+            self.reconnects.clone(),
         )
         .await;
         let before = self.scrape().await;

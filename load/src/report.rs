@@ -21,6 +21,8 @@ pub struct Phase {
     pub produced: u64,
     pub stages: Value,
     pub extra: Value,
+    /// Streams that ended and were opened again (with `Last-Event-ID`) during the scenario.
+    pub reconnects: u64,
 }
 
 impl Phase {
@@ -32,11 +34,15 @@ impl Phase {
             produced: 0,
             stages: json!({}),
             extra: json!({}),
+            reconnects: 0,
         }
     }
 
     pub fn summary(&self) -> String {
-        format!("{}: {} {}", self.name, self.produced, self.extra)
+        format!(
+            "{}: {} events, {} reconnects, {}",
+            self.name, self.produced, self.reconnects, self.extra
+        )
     }
 }
 
@@ -142,6 +148,7 @@ pub fn write(
                 "sse_latency_ms": latency,
                 "stages_mean_ms": phase.stages,
                 "figures": phase.extra,
+                "reconnects": phase.reconnects,
             }),
         );
     }
@@ -309,7 +316,7 @@ fn markdown(report: &Value) -> String {
             .unwrap_or(0.0),
         report["connections"]["source_addresses"],
     );
-    md.push_str("## Produce → SSE frame (ms, HDR histogram)\n\n| scenario | events | frames | p50 | p90 | p95 | p99 | p99.9 | max |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    md.push_str("## Produce → SSE frame (ms, HDR histogram)\n\n| scenario | events | frames | reconnects | p50 | p90 | p95 | p99 | p99.9 | max |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     let scenarios = report["scenarios"].as_object().cloned().unwrap_or_default();
     for (name, s) in &scenarios {
         let l = &s["sse_latency_ms"];
@@ -318,8 +325,16 @@ fn markdown(report: &Value) -> String {
         }
         let _ = writeln!(
             md,
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            s["produced"], l["count"], l["p50"], l["p90"], l["p95"], l["p99"], l["p99_9"], l["max"]
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s["produced"],
+            l["count"],
+            s["reconnects"],
+            l["p50"],
+            l["p90"],
+            l["p95"],
+            l["p99"],
+            l["p99_9"],
+            l["max"]
         );
     }
     md.push_str("\n## Where the time goes (mean ms per event, `notify_stage_seconds`)\n\n| scenario | kafka | queue | route | commit | stream_read |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");

@@ -39,16 +39,22 @@ pub async fn open_all(
     samples: mpsc::UnboundedSender<Sample>,
     frames: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
+    reconnects: Arc<AtomicU64>,
 ) -> (usize, usize) {
     let gate = Arc::new(Semaphore::new(256));
     let mut ready = Vec::with_capacity(specs.len());
     for spec in specs {
         let (tx, rx) = oneshot::channel();
         let permit = gate.clone().acquire_owned().await.expect("never closed");
-        let (samples, frames, failures) = (samples.clone(), frames.clone(), failures.clone());
+        let (samples, frames, failures, reconnects) = (
+            samples.clone(),
+            frames.clone(),
+            failures.clone(),
+            reconnects.clone(),
+        );
         tokio::spawn(async move {
             let mut ready = Some((tx, permit));
-            if let Err(e) = run(spec, &samples, &frames, &mut ready).await {
+            if let Err(e) = run(spec, &samples, &frames, &mut ready, &reconnects).await {
                 failures.fetch_add(1, Ordering::Relaxed);
                 if let Some((tx, _)) = ready.take() {
                     let _ = tx.send(Err(e));
@@ -80,11 +86,32 @@ type Ready = Option<(
     tokio::sync::OwnedSemaphorePermit,
 )>;
 
+/// Holds a stream open like a browser's `EventSource`: when the engine ends it, reconnects
+/// with `Last-Event-ID` (counted in `reconnects`); fails only if the first attempt fails.
 async fn run(
     spec: Spec,
     samples: &mpsc::UnboundedSender<Sample>,
     frames: &AtomicU64,
     ready: &mut Ready,
+    reconnects: &AtomicU64,
+) -> anyhow::Result<()> {
+    let mut last_id = None;
+    loop {
+        let ended = stream(&spec, samples, frames, ready, &mut last_id).await;
+        if ready.is_some() {
+            return ended;
+        }
+        reconnects.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+async fn stream(
+    spec: &Spec,
+    samples: &mpsc::UnboundedSender<Sample>,
+    frames: &AtomicU64,
+    ready: &mut Ready,
+    last_id: &mut Option<String>,
 ) -> anyhow::Result<()> {
     let socket = match spec.source {
         IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -93,8 +120,12 @@ async fn run(
     socket.bind(SocketAddr::new(spec.source, 0))?;
     let mut stream = socket.connect(spec.engine).await?;
     stream.set_nodelay(true)?;
+    let resume = last_id
+        .as_ref()
+        .map(|id| format!("Last-Event-ID: {id}\r\n"))
+        .unwrap_or_default();
     let request = format!(
-        "GET /api/v1/sse HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
+        "GET /api/v1/sse HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
         spec.engine, spec.token
     );
     stream.write_all(request.as_bytes()).await?;
@@ -123,6 +154,9 @@ async fn run(
                 // The hello (`: connected` with the cursor as id): the stream is open.
                 if let Some((tx, _permit)) = ready.take() {
                     let _ = tx.send(Ok(()));
+                }
+                if let Some(id) = line.strip_prefix(b"id:") {
+                    *last_id = Some(String::from_utf8_lossy(id).trim().to_owned());
                 }
             } else if line.starts_with(b"data:")
                 && let Some(sample) = sample_of(&line, received_us)

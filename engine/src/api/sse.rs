@@ -163,6 +163,7 @@ pub async fn stream(
         hello: Some(Duration::from_millis(state.sse.retry_ms)),
         shutdown: state.shutdown.clone(),
         read_time: state.metrics.stage("stream_read"),
+        failed_reads: 0,
     };
     let events = futures::stream::unfold(reader, |mut r| async move {
         let event = r.next().await?;
@@ -248,7 +249,14 @@ struct Reader {
     shutdown: CancellationToken,
     /// `notify_stage_seconds{stage="stream_read"}`.
     read_time: prometheus::Histogram,
+    /// Reads that failed in a row.
+    failed_reads: u32,
 }
+
+/// The first pause after a failed read; doubled after each further failure, up to 16×.
+const READ_RETRY: Duration = Duration::from_millis(100);
+/// Failed reads in a row (about 20 s of retrying) after which the stream ends.
+const MAX_FAILED_READS: u32 = 12;
 
 impl Reader {
     /// The next event, or `None` to end the stream (the client reconnects and replays).
@@ -299,12 +307,25 @@ impl Reader {
             self.read_time.observe(reading.elapsed().as_secs_f64());
             match read {
                 Ok(rows) if !rows.is_empty() => {
+                    self.failed_reads = 0;
                     self.pending.extend(rows.into_iter().map(Arc::new));
                     continue;
                 }
-                Ok(_) => {}
+                Ok(_) => self.failed_reads = 0,
+                // A busy or briefly unreachable database: the stream waits and reads again
+                // (its client keeps its connection); only a database that stays away ends it
+                // (the client then reconnects and replays, maybe to another instance).
+                Err(e) if self.failed_reads < MAX_FAILED_READS => {
+                    self.failed_reads += 1;
+                    let wait = READ_RETRY * 2u32.pow(self.failed_reads.min(4));
+                    tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "sse read failed; retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "sse read failed; closing the stream");
+                    tracing::warn!(error = %e, "sse reads keep failing; closing the stream");
                     return None;
                 }
             }
