@@ -96,9 +96,21 @@ async fn run(
     reconnects: &AtomicU64,
 ) -> anyhow::Result<()> {
     let mut last_id = None;
+    let mut busy = 0;
     loop {
         let ended = stream(&spec, samples, frames, ready, &mut last_id).await;
         if ready.is_some() {
+            // Refused before it opened: a busy engine (503, 429) is asked again after a
+            // pause, like the TypeScript client does; anything else fails the connection.
+            let retry = ended.as_ref().is_err_and(|e| {
+                let e = e.to_string();
+                e.contains(" 503 ") || e.contains(" 429 ")
+            });
+            if retry && busy < 30 {
+                busy += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
             return ended;
         }
         reconnects.fetch_add(1, Ordering::Relaxed);

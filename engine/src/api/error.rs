@@ -69,7 +69,14 @@ impl ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        match e {
+            // Every connection of the API's pool is busy: the client should come back in a
+            // moment (503 with Retry-After), not be told the engine broke.
+            crate::store::StoreError::Sqlx(sqlx::Error::PoolTimedOut) => {
+                ApiError::Unavailable("the engine is busy; retry in a moment".into())
+            }
+            e => ApiError::Internal(e.to_string()),
+        }
     }
 }
 
@@ -87,14 +94,17 @@ impl IntoResponse for ApiError {
             },
         });
         let mut response = (status, body).into_response();
-        if let ApiError::RateLimited {
-            retry_after_secs, ..
-        } = &self
-        {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                header::HeaderValue::from(*retry_after_secs),
-            );
+        let retry_after = match &self {
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            ApiError::Unavailable(_) => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
@@ -131,5 +141,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             .await
             .map(|j| ApiJson(j.0))
             .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_pool_asks_the_client_to_come_back_and_other_failures_hide_their_detail() {
+        let busy: ApiError = crate::store::StoreError::Sqlx(sqlx::Error::PoolTimedOut).into();
+        let response = busy.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let broken: ApiError = crate::store::StoreError::Sqlx(sqlx::Error::RowNotFound).into();
+        let response = broken.into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!response.headers().contains_key(header::RETRY_AFTER));
     }
 }
