@@ -115,7 +115,8 @@ fn order_paid(
 
     let vip = amount >= settings.vip_threshold;
     // Asked only when it matters: every question is a host call.
-    let watching = email.is_some() && settings.skip_email_when_online && presence::is_online(user_id);
+    let watching =
+        email.is_some() && settings.skip_email_when_online && presence::is_online(user_id);
     let total = format_amount(amount, &settings.currency);
     let body = if vip {
         format!("Thank you for your order of {total} — you've unlocked free express shipping")
