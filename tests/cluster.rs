@@ -14,12 +14,7 @@ use notify_engine::app::Running;
 async fn a_stream_on_any_instance_hears_of_rows_committed_on_another() {
     let world = World::new().await;
     let consumer = world.start(world.config()).await;
-    let idle_topic = format!("idle-{}", unique("t"));
-    create_topics(&world.services.brokers, &[&idle_topic]).await;
-    let mut config = world.config();
-    config.kafka.topics = vec![idle_topic];
-    config.kafka.group_id = unique("group");
-    let other = world.start(config).await;
+    let other = world.start_idle(world.config()).await;
 
     let tenant = unique("shop");
     let token = world.token(&tenant, "u1");
@@ -223,11 +218,7 @@ async fn a_routing_plugin_sees_presence_on_another_instance() {
         },
     );
     let consumer = world.start(config.clone()).await;
-    let idle_topic = format!("idle-{}", unique("t"));
-    create_topics(&world.services.brokers, &[&idle_topic]).await;
-    config.kafka.topics = vec![idle_topic];
-    config.kafka.group_id = unique("group");
-    let other = world.start(config).await;
+    let other = world.start_idle(config).await;
 
     let token = world.token(&tenant, "u1");
     let (status, sse, _) = connect_sse(&other, Some(&token), None).await;

@@ -960,12 +960,7 @@ async fn full_lane_pauses(limit: impl FnOnce(&mut notify_engine::config::KafkaCo
 async fn a_stream_outlives_a_spell_of_failing_reads() {
     let world = World::new().await;
     let consumer = world.start(world.config()).await;
-    let idle_topic = format!("idle-{}", unique("t"));
-    create_topics(&world.services.brokers, &[&idle_topic]).await;
-    let mut config = world.config();
-    config.kafka.topics = vec![idle_topic];
-    config.kafka.group_id = unique("group");
-    let streams = world.start(config).await;
+    let streams = world.start_idle(world.config()).await;
 
     let tenant = unique("shop");
     let token = world.token(&tenant, "u1");

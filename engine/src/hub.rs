@@ -33,6 +33,19 @@ struct Entry {
     recent: VecDeque<Arc<StoredNotification>>,
 }
 
+impl Entry {
+    /// Moves the user's watermark to `seq` (never back), waking their streams if it moved.
+    fn advance(&self, seq: i64) {
+        self.latest.send_if_modified(|current| {
+            let newer = seq > *current;
+            if newer {
+                *current = seq;
+            }
+            newer
+        });
+    }
+}
+
 /// Rows kept per listening user; a stream further behind reads from PostgreSQL.
 const RECENT_ROWS: usize = 8;
 /// Rows larger than this (title, body, data) are not kept: their streams read them.
@@ -126,13 +139,7 @@ impl Hub {
     pub fn publish(&self, tenant: &str, user_id: &str, seq: i64) {
         let entries = self.entries.lock().expect("hub lock poisoned");
         if let Some(entry) = entries.get(&(tenant.to_owned(), user_id.to_owned())) {
-            entry.latest.send_if_modified(|current| {
-                let newer = seq > *current;
-                if newer {
-                    *current = seq;
-                }
-                newer
-            });
+            entry.advance(seq);
         }
     }
 
@@ -161,13 +168,7 @@ impl Hub {
             }
             entry.recent.push_back(row);
         }
-        entry.latest.send_if_modified(|current| {
-            let newer = seq > *current;
-            if newer {
-                *current = seq;
-            }
-            newer
-        });
+        entry.advance(seq);
     }
 
     /// Wakes every open stream of this instance: each reads what it has not sent yet (and

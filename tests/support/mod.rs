@@ -212,6 +212,16 @@ impl World {
         app::start(config).await.expect("engine starts")
     }
 
+    /// A second instance on this world's database that consumes nothing (a topic and a
+    /// group of its own): its streams hear of rows only through other instances' NOTIFYs.
+    pub async fn start_idle(&self, mut config: Config) -> Running {
+        let idle_topic = format!("idle-{}", unique("t"));
+        create_topics(&self.services.brokers, &[&idle_topic]).await;
+        config.kafka.topics = vec![idle_topic];
+        config.kafka.group_id = unique("group");
+        self.start(config).await
+    }
+
     pub fn token(&self, tenant: &str, user: &str) -> String {
         notify_engine::api::auth::mint(&self.config().auth, tenant, user, 600)
     }
