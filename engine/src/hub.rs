@@ -49,7 +49,7 @@ impl Entry {
 /// Rows kept per listening user; a stream further behind reads from PostgreSQL.
 const RECENT_ROWS: usize = 8;
 /// Rows larger than this (title, body, data) are not kept: their streams read them.
-const RECENT_ROW_BYTES: usize = 4 * 1024;
+pub const RECENT_ROW_BYTES: usize = 4 * 1024;
 
 #[derive(Default)]
 pub struct Hub {
@@ -143,31 +143,24 @@ impl Hub {
         }
     }
 
-    /// Does anyone of (tenant, user) listen here? Then a committed row is worth handing
-    /// over with [`Hub::publish_row`].
-    pub fn is_listening(&self, tenant: &str, user_id: &str) -> bool {
-        self.is_connected(tenant, user_id)
-    }
-
     /// Hands a committed row to the user's streams on this instance (and tells them, like
     /// [`Hub::publish`]): they take it from memory when it is the next one they need, and
-    /// read from PostgreSQL otherwise. Call after the commit, in sequence order.
+    /// read from PostgreSQL otherwise. Call after the commit, in sequence order, with rows of
+    /// at most [`RECENT_ROW_BYTES`] (a larger one is [`Hub::publish`]ed: its streams read it).
     pub fn publish_row(&self, tenant: &str, user_id: &str, row: Arc<StoredNotification>) {
         let mut entries = self.entries.lock().expect("hub lock poisoned");
         let Some(entry) = entries.get_mut(&(tenant.to_owned(), user_id.to_owned())) else {
             return;
         };
         let seq = row.seq;
-        if row.size() <= RECENT_ROW_BYTES {
-            if entry.recent.back().is_some_and(|last| last.seq >= seq) {
-                // Out of order (cannot happen within a lane): start over from this row.
-                entry.recent.clear();
-            }
-            if entry.recent.len() == RECENT_ROWS {
-                entry.recent.pop_front();
-            }
-            entry.recent.push_back(row);
+        if entry.recent.back().is_some_and(|last| last.seq >= seq) {
+            // Out of order (cannot happen within a lane): start over from this row.
+            entry.recent.clear();
         }
+        if entry.recent.len() == RECENT_ROWS {
+            entry.recent.pop_front();
+        }
+        entry.recent.push_back(row);
         entry.advance(seq);
     }
 
@@ -410,7 +403,7 @@ mod tests {
         // Nobody listening: nothing is kept.
         drop((s, other));
         hub.publish_row("t", "w", row(1));
-        assert!(!hub.is_listening("t", "w"));
+        assert!(!hub.is_connected("t", "w"));
     }
 
     #[test]

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{EmailConfig, KafkaConfig};
 use crate::health::Health;
-use crate::hub::Hub;
+use crate::hub::{self, Hub};
 use crate::ingest::envelope::{self, Event, Rejection};
 use crate::ingest::trust::TenantTrust;
 use crate::ingest::{Incoming, Ingest};
@@ -450,8 +450,7 @@ impl Pipeline {
                     claims.push(c);
                     Some(claims.len() - 1)
                 }
-                Some(_) => None,
-                None => None,
+                _ => None,
             });
         }
         let claimed = store::claim_events(&mut tx, &claims).await?;
@@ -549,13 +548,12 @@ impl Pipeline {
                     .map(|d| notification(event, d))
             })
             .collect();
-        let (seqs, created_at) = store::insert_notifications(&mut tx, &notifications).await?;
-        for (n, seq) in notifications.iter().zip(seqs) {
-            // The row itself, for the user's streams on this instance (if any listen).
-            let row = self
-                .hub
-                .is_listening(n.tenant, n.user_id)
-                .then(|| Arc::new(n.stored(seq, created_at)));
+        let inserted = store::insert_notifications(&mut tx, &notifications).await?;
+        for ((n, seq), size) in notifications.iter().zip(inserted.seqs).zip(inserted.sizes) {
+            // The row itself, for the user's streams on this instance (if any listen and it
+            // is small enough to keep).
+            let row = (size <= hub::RECENT_ROW_BYTES && self.hub.is_connected(n.tenant, n.user_id))
+                .then(|| Arc::new(n.stored(seq, inserted.created_at)));
             outcome
                 .notifications
                 .push((n.tenant.to_owned(), n.user_id.to_owned(), seq, row));

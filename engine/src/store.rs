@@ -228,10 +228,18 @@ pub struct NewNotification<'a> {
     pub data: &'a Map<String, Value>,
 }
 
+/// What [`insert_notifications`] stored, in the order given.
+pub struct Inserted {
+    /// Each row's sequence number (one user's rows get consecutive numbers in that order).
+    pub seqs: Vec<i64>,
+    /// Their `created_at`: the transaction's start, the same for all.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Each row's bytes of title, body and data (as serialized for the statement).
+    pub sizes: Vec<usize>,
+}
+
 /// Stores notifications, each under its user's next sequence number, in two statements
-/// whatever their number; returns the numbers, in the order given (one user's notifications
-/// get consecutive numbers in that order), and their `created_at` (the transaction's start,
-/// the same for all).
+/// whatever their number.
 ///
 /// The next number is never below one past the highest sequence number stored for the user:
 /// a `user_streams` row lost or set back by a restore or an operator's mistake heals itself
@@ -240,9 +248,13 @@ pub struct NewNotification<'a> {
 pub async fn insert_notifications(
     tx: &mut PgConnection,
     rows: &[NewNotification<'_>],
-) -> Result<(Vec<i64>, chrono::DateTime<chrono::Utc>)> {
+) -> Result<Inserted> {
     if rows.is_empty() {
-        return Ok((Vec::new(), chrono::Utc::now()));
+        return Ok(Inserted {
+            seqs: Vec::new(),
+            created_at: chrono::Utc::now(),
+            sizes: Vec::new(),
+        });
     }
     let mut per_user: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
     for n in rows {
@@ -313,7 +325,16 @@ pub async fn insert_notifications(
     .bind(&data)
     .fetch_one(&mut *tx)
     .await?;
-    Ok((seqs, created_at))
+    let sizes = rows
+        .iter()
+        .zip(&data)
+        .map(|(n, d)| n.title.map_or(0, str::len) + n.body.map_or(0, str::len) + d.len())
+        .collect();
+    Ok(Inserted {
+        seqs,
+        created_at,
+        sizes,
+    })
 }
 
 impl NewNotification<'_> {
@@ -579,15 +600,6 @@ pub struct StoredNotification {
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub read_at: Option<chrono::DateTime<chrono::Utc>>,
     pub archived_at: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-impl StoredNotification {
-    /// Roughly the bytes it holds: title, body and data.
-    pub fn size(&self) -> usize {
-        self.title.as_ref().map_or(0, String::len)
-            + self.body.as_ref().map_or(0, String::len)
-            + self.data.0.to_string().len()
-    }
 }
 
 /// The user's notifications after `after_seq`, oldest first: at most `limit` rows and, past

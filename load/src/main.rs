@@ -166,6 +166,8 @@ pub struct Connected {
 struct Run {
     args: Args,
     producer: FutureProducer,
+    /// The engines' database, for the outbox's timings.
+    pool: sqlx::PgPool,
     samples: mpsc::UnboundedSender<sse::Sample>,
     http: reqwest::Client,
     /// (tenant, user) of every held connection's user.
@@ -196,6 +198,8 @@ impl Run {
             })
             .collect();
         Ok(Self {
+            pool: sqlx::PgPool::connect_lazy(&args.database_url)
+                .context("the --database-url does not parse")?,
             http: reqwest::Client::new(),
             args,
             producer,
@@ -239,19 +243,24 @@ impl Run {
                 token: notify_engine::api::auth::mint(&auth, tenant, user, 24 * 3600),
             })
             .collect();
-        let (held, failed) = sse::open_all(
+        let (held, failed) = self.open(specs).await;
+        Ok(Connected {
+            held,
+            failed,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Opens streams that report to this run's counters and recorder: (held, failed).
+    async fn open(&self, specs: Vec<sse::Spec>) -> (usize, usize) {
+        sse::open_all(
             specs,
             self.samples.clone(),
             self.frames.clone(),
             self.failed.clone(),
             self.reconnects.clone(),
         )
-        .await;
-        Ok(Connected {
-            held,
-            failed,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        .await
     }
 
     /// Resident memory of each engine, in KiB.
@@ -362,7 +371,7 @@ impl Run {
             }
         }
         self.producer.flush(Duration::from_secs(30))?;
-        self.settle(name, total).await;
+        self.settle().await;
         phase.end = report::unix_now();
         phase.produced = total;
         phase.stages = stage_delta(&before, &self.scrape().await);
@@ -375,11 +384,10 @@ impl Run {
         Ok(phase)
     }
 
-    /// Waits until the frames of `name`'s events stop arriving (or all of them arrived).
-    async fn settle(&self, _name: &str, expected_frames: u64) {
-        let start = self.frames.load(Ordering::Relaxed);
+    /// Waits until frames stop arriving (2 s without one), at most a minute.
+    async fn settle(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let mut last = start;
+        let mut last = self.frames.load(Ordering::Relaxed);
         let mut quiet = 0;
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -393,7 +401,6 @@ impl Run {
                 quiet = 0;
             }
             last = now;
-            let _ = expected_frames;
         }
     }
 
@@ -423,7 +430,7 @@ impl Run {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let elapsed = started.elapsed();
-        self.settle("max", total).await;
+        self.settle().await;
         phase.end = report::unix_now();
         phase.produced = total;
         phase.stages = stage_delta(&before, &after);
@@ -450,14 +457,7 @@ impl Run {
                 token: token.clone(),
             })
             .collect();
-        let (held, failed) = sse::open_all(
-            specs,
-            self.samples.clone(),
-            self.frames.clone(),
-            self.failed.clone(),
-            self.reconnects.clone(),
-        )
-        .await;
+        let (held, failed) = self.open(specs).await;
         let before = self.scrape().await;
         let total = self.args.fanout_rate * self.args.fanout_secs;
         let mut interval =
@@ -468,7 +468,7 @@ impl Run {
             self.send(&key, &event).await?;
         }
         self.producer.flush(Duration::from_secs(30))?;
-        self.settle("fanout", total * held as u64).await;
+        self.settle().await;
         phase.end = report::unix_now();
         phase.produced = total;
         phase.stages = stage_delta(&before, &self.scrape().await);
@@ -505,13 +505,12 @@ impl Run {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let pool = sqlx::PgPool::connect(&self.args.database_url).await?;
         let (first, last, sent): (Option<f64>, Option<f64>, i64) = sqlx::query_as(
             "SELECT extract(epoch FROM min(sent_at))::float8, extract(epoch FROM max(sent_at))::float8,
                     count(sent_at)
              FROM email_outbox WHERE event_id LIKE 'Lemails-%'",
         )
-        .fetch_one(&pool)
+        .fetch_one(&self.pool)
         .await?;
         let span = last.zip(first).map_or(0.0, |(l, f)| l - f);
         phase.end = report::unix_now();
@@ -530,13 +529,12 @@ impl Run {
     /// Produce → outbox row (the row's `created_at`, its transaction's start) of a phase's
     /// emails, in ms: p50, p95, p99, max.
     async fn enqueue_latencies(&self, phase: &str) -> Result<Value> {
-        let pool = sqlx::PgPool::connect(&self.args.database_url).await?;
         let rows: Vec<(String, f64)> = sqlx::query_as(
             "SELECT event_id, extract(epoch FROM created_at)::float8 FROM email_outbox
              WHERE event_id LIKE $1",
         )
         .bind(format!("L{phase}-%"))
-        .fetch_all(&pool)
+        .fetch_all(&self.pool)
         .await?;
         let mut h = hdrhistogram::Histogram::<u64>::new(3)?;
         for (id, created) in rows {

@@ -52,12 +52,12 @@ pub async fn serve(
         open: Mutex::new(HashMap::new()),
     });
     let write_timeout = Duration::from_millis(limits.write_timeout_ms);
+    let header_timeout = Duration::from_millis(limits.header_timeout_ms);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_timeout_ms));
+        .header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
-    let header_timeout = Duration::from_millis(limits.header_timeout_ms);
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let permit = tokio::select! {

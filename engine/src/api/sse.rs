@@ -255,7 +255,7 @@ struct Reader {
 
 /// The first pause after a failed read; doubled after each further failure, up to 16×.
 const READ_RETRY: Duration = Duration::from_millis(100);
-/// Failed reads in a row (about 20 s of retrying) after which the stream ends.
+/// Failed reads in a row (about 15 s of retrying) after which the stream ends.
 const MAX_FAILED_READS: u32 = 12;
 
 impl Reader {
@@ -316,8 +316,8 @@ impl Reader {
                 // (its client keeps its connection); only a database that stays away ends it
                 // (the client then reconnects and replays, maybe to another instance).
                 Err(e) if self.failed_reads < MAX_FAILED_READS => {
-                    self.failed_reads += 1;
                     let wait = READ_RETRY * 2u32.pow(self.failed_reads.min(4));
+                    self.failed_reads += 1;
                     tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "sse read failed; retrying");
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return None,

@@ -283,7 +283,7 @@ async fn log_change(
         Value::Object(m) => m,
         _ => unreachable!("change events are objects"),
     };
-    let (seqs, _) = insert_notifications(
+    let inserted = insert_notifications(
         conn,
         &[NewNotification {
             tenant,
@@ -297,7 +297,7 @@ async fn log_change(
         }],
     )
     .await?;
-    let [seq] = seqs[..] else {
+    let [seq] = inserted.seqs[..] else {
         unreachable!("one number per notification")
     };
     // The user's streams on other instances hear of it when it commits.
