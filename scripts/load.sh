@@ -3,15 +3,19 @@
 # build, one consumer group, one database), holds LOAD_CONNECTIONS SSE connections across
 # loopback source addresses and every instance, runs the scenarios (idle, steady 100/s,
 # burst 1000/s, max, fan-out, emails) and writes report.json, report.md and latency.png.
+# Then, with the engines stopped, the same clients and events against Centrifugo (built from
+# the Go module proxy once, fed by its own Kafka consumer from a topic of its own, uni_sse),
+# and the two side by side in comparison.md.
 #
-#   scripts/load.sh                       # 1 instance, 5 000 connections
+#   scripts/load.sh                       # 1 instance, 5 000 connections, then Centrifugo
 #   LOAD_INSTANCES=3 scripts/load.sh      # three instances in one group
-#   LOAD_CONNECTIONS=19000 LOAD_SCENARIOS=idle scripts/load.sh
+#   LOAD_CONNECTIONS=19000 LOAD_SCENARIOS=idle LOAD_CENTRIFUGO=0 scripts/load.sh
 #
 # Other knobs (passed to notify-load): LOAD_SCENARIOS, LOAD_MAX_EVENTS, LOAD_FANOUT,
-# LOAD_EMAILS, LOAD_STEADY_SECS, LOAD_BURST_SECS, LOAD_SOURCES. The report goes to LOAD_OUT
-# (default ~/.cache/notify-engine/load/<UTC time>-<instances>i); docs/performance.md records
-# the figures of a run.
+# LOAD_EMAILS, LOAD_STEADY_SECS, LOAD_BURST_SECS, LOAD_SOURCES; LOAD_CENTRIFUGO=0 skips
+# Centrifugo, CENTRIFUGO_VERSION picks its version. The reports go to LOAD_OUT (default
+# ~/.cache/notify-engine/load/<UTC time>-<instances>i): engine/, centrifugo/ and
+# comparison.md; docs/performance.md records the figures of a run.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -21,6 +25,9 @@ INSTANCES=${LOAD_INSTANCES:-1}
 CONNECTIONS=${LOAD_CONNECTIONS:-5000}
 FANOUT=${LOAD_FANOUT:-1000}
 OUT=${LOAD_OUT:-$HOME/.cache/notify-engine/load/$(date -u +%Y%m%dT%H%M%SZ)-${INSTANCES}i}
+SCENARIOS=${LOAD_SCENARIOS:-idle,steady,burst,max,fanout,emails}
+CENTRIFUGO=${LOAD_CENTRIFUGO:-1}
+CENTRIFUGO_VERSION=${CENTRIFUGO_VERSION:-v6.9.1}
 log() { printf '[load] %s\n' "$*" >&2; }
 
 scripts/bootstrap.sh
@@ -30,6 +37,15 @@ set -a; . "$HOME/.cache/notify-engine/run/services.env"; set +a
 cargo build --release --locked -p notify-engine --bin notify-engine
 cargo build --release --locked -p notify-load
 CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh --workspace-only >&2
+if [ "$CENTRIFUGO" != 0 ]; then
+    # Built once per version from the Go module proxy (a few minutes), then reused.
+    CENTRIFUGO_BIN=$HOME/.cache/notify-engine/tools/centrifugo-$CENTRIFUGO_VERSION/centrifugo
+    if [ ! -x "$CENTRIFUGO_BIN" ]; then
+        command -v go >/dev/null || { log "Centrifugo is built with Go, which is not installed (or LOAD_CENTRIFUGO=0)"; exit 1; }
+        log "building Centrifugo $CENTRIFUGO_VERSION"
+        GOBIN=$(dirname "$CENTRIFUGO_BIN") go install "github.com/centrifugal/centrifugo/v6@$CENTRIFUGO_VERSION"
+    fi
+fi
 
 # Every connection is a file descriptor, in the engines and in the harness.
 ulimit -n "$(ulimit -Hn)"
@@ -43,9 +59,14 @@ NOTIFY_KAFKA_TOPIC_PARTITIONS=6 scripts/services.sh topics "$TOPIC" >/dev/null 2
 export NOTIFY_AUTH__JWT_SECRET=load-secret-load-secret-load-secret-0123
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() {
+stop_all() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    PIDS=()
+}
+cleanup() {
+    stop_all
+    psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $run WITH (FORCE)" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
@@ -104,17 +125,61 @@ TOML
 done
 join() { local IFS=,; echo "$*"; }
 
-mkdir -p "$OUT"
-"$CARGO_TARGET_DIR/release/notify-load" \
-    --engines "$(join "${ENGINES[@]}")" --admins "$(join "${ADMINS[@]}")" \
-    --pids "$(join "${PIDS[@]}")" \
-    --brokers "$NOTIFY_KAFKA__BROKERS" --topic "$TOPIC" --database-url "$DB_URL" \
-    --connections "$CONNECTIONS" --fanout-connections "$FANOUT" \
-    --sources "${LOAD_SOURCES:-4}" \
-    --scenarios "${LOAD_SCENARIOS:-idle,steady,burst,max,fanout,emails}" \
-    --max-events "${LOAD_MAX_EVENTS:-100000}" --emails "${LOAD_EMAILS:-5000}" \
-    --steady-secs "${LOAD_STEADY_SECS:-30}" --burst-secs "${LOAD_BURST_SECS:-20}" \
+load() {
+    "$CARGO_TARGET_DIR/release/notify-load" \
+        --brokers "$NOTIFY_KAFKA__BROKERS" \
+        --connections "$CONNECTIONS" --fanout-connections "$FANOUT" \
+        --sources "${LOAD_SOURCES:-4}" \
+        --max-events "${LOAD_MAX_EVENTS:-100000}" --emails "${LOAD_EMAILS:-5000}" \
+        --steady-secs "${LOAD_STEADY_SECS:-30}" --burst-secs "${LOAD_BURST_SECS:-20}" \
+        "$@"
+}
+mkdir -p "$OUT/engine"
+load --engines "$(join "${ENGINES[@]}")" --admins "$(join "${ADMINS[@]}")" \
+    --pids "$(join "${PIDS[@]}")" --topic "$TOPIC" --database-url "$DB_URL" \
+    --scenarios "$SCENARIOS" \
     --label "notify-engine $(git rev-parse --short HEAD), $INSTANCES instance(s)" \
-    --out "$OUT"
-cat "$OUT/report.md"
-log "report: $OUT"
+    --out "$OUT/engine"
+cat "$OUT/engine/report.md"
+# The engines go before Centrifugo comes: each has the machine to itself.
+stop_all
+[ "$CENTRIFUGO" != 0 ] || { log "report: $OUT/engine"; exit 0; }
+
+CF_TOPIC="centrifugo-$run"
+NOTIFY_KAFKA_TOPIC_PARTITIONS=6 scripts/services.sh topics "$CF_TOPIC" >/dev/null 2>&1
+cf_port=$(free_port)
+# The consumer waits at most 50 ms for a fetch, like the engine (fetch.wait.max.ms).
+cat >"$WORK/centrifugo.json" <<JSON
+{
+  "http_server": { "address": "127.0.0.1", "port": $cf_port },
+  "log": { "level": "error" },
+  "health": { "enabled": true },
+  "client": { "token": { "hmac_secret_key": "$NOTIFY_AUTH__JWT_SECRET" } },
+  "uni_sse": { "enabled": true },
+  "http_api": { "key": "load-$run" },
+  "consumers": [{
+    "name": "load", "enabled": true, "type": "kafka",
+    "kafka": {
+      "brokers": ["$NOTIFY_KAFKA__BROKERS"], "topics": ["$CF_TOPIC"], "consumer_group": "$run",
+      "fetch_max_wait": "50ms",
+      "publication_data_mode": { "enabled": true }
+    }
+  }]
+}
+JSON
+"$CENTRIFUGO_BIN" --config "$WORK/centrifugo.json" >"$WORK/centrifugo.log" 2>&1 &
+PIDS+=("$!")
+for _ in $(seq 1 60); do
+    curl -fsS "http://127.0.0.1:$cf_port/health" >/dev/null 2>&1 && break
+    kill -0 "${PIDS[-1]}" 2>/dev/null || { tail -n 30 "$WORK/centrifugo.log" >&2; exit 1; }
+    sleep 0.5
+done
+curl -fsS "http://127.0.0.1:$cf_port/health" >/dev/null || { log "Centrifugo not ready"; exit 1; }
+log "Centrifugo $CENTRIFUGO_VERSION: $cf_port, pid ${PIDS[-1]}"
+mkdir -p "$OUT/centrifugo"
+load --target centrifugo --engines "127.0.0.1:$cf_port" --pids "${PIDS[-1]}" --topic "$CF_TOPIC" \
+    --scenarios "$SCENARIOS" \
+    --label "Centrifugo $CENTRIFUGO_VERSION (memory engine, uni_sse, Kafka consumer), 1 instance" \
+    --compare-with "$OUT/engine" --out "$OUT/centrifugo"
+cat "$OUT/centrifugo/report.md" "$OUT/comparison.md"
+log "reports: $OUT"

@@ -13,6 +13,11 @@
 //!
 //! Writes `report.json`, `report.md` (HDR percentiles, the plan's pass criteria, the stage
 //! breakdown from `notify_stage_seconds`) and `latency.png` (latency over time) to `--out`.
+//!
+//! With `--target centrifugo` the same clients and the same events go to Centrifugo instead
+//! (its `uni_sse` transport, fed by its own Kafka consumer from a topic of its own; the
+//! channel of each event in the `centrifugo-channels` header), for every scenario but
+//! `emails`; `--compare-with` the engine's report then writes the two side by side.
 
 mod report;
 mod sse;
@@ -36,11 +41,15 @@ use report::{Phase, Recorder};
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Load harness for notify-engine (see scripts/load.sh)")]
 pub struct Args {
-    /// Public API addresses of the engine instances (host:port), comma-separated.
+    /// What serves the streams.
+    #[arg(long, value_enum, default_value_t = Target::Engine)]
+    target: Target,
+    /// Public API addresses of the engine instances (host:port), comma-separated; with
+    /// `--target centrifugo`, Centrifugo's HTTP server.
     #[arg(long, value_delimiter = ',', required = true)]
     engines: Vec<SocketAddr>,
-    /// Admin listener addresses, same order.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Admin listener addresses of the engines, same order (none for Centrifugo).
+    #[arg(long, value_delimiter = ',')]
     admins: Vec<SocketAddr>,
     /// Process ids of the engines, same order (for resident memory).
     #[arg(long, value_delimiter = ',')]
@@ -49,10 +58,10 @@ pub struct Args {
     brokers: String,
     #[arg(long)]
     topic: String,
-    /// The engines' database (outbox timings).
+    /// The engines' database (outbox timings); not used for Centrifugo.
     #[arg(long)]
-    database_url: String,
-    /// The engines' HS256 secret, to mint the clients' tokens.
+    database_url: Option<String>,
+    /// The engines' (or Centrifugo's) HS256 secret, to mint the clients' tokens.
     #[arg(long, env = "NOTIFY_AUTH__JWT_SECRET")]
     secret: String,
     /// SSE connections held for the whole run.
@@ -96,12 +105,34 @@ pub struct Args {
     /// In `steady` and `burst`, one event in this many carries an email (0: none).
     #[arg(long, default_value_t = 10)]
     email_every: u64,
+    /// Events sent (and not measured) before the first scenario.
+    #[arg(long, default_value_t = 20_000)]
+    warm_up: u64,
     /// Where the report goes.
     #[arg(long)]
     out: PathBuf,
     /// A free-form label for the report (machine, instances, ...).
     #[arg(long, default_value = "")]
     label: String,
+    /// The directory of an engine run's report: the two are written side by side to
+    /// `comparison.md` and `comparison.json` next to `--out`.
+    #[arg(long)]
+    compare_with: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Engine,
+    Centrifugo,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Engine => "notify-engine",
+            Target::Centrifugo => "centrifugo",
+        }
+    }
 }
 
 /// Microseconds since the Unix epoch: what an event's id carries and a frame is compared to.
@@ -115,8 +146,12 @@ pub fn now_us() -> u64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    if args.engines.is_empty() || args.engines.len() != args.admins.len() {
-        bail!("--engines and --admins must name the same instances");
+    match args.target {
+        Target::Engine if args.engines.len() != args.admins.len() => {
+            bail!("--engines and --admins must name the same instances")
+        }
+        Target::Engine if args.database_url.is_none() => bail!("--database-url is required"),
+        _ => {}
     }
     std::fs::create_dir_all(&args.out)?;
     let (samples, received) = mpsc::unbounded_channel();
@@ -126,6 +161,9 @@ async fn main() -> Result<()> {
     let mut phases = Vec::new();
     let rss_before = run.rss();
     let connected = run.connect_users().await?;
+    // Connections that failed are in `connected`; from here on `failed` counts per scenario.
+    run.failed.store(0, Ordering::Relaxed);
+    run.warm_up().await?;
     for scenario in &args.scenarios {
         let phase = match scenario.as_str() {
             "idle" => run.idle(&rss_before, &connected).await?,
@@ -139,11 +177,16 @@ async fn main() -> Result<()> {
             }
             "max" => run.max().await?,
             "fanout" => run.fanout().await?,
+            "emails" if args.target == Target::Centrifugo => {
+                eprintln!("[load] emails: not a Centrifugo scenario, skipped");
+                continue;
+            }
             "emails" => run.emails().await?,
             other => bail!("unknown scenario {other:?}"),
         };
         let mut phase = phase;
         phase.reconnects = run.reconnects.swap(0, Ordering::Relaxed);
+        phase.failed = run.failed.swap(0, Ordering::Relaxed);
         eprintln!("[load] {}", phase.summary());
         phases.push(phase);
     }
@@ -152,6 +195,14 @@ async fn main() -> Result<()> {
     let recorded = recorder.await?;
     report::write(&args, &phases, recorded, connected)?;
     eprintln!("[load] report in {}", args.out.display());
+    if let Some(engine) = &args.compare_with {
+        let at = args.out.parent().unwrap_or(&args.out);
+        report::compare(engine, &args.out, at)?;
+        eprintln!(
+            "[load] comparison in {}",
+            at.join("comparison.md").display()
+        );
+    }
     Ok(())
 }
 
@@ -166,8 +217,8 @@ pub struct Connected {
 struct Run {
     args: Args,
     producer: FutureProducer,
-    /// The engines' database, for the outbox's timings.
-    pool: sqlx::PgPool,
+    /// The engines' database, for the outbox's timings (none for Centrifugo).
+    pool: Option<sqlx::PgPool>,
     samples: mpsc::UnboundedSender<sse::Sample>,
     http: reqwest::Client,
     /// (tenant, user) of every held connection's user.
@@ -198,8 +249,12 @@ impl Run {
             })
             .collect();
         Ok(Self {
-            pool: sqlx::PgPool::connect_lazy(&args.database_url)
-                .context("the --database-url does not parse")?,
+            pool: match &args.database_url {
+                Some(url) => Some(
+                    sqlx::PgPool::connect_lazy(url).context("the --database-url does not parse")?,
+                ),
+                None => None,
+            },
             http: reqwest::Client::new(),
             args,
             producer,
@@ -219,6 +274,50 @@ impl Run {
         }
     }
 
+    /// Connection `i` of `user`, to server `server % servers`.
+    fn spec(&self, server: usize, i: usize, tenant: &str, user: &str) -> sse::Spec {
+        let server = self.args.engines[server % self.args.engines.len()];
+        let source = self.source(i);
+        match self.args.target {
+            Target::Engine => sse::Spec {
+                server,
+                source,
+                target: "/api/v1/sse".into(),
+                bearer: Some(notify_engine::api::auth::mint(
+                    &self.auth(),
+                    tenant,
+                    user,
+                    24 * 3600,
+                )),
+            },
+            Target::Centrifugo => {
+                // A connection token whose `channels` claim subscribes the connection to
+                // its user's channel on the server side: what uni_sse clients do.
+                let claims = json!({
+                    "sub": format!("{tenant}/{user}"),
+                    "exp": now_us() / 1_000_000 + 24 * 3600,
+                    "channels": [channel(tenant, user)],
+                });
+                let token = jsonwebtoken::encode(
+                    &jsonwebtoken::Header::default(),
+                    &claims,
+                    &jsonwebtoken::EncodingKey::from_secret(self.args.secret.as_bytes()),
+                )
+                .expect("HS256 signs any claims");
+                let connect = json!({ "token": token }).to_string();
+                sse::Spec {
+                    server,
+                    source,
+                    target: format!(
+                        "/connection/uni_sse?cf_connect={}",
+                        percent_encode(&connect)
+                    ),
+                    bearer: None,
+                }
+            }
+        }
+    }
+
     fn source(&self, i: usize) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(
             127,
@@ -231,17 +330,12 @@ impl Run {
     /// Opens a stream per user, round-robin over the engines and source addresses, at most
     /// a few hundred at a time; returns once every stream has its hello (or failed).
     async fn connect_users(&mut self) -> Result<Connected> {
-        let auth = self.auth();
         let started = Instant::now();
         let specs: Vec<sse::Spec> = self
             .users
             .iter()
             .enumerate()
-            .map(|(i, (tenant, user))| sse::Spec {
-                engine: self.args.engines[i % self.args.engines.len()],
-                source: self.source(i),
-                token: notify_engine::api::auth::mint(&auth, tenant, user, 24 * 3600),
-            })
+            .map(|(i, (tenant, user))| self.spec(i, i, tenant, user))
             .collect();
         let (held, failed) = self.open(specs).await;
         Ok(Connected {
@@ -266,6 +360,29 @@ impl Run {
     /// Resident memory of each engine, in KiB.
     fn rss(&self) -> Vec<u64> {
         self.args.pids.iter().map(|pid| rss_kib(*pid)).collect()
+    }
+
+    /// `--warm-up` events to the held streams before anything is measured: a broker (JVM)
+    /// started moments ago delivers the first thousands of messages late, and whichever
+    /// server ran first would pay for it.
+    async fn warm_up(&mut self) -> Result<()> {
+        let started = Instant::now();
+        for n in 0..self.args.warm_up {
+            let (tenant, user) = self.users[(n as usize * 7919) % self.users.len()].clone();
+            let (key, event) = self.event("warmup", &tenant, &user, false);
+            self.send(&key, &event).await?;
+            if n % 1_000 == 999 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        self.producer.flush(Duration::from_secs(60))?;
+        self.settle().await;
+        eprintln!(
+            "[load] warm-up: {} events in {:.1} s",
+            self.args.warm_up,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 
     async fn idle(&mut self, before: &[u64], connected: &Connected) -> Result<Phase> {
@@ -315,12 +432,22 @@ impl Run {
 
     async fn send(&self, key: &str, event: &Value) -> Result<()> {
         let payload = event.to_string();
+        // Centrifugo publishes the payload as it is to the channels this header names.
+        let headers = (self.args.target == Target::Centrifugo).then(|| {
+            let (tenant, user) = key.split_once('/').unwrap_or((key, ""));
+            rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: "centrifugo-channels",
+                value: Some(&channel(tenant, user)),
+            })
+        });
         loop {
-            match self.producer.send_result(
-                FutureRecord::to(&self.args.topic)
-                    .key(key)
-                    .payload(&payload),
-            ) {
+            let mut record = FutureRecord::to(&self.args.topic)
+                .key(key)
+                .payload(&payload);
+            if let Some(headers) = &headers {
+                record = record.headers(headers.clone());
+            }
+            match self.producer.send_result(record) {
                 Ok(delivery) => {
                     // Delivery is confirmed in the background; a failure is counted there.
                     let failed = self.failed.clone();
@@ -404,12 +531,14 @@ impl Run {
         }
     }
 
-    /// A backlog produced as fast as the producer takes it; events/s from the first
-    /// produce to the last commit, read from the engines' `notify_notifications_written_total`.
+    /// A backlog produced as fast as the producer takes it: events/s from the first produce
+    /// to the last commit (the engines' `notify_notifications_written_total`) and to the
+    /// last frame received (every event's user has a stream open).
     async fn max(&mut self) -> Result<Phase> {
         let mut phase = Phase::new("max");
         let before = self.scrape().await;
         let written_before = metric_sum(&before, "notify_notifications_written_total");
+        let frames_before = self.frames.load(Ordering::Relaxed);
         let total = self.args.max_events;
         let started = Instant::now();
         for n in 0..total {
@@ -420,25 +549,46 @@ impl Run {
         self.producer.flush(Duration::from_secs(60))?;
         let produced_in = started.elapsed();
         let deadline = Instant::now() + Duration::from_secs(300);
-        let mut after;
-        loop {
-            after = self.scrape().await;
-            let written = metric_sum(&after, "notify_notifications_written_total") - written_before;
-            if written >= total as f64 || Instant::now() > deadline {
+        let mut committed_in = None;
+        let mut after = before.clone();
+        // Centrifugo commits nothing: only the frames tell when it is done. A server that
+        // drops some is done when none has come for 5 s; the rate counts what arrived.
+        let commits = self.args.target == Target::Engine;
+        let (mut received, mut last_frame) = (frames_before, Duration::ZERO);
+        while Instant::now() < deadline {
+            if commits && committed_in.is_none() {
+                after = self.scrape().await;
+                let written =
+                    metric_sum(&after, "notify_notifications_written_total") - written_before;
+                if written >= total as f64 {
+                    committed_in = Some(started.elapsed());
+                }
+            }
+            let now = self.frames.load(Ordering::Relaxed);
+            if now != received {
+                (received, last_frame) = (now, started.elapsed());
+            }
+            let delivered = received - frames_before >= total
+                || started.elapsed() > produced_in.max(last_frame) + Duration::from_secs(5);
+            if delivered && (committed_in.is_some() || !commits) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let elapsed = started.elapsed();
         self.settle().await;
+        let delivered = received - frames_before;
+        let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64().max(1e-3);
         phase.end = report::unix_now();
         phase.produced = total;
         phase.stages = stage_delta(&before, &after);
         phase.extra = json!({
             "events": total,
             "produce_seconds": produced_in.as_secs_f64(),
-            "commit_seconds": elapsed.as_secs_f64(),
-            "events_per_second": total as f64 / elapsed.as_secs_f64(),
+            "commit_seconds": committed_in.map(|d| d.as_secs_f64()),
+            "events_per_second": committed_in.map(|d| rate(total, d)),
+            "frames_received": delivered,
+            "deliver_seconds": last_frame.as_secs_f64(),
+            "delivered_per_second": rate(delivered, last_frame),
         });
         Ok(phase)
     }
@@ -446,16 +596,10 @@ impl Run {
     /// One user with `--fanout-connections` streams; every event goes to all of them.
     async fn fanout(&mut self) -> Result<Phase> {
         let mut phase = Phase::new("fanout");
-        let auth = self.auth();
-        let token = notify_engine::api::auth::mint(&auth, "fanout", "everyone", 24 * 3600);
         // The per-user stream cap would refuse most of them: this user is the exception the
         // load configuration allows (sse.max_connections_per_user).
         let specs = (0..self.args.fanout_connections)
-            .map(|i| sse::Spec {
-                engine: self.args.engines[i % self.args.engines.len()],
-                source: self.source(i + 1),
-                token: token.clone(),
-            })
+            .map(|i| self.spec(i, i + 1, "fanout", "everyone"))
             .collect();
         let (held, failed) = self.open(specs).await;
         let before = self.scrape().await;
@@ -510,7 +654,7 @@ impl Run {
                     count(sent_at)
              FROM email_outbox WHERE event_id LIKE 'Lemails-%'",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(self.pool.as_ref().context("the emails scenario needs --database-url")?)
         .await?;
         let span = last.zip(first).map_or(0.0, |(l, f)| l - f);
         phase.end = report::unix_now();
@@ -529,12 +673,15 @@ impl Run {
     /// Produce → outbox row (the row's `created_at`, its transaction's start) of a phase's
     /// emails, in ms: p50, p95, p99, max.
     async fn enqueue_latencies(&self, phase: &str) -> Result<Value> {
+        let Some(pool) = &self.pool else {
+            return Ok(Value::Null);
+        };
         let rows: Vec<(String, f64)> = sqlx::query_as(
             "SELECT event_id, extract(epoch FROM created_at)::float8 FROM email_outbox
              WHERE event_id LIKE $1",
         )
         .bind(format!("L{phase}-%"))
-        .fetch_all(&self.pool)
+        .fetch_all(pool)
         .await?;
         let mut h = hdrhistogram::Histogram::<u64>::new(3)?;
         for (id, created) in rows {
@@ -572,6 +719,24 @@ impl Run {
         }
         all
     }
+}
+
+/// The Centrifugo channel of a user's events.
+fn channel(tenant: &str, user: &str) -> String {
+    format!("{tenant}.{user}")
+}
+
+/// `s` with everything but RFC 3986's unreserved characters percent-encoded (a query value).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 2);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A metric summed over the engines.

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use anyhow::Result;
+use std::path::Path;
+
+use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -23,6 +25,8 @@ pub struct Phase {
     pub extra: Value,
     /// Streams that ended and were opened again (with `Last-Event-ID`) during the scenario.
     pub reconnects: u64,
+    /// Events (and connections) that failed: deliveries the producer never had confirmed.
+    pub failed: u64,
 }
 
 impl Phase {
@@ -35,13 +39,14 @@ impl Phase {
             stages: json!({}),
             extra: json!({}),
             reconnects: 0,
+            failed: 0,
         }
     }
 
     pub fn summary(&self) -> String {
         format!(
-            "{}: {} events, {} reconnects, {}",
-            self.name, self.produced, self.reconnects, self.extra
+            "{}: {} events, {} reconnects, {} failed, {}",
+            self.name, self.produced, self.reconnects, self.failed, self.extra
         )
     }
 }
@@ -149,12 +154,14 @@ pub fn write(
                 "stages_mean_ms": phase.stages,
                 "figures": phase.extra,
                 "reconnects": phase.reconnects,
+                "failed": phase.failed,
             }),
         );
     }
     let report = json!({
         "date": chrono::Utc::now().to_rfc3339(),
         "label": args.label,
+        "target": args.target.name(),
         "machine": machine(),
         "instances": args.engines.len(),
         "connections": {
@@ -301,13 +308,14 @@ fn markdown(report: &Value) -> String {
     let m = &report["machine"];
     let _ = writeln!(
         md,
-        "# Load run {}\n\n{} · {} cores, {} GiB ({}) · {} engine instance(s) · {} of {} connections held ({} failed, opened in {:.1} s across {} source addresses)\n",
+        "# Load run {}\n\n{} · {} cores, {} GiB ({}) · {} instance(s) of {} · {} of {} connections held ({} failed, opened in {:.1} s across {} source addresses)\n",
         report["date"].as_str().unwrap_or_default(),
         report["label"].as_str().unwrap_or_default(),
         m["cores"],
         m["memory_gib"],
         m["cpu"].as_str().unwrap_or_default(),
         report["instances"],
+        report["target"].as_str().unwrap_or_default(),
         report["connections"]["held"],
         report["connections"]["requested"],
         report["connections"]["failed"],
@@ -381,6 +389,111 @@ fn markdown(report: &Value) -> String {
     md
 }
 
+/// The measures both servers share, from an engine run's `report.json` and a Centrifugo
+/// run's, side by side with their ratio, to `comparison.json` and `comparison.md` in `at`.
+pub fn compare(engine: &Path, centrifugo: &Path, at: &Path) -> Result<()> {
+    let read = |dir: &Path| -> Result<Value> {
+        let path = dir.join("report.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    };
+    let (e, c) = (read(engine)?, read(centrifugo)?);
+    let rows = comparison_rows(&e, &c);
+    let md = comparison_markdown(&e, &c, &rows);
+    std::fs::write(
+        at.join("comparison.json"),
+        serde_json::to_string_pretty(
+            &json!({ "engine": e["label"], "centrifugo": c["label"], "rows": rows }),
+        )?,
+    )?;
+    std::fs::write(at.join("comparison.md"), md)?;
+    Ok(())
+}
+
+/// (measure, engine, Centrifugo, engine ÷ Centrifugo) for every measure both reports have.
+fn comparison_rows(e: &Value, c: &Value) -> Vec<Value> {
+    let mut measures = vec![
+        (
+            "SSE connections held".to_owned(),
+            "/connections/held".to_owned(),
+        ),
+        (
+            "resident bytes per idle connection".into(),
+            "/scenarios/idle/figures/bytes_per_connection".into(),
+        ),
+    ];
+    for scenario in ["steady", "burst", "fanout"] {
+        for q in ["p50", "p99"] {
+            measures.push((
+                format!("{scenario}: produce → SSE {q}, ms"),
+                format!("/scenarios/{scenario}/sse_latency_ms/{q}"),
+            ));
+        }
+        measures.push((
+            format!("{scenario}: frames received"),
+            format!("/scenarios/{scenario}/sse_latency_ms/count"),
+        ));
+    }
+    measures.push((
+        "max: events/s, produce → every frame received".into(),
+        "/scenarios/max/figures/delivered_per_second".into(),
+    ));
+    // A figure per instance counts as its largest: the worst instance is the one that matters.
+    let get = |r: &Value, pointer: &str| match r.pointer(pointer)? {
+        Value::Array(v) => v.iter().filter_map(Value::as_f64).reduce(f64::max),
+        v => v.as_f64(),
+    };
+    measures
+        .into_iter()
+        .filter_map(|(name, pointer)| {
+            let (a, b) = (get(e, &pointer), get(c, &pointer));
+            (a.is_some() || b.is_some()).then(|| {
+                let ratio = a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
+                json!({ "measure": name, "engine": a, "centrifugo": b, "ratio": ratio })
+            })
+        })
+        .collect()
+}
+
+fn comparison_markdown(e: &Value, c: &Value, rows: &[Value]) -> String {
+    let mut md = String::new();
+    let m = &e["machine"];
+    let _ = writeln!(
+        md,
+        "# notify-engine and Centrifugo, the same clients and events\n\n{} · {} cores, {} GiB ({})\n\n- engine: {}\n- Centrifugo: {}\n\nEach is fed from a Kafka topic of its own (6 partitions) with the same event JSON; its clients hold the same connections. Ratio: engine ÷ Centrifugo (below 1, the engine uses less or is faster; for counts and events/s, above 1 is better).\n",
+        e["date"].as_str().unwrap_or_default(),
+        m["cores"],
+        m["memory_gib"],
+        m["cpu"].as_str().unwrap_or_default(),
+        e["label"].as_str().unwrap_or_default(),
+        c["label"].as_str().unwrap_or_default(),
+    );
+    md.push_str("| measure | notify-engine | Centrifugo | ratio |\n| --- | ---: | ---: | ---: |\n");
+    let num = |v: &Value| {
+        v.as_f64().map_or("–".into(), |v| {
+            if v >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        })
+    };
+    for row in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            row["measure"].as_str().unwrap_or_default(),
+            num(&row["engine"]),
+            num(&row["centrifugo"]),
+            row["ratio"]
+                .as_f64()
+                .map_or("–".into(), |r| format!("{r:.2}×")),
+        );
+    }
+    md
+}
+
 /// p50 and p99 of each second's frames over the run, log scale, with the scenarios marked.
 fn plot(args: &Args, phases: &[Phase], recorded: &Recorded) -> Result<()> {
     use plotters::prelude::*;
@@ -401,7 +514,7 @@ fn plot(args: &Args, phases: &[Phase], recorded: &Recorded) -> Result<()> {
         recorded
             .per_second
             .iter()
-            .filter(|(_, h)| !h.is_empty())
+            .filter(|(sec, h)| !h.is_empty() && **sec as f64 >= origin)
             .map(|(sec, h)| {
                 (
                     *sec as f64 - origin,
@@ -451,4 +564,51 @@ fn plot(args: &Args, phases: &[Phase], recorded: &Recorded) -> Result<()> {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(held: u64, per_connection: &[f64], burst_p50: f64, max: Option<f64>) -> Value {
+        json!({
+            "connections": { "held": held },
+            "scenarios": {
+                "idle": { "figures": { "bytes_per_connection": per_connection } },
+                "burst": { "sse_latency_ms": { "p50": burst_p50, "p99": burst_p50 * 4.0, "count": 100 } },
+                "max": { "figures": { "delivered_per_second": max } },
+            },
+        })
+    }
+
+    #[test]
+    fn the_comparison_takes_the_worst_instance_and_divides_engine_by_centrifugo() {
+        let engine = report(5_000, &[6_000.0, 7_000.0], 20.0, Some(7_000.0));
+        let centrifugo = report(5_000, &[70_000.0], 4.0, None);
+        let rows = comparison_rows(&engine, &centrifugo);
+        let row = |name: &str| {
+            rows.iter()
+                .find(|r| r["measure"] == name)
+                .unwrap_or_else(|| panic!("no row {name:?} in {rows:?}"))
+                .clone()
+        };
+        assert_eq!(row("SSE connections held")["ratio"], 1.0);
+        assert_eq!(row("resident bytes per idle connection")["engine"], 7_000.0);
+        assert_eq!(row("resident bytes per idle connection")["ratio"], 0.1);
+        assert_eq!(row("burst: produce → SSE p99, ms")["ratio"], 5.0);
+        // Measured on one side only: shown, with no ratio.
+        let max = row("max: events/s, produce → every frame received");
+        assert_eq!(max["centrifugo"], Value::Null);
+        assert_eq!(max["ratio"], Value::Null);
+        // Measured on neither side (no steady scenario): no row at all.
+        assert!(
+            rows.iter()
+                .all(|r| !r["measure"].as_str().unwrap().starts_with("steady"))
+        );
+        let md = comparison_markdown(&engine, &centrifugo, &rows);
+        assert!(
+            md.contains("| resident bytes per idle connection | 7000 | 70000 | 0.10× |"),
+            "{md}"
+        );
+    }
 }

@@ -1,7 +1,9 @@
 //! The load's SSE clients: a plain HTTP/1.1 request on a socket bound to a loopback source
 //! address, and a line reader that looks only for frames of the harness's own events
 //! (ids `L<phase>-<n>-<produce time in µs>`). A few KiB per connection, so the harness does
-//! not run out of memory before the engine does.
+//! not run out of memory before the server does. The same client reads the engine's
+//! `/api/v1/sse` (the event's id is a frame's `event_id`) and Centrifugo's `uni_sse` (the
+//! event itself is a publication's data, its id under `id`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -12,8 +14,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::now_us;
 
-/// The scenarios whose events carry a produce time, in the order of [`Sample::phase`].
-pub const PHASES: &[&str] = &["steady", "burst", "max", "fanout", "emails"];
+/// The scenarios whose events carry a produce time, in the order of [`Sample::phase`]
+/// (`warmup`'s are counted but not reported).
+pub const PHASES: &[&str] = &["steady", "burst", "max", "fanout", "emails", "warmup"];
 
 /// One frame of one of the harness's events, as received.
 #[derive(Debug, Clone, Copy)]
@@ -26,9 +29,12 @@ pub struct Sample {
 
 /// One connection to open.
 pub struct Spec {
-    pub engine: SocketAddr,
+    pub server: SocketAddr,
     pub source: IpAddr,
-    pub token: String,
+    /// The request's path and query.
+    pub target: String,
+    /// Sent as `Authorization: Bearer …` when present.
+    pub bearer: Option<String>,
 }
 
 /// Opens every connection (at most 256 handshakes at a time) and returns (held, failed)
@@ -130,15 +136,20 @@ async fn stream(
         IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.bind(SocketAddr::new(spec.source, 0))?;
-    let mut stream = socket.connect(spec.engine).await?;
+    let mut stream = socket.connect(spec.server).await?;
     stream.set_nodelay(true)?;
     let resume = last_id
         .as_ref()
         .map(|id| format!("Last-Event-ID: {id}\r\n"))
         .unwrap_or_default();
+    let auth = spec
+        .bearer
+        .as_ref()
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let request = format!(
-        "GET /api/v1/sse HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
-        spec.engine, spec.token
+        "GET {} HTTP/1.1\r\nHost: {}\r\n{auth}Accept: text/event-stream\r\n{resume}\r\n",
+        spec.target, spec.server
     );
     stream.write_all(request.as_bytes()).await?;
     let mut buf = vec![0u8; 4096];
@@ -170,21 +181,30 @@ async fn stream(
                 if let Some(id) = line.strip_prefix(b"id:") {
                     *last_id = Some(String::from_utf8_lossy(id).trim().to_owned());
                 }
-            } else if line.starts_with(b"data:")
-                && let Some(sample) = sample_of(&line, received_us)
-            {
-                frames.fetch_add(1, Ordering::Relaxed);
-                let _ = samples.send(sample);
+            } else if line.starts_with(b"data:") {
+                // Centrifugo's stream opens with a frame (its connect reply), not a comment.
+                if let Some((tx, _permit)) = ready.take() {
+                    let _ = tx.send(Ok(()));
+                }
+                if let Some(sample) = sample_of(&line, received_us) {
+                    frames.fetch_add(1, Ordering::Relaxed);
+                    let _ = samples.send(sample);
+                }
             }
             line.clear();
         }
     }
 }
 
-/// The sample a `data:` line of a notification carries, if it is one of the harness's.
+/// The sample a `data:` line carries, if it is one of the harness's events: an engine's
+/// notification names it in `event_id`, a Centrifugo publication carries the event itself.
 fn sample_of(line: &[u8], received_us: u64) -> Option<Sample> {
-    const KEY: &[u8] = b"\"event_id\":\"L";
-    let at = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let find = |key: &[u8]| {
+        line.windows(key.len())
+            .position(|w| w == key)
+            .map(|at| at + key.len())
+    };
+    let at = find(b"\"event_id\":\"L").or_else(|| find(b"\"id\":\"L"))?;
     let rest = &line[at..];
     let end = rest.iter().position(|&b| b == b'"')?;
     let id = std::str::from_utf8(&rest[..end]).ok()?;
@@ -210,6 +230,11 @@ mod tests {
         assert_eq!(PHASES[s.phase as usize], "burst");
         assert_eq!(s.received_us - s.sent_us, 100_000);
         assert!(sample_of(br#"data: {"event_id":"e1"}"#, 0).is_none());
+        let centrifugo = br#"data: {"push":{"channel":"load1.u2","pub":{"data":{"id":"Lsteady-9-1764230000000000","tenant":"load1","data":{"order_id":"A-9"}},"offset":4}}}"#;
+        let s = sample_of(centrifugo, 1_764_230_000_001_000).unwrap();
+        assert_eq!(PHASES[s.phase as usize], "steady");
+        assert_eq!(s.received_us - s.sent_us, 1_000);
+        assert!(sample_of(br#"data: {"connect":{"client":"c1","version":"6.9.1"}}"#, 0).is_none());
         assert!(sample_of(br#"data: {"event_id":"Lother-1-2"}"#, 0).is_none());
     }
 }
