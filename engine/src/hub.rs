@@ -5,10 +5,12 @@
 //! rows also NOTIFYs them (`store::announce`), and `cluster::listen` publishes what other
 //! instances committed, so a stream on any instance hears of rows written on any other.
 //!
-//! A stream that wakes up takes what it has not sent yet from the last few rows this
-//! instance committed for its user ([`Hub::publish_row`]) when nothing is missing before
-//! them, and reads it from PostgreSQL otherwise (another instance's rows, an inbox change, a
-//! stream further behind). So a slow client never makes the engine buffer (it simply reads
+//! A stream that wakes up takes what it has not sent yet from the rows this instance
+//! committed for its user ([`Hub::publish_row`]) when nothing is missing before them, and
+//! reads it from PostgreSQL otherwise (another instance's rows, an inbox change, a stream
+//! further behind). The hub keeps a row until every stream of its user here has taken it,
+//! within a bound per user, so a user's thousand tabs share one copy and one slow tab does
+//! not make the engine buffer for it. So a slow client never makes the engine buffer (it simply reads
 //! later), ordering and gaps are PostgreSQL's to keep, live delivery and `Last-Event-ID`
 //! replay are the same code, and the common case costs no query.
 //!
@@ -16,6 +18,7 @@
 //! writes as the user's presence.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,9 +31,13 @@ pub type Key = (String, String);
 struct Entry {
     latest: watch::Sender<i64>,
     connections: usize,
-    /// The user's newest rows written on this instance, oldest first, so the user's streams
-    /// take them from memory instead of reading them back (see [`Hub::publish_row`]).
-    recent: VecDeque<Arc<StoredNotification>>,
+    /// The user's newest rows written on this instance that some stream has not taken yet,
+    /// oldest first, with their sizes, so the user's streams take them from memory instead
+    /// of reading them back (see [`Hub::publish_row`]).
+    recent: VecDeque<(Arc<StoredNotification>, usize)>,
+    recent_bytes: usize,
+    /// Each open stream's newest row taken (from memory or PostgreSQL).
+    cursors: Vec<Arc<AtomicI64>>,
 }
 
 impl Entry {
@@ -44,11 +51,32 @@ impl Entry {
             newer
         });
     }
+
+    /// Drops the rows every stream has taken, then the oldest while over the bounds.
+    fn trim(&mut self) {
+        let taken = self
+            .cursors
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(i64::MAX);
+        while let Some((row, size)) = self.recent.front() {
+            let over = self.recent.len() > RECENT_ROWS || self.recent_bytes > RECENT_BYTES;
+            if row.seq > taken && !over {
+                break;
+            }
+            self.recent_bytes -= *size;
+            self.recent.pop_front();
+        }
+    }
 }
 
-/// Rows kept per listening user; a stream further behind reads from PostgreSQL.
-const RECENT_ROWS: usize = 8;
-/// Rows larger than this (title, body, data) are not kept: their streams read them.
+/// Rows kept at most per listening user (not yet taken by all of its streams); a stream
+/// further behind reads from PostgreSQL.
+const RECENT_ROWS: usize = 64;
+/// Bytes (title, body, data) kept at most per listening user.
+const RECENT_BYTES: usize = 32 * 1024;
+/// Rows larger than this are not kept: their streams read them.
 pub const RECENT_ROW_BYTES: usize = 4 * 1024;
 
 #[derive(Default)]
@@ -143,24 +171,31 @@ impl Hub {
         }
     }
 
-    /// Hands a committed row to the user's streams on this instance (and tells them, like
-    /// [`Hub::publish`]): they take it from memory when it is the next one they need, and
-    /// read from PostgreSQL otherwise. Call after the commit, in sequence order, with rows of
-    /// at most [`RECENT_ROW_BYTES`] (a larger one is [`Hub::publish`]ed: its streams read it).
-    pub fn publish_row(&self, tenant: &str, user_id: &str, row: Arc<StoredNotification>) {
+    /// Hands a committed row of `size` bytes to the user's streams on this instance (and
+    /// tells them, like [`Hub::publish`]): they take it from memory when it is the next one
+    /// they need, and read from PostgreSQL otherwise. Call after the commit, in sequence
+    /// order, with rows of at most [`RECENT_ROW_BYTES`] (a larger one is [`Hub::publish`]ed:
+    /// its streams read it).
+    pub fn publish_row(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        row: Arc<StoredNotification>,
+        size: usize,
+    ) {
         let mut entries = self.entries.lock().expect("hub lock poisoned");
         let Some(entry) = entries.get_mut(&(tenant.to_owned(), user_id.to_owned())) else {
             return;
         };
         let seq = row.seq;
-        if entry.recent.back().is_some_and(|last| last.seq >= seq) {
+        if entry.recent.back().is_some_and(|(last, _)| last.seq >= seq) {
             // Out of order (cannot happen within a lane): start over from this row.
             entry.recent.clear();
+            entry.recent_bytes = 0;
         }
-        if entry.recent.len() == RECENT_ROWS {
-            entry.recent.pop_front();
-        }
-        entry.recent.push_back(row);
+        entry.recent.push_back((row, size));
+        entry.recent_bytes += size;
+        entry.trim();
         entry.advance(seq);
     }
 
@@ -194,6 +229,8 @@ impl Hub {
             latest: watch::channel(0).0,
             connections: 0,
             recent: VecDeque::new(),
+            recent_bytes: 0,
+            cursors: Vec::new(),
         });
         if entry.connections >= caps.per_user {
             return Err(CapExceeded::User);
@@ -203,10 +240,15 @@ impl Hub {
             self.presence_change(key.clone(), true);
         }
         *tenants.entry(tenant.to_owned()).or_default() += 1;
+        // Nothing taken yet holds no row back: until the stream knows its cursor (see
+        // [`Subscription::took`]), what it needs it reads from PostgreSQL.
+        let taken = Arc::new(AtomicI64::new(i64::MAX));
+        entry.cursors.push(taken.clone());
         Ok(Subscription {
             updates: entry.latest.subscribe(),
             hub: self.clone(),
             key,
+            taken,
         })
     }
 
@@ -283,20 +325,44 @@ pub struct Subscription {
     pub updates: watch::Receiver<i64>,
     hub: Arc<Hub>,
     key: Key,
+    /// The newest row this stream has taken; the hub keeps no row older than every
+    /// stream's.
+    taken: Arc<AtomicI64>,
 }
 
 impl Subscription {
     /// Every row after `cursor` up to `latest`, from memory, when the hub holds all of them
-    /// without a gap; `None` means: read them from PostgreSQL.
+    /// without a gap (and this stream has then taken them); `None` means: read them from
+    /// PostgreSQL.
     pub fn recent_after(&self, cursor: i64, latest: i64) -> Option<Vec<Arc<StoredNotification>>> {
-        let entries = self.hub.entries.lock().expect("hub lock poisoned");
-        let recent = &entries.get(&self.key)?.recent;
-        let rows: Vec<_> = recent.iter().filter(|r| r.seq > cursor).cloned().collect();
+        let mut entries = self.hub.entries.lock().expect("hub lock poisoned");
+        let entry = entries.get_mut(&self.key)?;
+        let rows: Vec<_> = entry
+            .recent
+            .iter()
+            .filter(|(r, _)| r.seq > cursor)
+            .map(|(r, _)| r.clone())
+            .collect();
         let contiguous = rows
             .iter()
             .enumerate()
             .all(|(i, r)| r.seq == cursor + 1 + i as i64);
-        (contiguous && rows.last().is_some_and(|r| r.seq == latest)).then_some(rows)
+        if !(contiguous && rows.last().is_some_and(|r| r.seq == latest)) {
+            return None;
+        }
+        self.took(latest);
+        // The only stream lets go of what it took at once; a user's many streams let go at
+        // the next row (a scan of every cursor on each take would cost too much).
+        if entry.connections == 1 {
+            entry.trim();
+        }
+        Some(rows)
+    }
+
+    /// Notes that the stream has taken every row up to `seq` (from wherever): the hub need
+    /// not keep them for it.
+    pub fn took(&self, seq: i64) {
+        self.taken.store(seq, Ordering::Relaxed);
     }
 }
 
@@ -305,6 +371,7 @@ impl Drop for Subscription {
         let mut entries = self.hub.entries.lock().expect("hub lock poisoned");
         let mut tenants = self.hub.tenants.lock().expect("hub lock poisoned");
         if let Some(entry) = entries.get_mut(&self.key) {
+            entry.cursors.retain(|c| !Arc::ptr_eq(c, &self.taken));
             entry.connections -= 1;
             if entry.connections == 0 {
                 entries.remove(&self.key);
@@ -355,6 +422,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             read_at: None,
             archived_at: None,
+            frame_data: Default::default(),
         })
     }
 
@@ -366,43 +434,69 @@ mod tests {
             per_tenant: 10,
             global: 10,
         };
-        let mut s = hub.subscribe("t", "u", caps).unwrap();
-        let other = hub.subscribe("t", "v", caps).unwrap();
-        hub.publish_row("t", "u", row(1));
-        hub.publish_row("t", "u", row(2));
-        s.updates.changed().await.unwrap();
-        let latest = *s.updates.borrow_and_update();
-        assert_eq!(latest, 2);
         let seqs = |rows: Option<Vec<Arc<StoredNotification>>>| {
             rows.map(|r| r.iter().map(|r| r.seq).collect::<Vec<_>>())
         };
-        assert_eq!(seqs(s.recent_after(0, latest)), Some(vec![1, 2]));
-        assert_eq!(seqs(s.recent_after(1, latest)), Some(vec![2]));
+        let mut s = hub.subscribe("t", "u", caps).unwrap();
+        let other = hub.subscribe("t", "v", caps).unwrap();
+        s.took(0);
+        hub.publish_row("t", "u", row(1), 100);
+        hub.publish_row("t", "u", row(2), 100);
+        s.updates.changed().await.unwrap();
+        let latest = *s.updates.borrow_and_update();
+        assert_eq!(latest, 2);
         assert_eq!(
             seqs(other.recent_after(0, latest)),
             None,
             "another user's rows"
         );
+        assert_eq!(seqs(s.recent_after(0, latest)), Some(vec![1, 2]));
+        // The user's only stream took them: the hub let go of them.
+        assert_eq!(seqs(s.recent_after(1, latest)), None);
         // A row only announced (another instance's, an inbox change) is read from the
         // database, and so is everything after it.
         hub.publish("t", "u", 3);
-        assert_eq!(seqs(s.recent_after(1, 3)), None);
-        hub.publish_row("t", "u", row(4));
+        assert_eq!(seqs(s.recent_after(2, 3)), None);
+        s.took(3);
+        hub.publish_row("t", "u", row(4), 100);
         assert_eq!(seqs(s.recent_after(2, 4)), None, "3 is not in memory");
         assert_eq!(seqs(s.recent_after(3, 4)), Some(vec![4]));
-        // A stream further behind than the rows kept reads from the database.
-        for seq in 5..=(5 + RECENT_ROWS as i64) {
-            hub.publish_row("t", "u", row(seq));
+
+        // Two streams: a row stays until both have taken it.
+        let second = hub.subscribe("t", "u", caps).unwrap();
+        second.took(4);
+        hub.publish_row("t", "u", row(5), 100);
+        hub.publish_row("t", "u", row(6), 100);
+        assert_eq!(seqs(s.recent_after(4, 6)), Some(vec![5, 6]));
+        assert_eq!(seqs(second.recent_after(4, 6)), Some(vec![5, 6]));
+        hub.publish_row("t", "u", row(7), 100);
+        assert_eq!(seqs(s.recent_after(4, 7)), None, "both took 5 and 6");
+        assert_eq!(seqs(s.recent_after(6, 7)), Some(vec![7]));
+        // A stream that stops taking holds back at most RECENT_ROWS rows (`second` is at 6):
+        // past them, it reads from the database.
+        let last = 7 + RECENT_ROWS as i64;
+        for seq in 8..=last {
+            hub.publish_row("t", "u", row(seq), 100);
         }
-        let latest = 5 + RECENT_ROWS as i64;
-        assert_eq!(seqs(s.recent_after(4, latest)), None);
+        assert_eq!(seqs(second.recent_after(6, last)), None);
         assert_eq!(
-            seqs(s.recent_after(latest - 2, latest)),
-            Some(vec![latest - 1, latest])
+            seqs(second.recent_after(last - 2, last)),
+            Some(vec![last - 1, last])
+        );
+        // ... and at most RECENT_BYTES bytes.
+        let big = RECENT_ROW_BYTES as i64;
+        for seq in last + 1..=last + 16 {
+            hub.publish_row("t", "u", row(seq), big as usize);
+        }
+        let kept = (RECENT_BYTES / RECENT_ROW_BYTES) as i64;
+        assert_eq!(seqs(second.recent_after(last + 16 - kept - 1, last + 16)), None);
+        assert_eq!(
+            seqs(second.recent_after(last + 16 - kept, last + 16)).map(|v| v.len()),
+            Some(kept as usize)
         );
         // Nobody listening: nothing is kept.
-        drop((s, other));
-        hub.publish_row("t", "w", row(1));
+        drop((s, second, other));
+        hub.publish_row("t", "w", row(1), 100);
         assert!(!hub.is_connected("t", "w"));
     }
 

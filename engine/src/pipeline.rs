@@ -133,7 +133,7 @@ struct Outcome {
     duplicates: u64,
     dead_lettered: Vec<String>,
     /// (tenant, user, seq, the row when the user listens on this instance).
-    notifications: Vec<(String, String, i64, Option<Arc<StoredNotification>>)>,
+    notifications: Vec<(String, String, i64, Option<(Arc<StoredNotification>, usize)>)>,
     emails: u64,
     emails_skipped: u64,
 }
@@ -553,7 +553,7 @@ impl Pipeline {
             // The row itself, for the user's streams on this instance (if any listen and it
             // is small enough to keep).
             let row = (size <= hub::RECENT_ROW_BYTES && self.hub.is_connected(n.tenant, n.user_id))
-                .then(|| Arc::new(n.stored(seq, inserted.created_at)));
+                .then(|| (Arc::new(n.stored(seq, inserted.created_at)), size));
             outcome
                 .notifications
                 .push((n.tenant.to_owned(), n.user_id.to_owned(), seq, row));
@@ -605,7 +605,7 @@ impl Pipeline {
         self.metrics.emails_skipped.inc_by(outcome.emails_skipped);
         for (tenant, user, seq, row) in outcome.notifications {
             match row {
-                Some(row) => self.hub.publish_row(&tenant, &user, row),
+                Some((row, size)) => self.hub.publish_row(&tenant, &user, row, size),
                 None => self.hub.publish(&tenant, &user, seq),
             }
         }

@@ -355,6 +355,7 @@ impl NewNotification<'_> {
             created_at,
             read_at: None,
             archived_at: None,
+            frame_data: Default::default(),
         }
     }
 }
@@ -600,6 +601,11 @@ pub struct StoredNotification {
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub read_at: Option<chrono::DateTime<chrono::Utc>>,
     pub archived_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The stream frame's data, serialized by the first stream that sends the row: a row
+    /// the hub shares among a user's streams is serialized once, not once per stream.
+    #[sqlx(skip)]
+    #[serde(skip)]
+    pub frame_data: std::sync::OnceLock<String>,
 }
 
 /// The user's notifications after `after_seq`, oldest first: at most `limit` rows and, past

@@ -149,6 +149,7 @@ pub async fn stream(
     let gauge = state.metrics.sse_connections.clone();
     gauge.inc();
     let expiry = Expiry::of(&identity);
+    subscription.took(cursor);
     let reader = Reader {
         pool: state.pool.clone(),
         tenant: identity.tenant,
@@ -308,6 +309,9 @@ impl Reader {
             match read {
                 Ok(rows) if !rows.is_empty() => {
                     self.failed_reads = 0;
+                    if let Some(last) = rows.last() {
+                        self.subscription.took(last.seq);
+                    }
                     self.pending.extend(rows.into_iter().map(Arc::new));
                     continue;
                 }
@@ -340,6 +344,14 @@ impl Reader {
 }
 
 fn to_event(n: &StoredNotification) -> Event {
+    Event::default()
+        .id(n.seq.to_string())
+        .event(n.kind.as_str())
+        .data(n.frame_data.get_or_init(|| frame_data(n)))
+}
+
+/// The JSON of a row's frame.
+fn frame_data(n: &StoredNotification) -> String {
     let data = if n.kind == READ_EVENT || n.kind == ARCHIVED_EVENT {
         // The inbox API's change events carry their own data.
         n.data.0.clone()
@@ -364,8 +376,5 @@ fn to_event(n: &StoredNotification) -> Event {
         object.insert("event_id".into(), n.event_id.clone().into());
         serde_json::Value::Object(object)
     };
-    Event::default()
-        .id(n.seq.to_string())
-        .event(n.kind.as_str())
-        .data(data.to_string())
+    data.to_string()
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, header};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tower::ServiceExt;
 
@@ -140,10 +140,25 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(
             frame = frames.next() => match frame {
                 Some(Ok(data)) if data.is_empty() => {}
                 Some(Ok(data)) => {
-                    let size = format!("{:x}\r\n", data.len());
-                    writer.write_all(size.as_bytes()).await?;
-                    writer.write_all(&data).await?;
-                    writer.write_all(b"\r\n").await?;
+                    // One write (one send) for the frame and the frames already waiting
+                    // behind it: a stream's rows of one commit, a fan-out's, go out together.
+                    let mut chunks = Vec::with_capacity(data.len() + 16);
+                    chunk(&mut chunks, &data);
+                    let mut ended = false;
+                    while chunks.len() < MAX_COALESCED {
+                        match frames.next().now_or_never() {
+                            Some(Some(Ok(more))) => chunk(&mut chunks, &more),
+                            Some(Some(Err(_)) | None) => {
+                                ended = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    writer.write_all(&chunks).await?;
+                    if ended {
+                        break;
+                    }
                 }
                 // The stream ended (shutdown, expiry, a failed read): the client
                 // reconnects and replays.
@@ -156,6 +171,20 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(
     }
     writer.write_all(b"0\r\n\r\n").await?;
     writer.shutdown().await
+}
+
+/// Frames already waiting are written together up to about this many bytes.
+const MAX_COALESCED: usize = 64 * 1024;
+
+/// Appends `data` to `out` as one HTTP/1.1 chunk (nothing for empty data: that chunk would
+/// end the body).
+fn chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Resolves when the client closed its side or sent something (cancel-safe: a read of
