@@ -57,7 +57,7 @@ pub struct Counts {
 impl Presence {
     pub fn new(hub: Arc<Hub>, config: PresenceConfig) -> Arc<Self> {
         Arc::new(Self {
-            instance: uuid::Uuid::new_v4().to_string(),
+            instance: hub.instance().to_owned(),
             hub,
             others: RwLock::new(HashMap::new()),
             config,
@@ -255,7 +255,10 @@ pub async fn listen(
             },
         };
         match heard {
-            Ok(Heard::Wakes(wakes)) => {
+            // This instance's own rows reach its streams from the pipeline, in memory; the
+            // echo of its NOTIFY, often first, would send them to PostgreSQL for them.
+            Ok(Heard::Wakes { from, .. }) if from.as_deref() == Some(hub.instance()) => {}
+            Ok(Heard::Wakes { wakes, .. }) => {
                 for (tenant, user, seq) in wakes {
                     hub.publish(&tenant, &user, seq);
                 }

@@ -73,14 +73,16 @@ impl Entry {
 
 /// Rows kept at most per listening user (not yet taken by all of its streams); a stream
 /// further behind reads from PostgreSQL.
-const RECENT_ROWS: usize = 64;
+const RECENT_ROWS: usize = 256;
 /// Bytes (title, body, data) kept at most per listening user.
-const RECENT_BYTES: usize = 32 * 1024;
+const RECENT_BYTES: usize = 64 * 1024;
 /// Rows larger than this are not kept: their streams read them.
 pub const RECENT_ROW_BYTES: usize = 4 * 1024;
 
 #[derive(Default)]
 pub struct Hub {
+    /// This instance's id (a UUID per start): its own announcements are not news to it.
+    instance: String,
     entries: Mutex<HashMap<Key, Entry>>,
     /// Open streams per tenant (updated under the `entries` lock).
     tenants: Mutex<HashMap<String, usize>>,
@@ -159,7 +161,15 @@ pub enum CapExceeded {
 
 impl Hub {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Arc::new(Self {
+            instance: uuid::Uuid::new_v4().to_string(),
+            ..Self::default()
+        })
+    }
+
+    /// This instance's id (a UUID per start).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Tells the user's open streams that `seq` exists. Call after the transaction that
@@ -489,7 +499,10 @@ mod tests {
             hub.publish_row("t", "u", row(seq), big as usize);
         }
         let kept = (RECENT_BYTES / RECENT_ROW_BYTES) as i64;
-        assert_eq!(seqs(second.recent_after(last + 16 - kept - 1, last + 16)), None);
+        assert_eq!(
+            seqs(second.recent_after(last + 16 - kept - 1, last + 16)),
+            None
+        );
         assert_eq!(
             seqs(second.recent_after(last + 16 - kept, last + 16)).map(|v| v.len()),
             Some(kept as usize)

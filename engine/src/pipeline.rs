@@ -133,7 +133,12 @@ struct Outcome {
     duplicates: u64,
     dead_lettered: Vec<String>,
     /// (tenant, user, seq, the row when the user listens on this instance).
-    notifications: Vec<(String, String, i64, Option<(Arc<StoredNotification>, usize)>)>,
+    notifications: Vec<(
+        String,
+        String,
+        i64,
+        Option<(Arc<StoredNotification>, usize)>,
+    )>,
     emails: u64,
     emails_skipped: u64,
 }
@@ -563,6 +568,7 @@ impl Pipeline {
         // Streams on other instances hear of the rows when they commit.
         store::announce(
             &mut tx,
+            Some(self.hub.instance()),
             outcome
                 .notifications
                 .iter()

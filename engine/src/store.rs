@@ -525,14 +525,24 @@ fn json_arrays<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<S
 }
 
 /// Tells every instance, when `tx` commits, that these users' streams have rows up to these
-/// sequence numbers: `[[tenant, user, seq], …]` on [`WAKE_CHANNEL`], in as few NOTIFYs as
-/// fit. NOTIFY is transactional: delivered at commit and only then, so no listener looks
-/// for a row it cannot see yet, and a rolled-back batch wakes nobody.
+/// sequence numbers: `{"from": instance, "wakes": [[tenant, user, seq], …]}` on
+/// [`WAKE_CHANNEL`] (just the array without `from`), in as few NOTIFYs as fit. NOTIFY is
+/// transactional: delivered at commit and only then, so no listener looks for a row it
+/// cannot see yet, and a rolled-back batch wakes nobody.
 pub async fn announce<'a>(
     tx: &mut PgConnection,
+    from: Option<&str>,
     wakes: impl IntoIterator<Item = (&'a str, &'a str, i64)>,
 ) -> Result<()> {
-    for payload in json_arrays(wakes) {
+    for array in json_arrays(wakes) {
+        let payload = match from {
+            // Under PostgreSQL's 8000 bytes: the array is at most NOTIFY_PAYLOAD_BYTES.
+            Some(from) => format!(
+                r#"{{"from":{},"wakes":{array}}}"#,
+                serde_json::Value::from(from)
+            ),
+            None => array,
+        };
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(WAKE_CHANNEL)
             .bind(payload)
@@ -544,8 +554,12 @@ pub async fn announce<'a>(
 
 /// What the cluster listener heard.
 pub enum Heard {
-    /// Users' streams with rows up to these sequence numbers.
-    Wakes(Vec<(String, String, i64)>),
+    /// Users' streams with rows up to these sequence numbers, committed by instance `from`
+    /// (unknown for an inbox change).
+    Wakes {
+        from: Option<String>,
+        wakes: Vec<(String, String, i64)>,
+    },
     /// Users that came online or went offline on another instance, or instances gone.
     Presence(presence::News),
     /// The connection was lost and made again: what was sent meanwhile is gone.
@@ -574,7 +588,7 @@ impl ClusterListener {
             };
             let payload = notification.payload();
             let heard = if notification.channel() == WAKE_CHANNEL {
-                serde_json::from_str(payload).map(Heard::Wakes)
+                parse_wakes(payload)
             } else {
                 serde_json::from_str(payload).map(Heard::Presence)
             };
@@ -586,6 +600,26 @@ impl ClusterListener {
             }
         }
     }
+}
+
+/// A [`WAKE_CHANNEL`] payload: `{"from", "wakes"}`, or just the array.
+fn parse_wakes(payload: &str) -> serde_json::Result<Heard> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Payload {
+        Bare(Vec<(String, String, i64)>),
+        From {
+            from: String,
+            wakes: Vec<(String, String, i64)>,
+        },
+    }
+    Ok(match serde_json::from_str(payload)? {
+        Payload::Bare(wakes) => Heard::Wakes { from: None, wakes },
+        Payload::From { from, wakes } => Heard::Wakes {
+            from: Some(from),
+            wakes,
+        },
+    })
 }
 
 /// A stored notification as streamed to its user.
@@ -1040,6 +1074,22 @@ pub async fn mark_replayed(tx: &mut PgConnection, token: uuid::Uuid) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wake_payloads_name_their_instance_or_not() {
+        let wakes = |payload: &str| match parse_wakes(payload) {
+            Ok(Heard::Wakes { from, wakes }) => Some((from, wakes)),
+            _ => None,
+        };
+        let one = vec![("t".to_owned(), "u".to_owned(), 7)];
+        assert_eq!(wakes(r#"[["t","u",7]]"#), Some((None, one.clone())));
+        assert_eq!(
+            wakes(r#"{"from":"i-1","wakes":[["t","u",7]]}"#),
+            Some((Some("i-1".into()), one))
+        );
+        assert_eq!(wakes(r#"{"wakes":[["t","u",7]]}"#), None);
+        assert_eq!(wakes(r#"[["t","u","7"]]"#), None);
+    }
 
     #[test]
     fn json_arrays_split_under_the_notify_limit_and_keep_every_item_in_order() {
