@@ -74,7 +74,7 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-ENGINES=() ADMINS=()
+ENGINES=() ADMINS=() ENGINE_PIDS=()
 per_instance=$(((CONNECTIONS + FANOUT) / INSTANCES + 1000))
 for i in $(seq 1 "$INSTANCES"); do
     http=$(free_port)
@@ -97,8 +97,8 @@ dir = "plugins/dist"
 cache_dir = "$CARGO_TARGET_DIR/plugin-cache"
 [email]
 templates_dir = "templates"
-concurrency = 32
-batch = 64
+concurrency = 64
+batch = 128
 per_tenant_batch = 64
 tenant_rate_per_sec = 1000
 [smtp]
@@ -114,6 +114,7 @@ TOML
         "$CARGO_TARGET_DIR/release/notify-engine" run >"$WORK/engine$i.log" 2>&1 &
     PIDS+=("$!")
     ENGINES+=("127.0.0.1:$http")
+    ENGINE_PIDS+=("${PIDS[-1]}")
     ADMINS+=("127.0.0.1:$admin")
     for _ in $(seq 1 120); do
         curl -fsS "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1 && break
@@ -127,16 +128,53 @@ join() { local IFS=,; echo "$*"; }
 
 load() {
     "$CARGO_TARGET_DIR/release/notify-load" \
-        --brokers "$NOTIFY_KAFKA__BROKERS" \
-        --connections "$CONNECTIONS" --fanout-connections "$FANOUT" \
+        --brokers "$NOTIFY_KAFKA__BROKERS" --fanout-connections "$FANOUT" \
         --sources "${LOAD_SOURCES:-4}" \
         --max-events "${LOAD_MAX_EVENTS:-100000}" --emails "${LOAD_EMAILS:-5000}" \
         --steady-secs "${LOAD_STEADY_SECS:-30}" --burst-secs "${LOAD_BURST_SECS:-20}" \
         "$@"
 }
+# One process holds at most PER_PROCESS connections (its open files are capped like the
+# engines'); past that, holder processes keep the rest open, idle, for the whole run.
+PER_PROCESS=${LOAD_PER_PROCESS:-$(($(ulimit -n) - 2000))}
+MAIN=$((CONNECTIONS < PER_PROCESS ? CONNECTIONS : PER_PROCESS))
+HOLDERS=()
+hold() { # <offset> <count> <notify-load arguments: servers, target>...
+    local log="$WORK/holder-$1.log" offset=$1 count=$2
+    shift 2
+    load --hold-only --user-offset "$offset" --connections "$count" --topic "$TOPIC" \
+        --out "$WORK" "$@" >"$log" 2>&1 &
+    HOLDERS+=("$!")
+    PIDS+=("$!")
+    for _ in $(seq 1 600); do
+        grep -q "holding" "$log" && break
+        kill -0 "${HOLDERS[-1]}" 2>/dev/null || { cat "$log" >&2; exit 1; }
+        sleep 0.5
+    done
+    log "holder $offset: $(grep -o "holding.*" "$log")"
+}
+# Holds connections MAIN.. CONNECTIONS in holder processes; sets held_elsewhere.
+hold_rest() { # <notify-load arguments: servers, target>...
+    held_elsewhere=0
+    local offset=$MAIN count
+    while [ "$offset" -lt "$CONNECTIONS" ]; do
+        count=$((CONNECTIONS - offset < PER_PROCESS ? CONNECTIONS - offset : PER_PROCESS))
+        hold "$offset" "$count" "$@"
+        held_elsewhere=$((held_elsewhere + $(grep -o "holding [0-9]*" "$WORK/holder-$offset.log" | grep -o "[0-9]*$")))
+        offset=$((offset + count))
+    done
+}
+rss() { # resident KiB of each pid given, comma-separated
+    local out=() pid
+    for pid in "$@"; do out+=("$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status")"); done
+    join "${out[@]}"
+}
+rss_before=$(rss "${ENGINE_PIDS[@]}")
+hold_rest --engines "$(join "${ENGINES[@]}")"
 mkdir -p "$OUT/engine"
 load --engines "$(join "${ENGINES[@]}")" --admins "$(join "${ADMINS[@]}")" \
-    --pids "$(join "${PIDS[@]}")" --topic "$TOPIC" --database-url "$DB_URL" \
+    --pids "$(join "${ENGINE_PIDS[@]}")" --topic "$TOPIC" --database-url "$DB_URL" \
+    --connections "$MAIN" --held-elsewhere "$held_elsewhere" --rss-before "$rss_before" \
     --scenarios "$SCENARIOS" \
     --label "notify-engine $(git rev-parse --short HEAD), $INSTANCES instance(s)" \
     --out "$OUT/engine"
@@ -177,7 +215,11 @@ done
 curl -fsS "http://127.0.0.1:$cf_port/health" >/dev/null || { log "Centrifugo not ready"; exit 1; }
 log "Centrifugo $CENTRIFUGO_VERSION: $cf_port, pid ${PIDS[-1]}"
 mkdir -p "$OUT/centrifugo"
-load --target centrifugo --engines "127.0.0.1:$cf_port" --pids "${PIDS[-1]}" --topic "$CF_TOPIC" \
+cf_pid=${PIDS[-1]}
+rss_before=$(rss "$cf_pid")
+hold_rest --target centrifugo --engines "127.0.0.1:$cf_port"
+load --target centrifugo --engines "127.0.0.1:$cf_port" --pids "$cf_pid" --topic "$CF_TOPIC" \
+    --connections "$MAIN" --held-elsewhere "$held_elsewhere" --rss-before "$rss_before" \
     --scenarios "$SCENARIOS" \
     --label "Centrifugo $CENTRIFUGO_VERSION (memory engine, uni_sse, Kafka consumer), 1 instance" \
     --compare-with "$OUT/engine" --out "$OUT/centrifugo"

@@ -211,7 +211,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let worker = EmailWorker {
         pool: pool.clone(),
         templates,
-        transport: delivery::transport(&config.smtp)?,
+        transport: delivery::transport(&config.smtp, config.email.concurrency)?,
         from,
         config: config.email.clone(),
         tenants: config.tenants.clone(),

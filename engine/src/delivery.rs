@@ -63,8 +63,13 @@ pub struct EmailWorker {
     pub plugins: Arc<PluginHost>,
 }
 
-/// Builds the SMTP transport from configuration (no connection is made yet).
-pub fn transport(smtp: &SmtpConfig) -> Result<AsyncSmtpTransport<Tokio1Executor>, DeliveryError> {
+/// Builds the SMTP transport from configuration (no connection is made yet), keeping up to
+/// `concurrency` connections open: lettre's pool closes a connection coming back to a full
+/// pool, so a smaller pool than the sends in flight would reconnect for most of them.
+pub fn transport(
+    smtp: &SmtpConfig,
+    concurrency: usize,
+) -> Result<AsyncSmtpTransport<Tokio1Executor>, DeliveryError> {
     let builder = match smtp.tls {
         SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
         SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)?,
@@ -72,7 +77,11 @@ pub fn transport(smtp: &SmtpConfig) -> Result<AsyncSmtpTransport<Tokio1Executor>
     };
     let mut builder = builder
         .port(smtp.port)
-        .timeout(Some(Duration::from_millis(smtp.timeout_ms)));
+        .timeout(Some(Duration::from_millis(smtp.timeout_ms)))
+        .pool_config(
+            lettre::transport::smtp::PoolConfig::new()
+                .max_size(u32::try_from(concurrency).unwrap_or(u32::MAX)),
+        );
     if let Some(user) = &smtp.username {
         builder = builder.credentials(Credentials::new(
             user.clone(),

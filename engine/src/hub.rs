@@ -9,10 +9,10 @@
 //! committed for its user ([`Hub::publish_row`]) when nothing is missing before them, and
 //! reads it from PostgreSQL otherwise (another instance's rows, an inbox change, a stream
 //! further behind). The hub keeps a row until every stream of its user here has taken it,
-//! within a bound per user, so a user's thousand tabs share one copy and one slow tab does
-//! not make the engine buffer for it. So a slow client never makes the engine buffer (it simply reads
-//! later), ordering and gaps are PostgreSQL's to keep, live delivery and `Last-Event-ID`
-//! replay are the same code, and the common case costs no query.
+//! within a bound per user, so a user's thousand tabs share one copy (and its frame's JSON,
+//! made once). So a slow client never makes the engine buffer beyond that bound (it simply
+//! reads later), ordering and gaps are PostgreSQL's to keep, live delivery and
+//! `Last-Event-ID` replay are the same code, and the common case costs no query.
 //!
 //! The hub also notes each user's first stream opening and last closing, which `cluster`
 //! writes as the user's presence.

@@ -105,6 +105,21 @@ pub struct Args {
     /// In `steady` and `burst`, one event in this many carries an email (0: none).
     #[arg(long, default_value_t = 10)]
     email_every: u64,
+    /// Only open the connections and hold them until SIGTERM (no scenario, no report): a
+    /// process's open-file limit caps its connections, so a run past it adds holders.
+    #[arg(long)]
+    hold_only: bool,
+    /// The first user's number (a holder's users follow the measuring harness's).
+    #[arg(long, default_value_t = 0)]
+    user_offset: usize,
+    /// Connections held by other processes (`--hold-only`), counted in the idle memory
+    /// per connection.
+    #[arg(long, default_value_t = 0)]
+    held_elsewhere: usize,
+    /// The engines' resident memory (KiB, same order as `--pids`) before any connection,
+    /// when holders opened theirs before this process started.
+    #[arg(long, value_delimiter = ',')]
+    rss_before: Vec<u64>,
     /// Events sent (and not measured) before the first scenario that sends any.
     #[arg(long, default_value_t = 20_000)]
     warm_up: u64,
@@ -147,6 +162,7 @@ pub fn now_us() -> u64 {
 async fn main() -> Result<()> {
     let args = Args::parse();
     match args.target {
+        _ if args.hold_only => {}
         Target::Engine if args.engines.len() != args.admins.len() => {
             bail!("--engines and --admins must name the same instances")
         }
@@ -159,8 +175,24 @@ async fn main() -> Result<()> {
     let recorder = tokio::spawn(Recorder::collect(received, stopped));
     let mut run = Run::new(args.clone(), samples)?;
     let mut phases = Vec::new();
-    let rss_before = run.rss();
+    let rss_before = if args.rss_before.is_empty() {
+        run.rss()
+    } else {
+        args.rss_before.clone()
+    };
     let connected = run.connect_users().await?;
+    if args.hold_only {
+        eprintln!(
+            "[load] holding {} connections ({} failed)",
+            connected.held, connected.failed
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        return Ok(());
+    }
     // Connections that failed are in `connected`; from here on `failed` counts per scenario.
     run.failed.store(0, Ordering::Relaxed);
     let mut warm = false;
@@ -244,7 +276,7 @@ impl Run {
             .set("message.timeout.ms", "60000")
             .create()
             .context("creating the Kafka producer")?;
-        let users = (0..args.connections)
+        let users = (args.user_offset..args.user_offset + args.connections)
             .map(|i| {
                 (
                     format!("load{}", i % args.tenants),
@@ -393,7 +425,8 @@ impl Run {
         let mut phase = Phase::new("idle");
         tokio::time::sleep(Duration::from_secs(5)).await;
         let after = self.rss();
-        let per_instance = connected.held as f64 / self.args.engines.len().max(1) as f64;
+        let per_instance = (connected.held + self.args.held_elsewhere) as f64
+            / self.args.engines.len().max(1) as f64;
         let per_connection: Vec<f64> = before
             .iter()
             .zip(&after)
@@ -401,6 +434,7 @@ impl Run {
             .collect();
         phase.extra = json!({
             "connections": connected.held,
+            "held_by_other_processes": self.args.held_elsewhere,
             "failed": connected.failed,
             "connect_seconds": connected.seconds,
             "rss_kib_before": before,

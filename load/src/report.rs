@@ -165,14 +165,23 @@ pub fn write(
         "machine": machine(),
         "instances": args.engines.len(),
         "connections": {
-            "requested": args.connections,
-            "held": connected.held,
+            "requested": args.connections + args.held_elsewhere,
+            // This process's and the holders' (`--held-elsewhere`, as they reported them).
+            "held": connected.held + args.held_elsewhere,
+            "held_by_other_processes": args.held_elsewhere,
             "failed": connected.failed,
             "open_seconds": connected.seconds,
             "source_addresses": args.sources,
         },
         "scenarios": scenarios,
-        "criteria": criteria(phases, &recorded, connected),
+        "criteria": criteria(
+            phases,
+            &recorded,
+            Connected {
+                held: connected.held + args.held_elsewhere,
+                ..connected
+            },
+        ),
     });
     std::fs::write(
         args.out.join("report.json"),
