@@ -13,7 +13,8 @@
 #
 # Other knobs (passed to notify-load): LOAD_SCENARIOS, LOAD_MAX_EVENTS, LOAD_FANOUT,
 # LOAD_EMAILS, LOAD_STEADY_SECS, LOAD_BURST_SECS, LOAD_SOURCES; LOAD_CENTRIFUGO=0 skips
-# Centrifugo, CENTRIFUGO_VERSION picks its version. The reports go to LOAD_OUT (default
+# Centrifugo, CENTRIFUGO_VERSION picks its version. Connections past LOAD_PER_PROCESS (the
+# open-files limit less 2 000) are held by holder processes (notify-load --hold-only). The reports go to LOAD_OUT (default
 # ~/.cache/notify-engine/load/<UTC time>-<instances>i): engine/, centrifugo/ and
 # comparison.md; docs/performance.md records the figures of a run.
 set -euo pipefail
@@ -126,14 +127,14 @@ TOML
 done
 join() { local IFS=,; echo "$*"; }
 
-load() {
-    "$CARGO_TARGET_DIR/release/notify-load" \
-        --brokers "$NOTIFY_KAFKA__BROKERS" --fanout-connections "$FANOUT" \
-        --sources "${LOAD_SOURCES:-4}" \
-        --max-events "${LOAD_MAX_EVENTS:-100000}" --emails "${LOAD_EMAILS:-5000}" \
-        --steady-secs "${LOAD_STEADY_SECS:-30}" --burst-secs "${LOAD_BURST_SECS:-20}" \
-        "$@"
-}
+LOAD_BIN=$CARGO_TARGET_DIR/release/notify-load
+LOAD_ARGS=(
+    --brokers "$NOTIFY_KAFKA__BROKERS" --fanout-connections "$FANOUT"
+    --sources "${LOAD_SOURCES:-4}"
+    --max-events "${LOAD_MAX_EVENTS:-100000}" --emails "${LOAD_EMAILS:-5000}"
+    --steady-secs "${LOAD_STEADY_SECS:-30}" --burst-secs "${LOAD_BURST_SECS:-20}"
+)
+load() { "$LOAD_BIN" "${LOAD_ARGS[@]}" "$@"; }
 # One process holds at most PER_PROCESS connections (its open files are capped like the
 # engines'); past that, holder processes keep the rest open, idle, for the whole run.
 PER_PROCESS=${LOAD_PER_PROCESS:-$(($(ulimit -n) - 2000))}
@@ -142,8 +143,10 @@ HOLDERS=()
 hold() { # <offset> <count> <notify-load arguments: servers, target>...
     local log="$WORK/holder-$1.log" offset=$1 count=$2
     shift 2
-    load --hold-only --user-offset "$offset" --connections "$count" --topic "$TOPIC" \
-        --out "$WORK" "$@" >"$log" 2>&1 &
+    # The binary itself in the background (not the `load` function, whose subshell would be
+    # the pid killed, leaving the holder running).
+    "$LOAD_BIN" "${LOAD_ARGS[@]}" --hold-only --user-offset "$offset" --connections "$count" \
+        --topic "$TOPIC" --out "$WORK" "$@" >"$log" 2>&1 &
     HOLDERS+=("$!")
     PIDS+=("$!")
     for _ in $(seq 1 600); do
