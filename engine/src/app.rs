@@ -179,6 +179,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         pool: pool.clone(),
         plugins: plugins.clone(),
         hub: hub.clone(),
+        presence: presence.clone(),
         metrics: metrics.clone(),
         health: health.clone(),
         email_wake: email_wake.clone(),

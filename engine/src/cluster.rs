@@ -71,9 +71,11 @@ impl Presence {
 
     /// Does (tenant, user) have a stream open here, or on another instance as last heard?
     pub fn is_online(&self, tenant: &str, user_id: &str) -> bool {
-        if self.hub.is_connected(tenant, user_id) {
-            return true;
-        }
+        self.hub.is_connected(tenant, user_id) || self.is_online_elsewhere(tenant, user_id)
+    }
+
+    /// Does (tenant, user) have a stream open on another instance, as last heard?
+    pub fn is_online_elsewhere(&self, tenant: &str, user_id: &str) -> bool {
         let key = (tenant.to_owned(), user_id.to_owned());
         let others = self.others.read().expect("presence lock poisoned");
         others.values().any(|users| users.contains(&key))
@@ -224,7 +226,7 @@ pub async fn listen(
             None => {
                 let connected = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    connected = ClusterListener::connect(&pool) => connected,
+                    connected = ClusterListener::connect(&pool, hub.instance()) => connected,
                 };
                 // Listening first, then reading: no change falls between the two.
                 match connected {
@@ -255,12 +257,17 @@ pub async fn listen(
             },
         };
         match heard {
-            // This instance's own rows reach its streams from the pipeline, in memory; the
-            // echo of its NOTIFY, often first, would send them to PostgreSQL for them.
-            Ok(Heard::Wakes { from, .. }) if from.as_deref() == Some(hub.instance()) => {}
-            Ok(Heard::Wakes { wakes, .. }) => {
-                for (tenant, user, seq) in wakes {
-                    hub.publish(&tenant, &user, seq);
+            Ok(Heard::Wakes(wakes)) => {
+                for wake in wakes {
+                    match wake.row {
+                        // Another instance's row, carried because this instance's user
+                        // listens: its streams take it from memory too.
+                        Some(row) => {
+                            let size = row.approximate_size();
+                            hub.publish_row(&wake.tenant, &wake.user, Arc::new(row), size)
+                        }
+                        None => hub.publish(&wake.tenant, &wake.user, wake.seq),
+                    }
                 }
             }
             Ok(Heard::Presence(news)) => presence.apply(news),

@@ -36,6 +36,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Presence;
 use crate::config::{EmailConfig, KafkaConfig};
 use crate::health::Health;
 use crate::hub::{self, Hub};
@@ -53,6 +54,8 @@ pub struct Pipeline {
     pub pool: PgPool,
     pub plugins: Arc<PluginHost>,
     pub hub: Arc<Hub>,
+    /// Who listens on other instances: their rows travel in the wake-up.
+    pub presence: Arc<Presence>,
     pub metrics: Metrics,
     pub health: Arc<Health>,
     /// Woken after a commit that wrote outbox rows.
@@ -554,14 +557,21 @@ impl Pipeline {
             })
             .collect();
         let inserted = store::insert_notifications(&mut tx, &notifications).await?;
+        // The row itself, when it is small enough to keep: for the user's streams on this
+        // instance, and in the wake-up for those on others.
+        let mut elsewhere = Vec::new();
         for ((n, seq), size) in notifications.iter().zip(inserted.seqs).zip(inserted.sizes) {
-            // The row itself, for the user's streams on this instance (if any listen and it
-            // is small enough to keep).
-            let row = (size <= hub::RECENT_ROW_BYTES && self.hub.is_connected(n.tenant, n.user_id))
-                .then(|| (Arc::new(n.stored(seq, inserted.created_at)), size));
-            outcome
-                .notifications
-                .push((n.tenant.to_owned(), n.user_id.to_owned(), seq, row));
+            let small = size <= hub::RECENT_ROW_BYTES;
+            let here = small && self.hub.is_connected(n.tenant, n.user_id);
+            let there = small && self.presence.is_online_elsewhere(n.tenant, n.user_id);
+            let row = (here || there).then(|| Arc::new(n.stored(seq, inserted.created_at)));
+            elsewhere.push(row.clone().filter(|_| there));
+            outcome.notifications.push((
+                n.tenant.to_owned(),
+                n.user_id.to_owned(),
+                seq,
+                row.filter(|_| here).map(|row| (row, size)),
+            ));
         }
         store::enqueue_emails(&mut tx, &emails).await?;
         outcome.emails = emails.len() as u64;
@@ -572,7 +582,10 @@ impl Pipeline {
             outcome
                 .notifications
                 .iter()
-                .map(|(tenant, user, seq, _)| (tenant.as_str(), user.as_str(), *seq)),
+                .zip(&elsewhere)
+                .map(|((tenant, user, seq, _), row)| {
+                    (tenant.as_str(), user.as_str(), *seq, row.as_deref())
+                }),
         )
         .await?;
         tx.commit().await?;

@@ -524,25 +524,31 @@ fn json_arrays<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<S
     arrays
 }
 
+/// A row carried in a wake-up at most this long as JSON; a longer one is only announced (its
+/// streams read it), so a NOTIFY never passes PostgreSQL's limit.
+const ROW_IN_NOTIFY_BYTES: usize = 6_000;
+
+/// One user's wake-up as announced: `[tenant, user, seq]`, or with the row itself.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum WakeOut<'a> {
+    Bare(&'a str, &'a str, i64),
+    Row(&'a str, &'a str, i64, Box<serde_json::value::RawValue>),
+}
+
 /// Tells every instance, when `tx` commits, that these users' streams have rows up to these
 /// sequence numbers: `{"from": instance, "wakes": [[tenant, user, seq], …]}` on
-/// [`WAKE_CHANNEL`] (just the array without `from`), in as few NOTIFYs as fit. NOTIFY is
-/// transactional: delivered at commit and only then, so no listener looks for a row it
-/// cannot see yet, and a rolled-back batch wakes nobody.
+/// [`WAKE_CHANNEL`] (just the array without `from`), in as few NOTIFYs as fit. A wake-up
+/// with a row (`[tenant, user, seq, row]`) carries it to instances where the user listens, so
+/// their streams need not read it back. NOTIFY is transactional: delivered at commit and
+/// only then, so no listener looks for a row it cannot see yet, and a rolled-back batch wakes
+/// nobody.
 pub async fn announce<'a>(
     tx: &mut PgConnection,
     from: Option<&str>,
-    wakes: impl IntoIterator<Item = (&'a str, &'a str, i64)>,
+    wakes: impl IntoIterator<Item = (&'a str, &'a str, i64, Option<&'a StoredNotification>)>,
 ) -> Result<()> {
-    for array in json_arrays(wakes) {
-        let payload = match from {
-            // Under PostgreSQL's 8000 bytes: the array is at most NOTIFY_PAYLOAD_BYTES.
-            Some(from) => format!(
-                r#"{{"from":{},"wakes":{array}}}"#,
-                serde_json::Value::from(from)
-            ),
-            None => array,
-        };
+    for payload in wake_payloads(from, wakes) {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(WAKE_CHANNEL)
             .bind(payload)
@@ -554,41 +560,59 @@ pub async fn announce<'a>(
 
 /// What the cluster listener heard.
 pub enum Heard {
-    /// Users' streams with rows up to these sequence numbers, committed by instance `from`
-    /// (unknown for an inbox change).
-    Wakes {
-        from: Option<String>,
-        wakes: Vec<(String, String, i64)>,
-    },
+    /// Users' streams with rows up to these sequence numbers, committed by another
+    /// instance, or by any for an inbox change (its own batches' echo is not news).
+    Wakes(Vec<Wake>),
     /// Users that came online or went offline on another instance, or instances gone.
     Presence(presence::News),
     /// The connection was lost and made again: what was sent meanwhile is gone.
     Reconnected,
 }
 
+/// A wake-up heard: (tenant, user) has rows up to `seq`, and maybe the row itself.
+#[derive(Debug, PartialEq)]
+pub struct Wake {
+    pub tenant: String,
+    pub user: String,
+    pub seq: i64,
+    pub row: Option<StoredNotification>,
+}
+
 /// A connection of its own listening on [`WAKE_CHANNEL`] and
-/// [`presence::PRESENCE_CHANNEL`].
-pub struct ClusterListener(sqlx::postgres::PgListener);
+/// [`presence::PRESENCE_CHANNEL`], for the instance `own`.
+pub struct ClusterListener {
+    listener: sqlx::postgres::PgListener,
+    /// How this instance's own wake-ups start: the echo of its batches, skipped unread.
+    own: String,
+}
 
 impl ClusterListener {
-    pub async fn connect(pool: &PgPool) -> Result<Self> {
+    pub async fn connect(pool: &PgPool, own: &str) -> Result<Self> {
         let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
         listener
             .listen_all([WAKE_CHANNEL, presence::PRESENCE_CHANNEL])
             .await?;
-        Ok(Self(listener))
+        Ok(Self {
+            listener,
+            own: own_prefix(own),
+        })
     }
 
     /// The next news. A payload that is not ours (another program notifying on the
     /// channel) is skipped with a warning.
     pub async fn next(&mut self) -> Result<Heard> {
         loop {
-            let Some(notification) = self.0.try_recv().await? else {
+            let Some(notification) = self.listener.try_recv().await? else {
                 return Ok(Heard::Reconnected);
             };
             let payload = notification.payload();
             let heard = if notification.channel() == WAKE_CHANNEL {
-                parse_wakes(payload)
+                // This instance's streams took those rows from memory after the commit; the
+                // echo (often first) would have sent them to PostgreSQL for them.
+                if payload.starts_with(&self.own) {
+                    continue;
+                }
+                parse_wakes(payload).map(Heard::Wakes)
             } else {
                 serde_json::from_str(payload).map(Heard::Presence)
             };
@@ -602,28 +626,72 @@ impl ClusterListener {
     }
 }
 
-/// A [`WAKE_CHANNEL`] payload: `{"from", "wakes"}`, or just the array.
-fn parse_wakes(payload: &str) -> serde_json::Result<Heard> {
+/// The NOTIFY payloads of [`announce`].
+fn wake_payloads<'a>(
+    from: Option<&str>,
+    wakes: impl IntoIterator<Item = (&'a str, &'a str, i64, Option<&'a StoredNotification>)>,
+) -> Vec<String> {
+    let wakes = wakes.into_iter().map(|(tenant, user, seq, row)| {
+        row.and_then(|row| serde_json::value::to_raw_value(row).ok())
+            .filter(|raw| raw.get().len() <= ROW_IN_NOTIFY_BYTES)
+            .map_or(WakeOut::Bare(tenant, user, seq), |raw| {
+                WakeOut::Row(tenant, user, seq, raw)
+            })
+    });
+    json_arrays(wakes)
+        .into_iter()
+        .map(|array| match from {
+            // Under PostgreSQL's 8000 bytes: the array is at most NOTIFY_PAYLOAD_BYTES.
+            Some(from) => format!(r#"{},"wakes":{array}}}"#, own_prefix(from)),
+            None => array,
+        })
+        .collect()
+}
+
+/// How the wake-ups of instance `id` start ([`announce`] writes `from` first).
+fn own_prefix(id: &str) -> String {
+    format!(r#"{{"from":{}"#, serde_json::Value::from(id))
+}
+
+/// A [`WAKE_CHANNEL`] payload: `{"from", "wakes"}`, or just the array; each wake-up is
+/// `[tenant, user, seq]` or `[tenant, user, seq, row]`.
+fn parse_wakes(payload: &str) -> serde_json::Result<Vec<Wake>> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum WakeIn {
+        Bare(String, String, i64),
+        Row(String, String, i64, StoredNotification),
+    }
+    // `from` is not read: the listener skipped its own instance's before parsing.
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum Payload {
-        Bare(Vec<(String, String, i64)>),
-        From {
-            from: String,
-            wakes: Vec<(String, String, i64)>,
-        },
+        Bare(Vec<WakeIn>),
+        Object { wakes: Vec<WakeIn> },
     }
-    Ok(match serde_json::from_str(payload)? {
-        Payload::Bare(wakes) => Heard::Wakes { from: None, wakes },
-        Payload::From { from, wakes } => Heard::Wakes {
-            from: Some(from),
-            wakes,
-        },
-    })
+    let (Payload::Bare(wakes) | Payload::Object { wakes }) = serde_json::from_str(payload)?;
+    Ok(wakes
+        .into_iter()
+        .map(|w| match w {
+            WakeIn::Bare(tenant, user, seq) => Wake {
+                tenant,
+                user,
+                seq,
+                row: None,
+            },
+            WakeIn::Row(tenant, user, seq, row) => Wake {
+                tenant,
+                user,
+                seq,
+                // A row that is not the one announced is not trusted: its streams read.
+                row: (row.seq == seq).then_some(row),
+            },
+        })
+        .collect())
 }
 
-/// A stored notification as streamed to its user.
-#[derive(Debug, Clone, PartialEq, FromRow, serde::Serialize)]
+/// A stored notification as streamed to its user (and carried to other instances).
+#[derive(Debug, Clone, PartialEq, FromRow, serde::Serialize, serde::Deserialize)]
 pub struct StoredNotification {
     pub seq: i64,
     pub event_id: String,
@@ -640,6 +708,14 @@ pub struct StoredNotification {
     #[sqlx(skip)]
     #[serde(skip)]
     pub frame_data: std::sync::OnceLock<String>,
+}
+
+impl StoredNotification {
+    /// About the bytes its title, body, category and data take (what the hub bounds).
+    pub fn approximate_size(&self) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        text(&self.title) + text(&self.body) + text(&self.category) + self.data.0.to_string().len()
+    }
 }
 
 /// The user's notifications after `after_seq`, oldest first: at most `limit` rows and, past
@@ -1076,19 +1152,65 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wake_payloads_name_their_instance_or_not() {
-        let wakes = |payload: &str| match parse_wakes(payload) {
-            Ok(Heard::Wakes { from, wakes }) => Some((from, wakes)),
-            _ => None,
+    fn wake_payloads_name_their_instance_and_carry_small_rows() {
+        let row = |seq: i64, body: &str| StoredNotification {
+            seq,
+            event_id: format!("e{seq}"),
+            kind: "notification".into(),
+            title: Some("Paid".into()),
+            body: Some(body.into()),
+            category: None,
+            data: sqlx::types::Json(serde_json::json!({"order_id": "A-1"})),
+            created_at: chrono::Utc::now(),
+            read_at: None,
+            archived_at: None,
+            frame_data: Default::default(),
         };
-        let one = vec![("t".to_owned(), "u".to_owned(), 7)];
-        assert_eq!(wakes(r#"[["t","u",7]]"#), Some((None, one.clone())));
-        assert_eq!(
-            wakes(r#"{"from":"i-1","wakes":[["t","u",7]]}"#),
-            Some((Some("i-1".into()), one))
+        let (small, big) = (row(7, "thanks"), row(8, &"x".repeat(ROW_IN_NOTIFY_BYTES)));
+        let payloads = wake_payloads(
+            Some("i-1"),
+            [
+                ("t", "u", 7, Some(&small)),
+                ("t", "u", 8, Some(&big)),
+                ("t", "v", 3, None),
+            ],
         );
-        assert_eq!(wakes(r#"{"wakes":[["t","u",7]]}"#), None);
-        assert_eq!(wakes(r#"[["t","u","7"]]"#), None);
+        assert!(payloads.iter().all(|p| p.starts_with(&own_prefix("i-1"))));
+        assert!(!payloads[0].starts_with(&own_prefix("i-2")));
+        assert!(
+            payloads.iter().all(|p| p.len() < 8_000),
+            "under NOTIFY's limit"
+        );
+        let heard: Vec<Wake> = payloads
+            .iter()
+            .flat_map(|p| parse_wakes(p).unwrap())
+            .collect();
+        let expect = |tenant: &str, user: &str, seq, row: Option<&StoredNotification>| Wake {
+            tenant: tenant.into(),
+            user: user.into(),
+            seq,
+            row: row.cloned(),
+        };
+        assert_eq!(
+            heard,
+            [
+                expect("t", "u", 7, Some(&small)),
+                expect("t", "u", 8, None), // too large to carry: its streams read it
+                expect("t", "v", 3, None),
+            ]
+        );
+        // An inbox change's bare array, and an older instance's.
+        assert_eq!(
+            parse_wakes(r#"[["t","u",7]]"#).unwrap(),
+            [expect("t", "u", 7, None)]
+        );
+        assert!(parse_wakes(r#"[["t","u","7"]]"#).is_err());
+        // A carried row that is not the announced one is dropped.
+        let mismatched = wake_payloads(None, [("t", "u", 9, Some(&small))]);
+        assert_eq!(
+            parse_wakes(&mismatched[0]).unwrap(),
+            [expect("t", "u", 9, None)]
+        );
     }
 
     #[test]

@@ -301,6 +301,6 @@ async fn log_change(
         unreachable!("one number per notification")
     };
     // The user's streams on other instances hear of it when it commits.
-    super::announce(conn, None, [(tenant, user_id, seq)]).await?;
+    super::announce(conn, None, [(tenant, user_id, seq, None)]).await?;
     Ok(seq)
 }
