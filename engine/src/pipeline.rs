@@ -129,19 +129,26 @@ impl Stall {
     }
 }
 
+/// A notification the batch wrote, for its user's streams.
+struct Written {
+    tenant: String,
+    user: String,
+    seq: i64,
+    /// The row and its size, when the user listens on this instance and it is small enough
+    /// for the hub to keep.
+    here: Option<(Arc<StoredNotification>, usize)>,
+    /// The row, when the user listens on another instance and it is small enough to travel
+    /// in the wake-up.
+    there: Option<Arc<StoredNotification>>,
+}
+
 /// What a committed batch did, applied to metrics and the hub after COMMIT.
 #[derive(Default)]
 struct Outcome {
     consumed: Vec<String>,
     duplicates: u64,
     dead_lettered: Vec<String>,
-    /// (tenant, user, seq, the row when the user listens on this instance).
-    notifications: Vec<(
-        String,
-        String,
-        i64,
-        Option<(Arc<StoredNotification>, usize)>,
-    )>,
+    notifications: Vec<Written>,
     emails: u64,
     emails_skipped: u64,
 }
@@ -559,19 +566,18 @@ impl Pipeline {
         let inserted = store::insert_notifications(&mut tx, &notifications).await?;
         // The row itself, when it is small enough to keep: for the user's streams on this
         // instance, and in the wake-up for those on others.
-        let mut elsewhere = Vec::new();
         for ((n, seq), size) in notifications.iter().zip(inserted.seqs).zip(inserted.sizes) {
             let small = size <= hub::RECENT_ROW_BYTES;
             let here = small && self.hub.is_connected(n.tenant, n.user_id);
             let there = small && self.presence.is_online_elsewhere(n.tenant, n.user_id);
             let row = (here || there).then(|| Arc::new(n.stored(seq, inserted.created_at)));
-            elsewhere.push(row.clone().filter(|_| there));
-            outcome.notifications.push((
-                n.tenant.to_owned(),
-                n.user_id.to_owned(),
+            outcome.notifications.push(Written {
+                tenant: n.tenant.to_owned(),
+                user: n.user_id.to_owned(),
                 seq,
-                row.filter(|_| here).map(|row| (row, size)),
-            ));
+                there: row.clone().filter(|_| there),
+                here: row.filter(|_| here).map(|row| (row, size)),
+            });
         }
         store::enqueue_emails(&mut tx, &emails).await?;
         outcome.emails = emails.len() as u64;
@@ -579,13 +585,14 @@ impl Pipeline {
         store::announce(
             &mut tx,
             Some(self.hub.instance()),
-            outcome
-                .notifications
-                .iter()
-                .zip(&elsewhere)
-                .map(|((tenant, user, seq, _), row)| {
-                    (tenant.as_str(), user.as_str(), *seq, row.as_deref())
-                }),
+            outcome.notifications.iter().map(|w| {
+                (
+                    w.tenant.as_str(),
+                    w.user.as_str(),
+                    w.seq,
+                    w.there.as_deref(),
+                )
+            }),
         )
         .await?;
         tx.commit().await?;
@@ -622,10 +629,10 @@ impl Pipeline {
             .inc_by(outcome.notifications.len() as u64);
         self.metrics.emails_enqueued.inc_by(outcome.emails);
         self.metrics.emails_skipped.inc_by(outcome.emails_skipped);
-        for (tenant, user, seq, row) in outcome.notifications {
-            match row {
-                Some((row, size)) => self.hub.publish_row(&tenant, &user, row, size),
-                None => self.hub.publish(&tenant, &user, seq),
+        for w in outcome.notifications {
+            match w.here {
+                Some((row, size)) => self.hub.publish_row(&w.tenant, &w.user, row, size),
+                None => self.hub.publish(&w.tenant, &w.user, w.seq),
             }
         }
         if outcome.emails > outcome.emails_skipped {

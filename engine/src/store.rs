@@ -660,7 +660,7 @@ fn parse_wakes(payload: &str) -> serde_json::Result<Vec<Wake>> {
     #[serde(untagged)]
     enum WakeIn {
         Bare(String, String, i64),
-        Row(String, String, i64, StoredNotification),
+        Row(String, String, i64, Box<StoredNotification>),
     }
     // `from` is not read: the listener skipped its own instance's before parsing.
     #[derive(serde::Deserialize)]
@@ -684,7 +684,7 @@ fn parse_wakes(payload: &str) -> serde_json::Result<Vec<Wake>> {
                 user,
                 seq,
                 // A row that is not the one announced is not trusted: its streams read.
-                row: (row.seq == seq).then_some(row),
+                row: (row.seq == seq).then_some(*row),
             },
         })
         .collect())
