@@ -71,6 +71,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Waits until <url> answers, failing with <log>'s tail if the last started process died.
+wait_ready() { # <url> <log> <what>
+    for _ in $(seq 1 120); do
+        curl -fsS "$1" >/dev/null 2>&1 && return 0
+        kill -0 "${PIDS[-1]}" 2>/dev/null || { tail -n 30 "$2" >&2; exit 1; }
+        sleep 0.5
+    done
+    log "$3 not ready"
+    exit 1
+}
+
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -117,12 +128,7 @@ TOML
     ENGINES+=("127.0.0.1:$http")
     ENGINE_PIDS+=("${PIDS[-1]}")
     ADMINS+=("127.0.0.1:$admin")
-    for _ in $(seq 1 120); do
-        curl -fsS "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1 && break
-        kill -0 "${PIDS[-1]}" 2>/dev/null || { tail -n 30 "$WORK/engine$i.log" >&2; exit 1; }
-        sleep 0.5
-    done
-    curl -fsS "http://127.0.0.1:$admin/readyz" >/dev/null || { log "engine $i not ready"; exit 1; }
+    wait_ready "http://127.0.0.1:$admin/readyz" "$WORK/engine$i.log" "engine $i"
     log "engine $i: public $http, admin $admin, pid ${PIDS[-1]}"
 done
 join() { local IFS=,; echo "$*"; }
@@ -210,12 +216,7 @@ cat >"$WORK/centrifugo.json" <<JSON
 JSON
 "$CENTRIFUGO_BIN" --config "$WORK/centrifugo.json" >"$WORK/centrifugo.log" 2>&1 &
 PIDS+=("$!")
-for _ in $(seq 1 60); do
-    curl -fsS "http://127.0.0.1:$cf_port/health" >/dev/null 2>&1 && break
-    kill -0 "${PIDS[-1]}" 2>/dev/null || { tail -n 30 "$WORK/centrifugo.log" >&2; exit 1; }
-    sleep 0.5
-done
-curl -fsS "http://127.0.0.1:$cf_port/health" >/dev/null || { log "Centrifugo not ready"; exit 1; }
+wait_ready "http://127.0.0.1:$cf_port/health" "$WORK/centrifugo.log" Centrifugo
 log "Centrifugo $CENTRIFUGO_VERSION: $cf_port, pid ${PIDS[-1]}"
 mkdir -p "$OUT/centrifugo"
 cf_pid=${PIDS[-1]}
