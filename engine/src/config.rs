@@ -133,7 +133,7 @@ impl Default for KafkaConfig {
             group_id: "notify-engine".into(),
             topics: vec!["order_paid".into(), "order_status_updated".into()],
             batch_max: 256,
-            batch_linger_ms: 5,
+            batch_linger_ms: 2,
             max_message_bytes: 256 * 1024,
             lane_capacity: 16_384,
             lane_max_bytes: 16 * 1024 * 1024,
