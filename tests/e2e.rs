@@ -782,6 +782,56 @@ async fn health_readiness_and_metrics() {
     assert!(http.get(format!("{base}/healthz")).send().await.is_err());
 }
 
+/// A listening stream takes the rows its instance commits from memory: after the opening
+/// read, live events cost it no read of PostgreSQL (`stream_read` counts every read). It
+/// used to read once more after each event, to find nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_stream_takes_live_rows_without_reading_postgres() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("shop");
+    let (status, sse, _) = connect_sse(&engine, Some(&world.token(&tenant, "u1")), None).await;
+    assert_eq!(status, 200);
+    let mut sse = sse.unwrap();
+    let reads = || async {
+        let metrics = reqwest::get(format!("http://{}/metrics", engine.admin_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("notify_stage_seconds_count{stage=\"stream_read\"} "))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    // The first event: by its frame, the stream's opening read is done.
+    world
+        .produce(&order_paid("r1", &tenant, "u1", None, 1.0))
+        .await;
+    assert_eq!(
+        sse.next(WAIT).await.expect("frame 1").id.as_deref(),
+        Some("1")
+    );
+    let opened = reads().await;
+    assert!(opened >= 1, "the opening read is counted: {opened}");
+    for n in 2..=6 {
+        world
+            .produce(&order_paid(&format!("r{n}"), &tenant, "u1", None, 1.0))
+            .await;
+        let frame = sse.next(WAIT).await.expect("a live frame");
+        assert_eq!(frame.id, Some(n.to_string()));
+    }
+    // Let a stray read (the old behaviour: one after each frame) be counted before looking.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        reads().await,
+        opened,
+        "live rows came from memory, with no read"
+    );
+    engine.shutdown().await;
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();

@@ -165,6 +165,7 @@ pub async fn stream(
         shutdown: state.shutdown.clone(),
         read_time: state.metrics.stage("stream_read"),
         failed_reads: 0,
+        sent_from_memory: None,
     };
     let events = futures::stream::unfold(reader, |mut r| async move {
         let event = r.next().await?;
@@ -252,6 +253,9 @@ struct Reader {
     read_time: prometheus::Histogram,
     /// Reads that failed in a row.
     failed_reads: u32,
+    /// The hub's latest when the stream last took rows up to it from memory: until the hub
+    /// moves, there is nothing to read.
+    sent_from_memory: Option<i64>,
 }
 
 /// The first pause after a failed read; doubled after each further failure, up to 16×.
@@ -283,6 +287,7 @@ impl Reader {
             }
             // Mark the current hub value seen *before* reading, so a commit racing with
             // this read still wakes us afterwards.
+            let changed = self.subscription.updates.has_changed().unwrap_or(true);
             let latest = *self.subscription.updates.borrow_and_update();
             // What this instance just committed comes from memory, when the hub holds every
             // row up to the latest; anything else (another instance's rows, an inbox change,
@@ -291,6 +296,20 @@ impl Reader {
                 && let Some(rows) = self.subscription.recent_after(self.cursor, latest)
             {
                 self.pending.extend(rows);
+                self.sent_from_memory = Some(latest);
+                continue;
+            }
+            // Everything up to the hub's latest came from memory and nothing happened since:
+            // there is nothing to read (a wake-up of every stream, `Hub::wake_all`, counts as
+            // something and reads).
+            let idle = !changed && self.sent_from_memory == Some(latest) && self.cursor >= latest;
+            self.sent_from_memory = None;
+            if idle {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep_until(expires) => {}
+                    changed = self.subscription.updates.changed() => changed.ok()?,
+                }
                 continue;
             }
             let reading = std::time::Instant::now();
