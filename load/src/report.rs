@@ -312,17 +312,25 @@ fn criteria(phases: &[Phase], recorded: &Recorded, connected: Connected) -> Valu
     ])
 }
 
-fn markdown(report: &Value) -> String {
-    let mut md = String::new();
+/// "2 cores, 23 GiB (the CPU)", from a report's `machine`.
+fn machine_line(report: &Value) -> String {
     let m = &report["machine"];
-    let _ = writeln!(
-        md,
-        "# Load run {}\n\n{} · {} cores, {} GiB ({}) · {} instance(s) of {} · {} of {} connections held ({} failed, opened in {:.1} s across {} source addresses)\n",
-        report["date"].as_str().unwrap_or_default(),
-        report["label"].as_str().unwrap_or_default(),
+    format!(
+        "{} cores, {} GiB ({})",
         m["cores"],
         m["memory_gib"],
-        m["cpu"].as_str().unwrap_or_default(),
+        m["cpu"].as_str().unwrap_or_default()
+    )
+}
+
+fn markdown(report: &Value) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# Load run {}\n\n{} · {} · {} instance(s) of {} · {} of {} connections held ({} failed, opened in {:.1} s across {} source addresses)\n",
+        report["date"].as_str().unwrap_or_default(),
+        report["label"].as_str().unwrap_or_default(),
+        machine_line(report),
         report["instances"],
         report["target"].as_str().unwrap_or_default(),
         report["connections"]["held"],
@@ -467,14 +475,11 @@ fn comparison_rows(e: &Value, c: &Value) -> Vec<Value> {
 
 fn comparison_markdown(e: &Value, c: &Value, rows: &[Value]) -> String {
     let mut md = String::new();
-    let m = &e["machine"];
     let _ = writeln!(
         md,
-        "# notify-engine and Centrifugo, the same clients and events\n\n{} · {} cores, {} GiB ({})\n\n- engine: {}\n- Centrifugo: {}\n\nEach is fed from a Kafka topic of its own (6 partitions) with the same event JSON; its clients hold the same connections. Ratio: engine ÷ Centrifugo (below 1, the engine uses less or is faster; for counts and events/s, above 1 is better).\n",
+        "# notify-engine and Centrifugo, the same clients and events\n\n{} · {}\n\n- engine: {}\n- Centrifugo: {}\n\nEach is fed from a Kafka topic of its own (6 partitions) with the same event JSON; its clients hold the same connections. Ratio: engine ÷ Centrifugo (below 1, the engine uses less or is faster; for counts and events/s, above 1 is better).\n",
         e["date"].as_str().unwrap_or_default(),
-        m["cores"],
-        m["memory_gib"],
-        m["cpu"].as_str().unwrap_or_default(),
+        machine_line(e),
         e["label"].as_str().unwrap_or_default(),
         c["label"].as_str().unwrap_or_default(),
     );

@@ -727,3 +727,18 @@ pub async fn connect_sse_query(engine: &Running, query: &str) -> (u16, Option<Ss
     open_sse(reqwest::Client::new().get(format!("http://{}/api/v1/sse?{query}", engine.http_addr)))
         .await
 }
+
+/// The value of one series on the engine's `/metrics` (`name` with its labels, as printed),
+/// if it is there.
+pub async fn metric(engine: &Running, series: &str) -> Option<f64> {
+    let metrics = reqwest::get(format!("http://{}/metrics", engine.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
