@@ -984,9 +984,11 @@ async fn a_stream_outlives_a_spell_of_failing_reads() {
         .execute(&pool)
         .await
         .unwrap();
-    world
-        .produce(&order_paid("after", &tenant, "u1", None, 1.0))
-        .await;
+    // A row too large to travel in the wake-up (over `hub::RECENT_ROW_BYTES`): the stream
+    // on the other instance has to read it.
+    let mut after = order_paid("after", &tenant, "u1", None, 1.0);
+    after["data"]["order_id"] = format!("A-{}", "x".repeat(3_000)).into();
+    world.produce(&after).await;
     world
         .wait_count("SELECT count(*) FROM notifications", 2, WAIT)
         .await;

@@ -258,6 +258,16 @@ struct Reader {
     sent_from_memory: Option<i64>,
 }
 
+/// What a read from PostgreSQL leaves the stream to do.
+enum Read {
+    /// Send what it read, or read again after a failure.
+    Again,
+    /// Wait for the hub: nothing new.
+    Wait,
+    /// End the stream.
+    End,
+}
+
 /// The first pause after a failed read; doubled after each further failure, up to 16×.
 const READ_RETRY: Duration = Duration::from_millis(100);
 /// Failed reads in a row (about 15 s of retrying) after which the stream ends.
@@ -304,52 +314,11 @@ impl Reader {
             // something and reads).
             let idle = !changed && self.sent_from_memory == Some(latest) && self.cursor >= latest;
             self.sent_from_memory = None;
-            if idle {
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep_until(expires) => {}
-                    changed = self.subscription.updates.changed() => changed.ok()?,
-                }
-                continue;
-            }
-            let reading = std::time::Instant::now();
-            // Boxed: the query's state lives on the heap while it runs, not in every idle
-            // stream's future for the stream's whole life.
-            let read = Box::pin(store::notifications_after(
-                &self.pool,
-                &self.tenant,
-                &self.user_id,
-                self.cursor,
-                self.page_size,
-                self.page_bytes,
-            ))
-            .await;
-            self.read_time.observe(reading.elapsed().as_secs_f64());
-            match read {
-                Ok(rows) if !rows.is_empty() => {
-                    self.failed_reads = 0;
-                    if let Some(last) = rows.last() {
-                        self.subscription.took(last.seq);
-                    }
-                    self.pending.extend(rows.into_iter().map(Arc::new));
-                    continue;
-                }
-                Ok(_) => self.failed_reads = 0,
-                // A busy or briefly unreachable database: the stream waits and reads again
-                // (its client keeps its connection); only a database that stays away ends it
-                // (the client then reconnects and replays, maybe to another instance).
-                Err(e) if self.failed_reads < MAX_FAILED_READS => {
-                    let wait = READ_RETRY * 2u32.pow(self.failed_reads.min(4));
-                    self.failed_reads += 1;
-                    tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "sse read failed; retrying");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(wait) => continue,
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "sse reads keep failing; closing the stream");
-                    return None;
+            if !idle {
+                match self.read().await {
+                    Read::Again => continue,
+                    Read::Wait => {}
+                    Read::End => return None,
                 }
             }
             tokio::select! {
@@ -357,6 +326,53 @@ impl Reader {
                 _ = self.shutdown.cancelled() => return None,
                 _ = tokio::time::sleep_until(expires) => {}
                 changed = self.subscription.updates.changed() => changed.ok()?,
+            }
+        }
+    }
+
+    /// Reads the next page after the cursor from PostgreSQL into `pending`.
+    async fn read(&mut self) -> Read {
+        let reading = std::time::Instant::now();
+        // Boxed: the query's state lives on the heap while it runs, not in every idle
+        // stream's future for the stream's whole life.
+        let read = Box::pin(store::notifications_after(
+            &self.pool,
+            &self.tenant,
+            &self.user_id,
+            self.cursor,
+            self.page_size,
+            self.page_bytes,
+        ))
+        .await;
+        self.read_time.observe(reading.elapsed().as_secs_f64());
+        match read {
+            Ok(rows) if !rows.is_empty() => {
+                self.failed_reads = 0;
+                if let Some(last) = rows.last() {
+                    self.subscription.took(last.seq);
+                }
+                self.pending.extend(rows.into_iter().map(Arc::new));
+                Read::Again
+            }
+            Ok(_) => {
+                self.failed_reads = 0;
+                Read::Wait
+            }
+            // A busy or briefly unreachable database: the stream waits and reads again
+            // (its client keeps its connection); only a database that stays away ends it
+            // (the client then reconnects and replays, maybe to another instance).
+            Err(e) if self.failed_reads < MAX_FAILED_READS => {
+                let wait = READ_RETRY * 2u32.pow(self.failed_reads.min(4));
+                self.failed_reads += 1;
+                tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "sse read failed; retrying");
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => Read::End,
+                    _ = tokio::time::sleep(wait) => Read::Again,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sse reads keep failing; closing the stream");
+                Read::End
             }
         }
     }
