@@ -7,10 +7,11 @@
 //! `Last-Event-ID: N` first receives everything after N, from PostgreSQL, in order. Without
 //! the header the stream starts at "now". `contracts/asyncapi.json` is the contract.
 //!
-//! The stream reads from PostgreSQL page by page and sleeps on the hub between pages, so a
-//! slow client only slows its own reads: nothing is buffered for it beyond one page, and a
-//! client that stops reading is cut off by the listener's write deadline
-//! (`http.write_timeout_ms`) and catches up by replay.
+//! The stream takes the rows its instance just committed from the hub's memory, reads
+//! anything else from PostgreSQL page by page, and sleeps on the hub in between, so a slow
+//! client only slows its own reads: nothing is buffered for it beyond one page and the hub's
+//! bounded window of its user's rows (`hub`), and a client that stops reading is cut off by
+//! the listener's write deadline (`http.write_timeout_ms`) and catches up by replay.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
