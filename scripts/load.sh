@@ -12,7 +12,7 @@
 #   LOAD_CONNECTIONS=19000 LOAD_SCENARIOS=idle LOAD_CENTRIFUGO=0 scripts/load.sh
 #
 # Other knobs (passed to notify-load): LOAD_SCENARIOS, LOAD_MAX_EVENTS, LOAD_FANOUT,
-# LOAD_EMAILS, LOAD_STEADY_SECS, LOAD_BURST_SECS, LOAD_SOURCES; LOAD_CENTRIFUGO=0 skips
+# LOAD_EMAILS, LOAD_STEADY_SECS, LOAD_BURST_SECS, LOAD_SOURCES, LOAD_TENANTS; LOAD_CENTRIFUGO=0 skips
 # Centrifugo, CENTRIFUGO_VERSION picks its version. Connections past LOAD_PER_PROCESS (the
 # open-files limit less 2 000) are held by holder processes (notify-load --hold-only). The reports go to LOAD_OUT (default
 # ~/.cache/notify-engine/load/<UTC time>-<instances>i): engine/, centrifugo/ and
@@ -136,7 +136,7 @@ join() { local IFS=,; echo "$*"; }
 LOAD_BIN=$CARGO_TARGET_DIR/release/notify-load
 LOAD_ARGS=(
     --brokers "$NOTIFY_KAFKA__BROKERS" --fanout-connections "$FANOUT"
-    --sources "${LOAD_SOURCES:-4}"
+    --sources "${LOAD_SOURCES:-4}" --tenants "${LOAD_TENANTS:-10}"
     --max-events "${LOAD_MAX_EVENTS:-100000}" --emails "${LOAD_EMAILS:-5000}"
     --steady-secs "${LOAD_STEADY_SECS:-30}" --burst-secs "${LOAD_BURST_SECS:-20}"
 )

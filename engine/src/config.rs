@@ -98,9 +98,12 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// Topics to consume.
     pub topics: Vec<String>,
-    /// Most events handled in one database transaction.
+    /// Most events in one of a tenant lane's batches. A transaction takes the batches of
+    /// the lanes waiting at that moment, up to four of these in all (group commit).
     pub batch_max: usize,
-    /// How long a batch waits for more messages once it has one.
+    /// How long a lane's batch waits for more messages once it has one. 0 (the default):
+    /// a lane takes what is queued and goes; the committers' group commit does the batching
+    /// across tenants, without the wait.
     pub batch_linger_ms: u64,
     /// Messages larger than this are dead-lettered without being decoded.
     pub max_message_bytes: usize,
@@ -133,7 +136,7 @@ impl Default for KafkaConfig {
             group_id: "notify-engine".into(),
             topics: vec!["order_paid".into(), "order_status_updated".into()],
             batch_max: 256,
-            batch_linger_ms: 2,
+            batch_linger_ms: 0,
             max_message_bytes: 256 * 1024,
             lane_capacity: 16_384,
             lane_max_bytes: 16 * 1024 * 1024,

@@ -12,7 +12,8 @@
 //!
 //! 1. `Pipeline::prepare`, outside any transaction: skip events already processed and
 //!    route the rest through the tenant's plugin. Plugin time never holds a database lock.
-//! 2. `Pipeline::commit`, one short transaction: claim `(tenant, event id)` (already
+//! 2. `Pipeline::commit`, one short transaction, run by a committer for the batches of
+//!    every lane waiting at that moment (`group`): claim `(tenant, event id)` (already
 //!    claimed → duplicate), write notifications, outbox rows and dead letters. COMMIT, and
 //!    only then mark the messages finished (offsets), wake SSE streams and the email worker.
 //!
@@ -24,6 +25,7 @@
 //! duplicates. Exactly one outcome per event.
 
 mod budget;
+mod group;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -32,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio::sync::mpsc::{self, error::TrySendError};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -74,10 +76,18 @@ const MAX_ROUTING_PER_COMMIT: Duration = Duration::from_millis(250);
 const HELD_RETRY: Duration = Duration::from_millis(20);
 /// The lane of messages that did not decode (they have no trustworthy tenant).
 const REJECTS_LANE: &str = "";
+/// Transactions committing lanes' batches at once (see [`group`]). Two keep PostgreSQL's
+/// two cores here busy while each waits on its round trips; more only make smaller groups.
+const COMMITTERS: usize = 2;
+/// A group's size, in `kafka.batch_max`es: a few full batches per transaction at most.
+const GROUP_BATCHES: usize = 4;
+
+/// Where lanes send their routed batches, and how each hears its batch's fate.
+type Commits = mpsc::Sender<group::Job<Prepared, Arc<Stall>>>;
 
 /// A message on its way to a lane, decoded once by the dispatcher.
 struct Work {
-    message: Incoming,
+    message: Arc<Incoming>,
     decoded: Result<Event, Rejection>,
     /// Its bytes' share of its lane's `kafka.lane_max_bytes`, given back when it is dropped
     /// (once handled).
@@ -94,8 +104,9 @@ impl Work {
 }
 
 /// One message of a batch, ready to be written.
-struct Prepared<'a> {
-    message: &'a Incoming,
+struct Prepared {
+    /// Shared with its lane's batch, which keeps it for a retry until it is committed.
+    message: Arc<Incoming>,
     step: Step,
 }
 
@@ -158,9 +169,17 @@ impl Pipeline {
     /// batch in hand. Returns early only if a lane died (a bug): the engine then stops.
     pub async fn run(self, shutdown: CancellationToken) {
         let pipeline = Arc::new(self);
+        // Each lane has at most one batch waiting: the queue's bound is only a backstop.
+        let (commits, jobs) = mpsc::channel(1024);
+        let jobs = Arc::new(group::Queue::new(jobs));
+        let mut committers = JoinSet::new();
+        for _ in 0..COMMITTERS {
+            committers.spawn(pipeline.clone().committer(jobs.clone()));
+        }
         let mut dispatcher = Dispatcher {
             trust: TenantTrust::new(&pipeline.kafka),
             pipeline: pipeline.clone(),
+            commits,
             shutdown: shutdown.clone(),
             lanes: HashMap::new(),
             running: JoinSet::new(),
@@ -192,6 +211,10 @@ impl Pipeline {
         // queue is re-read by whoever owns the partitions next.
         shutdown.cancel();
         while dispatcher.running.join_next().await.is_some() {}
+        // The lanes are gone; with the dispatcher's sender dropped, the committers finish
+        // what is queued and stop.
+        drop(dispatcher);
+        while committers.join_next().await.is_some() {}
         // Offsets of every committed batch are stored; make them durable before leaving so
         // the partitions' next owner does not re-read finished work.
         pipeline.ingest.commit_stored();
@@ -204,6 +227,7 @@ impl Pipeline {
         self: Arc<Self>,
         tenant: String,
         mut queue: mpsc::Receiver<Work>,
+        commits: Commits,
         shutdown: CancellationToken,
     ) {
         let linger = Duration::from_millis(self.kafka.batch_linger_ms);
@@ -228,7 +252,7 @@ impl Pipeline {
                 }
             }
             if !self
-                .handle_batch(&tenant, &batch, &mut budget, &shutdown)
+                .handle_batch(&tenant, &batch, &mut budget, &commits, &shutdown)
                 .await
             {
                 return;
@@ -244,6 +268,7 @@ impl Pipeline {
         lane: &str,
         batch: &[Work],
         budget: &mut budget::Budget,
+        commits: &Commits,
         shutdown: &CancellationToken,
     ) -> bool {
         let mut rest = batch;
@@ -252,7 +277,10 @@ impl Pipeline {
                 // The prefix in hand is committed; the rest is re-read after the restart.
                 return false;
             }
-            match self.commit_prefix(lane, rest, budget, shutdown).await {
+            match self
+                .commit_prefix(lane, rest, budget, commits, shutdown)
+                .await
+            {
                 Some(done) => rest = &rest[done..],
                 None => return false,
             }
@@ -260,28 +288,40 @@ impl Pipeline {
         true
     }
 
-    /// Commits a prefix of `batch`, stalling (waiting and trying again) while the database
-    /// or the platform fails. Returns how many messages it committed, or `None` on shutdown.
+    /// Commits a prefix of `batch` (through a committer), stalling (waiting and trying
+    /// again) while the database or the platform fails. Returns how many messages it
+    /// committed, or `None` on shutdown (or if the committers are gone, which only a panic
+    /// does: the lane then stops, and the engine with it).
     async fn commit_prefix(
         &self,
         lane: &str,
         batch: &[Work],
         budget: &mut budget::Budget,
+        commits: &Commits,
         shutdown: &CancellationToken,
     ) -> Option<usize> {
         let mut delay = Duration::from_millis(100);
         loop {
             let preparing = Instant::now();
             let stall = match self.prepare(batch, budget, shutdown).await {
-                Ok(prepared) => match (Instant::now(), self.write(&prepared).await) {
-                    (writing, Ok(())) => {
-                        self.health.set_stall(lane, None);
-                        self.observe_stages(&prepared, preparing, writing);
-                        return Some(prepared.len());
+                Ok(prepared) => {
+                    let (writing, routed) = (Instant::now(), prepared.len());
+                    let (done, fate) = oneshot::channel();
+                    let job = group::Job {
+                        items: prepared,
+                        done,
+                    };
+                    commits.send(job).await.ok()?;
+                    match fate.await.ok()? {
+                        Ok(()) => {
+                            self.health.set_stall(lane, None);
+                            self.observe_stages(&batch[..routed], preparing, writing);
+                            return Some(routed);
+                        }
+                        Err(stall) => stall,
                     }
-                    (_, Err(stall)) => stall,
-                },
-                Err(stall) => stall,
+                }
+                Err(stall) => Arc::new(stall),
             };
             if shutdown.is_cancelled() {
                 return None;
@@ -301,7 +341,7 @@ impl Pipeline {
                 _ = shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
-            if let Stall::Plugin(_) = stall {
+            if let Stall::Plugin(_) = *stall {
                 // An operator may have put the missing plugin in place meanwhile.
                 self.plugins.reload_after_stall().await;
             }
@@ -310,15 +350,15 @@ impl Pipeline {
     }
 
     /// `notify_stage_seconds` of a committed prefix: how long each event waited in its lane,
-    /// and its batch's routing and transaction.
-    fn observe_stages(&self, prepared: &[Prepared<'_>], preparing: Instant, writing: Instant) {
+    /// and its batch's routing and commit (the wait for a committer, and the transaction).
+    fn observe_stages(&self, committed: &[Work], preparing: Instant, writing: Instant) {
         let (queue, route, commit) = (
             self.metrics.stage("queue"),
             self.metrics.stage("route"),
             self.metrics.stage("commit"),
         );
         let (routing, committing) = (writing - preparing, writing.elapsed());
-        for one in prepared {
+        for one in committed {
             queue.observe(
                 preparing
                     .saturating_duration_since(one.message.received)
@@ -333,12 +373,12 @@ impl Pipeline {
     /// tenant's routing-time budget. Stops early, returning a prefix, once routing has taken
     /// [`MAX_ROUTING_PER_COMMIT`]: a slow tenant's events are committed (and reach their
     /// users) a few at a time instead of all at the end of a long batch.
-    async fn prepare<'a>(
+    async fn prepare(
         &self,
-        batch: &'a [Work],
+        batch: &[Work],
         budget: &mut budget::Budget,
         shutdown: &CancellationToken,
-    ) -> Result<Vec<Prepared<'a>>, Stall> {
+    ) -> Result<Vec<Prepared>, Stall> {
         let keys: Vec<(&str, &str)> = batch
             .iter()
             .filter_map(|w| w.decoded.as_ref().ok())
@@ -376,7 +416,7 @@ impl Pipeline {
                 }
             };
             prepared.push(Prepared {
-                message: &work.message,
+                message: work.message.clone(),
                 step,
             });
         }
@@ -404,10 +444,56 @@ impl Pipeline {
         }
     }
 
+    /// A committer: commits the lanes' batches, a group of them per transaction, until the
+    /// lanes are gone.
+    async fn committer(self: Arc<Self>, jobs: Arc<group::Queue<Prepared, Arc<Stall>>>) {
+        while let Some(group) = jobs.gather(self.kafka.batch_max * GROUP_BATCHES).await {
+            self.commit_group(group).await;
+        }
+    }
+
+    /// Commits a group's batches in one transaction and tells each lane. If the database
+    /// refuses data in it, whose it is is not known: each batch is then written on its own
+    /// (and its messages one by one if it is the one at fault). Any other failure stalls
+    /// every lane of the group, each to try again on its own.
+    async fn commit_group(&self, group: Vec<group::Job<Prepared, Arc<Stall>>>) {
+        let mut all = Vec::new();
+        let mut ends = Vec::with_capacity(group.len());
+        for job in group {
+            all.extend(job.items);
+            ends.push((all.len(), job.done));
+        }
+        if ends.len() > 1 {
+            match self.commit(&all).await {
+                Ok(()) => {
+                    for (_, done) in ends {
+                        let _ = done.send(Ok(()));
+                    }
+                    return;
+                }
+                Err(e) if e.is_data_error() => {
+                    tracing::debug!(error = %e, batches = ends.len(), "the database refused data in a group; writing its batches one by one");
+                }
+                Err(e) => {
+                    let stall = Arc::new(Stall::from(e));
+                    for (_, done) in ends {
+                        let _ = done.send(Err(stall.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+        let mut start = 0;
+        for (end, done) in ends {
+            let _ = done.send(self.write(&all[start..end]).await.map_err(Arc::new));
+            start = end;
+        }
+    }
+
     /// Step 2: commits the batch in one transaction. If the database refuses something
     /// about the data, the messages go one by one, so only the message at fault is
     /// dead-lettered; any other error stalls the batch.
-    async fn write(&self, prepared: &[Prepared<'_>]) -> Result<(), Stall> {
+    async fn write(&self, prepared: &[Prepared]) -> Result<(), Stall> {
         let error = match self.commit(prepared).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_data_error() => e,
@@ -428,7 +514,7 @@ impl Pipeline {
     /// whatever the batch's size: one claims every event, one numbers every user's new
     /// notifications and one stores them, one fills the outbox, a few NOTIFY the wake-ups
     /// (dead letters and replays, rare, are a statement each).
-    async fn commit(&self, prepared: &[Prepared<'_>]) -> Result<(), StoreError> {
+    async fn commit(&self, prepared: &[Prepared]) -> Result<(), StoreError> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let mut outcome = Outcome::default();
@@ -450,13 +536,13 @@ impl Pipeline {
                     dead_lettered: false,
                     plugin: Some(&decision.plugin),
                     plugin_digest: Some(&decision.digest),
-                    ..claim(event, one.message)
+                    ..claim(event, &one.message)
                 }),
                 Step::Failed(event, error) => Some(Claim {
                     dead_lettered: true,
                     plugin: error.plugin(),
                     plugin_digest: None,
-                    ..claim(event, one.message)
+                    ..claim(event, &one.message)
                 }),
                 Step::Rejected(_) | Step::Duplicate | Step::Parked(..) => None,
             };
@@ -484,7 +570,7 @@ impl Pipeline {
                         "message dead-lettered"
                     );
                     let dead = DeadLetter {
-                        message: one.message,
+                        message: &one.message,
                         tenant: rejection.tenant.as_deref(),
                         event_id: rejection.event_id.as_deref(),
                         kind: rejection.kind.as_str().into(),
@@ -499,7 +585,7 @@ impl Pipeline {
                         tenant = %event.tenant, event_id = %event.id, error = %error,
                         "tenant's routing plugin unavailable; event set aside (not claimed)"
                     );
-                    let dead = DeadLetter::plugin(one.message, event, error);
+                    let dead = DeadLetter::plugin(&one.message, event, error);
                     self.dead_letter(&mut tx, dead, &mut outcome).await?;
                 }
                 Step::Routed(event, _) | Step::Failed(event, _) if !won => {
@@ -511,7 +597,7 @@ impl Pipeline {
                         tenant = %event.tenant, event_id = %event.id, kind = error.kind(),
                         error = %error, "routing failed; event dead-lettered"
                     );
-                    let dead = DeadLetter::plugin(one.message, event, error);
+                    let dead = DeadLetter::plugin(&one.message, event, error);
                     self.dead_letter(&mut tx, dead, &mut outcome).await?;
                 }
                 Step::Routed(event, decision) => {
@@ -604,8 +690,8 @@ impl Pipeline {
     }
 
     /// After COMMIT: offsets, metrics, wake-ups.
-    fn acknowledge(&self, prepared: &[Prepared<'_>], outcome: Outcome) {
-        let messages: Vec<&Incoming> = prepared.iter().map(|p| p.message).collect();
+    fn acknowledge(&self, prepared: &[Prepared], outcome: Outcome) {
+        let messages: Vec<&Incoming> = prepared.iter().map(|p| &*p.message).collect();
         if let Err(e) = self.ingest.finished(&messages) {
             // The outcome is committed; a later batch's offsets cover this one, and at
             // worst the messages are re-read and dropped as duplicates.
@@ -684,7 +770,7 @@ impl Pipeline {
     /// corrected event republished under the same id is handled.
     async fn dead_letter_alone(
         &self,
-        one: &Prepared<'_>,
+        one: &Prepared,
         error: &StoreError,
     ) -> Result<(), StoreError> {
         let event = match &one.step {
@@ -703,7 +789,7 @@ impl Pipeline {
         self.dead_letter(
             &mut tx,
             DeadLetter {
-                message: one.message,
+                message: &one.message,
                 tenant: event.map(|e| e.tenant.as_str()),
                 event_id: event.map(|e| e.id.as_str()),
                 kind: "store".into(),
@@ -759,7 +845,7 @@ fn claim<'a>(event: &'a Event, message: &'a Incoming) -> Claim<'a> {
 /// the event's dead-lettered claim is released, so it is routed again).
 async fn replay(
     tx: &mut sqlx::PgConnection,
-    one: &Prepared<'_>,
+    one: &Prepared,
     token: uuid::Uuid,
 ) -> Result<(), StoreError> {
     match &one.step {
@@ -864,6 +950,8 @@ struct Lane {
 /// whose lane is full.
 struct Dispatcher {
     pipeline: Arc<Pipeline>,
+    /// Given to each new lane.
+    commits: Commits,
     trust: TenantTrust,
     shutdown: CancellationToken,
     lanes: HashMap<String, Lane>,
@@ -887,7 +975,7 @@ impl Dispatcher {
         )
         .and_then(|event| self.trust.check(&message, event));
         let work = Work {
-            message,
+            message: Arc::new(message),
             decoded,
             admitted: None,
         };
@@ -912,11 +1000,12 @@ impl Dispatcher {
         let kafka = &self.pipeline.kafka;
         let lane = self.lanes.entry(name.clone()).or_insert_with(|| {
             let (sender, queue) = mpsc::channel(kafka.lane_capacity);
-            self.running.spawn(
-                self.pipeline
-                    .clone()
-                    .lane(name, queue, self.shutdown.clone()),
-            );
+            self.running.spawn(self.pipeline.clone().lane(
+                name,
+                queue,
+                self.commits.clone(),
+                self.shutdown.clone(),
+            ));
             Lane {
                 sender,
                 bytes: Arc::new(Semaphore::new(kafka.lane_max_bytes)),

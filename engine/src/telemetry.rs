@@ -222,7 +222,7 @@ impl Metrics {
             ),
             batch_seconds: histogram(
                 "pipeline_batch_seconds",
-                "Duration of one pipeline batch transaction",
+                "Duration of one pipeline transaction (the batches of one or more tenant lanes)",
                 fast.clone(),
             ),
             stage_seconds: histogram_vec(
