@@ -355,6 +355,43 @@ async fn tenants_share_transactions_and_refused_data_stays_with_its_message() {
     engine.shutdown().await;
 }
 
+/// The duplicate check's plan, made while `processed_events` is empty (a new deployment)
+/// and cached by the connection, still probes the primary key once the table has grown.
+/// The plain join it replaced stayed a sequential scan of the whole table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_duplicate_check_keeps_to_the_index_as_the_table_grows() {
+    let world = World::new().await;
+    world.start(world.config()).await.shutdown().await;
+    let pool = world.pool().await;
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET plan_cache_mode = force_generic_plan;
+         PREPARE duplicate_check(text[], text[]) AS {};
+         EXPLAIN EXECUTE duplicate_check('{{t}}', '{{e}}');",
+        notify_engine::store::ALREADY_PROCESSED_SQL
+    ))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO processed_events
+             (tenant_id, event_id, event_type, outcome, kafka_topic, kafka_partition, kafka_offset)
+         SELECT 't', 'e' || i, 'order_paid', 'routed', 'orders', 0, i
+         FROM generate_series(1, 20000) i",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<(String,)> = sqlx::query_as("EXPLAIN EXECUTE duplicate_check('{t}', '{e7}')")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    let plan: Vec<String> = plan.into_iter().map(|(line,)| line).collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("processed_events_pkey"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_message_is_dead_lettered_between_good_ones() {
     let world = World::new().await;

@@ -198,6 +198,18 @@ pub async fn claim_events<'a>(tx: &mut PgConnection, claims: &'a [Claim<'a>]) ->
         .collect())
 }
 
+/// The duplicate check's statement. Each key probes the primary key on its own (a LATERAL
+/// `LIMIT 1`): the plain join's plan, cached by a connection while the table was small,
+/// stayed a hash join over a sequential scan of the whole table as it grew, 11 ms per check
+/// at 50 000 rows instead of 0.1 ms. This shape keeps the index whatever the table's size
+/// when the plan was made.
+pub const ALREADY_PROCESSED_SQL: &str = "SELECT e.tenant_id, e.event_id
+     FROM unnest($1::text[], $2::text[]) AS e(tenant_id, event_id)
+     CROSS JOIN LATERAL (
+         SELECT FROM processed_events p
+         WHERE p.tenant_id = e.tenant_id AND p.event_id = e.event_id
+         LIMIT 1) p";
+
 /// Which of `events` (tenant, event id) were already processed: read before routing, so
 /// duplicates cost no plugin call. The claim inside the transaction stays the authority
 /// (another instance may claim an event between this read and that transaction).
@@ -210,15 +222,11 @@ pub async fn already_processed(
     }
     let tenants: Vec<&str> = events.iter().map(|e| e.0).collect();
     let ids: Vec<&str> = events.iter().map(|e| e.1).collect();
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT p.tenant_id, p.event_id
-         FROM unnest($1::text[], $2::text[]) AS e(tenant_id, event_id)
-         JOIN processed_events p USING (tenant_id, event_id)",
-    )
-    .bind(&tenants)
-    .bind(&ids)
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<(String, String)> = sqlx::query_as(ALREADY_PROCESSED_SQL)
+        .bind(&tenants)
+        .bind(&ids)
+        .fetch_all(pool)
+        .await?;
     Ok(rows.into_iter().collect())
 }
 
