@@ -10,22 +10,25 @@
 //! unrenderable template, bad address) → failed at once. Every attempt records its error;
 //! `notify-engine email requeue` puts failed rows back.
 //!
-//! Fairness: each round claims at most `email.per_tenant_batch` rows of one tenant, each
-//! tenant has a send rate (`email.tenant_rate_per_sec`), and up to `email.concurrency`
-//! sends run at once.
+//! Fairness: each claim takes at most `email.per_tenant_batch` rows of one tenant (up to
+//! `email.batch` in all, tenants' oldest rows first, round-robin), each tenant has a send
+//! rate (`email.tenant_rate_per_sec`), and up to `email.concurrency` sends run at once. The
+//! next claim is made once half the sends are free, not after a whole round: one slow send
+//! does not keep the other slots empty.
 
 mod rate;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use lettre::message::{Mailbox, MultiPart, SinglePart, header};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use rand::Rng;
 use sqlx::PgPool;
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EmailConfig, SmtpConfig, SmtpTls, TenantConfig};
@@ -92,54 +95,83 @@ pub fn transport(
 }
 
 impl EmailWorker {
+    /// Claims and sends until shutdown. Sends run as tasks of their own, up to
+    /// `email.concurrency` at once; the next fair batch is claimed as soon as half of them
+    /// are free, so a round's slowest send does not hold the others' slots empty.
     pub async fn run(self, shutdown: CancellationToken) {
-        let poll = Duration::from_millis(self.config.poll_interval_ms);
-        let claim_timeout = Duration::from_millis(self.config.claim_timeout_ms);
-        let max_age = Duration::from_secs(self.config.max_age_secs);
-        let rate = std::sync::Mutex::new(rate::TenantRate::new(self.config.tenant_rate_per_sec));
-        while !shutdown.is_cancelled() {
-            if let Err(e) = store::sweep_expired_claims(&self.pool, max_age).await {
-                tracing::warn!(error = %e, "sweeping expired outbox claims failed");
-            }
-            let claimed = match store::claim_emails(
-                &self.pool,
-                self.config.batch,
-                self.config.per_tenant_batch,
-                claim_timeout,
-            )
-            .await
+        let worker = Arc::new(self);
+        let poll = Duration::from_millis(worker.config.poll_interval_ms);
+        let max_age = Duration::from_secs(worker.config.max_age_secs);
+        let slots = worker.config.concurrency.max(1);
+        let rate = Arc::new(std::sync::Mutex::new(rate::TenantRate::new(
+            worker.config.tenant_rate_per_sec,
+        )));
+        // Claimed rows waiting for a slot, with when they were claimed.
+        let mut queue: VecDeque<(OutboxEmail, Instant)> = VecDeque::new();
+        let mut sending = JoinSet::new();
+        // The last claim found nothing due: wait for a wake-up or the poll before the next.
+        let mut idle = false;
+        loop {
+            while sending.len() < slots
+                && let Some((email, claimed)) = queue.pop_front()
             {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(error = %e, "claiming outbox rows failed");
-                    Vec::new()
+                let (worker, rate, shutdown) = (worker.clone(), rate.clone(), shutdown.clone());
+                sending.spawn(async move { worker.handle(email, claimed, &rate, &shutdown).await });
+            }
+            if shutdown.is_cancelled() && queue.is_empty() {
+                // Queued rows were handed back by `handle`; sends in flight finish.
+                while sending.join_next().await.is_some() {}
+                break;
+            }
+            if queue.is_empty() && !idle && sending.len() <= slots / 2 && !shutdown.is_cancelled() {
+                if let Err(e) = store::sweep_expired_claims(&worker.pool, max_age).await {
+                    tracing::warn!(error = %e, "sweeping expired outbox claims failed");
                 }
-            };
-            let found = !claimed.is_empty();
-            futures::stream::iter(claimed)
-                .for_each_concurrent(self.config.concurrency, |email| {
-                    self.handle(email, claim_timeout, &rate, &shutdown)
-                })
-                .await;
-            // Work found: look again at once (more may be due, of other tenants too).
-            if found {
+                let claimed = match store::claim_emails(
+                    &worker.pool,
+                    worker.config.batch,
+                    worker.config.per_tenant_batch,
+                    worker.claim_timeout(),
+                )
+                .await
+                {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming outbox rows failed");
+                        Vec::new()
+                    }
+                };
+                // Work found: look again as soon as there are slots (more may be due, of
+                // other tenants too).
+                idle = claimed.is_empty();
+                let now = Instant::now();
+                queue.extend(claimed.into_iter().map(|email| (email, now)));
                 continue;
             }
             tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+                _ = shutdown.cancelled(), if !shutdown.is_cancelled() => {}
+                Some(ended) = sending.join_next(), if !sending.is_empty() => {
+                    if let Err(e) = ended {
+                        tracing::error!(error = %e, "an email send task failed");
+                    }
+                }
+                _ = worker.wake.notified() => idle = false,
+                _ = tokio::time::sleep(poll), if idle => idle = false,
             }
         }
         tracing::info!("email worker stopped");
     }
 
-    /// One claimed row: give it back (shutdown, tenant rate spent), or renew the claim and
-    /// send it.
+    fn claim_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.claim_timeout_ms)
+    }
+
+    /// One claimed row: give it back (shutdown, tenant rate spent), or send it, renewing
+    /// its claim first if it waited long for a slot.
     async fn handle(
         &self,
         email: OutboxEmail,
-        claim_timeout: Duration,
+        claimed: Instant,
         rate: &std::sync::Mutex<rate::TenantRate>,
         shutdown: &CancellationToken,
     ) {
@@ -160,6 +192,14 @@ impl EmailWorker {
             if let Err(e) = store::release_email(&self.pool, &email, wait).await {
                 tracing::warn!(outbox_id = email.id, error = %e, "releasing a claim failed");
             }
+            return;
+        }
+        // A claim younger than a quarter of its timeout has three quarters left, more than
+        // the send's bound (half the timeout) and the rendering: no one can take the row
+        // over meanwhile, and the renewal would be a statement per email for nothing.
+        let claim_timeout = self.claim_timeout();
+        if claimed.elapsed() < claim_timeout / 4 {
+            self.deliver(email).await;
             return;
         }
         match store::renew_email_claim(&self.pool, &email, claim_timeout).await {
