@@ -76,14 +76,20 @@ const MAX_ROUTING_PER_COMMIT: Duration = Duration::from_millis(250);
 const HELD_RETRY: Duration = Duration::from_millis(20);
 /// The lane of messages that did not decode (they have no trustworthy tenant).
 const REJECTS_LANE: &str = "";
-/// Transactions committing lanes' batches at once (see [`group`]). Two keep PostgreSQL's
-/// two cores here busy while each waits on its round trips; more only make smaller groups.
-const COMMITTERS: usize = 2;
+/// Committers of small batches (see [`group`]). Few, so that the batches of a spread load
+/// gather while they are busy: at 1 000 events/s over ten tenants, two gave p50 8.5–10 ms;
+/// four or eight gave 12 ms (smaller groups, more transactions).
+const SMALL_COMMITTERS: usize = 2;
+/// Committers of large batches (a backlog), side by side: a 100 000-event backlog drained at
+/// 7 200 events/s through two, 9 900 through four, 13 600 through eight.
+const LARGE_COMMITTERS: usize = 6;
+/// A batch is large from this fraction of `kafka.batch_max`.
+const LARGE_BATCH_DIVISOR: usize = 4;
 /// A group's size, in `kafka.batch_max`es: a few full batches per transaction at most.
 const GROUP_BATCHES: usize = 4;
 
 /// Where lanes send their routed batches, and how each hears its batch's fate.
-type Commits = mpsc::Sender<group::Job<Prepared, Arc<Stall>>>;
+type Commits = group::Commits<Prepared, Arc<Stall>>;
 
 /// A message on its way to a lane, decoded once by the dispatcher.
 struct Work {
@@ -170,11 +176,15 @@ impl Pipeline {
     pub async fn run(self, shutdown: CancellationToken) {
         let pipeline = Arc::new(self);
         // Each lane has at most one batch waiting: the queue's bound is only a backstop.
-        let (commits, jobs) = mpsc::channel(1024);
-        let jobs = Arc::new(group::Queue::new(jobs));
+        let large_from = (pipeline.kafka.batch_max / LARGE_BATCH_DIVISOR).max(2);
+        let (commits, small, large) = group::Commits::new(large_from, 1024);
+        let (small, large) = (Arc::new(small), Arc::new(large));
         let mut committers = JoinSet::new();
-        for _ in 0..COMMITTERS {
-            committers.spawn(pipeline.clone().committer(jobs.clone()));
+        for _ in 0..SMALL_COMMITTERS {
+            committers.spawn(pipeline.clone().committer(small.clone()));
+        }
+        for _ in 0..LARGE_COMMITTERS {
+            committers.spawn(pipeline.clone().committer(large.clone()));
         }
         let mut dispatcher = Dispatcher {
             trust: TenantTrust::new(&pipeline.kafka),

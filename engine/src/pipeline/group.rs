@@ -8,6 +8,11 @@
 //! transactions follows the committers' pace instead of the number of tenants. A lane still
 //! has at most one batch in flight, so its order is kept, and two groups never hold the same
 //! tenant (their users' rows never make two transactions wait on each other).
+//!
+//! Small batches and large ones go to different committers ([`Commits`]). Small batches
+//! (a spread load) go to a few committers, so that they gather; large ones (a backlog, where
+//! every lane's batch is full) go to more committers, which commit side by side: a backlog
+//! drains faster with several transactions in flight than with a few large ones.
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -16,6 +21,50 @@ pub(super) struct Job<T, E> {
     pub items: Vec<T>,
     /// The batch's fate: committed, or why not (the lane waits and tries again).
     pub done: oneshot::Sender<Result<(), E>>,
+}
+
+/// Where lanes send their batches: by size, to the committers of small batches or to those
+/// of large ones.
+pub(super) struct Commits<T, E> {
+    small: mpsc::Sender<Job<T, E>>,
+    large: mpsc::Sender<Job<T, E>>,
+    /// The size from which a batch is large.
+    large_from: usize,
+}
+
+// Derived `Clone` would require `T: Clone`.
+impl<T, E> Clone for Commits<T, E> {
+    fn clone(&self) -> Self {
+        Self {
+            small: self.small.clone(),
+            large: self.large.clone(),
+            large_from: self.large_from,
+        }
+    }
+}
+
+impl<T, E> Commits<T, E> {
+    /// The two queues: small batches (fewer than `large_from` items) and large ones. Each
+    /// lane has at most one batch waiting, so `bound` is only a backstop.
+    pub fn new(large_from: usize, bound: usize) -> (Self, Queue<T, E>, Queue<T, E>) {
+        let (small, small_jobs) = mpsc::channel(bound);
+        let (large, large_jobs) = mpsc::channel(bound);
+        let commits = Self {
+            small,
+            large,
+            large_from,
+        };
+        (commits, Queue::new(small_jobs), Queue::new(large_jobs))
+    }
+
+    /// Queues `job` for its committers; `Err` if they are all gone.
+    pub async fn send(&self, job: Job<T, E>) -> Result<(), mpsc::error::SendError<Job<T, E>>> {
+        if job.items.len() >= self.large_from {
+            self.large.send(job).await
+        } else {
+            self.small.send(job).await
+        }
+    }
 }
 
 /// The committers' shared queue.
@@ -30,7 +79,7 @@ struct Inner<T, E> {
 }
 
 impl<T, E> Queue<T, E> {
-    pub fn new(jobs: mpsc::Receiver<Job<T, E>>) -> Self {
+    fn new(jobs: mpsc::Receiver<Job<T, E>>) -> Self {
         Self {
             inner: Mutex::new(Inner { jobs, next: None }),
         }
@@ -100,6 +149,24 @@ mod tests {
         // Every sender gone and nothing held: the committers stop.
         drop(tx);
         assert!(queue.gather(4).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn small_and_large_batches_go_to_their_own_committers() {
+        let (commits, small, large) = Commits::new(3, 16);
+        for items in [vec![1], vec![2, 3, 4], vec![5, 6], vec![7, 8, 9, 10]] {
+            commits.send(job(items).0).await.unwrap();
+        }
+        drop(commits);
+        let all = |queue: Queue<u32, ()>| async move {
+            let mut all = Vec::new();
+            while let Some(group) = queue.gather(100).await {
+                all.extend(group.into_iter().map(|j| j.items));
+            }
+            all
+        };
+        assert_eq!(all(small).await, [vec![1], vec![5, 6]]);
+        assert_eq!(all(large).await, [vec![2, 3, 4], vec![7, 8, 9, 10]]);
     }
 
     #[tokio::test]
