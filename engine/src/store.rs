@@ -836,6 +836,11 @@ pub async fn sweep_expired_claims(pool: &PgPool, max_age: Duration) -> Result<u6
 /// rows and a range probe per tenant finds its due ones, so a backlog of thousands of one
 /// tenant's emails costs another tenant one round, not hours, and a queue full of rows in
 /// backoff costs one probe per tenant. `SKIP LOCKED` lets several workers (instances) share the outbox.
+///
+/// Planned at every call (not a statement the connection keeps): the plan a connection made
+/// while the outbox was small stayed a sequential scan of the whole outbox for the update and a
+/// walk over every due row for the lock, whatever its size later (until autovacuum happened to
+/// analyze the table). Planning it costs a fraction of a millisecond, once per claim.
 pub async fn claim_emails(
     pool: &PgPool,
     batch: i64,
@@ -883,6 +888,7 @@ pub async fn claim_emails(
                    o.message_id, o.attempts, o.queued_at, o.user_id, o.event_type,
                    o.event_time, o.locale, o.time_zone",
     )
+    .persistent(false)
     .bind(batch)
     .bind(per_tenant)
     .bind(claim_timeout.as_secs_f64())
