@@ -253,8 +253,9 @@ pub struct Inserted {
     pub sizes: Vec<usize>,
 }
 
-/// Stores notifications, each under its user's next sequence number, in two statements
-/// whatever their number.
+/// Stores notifications, each under its user's next sequence number, in one statement
+/// whatever their number (numbering and inserting were two round trips; a batch's
+/// transaction is mostly round trips).
 ///
 /// The next number is never below one past the highest sequence number stored for the user:
 /// a `user_streams` row lost or set back by a restore or an operator's mistake heals itself
@@ -271,82 +272,76 @@ pub async fn insert_notifications(
             sizes: Vec::new(),
         });
     }
-    let mut per_user: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
-    for n in rows {
-        *per_user.entry((n.tenant, n.user_id)).or_default() += 1;
-    }
-    let last: Vec<(String, String, i64)> = sqlx::query_as(
-        "WITH input AS (
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS i (tenant_id, user_id, n)
-         )
-         INSERT INTO user_streams AS s (tenant_id, user_id, last_seq)
-         SELECT i.tenant_id, i.user_id, i.n + coalesce(
-             (SELECT max(seq) FROM notifications x
-              WHERE x.tenant_id = i.tenant_id AND x.user_id = i.user_id), 0)
-         FROM input i
-         ORDER BY i.tenant_id, i.user_id
-         ON CONFLICT (tenant_id, user_id) DO UPDATE SET last_seq =
-             greatest(s.last_seq, EXCLUDED.last_seq - (SELECT n FROM input
-                 WHERE input.tenant_id = EXCLUDED.tenant_id AND input.user_id = EXCLUDED.user_id))
-             + (SELECT n FROM input
-                WHERE input.tenant_id = EXCLUDED.tenant_id AND input.user_id = EXCLUDED.user_id)
-         RETURNING tenant_id, user_id, last_seq",
-    )
-    .bind(per_user.keys().map(|k| k.0).collect::<Vec<_>>())
-    .bind(per_user.keys().map(|k| k.1).collect::<Vec<_>>())
-    .bind(per_user.values().copied().collect::<Vec<_>>())
-    .fetch_all(&mut *tx)
-    .await?;
-    // The first number of each user's run: last - n + 1, counting up as rows are numbered.
-    let mut next: std::collections::HashMap<(String, String), i64> = last
-        .into_iter()
-        .map(|(tenant, user, last)| {
-            let n = per_user[&(tenant.as_str(), user.as_str())];
-            ((tenant, user), last - n + 1)
-        })
-        .collect();
-    let mut seqs = Vec::with_capacity(rows.len());
-    for n in rows {
-        let next = next
-            .get_mut(&(n.tenant.to_owned(), n.user_id.to_owned()))
-            .expect("every user's stream row was returned");
-        seqs.push(*next);
-        *next += 1;
-    }
     let data: Vec<String> = rows
         .iter()
         .map(|n| serde_json::to_string(n.data).expect("a JSON map serializes"))
         .collect();
-    let (created_at,): (chrono::DateTime<chrono::Utc>,) = sqlx::query_as(
-        "WITH inserted AS (
+    // Each user's rows are numbered on from the stream's new last number, in the order
+    // given (`ord`): last - n + 1, last - n + 2, ...
+    let numbered: Vec<(i64, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "WITH x AS (
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::text[], $7::text[], $8::text[]) WITH ORDINALITY
+                 AS x (t, u, e, k, ti, b, c, d, ord)
+         ),
+         input AS (
+             SELECT t AS tenant_id, u AS user_id, count(*) AS n FROM x GROUP BY t, u
+         ),
+         streams AS (
+             INSERT INTO user_streams AS s (tenant_id, user_id, last_seq)
+             SELECT i.tenant_id, i.user_id, i.n + coalesce(
+                 (SELECT max(seq) FROM notifications old
+                  WHERE old.tenant_id = i.tenant_id AND old.user_id = i.user_id), 0)
+             FROM input i
+             ORDER BY i.tenant_id, i.user_id
+             ON CONFLICT (tenant_id, user_id) DO UPDATE SET last_seq =
+                 greatest(s.last_seq, EXCLUDED.last_seq - (SELECT n FROM input
+                     WHERE input.tenant_id = EXCLUDED.tenant_id AND input.user_id = EXCLUDED.user_id))
+                 + (SELECT n FROM input
+                    WHERE input.tenant_id = EXCLUDED.tenant_id AND input.user_id = EXCLUDED.user_id)
+             RETURNING tenant_id, user_id, last_seq
+         ),
+         numbered AS (
+             SELECT x.*, s.last_seq - i.n
+                         + row_number() OVER (PARTITION BY x.t, x.u ORDER BY x.ord) AS seq
+             FROM x
+             JOIN streams s ON s.tenant_id = x.t AND s.user_id = x.u
+             JOIN input i ON i.tenant_id = x.t AND i.user_id = x.u
+         ),
+         inserted AS (
              INSERT INTO notifications
                  (tenant_id, user_id, seq, event_id, kind, title, body, category, data)
-             SELECT t, u, s, e, k, ti, b, c, d::jsonb
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::text[], $9::text[])
-                 AS x (t, u, s, e, k, ti, b, c, d)
-             RETURNING 1
+             SELECT t, u, seq, e, k, ti, b, c, d::jsonb FROM numbered
          )
-         SELECT now() FROM inserted LIMIT 1",
+         SELECT seq, now() FROM numbered ORDER BY ord",
     )
     .bind(rows.iter().map(|n| n.tenant).collect::<Vec<_>>())
     .bind(rows.iter().map(|n| n.user_id).collect::<Vec<_>>())
-    .bind(&seqs)
     .bind(rows.iter().map(|n| n.event_id).collect::<Vec<_>>())
     .bind(rows.iter().map(|n| n.kind).collect::<Vec<_>>())
     .bind(rows.iter().map(|n| n.title).collect::<Vec<_>>())
     .bind(rows.iter().map(|n| n.body).collect::<Vec<_>>())
     .bind(rows.iter().map(|n| n.category).collect::<Vec<_>>())
     .bind(&data)
-    .fetch_one(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
+    if numbered.len() != rows.len() {
+        // Every row has its user's stream row, returned by the upsert; anything else is a
+        // bug, not the data's fault.
+        return Err(StoreError::Sqlx(sqlx::Error::Protocol(format!(
+            "{} notifications numbered for {} rows",
+            numbered.len(),
+            rows.len()
+        ))));
+    }
+    let created_at = numbered[0].1;
     let sizes = rows
         .iter()
         .zip(&data)
         .map(|(n, d)| n.title.map_or(0, str::len) + n.body.map_or(0, str::len) + d.len())
         .collect();
     Ok(Inserted {
-        seqs,
+        seqs: numbered.into_iter().map(|(seq, _)| seq).collect(),
         created_at,
         sizes,
     })
