@@ -355,6 +355,80 @@ async fn tenants_share_transactions_and_refused_data_stays_with_its_message() {
     engine.shutdown().await;
 }
 
+/// A lane routes the messages waiting behind a batch while that batch commits: with the
+/// commit held up (a trigger waits on a lock the test holds), the next batch is routed, one
+/// batch ahead and no more; once the lock goes, every event is stored, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_routes_its_next_batch_while_one_commits() {
+    let world = World::new().await;
+    world.start(world.config()).await.shutdown().await;
+    let pool = world.pool().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION hold_commits() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_advisory_lock_shared(4242);
+             PERFORM pg_advisory_unlock_shared(4242);
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER hold_commits BEFORE INSERT ON notifications
+             FOR EACH ROW EXECUTE FUNCTION hold_commits();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let tenant = unique("ahead");
+    for i in 0..4 {
+        world
+            .produce(&order_paid(&format!("r{i}"), &tenant, "u1", None, 1.0))
+            .await;
+    }
+    let mut config = world.config();
+    config.kafka.batch_max = 1;
+    config.kafka.batch_linger_ms = 0;
+    let engine = world.start(config).await;
+    let routed = || engine.metrics.plugin_call_seconds.get_sample_count();
+    let deadline = std::time::Instant::now() + WAIT;
+    while routed() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the next batch was not routed while the first one committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(routed(), 2, "one batch ahead, not the whole queue");
+    let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM notifications")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "the first batch is still held in its commit");
+
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    world
+        .wait_count("SELECT count(*) FROM notifications", 4, WAIT)
+        .await;
+    let order: Vec<(i64, String)> =
+        sqlx::query_as("SELECT seq, event_id FROM notifications ORDER BY seq")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        order,
+        (0..4)
+            .map(|i| (i as i64 + 1, format!("r{i}")))
+            .collect::<Vec<_>>()
+    );
+    engine.shutdown().await;
+}
+
 /// The duplicate check's plan, made while `processed_events` is empty (a new deployment)
 /// and cached by the connection, still probes the primary key once the table has grown.
 /// The plain join it replaced stayed a sequential scan of the whole table.
