@@ -17,10 +17,6 @@
 //!    claimed → duplicate), write notifications, outbox rows and dead letters. COMMIT, and
 //!    only then mark the messages finished (offsets), wake SSE streams and the email worker.
 //!
-//! While a batch commits, its lane takes the messages waiting behind it and routes them
-//! (step 1 of the next batch), so they go to a committer as soon as the batch before them is
-//! through. One batch ahead at most; a lane's batches still commit one after the other.
-//!
 //! What the database or the platform does wrong is never blamed on a message: such a batch
 //! *stalls* (waits, reports not ready, tries again) until it commits. Only an error about a
 //! message's own data ([`StoreError::is_data_error`]) dead-letters that message, alone. A
@@ -111,29 +107,6 @@ impl Work {
             Err(_) => REJECTS_LANE,
         }
     }
-}
-
-/// A lane's next batch, and its routing when that was done ahead (while the batch before
-/// it committed).
-struct Next {
-    batch: Vec<Work>,
-    routed: Option<Routed>,
-}
-
-/// A batch's routing ([`Pipeline::prepare`]) and how long it took.
-struct Routed {
-    result: Result<Vec<Prepared>, Stall>,
-    took: Duration,
-}
-
-/// What a lane works with while it handles a batch.
-struct LaneState<'a> {
-    name: &'a str,
-    queue: &'a mut mpsc::Receiver<Work>,
-    budget: &'a mut budget::Budget,
-    commits: &'a Commits,
-    /// The next batch, taken from the queue and routed while this one committed.
-    next: Option<Next>,
 }
 
 /// One message of a batch, ready to be written.
@@ -272,58 +245,29 @@ impl Pipeline {
             Duration::from_millis(self.plugins.tenant_budget_ms_per_sec()),
             Instant::now(),
         );
-        let mut next: Option<Next> = None;
         loop {
-            let Next { batch, routed } = match next.take() {
-                Some(next) => next,
-                None => {
-                    let first = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        work = queue.recv() => match work {
-                            Some(work) => work,
-                            None => return,
-                        },
-                    };
-                    let mut batch = vec![first];
-                    let deadline = tokio::time::Instant::now() + linger;
-                    while batch.len() < self.kafka.batch_max {
-                        match tokio::time::timeout_at(deadline, queue.recv()).await {
-                            Ok(Some(work)) => batch.push(work),
-                            _ => break,
-                        }
-                    }
-                    Next {
-                        batch,
-                        routed: None,
-                    }
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                work = queue.recv() => match work {
+                    Some(work) => work,
+                    None => return,
+                },
+            };
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + linger;
+            while batch.len() < self.kafka.batch_max {
+                match tokio::time::timeout_at(deadline, queue.recv()).await {
+                    Ok(Some(work)) => batch.push(work),
+                    _ => break,
                 }
-            };
-            let mut lane = LaneState {
-                name: &tenant,
-                queue: &mut queue,
-                budget: &mut budget,
-                commits: &commits,
-                next: None,
-            };
+            }
             if !self
-                .handle_batch(&mut lane, &batch, routed, &shutdown)
+                .handle_batch(&tenant, &batch, &mut budget, &commits, &shutdown)
                 .await
             {
                 return;
             }
-            next = lane.next;
         }
-    }
-
-    /// The messages already waiting in a lane's queue, up to a batch; `None` if none.
-    fn waiting(&self, queue: &mut mpsc::Receiver<Work>) -> Option<Vec<Work>> {
-        let mut batch = Vec::new();
-        while batch.len() < self.kafka.batch_max
-            && let Ok(work) = queue.try_recv()
-        {
-            batch.push(work);
-        }
-        (!batch.is_empty()).then_some(batch)
     }
 
     /// Handles a lane's batch until all of it is committed, in order: a prefix per
@@ -331,9 +275,10 @@ impl Pipeline {
     /// the waiting (what is not committed then is re-read).
     async fn handle_batch(
         &self,
-        lane: &mut LaneState<'_>,
+        lane: &str,
         batch: &[Work],
-        mut routed: Option<Routed>,
+        budget: &mut budget::Budget,
+        commits: &Commits,
         shutdown: &CancellationToken,
     ) -> bool {
         let mut rest = batch;
@@ -342,9 +287,8 @@ impl Pipeline {
                 // The prefix in hand is committed; the rest is re-read after the restart.
                 return false;
             }
-            // Routing done ahead covers the batch's start: its first prefix.
             match self
-                .commit_prefix(lane, rest, routed.take(), shutdown)
+                .commit_prefix(lane, rest, budget, commits, shutdown)
                 .await
             {
                 Some(done) => rest = &rest[done..],
@@ -360,52 +304,27 @@ impl Pipeline {
     /// does: the lane then stops, and the engine with it).
     async fn commit_prefix(
         &self,
-        lane: &mut LaneState<'_>,
+        lane: &str,
         batch: &[Work],
-        mut early: Option<Routed>,
+        budget: &mut budget::Budget,
+        commits: &Commits,
         shutdown: &CancellationToken,
     ) -> Option<usize> {
         let mut delay = Duration::from_millis(100);
         loop {
-            let Routed { result, took } = match early.take() {
-                Some(routed) => routed,
-                None => self.route_ahead(batch, lane.budget, shutdown).await,
-            };
-            let stall = match result {
+            let preparing = Instant::now();
+            let stall = match self.prepare(batch, budget, shutdown).await {
                 Ok(prepared) => {
                     let (writing, routed) = (Instant::now(), prepared.len());
-                    // Routed ahead, the batch waited for the one before it: that is `queue`.
-                    let preparing = writing.checked_sub(took).unwrap_or(writing);
                     let (done, fate) = oneshot::channel();
                     let job = group::Job {
                         items: prepared,
                         done,
                     };
-                    lane.commits.send(job).await.ok()?;
-                    // While it commits, the messages waiting behind the batch's last prefix
-                    // are routed: they go to a committer as soon as this one is through,
-                    // instead of being routed only then. The claim stays the authority on
-                    // duplicates their check could not see yet.
-                    let fate = match (routed == batch.len() && lane.next.is_none())
-                        .then(|| self.waiting(lane.queue))
-                        .flatten()
-                    {
-                        Some(waiting) => {
-                            let (fate, routed) = tokio::join!(
-                                fate,
-                                self.route_ahead(&waiting, lane.budget, shutdown)
-                            );
-                            lane.next = Some(Next {
-                                batch: waiting,
-                                routed: Some(routed),
-                            });
-                            fate
-                        }
-                        None => fate.await,
-                    };
-                    match fate.ok()? {
+                    commits.send(job).await.ok()?;
+                    match fate.await.ok()? {
                         Ok(()) => {
-                            self.health.set_stall(lane.name, None);
+                            self.health.set_stall(lane, None);
                             self.observe_stages(&batch[..routed], preparing, writing);
                             return Some(routed);
                         }
@@ -422,12 +341,12 @@ impl Pipeline {
                 .with_label_values(&[stall.cause()])
                 .inc();
             tracing::warn!(
-                lane = lane.name, cause = stall.cause(), error = %stall, size = batch.len(),
+                lane, cause = stall.cause(), error = %stall, size = batch.len(),
                 retry_in_ms = delay.as_millis() as u64,
                 "batch stalled: the database or the platform failed, not the data; waiting"
             );
             self.health
-                .set_stall(lane.name, Some(format!("{}: {stall}", stall.cause())));
+                .set_stall(lane, Some(format!("{}: {stall}", stall.cause())));
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => {}
@@ -437,21 +356,6 @@ impl Pipeline {
                 self.plugins.reload_after_stall().await;
             }
             delay = (delay * 2).min(MAX_STALL_DELAY);
-        }
-    }
-
-    /// [`Pipeline::prepare`], timed.
-    async fn route_ahead(
-        &self,
-        batch: &[Work],
-        budget: &mut budget::Budget,
-        shutdown: &CancellationToken,
-    ) -> Routed {
-        let started = Instant::now();
-        let result = self.prepare(batch, budget, shutdown).await;
-        Routed {
-            result,
-            took: started.elapsed(),
         }
     }
 
