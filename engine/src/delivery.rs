@@ -442,4 +442,29 @@ mod tests {
         assert_eq!(ms(500), 300_000);
         assert_eq!(backoff(1_000, 300_000, 10, 0.5).as_millis(), 150_000);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// The retry delay never shrinks from one attempt to the next, never exceeds the
+            /// cap, and never falls below the base (less its jitter), whatever the attempt
+            /// count a row carries (even one no worker would write).
+            #[test]
+            fn the_retry_delay_grows_to_its_cap(
+                base in 1u64..100_000,
+                above in 0u64..10_000_000,
+                attempts in any::<i32>(),
+                jitter in 0.5f64..=1.0,
+            ) {
+                let max = base + above;
+                let now = backoff(base, max, attempts, jitter);
+                let next = backoff(base, max, attempts.saturating_add(1), jitter);
+                prop_assert!(next >= now, "{next:?} after {now:?}");
+                prop_assert!(now <= Duration::from_millis(max));
+                prop_assert!(now.as_millis() as f64 >= (base as f64 * jitter).floor());
+            }
+        }
+    }
 }

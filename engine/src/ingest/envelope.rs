@@ -460,4 +460,178 @@ mod tests {
         let r = decode(Some(&[b' '; 100]), &headers(&base), 10).unwrap_err();
         assert_eq!(r.kind, RejectionKind::Oversize);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        /// Object keys, now and then with a NUL.
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![8 => "\\PC{0,8}", 1 => "(\\PC|\u{0}){0,8}"]
+        }
+
+        /// JSON values of a few levels, with the strings that trip checks (NULs, controls).
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                1 => Just(Value::Null),
+                1 => any::<bool>().prop_map(Value::from),
+                1 => any::<i64>().prop_map(Value::from),
+                1 => any::<f64>().prop_map(Value::from),
+                8 => "\\PC{0,12}".prop_map(Value::from),
+                1 => "(\\PC|\u{0}|\n){0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    prop::collection::btree_map(key(), inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Envelope-shaped objects: each field mostly present and mostly of its kind (so a
+        /// fair share are accepted), sometimes absent or of any JSON type.
+        fn envelope() -> impl Strategy<Value = Value> {
+            let text = |pattern: &'static str| prop_oneof![3 => pattern.prop_map(Value::from), 1 => json_value()];
+            let field = |name: &'static str, value: BoxedStrategy<Value>| {
+                prop::option::weighted(0.85, value).prop_map(move |v| (name, v))
+            };
+            let data = prop_oneof![
+                3 => prop::collection::btree_map(key(), json_value(), 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                1 => json_value(),
+            ];
+            (
+                field("id", text("\\PC{1,20}|\n").boxed()),
+                field(
+                    "tenant",
+                    text("[A-Za-z0-9_-]{1,20}|[A-Za-z0-9_./-]{0,70}").boxed(),
+                ),
+                field(
+                    "type",
+                    text("[A-Za-z0-9_.-]{1,40}|[A-Za-z0-9_./-]{0,130}").boxed(),
+                ),
+                field(
+                    "time",
+                    prop_oneof![
+                        6 => Just(Value::from("2026-11-26T10:00:00Z")),
+                        1 => Just(Value::from("2026-13-01")),
+                        1 => json_value(),
+                    ]
+                    .boxed(),
+                ),
+                field("source", text("\\PC{0,20}").boxed()),
+                field("data", data.boxed()),
+            )
+                .prop_map(|(a, b, c, d, e, f)| {
+                    let mut object = serde_json::Map::new();
+                    for (name, value) in [a, b, c, d, e, f] {
+                        if let Some(value) = value {
+                            object.insert(name.into(), value);
+                        }
+                    }
+                    Value::Object(object)
+                })
+        }
+
+        /// The envelope's rules, written out again here rather than calling the checks they
+        /// test.
+        fn check(event: &Event) -> Result<(), TestCaseError> {
+            let id = &event.id;
+            prop_assert!(
+                (1..=200).contains(&id.len()) && !id.chars().any(|c| c.is_control()),
+                "id {id:?}"
+            );
+            let tenant = &event.tenant;
+            prop_assert!(
+                (1..=64).contains(&tenant.len())
+                    && tenant
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b)),
+                "tenant {tenant:?}"
+            );
+            let kind = &event.event_type;
+            prop_assert!(
+                (1..=128).contains(&kind.len())
+                    && kind
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)),
+                "type {kind:?}"
+            );
+            fn nul(v: &Value) -> bool {
+                match v {
+                    Value::String(s) => s.contains('\0'),
+                    Value::Array(items) => items.iter().any(nul),
+                    Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || nul(v)),
+                    _ => false,
+                }
+            }
+            prop_assert!(
+                !nul(&Value::Object(event.data.clone())),
+                "a NUL in {:?}",
+                event.data
+            );
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            /// Any bytes, with or without binary-mode headers, within the size limit or not:
+            /// a decision, never a panic, and an accepted event keeps every rule.
+            #[test]
+            fn any_bytes_are_decoded_or_refused(
+                payload in prop::option::of(prop::collection::vec(any::<u8>(), 0..600)),
+                binary in any::<bool>(),
+            ) {
+                let headers = if binary {
+                    vec![(BINARY_MODE_HEADER.to_owned(), Some(b"1.0".to_vec()))]
+                } else {
+                    Vec::new()
+                };
+                match decode(payload.as_deref(), &headers, 512) {
+                    Ok(event) => check(&event)?,
+                    Err(rejection) => prop_assert!(!rejection.reason.is_empty()),
+                }
+            }
+
+            /// Envelope-shaped JSON with fields of any type: accepted only when it keeps
+            /// every rule; a refusal says why, as a validation (or decode) error.
+            #[test]
+            fn envelope_shaped_json_is_decoded_or_refused(value in envelope()) {
+                match decode(Some(value.to_string().as_bytes()), &[], 1 << 20) {
+                    Ok(event) => check(&event)?,
+                    Err(rejection) => {
+                        prop_assert!(!rejection.reason.is_empty());
+                        prop_assert_ne!(rejection.kind, RejectionKind::Oversize);
+                    }
+                }
+            }
+
+            /// A valid envelope decodes to exactly what was sent.
+            #[test]
+            fn a_valid_envelope_decodes_to_what_was_sent(
+                id in "[!-~]{1,200}",
+                tenant in "[A-Za-z0-9_-]{1,64}",
+                event_type in "[A-Za-z0-9_.-]{1,128}",
+                secs in 0i64..4_000_000_000,
+                key in "\\PC{1,10}",
+                text in "\\PC{0,40}",
+            ) {
+                let time = DateTime::from_timestamp(secs, 0).unwrap();
+                let sent = json!({
+                    "id": id, "tenant": tenant, "type": event_type,
+                    "time": time.to_rfc3339(), "data": {key.clone(): text.clone()},
+                });
+                let event = decode(Some(sent.to_string().as_bytes()), &[], 1 << 20)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(event.id, id);
+                prop_assert_eq!(event.tenant, tenant);
+                prop_assert_eq!(event.event_type, event_type);
+                prop_assert_eq!(event.time, time);
+                prop_assert_eq!(&event.data[&key], &Value::from(text));
+            }
+        }
+    }
 }

@@ -100,4 +100,84 @@ mod tests {
         assert_eq!(t.finished("a", 0, 5), None, "one copy is still in flight");
         assert_eq!(t.finished("a", 0, 5), Some(6));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// The partition's next message.
+            Deliver,
+            /// An earlier message again (the partition taken away and given back).
+            Redeliver(usize),
+            /// A copy in flight finishes (lanes finish in any order).
+            Finish(usize),
+            /// The partition is revoked.
+            Forget,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => Just(Op::Deliver),
+                1 => any::<usize>().prop_map(Op::Redeliver),
+                4 => any::<usize>().prop_map(Op::Finish),
+                1 => Just(Op::Forget),
+            ]
+        }
+
+        proptest! {
+            /// Against a model: whatever order lanes finish in and however the partition
+            /// comes and goes, the offset reported is exactly the lowest one in flight (or one
+            /// past the highest dispatched), reported when and only when it moves: never
+            /// past a message still in flight (no loss), never backwards.
+            #[test]
+            fn the_safe_offset_is_the_lowest_in_flight(ops in prop::collection::vec(op(), 1..300)) {
+                let mut tracker = OffsetTracker::default();
+                let mut next = 0i64;
+                // The model, since the last assignment: copies in flight, highest dispatched.
+                let mut in_flight: Vec<i64> = Vec::new();
+                let mut highest: Option<i64> = None;
+                let safe = |in_flight: &[i64], highest: Option<i64>| {
+                    in_flight.iter().min().copied().or(highest.map(|h| h + 1))
+                };
+                for op in ops {
+                    match op {
+                        Op::Deliver => {
+                            tracker.dispatched("t", 0, next);
+                            in_flight.push(next);
+                            highest = highest.max(Some(next));
+                            next += 1;
+                        }
+                        Op::Redeliver(i) if next > 0 => {
+                            let offset = (i % next as usize) as i64;
+                            tracker.dispatched("t", 0, offset);
+                            in_flight.push(offset);
+                            highest = highest.max(Some(offset));
+                        }
+                        Op::Redeliver(_) => {}
+                        Op::Finish(i) if !in_flight.is_empty() => {
+                            let before = safe(&in_flight, highest);
+                            let offset = in_flight.swap_remove(i % in_flight.len());
+                            let after = safe(&in_flight, highest);
+                            let reported = tracker.finished("t", 0, offset);
+                            prop_assert_eq!(reported, after.filter(|a| Some(*a) > before));
+                            if let Some(stored) = reported {
+                                prop_assert!(in_flight.iter().all(|&o| o >= stored));
+                            }
+                        }
+                        Op::Finish(_) => {}
+                        Op::Forget => {
+                            tracker.forget("t", 0);
+                            // What was in flight is the next owner's; finishing it reports nothing.
+                            for offset in in_flight.drain(..) {
+                                prop_assert_eq!(tracker.finished("t", 0, offset), None);
+                            }
+                            highest = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
