@@ -390,4 +390,176 @@ mod tests {
         let e = validate(vec![in_app("u", "{}"), in_app("u", "{}")], &limits).unwrap_err();
         assert!(e.contains("deliveries"), "{e}");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Text that is sometimes what a field wants and sometimes hostile: controls, NULs,
+        /// path climbing, reserved names.
+        fn text(plausible: &'static str) -> BoxedStrategy<String> {
+            prop_oneof![
+                4 => plausible.prop_map(String::from),
+                1 => "\\PC{0,12}".prop_map(String::from),
+                1 => "(\\PC|\u{0}|\n|/|\\.\\.){0,12}".prop_map(String::from),
+                1 => prop::sample::select(vec![
+                    "notification", "message", "error", "open", "auth.expired",
+                    "notification.read", "../x", "a..b", "",
+                ])
+                .prop_map(String::from),
+            ]
+            .boxed()
+        }
+
+        /// A name (live update, template): mostly well formed, sometimes with a slash, a
+        /// reserved name or anything.
+        fn name() -> BoxedStrategy<String> {
+            prop_oneof![
+                3 => "[a-z][a-z0-9._-]{0,20}".prop_map(String::from),
+                1 => "[a-z][a-z0-9/._-]{0,6}".prop_map(String::from),
+                1 => prop::sample::select(vec![
+                    "notification", "message", "error", "open", "auth.expired",
+                    "notification.read",
+                ])
+                .prop_map(String::from),
+                1 => text("\\PC{0,12}"),
+            ]
+            .boxed()
+        }
+
+        fn data() -> BoxedStrategy<String> {
+            prop_oneof![
+                4 => "\\{(\"[a-z]{1,5}\": \"\\PC{0,8}\", ){0,3}\"k\": 1\\}".prop_map(String::from),
+                1 => Just(r#"{"a": "\u0000"}"#.to_owned()),
+                1 => Just(r#"{"a": "\\u0000"}"#.to_owned()),
+                1 => "\\PC{0,16}".prop_map(String::from),
+            ]
+            .boxed()
+        }
+
+        fn delivery() -> impl Strategy<Value = wit::Delivery> {
+            let user = || text("[a-z0-9]{1,12}");
+            prop_oneof![
+                (
+                    user(),
+                    text("\\PC{1,30}"),
+                    text("\\PC{0,30}"),
+                    text("[a-z]{0,10}"),
+                    data()
+                )
+                    .prop_map(|(user_id, title, body, category, data)| {
+                        wit::Delivery::InApp(wit::InApp {
+                            user_id,
+                            title,
+                            body,
+                            category,
+                            data,
+                        })
+                    }),
+                (user(), name(), data()).prop_map(|(user_id, name, data)| {
+                    wit::Delivery::Live(wit::LiveUpdate {
+                        user_id,
+                        name,
+                        data,
+                    })
+                }),
+                (
+                    text("[a-z]{1,8}@example\\.com"),
+                    prop::option::of(user()),
+                    name(),
+                    data(),
+                    prop::option::of(text("[a-z]{2}-[A-Z]{2}")),
+                    prop::option::of(text("[A-Z][a-z]{2,8}/[A-Z][a-z]{2,8}")),
+                )
+                    .prop_map(
+                        |(to, user_id, template, data, locale, time_zone)| {
+                            wit::Delivery::Email(wit::Email {
+                                to,
+                                user_id,
+                                template,
+                                data,
+                                locale,
+                                time_zone,
+                            })
+                        }
+                    ),
+            ]
+        }
+
+        fn printable_user(u: &str) -> bool {
+            (1..=200).contains(&u.len()) && !u.chars().any(|c| c.is_control())
+        }
+
+        /// An SSE event or template folder name: the rules written out again.
+        fn path_safe_name(n: &str) -> bool {
+            (1..=64).contains(&n.len())
+                && n.as_bytes()[0].is_ascii_lowercase()
+                && n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && !n.contains("..")
+        }
+
+        fn no_nul(m: &Map<String, Value>) -> bool {
+            fn clean(v: &Value) -> bool {
+                match v {
+                    Value::String(s) => !s.contains('\0'),
+                    Value::Array(items) => items.iter().all(clean),
+                    Value::Object(m) => m.iter().all(|(k, v)| !k.contains('\0') && clean(v)),
+                    _ => true,
+                }
+            }
+            clean(&Value::Object(m.clone()))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            /// Whatever a plugin answers: a decision, never a panic; what is accepted is
+            /// within the limits, carries no NUL, and names nothing a browser or the
+            /// template folders would misread.
+            #[test]
+            fn plugin_output_is_accepted_only_when_safe(
+                deliveries in prop::collection::vec(delivery(), 1..4),
+                max_deliveries in 1usize..6,
+            ) {
+                let limits = PluginConfig { max_deliveries, ..PluginConfig::default() };
+                let given = deliveries.len();
+                let Ok(accepted) = validate(deliveries, &limits) else {
+                    return Ok(());
+                };
+                prop_assert_eq!(accepted.len(), given);
+                prop_assert!(accepted.len() <= max_deliveries);
+                for d in &accepted {
+                    match d {
+                        Delivery::InApp { user_id, title, body, category, data } => {
+                            prop_assert!(printable_user(user_id), "{user_id:?}");
+                            prop_assert!(!title.trim().is_empty());
+                            prop_assert!(![title, body, category].iter().any(|t| t.contains('\0')));
+                            prop_assert!(no_nul(data));
+                        }
+                        Delivery::Live { user_id, name, data } => {
+                            prop_assert!(printable_user(user_id), "{user_id:?}");
+                            prop_assert!(path_safe_name(name), "{name:?}");
+                            prop_assert!(
+                                !["notification", "message", "error", "open"].contains(&name.as_str())
+                                    && !name.starts_with("notification.")
+                                    && !name.starts_with("auth."),
+                                "{name:?}"
+                            );
+                            prop_assert!(no_nul(data));
+                        }
+                        Delivery::Email { to, user_id, template, data, locale, time_zone } => {
+                            prop_assert!(to.contains('@') && !to.contains('\0'), "{to:?}");
+                            prop_assert!(user_id.as_deref().is_none_or(printable_user));
+                            prop_assert!(path_safe_name(template), "{template:?}");
+                            for tag in [locale, time_zone].into_iter().flatten() {
+                                prop_assert!(!tag.contains("..") && !tag.contains('\0'), "{tag:?}");
+                            }
+                            prop_assert!(no_nul(data));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
