@@ -583,4 +583,104 @@ mod tests {
         assert!(!hub.is_connected("t", "u"));
         assert!(hub.subscribe("t", "u", caps).is_ok());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// The pipeline commits the user's next row and hands it over (of this size).
+            Row(usize),
+            /// The next row is only announced (another instance's, an inbox change).
+            Announce,
+            /// A stream catches up: from memory if the hub can, else from PostgreSQL.
+            Read(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                6 => (1..=RECENT_ROW_BYTES).prop_map(Op::Row),
+                1 => Just(Op::Announce),
+                4 => any::<usize>().prop_map(Op::Read),
+            ]
+        }
+
+        proptest! {
+            /// A user's streams (one to three) and the rows committed for them, in any
+            /// interleaving: what a stream takes from memory is exactly the rows after its
+            /// cursor up to the latest, never a gap, a repeat or a row beyond; the hub keeps
+            /// within its bounds; and while every row after a stream's cursor was handed over
+            /// and fits the bounds, the stream gets them from memory.
+            #[test]
+            fn streams_take_exactly_their_next_rows(
+                streams in 1usize..=3,
+                ops in prop::collection::vec(op(), 1..400),
+            ) {
+                let hub = Hub::new();
+                let caps = Caps { per_user: 3, per_tenant: 3, global: 3 };
+                let subs: Vec<Subscription> =
+                    (0..streams).map(|_| hub.subscribe("t", "u", caps).unwrap()).collect();
+                for s in &subs {
+                    s.took(0);
+                }
+                let mut cursors = vec![0i64; streams];
+                let mut latest = 0i64;
+                // Each seq's size when it was handed over, None when only announced.
+                let mut handed: Vec<Option<usize>> = vec![None];
+                for op in ops {
+                    match op {
+                        Op::Row(size) => {
+                            latest += 1;
+                            handed.push(Some(size));
+                            let mut r = (*row(latest)).clone();
+                            r.frame_data = Default::default();
+                            hub.publish_row("t", "u", Arc::new(r), size);
+                        }
+                        Op::Announce => {
+                            latest += 1;
+                            handed.push(None);
+                            hub.publish("t", "u", latest);
+                        }
+                        Op::Read(i) => {
+                            let i = i % streams;
+                            let cursor = cursors[i];
+                            if cursor == latest {
+                                continue;
+                            }
+                            let wanted: Vec<i64> = (cursor + 1..=latest).collect();
+                            // Everything after the cursor handed over, within the bounds: the
+                            // hub must still hold it for this stream.
+                            let sizes: Option<Vec<usize>> =
+                                wanted.iter().map(|&seq| handed[seq as usize]).collect();
+                            let must = sizes.is_some_and(|sizes| {
+                                sizes.len() <= RECENT_ROWS
+                                    && sizes.iter().sum::<usize>() <= RECENT_BYTES
+                            });
+                            match subs[i].recent_after(cursor, latest) {
+                                Some(rows) => {
+                                    let got: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+                                    prop_assert_eq!(got, wanted);
+                                }
+                                None => {
+                                    prop_assert!(!must, "stream {} at {} lost rows up to {}", i, cursor, latest);
+                                    // It reads them from PostgreSQL.
+                                    subs[i].took(latest);
+                                }
+                            }
+                            cursors[i] = latest;
+                        }
+                    }
+                    let entries = hub.entries.lock().unwrap();
+                    let entry = &entries[&("t".to_owned(), "u".to_owned())];
+                    prop_assert!(entry.recent.len() <= RECENT_ROWS);
+                    prop_assert!(entry.recent_bytes <= RECENT_BYTES);
+                    prop_assert_eq!(
+                        entry.recent_bytes,
+                        entry.recent.iter().map(|(_, size)| size).sum::<usize>()
+                    );
+                }
+            }
+        }
+    }
 }
