@@ -148,6 +148,64 @@ async fn email_survives_a_long_outage_and_failed_rows_can_be_requeued() {
 
 /// A lock timeout is the database's trouble, not the event's: the batch waits, readiness
 /// says so, and the event is delivered once the lock is released. Nothing is dead-lettered.
+/// The engine's database connections die while idle (a database restart, an operator
+/// terminating backends): the next events are handled without a single stalled batch, since
+/// a connection idle for over a second is pinged before use and a dead one is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_died_idle_are_replaced_without_a_stall() {
+    let world = World::new().await;
+    let mut config = world.config();
+    // Nothing else takes the dead connections first (and throws them away on its own error).
+    config.email.poll_interval_ms = 600_000;
+    config.presence.heartbeat_secs = 300;
+    config.presence.ttl_secs = 600;
+    config.retention.interval_secs = 3_600;
+    let engine = world.start(config).await;
+    let tenant = unique("idle");
+    world
+        .produce(&order_paid("i1", &tenant, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count("SELECT count(*) FROM notifications", 1, WAIT)
+        .await;
+
+    let pool = world.pool().await;
+    let (killed,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM (
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'notify-engine'
+               AND pid <> pg_backend_pid()) t",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(killed > 0, "the engine holds idle connections");
+    // Every dead connection has been idle for longer than the ping threshold when it is
+    // next taken.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    for i in 2..=4 {
+        world
+            .produce(&order_paid(&format!("i{i}"), &tenant, "u1", None, 1.0))
+            .await;
+    }
+    world
+        .wait_count("SELECT count(*) FROM notifications", 4, WAIT)
+        .await;
+    let stalls: u64 = ["database", "plugin"]
+        .iter()
+        .map(|cause| {
+            engine
+                .metrics
+                .pipeline_stalls
+                .with_label_values(&[cause])
+                .get()
+        })
+        .sum();
+    assert_eq!(stalls, 0, "a batch met a dead connection");
+    engine.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_timeout_stalls_the_batch_instead_of_dead_lettering() {
     let world = World::new().await;

@@ -56,19 +56,32 @@ impl StoreError {
 /// A pool of at most `max_connections`, connecting lazily: the engine starts (and reports
 /// not ready) while PostgreSQL is down.
 ///
-/// No ping before each acquire: it was a round trip on every batch's critical path (the
-/// `route` stage at 100 events/s went 3.4 → 0.9 ms without it). sqlx still pings a
-/// connection when it is released, so a broken one leaves the pool then; one that dies idle
-/// (a database restart) fails its next statement, and the pipeline's stall and the streams'
-/// read retries take another.
+/// A connection is pinged before use only when it has been idle for more than
+/// [`PING_IF_IDLE_FOR`]. Pinging at every acquire (sqlx's default) put a round trip on every
+/// batch's critical path (the `route` stage at 100 events/s went 3.4 → 0.9 ms without it);
+/// not pinging at all made a connection that died idle (a database restart, a terminated
+/// backend) fail its next statement and stall a batch. sqlx also pings a connection when it
+/// is released, so one that broke in use leaves the pool then.
 pub fn connect(config: &DatabaseConfig, max_connections: u32) -> Result<PgPool> {
     let options: PgConnectOptions = config.url.parse()?;
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_IF_IDLE_FOR {
+                    // An error discards the connection; the pool hands out another.
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options.application_name("notify-engine")))
 }
+
+/// Idle time after which a pooled connection is pinged before use (see [`connect`]).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Makes a connection act as this database's API role, `notify_api_<database oid>`
 /// (migration `20261128000001`).
