@@ -1261,4 +1261,87 @@ mod tests {
         let huge = "x".repeat(NOTIFY_PAYLOAD_BYTES);
         assert_eq!(json_arrays(["a", huge.as_str(), "b"]).len(), 3);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn row(seq: i64, body: String) -> StoredNotification {
+            StoredNotification {
+                seq,
+                event_id: format!("e{seq}"),
+                kind: "notification".into(),
+                title: Some("Paid".into()),
+                body: Some(body),
+                category: None,
+                data: sqlx::types::Json(serde_json::json!({"order_id": "A-1"})),
+                created_at: chrono::Utc::now(),
+                read_at: None,
+                archived_at: None,
+                frame_data: Default::default(),
+            }
+        }
+
+        /// A wake-up to announce: tenant, user (any printable text, quotes and all), seq,
+        /// and maybe its row, small or too large to carry.
+        fn wake() -> impl Strategy<Value = (String, String, i64, Option<StoredNotification>)> {
+            (
+                "[A-Za-z0-9_-]{1,64}",
+                prop_oneof![3 => "[a-z0-9]{1,12}", 1 => "[^\\p{Cc}]{1,200}"],
+                1i64..i64::MAX,
+                prop::option::of(prop_oneof![
+                    3 => "\\PC{0,60}",
+                    1 => (5_500usize..6_200).prop_map(|n| "\"".repeat(n / 2)),
+                ]),
+            )
+                .prop_map(|(tenant, user, seq, body)| {
+                    let row = body.map(|body| row(seq, body));
+                    (tenant, user, seq, row)
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(200))]
+
+            /// Whatever the users and rows, the wake-ups fit PostgreSQL's NOTIFY (under
+            /// 8 000 bytes each), name their instance, and are heard exactly as announced, in
+            /// order: each with its row when the row is small enough to carry, else without.
+            #[test]
+            fn wake_ups_fit_a_notify_and_are_heard_as_announced(
+                wakes in prop::collection::vec(wake(), 1..40),
+                from in prop::option::of("[a-z0-9-]{1,40}"),
+            ) {
+                let payloads = wake_payloads(
+                    from.as_deref(),
+                    wakes.iter().map(|(t, u, seq, row)| (t.as_str(), u.as_str(), *seq, row.as_ref())),
+                );
+                for payload in &payloads {
+                    prop_assert!(payload.len() < 8_000, "{} bytes", payload.len());
+                    if let Some(from) = &from {
+                        prop_assert!(payload.starts_with(&own_prefix(from)));
+                    }
+                }
+                let heard: Vec<Wake> = payloads
+                    .iter()
+                    .map(|p| parse_wakes(p))
+                    .collect::<serde_json::Result<Vec<_>>>()
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let expected: Vec<Wake> = wakes
+                    .into_iter()
+                    .map(|(tenant, user, seq, row)| Wake {
+                        tenant,
+                        user,
+                        seq,
+                        row: row.filter(|r| {
+                            serde_json::to_string(r).unwrap().len() <= ROW_IN_NOTIFY_BYTES
+                        }),
+                    })
+                    .collect();
+                prop_assert_eq!(heard, expected);
+            }
+        }
+    }
 }
