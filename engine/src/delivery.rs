@@ -111,6 +111,9 @@ impl EmailWorker {
         let mut sending = JoinSet::new();
         // The last claim found nothing due: wait for a wake-up or the poll before the next.
         let mut idle = false;
+        // When to look again without a wake-up (due retries): one timer, which sends
+        // finishing meanwhile do not push back.
+        let mut poll_at = tokio::time::Instant::now();
         loop {
             while sending.len() < slots
                 && let Some((email, claimed)) = queue.pop_front()
@@ -144,6 +147,7 @@ impl EmailWorker {
                 // Work found: look again as soon as there are slots (more may be due, of
                 // other tenants too).
                 idle = claimed.is_empty();
+                poll_at = tokio::time::Instant::now() + poll;
                 let now = Instant::now();
                 queue.extend(claimed.into_iter().map(|email| (email, now)));
                 continue;
@@ -156,7 +160,7 @@ impl EmailWorker {
                     }
                 }
                 _ = worker.wake.notified() => idle = false,
-                _ = tokio::time::sleep(poll), if idle => idle = false,
+                _ = tokio::time::sleep_until(poll_at), if idle => idle = false,
             }
         }
         tracing::info!("email worker stopped");
