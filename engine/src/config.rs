@@ -357,9 +357,9 @@ pub struct EmailConfig {
     pub backoff_max_ms: u64,
     /// How often the worker looks for due rows when nobody wakes it.
     pub poll_interval_ms: u64,
-    /// Rows claimed per round.
+    /// Rows claimed at a time (the next claim is made once half the sends are free).
     pub batch: i64,
-    /// Rows of one tenant claimed per round: tenants take turns, so one tenant's backlog
+    /// Rows of one tenant claimed at a time: tenants take turns, so one tenant's backlog
     /// cannot delay another's email.
     pub per_tenant_batch: i64,
     /// Emails sent at the same time.

@@ -633,9 +633,7 @@ mod tests {
                         Op::Row(size) => {
                             latest += 1;
                             handed.push(Some(size));
-                            let mut r = (*row(latest)).clone();
-                            r.frame_data = Default::default();
-                            hub.publish_row("t", "u", Arc::new(r), size);
+                            hub.publish_row("t", "u", row(latest), size);
                         }
                         Op::Announce => {
                             latest += 1;

@@ -175,8 +175,8 @@ impl Pipeline {
     /// batch in hand. Returns early only if a lane died (a bug): the engine then stops.
     pub async fn run(self, shutdown: CancellationToken) {
         let pipeline = Arc::new(self);
-        // Each lane has at most one batch waiting: the queue's bound is only a backstop.
         let large_from = (pipeline.kafka.batch_max / LARGE_BATCH_DIVISOR).max(2);
+        // Each lane has at most one batch waiting: the queues' bound is only a backstop.
         let (commits, small, large) = group::Commits::new(large_from, 1024);
         let (small, large) = (Arc::new(small), Arc::new(large));
         let mut committers = JoinSet::new();
@@ -521,8 +521,8 @@ impl Pipeline {
     }
 
     /// Runs one transaction over `prepared` and acknowledges it. A handful of statements
-    /// whatever the batch's size: one claims every event, one numbers every user's new
-    /// notifications and one stores them, one fills the outbox, a few NOTIFY the wake-ups
+    /// whatever the batch's size: one claims every event, one numbers and stores every
+    /// user's new notifications, one fills the outbox, a few NOTIFY the wake-ups
     /// (dead letters and replays, rare, are a statement each).
     async fn commit(&self, prepared: &[Prepared]) -> Result<(), StoreError> {
         let started = Instant::now();

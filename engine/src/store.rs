@@ -1180,9 +1180,9 @@ pub async fn mark_replayed(tx: &mut PgConnection, token: uuid::Uuid) -> Result<(
 mod tests {
     use super::*;
 
-    #[test]
-    fn wake_payloads_name_their_instance_and_carry_small_rows() {
-        let row = |seq: i64, body: &str| StoredNotification {
+    /// A stored row of seq `seq` whose body is `body`.
+    fn row(seq: i64, body: &str) -> StoredNotification {
+        StoredNotification {
             seq,
             event_id: format!("e{seq}"),
             kind: "notification".into(),
@@ -1194,7 +1194,11 @@ mod tests {
             read_at: None,
             archived_at: None,
             frame_data: Default::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn wake_payloads_name_their_instance_and_carry_small_rows() {
         let (small, big) = (row(7, "thanks"), row(8, &"x".repeat(ROW_IN_NOTIFY_BYTES)));
         let payloads = wake_payloads(
             Some("i-1"),
@@ -1266,22 +1270,6 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        fn row(seq: i64, body: String) -> StoredNotification {
-            StoredNotification {
-                seq,
-                event_id: format!("e{seq}"),
-                kind: "notification".into(),
-                title: Some("Paid".into()),
-                body: Some(body),
-                category: None,
-                data: sqlx::types::Json(serde_json::json!({"order_id": "A-1"})),
-                created_at: chrono::Utc::now(),
-                read_at: None,
-                archived_at: None,
-                frame_data: Default::default(),
-            }
-        }
-
         /// A wake-up to announce: tenant, user (any printable text, quotes and all), seq,
         /// and maybe its row, small or too large to carry.
         fn wake() -> impl Strategy<Value = (String, String, i64, Option<StoredNotification>)> {
@@ -1295,7 +1283,7 @@ mod tests {
                 ]),
             )
                 .prop_map(|(tenant, user, seq, body)| {
-                    let row = body.map(|body| row(seq, body));
+                    let row = body.map(|body| row(seq, &body));
                     (tenant, user, seq, row)
                 })
         }
