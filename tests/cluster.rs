@@ -330,3 +330,82 @@ async fn a_routing_plugin_sees_presence_on_another_instance() {
     assert_eq!(rows, 0);
     consumer.shutdown().await;
 }
+
+/// An instance killed with SIGKILL leaves the group without a word. Its partitions must go
+/// to the others after `kafka.session_timeout_ms` (10 s), not after librdkafka's 45 s
+/// default, which stalled them that long after every crash (found by the chaos suite,
+/// `scripts/chaos.sh`). The killed instance is a process of the engine's binary; the one that
+/// takes over runs in the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instances_partitions_go_to_the_others_within_the_session_timeout() {
+    let world = World::new().await;
+    let config = world.config();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let admin = free();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("engine.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[http]\nlisten = \"{}\"\nadmin_listen = \"{admin}\"\n\
+             [kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ntopics = [\"{}\", \"{}\"]\n\
+             [database]\nurl = \"{}\"\nmax_connections = 4\n\
+             [plugins]\ndir = \"{}\"\n\
+             [email]\ntemplates_dir = \"{}\"\n\
+             [smtp]\ntls = \"none\"\nhost = \"{}\"\nport = {}\n",
+            free(),
+            config.kafka.brokers,
+            config.kafka.group_id,
+            world.topic_paid,
+            world.topic_status,
+            world.db_url,
+            world.plugin_dir.path().display(),
+            world.services.templates.display(),
+            world.services.smtp_host,
+            world.services.smtp_port,
+        ),
+    )
+    .unwrap();
+    let mut doomed = tokio::process::Command::new(env!("CARGO_BIN_EXE_notify-engine"))
+        .arg("run")
+        .env("NOTIFY_CONFIG", &file)
+        .env("DATABASE_URL", &world.db_url)
+        .env("NOTIFY_AUTH__JWT_SECRET", SECRET)
+        .env("NOTIFY_LOG__FILTER", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the engine's binary runs");
+    // It holds every partition: one event on each is handled.
+    let tenant = unique("shop");
+    for p in 0..3 {
+        world
+            .produce_to_partition(&order_paid(&format!("a{p}"), &tenant, "u1", None, 1.0), p)
+            .await;
+    }
+    let handled = "SELECT count(*) FROM processed_events";
+    world.wait_count(handled, 3, WAIT).await;
+
+    doomed.start_kill().unwrap();
+    doomed.wait().await.unwrap();
+    let killed = tokio::time::Instant::now();
+    let survivor = world.start(world.config()).await;
+    for p in 0..3 {
+        world
+            .produce_to_partition(&order_paid(&format!("b{p}"), &tenant, "u1", None, 1.0), p)
+            .await;
+    }
+    // 10 s for the group to give up on the killed instance, and as much again for the
+    // rebalance and the events: well short of the 45 s the old default took.
+    world.wait_count(handled, 6, Duration::from_secs(30)).await;
+    assert!(
+        killed.elapsed() > Duration::from_secs(3),
+        "the group cannot have known before the session timeout: {:?}",
+        killed.elapsed()
+    );
+    survivor.shutdown().await;
+}

@@ -123,6 +123,11 @@ pub struct KafkaConfig {
     /// Bytes (payload, key, headers) queued per tenant lane: the other bound of a lane, so
     /// that large messages cannot fill memory where small ones would not.
     pub lane_max_bytes: usize,
+    /// How long the group waits for an instance that stopped heartbeating (killed, frozen,
+    /// cut off) before its partitions go to the others (librdkafka's `session.timeout.ms`,
+    /// whose 45 s default stalled a killed instance's partitions that long, restarted or
+    /// not). At least 6 000 (the broker's `group.min.session.timeout.ms` default).
+    pub session_timeout_ms: u64,
     /// Passed to librdkafka as-is (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`,
     /// ...). Credentials come from the environment only: `NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD`
     /// sets `sasl.password`.
@@ -140,6 +145,7 @@ impl Default for KafkaConfig {
             max_message_bytes: 256 * 1024,
             lane_capacity: 16_384,
             lane_max_bytes: 16 * 1024 * 1024,
+            session_timeout_ms: 10_000,
             tenant_from: TenantFrom::Payload,
             tenant_topic_pattern: String::new(),
             tenant_header: "tenant".into(),
@@ -622,6 +628,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("lane_capacity", &self.lane_capacity)
             .field("lane_max_bytes", &self.lane_max_bytes)
+            .field("session_timeout_ms", &self.session_timeout_ms)
             .field("tenant_from", &self.tenant_from)
             .field("tenant_topic_pattern", &self.tenant_topic_pattern)
             .field("tenant_header", &self.tenant_header)
@@ -852,6 +859,12 @@ impl Config {
         }
         if self.kafka.lane_max_bytes == 0 || self.kafka.lane_max_bytes > u32::MAX as usize {
             return invalid("kafka.lane_max_bytes must be between 1 and 4294967295".into());
+        }
+        if !(6_000..=1_800_000).contains(&self.kafka.session_timeout_ms) {
+            return invalid(
+                "kafka.session_timeout_ms must be between 6000 and 1800000 (the broker's bounds)"
+                    .into(),
+            );
         }
         if self.kafka.batch_max == 0 || self.kafka.lane_capacity == 0 {
             return invalid("kafka.batch_max and kafka.lane_capacity must be at least 1".into());

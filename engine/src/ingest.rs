@@ -135,6 +135,13 @@ impl Ingest {
             .set("auto.commit.interval.ms", "1000")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            // A killed instance's partitions wait this long for it (see the config key),
+            // with three heartbeats in the window.
+            .set("session.timeout.ms", config.session_timeout_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (config.session_timeout_ms / 3).min(3_000).to_string(),
+            )
             // A partition resumed after a full lane paused it is fetched again only once
             // the fetch in flight returns: at most this long, not librdkafka's 500 ms.
             .set("fetch.wait.max.ms", "50");
