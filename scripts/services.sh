@@ -46,6 +46,10 @@ Commands:
   clean              down, then delete all service data (Kafka topics, databases, mail);
                      keeps the downloaded/built Kafka jars and Mailpit binary
   status             show which services are running (exit 3 if any is not)
+  stop SERVICE [--immediate]
+                     stop one of kafka, postgres, mailpit (graceful; --immediate: PostgreSQL's
+                     immediate shutdown, no checkpoint, crash recovery at the next start)
+  start SERVICE      start one of kafka, postgres, mailpit and wait until it answers
   env                print the services.env file (path as a comment, then KEY=VALUE lines)
   topics TOPIC...    create Kafka topics (${NOTIFY_KAFKA_TOPIC_PARTITIONS:-3} partitions) unless they exist
   kafka-tool CLASS [ARGS...]
@@ -61,7 +65,10 @@ Environment (defaults in brackets):
   NOTIFY_PG_PORT            [15432]
   NOTIFY_SMTP_PORT          [11025]    NOTIFY_MAILPIT_HTTP_PORT [18025]
   NOTIFY_SERVICES_TIMEOUT   readiness timeout per service, seconds [120]
+  NOTIFY_PG_SYNCHRONOUS_COMMIT  PostgreSQL's synchronous_commit [off; the chaos suite: on]
   NOTIFY_KAFKA_HEAP_OPTS    [-Xms256m -Xmx512m]
+  NOTIFY_MAILPIT_KEEP       1: keep Mailpit's mail across its restarts [0: every start empties it]
+  NOTIFY_MAILPIT_MAX        messages Mailpit keeps [5000]
 EOF
 }
 
@@ -149,6 +156,30 @@ cmd_status() {
     return $rc
 }
 
+# One service at a time, for the chaos suite (scripts/chaos.sh) and for operators.
+cmd_stop_one() {
+    local service=${1:-} mode=${2:-}
+    [[ -z $mode || ( $service == postgres && $mode == --immediate ) ]] ||
+        die "usage: services.sh stop kafka|postgres|mailpit (--immediate: postgres only)"
+    take_lock
+    case $service in
+    kafka) kafka_stop ;;
+    postgres) pg_stop "${mode#--}" ;;
+    mailpit) mailpit_stop ;;
+    *) die "usage: services.sh stop kafka|postgres|mailpit [--immediate]" ;;
+    esac
+}
+
+cmd_start_one() {
+    take_lock
+    case ${1:-} in
+    kafka) kafka_prepare; kafka_start; kafka_wait ;;
+    postgres) pg_prepare; pg_start; pg_wait ;;
+    mailpit) mailpit_prepare; mailpit_start; mailpit_wait ;;
+    *) die "usage: services.sh start kafka|postgres|mailpit" ;;
+    esac
+}
+
 cmd_env() {
     [[ -f $ENV_FILE ]] || die "$ENV_FILE does not exist; run 'scripts/services.sh up' first"
     printf '# %s\n' "$ENV_FILE"
@@ -174,6 +205,8 @@ main() {
     restart) cmd_down && cmd_up ;;
     clean) cmd_clean ;;
     status) cmd_status ;;
+    stop) cmd_stop_one "$@" ;;
+    start) cmd_start_one "$@" ;;
     env) cmd_env ;;
     topics) take_lock; kafka_prepare; kafka_create_topics "$@" ;;
     kafka-tool) cmd_kafka_tool "$@" ;;

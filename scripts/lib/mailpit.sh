@@ -140,8 +140,9 @@ mailpit_start() {
     require_port_free mailpit-http "$MAILPIT_HTTP_PORT"
     mkdir -p "$MAILPIT_DIR"
     # Every start begins with an empty mailbox, like an in-memory store: tests
-    # that count messages must not see mail from a previous session.
-    rm -f "$MAILPIT_DB" "$MAILPIT_DB-wal" "$MAILPIT_DB-shm"
+    # that count messages must not see mail from a previous session. The chaos suite
+    # restarts Mailpit mid-run and counts every message: NOTIFY_MAILPIT_KEEP=1 keeps them.
+    [[ ${NOTIFY_MAILPIT_KEEP:-0} == 1 ]] || rm -f "$MAILPIT_DB" "$MAILPIT_DB-wal" "$MAILPIT_DB-shm"
     log "mailpit: starting $MAILPIT_VERSION, SMTP 127.0.0.1:$SMTP_PORT, HTTP $(mailpit_url)"
     # --smtp-disable-rdns: reverse DNS of every client would hang on a machine
     # without working DNS. --disable-version-check: no GitHub calls.
@@ -149,7 +150,7 @@ mailpit_start() {
         --smtp "127.0.0.1:$SMTP_PORT" \
         --listen "127.0.0.1:$MAILPIT_HTTP_PORT" \
         --database "$MAILPIT_DB" \
-        --max 5000 \
+        --max "${NOTIFY_MAILPIT_MAX:-5000}" \
         --smtp-auth-accept-any \
         --smtp-auth-allow-insecure \
         --smtp-disable-rdns \

@@ -96,7 +96,10 @@ pg_start() {
     # Settings go on the command line rather than into postgresql.conf so that a
     # port override applies to an existing cluster too.
     # fsync/synchronous_commit/full_page_writes off: this is a throwaway test
-    # cluster; losing it in a crash is fine, slow commits are not.
+    # cluster; losing it in a crash is fine, slow commits are not. The chaos suite sets
+    # NOTIFY_PG_SYNCHRONOUS_COMMIT=on: an immediate shutdown drops WAL not yet written, so
+    # without it a commit the engine was told of (and acted on) can vanish. fsync may stay off
+    # there: the kernel survives a postmaster's death, and keeps what was written.
     (cd "$PG_BASE" && start_detached postgres \
         env -i PATH=/usr/bin:/bin HOME="$PG_BASE" LC_ALL=C \
         setpriv --reuid="$PG_USER" --regid="$PG_USER" --init-groups \
@@ -107,7 +110,7 @@ pg_start() {
         -c max_connections=200 \
         -c shared_buffers=128MB \
         -c fsync=off \
-        -c synchronous_commit=off \
+        -c synchronous_commit="${NOTIFY_PG_SYNCHRONOUS_COMMIT:-off}" \
         -c full_page_writes=off \
         -c logging_collector=off \
         -c log_line_prefix='%m [%p] %q%u@%d ')
@@ -155,12 +158,18 @@ pg_wait() {
     fail_with_log postgres "postgres: not ready after ${SERVICE_TIMEOUT}s (port $PG_PORT)"
 }
 
-pg_stop() {
+pg_stop() { # [immediate]
     _pg_pick_base
     local pid
     if pid=$(pg_pid); then
-        # SIGINT = "fast" shutdown: roll back open transactions, checkpoint, exit.
-        stop_pid postgres "$pid" INT 30
+        if [[ ${1:-} == immediate ]]; then
+            # SIGQUIT = "immediate" shutdown (pg_ctl -m immediate): every backend exits at
+            # once, no checkpoint; the next start runs crash recovery from the WAL.
+            stop_pid postgres "$pid" QUIT 30
+        else
+            # SIGINT = "fast" shutdown: roll back open transactions, checkpoint, exit.
+            stop_pid postgres "$pid" INT 30
+        fi
     else
         rm -f "$(pidfile_of postgres)"
         log "postgres: not running"

@@ -1,0 +1,780 @@
+//! The chaos suite: produces a ledger of events while it injects real faults into the engines
+//! and their services, holds SSE streams that reconnect and stall, then checks the ledger
+//! against PostgreSQL, the streams' transcripts and Mailpit. Started by `scripts/chaos.sh`,
+//! which brings up a set of services of the suite's own; see `docs/guarantees.md`.
+//!
+//! Phases, one after the other on one ledger, each followed by a settle (production paused,
+//! the group's lag back to 0, every engine ready again):
+//!
+//! | phase | fault |
+//! | --- | --- |
+//! | `kill-one` | one instance, SIGKILLed at random moments and started again |
+//! | `kill-several` | three instances, a random one SIGKILLed at random moments |
+//! | `kafka` | the broker stopped, and started again |
+//! | `postgres` | PostgreSQL stopped with `-m immediate`, and started again |
+//! | `mailpit` | SMTP down, with an instance restarted and another SIGKILLed meanwhile |
+//! | `rebalance` | instances joining and leaving the group every few seconds |
+//! | `bad-plugin` | a plugin that traps on every event published for a tenant, then a fixed one, then the dead letters replayed |
+//!
+//! Clients reconnect at random and some stop reading, in every phase.
+
+mod check;
+mod clients;
+mod cluster;
+mod journal;
+mod ledger;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::watch;
+
+use cluster::{Cluster, Lag, Setup};
+use journal::Journal;
+use ledger::{Flow, Generator};
+
+#[derive(Parser)]
+#[command(about = "The chaos suite: a ledger, real faults, and a checker")]
+struct Args {
+    /// Where the ledger, the faults, the transcripts, the engines' logs and the report go.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Seeds every random choice (the events, the fault schedule, the clients); printed in
+    /// the report so a failing run can be replayed.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, value_enum, default_value = "short")]
+    profile: Profile,
+    /// Comma-separated phases to run (default: all, in order).
+    #[arg(long)]
+    phases: Option<String>,
+    /// Only check an earlier run in --run-dir (its ledger, faults and transcripts).
+    #[arg(long)]
+    check_only: bool,
+    #[arg(long, env = "NOTIFY_KAFKA__BROKERS")]
+    brokers: String,
+    /// The run's own database (the engines migrate it).
+    #[arg(long)]
+    database_url: String,
+    #[arg(long, env = "MAILPIT_URL")]
+    mailpit_url: String,
+    #[arg(long)]
+    topic: String,
+    #[arg(long)]
+    engine_bin: PathBuf,
+    /// `scripts/services.sh`, with the suite's own services in its environment.
+    #[arg(long)]
+    services: PathBuf,
+    /// Built plugins: default.wasm and fixtures/chaos.wasm.
+    #[arg(long, default_value = "plugins/dist")]
+    plugins: PathBuf,
+    #[arg(long, default_value = "templates")]
+    templates: PathBuf,
+    /// Events per second while producing.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    #[arg(long, default_value_t = 8)]
+    tenants: usize,
+    /// Users per tenant.
+    #[arg(long, default_value_t = 40)]
+    users: usize,
+    /// SSE clients, each for a user of its own.
+    #[arg(long, default_value_t = 48)]
+    clients: usize,
+    /// Share of events that ask for an email.
+    #[arg(long, default_value_t = 0.2)]
+    email_share: f64,
+    /// SIGKILLs per kill phase (default: 5 short, 20 full).
+    #[arg(long)]
+    kills: Option<u32>,
+    /// An engine using more than this much memory at any sample fails the run.
+    #[arg(long, default_value_t = 1024)]
+    max_rss_mib: u64,
+    #[arg(long, default_value_t = 5)]
+    breaker_failures: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Profile {
+    Short,
+    Full,
+}
+
+/// The lengths of things, per profile.
+struct Timing {
+    kills: u32,
+    kafka_down: Duration,
+    postgres_down: Duration,
+    mailpit_down: Duration,
+    rebalance: Duration,
+    bad_plugin: Duration,
+}
+
+impl Timing {
+    fn of(profile: Profile, kills: Option<u32>) -> Self {
+        let s = Duration::from_secs;
+        match profile {
+            Profile::Short => Self {
+                kills: kills.unwrap_or(5),
+                kafka_down: s(10),
+                postgres_down: s(8),
+                mailpit_down: s(20),
+                rebalance: s(20),
+                bad_plugin: s(8),
+            },
+            Profile::Full => Self {
+                kills: kills.unwrap_or(20),
+                kafka_down: s(30),
+                postgres_down: s(20),
+                mailpit_down: s(150),
+                rebalance: s(60),
+                bad_plugin: s(20),
+            },
+        }
+    }
+}
+
+const PHASES: &[&str] = &[
+    "kill-one",
+    "kill-several",
+    "kafka",
+    "postgres",
+    "mailpit",
+    "rebalance",
+    "bad-plugin",
+];
+const SECRET: &str = "chaos-secret-chaos-secret-chaos-0123456789";
+/// Engine slots: up to this many instances at once (the rebalance storm's ceiling).
+const SLOTS: usize = 4;
+
+/// What one phase did and how the engines came out of it.
+#[derive(Debug, Default, Serialize)]
+struct PhaseReport {
+    name: String,
+    seconds: f64,
+    events: u64,
+    faults: u64,
+    /// An outage: every running engine answered `/readyz` 503 within this long.
+    not_ready_after_s: Option<f64>,
+    /// After the fault ended: every engine answered `/readyz` 200 again after this long.
+    ready_again_after_s: Option<f64>,
+    /// Production paused, the group's lag was 0 after this long.
+    lag_zero_after_s: f64,
+    max_rss_mib: u64,
+    notes: Vec<String>,
+}
+
+struct Suite {
+    args: Args,
+    timing: Timing,
+    rng: StdRng,
+    cluster: Cluster,
+    journal: Journal,
+    generator: Arc<Generator>,
+    flow: watch::Sender<Flow>,
+    lag: Lag,
+    /// Highest resident memory of any engine since the phase began, KiB.
+    rss: Arc<std::sync::atomic::AtomicU64>,
+    phases: Vec<PhaseReport>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.run_dir)?;
+    if args.check_only {
+        let verdict = verdict(&args).await?;
+        return finish(&args, &verdict, None);
+    }
+    let seed = args.seed.unwrap_or_else(journal::now_ms);
+    eprintln!("[chaos] seed {seed}, run dir {}", args.run_dir.display());
+    let journal = Journal::create(&args.run_dir.join("faults.jsonl"))?;
+    let plugins_dir = args.run_dir.join("plugins");
+    std::fs::create_dir_all(&plugins_dir)?;
+    std::fs::copy(
+        args.plugins.join("default.wasm"),
+        plugins_dir.join("default.wasm"),
+    )
+    .context("the plugins are not built (scripts/build-plugins.sh)")?;
+    let group = format!("chaos-{seed}");
+    let setup = Setup {
+        engine_bin: absolute(&args.engine_bin)?,
+        services: absolute(&args.services)?,
+        run_dir: absolute(&args.run_dir)?,
+        brokers: args.brokers.clone(),
+        database_url: args.database_url.clone(),
+        topic: args.topic.clone(),
+        group: group.clone(),
+        templates: absolute(&args.templates)?,
+        plugins_dir: absolute(&plugins_dir)?,
+        secret: SECRET.into(),
+        breaker_failures: args.breaker_failures,
+    };
+    let cluster = Cluster::new(setup, SLOTS, journal.clone())?;
+    let generator = Arc::new(Generator::new(
+        &args.brokers,
+        &args.topic,
+        seed,
+        args.tenants,
+        args.users,
+        args.email_share,
+        args.rate,
+        &args.run_dir.join("ledger.jsonl"),
+        journal.clone(),
+    )?);
+    let (flow, flow_rx) = watch::channel(Flow::Pause);
+    let mut suite = Suite {
+        timing: Timing::of(args.profile, args.kills),
+        rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+        lag: Lag::new(&args.brokers, &group, &args.topic)?,
+        args,
+        cluster,
+        journal,
+        generator: generator.clone(),
+        flow,
+        rss: Arc::default(),
+        phases: Vec::new(),
+    };
+    let producing = tokio::spawn(generator.run(flow_rx));
+    suite.watch_memory();
+    suite.cluster.start(0).await?;
+
+    let (targets_tx, targets_rx) = watch::channel(None);
+    let clients = suite.start_clients(seed, targets_rx);
+    let outcome = suite.run_phases().await;
+    if let Err(e) = &outcome {
+        suite
+            .journal
+            .fault("suite_error", json!({ "error": format!("{e:#}") }));
+    }
+    // Whatever happened, the run ends checked: production stops, the engines finish what is
+    // in the topic and the outbox, the clients catch up, and the checker reads it all.
+    let _ = suite.flow.send(Flow::Stop);
+    let _ = producing.await;
+    suite.generator.drain().await?;
+    suite.journal.set_phase("final");
+    for slot in 0..2 {
+        if !suite.cluster.is_up(slot) {
+            suite.cluster.start(slot).await?;
+        }
+    }
+    suite.lag.wait_zero(Duration::from_secs(300)).await?;
+    let pool = sqlx::PgPool::connect(&suite.args.database_url).await?;
+    settle_outbox(&pool, Duration::from_secs(300)).await?;
+    targets_tx.send(Some(Arc::new(latest_seqs(&pool).await?)))?;
+    let mut transcripts = Vec::new();
+    for c in clients {
+        transcripts.push(c.await?);
+    }
+    write_jsonl(&suite.args.run_dir.join("transcripts.jsonl"), &transcripts)?;
+    suite.cluster.stop_all().await?;
+    let verdict = verdict(&suite.args).await?;
+    let phases = std::mem::take(&mut suite.phases);
+    finish(&suite.args, &verdict, Some((seed, &phases, outcome.err())))
+}
+
+impl Suite {
+    async fn run_phases(&mut self) -> Result<()> {
+        let chosen: Vec<String> = match &self.args.phases {
+            Some(list) => list.split(',').map(|s| s.trim().to_owned()).collect(),
+            None => PHASES.iter().map(|s| s.to_string()).collect(),
+        };
+        for name in &chosen {
+            anyhow::ensure!(PHASES.contains(&name.as_str()), "unknown phase {name:?}");
+        }
+        for name in chosen {
+            self.phase(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// One phase: production on, the fault, then the settle.
+    async fn phase(&mut self, name: &str) -> Result<()> {
+        self.journal.set_phase(name);
+        let t0 = Instant::now();
+        let acked0 = self.generator.acked.load(Ordering::Relaxed);
+        self.rss.store(0, Ordering::Relaxed);
+        let mut report = PhaseReport {
+            name: name.into(),
+            ..Default::default()
+        };
+        self.flow.send(Flow::Run)?;
+        // A few seconds of traffic before the fault, so it falls on a busy engine.
+        self.pause(Duration::from_secs(3)).await;
+        match name {
+            "kill-one" => self.kills(1, &mut report).await?,
+            "kill-several" => self.kills(3, &mut report).await?,
+            "kafka" => {
+                let down = self.timing.kafka_down;
+                self.outage("kafka", false, down, &mut report).await?
+            }
+            "postgres" => {
+                let down = self.timing.postgres_down;
+                self.outage("postgres", true, down, &mut report).await?
+            }
+            "mailpit" => self.mailpit(&mut report).await?,
+            "rebalance" => self.rebalance(&mut report).await?,
+            "bad-plugin" => self.bad_plugin(&mut report).await?,
+            other => bail!("unknown phase {other}"),
+        }
+        // The settle: production paused, every acknowledged event consumed and committed.
+        self.flow.send(Flow::Pause)?;
+        self.generator.drain().await?;
+        let settle = Instant::now();
+        if self.cluster.up().is_empty() {
+            self.cluster.start(0).await?;
+        }
+        self.lag.wait_zero(Duration::from_secs(300)).await?;
+        report.lag_zero_after_s = settle.elapsed().as_secs_f64();
+        report.seconds = t0.elapsed().as_secs_f64();
+        report.events = self.generator.acked.load(Ordering::Relaxed) - acked0;
+        report.faults = self
+            .journal
+            .faults()
+            .iter()
+            .filter(|f| f.phase == name && !matches!(f.kind.as_str(), "phase" | "engine_start"))
+            .count() as u64;
+        report.max_rss_mib = self.rss.load(Ordering::Relaxed) / 1024;
+        eprintln!("[chaos] {}", serde_json::to_string(&report)?);
+        self.phases.push(report);
+        Ok(())
+    }
+
+    async fn pause(&mut self, d: Duration) {
+        tokio::time::sleep(d).await;
+    }
+
+    /// Exactly `n` instances, then `kills` SIGKILLs of a random one at random moments, each
+    /// started again after a random moment.
+    async fn kills(&mut self, n: usize, report: &mut PhaseReport) -> Result<()> {
+        self.scale_to(n).await?;
+        for _ in 0..self.timing.kills {
+            let wait = self.rng.random_range(1_000..5_000);
+            self.pause(Duration::from_millis(wait)).await;
+            let up = self.cluster.up();
+            let slot = up[self.rng.random_range(0..up.len())];
+            self.cluster.kill(slot).await?;
+            let down = self.rng.random_range(0..1_500);
+            self.pause(Duration::from_millis(down)).await;
+            self.cluster.start(slot).await?;
+        }
+        report.notes.push(format!(
+            "{} SIGKILLs across {n} instance(s)",
+            self.timing.kills
+        ));
+        Ok(())
+    }
+
+    async fn scale_to(&mut self, n: usize) -> Result<()> {
+        for slot in 0..SLOTS {
+            match (slot < n, self.cluster.is_up(slot)) {
+                (true, false) => self.cluster.start(slot).await?,
+                (false, true) => self.cluster.stop(slot).await?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A service down for `down`, under load: the engines must say so on `/readyz`, then
+    /// recover on their own once it is back.
+    async fn outage(
+        &mut self,
+        service: &str,
+        immediate: bool,
+        down: Duration,
+        report: &mut PhaseReport,
+    ) -> Result<()> {
+        self.scale_to(2).await?;
+        let t0 = Instant::now();
+        self.cluster.service_stop(service, immediate).await?;
+        report.not_ready_after_s = self.until_all(false, down).await;
+        let left = down.saturating_sub(t0.elapsed());
+        self.pause(left).await;
+        self.cluster.service_start(service).await?;
+        let back = Instant::now();
+        report.ready_again_after_s = self.until_all(true, Duration::from_secs(120)).await;
+        report.notes.push(format!(
+            "{service} down {:.0} s (back after {:.1} s)",
+            back.duration_since(t0).as_secs_f64(),
+            back.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    /// Polls every running engine's `/readyz` until all of them answer `ready`; the time
+    /// that took, or `None` if they did not within `limit`.
+    async fn until_all(&self, ready: bool, limit: Duration) -> Option<f64> {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            let mut all = true;
+            for slot in self.cluster.up() {
+                all &= self.cluster.ready(slot).await == ready;
+            }
+            if all {
+                return Some(t0.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+
+    /// SMTP down for minutes while events arrive; meanwhile an instance is restarted
+    /// gracefully and another is SIGKILLed (its claimed emails are taken over).
+    async fn mailpit(&mut self, report: &mut PhaseReport) -> Result<()> {
+        self.scale_to(2).await?;
+        let down = self.timing.mailpit_down;
+        let t0 = Instant::now();
+        self.cluster.service_stop("mailpit", false).await?;
+        self.pause(down / 3).await;
+        self.cluster.stop(0).await?;
+        self.cluster.start(0).await?;
+        self.pause(down / 3).await;
+        self.cluster.kill(1).await?;
+        self.cluster.start(1).await?;
+        self.pause(down.saturating_sub(t0.elapsed())).await;
+        self.cluster.service_start("mailpit").await?;
+        report.notes.push(format!(
+            "Mailpit down {:.0} s; an instance restarted, another SIGKILLed",
+            t0.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    /// Instances join and leave the group every few seconds (at least one stays).
+    async fn rebalance(&mut self, report: &mut PhaseReport) -> Result<()> {
+        self.scale_to(2).await?;
+        let t0 = Instant::now();
+        let mut changes = 0;
+        while t0.elapsed() < self.timing.rebalance {
+            let wait = self.rng.random_range(1_500..4_000);
+            self.pause(Duration::from_millis(wait)).await;
+            let up = self.cluster.up();
+            let down: Vec<usize> = (0..SLOTS).filter(|s| !up.contains(s)).collect();
+            if up.len() > 1 && (down.is_empty() || self.rng.random_bool(0.5)) {
+                let slot = up[self.rng.random_range(0..up.len())];
+                self.cluster.stop(slot).await?;
+            } else {
+                let slot = down[self.rng.random_range(0..down.len())];
+                self.cluster.start(slot).await?;
+            }
+            changes += 1;
+        }
+        report
+            .notes
+            .push(format!("{changes} instances joined or left the group"));
+        Ok(())
+    }
+
+    /// A plugin that traps on every event published for the bad tenant; the breaker must
+    /// quarantine it within its bound per instance; a fixed version is published; the dead
+    /// letters are replayed, so nothing is lost in the end.
+    async fn bad_plugin(&mut self, report: &mut PhaseReport) -> Result<()> {
+        self.scale_to(2).await?;
+        let chaos = self.args.plugins.join("fixtures/chaos.wasm");
+        self.cluster.publish_plugin(ledger::BAD_TENANT, &chaos)?;
+        self.pause(self.timing.bad_plugin).await;
+        let default = self.args.plugins.join("default.wasm");
+        self.cluster.publish_plugin(ledger::BAD_TENANT, &default)?;
+        // Until the fixed version is live on every instance, events may still be set aside:
+        // the replay comes after the settle.
+        self.pause(Duration::from_secs(3)).await;
+        self.flow.send(Flow::Pause)?;
+        self.generator.drain().await?;
+        self.lag.wait_zero(Duration::from_secs(120)).await?;
+        let replayed = self.cluster.replay_dead_letters(ledger::BAD_TENANT).await?;
+        report.notes.push(format!(
+            "chaos plugin live {} s for tenant {}; {} dead letters replayed after the fix",
+            self.timing.bad_plugin.as_secs(),
+            ledger::BAD_TENANT,
+            replayed.lines().filter(|l| !l.trim().is_empty()).count()
+        ));
+        Ok(())
+    }
+
+    fn watch_memory(&self) {
+        let (pids, rss) = (self.cluster.pids.clone(), self.rss.clone());
+        let max = self.args.max_rss_mib * 1024;
+        let journal = self.journal.clone();
+        tokio::spawn(async move {
+            let mut over = false;
+            loop {
+                let now: Vec<u32> = pids.lock().unwrap().values().copied().collect();
+                for pid in now {
+                    if let Some(kib) = cluster::rss_kib(pid) {
+                        rss.fetch_max(kib, Ordering::Relaxed);
+                        if kib > max && !over {
+                            over = true;
+                            journal.fault("memory_over_bound", json!({ "pid": pid, "kib": kib }));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+
+    fn start_clients(
+        &self,
+        seed: u64,
+        targets: watch::Receiver<clients::Targets>,
+    ) -> Vec<tokio::task::JoinHandle<clients::Transcript>> {
+        let ports = Arc::new(
+            self.cluster
+                .slots
+                .iter()
+                .map(|s| s.http)
+                .collect::<Vec<_>>(),
+        );
+        let auth = notify_engine::config::AuthConfig {
+            jwt_secret: SECRET.into(),
+            ..Default::default()
+        };
+        let population = self.args.tenants * self.args.users;
+        (0..self.args.clients.min(population))
+            .map(|i| {
+                // Spread over tenants first: client i is user i / tenants of tenant i % tenants.
+                let (tenant, user) = (
+                    ledger::tenant(i % self.args.tenants),
+                    ledger::user(i / self.args.tenants),
+                );
+                let client = clients::Client {
+                    token: notify_engine::api::auth::mint(&auth, &tenant, &user, 24 * 3600),
+                    tenant,
+                    user,
+                    ports: ports.clone(),
+                    seed: seed ^ (i as u64 + 1),
+                    staller: i % 4 == 3,
+                    reconnect_every: Duration::from_secs(8),
+                };
+                tokio::spawn(client.run(targets.clone()))
+            })
+            .collect()
+    }
+}
+
+/// Waits until no email is pending or being sent.
+async fn settle_outbox(pool: &sqlx::PgPool, limit: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM email_outbox WHERE status IN ('pending', 'sending')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if open == 0 {
+            return Ok(());
+        }
+        if t0.elapsed() > limit {
+            eprintln!(
+                "[chaos] {open} emails still pending after {} s",
+                limit.as_secs()
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn latest_seqs(pool: &sqlx::PgPool) -> Result<HashMap<(String, String), u64>> {
+    let rows: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT tenant_id, user_id, max(seq) FROM notifications GROUP BY 1, 2")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(t, u, s)| ((t, u), s as u64))
+        .collect())
+}
+
+async fn verdict(args: &Args) -> Result<check::Verdict> {
+    let ledger = ledger::read(&args.run_dir.join("ledger.jsonl"))?;
+    let faults: Vec<journal::Fault> = read_jsonl(&args.run_dir.join("faults.jsonl"))?;
+    let transcripts: Vec<clients::Transcript> =
+        read_jsonl(&args.run_dir.join("transcripts.jsonl"))?;
+    let pool = sqlx::PgPool::connect(&args.database_url).await?;
+    let store = check::Store::load(&pool).await?;
+    let mail = check::load_mail(&args.mailpit_url).await?;
+    Ok(check::check(&ledger, &faults, &transcripts, &store, &mail))
+}
+
+/// Writes report.json and report.md; fails when a promise was broken or the suite could not
+/// run to the end.
+fn finish(
+    args: &Args,
+    verdict: &check::Verdict,
+    run: Option<(u64, &[PhaseReport], Option<anyhow::Error>)>,
+) -> Result<()> {
+    let (seed, phases, error) = match run {
+        Some((seed, phases, error)) => (Some(seed), phases, error),
+        None => (None, &[][..], None),
+    };
+    let over_memory = phases.iter().any(|p| p.max_rss_mib > args.max_rss_mib);
+    let outage_unseen: Vec<&str> = phases
+        .iter()
+        .filter(|p| {
+            matches!(p.name.as_str(), "kafka" | "postgres")
+                && (p.not_ready_after_s.is_none() || p.ready_again_after_s.is_none())
+        })
+        .map(|p| p.name.as_str())
+        .collect();
+    let passed = verdict.passed() && error.is_none() && !over_memory && outage_unseen.is_empty();
+    let report = json!({
+        "passed": passed,
+        "seed": seed,
+        "profile": args.profile,
+        "error": error.as_ref().map(|e| format!("{e:#}")),
+        "phases": phases,
+        "verdict": verdict,
+        "outages_without_readyz_change": outage_unseen,
+    });
+    std::fs::write(
+        args.run_dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let md = report_md(args, seed, phases, verdict, passed);
+    std::fs::write(args.run_dir.join("report.md"), &md)?;
+    println!("{md}");
+    if let Some(e) = error {
+        return Err(e.context("the suite did not run to the end"));
+    }
+    if !passed {
+        bail!(
+            "a promise was broken: see {} (replay with --seed {})",
+            args.run_dir.join("report.md").display(),
+            seed.map_or("<see report>".into(), |s| s.to_string())
+        );
+    }
+    Ok(())
+}
+
+fn report_md(
+    args: &Args,
+    seed: Option<u64>,
+    phases: &[PhaseReport],
+    v: &check::Verdict,
+    passed: bool,
+) -> String {
+    use std::fmt::Write;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# Chaos run: {}\n\nseed {}, profile {}, {} events/s, {} tenants × {} users, {} clients\n",
+        if passed { "PASSED" } else { "FAILED" },
+        seed.map_or("-".into(), |s| s.to_string()),
+        if args.profile == Profile::Full {
+            "full"
+        } else {
+            "short"
+        },
+        args.rate,
+        args.tenants,
+        args.users,
+        args.clients
+    );
+    let _ = writeln!(
+        md,
+        "| phase | s | events | faults | not ready after s | ready again after s | lag 0 after s | max RSS MiB | notes |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let opt = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+    for p in phases {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {} | {} | {} | {} | {:.1} | {} | {} |",
+            p.name,
+            p.seconds,
+            p.events,
+            p.faults,
+            opt(p.not_ready_after_s),
+            opt(p.ready_again_after_s),
+            p.lag_zero_after_s,
+            p.max_rss_mib,
+            p.notes.join("; ")
+        );
+    }
+    let f = |x: &check::Finding| {
+        if x.examples.is_empty() {
+            x.count.to_string()
+        } else {
+            format!("{} (e.g. {})", x.count, x.examples.join(", "))
+        }
+    };
+    let _ = writeln!(
+        md,
+        "\n| check | result |\n| --- | --- |\n\
+         | events (produced more than once) | {} ({}) |\n\
+         | notifications stored | {} |\n\
+         | lost | {} |\n| duplicated | {} |\n| misdelivered | {} |\n| unknown | {} |\n\
+         | emails expected / received | {} / {} |\n\
+         | email rows lost / duplicated | {} / {} |\n\
+         | emails not sent (by status) | {:?} |\n\
+         | emails lost | {} |\n\
+         | duplicate emails, a crash in the window | {} |\n\
+         | duplicate emails, unexplained | {} |\n\
+         | emails misdelivered / unknown | {} / {} |\n\
+         | streams (frames, reconnects, stalls) | {} ({}, {}, {}) |\n\
+         | stream frames duplicated or out of order | {} |\n\
+         | stream gaps | {} |\n| stream frames misdelivered | {} |\n| streams not caught up | {} |\n\
+         | dead letters (by kind), not replayed | {:?}, {} |\n| crashes injected | {} |",
+        v.events,
+        v.events_resent,
+        v.notifications,
+        f(&v.lost),
+        f(&v.duplicated),
+        f(&v.misdelivered),
+        f(&v.unknown),
+        v.emails_expected,
+        v.emails_received,
+        f(&v.email_rows_lost),
+        f(&v.email_rows_duplicated),
+        v.emails_unsent,
+        f(&v.emails_lost),
+        f(&v.email_duplicates_explained),
+        f(&v.email_duplicates_unexplained),
+        f(&v.emails_misdelivered),
+        f(&v.emails_unknown),
+        v.streams,
+        v.stream_frames,
+        v.stream_reconnects,
+        v.stream_stalls,
+        f(&v.stream_duplicated),
+        f(&v.stream_gaps),
+        f(&v.stream_misdelivered),
+        f(&v.stream_not_caught_up),
+        v.dead_letters,
+        v.dead_letters_not_replayed,
+        v.crashes,
+    );
+    md
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| p.display().to_string())
+}
+
+fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> Result<()> {
+    let mut out = String::new();
+    for item in items {
+        out.push_str(&serde_json::to_string(item)?);
+        out.push('\n');
+    }
+    Ok(std::fs::write(path, out)?)
+}
+
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("{}: {l}", path.display())))
+        .collect()
+}
