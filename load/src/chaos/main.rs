@@ -156,6 +156,9 @@ const PHASES: &[&str] = &[
 const SECRET: &str = "chaos-secret-chaos-secret-chaos-0123456789";
 /// Engine slots: up to this many instances at once (the rebalance storm's ceiling).
 const SLOTS: usize = 4;
+/// Instances while the bad plugin is live: each has a breaker of its own, so the damage is
+/// bounded by `breaker_failures` × this.
+const BAD_PLUGIN_INSTANCES: usize = 2;
 
 /// What one phase did and how the engines came out of it.
 #[derive(Debug, Default, Serialize)]
@@ -398,17 +401,24 @@ impl Suite {
         self.scale_to(2).await?;
         let t0 = Instant::now();
         self.cluster.service_stop(service, immediate).await?;
-        report.not_ready_after_s = self.until_all(false, down).await;
+        // The engines probe Kafka every 10 s while it answers: the outage lasts until they
+        // all said so, or 30 s.
+        report.not_ready_after_s = self
+            .until_all(false, down.max(Duration::from_secs(30)))
+            .await;
         let left = down.saturating_sub(t0.elapsed());
         self.pause(left).await;
         self.cluster.service_start(service).await?;
-        let back = Instant::now();
-        report.ready_again_after_s = self.until_all(true, Duration::from_secs(120)).await;
         report.notes.push(format!(
-            "{service} down {:.0} s (back after {:.1} s)",
-            back.duration_since(t0).as_secs_f64(),
-            back.elapsed().as_secs_f64()
+            "{service} down {:.0} s{}",
+            t0.elapsed().as_secs_f64(),
+            if immediate {
+                " (immediate shutdown)"
+            } else {
+                ""
+            }
         ));
+        report.ready_again_after_s = self.until_all(true, Duration::from_secs(120)).await;
         Ok(())
     }
 
@@ -480,7 +490,7 @@ impl Suite {
     /// quarantine it within its bound per instance; a fixed version is published; the dead
     /// letters are replayed, so nothing is lost in the end.
     async fn bad_plugin(&mut self, report: &mut PhaseReport) -> Result<()> {
-        self.scale_to(2).await?;
+        self.scale_to(BAD_PLUGIN_INSTANCES).await?;
         let chaos = self.args.plugins.join("fixtures/chaos.wasm");
         self.cluster.publish_plugin(ledger::BAD_TENANT, &chaos)?;
         self.pause(self.timing.bad_plugin).await;
@@ -494,10 +504,11 @@ impl Suite {
         self.lag.wait_zero(Duration::from_secs(120)).await?;
         let replayed = self.cluster.replay_dead_letters(ledger::BAD_TENANT).await?;
         report.notes.push(format!(
-            "chaos plugin live {} s for tenant {}; {} dead letters replayed after the fix",
+            "chaos plugin live {} s for tenant {}, on {} instances; after the fix: {}",
             self.timing.bad_plugin.as_secs(),
             ledger::BAD_TENANT,
-            replayed.lines().filter(|l| !l.trim().is_empty()).count()
+            self.cluster.up().len(),
+            replayed.trim()
         ));
         Ok(())
     }
@@ -628,7 +639,13 @@ fn finish(
         })
         .map(|p| p.name.as_str())
         .collect();
-    let passed = verdict.passed() && error.is_none() && !over_memory && outage_unseen.is_empty();
+    let breaker_bound = u64::from(args.breaker_failures) * BAD_PLUGIN_INSTANCES as u64;
+    let breaker_damage = verdict.breaker_damage(ledger::BAD_TENANT);
+    let passed = verdict.passed()
+        && error.is_none()
+        && !over_memory
+        && outage_unseen.is_empty()
+        && breaker_damage <= breaker_bound;
     let report = json!({
         "passed": passed,
         "seed": seed,
@@ -637,12 +654,27 @@ fn finish(
         "phases": phases,
         "verdict": verdict,
         "outages_without_readyz_change": outage_unseen,
+        "breaker": { "damage": breaker_damage, "bound": breaker_bound },
     });
     std::fs::write(
         args.run_dir.join("report.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    let md = report_md(args, seed, phases, verdict, passed);
+    let mut md = report_md(args, seed, phases, verdict, passed);
+    md.push_str(&format!(
+        "\nBreaker: {breaker_damage} events failed in the bad plugin before it was quarantined \
+         (bound: {} failures × {BAD_PLUGIN_INSTANCES} instances = {breaker_bound}).\n\
+         Memory: at most {} MiB per engine (bound {} MiB). Outages that /readyz did not \
+         show: {}.\n",
+        args.breaker_failures,
+        phases.iter().map(|p| p.max_rss_mib).max().unwrap_or(0),
+        args.max_rss_mib,
+        if outage_unseen.is_empty() {
+            "none".into()
+        } else {
+            outage_unseen.join(", ")
+        },
+    ));
     std::fs::write(args.run_dir.join("report.md"), &md)?;
     println!("{md}");
     if let Some(e) = error {
