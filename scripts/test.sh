@@ -5,8 +5,10 @@
 #   scripts/test.sh            formatting, clippy, plugin tests, engine unit + integration tests
 #                              (with the Python, JavaScript and cargo-component plugins),
 #                              the TypeScript client (unit, and against a real engine), the
-#                              example shop (jest, then Chromium against a real engine)
-#   scripts/test.sh e2e        extra arguments go to `cargo test` of the engine
+#                              example shop (jest, then Chromium against a real engine), then
+#                              the chaos suite's short run (scripts/chaos.sh, services of its own)
+#   scripts/test.sh e2e        extra arguments go to `cargo test` of the engine (and the chaos
+#                              run is left out: a filtered run is a partial one)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -80,3 +82,10 @@ scripts/bootstrap.sh --with-browser
     prepare_engine shop
     cd examples/nextjs-shop && node tests/browser.mjs
 )
+
+if (($# > 0)); then
+    log "chaos suite: not run, since cargo test was given arguments ($*); scripts/chaos.sh runs it"
+else
+    log "chaos suite, short run: faults on services of its own, then the checker"
+    scripts/chaos.sh short
+fi
