@@ -101,6 +101,8 @@ pub struct Verdict {
     pub stream_frames: u64,
     pub stream_reconnects: u64,
     pub stream_stalls: u64,
+    /// Stalled connections the server ended.
+    pub stream_cut_off: u64,
     /// A frame whose id is not above the one before it: given twice, or out of order.
     pub stream_duplicated: Finding,
     /// A notification after the stream's start that the client was never given.
@@ -127,26 +129,37 @@ impl Verdict {
 }
 
 impl Verdict {
-    /// Every promise held: nothing lost, duplicated or misdelivered anywhere, and only
-    /// explained duplicate emails.
+    /// The findings that must be 0 for the run to pass, with their report labels: one list
+    /// for the rule and the report, so neither can forget one.
+    pub fn must_be_zero(&self) -> [(&'static str, &Finding); 14] {
+        [
+            ("notifications lost", &self.lost),
+            ("notifications duplicated", &self.duplicated),
+            ("notifications misdelivered", &self.misdelivered),
+            ("notifications for unknown events", &self.unknown),
+            ("email rows lost", &self.email_rows_lost),
+            ("email rows duplicated", &self.email_rows_duplicated),
+            ("emails lost (sent, never received)", &self.emails_lost),
+            (
+                "duplicate emails, unexplained",
+                &self.email_duplicates_unexplained,
+            ),
+            ("emails misdelivered", &self.emails_misdelivered),
+            ("emails unknown", &self.emails_unknown),
+            (
+                "stream frames repeated or out of order",
+                &self.stream_duplicated,
+            ),
+            ("stream gaps", &self.stream_gaps),
+            ("stream frames misdelivered", &self.stream_misdelivered),
+            ("streams not caught up", &self.stream_not_caught_up),
+        ]
+    }
+
+    /// Every promise held: nothing lost, duplicated or misdelivered anywhere, every email
+    /// sent, and only explained duplicate emails.
     pub fn passed(&self) -> bool {
-        let zero = [
-            &self.lost,
-            &self.duplicated,
-            &self.misdelivered,
-            &self.unknown,
-            &self.email_rows_lost,
-            &self.email_rows_duplicated,
-            &self.emails_lost,
-            &self.email_duplicates_unexplained,
-            &self.emails_misdelivered,
-            &self.emails_unknown,
-            &self.stream_duplicated,
-            &self.stream_gaps,
-            &self.stream_misdelivered,
-            &self.stream_not_caught_up,
-        ];
-        zero.iter().all(|f| f.count == 0) && self.emails_unsent.is_empty()
+        self.must_be_zero().iter().all(|(_, f)| f.count == 0) && self.emails_unsent.is_empty()
     }
 }
 
@@ -308,6 +321,7 @@ fn check_streams(
         v.stream_frames += t.frames.len() as u64;
         v.stream_reconnects += u64::from(t.connects.saturating_sub(1));
         v.stream_stalls += u64::from(t.stalls);
+        v.stream_cut_off += u64::from(t.cut_off);
         if !t.caught_up {
             v.stream_not_caught_up.add(|| who.clone());
         }

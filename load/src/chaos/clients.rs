@@ -2,7 +2,8 @@
 //! given (its `id:`, the user's sequence number, and the event it came from). They behave as
 //! browsers do on a bad day: they reconnect with `Last-Event-ID` at random moments and
 //! whenever an engine dies, and some stop reading for seconds at a time (with a small receive
-//! buffer, so the engine's write timeout can cut them off). At the end each reads until it
+//! buffer; on loopback the engine's send buffer still takes megabytes, so its write deadline
+//! seldom fires, and the report counts when it does). At the end each reads until it
 //! has its user's latest notification.
 
 use std::collections::HashMap;
@@ -40,6 +41,9 @@ pub struct Transcript {
     pub refused: u32,
     /// Times it stopped reading.
     pub stalls: u32,
+    /// Stalled connections the server ended (its write timeout, or an engine that died).
+    #[serde(default)]
+    pub cut_off: u32,
     /// Whether it reached its user's latest notification at the end.
     pub caught_up: bool,
 }
@@ -156,12 +160,20 @@ impl Client {
         let mut parser = Parser::default();
         let mut buf = vec![0u8; 8192];
         let mut stall_at = plan.stall_at;
+        let mut stalled = false;
         loop {
             let read = tokio::select! {
-                r = stream.read(&mut buf) => r?,
+                r = stream.read(&mut buf) => match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        t.cut_off += u32::from(stalled);
+                        return Err(e.into());
+                    }
+                },
                 _ = tokio::time::sleep_until(plan.until) => return Ok(()),
                 _ = sleep_until_opt(stall_at) => {
                     stall_at = None;
+                    stalled = true;
                     t.stalls += 1;
                     tokio::time::sleep(plan.stall_for).await;
                     continue;
@@ -169,6 +181,7 @@ impl Client {
                 _ = targets.changed(), if target.is_none() => return Ok(()),
             };
             if read == 0 {
+                t.cut_off += u32::from(stalled);
                 bail!("closed by the server");
             }
             for event in parser.feed(&buf[..read])? {

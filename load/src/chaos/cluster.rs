@@ -91,15 +91,15 @@ impl Cluster {
             .setup
             .run_dir
             .join(format!("engine{slot}-{}.log", self.generation[slot]));
+        let out = std::fs::File::create(&log)?;
         let child = Command::new(&self.setup.engine_bin)
             .arg("run")
             .env("NOTIFY_CONFIG", &self.slots[slot].config)
             .env("DATABASE_URL", &self.setup.database_url)
             .env("NOTIFY_AUTH__JWT_SECRET", &self.setup.secret)
-            .stdout(Stdio::from(std::fs::File::create(&log)?))
-            .stderr(Stdio::from(
-                std::fs::File::options().append(true).open(&log)?,
-            ))
+            // One file description for both, so their lines do not overwrite each other.
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", self.setup.engine_bin.display()))?;
@@ -268,6 +268,24 @@ pub async fn readyz(admin: u16) -> bool {
     matches!(client.get(url).send().await, Ok(r) if r.status().is_success())
 }
 
+/// The streams the engines ended because their client stopped reading (the write deadline),
+/// counted in the engines' logs of the run.
+pub fn write_deadline_cuts(run_dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("engine") && name.ends_with(".log")
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|log| log.matches("write deadline passed").count() as u64)
+        .sum()
+}
+
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -318,7 +336,9 @@ concurrency = 8
 tls = "none"
 timeout_ms = 5000
 [log]
-filter = "info"
+# serve=debug names each stream cut off for not reading (the write deadline), which the
+# report counts.
+filter = "info,notify_engine::api::serve=debug"
 "#,
         brokers = s.brokers,
         topic = s.topic,

@@ -53,15 +53,23 @@ pub enum Flow {
     Stop,
 }
 
-pub struct Generator {
-    pub producer: FutureProducer,
-    pub topic: String,
-    pub seed: u64,
+/// Who the events are for.
+pub struct Mix {
     pub tenants: usize,
+    /// Users per tenant.
     pub users: usize,
+    /// Share of events that ask for an email.
     pub email_share: f64,
+    /// Events per second while producing.
     pub rate: u32,
-    pub journal: Journal,
+}
+
+pub struct Generator {
+    producer: FutureProducer,
+    topic: String,
+    seed: u64,
+    mix: Mix,
+    journal: Journal,
     ledger: Arc<Mutex<std::io::BufWriter<std::fs::File>>>,
     /// Produced and acknowledged.
     pub acked: Arc<AtomicU64>,
@@ -72,15 +80,11 @@ pub struct Generator {
 }
 
 impl Generator {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         brokers: &str,
         topic: &str,
         seed: u64,
-        tenants: usize,
-        users: usize,
-        email_share: f64,
-        rate: u32,
+        mix: Mix,
         ledger: &std::path::Path,
         journal: Journal,
     ) -> Result<Self> {
@@ -96,10 +100,7 @@ impl Generator {
             producer,
             topic: topic.to_owned(),
             seed,
-            tenants,
-            users,
-            email_share,
-            rate,
+            mix,
             journal,
             ledger: Arc::new(Mutex::new(std::io::BufWriter::new(std::fs::File::create(
                 ledger,
@@ -117,7 +118,7 @@ impl Generator {
         let mut n: u64 = 0;
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let per_tick = self.rate as f64 / 100.0;
+        let per_tick = f64::from(self.mix.rate) / 100.0;
         let mut owed = 0.0;
         loop {
             let now = *flow.borrow();
@@ -134,10 +135,11 @@ impl Generator {
             while owed >= 1.0 {
                 owed -= 1.0;
                 n += 1;
-                let t = tenant(rng.random_range(0..self.tenants));
-                let u = user(rng.random_range(0..self.users));
+                let mix = &self.mix;
+                let t = tenant(rng.random_range(0..mix.tenants));
+                let u = user(rng.random_range(0..mix.users));
                 let email = rng
-                    .random_bool(self.email_share)
+                    .random_bool(mix.email_share)
                     .then(|| format!("{u}@{t}.chaos.test"));
                 let entry = Entry {
                     id: format!("{}-{n}", self.seed),
