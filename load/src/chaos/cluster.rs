@@ -55,8 +55,12 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(setup: Setup, slots: usize, journal: Journal) -> Result<Self> {
         let mut all = Vec::with_capacity(slots);
+        let mut ports = listen_ports(2 * slots)?.into_iter();
         for i in 0..slots {
-            let (http, admin) = (free_port()?, free_port()?);
+            let (http, admin) = (
+                ports.next().expect("two per slot"),
+                ports.next().expect("two per slot"),
+            );
             let config = setup.run_dir.join(format!("engine{i}.toml"));
             std::fs::write(&config, engine_config(&setup, http, admin))?;
             all.push(Slot {
@@ -294,10 +298,23 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `n` free ports just below the kernel's ephemeral range. A port the kernel handed out
+/// (bind to port 0) may be taken by any outgoing connection while its engine is down, and the
+/// restart then fails to bind it: this happened in a rebalance storm.
+fn listen_ports(n: usize) -> Result<Vec<u16>> {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let ports: Vec<u16> = (low.saturating_sub(3000)..low)
+        .filter(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .take(n)
+        .collect();
+    anyhow::ensure!(
+        ports.len() == n,
+        "no {n} free ports below the ephemeral range ({low})"
+    );
+    Ok(ports)
 }
 
 /// The engines' configuration: the defaults except where a chaos run needs otherwise, each

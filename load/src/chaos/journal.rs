@@ -34,7 +34,6 @@ pub struct Journal(Arc<Mutex<Inner>>);
 struct Inner {
     file: std::io::BufWriter<std::fs::File>,
     phase: String,
-    faults: Vec<Fault>,
 }
 
 impl Journal {
@@ -42,7 +41,6 @@ impl Journal {
         Ok(Self(Arc::new(Mutex::new(Inner {
             file: std::io::BufWriter::new(std::fs::File::create(path)?),
             phase: "start".into(),
-            faults: Vec::new(),
         }))))
     }
 
@@ -67,11 +65,6 @@ impl Journal {
         let line = serde_json::to_string(&fault).expect("a fault serializes");
         let _ = writeln!(inner.file, "{line}");
         let _ = inner.file.flush();
-        inner.faults.push(fault);
-    }
-
-    pub fn faults(&self) -> Vec<Fault> {
-        self.0.lock().unwrap().faults.clone()
     }
 }
 

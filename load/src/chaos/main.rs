@@ -167,6 +167,8 @@ struct PhaseReport {
     name: String,
     seconds: f64,
     events: u64,
+    /// Faults injected: kills, stops, outages, joins and leaves, bad versions (not the
+    /// starts and stops that set a phase up).
     faults: u64,
     /// An outage: every running engine answered `/readyz` 503 within this long.
     not_ready_after_s: Option<f64>,
@@ -263,6 +265,11 @@ async fn main() -> Result<()> {
         suite
             .journal
             .fault("suite_error", json!({ "error": format!("{e:#}") }));
+        // A phase that failed may have left a service down: start them all (a running one
+        // is left as it is), so the run can still be drained and checked.
+        for service in ["kafka", "postgres", "mailpit"] {
+            suite.cluster.service_start(service).await?;
+        }
     }
     // Whatever happened, the run ends checked: production stops, the engines finish what is
     // in the topic and the outbox, the clients catch up, and the checker reads it all.
@@ -345,12 +352,6 @@ impl Suite {
         report.lag_zero_after_s = settle.elapsed().as_secs_f64();
         report.seconds = t0.elapsed().as_secs_f64();
         report.events = self.generator.acked.load(Ordering::Relaxed) - acked0;
-        report.faults = self
-            .journal
-            .faults()
-            .iter()
-            .filter(|f| f.phase == name && !matches!(f.kind.as_str(), "phase" | "engine_start"))
-            .count() as u64;
         report.max_rss_mib = self.rss.load(Ordering::Relaxed) / 1024;
         eprintln!("[chaos] {}", serde_json::to_string(&report)?);
         self.phases.push(report);
@@ -371,6 +372,7 @@ impl Suite {
             let up = self.cluster.up();
             let slot = up[self.rng.random_range(0..up.len())];
             self.cluster.kill(slot).await?;
+            report.faults += 1;
             let down = self.rng.random_range(0..1_500);
             self.pause(Duration::from_millis(down)).await;
             self.cluster.start(slot).await?;
@@ -405,6 +407,7 @@ impl Suite {
         self.scale_to(2).await?;
         let t0 = Instant::now();
         self.cluster.service_stop(service, immediate).await?;
+        report.faults += 1;
         // The engines probe Kafka every 10 s while it answers: the outage lasts until they
         // all said so, or 30 s.
         report.not_ready_after_s = self
@@ -456,6 +459,7 @@ impl Suite {
         self.pause(down / 3).await;
         self.cluster.kill(1).await?;
         self.cluster.start(1).await?;
+        report.faults += 3;
         self.pause(down.saturating_sub(t0.elapsed())).await;
         self.cluster.service_start("mailpit").await?;
         report.notes.push(format!(
@@ -469,7 +473,7 @@ impl Suite {
     async fn rebalance(&mut self, report: &mut PhaseReport) -> Result<()> {
         self.scale_to(2).await?;
         let t0 = Instant::now();
-        let mut changes = 0;
+        let mut changes: u64 = 0;
         while t0.elapsed() < self.timing.rebalance {
             let wait = self.rng.random_range(1_500..4_000);
             self.pause(Duration::from_millis(wait)).await;
@@ -484,6 +488,7 @@ impl Suite {
             }
             changes += 1;
         }
+        report.faults += changes;
         report
             .notes
             .push(format!("{changes} instances joined or left the group"));
@@ -497,6 +502,7 @@ impl Suite {
         self.scale_to(BAD_PLUGIN_INSTANCES).await?;
         let chaos = self.args.plugins.join("fixtures/chaos.wasm");
         self.cluster.publish_plugin(ledger::BAD_TENANT, &chaos)?;
+        report.faults += 1;
         self.pause(self.timing.bad_plugin).await;
         let default = self.args.plugins.join("default.wasm");
         self.cluster.publish_plugin(ledger::BAD_TENANT, &default)?;
