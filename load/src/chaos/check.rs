@@ -91,8 +91,8 @@ pub struct Verdict {
     pub emails_unsent: BTreeMap<String, u64>,
     /// Rows `sent` that never reached Mailpit.
     pub emails_lost: Finding,
-    /// Extra copies of an email whose first copy came within 2 s of a crash: the one window
-    /// the README allows (SMTP accepted, the status write never happened).
+    /// Extra copies of an email, each following a copy that came within 2 s of a crash: the
+    /// one window the README allows (SMTP accepted, the status write never happened).
     pub email_duplicates_explained: Finding,
     pub email_duplicates_unexplained: Finding,
     pub emails_misdelivered: Finding,
@@ -271,18 +271,27 @@ fn check_emails(
                     .add(|| format!("{}: to {:?}, not {}", e.id, m.to, o.recipient));
             }
         }
-        if got.len() > 1 {
-            let first = got.iter().map(|m| m.created_ms).min().unwrap_or(0);
-            let crash = faults
+        // Each copy after the first needs a crash of its own: one that cut the copy before
+        // it short, between its `250` and its status write.
+        let mut times: Vec<u64> = got.iter().map(|m| m.created_ms).collect();
+        times.sort_unstable();
+        for (k, pair) in times.windows(2).enumerate() {
+            let example = || {
+                format!(
+                    "{}: copy {} of {} (attempts {})",
+                    e.id,
+                    k + 2,
+                    times.len(),
+                    o.attempts
+                )
+            };
+            if faults
                 .iter()
-                .any(|f| f.is_crash() && in_window(f.at_ms, first));
-            for _ in 1..got.len() {
-                let example = || format!("{} ×{} (attempts {})", e.id, got.len(), o.attempts);
-                if crash {
-                    v.email_duplicates_explained.add(example);
-                } else {
-                    v.email_duplicates_unexplained.add(example);
-                }
+                .any(|f| f.is_crash() && in_window(f.at_ms, pair[0]))
+            {
+                v.email_duplicates_explained.add(example);
+            } else {
+                v.email_duplicates_unexplained.add(example);
             }
         }
     }
@@ -593,6 +602,25 @@ mod tests {
         assert!(!far.passed());
         let none = check(&ledger, &[], &transcripts, &store, &mail);
         assert_eq!(none.email_duplicates_unexplained.count, 1);
+        // A third copy needs a crash by the second: one crash explains one extra copy.
+        mail.push(self::mail("m1", "u1@t", 70_000));
+        let once = check(&ledger, &[crash(11_000)], &transcripts, &store, &mail);
+        assert_eq!(
+            (
+                once.email_duplicates_explained.count,
+                once.email_duplicates_unexplained.count
+            ),
+            (1, 1)
+        );
+        let twice = check(
+            &ledger,
+            &[crash(11_000), crash(40_500)],
+            &transcripts,
+            &store,
+            &mail,
+        );
+        assert_eq!(twice.email_duplicates_explained.count, 2);
+        assert!(twice.passed());
     }
 
     #[test]

@@ -638,13 +638,15 @@ async fn verdict(args: &Args) -> Result<check::Verdict> {
     Ok(check::check(&ledger, &faults, &transcripts, &store, &mail))
 }
 
-/// Writes report.json and report.md; fails when a promise was broken or the suite could not
+/// Writes report.json and report.md (recheck.json and recheck.md for --check-only, which
+/// leaves the run's own report alone); fails when a promise was broken or the suite could not
 /// run to the end.
 fn finish(
     args: &Args,
     verdict: &check::Verdict,
     run: Option<(u64, &[PhaseReport], Option<anyhow::Error>)>,
 ) -> Result<()> {
+    let name = if args.check_only { "recheck" } else { "report" };
     let (seed, phases, error) = match run {
         Some((seed, phases, error)) => (Some(seed), phases, error),
         None => (None, &[][..], None),
@@ -677,7 +679,7 @@ fn finish(
         "write_deadline_cuts": cluster::write_deadline_cuts(&args.run_dir),
     });
     std::fs::write(
-        args.run_dir.join("report.json"),
+        args.run_dir.join(format!("{name}.json")),
         serde_json::to_string_pretty(&report)?,
     )?;
     let mut md = report_md(args, seed, phases, verdict, passed);
@@ -699,7 +701,7 @@ fn finish(
             outage_unseen.join(", ")
         },
     ));
-    std::fs::write(args.run_dir.join("report.md"), &md)?;
+    std::fs::write(args.run_dir.join(format!("{name}.md")), &md)?;
     println!("{md}");
     if let Some(e) = error {
         return Err(e.context("the suite did not run to the end"));
@@ -707,7 +709,7 @@ fn finish(
     if !passed {
         bail!(
             "a promise was broken: see {} (replay with --seed {})",
-            args.run_dir.join("report.md").display(),
+            args.run_dir.join(format!("{name}.md")).display(),
             seed.map_or("<see report>".into(), |s| s.to_string())
         );
     }
@@ -772,7 +774,7 @@ fn report_md(
          | notifications stored | {} |\n\
          | emails expected / received | {} / {} |\n\
          | emails not sent at the end (by status) | {:?} |\n\
-         | duplicate emails, a crash within 2 s of the first copy | {} |\n\
+         | duplicate emails, each after a copy a crash cut short (within 2 s) | {} |\n\
          | streams (frames, reconnects, stalls, stalled ones the server ended) | {} ({}, {}, {}, {}) |\n\
          | dead letters (by tenant and kind), not replayed | {:?}, {} |\n\
          | crashes injected | {} |",
