@@ -75,8 +75,6 @@ pub struct Generator {
     pub acked: Arc<AtomicU64>,
     /// Handed to the producer, not yet acknowledged.
     pub in_flight: Arc<AtomicU64>,
-    /// Produce attempts that failed and were tried again.
-    pub retries: Arc<AtomicU64>,
 }
 
 impl Generator {
@@ -107,7 +105,6 @@ impl Generator {
             )?))),
             acked: Arc::default(),
             in_flight: Arc::default(),
-            retries: Arc::default(),
         })
     }
 
@@ -184,10 +181,7 @@ impl Generator {
             let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
             match self.producer.send(record, Duration::from_secs(30)).await {
                 Ok(_) => break,
-                Err(_) => {
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         }
         entry.acked_ms = now_ms();

@@ -326,7 +326,7 @@ impl Suite {
         };
         self.flow.send(Flow::Run)?;
         // A few seconds of traffic before the fault, so it falls on a busy engine.
-        self.pause(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
         match name {
             "kill-one" => self.kills(1, &mut report).await?,
             "kill-several" => self.kills(3, &mut report).await?,
@@ -360,23 +360,19 @@ impl Suite {
         Ok(())
     }
 
-    async fn pause(&mut self, d: Duration) {
-        tokio::time::sleep(d).await;
-    }
-
     /// Exactly `n` instances, then `kills` SIGKILLs of a random one at random moments, each
     /// started again after a random moment.
     async fn kills(&mut self, n: usize, report: &mut PhaseReport) -> Result<()> {
         self.scale_to(n).await?;
         for _ in 0..self.timing.kills {
             let wait = self.rng.random_range(1_000..5_000);
-            self.pause(Duration::from_millis(wait)).await;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
             let up = self.cluster.up();
             let slot = up[self.rng.random_range(0..up.len())];
             self.cluster.kill(slot).await?;
             report.faults += 1;
             let down = self.rng.random_range(0..1_500);
-            self.pause(Duration::from_millis(down)).await;
+            tokio::time::sleep(Duration::from_millis(down)).await;
             self.cluster.start(slot).await?;
         }
         report.notes.push(format!(
@@ -416,7 +412,7 @@ impl Suite {
             .until_all(false, down.max(Duration::from_secs(30)))
             .await;
         let left = down.saturating_sub(t0.elapsed());
-        self.pause(left).await;
+        tokio::time::sleep(left).await;
         self.cluster.service_start(service).await?;
         report.notes.push(format!(
             "{service} down {:.0} s{}",
@@ -455,15 +451,15 @@ impl Suite {
         let down = self.timing.mailpit_down;
         let t0 = Instant::now();
         self.cluster.service_stop("mailpit", false).await?;
-        self.pause(down / 3).await;
+        tokio::time::sleep(down / 3).await;
         report.lag_during_outage = self.lag.get().ok();
         self.cluster.stop(0).await?;
         self.cluster.start(0).await?;
-        self.pause(down / 3).await;
+        tokio::time::sleep(down / 3).await;
         self.cluster.kill(1).await?;
         self.cluster.start(1).await?;
         report.faults += 3;
-        self.pause(down.saturating_sub(t0.elapsed())).await;
+        tokio::time::sleep(down.saturating_sub(t0.elapsed())).await;
         self.cluster.service_start("mailpit").await?;
         report.notes.push(format!(
             "Mailpit down {:.0} s; an instance restarted, another SIGKILLed",
@@ -479,7 +475,7 @@ impl Suite {
         let mut changes: u64 = 0;
         while t0.elapsed() < self.timing.rebalance {
             let wait = self.rng.random_range(1_500..4_000);
-            self.pause(Duration::from_millis(wait)).await;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
             let up = self.cluster.up();
             let down: Vec<usize> = (0..SLOTS).filter(|s| !up.contains(s)).collect();
             if up.len() > 1 && (down.is_empty() || self.rng.random_bool(0.5)) {
@@ -506,12 +502,12 @@ impl Suite {
         let chaos = self.args.plugins.join("fixtures/chaos.wasm");
         self.cluster.publish_plugin(ledger::BAD_TENANT, &chaos)?;
         report.faults += 1;
-        self.pause(self.timing.bad_plugin).await;
+        tokio::time::sleep(self.timing.bad_plugin).await;
         let default = self.args.plugins.join("default.wasm");
         self.cluster.publish_plugin(ledger::BAD_TENANT, &default)?;
         // Until the fixed version is live on every instance, events may still be set aside:
         // the replay comes after the settle.
-        self.pause(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
         self.flow.send(Flow::Pause)?;
         self.generator.drain().await?;
         self.lag.wait_zero(Duration::from_secs(120)).await?;
@@ -669,6 +665,7 @@ fn finish(
             .is_none_or(|lag| lag > 5 * i64::from(args.rate))
             && p.name == "mailpit"
     });
+    let cuts = cluster::write_deadline_cuts(&args.run_dir);
     let breaker_bound = u64::from(args.breaker_failures) * BAD_PLUGIN_INSTANCES as u64;
     let breaker_damage = verdict.breaker_damage(ledger::BAD_TENANT);
     let passed = verdict.passed()
@@ -687,7 +684,7 @@ fn finish(
         "outages_without_readyz_change": outage_unseen,
         "breaker": { "damage": breaker_damage, "bound": breaker_bound },
         "smtp_outage_stalled_kafka": smtp_stalled,
-        "write_deadline_cuts": cluster::write_deadline_cuts(&args.run_dir),
+        "write_deadline_cuts": cuts,
     });
     std::fs::write(
         args.run_dir.join(format!("{name}.json")),
@@ -695,8 +692,7 @@ fn finish(
     )?;
     let mut md = report_md(args, seed, phases, verdict, passed);
     md.push_str(&format!(
-        "\nStreams the engines cut off for not reading (write deadline): {}.\n",
-        cluster::write_deadline_cuts(&args.run_dir)
+        "\nStreams the engines cut off for not reading (write deadline): {cuts}.\n"
     ));
     md.push_str(&format!(
         "\nBreaker: {breaker_damage} events failed in the bad plugin before it was quarantined \
