@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use notify_engine::config::{PluginConfig, TenantConfig};
-use notify_engine::ingest::envelope::{self, Event};
+use notify_engine::ingest::envelope;
+use notify_engine::model::Event;
 use notify_engine::plugin::{PluginError, PluginHost};
 use serde::Deserialize;
 use serde_json::{Value, json};

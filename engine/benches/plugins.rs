@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use notify_engine::config::PluginConfig;
-use notify_engine::ingest::envelope::{self, Event};
+use notify_engine::ingest::envelope;
+use notify_engine::model::Event;
 use notify_engine::plugin::PluginHost;
 use serde_json::json;
 

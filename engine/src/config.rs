@@ -818,7 +818,7 @@ impl Config {
                 ));
             }
             if let Some(t) = &key.tenant
-                && !crate::ingest::envelope::valid_tenant(t)
+                && !crate::model::valid_tenant(t)
             {
                 return invalid(format!(
                     "auth.keys {:?}: tenant {t:?} is not a tenant id",
@@ -873,7 +873,7 @@ impl Config {
             && self
                 .kafka
                 .tenant_topic_pattern
-                .matches(crate::ingest::trust::TENANT_PLACEHOLDER)
+                .matches(crate::model::TENANT_PLACEHOLDER)
                 .count()
                 != 1
         {
@@ -889,7 +889,7 @@ impl Config {
             .kafka
             .allowed_tenants
             .iter()
-            .find(|t| !crate::ingest::envelope::valid_tenant(t))
+            .find(|t| !crate::model::valid_tenant(t))
         {
             return invalid(format!("kafka.allowed_tenants: {bad:?} is not a tenant id"));
         }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::store::StoredNotification;
+use crate::model::StoredNotification;
 
 pub type Key = (String, String);
 

@@ -20,6 +20,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
+use crate::model::REPLAY_HEADER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -42,9 +43,6 @@ pub struct Incoming {
     /// How long it took from its producer to the engine, when it has a Kafka timestamp.
     pub kafka_delay: Option<std::time::Duration>,
 }
-
-/// The header carrying a dead letter's one-time replay token.
-pub const REPLAY_HEADER: &str = "notify-replay";
 
 impl Incoming {
     /// Bytes it holds in memory: payload, key and headers.

@@ -40,6 +40,7 @@ pub mod delivery;
 pub mod health;
 pub mod hub;
 pub mod ingest;
+pub mod model;
 pub mod pipeline;
 pub mod plugin;
 pub mod retention;

@@ -42,13 +42,12 @@ use crate::cluster::Presence;
 use crate::config::{EmailConfig, KafkaConfig};
 use crate::health::Health;
 use crate::hub::{self, Hub};
-use crate::ingest::envelope::{self, Event, Rejection};
+use crate::ingest::envelope::{self, Rejection};
 use crate::ingest::trust::TenantTrust;
 use crate::ingest::{Incoming, Ingest};
-use crate::plugin::{Decision, Delivery, Disposition, NOTIFICATION_EVENT, PluginError, PluginHost};
-use crate::store::{
-    self, Claim, NewDeadLetter, NewEmail, NewNotification, Origin, StoreError, StoredNotification,
-};
+use crate::model::{Event, NOTIFICATION_EVENT, StoredNotification};
+use crate::plugin::{Decision, Delivery, Disposition, PluginError, PluginHost};
+use crate::store::{self, Claim, NewDeadLetter, NewEmail, NewNotification, Origin, StoreError};
 use crate::telemetry::Metrics;
 
 pub struct Pipeline {

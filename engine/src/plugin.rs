@@ -43,7 +43,7 @@ use wasmtime::{Engine, Trap};
 use crate::config::{PluginConfig, TenantConfig};
 
 pub use bindings::WIT_VERSIONS;
-pub use output::{Delivery, NOTIFICATION_EVENT};
+pub use output::Delivery;
 pub use registry::{CheckReport, PluginInfo, ReloadOutcome, Reloaded, World};
 use registry::{Loaded, Slot};
 use sandbox::{

@@ -20,6 +20,7 @@ use sqlx::query::Query;
 use sqlx::{Executor, FromRow, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::config::DatabaseConfig;
+use crate::model::{REPLAY_HEADER, StoredNotification};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -488,7 +489,7 @@ fn encode_headers(headers: &[(String, Option<Vec<u8>>)]) -> Value {
     Value::Array(
         headers
             .iter()
-            .filter(|(name, _)| name != crate::ingest::REPLAY_HEADER)
+            .filter(|(name, _)| name != REPLAY_HEADER)
             .map(|(name, value)| {
                 serde_json::json!({
                     "name": name,
@@ -711,34 +712,6 @@ fn parse_wakes(payload: &str) -> serde_json::Result<Vec<Wake>> {
             },
         })
         .collect())
-}
-
-/// A stored notification as streamed to its user (and carried to other instances).
-#[derive(Debug, Clone, PartialEq, FromRow, serde::Serialize, serde::Deserialize)]
-pub struct StoredNotification {
-    pub seq: i64,
-    pub event_id: String,
-    pub kind: String,
-    pub title: Option<String>,
-    pub body: Option<String>,
-    pub category: Option<String>,
-    pub data: sqlx::types::Json<Value>,
-    pub created_at: chrono::DateTime<chrono::Utc>,
-    pub read_at: Option<chrono::DateTime<chrono::Utc>>,
-    pub archived_at: Option<chrono::DateTime<chrono::Utc>>,
-    /// The stream frame's data, serialized by the first stream that sends the row: a row
-    /// the hub shares among a user's streams is serialized once, not once per stream.
-    #[sqlx(skip)]
-    #[serde(skip)]
-    pub frame_data: std::sync::OnceLock<String>,
-}
-
-impl StoredNotification {
-    /// About the bytes its title, body, category and data take (what the hub bounds).
-    pub fn approximate_size(&self) -> usize {
-        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
-        text(&self.title) + text(&self.body) + text(&self.category) + self.data.0.to_string().len()
-    }
 }
 
 /// The user's notifications after `after_seq`, oldest first: at most `limit` rows and, past

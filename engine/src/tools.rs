@@ -13,7 +13,7 @@ use crate::plugin::PluginHost;
 
 /// A signed token for (tenant, user).
 pub fn token(auth: &AuthConfig, tenant: &str, user: &str, ttl_secs: u64) -> anyhow::Result<String> {
-    if !envelope::valid_tenant(tenant) {
+    if !crate::model::valid_tenant(tenant) {
         bail!("{tenant:?} is not a valid tenant id ([A-Za-z0-9_-], at most 64)");
     }
     Ok(crate::api::auth::mint(auth, tenant, user, ttl_secs))
@@ -56,7 +56,7 @@ pub async fn replay_dead_letters(
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_deref()))
             .collect();
-        headers.push((crate::ingest::REPLAY_HEADER, Some(token.as_bytes())));
+        headers.push((crate::model::REPLAY_HEADER, Some(token.as_bytes())));
         // With the tenant bound to a gateway's header, the operator's tool speaks for the
         // tenant the dead letter was recorded under, as the gateway did (unless the header
         // was kept with the message).

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use super::error::ApiError;
 use crate::config::{AuthConfig, Config};
-use crate::ingest::envelope::valid_tenant;
+use crate::model::valid_tenant;
 use keys::{KeyError, KeySet};
 
 /// Who is asking: always a (tenant, user) pair, with the roles the token grants and when it

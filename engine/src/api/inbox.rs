@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::auth::Identity;
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
-use crate::store::StoredNotification;
+use crate::model::StoredNotification;
 use crate::store::inbox::{self, Archived, ListFilter};
 
 /// Items per page unless `limit` says otherwise, and the most a page may hold.

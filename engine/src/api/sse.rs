@@ -32,9 +32,8 @@ use super::auth::Identity;
 use super::error::{ApiError, ErrorBody};
 use super::tickets::{self, TICKET_PARAM};
 use crate::hub::{CapExceeded, Caps, Subscription};
-use crate::plugin::NOTIFICATION_EVENT;
-use crate::store::inbox::{ARCHIVED_EVENT, READ_EVENT};
-use crate::store::{self, StoredNotification};
+use crate::model::{ARCHIVED_EVENT, NOTIFICATION_EVENT, READ_EVENT, StoredNotification};
+use crate::store;
 
 /// The query parameter standing in for the `Last-Event-ID` header.
 pub const LAST_EVENT_ID_PARAM: &str = "last_event_id";

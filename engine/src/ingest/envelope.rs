@@ -18,17 +18,10 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
-/// A validated event, ready for routing.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub id: String,
-    pub tenant: String,
-    pub event_type: String,
-    pub time: DateTime<Utc>,
-    pub source: Option<String>,
-    /// The tenant-owned payload; always a JSON object.
-    pub data: serde_json::Map<String, Value>,
-}
+use crate::model::Event;
+use crate::model::{
+    MAX_ID_LEN, MAX_TENANT_LEN, MAX_TYPE_LEN, contains_nul, valid_id, valid_tenant, valid_type,
+};
 
 /// Why a message was refused. `kind` is stable (metrics, dead-letter rows); `reason` is for
 /// people and names the offending field.
@@ -83,10 +76,6 @@ struct Raw {
     datacontenttype: Option<Value>,
     data: Option<Value>,
 }
-
-pub const MAX_ID_LEN: usize = 200;
-pub const MAX_TENANT_LEN: usize = 64;
-pub const MAX_TYPE_LEN: usize = 128;
 
 /// The header that marks a CloudEvents binary-mode message.
 pub const BINARY_MODE_HEADER: &str = "ce_specversion";
@@ -243,23 +232,6 @@ fn binary(value: &[u8], headers: &[(String, Option<Vec<u8>>)]) -> Result<Raw, St
     })
 }
 
-/// Does any string (value or key) of `object` hold a NUL character, which PostgreSQL text
-/// cannot store? Walks the parsed values: a literal backslash followed by `u0000` in the
-/// text is not a NUL and passes.
-pub fn contains_nul(object: &serde_json::Map<String, Value>) -> bool {
-    fn value_has_nul(v: &Value) -> bool {
-        match v {
-            Value::String(s) => s.contains('\0'),
-            Value::Array(items) => items.iter().any(value_has_nul),
-            Value::Object(map) => contains_nul(map),
-            Value::Null | Value::Bool(_) | Value::Number(_) => false,
-        }
-    }
-    object
-        .iter()
-        .any(|(k, v)| k.contains('\0') || value_has_nul(v))
-}
-
 fn required_str(value: &Option<Value>, field: &str) -> Result<String, String> {
     match value {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
@@ -281,25 +253,6 @@ fn json_kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_ID_LEN && !id.chars().any(char::is_control)
-}
-
-/// Tenant ids name plugin files and template folders, so they are kept path-safe.
-pub fn valid_tenant(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= MAX_TENANT_LEN
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-fn valid_type(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= MAX_TYPE_LEN
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 #[cfg(test)]

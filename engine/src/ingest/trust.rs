@@ -19,8 +19,9 @@
 //! `kafka.allowed_tenants`, when not empty, admits those tenants only, in every mode.
 
 use super::Incoming;
-use super::envelope::{Event, Rejection, RejectionKind};
+use super::envelope::{Rejection, RejectionKind};
 use crate::config::{KafkaConfig, TenantFrom};
+use crate::model::{Event, TENANT_PLACEHOLDER, valid_tenant};
 
 /// The checks of one consumer, from configuration.
 #[derive(Debug, Clone)]
@@ -31,9 +32,6 @@ pub struct TenantTrust {
     header: String,
     allowed: Vec<String>,
 }
-
-/// The placeholder in `kafka.tenant_topic_pattern`.
-pub const TENANT_PLACEHOLDER: &str = "{tenant}";
 
 impl TenantTrust {
     pub fn new(config: &KafkaConfig) -> Self {
@@ -99,7 +97,7 @@ impl TenantTrust {
         let tenant = topic
             .strip_prefix(prefix.as_str())?
             .strip_suffix(suffix.as_str())?;
-        super::envelope::valid_tenant(tenant).then_some(tenant)
+        valid_tenant(tenant).then_some(tenant)
     }
 
     /// The tenant header's value, if there is exactly one: headers are a list, and a
@@ -114,7 +112,7 @@ impl TenantTrust {
             return None;
         }
         let tenant = std::str::from_utf8(value.as_deref()?).ok()?;
-        super::envelope::valid_tenant(tenant).then_some(tenant)
+        valid_tenant(tenant).then_some(tenant)
     }
 }
 

@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use super::bindings::wit;
 use crate::config::PluginConfig;
+use crate::model::{RESERVED_EVENT_NAMES, RESERVED_EVENT_PREFIXES};
 
 /// A checked delivery, in the host's own types.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -39,18 +40,6 @@ pub enum Delivery {
         time_zone: Option<String>,
     },
 }
-
-/// The SSE event name of inbox items; live updates must use another.
-pub const NOTIFICATION_EVENT: &str = "notification";
-
-/// SSE event names a live update may not take: inbox items' name, and the names browsers
-/// give meaning to (`message` is what a frame without `event:` is dispatched as; `error`
-/// and `open` are `EventSource`'s own connection events).
-pub const RESERVED_EVENT_NAMES: &[&str] = &[NOTIFICATION_EVENT, "message", "error", "open"];
-
-/// Prefixes of the engine's own SSE events (`notification.read`, `auth.expired`, ...),
-/// which a live update may not take either.
-pub const RESERVED_EVENT_PREFIXES: &[&str] = &["notification.", "auth."];
 
 const MAX_USER_ID: usize = 200;
 const MAX_TITLE: usize = 500;
@@ -243,7 +232,7 @@ fn safe_name(n: &str) -> bool {
 
 fn object(json: &str, what: &str) -> Result<Map<String, Value>, String> {
     match serde_json::from_str::<Value>(json) {
-        Ok(Value::Object(m)) if crate::ingest::envelope::contains_nul(&m) => {
+        Ok(Value::Object(m)) if crate::model::contains_nul(&m) => {
             Err(format!("{what} contains a NUL character (\\u0000)"))
         }
         Ok(Value::Object(m)) => Ok(m),

@@ -11,7 +11,7 @@ use super::registry::Loaded;
 use super::sandbox::{CallLimits, plugin_text};
 use super::{Cost, Decision, PluginError, PluginHost, classify_trap, outer_bound, output};
 use crate::config::BreakerFailMode;
-use crate::ingest::envelope::Event;
+use crate::model::Event;
 
 /// Whether a call may run on a warm instance of its tenant.
 #[derive(Clone, Copy)]

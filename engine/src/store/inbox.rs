@@ -13,12 +13,8 @@
 use serde_json::{Map, Value, json};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
-use super::{NewNotification, Result, StoredNotification, insert_notifications, scoped};
-
-/// SSE event of a change to read state.
-pub const READ_EVENT: &str = "notification.read";
-/// SSE event of a change to archive state.
-pub const ARCHIVED_EVENT: &str = "notification.archived";
+use super::{NewNotification, Result, insert_notifications, scoped};
+use crate::model::{ARCHIVED_EVENT, READ_EVENT, StoredNotification};
 
 /// Which archive state a list shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use jsonwebtoken::jwk::{Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 use crate::config::Config;
-use crate::ingest::envelope::valid_tenant;
+use crate::model::valid_tenant;
 
 /// One key and what it may verify.
 pub struct Key {
