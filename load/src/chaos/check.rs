@@ -92,7 +92,7 @@ pub struct Verdict {
     /// Rows `sent` that never reached Mailpit.
     pub emails_lost: Finding,
     /// Extra copies of an email, each following a copy that came within 2 s of a crash: the
-    /// one window the README allows (SMTP accepted, the status write never happened).
+    /// one window the guarantees allow (SMTP accepted, the status write never happened).
     pub email_duplicates_explained: Finding,
     pub email_duplicates_unexplained: Finding,
     pub emails_misdelivered: Finding,

@@ -213,7 +213,7 @@ impl Cluster {
         Ok(())
     }
 
-    /// Writes `<tenant>.wasm` the way the README tells publishers to: a temporary name in
+    /// Writes `<tenant>.wasm` the way docs/plugins.md tells publishers to: a temporary name in
     /// the same directory, then a rename.
     pub fn publish_plugin(&self, tenant: &str, wasm: &Path) -> Result<()> {
         let tmp = self.setup.plugins_dir.join(format!(".{tenant}.wasm.tmp"));
