@@ -25,27 +25,24 @@
 # build, and a Python or JavaScript component is built again only when its inputs changed.
 # `--workspace-only` builds just the cargo workspace's plugins (what the demo loads), without
 # the Python, JavaScript and cargo-component toolchains. Environment:
-#   CARGO_TARGET_DIR   default $HOME/.cache/notify-engine/plugins-target
+#   PLUGINS_TARGET_DIR the cargo target directory, default $HOME/.cache/notify-engine-plugins-target
+#                      (scripts/lib/env.sh; the starters build under its starters/)
 #   CARGO_BUILD_JOBS   passed through to cargo (e.g. 1 on a busy machine)
 #   NOTIFY_TOOLS_DIR   where the guest toolchains go, default $HOME/.cache/notify-engine/tools
 set -euo pipefail
 WORKSPACE_ONLY=
 [[ ${1:-} == --workspace-only ]] && WORKSPACE_ONLY=1
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOG_TAG=build-plugins
+# shellcheck source=scripts/lib/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/env.sh"
 PLUGINS=$ROOT/plugins
 DIST=$PLUGINS/dist
 TARGET=wasm32-wasip2
 
-log() { printf '[build-plugins] %s\n' "$*" >&2; }
-die() { printf '[build-plugins] ERROR: %s\n' "$*" >&2; exit 1; }
-
-CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/notify-engine/plugins-target}
-case $CARGO_TARGET_DIR in
-    /*) ;;
-    *) CARGO_TARGET_DIR=$PWD/$CARGO_TARGET_DIR ;;
-esac
-export CARGO_TARGET_DIR
+# Every cargo command below (cargo install and cargo component too) builds in the plugins'
+# target directory, never in the engine's.
+export CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found (install Rust with rustup)"
 
