@@ -43,10 +43,18 @@ scripts/bootstrap.sh
 scripts/services.sh up >&2
 load_services_env
 
-build=()
-[[ $BUILD == release ]] && build=(--release)
-cargo build "${build[@]}" --locked -p notify-engine --bin notify-engine
-cargo build "${build[@]}" --locked -p notify-load --bin notify-chaos
+if [[ $BUILD == release ]]; then
+    cargo build --release --locked -p notify-engine --bin notify-engine
+    cargo build --release --locked -p notify-load --bin notify-chaos
+else
+    # The debug binaries as `cargo test --workspace` builds them: one invocation with the test
+    # targets in it resolves the dependencies' features as the tests do (dev-dependencies turn
+    # on e.g. tokio's test-util), so after scripts/test.sh's engine tests this only links the
+    # load harness. Built as `-p notify-engine`, then `-p notify-load`, each resolved other
+    # features (from the tests' and from each other: tokio, hyper), and each compiled a large
+    # part of the dependency tree again.
+    cargo build --locked --workspace --bins --tests
+fi
 scripts/build-plugins.sh --workspace-only >&2
 BIN=$CARGO_TARGET_DIR/$BUILD
 

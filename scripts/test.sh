@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test against the real services (Kafka, PostgreSQL, Mailpit), which
 # it starts (and leaves running for the next run; `scripts/services.sh down` stops them).
-# The cheap checks (formatting, clippy) run before the services start; every phase's time is
-# printed when it ends and in a table at the end.
+# The cheap checks (formatting, then clippy) come first; the services start and the plugins
+# build in the background meanwhile. Every phase's time is printed when it ends, and in a
+# table at the end (scripts/lib/phases.sh).
 #
 #   scripts/test.sh            formatting, clippy, plugin tests, engine unit + integration tests
 #                              (with the Python, JavaScript and cargo-component plugins),
@@ -17,34 +18,17 @@ LOG_TAG=test LOG_GAP=1
 . "$(dirname "${BASH_SOURCE[0]}")/lib/env.sh"
 cd "$ROOT"
 
-# phase NAME WHAT: closes the running phase (prints "[test] NAME: 83 s") and starts the next;
-# the summary at exit (on failure too) lists every phase's seconds, so a slow run says where
-# its minutes went.
-PHASES=() PHASE="" PHASE_T0=$SECONDS
-phase() {
-    phase_end
-    PHASE=$1 PHASE_T0=$SECONDS
-    shift
-    log "$PHASE: $*"
-}
-phase_end() {
-    [[ -n $PHASE ]] || return 0
-    PHASES+=("$PHASE $((SECONDS - PHASE_T0))")
-    log "$PHASE: $((SECONDS - PHASE_T0)) s"
-    PHASE=""
-}
-summary() {
-    local status=$? line
-    phase_end
-    {
-        printf '\n[test] %s after %d s; seconds per phase:\n' "$( ((status == 0)) && echo passed || echo FAILED)" "$SECONDS"
-        for line in "${PHASES[@]}"; do printf '  %-20s %6d\n' "${line% *}" "${line##* }"; done
-    } >&2
-}
-trap summary EXIT
+# shellcheck source=scripts/lib/phases.sh
+. scripts/lib/phases.sh
+trap phases_summary EXIT
 
 phase bootstrap "the system packages the build needs"
 scripts/bootstrap.sh
+
+# Kafka, PostgreSQL and Mailpit come up while the checks below compile: on a cold machine
+# that is two minutes of downloads, a Go and npm build of Mailpit and a JVM starting, which
+# need not wait for a compiler.
+BACKGROUND_KEEP=1 background services scripts/services.sh up
 
 # The cheap checks come first: a formatting slip fails in seconds, not after the services
 # and the plugins.
@@ -57,28 +41,34 @@ for starter in plugins/starters/*/src/lib.rs; do
     rustfmt --edition 2024 --check <"$starter" >/dev/null || { echo "rustfmt: $starter is not formatted" >&2; exit 1; }
 done
 
-phase clippy "cargo clippy (engine and load harness, plugins)"
+# The plugins build beside the engine's clippy: its guest toolchains are downloads and
+# single-threaded componentize steps, and its cargo runs have serial tails (a link, one last
+# crate) where clippy's compile fills the second core. In their own target directory, so
+# neither waits for the other's lock.
+background plugins scripts/build-plugins.sh
+
+phase clippy "cargo clippy (engine and load harness)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR cargo clippy --manifest-path plugins/Cargo.toml --all-targets --locked -- -D warnings
 
-phase services "starting services"
-scripts/services.sh up
-load_services_env
-
-phase clean "dropping databases and topics left by earlier test runs"
-scripts/clean-test-data.sh
-
-phase plugins "building the plugins"
-scripts/build-plugins.sh
+phase plugins "waiting for the plugins' build"
+wait_background plugins
 
 # After the build: cargo component generates the starters' bindings, which clippy reads.
-phase starters-clippy "cargo clippy (the cargo-component starters)"
+phase plugins-clippy "cargo clippy (plugins, the cargo-component starters)"
+CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR cargo clippy --manifest-path plugins/Cargo.toml --all-targets --locked -- -D warnings
 for starter in plugins/starters/*/Cargo.toml; do
     CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR/starters cargo clippy --manifest-path "$starter" --target wasm32-wasip2 --locked -- -D warnings
 done
 
 phase plugin-tests "plugin tests (native)"
 CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR cargo test --manifest-path plugins/Cargo.toml --locked
+
+phase services "waiting for the services"
+wait_background services
+load_services_env
+
+phase clean "dropping databases and topics left by earlier test runs"
+scripts/clean-test-data.sh
 
 phase engine-tests "engine tests (unit + integration on the real services)"
 # --lib --bins --tests: no doc tests (there are none) and no benchmarks, so the run ends on
@@ -87,7 +77,9 @@ cargo test --workspace --locked --lib --bins --tests "$@"
 
 phase client "TypeScript client: types against the contracts, unit tests, then against a real engine"
 (cd clients/typescript && npm ci --no-audit --no-fund --loglevel=error && npm run --silent check-generated && npm test)
-cargo build --locked --bin notify-engine
+# The engine binary the tests above built (`--tests`: the same dependency features, so no
+# second build of the tree; it also links the load harness for the chaos run below).
+cargo build --locked --workspace --bins --tests
 (
     # shellcheck source=scripts/lib/engine.sh
     . scripts/lib/engine.sh
