@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test against the real services (Kafka, PostgreSQL, Mailpit), which
 # it starts (and leaves running for the next run; `scripts/services.sh down` stops them).
-# The cheap checks (formatting, then clippy) come first; the services start and the plugins
-# build in the background meanwhile. Every phase's time is printed when it ends, and in a
+# The cheap checks come first (formatting, then clippy, while the services start and the
+# plugins build in the background). Every phase's time is printed when it ends, and in a
 # table at the end (scripts/lib/phases.sh).
 #
 #   scripts/test.sh            formatting, clippy, plugin tests, engine unit + integration tests
@@ -25,13 +25,7 @@ trap phases_summary EXIT
 phase bootstrap "the system packages the build needs"
 scripts/bootstrap.sh
 
-# Kafka, PostgreSQL and Mailpit come up while the checks below compile: on a cold machine
-# that is two minutes of downloads, a Go and npm build of Mailpit and a JVM starting, which
-# need not wait for a compiler.
-BACKGROUND_KEEP=1 background services scripts/services.sh up
-
-# The cheap checks come first: a formatting slip fails in seconds, not after the services
-# and the plugins.
+# The cheap check comes first: a formatting slip fails in seconds, before anything starts.
 phase fmt "cargo fmt --check (engine, plugins, starters)"
 cargo fmt --all -- --check
 cargo fmt --manifest-path plugins/Cargo.toml --all -- --check
@@ -41,7 +35,12 @@ for starter in plugins/starters/*/src/lib.rs; do
     rustfmt --edition 2024 --check <"$starter" >/dev/null || { echo "rustfmt: $starter is not formatted" >&2; exit 1; }
 done
 
-# The plugins build beside the engine's clippy: its guest toolchains are downloads and
+# Kafka, PostgreSQL and Mailpit come up while clippy compiles: on a cold machine that is two
+# minutes of downloads, a Go and npm build of Mailpit and a JVM starting, which need not wait
+# for a compiler.
+BACKGROUND_KEEP=1 background services scripts/services.sh up
+
+# The plugins build beside the engine's clippy too: its guest toolchains are downloads and
 # single-threaded componentize steps, and its cargo runs have serial tails (a link, one last
 # crate) where clippy's compile fills the second core. In their own target directory, so
 # neither waits for the other's lock.
