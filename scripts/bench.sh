@@ -8,18 +8,15 @@
 # share it (default 1); BENCH_INBOX_ROWS / BENCH_INBOX_USERS the inbox table (1000000 / 10000).
 # Figures go to docs/benchmarks.md.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOG_TAG=bench
+# shellcheck source=scripts/lib/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/env.sh"
 cd "$ROOT"
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/notify-engine-target}
-PLUGINS_TARGET_DIR=${PLUGINS_TARGET_DIR:-$HOME/.cache/notify-engine-plugins-target}
 scripts/bootstrap.sh
 scripts/services.sh up
-set -a
-# shellcheck disable=SC1091
-. "${NOTIFY_STATE_DIR:-$HOME/.cache/notify-engine/run}/services.env"
-set +a
+load_services_env
 scripts/clean-test-data.sh
-CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh
+scripts/build-plugins.sh
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -m); date: $(date -u +%Y-%m-%d)"
 for bench in ${BENCH:-plugins throughput inbox shop}; do
     if [[ $bench == shop ]]; then

@@ -6,7 +6,9 @@
 # (`--with-browser`). Idempotent; apt runs only if something is missing.
 set -euo pipefail
 
-log() { printf '[bootstrap] %s\n' "$*" >&2; }
+LOG_TAG=bootstrap
+# shellcheck source=scripts/lib/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/env.sh"
 
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Builds the plugins (the cargo workspace in plugins/) into WebAssembly components:
 #
-#   plugins/dist/default.wasm                   the fallback router (plugins/default-router)
-#   plugins/dist/acme.wasm                      tenant acme's router (plugins/acme-router)
-#   plugins/dist/locale-templater.wasm          the example templating plugin (plugins/locale-templater)
-#   plugins/dist/fixtures/chaos.wasm            misbehaving test fixture, routing (plugins/chaos-router)
-#   plugins/dist/fixtures/chaos-templater.wasm  misbehaving test fixture, templating (plugins/chaos-templater)
-#   plugins/dist/guests/python-router.wasm      the default rules in Python (plugins/python-router, componentize-py)
-#   plugins/dist/guests/js-router.wasm          the default rules in JavaScript (plugins/js-router, componentize-js)
-#   plugins/dist/fixtures/chaos-python.wasm     misbehaving test fixture in Python (plugins/chaos-python)
-#   plugins/dist/fixtures/chaos-js.wasm         misbehaving test fixture in JavaScript (plugins/chaos-js)
+#   plugins/dist/default.wasm                   the fallback router (plugins/examples/default-router)
+#   plugins/dist/acme.wasm                      tenant acme's router (plugins/examples/acme-router)
+#   plugins/dist/locale-templater.wasm          the example templating plugin (plugins/examples/locale-templater)
+#   plugins/dist/fixtures/chaos.wasm            misbehaving test fixture, routing (plugins/fixtures/chaos-router)
+#   plugins/dist/fixtures/chaos-templater.wasm  misbehaving test fixture, templating (plugins/fixtures/chaos-templater)
+#   plugins/dist/guests/python-router.wasm      the default rules in Python (plugins/examples/python-router, componentize-py)
+#   plugins/dist/guests/js-router.wasm          the default rules in JavaScript (plugins/examples/js-router, componentize-js)
+#   plugins/dist/fixtures/chaos-python.wasm     misbehaving test fixture in Python (plugins/fixtures/chaos-python)
+#   plugins/dist/fixtures/chaos-js.wasm         misbehaving test fixture in JavaScript (plugins/fixtures/chaos-js)
 #   plugins/dist/starters/starter-router.wasm   the `cargo component` starters (plugins/starters/rust-*)
 #   plugins/dist/starters/starter-templater.wasm
 #
@@ -19,33 +19,30 @@
 # The wasm32-wasip2 target links a component directly (wasm-component-ld ships with rustc), so
 # the plugins workspace needs neither cargo-component nor wasm-tools; the starters are built
 # with `cargo component`, as their users will. The guest toolchains are installed from the
-# registries, pinned, into a cache: componentize-py (PyPI, plugins/python-router/requirements.txt)
-# in a virtualenv, componentize-js (npm, plugins/js-router/package-lock.json) with `npm ci`,
+# registries, pinned, into a cache: componentize-py (PyPI, plugins/examples/python-router/requirements.txt)
+# in a virtualenv, componentize-js (npm, plugins/examples/js-router/package-lock.json) with `npm ci`,
 # cargo-component (crates.io) with `cargo install`. Idempotent: a second run is a no-op cargo
 # build, and a Python or JavaScript component is built again only when its inputs changed.
 # `--workspace-only` builds just the cargo workspace's plugins (what the demo loads), without
 # the Python, JavaScript and cargo-component toolchains. Environment:
-#   CARGO_TARGET_DIR   default $HOME/.cache/notify-engine/plugins-target
+#   PLUGINS_TARGET_DIR the cargo target directory, default $HOME/.cache/notify-engine-plugins-target
+#                      (scripts/lib/env.sh; the starters build under its starters/)
 #   CARGO_BUILD_JOBS   passed through to cargo (e.g. 1 on a busy machine)
 #   NOTIFY_TOOLS_DIR   where the guest toolchains go, default $HOME/.cache/notify-engine/tools
 set -euo pipefail
 WORKSPACE_ONLY=
 [[ ${1:-} == --workspace-only ]] && WORKSPACE_ONLY=1
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOG_TAG=build-plugins
+# shellcheck source=scripts/lib/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/env.sh"
 PLUGINS=$ROOT/plugins
 DIST=$PLUGINS/dist
 TARGET=wasm32-wasip2
 
-log() { printf '[build-plugins] %s\n' "$*" >&2; }
-die() { printf '[build-plugins] ERROR: %s\n' "$*" >&2; exit 1; }
-
-CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/notify-engine/plugins-target}
-case $CARGO_TARGET_DIR in
-    /*) ;;
-    *) CARGO_TARGET_DIR=$PWD/$CARGO_TARGET_DIR ;;
-esac
-export CARGO_TARGET_DIR
+# Every cargo command below (cargo install and cargo component too) builds in the plugins'
+# target directory, never in the engine's.
+export CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found (install Rust with rustup)"
 
@@ -132,7 +129,7 @@ WIT_FILES=$(find "$ROOT/wit/v0.2.0" -type f | sort)
 # --- Python (componentize-py): pure components, every WASI import a trapping stub, so they
 # import nothing but the plugin API. ---
 PY_TOOLS=$TOOLS/python
-PY_REQUIREMENTS=$PLUGINS/python-router/requirements.txt
+PY_REQUIREMENTS=$PLUGINS/examples/python-router/requirements.txt
 if ! cmp -s "$PY_REQUIREMENTS" "$PY_TOOLS/requirements.txt" 2>/dev/null; then
     command -v python3 >/dev/null 2>&1 || die "python3 not found (the Python plugins are built with componentize-py)"
     log "installing $(cat "$PY_REQUIREMENTS") into $PY_TOOLS"
@@ -145,17 +142,17 @@ componentize_py() {
     "$PY_TOOLS/bin/componentize-py" --quiet -d "$ROOT/wit/v0.2.0" -w routing \
         componentize --stub-wasi -p "$1" app -o "$OUT"
 }
-for guest in python-router:guests/python-router chaos-python:fixtures/chaos-python; do
+for guest in examples/python-router:guests/python-router fixtures/chaos-python:fixtures/chaos-python; do
     src=$PLUGINS/${guest%%:*}
     build_guest "$DIST/${guest#*:}.wasm" "$src/app.py $PY_REQUIREMENTS $WIT_FILES" componentize_py "$src"
 done
 
 # --- JavaScript (componentize-js, SpiderMonkey): every WASI feature disabled, for the same
-# reason. The toolchain is plugins/js-router's devDependencies. ---
+# reason. The toolchain is plugins/examples/js-router's devDependencies. ---
 command -v npm >/dev/null 2>&1 || die "npm not found (the JavaScript plugins are built with componentize-js)"
-JS=$PLUGINS/js-router
+JS=$PLUGINS/examples/js-router
 if ! cmp -s "$JS/package-lock.json" "$JS/node_modules/.notify-engine-lock" 2>/dev/null; then
-    log "npm ci in plugins/js-router (componentize-js)"
+    log "npm ci in plugins/examples/js-router (componentize-js)"
     (cd "$JS" && npm ci --no-audit --no-fund --loglevel=error)
     cp "$JS/package-lock.json" "$JS/node_modules/.notify-engine-lock"
 fi
@@ -165,15 +162,20 @@ componentize_js() {
 }
 build_guest "$DIST/guests/js-router.wasm" "$JS/router.js $JS/package-lock.json $WIT_FILES" \
     componentize_js "$JS/router.js"
-build_guest "$DIST/fixtures/chaos-js.wasm" "$PLUGINS/chaos-js/chaos.js $JS/package-lock.json $WIT_FILES" \
-    componentize_js "$PLUGINS/chaos-js/chaos.js"
+build_guest "$DIST/fixtures/chaos-js.wasm" "$PLUGINS/fixtures/chaos-js/chaos.js $JS/package-lock.json $WIT_FILES" \
+    componentize_js "$PLUGINS/fixtures/chaos-js/chaos.js"
 
 # --- Rust with cargo-component: the starters, built as their users build them. ---
 CARGO_COMPONENT_VERSION=0.21.1
 CC_ROOT=$TOOLS/cargo-component-$CARGO_COMPONENT_VERSION
 if [[ ! -x $CC_ROOT/bin/cargo-component ]]; then
     log "cargo install cargo-component@$CARGO_COMPONENT_VERSION (once; a few minutes)"
-    cargo install --quiet --locked "cargo-component@$CARGO_COMPONENT_VERSION" --root "$CC_ROOT"
+    # Its release profile asks for fat LTO in one codegen unit at opt-level 3: 12.5 of a cold
+    # CI run's 45 minutes on 2 cores. A tool that turns two small starters into components in a
+    # second needs none of that, so the build keeps release's semantics (no debug assertions or
+    # overflow checks) and drops the optimisation work.
+    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
+        cargo install --quiet --locked "cargo-component@$CARGO_COMPONENT_VERSION" --root "$CC_ROOT"
 fi
 for starter in routing:starter-router templating:starter-templater; do
     dir=$PLUGINS/starters/rust-${starter%%:*}

@@ -20,14 +20,13 @@
 # ~/.cache/notify-engine/chaos-runs/<UTC time>-<profile>). The run's database is kept until
 # the next run, so `notify-chaos --check-only` can check it again (the command is printed).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOG_TAG=chaos
+# shellcheck source=scripts/lib/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/env.sh"
 cd "$ROOT"
-log() { printf '[chaos] %s\n' "$*" >&2; }
 
 PROFILE=${1:-short}
 [[ $PROFILE == short || $PROFILE == full ]] || { log "usage: scripts/chaos.sh [short|full]"; exit 2; }
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/notify-engine-target}
-PLUGINS_TARGET_DIR=${PLUGINS_TARGET_DIR:-$HOME/.cache/notify-engine-plugins-target}
 BUILD=${CHAOS_BUILD:-$([[ $PROFILE == full ]] && echo release || echo debug)}
 OUT=${CHAOS_OUT:-$HOME/.cache/notify-engine/chaos-runs/$(date -u +%Y%m%dT%H%M%SZ)-$PROFILE}
 
@@ -42,14 +41,21 @@ export NOTIFY_MAILPIT_KEEP=1 NOTIFY_MAILPIT_MAX=1000000
 
 scripts/bootstrap.sh
 scripts/services.sh up >&2
-# shellcheck disable=SC1091
-set -a; . "$NOTIFY_STATE_DIR/services.env"; set +a
+load_services_env
 
-build=()
-[[ $BUILD == release ]] && build=(--release)
-cargo build "${build[@]}" --locked -p notify-engine --bin notify-engine
-cargo build "${build[@]}" --locked -p notify-load --bin notify-chaos
-CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh --workspace-only >&2
+if [[ $BUILD == release ]]; then
+    cargo build --release --locked -p notify-engine --bin notify-engine
+    cargo build --release --locked -p notify-load --bin notify-chaos
+else
+    # The debug binaries as `cargo test --workspace` builds them: one invocation with the test
+    # targets in it resolves the dependencies' features as the tests do (dev-dependencies turn
+    # on e.g. tokio's test-util), so after scripts/test.sh's engine tests this only links the
+    # load harness. Built as `-p notify-engine`, then `-p notify-load`, each resolved other
+    # features (from the tests' and from each other: tokio, hyper), and each compiled a large
+    # part of the dependency tree again.
+    cargo build --locked --workspace --bins --tests
+fi
+scripts/build-plugins.sh --workspace-only >&2
 BIN=$CARGO_TARGET_DIR/$BUILD
 
 # One database and topic per run; the previous runs' go first.

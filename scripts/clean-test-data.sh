@@ -3,7 +3,9 @@
 # databases (test_*, bench_*) and Kafka topics (every test creates its own; hundreds of idle
 # partitions slow the broker down). Needs the services' environment (services.env) loaded.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOG_TAG=clean-test-data
+# shellcheck source=scripts/lib/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/env.sh"
 
 psql "$DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'test\_%' OR datname LIKE 'bench\_%'" |
     while read -r db; do psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null; done

@@ -4,13 +4,14 @@
 #   scripts/demo.sh     (Ctrl-C stops the engine, and the services if this script started them)
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOG_TAG=demo
+# shellcheck source=scripts/lib/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/env.sh"
 cd "$ROOT"
+# The demo's steps in bold, so they stand out between the services' and the engine's output.
 log() { printf '\n\033[1m[demo] %s\033[0m\n' "$*" >&2; }
 
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/notify-engine-target}
-PLUGINS_TARGET_DIR=${PLUGINS_TARGET_DIR:-$HOME/.cache/notify-engine-plugins-target}
-STATE=${NOTIFY_STATE_DIR:-$HOME/.cache/notify-engine/run}
+STATE=$NOTIFY_STATE_DIR
 HTTP=127.0.0.1:${NOTIFY_HTTP_PORT:-8080}
 ADMIN=127.0.0.1:${NOTIFY_ADMIN_PORT:-9090}
 # The example shop; the engine's CORS origin in config/demo.toml names this port.
@@ -24,14 +25,11 @@ if ! scripts/services.sh status >/dev/null 2>&1; then
 fi
 log "starting Kafka, PostgreSQL and Mailpit"
 scripts/services.sh up
-set -a
-# shellcheck disable=SC1091
-. "$STATE/services.env"
-set +a
+load_services_env
 scripts/services.sh topics order_paid order_status_updated
 
 log "building the routing plugins (wasm32-wasip2)"
-CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh --workspace-only
+scripts/build-plugins.sh --workspace-only
 
 log "building the engine"
 cargo build --locked --bin notify-engine

@@ -18,10 +18,10 @@
 # ~/.cache/notify-engine/load/<UTC time>-<instances>i): engine/, centrifugo/ and
 # comparison.md; docs/performance.md records the figures of a run.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOG_TAG=load
+# shellcheck source=scripts/lib/env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/env.sh"
 cd "$ROOT"
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/notify-engine-target}
-PLUGINS_TARGET_DIR=${PLUGINS_TARGET_DIR:-$HOME/.cache/notify-engine-plugins-target}
 INSTANCES=${LOAD_INSTANCES:-1}
 CONNECTIONS=${LOAD_CONNECTIONS:-5000}
 FANOUT=${LOAD_FANOUT:-1000}
@@ -29,15 +29,13 @@ OUT=${LOAD_OUT:-$HOME/.cache/notify-engine/load/$(date -u +%Y%m%dT%H%M%SZ)-${INS
 SCENARIOS=${LOAD_SCENARIOS:-idle,steady,burst,max,fanout,emails}
 CENTRIFUGO=${LOAD_CENTRIFUGO:-1}
 CENTRIFUGO_VERSION=${CENTRIFUGO_VERSION:-v6.9.1}
-log() { printf '[load] %s\n' "$*" >&2; }
 
 scripts/bootstrap.sh
 scripts/services.sh up >&2
-# shellcheck disable=SC1091
-set -a; . "$HOME/.cache/notify-engine/run/services.env"; set +a
+load_services_env
 cargo build --release --locked -p notify-engine --bin notify-engine
 cargo build --release --locked -p notify-load
-CARGO_TARGET_DIR=$PLUGINS_TARGET_DIR scripts/build-plugins.sh --workspace-only >&2
+scripts/build-plugins.sh --workspace-only >&2
 if [ "$CENTRIFUGO" != 0 ]; then
     # Built once per version from the Go module proxy (a few minutes), then reused.
     CENTRIFUGO_BIN=$HOME/.cache/notify-engine/tools/centrifugo-$CENTRIFUGO_VERSION/centrifugo

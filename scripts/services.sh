@@ -8,8 +8,11 @@
 set -euo pipefail
 
 SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LOG_TAG=services
+# shellcheck source=lib/env.sh
+. "$SCRIPTS_DIR/lib/env.sh"
 
-STATE=${NOTIFY_STATE_DIR:-$HOME/.cache/notify-engine/run}
+STATE=$NOTIFY_STATE_DIR
 CACHE_ROOT=${NOTIFY_CACHE_DIR:-$HOME/.cache/notify-engine}
 KAFKA_PORT=${NOTIFY_KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=${NOTIFY_KAFKA_CONTROLLER_PORT:-19093}
@@ -19,8 +22,7 @@ MAILPIT_HTTP_PORT=${NOTIFY_MAILPIT_HTTP_PORT:-18025}
 # Per service. Generous because a cold JVM on a busy 2-core box is slow.
 SERVICE_TIMEOUT=${NOTIFY_SERVICES_TIMEOUT:-120}
 # Paths end up in pid-file markers and on the postgres command line: make them
-# absolute before anything derives paths from them.
-[[ $STATE == /* ]] || STATE="$PWD/$STATE"
+# absolute before anything derives paths from them (env.sh did so for STATE).
 [[ $CACHE_ROOT == /* ]] || CACHE_ROOT="$PWD/$CACHE_ROOT"
 
 # shellcheck source=lib/common.sh

@@ -1,9 +1,8 @@
 # shellcheck shell=bash
-# Shared helpers for scripts/services.sh. Sourced, never executed.
+# Shared helpers for scripts/services.sh. Sourced, never executed; log and die come from
+# env.sh, sourced before.
 
-log()  { printf '[services] %s\n' "$*" >&2; }
-warn() { printf '[services] WARNING: %s\n' "$*" >&2; }
-die()  { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
+warn() { log "WARNING: $*"; }
 
 # apt-get update is slow and noisy, so do it at most once per invocation and only
 # when something actually has to be installed.

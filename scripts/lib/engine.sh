@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # A throwaway engine for the client and browser tests: its own database, topics, consumer
 # group and ports, the demo's development secret. Sourced by scripts/test.sh after the
 # services are up and services.env is loaded.

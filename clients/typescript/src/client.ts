@@ -1,8 +1,9 @@
 // The inbox API and stream tickets over `fetch`, typed by the OpenAPI document.
 
 import type { components, operations } from "./generated/openapi.js";
-import { NotifyApiError } from "./errors.js";
+import { apiError } from "./errors.js";
 import { NotifyStream, type StreamOptions } from "./stream.js";
+import type { StreamTransport } from "./transport.js";
 
 export type Notification = components["schemas"]["Notification"];
 export type NotificationPage = components["schemas"]["NotificationPage"];
@@ -30,7 +31,7 @@ export interface ClientOptions {
   fetch?: typeof fetch;
 }
 
-export class NotifyClient {
+export class NotifyClient implements StreamTransport {
   private readonly fetchImpl: typeof fetch;
 
   constructor(readonly options: ClientOptions) {
@@ -109,20 +110,5 @@ export class NotifyClient {
     });
     if (!response.ok) throw await apiError(response);
     return (await response.json()) as T;
-  }
-}
-
-/** The engine's error body as an exception (a proxy's non-JSON error too). */
-export async function apiError(response: Response): Promise<NotifyApiError> {
-  const text = await response.text().catch(() => "");
-  try {
-    const body = JSON.parse(text) as { error?: { code?: string; message?: string } };
-    return new NotifyApiError(
-      response.status,
-      body.error?.code ?? "unknown",
-      body.error?.message ?? text,
-    );
-  } catch {
-    return new NotifyApiError(response.status, "unknown", text || response.statusText);
   }
 }

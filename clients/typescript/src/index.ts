@@ -2,7 +2,7 @@
 // Node. Types come from the engine's contracts (contracts/openapi.json and
 // contracts/schemas/), generated into src/generated/.
 
-export { NotifyClient, apiError } from "./client.js";
+export { NotifyClient } from "./client.js";
 export type {
   Auth,
   ClientOptions,
@@ -13,7 +13,7 @@ export type {
   ReadAllResponse,
   Ticket,
 } from "./client.js";
-export { NotifyApiError } from "./errors.js";
+export { NotifyApiError, apiError } from "./errors.js";
 export { NotifyStream } from "./stream.js";
 export type { EventMeta, StreamEventMap, StreamOptions, StreamStatus } from "./stream.js";
 export { SseParser } from "./sse.js";

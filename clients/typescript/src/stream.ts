@@ -14,10 +14,9 @@ import type {
   NotificationEvent,
   NotificationReadEvent,
 } from "./generated/events.js";
-import type { NotifyClient } from "./client.js";
-import { apiError } from "./client.js";
-import { NotifyApiError } from "./errors.js";
+import { NotifyApiError, apiError } from "./errors.js";
 import { SseParser, type SseFrame } from "./sse.js";
+import type { StreamTransport } from "./transport.js";
 
 /** The engine's events by name; any other name is a live update a routing plugin chose. */
 export interface StreamEventMap {
@@ -59,7 +58,7 @@ export class NotifyStream {
   private current: StreamStatus = "connecting";
 
   constructor(
-    private readonly client: NotifyClient,
+    private readonly client: StreamTransport,
     private readonly options: StreamOptions,
   ) {
     this.lastId = options.lastEventId ?? null;

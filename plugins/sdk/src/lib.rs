@@ -31,7 +31,7 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! notify-plugin-sdk = { path = "../sdk", features = ["routing"] }
+//! notify-plugin-sdk = { path = "../../sdk", features = ["routing"] }
 //! ```
 //!
 //! `src/lib.rs`:

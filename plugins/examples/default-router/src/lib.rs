@@ -14,8 +14,8 @@
 //! Tenant setting (`[tenants.<id>.config]`): `emails = "off"` sends no emails; in-app items
 //! and live updates are unchanged.
 //!
-//! The same rules exist in Python (`plugins/python-router`) and JavaScript
-//! (`plugins/js-router`); the conformance table `tests/conformance/routing.json` holds all
+//! The same rules exist in Python (`plugins/examples/python-router`) and JavaScript
+//! (`plugins/examples/js-router`); the conformance table `tests/conformance/routing.json` holds all
 //! three to the same decisions.
 
 use notify_plugin_sdk::{

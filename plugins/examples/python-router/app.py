@@ -1,5 +1,5 @@
 """The default routing rules, in Python (componentize-py): the same decisions as
-`plugins/default-router`, checked against it by the conformance table in
+`plugins/examples/default-router`, checked against it by the conformance table in
 `tests/conformance/routing.json`.
 
 - `order_paid` -> an in-app "Payment received" (category `billing`) and, when `email` is
@@ -12,7 +12,7 @@
 Every other event type is acknowledged with no deliveries. A payload that lacks a field or
 has it in the wrong shape is refused as an invalid event, naming the field.
 
-Build: `scripts/build-plugins.sh` (or see plugins/python-router/README.md).
+Build: `scripts/build-plugins.sh` (or see plugins/examples/python-router/README.md).
 """
 
 import json
