@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use super::WAIT;
 use super::support::*;
 use notify_engine::app::Running;
 

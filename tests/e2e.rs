@@ -16,9 +16,6 @@ use std::time::Duration;
 use serde_json::json;
 use support::*;
 
-/// Generous: a cold broker creates its consumer-offsets topic on the first group join.
-const WAIT: Duration = Duration::from_secs(60);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_paid_reaches_sse_and_email() {
     let world = World::new().await;
@@ -943,19 +940,6 @@ async fn a_listening_stream_takes_live_rows_without_reading_postgres() {
         "live rows came from memory, with no read"
     );
     engine.shutdown().await;
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            std::fs::create_dir_all(&target).unwrap();
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// The local runner a plugin developer uses: deliveries, logs and cost against the limits.

@@ -15,7 +15,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
-use super::WAIT;
 use super::support::*;
 
 /// The default rules in each language: (guest, built file, plugin name).

@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
-const WAIT: Duration = Duration::from_secs(60);
 const ACME_ISSUER: &str = "https://login.acme.example";
 
 fn keys_dir() -> &'static Path {
@@ -46,16 +45,6 @@ fn kid(alg: Algorithm, kid: &str) -> Header {
     let mut h = Header::new(alg);
     h.kid = Some(kid.into());
     h
-}
-
-/// Inbox ids of a list response.
-fn ids(page: &Value) -> Vec<i64> {
-    page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["id"].as_i64().unwrap())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

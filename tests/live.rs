@@ -1,51 +1,9 @@
 //! Hot reload on the real services: plugins and templates change under a running engine,
 //! published by write-then-rename; a broken new version never replaces a working one.
 
-use std::path::Path;
 use std::time::Duration;
 
-use super::WAIT;
 use crate::support::*;
-
-/// Publishes `bytes` as `dir/name` the documented way: written under a hidden name in the
-/// same directory, then renamed into place.
-fn publish(dir: &Path, name: &str, bytes: &[u8]) {
-    let temporary = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&temporary, bytes).unwrap();
-    std::fs::rename(&temporary, dir.join(name)).unwrap();
-}
-
-/// Publishes the built plugin `file` as `tenant`'s plugin and waits until it is loaded (the
-/// first load of the test's engine).
-async fn install_build(
-    world: &World,
-    engine: &notify_engine::app::Running,
-    tenant: &str,
-    file: &str,
-) {
-    let bytes = std::fs::read(world.services.plugins.join(file)).unwrap();
-    publish(world.plugin_dir.path(), &format!("{tenant}.wasm"), &bytes);
-    eventually("the new build is loaded", || {
-        engine
-            .metrics
-            .plugin_reloads
-            .with_label_values(&["loaded"])
-            .get()
-            >= 1
-    })
-    .await;
-}
-
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not after {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugins_reload_live_and_a_broken_version_never_replaces_a_working_one() {
@@ -76,7 +34,7 @@ async fn plugins_reload_live_and_a_broken_version_never_replaces_a_working_one()
     // The tenant's own plugin appears: the next event is routed by it.
     let chaos = std::fs::read(world.services.plugins.join("fixtures/chaos.wasm")).unwrap();
     publish(world.plugin_dir.path(), &format!("{tenant}.wasm"), &chaos);
-    eventually("the new plugin is loaded", || reloads("loaded") >= 1).await;
+    eventually("the new plugin is loaded", async || reloads("loaded") >= 1).await;
     assert_eq!(next_title("c1").await, "chaos ok");
 
     // A broken new version: refused, reported, and the working one keeps serving.
@@ -85,7 +43,7 @@ async fn plugins_reload_live_and_a_broken_version_never_replaces_a_working_one()
         &format!("{tenant}.wasm"),
         b"\0asm but not a component",
     );
-    eventually("the broken version is rejected", || {
+    eventually("the broken version is rejected", async || {
         reloads("rejected") >= 1
     })
     .await;
@@ -114,7 +72,7 @@ async fn plugins_reload_live_and_a_broken_version_never_replaces_a_working_one()
 
     // The file is deleted: the tenant falls back to the default plugin.
     std::fs::remove_file(world.plugin_dir.path().join(format!("{tenant}.wasm"))).unwrap();
-    eventually("the plugin is removed", || reloads("removed") >= 1).await;
+    eventually("the plugin is removed", async || reloads("removed") >= 1).await;
     assert_eq!(next_title("d2").await, "Payment received");
     assert!(engine.health.snapshot().plugins.rejected.is_empty());
     engine.shutdown().await;
@@ -124,7 +82,7 @@ async fn plugins_reload_live_and_a_broken_version_never_replaces_a_working_one()
 async fn templates_reload_live_and_a_broken_edit_keeps_the_previous_set() {
     let world = World::new().await;
     let templates = tempfile::tempdir().unwrap();
-    super::copy_dir(&world.services.templates, templates.path());
+    copy_dir(&world.services.templates, templates.path());
     let mut config = world.config();
     config.email.templates_dir = templates.path().to_owned();
     let engine = world.start(config).await;
@@ -139,10 +97,13 @@ async fn templates_reload_live_and_a_broken_edit_keeps_the_previous_set() {
     let address = format!("{}@example.test", unique("live"));
     let folder = templates.path().join(&tenant).join("order_paid");
     std::fs::create_dir_all(&folder).unwrap();
-    eventually("the new tenant folder is seen", || reloads("loaded") >= 1).await;
+    eventually("the new tenant folder is seen", async || {
+        reloads("loaded") >= 1
+    })
+    .await;
     let loaded = reloads("loaded");
     publish(&folder, "subject.hbs", b"Live v1 {{order_id}}");
-    eventually("the edit is loaded", || reloads("loaded") > loaded).await;
+    eventually("the edit is loaded", async || reloads("loaded") > loaded).await;
     world
         .produce(&order_paid("e1", &tenant, "u1", Some(&address), 1.0))
         .await;
@@ -153,7 +114,10 @@ async fn templates_reload_live_and_a_broken_edit_keeps_the_previous_set() {
 
     // A broken edit: the tenant keeps v1, the problem is counted.
     publish(&folder, "subject.hbs", b"Live v2 {{#if order_id}}");
-    eventually("the broken edit is rejected", || reloads("rejected") >= 1).await;
+    eventually("the broken edit is rejected", async || {
+        reloads("rejected") >= 1
+    })
+    .await;
     world
         .produce(&order_paid("e2", &tenant, "u1", Some(&address), 1.0))
         .await;
@@ -211,7 +175,7 @@ async fn a_failing_plugin_is_quarantined_until_a_new_version_arrives() {
         "set aside, not claimed"
     );
     // Readiness shows it (refreshed by the background probe).
-    eventually("readiness lists the quarantined plugin", || {
+    eventually("readiness lists the quarantined plugin", async || {
         let quarantined = engine.health.snapshot().plugins.quarantined;
         quarantined.iter().any(|q| q.starts_with(&tenant))
     })
@@ -456,12 +420,12 @@ async fn plugins_reload_under_load_without_losing_or_repeating_an_event() {
     let publisher = async {
         for (n, bytes) in versions.iter().enumerate() {
             publish(&dir, &name, bytes);
-            eventually("a version is loaded", || loaded() > n as u64).await;
+            eventually("a version is loaded", async || loaded() > n as u64).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         // A broken fourth version: rejected, the third keeps serving.
         publish(&dir, &name, b"\0asm broken v4");
-        eventually("v4 is rejected", || {
+        eventually("v4 is rejected", async || {
             engine
                 .metrics
                 .plugin_reloads
@@ -531,7 +495,7 @@ async fn plugins_reload_under_load_without_losing_or_repeating_an_event() {
             .await
             .unwrap();
     assert_eq!(half, published[2], "the half-written file never served");
-    eventually("the whole fifth version is loaded", || loaded() >= 4).await;
+    eventually("the whole fifth version is loaded", async || loaded() >= 4).await;
     world
         .produce(&order_paid("whole", &tenant, "u9", None, 12.0))
         .await;

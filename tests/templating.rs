@@ -18,8 +18,8 @@ const WAIT: Duration = Duration::from_secs(30);
 /// `templates/globex` (the example tenant of the locale templater) under `tenant`.
 fn templates_for(tenant: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    crate::copy_dir(&Services::get().templates, dir.path());
-    crate::copy_dir(
+    copy_dir(&Services::get().templates, dir.path());
+    copy_dir(
         &Services::get().templates.join("globex"),
         &dir.path().join(tenant),
     );

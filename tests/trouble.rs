@@ -10,28 +10,7 @@ use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::WAIT;
 use crate::support::*;
-
-/// Polls `check` until it holds, or fails with `what` after [`WAIT`].
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not after {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn readyz(admin: std::net::SocketAddr) -> (u16, Value) {
-    let response = reqwest::get(format!("http://{admin}/readyz"))
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
 
 /// The relay is down far longer than the old 8-attempt window: the email waits in the
 /// outbox and goes out once, when the relay is back. An operator's requeue brings back
