@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::support::*;
+use crate::support::*;
 use notify_engine::app::Running;
 
 /// Two instances: one consumes the topics, the other consumes nothing (another topic, its
