@@ -130,41 +130,31 @@ async fn stream_tickets_are_single_use_and_short_lived() {
     engine.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_forged_or_foreign_token_gets_the_same_401_on_every_route() {
-    let world = World::new().await;
-    let mut config = world.config();
-    config.auth.leeway_secs = 0;
-    config.tenants.insert(
-        "acme".into(),
-        notify_engine::config::TenantConfig {
-            jwks_file: Some(keys_dir().join("acme.jwks.json")),
-            jwt_issuer: Some(ACME_ISSUER.into()),
-            ..Default::default()
-        },
-    );
-    config.tenants.insert(
-        "globex".into(),
-        notify_engine::config::TenantConfig {
-            jwks_file: Some(keys_dir().join("globex.jwks.json")),
-            ..Default::default()
-        },
-    );
-    let engine = world.start(config).await;
-    let secret = EncodingKey::from_secret(SECRET.as_bytes());
-    let acme_rsa = EncodingKey::from_rsa_pem(&pem("acme-rsa.key")).unwrap();
-    let acme_ec = EncodingKey::from_ec_pem(&pem("acme-ec.key")).unwrap();
-    let acme_claims = |extra: Value| {
-        let mut c = claims("acme", "u1");
-        c["iss"] = json!(ACME_ISSUER);
-        for (k, v) in extra.as_object().unwrap() {
-            c[k] = v.clone();
-        }
-        c
-    };
+/// The keys the forged-token test signs with: the shared secret, acme's RSA and EC keys.
+struct Keys {
+    secret: EncodingKey,
+    acme_rsa: EncodingKey,
+    acme_ec: EncodingKey,
+}
 
-    // The controls: the shared secret, and acme's own RS256 and ES256 keys.
-    let valid = [
+/// Claims from acme's own issuer for u1, with `extra` laid over them.
+fn acme_claims(extra: Value) -> Value {
+    let mut c = claims("acme", "u1");
+    c["iss"] = json!(ACME_ISSUER);
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+/// The controls: the shared secret, and acme's own RS256 and ES256 keys.
+fn valid_tokens(keys: &Keys) -> [String; 3] {
+    let Keys {
+        secret,
+        acme_rsa,
+        acme_ec,
+    } = keys;
+    [
         token(
             Header::new(Algorithm::HS256),
             &claims("acme", "u1"),
@@ -180,9 +170,17 @@ async fn every_forged_or_foreign_token_gets_the_same_401_on_every_route() {
             &acme_claims(json!({})),
             &acme_ec,
         ),
-    ];
+    ]
+}
 
-    let good = &valid[1];
+/// Every forged or foreign token the API must refuse, each with why: a table, one entry per
+/// attack (declarative, hence its length). `good` is a valid acme RS256 token to tamper with.
+fn forged_tokens(good: &str, keys: &Keys) -> Vec<(&'static str, String)> {
+    let Keys {
+        secret,
+        acme_rsa,
+        acme_ec,
+    } = keys;
     let (head, rest) = good.split_once('.').unwrap();
     let (payload, signature) = rest.split_once('.').unwrap();
     let b64 = |v: &Value| {
@@ -201,7 +199,7 @@ async fn every_forged_or_foreign_token_gets_the_same_401_on_every_route() {
     let rsa_public_as_secret = EncodingKey::from_secret(&pem("acme-rsa.pub.pem"));
     let mut no_tenant = claims("acme", "u1");
     no_tenant.as_object_mut().unwrap().remove("tenant");
-    let forged: Vec<(&str, String)> = vec![
+    vec![
         (
             "alg none",
             format!(
@@ -299,7 +297,37 @@ async fn every_forged_or_foreign_token_gets_the_same_401_on_every_route() {
         ),
         ("not a JWT", "not-a-jwt".into()),
         ("empty", String::new()),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_forged_or_foreign_token_gets_the_same_401_on_every_route() {
+    let world = World::new().await;
+    let mut config = world.config();
+    config.auth.leeway_secs = 0;
+    config.tenants.insert(
+        "acme".into(),
+        notify_engine::config::TenantConfig {
+            jwks_file: Some(keys_dir().join("acme.jwks.json")),
+            jwt_issuer: Some(ACME_ISSUER.into()),
+            ..Default::default()
+        },
+    );
+    config.tenants.insert(
+        "globex".into(),
+        notify_engine::config::TenantConfig {
+            jwks_file: Some(keys_dir().join("globex.jwks.json")),
+            ..Default::default()
+        },
+    );
+    let engine = world.start(config).await;
+    let keys = Keys {
+        secret: EncodingKey::from_secret(SECRET.as_bytes()),
+        acme_rsa: EncodingKey::from_rsa_pem(&pem("acme-rsa.key")).unwrap(),
+        acme_ec: EncodingKey::from_ec_pem(&pem("acme-ec.key")).unwrap(),
+    };
+    let valid = valid_tokens(&keys);
+    let forged = forged_tokens(&valid[1], &keys);
     let routes = [
         ("GET", "/api/v1/sse"),
         ("POST", "/api/v1/sse/tickets"),

@@ -1,8 +1,10 @@
 //! PostgreSQL's trouble and duties, on the real services: connections that died idle, a lock
-//! timeout, a damaged sequence row, a non-superuser engine user, and retention.
+//! timeout, a damaged sequence row, a non-superuser engine user, the API pool's row-level
+//! security, and retention.
 
 use std::time::Duration;
 
+use notify_engine::app::Running;
 use sqlx::{Connection, PgConnection};
 
 use crate::support::*;
@@ -184,8 +186,9 @@ async fn a_deleted_sequence_row_loses_nothing() {
     engine.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_purges_in_batches_and_the_api_pool_sees_only_its_user() {
+/// An engine whose own retention loop stays out of the way, and six notifications of one
+/// tenant: r1, r3 and r5 for u1, r2, r4 and r6 for u2.
+async fn six_notifications_of_two_users() -> (World, Running, String) {
     let world = World::new().await;
     // The engine's own retention loop stays out of the way: the test runs rounds itself.
     let mut config = world.config();
@@ -202,8 +205,14 @@ async fn retention_purges_in_batches_and_the_api_pool_sees_only_its_user() {
     world
         .wait_count("SELECT count(*) FROM notifications", 6, WAIT)
         .await;
-    let pool = world.pool().await;
+    (world, engine, tenant)
+}
 
+/// The API's pool is held to one user by PostgreSQL itself (row-level security), and kept
+/// away from the pipeline's tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_pool_sees_only_its_user() {
+    let (world, engine, tenant) = six_notifications_of_two_users().await;
     // Row-level security: the API's pool reads nothing outside a scoped transaction, and
     // only the named user's rows inside one, whatever the query asks for.
     let config = world.config();
@@ -241,6 +250,15 @@ async fn retention_purges_in_batches_and_the_api_pool_sees_only_its_user() {
             .is_err(),
         "the API role has no business with the pipeline's tables"
     );
+    engine.shutdown().await;
+}
+
+/// Retention: old rows go in batches, the rest stay, and a user's sequence numbers are not
+/// reused once their rows are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_in_batches_and_never_reuses_a_sequence_number() {
+    let (world, engine, tenant) = six_notifications_of_two_users().await;
+    let pool = world.pool().await;
 
     // Retention: rows older than the configured age go, in batches; the rest stay. All of
     // u1's notifications are old.

@@ -221,6 +221,19 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
         .unwrap();
     assert_eq!(again, 0, "a replayed dead letter is not replayed again");
 
+    engine.shutdown().await;
+}
+
+/// A message that cannot be decoded is dead-lettered again when replayed, as itself, and the
+/// original is marked replayed: the next replay does not pick it up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_dead_letter_replays_as_itself_once() {
+    use notify_engine::store::DeadLetterFilter;
+    use notify_engine::tools;
+
+    let world = World::new().await;
+    let config = world.config();
+    let engine = world.start(config.clone()).await;
     // A message that cannot be decoded is dead-lettered again when replayed, as itself, and
     // the original is marked replayed: the next replay does not pick it up again.
     world.produce_raw(&world.topic_paid, b"{not json").await;

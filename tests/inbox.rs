@@ -179,26 +179,7 @@ async fn inbox_api_pages_counts_reads_and_archives_and_tells_other_tabs() {
         ]
     );
 
-    // Bad parameters are 400 with the uniform body; ids not the caller's are 404.
-    for bad in [
-        "/api/v1/notifications?limit=0",
-        "/api/v1/notifications?limit=101",
-        "/api/v1/notifications?cursor=abc",
-        "/api/v1/notifications?archived=maybe",
-        "/api/v1/notifications?unread=yes",
-        "/api/v1/notifications?colour=red",
-    ] {
-        let (status, body) = api.get(bad).await;
-        assert_eq!(
-            (status, body["error"]["code"].as_str()),
-            (400, Some("bad_request")),
-            "{bad}: {body}"
-        );
-    }
-    let (status, body) = api
-        .post("/api/v1/notifications/read-all", Some(json!({ "upto": 3 })))
-        .await;
-    assert_eq!(status, 400, "{body}");
+    // Ids not the caller's are 404.
     let other_user = Api::new(&engine, &world.token(&tenant, "u2"));
     let other_tenant = Api::new(&engine, &world.token(&unique("shop"), "u1"));
     for client in [&other_user, &other_tenant, &api] {
@@ -235,5 +216,34 @@ async fn inbox_api_pages_counts_reads_and_archives_and_tells_other_tabs() {
         api.get("/api/v1/notifications/unread-count").await.1["unread_count"],
         2
     );
+    engine.shutdown().await;
+}
+
+/// Bad parameters of the inbox API are refused with a 400 and the uniform error body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_api_refuses_bad_parameters_with_the_uniform_body() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let api = Api::new(&engine, &world.token(&unique("shop"), "u1"));
+    // Bad parameters are 400 with the uniform body.
+    for bad in [
+        "/api/v1/notifications?limit=0",
+        "/api/v1/notifications?limit=101",
+        "/api/v1/notifications?cursor=abc",
+        "/api/v1/notifications?archived=maybe",
+        "/api/v1/notifications?unread=yes",
+        "/api/v1/notifications?colour=red",
+    ] {
+        let (status, body) = api.get(bad).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}: {body}"
+        );
+    }
+    let (status, body) = api
+        .post("/api/v1/notifications/read-all", Some(json!({ "upto": 3 })))
+        .await;
+    assert_eq!(status, 400, "{body}");
     engine.shutdown().await;
 }

@@ -167,6 +167,14 @@ async fn plugin_sandbox_enforces_every_limit() {
         host.route(&e).await,
         Err(PluginError::InputTooLarge { .. })
     ));
+}
+
+/// What the host refuses to load, with the reason instead of loading it: a file that is not
+/// a component, a component importing what plugins are not granted (naming the import), and
+/// a valid component of another world (naming the world). No Kafka needed for this one either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_refuses_what_is_not_a_plugin_component() {
+    let host = PluginHost::new(PluginConfig::default(), Default::default()).unwrap();
 
     // A file that is not a component is rejected with a reason, not loaded.
     let dir = tempfile::tempdir().unwrap();
@@ -532,7 +540,13 @@ async fn local_plugin_runner_reports_decision_and_cost() {
     .unwrap();
     assert!(!ok);
     assert_eq!(report["error"]["kind"], "invalid_event", "{report:#}");
+}
 
+/// `plugin check`, the other half of the developer's tools: what the engine sees in a file
+/// (its world, WIT version, exports, imports, digest and size), or why it would refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_check_reports_what_the_engine_sees_or_why_it_refuses() {
+    let services = Services::get();
     // `plugin check`: what the engine sees in a file, or why it would refuse it.
     let limits = notify_engine::config::PluginConfig::default();
     let check =
