@@ -3,8 +3,7 @@
 
 use std::time::Duration;
 
-use super::WAIT;
-use super::support::*;
+use crate::support::*;
 use notify_engine::app::Running;
 
 /// Two instances: one consumes the topics, the other consumes nothing (another topic, its
@@ -201,11 +200,10 @@ async fn two_instances_in_one_group_deliver_every_event_once_and_survive_one_lea
         .await;
 }
 
-/// Presence across instances: a user with a stream open on one instance is online for the
-/// routing plugin running on another (acme's `skip_email_when_online`: no email while the
-/// app is open, an email once it is closed), and the admin listing counts them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_routing_plugin_sees_presence_on_another_instance() {
+/// Two instances, and a tenant on acme's plugin with `skip_email_when_online`: one instance
+/// consumes, the other consumes nothing and holds u1's open stream, which the consumer has
+/// seen within the documented bound.
+async fn u1_online_on_the_idle_instance() -> (World, String, Running, Running, SseClient) {
     let world = World::new().await;
     let tenant = unique("acme");
     let mut config = world.config();
@@ -223,7 +221,7 @@ async fn a_routing_plugin_sees_presence_on_another_instance() {
     let token = world.token(&tenant, "u1");
     let (status, sse, _) = connect_sse(&other, Some(&token), None).await;
     assert_eq!(status, 200);
-    let mut sse = sse.unwrap();
+    let sse = sse.unwrap();
     // Seen by the consumer within the documented bound (a flush, a commit, a NOTIFY).
     let since = std::time::Instant::now();
     while !consumer.presence.is_online(&tenant, "u1") {
@@ -234,46 +232,16 @@ async fn a_routing_plugin_sees_presence_on_another_instance() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!consumer.presence.is_online(&tenant, "u2"));
+    (world, tenant, consumer, other, sse)
+}
 
-    // The admin listing, on either instance.
-    let auth = &world.config().auth;
-    let admin = notify_engine::api::auth::mint_with_roles(auth, "ops", "root", &["admin"], 60);
-    let listing = |engine: &Running| {
-        let url = format!("http://{}/api/v1/admin/presence", engine.admin_addr);
-        let admin = admin.clone();
-        async move {
-            let response = reqwest::Client::new()
-                .get(url)
-                .bearer_auth(admin)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            response.json::<serde_json::Value>().await.unwrap()
-        }
-    };
-    let seen_by_consumer = listing(&consumer).await;
-    assert_eq!(seen_by_consumer["instance"], consumer.presence.instance());
-    assert_eq!(seen_by_consumer["counts"]["local_users"], 0);
-    assert_eq!(seen_by_consumer["counts"]["cluster_users"], 1);
-    let instances = seen_by_consumer["instances"].as_array().unwrap();
-    assert_eq!(instances.len(), 2, "{seen_by_consumer:#}");
-    let other_row = instances
-        .iter()
-        .find(|i| i["id"] == other.presence.instance())
-        .unwrap();
-    assert_eq!(other_row["users_online"], 1);
-    let seen_by_other = listing(&other).await;
-    assert_eq!(seen_by_other["counts"]["local_streams"], 1);
-    let user_token = world.token(&tenant, "u1");
-    let refused = reqwest::Client::new()
-        .get(format!("http://{}/api/v1/admin/presence", other.admin_addr))
-        .bearer_auth(user_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status(), 403, "the admin role is required");
-
+/// Presence across instances: a user with a stream open on one instance is online for the
+/// routing plugin running on another (acme's `skip_email_when_online`: no email while the
+/// app is open, an email once it is closed), and a graceful stop takes an instance out of
+/// everyone's view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_plugin_sees_presence_on_another_instance() {
+    let (world, tenant, consumer, other, mut sse) = u1_online_on_the_idle_instance().await;
     world
         .produce(&order_paid(
             "watching",
@@ -328,6 +296,54 @@ async fn a_routing_plugin_sees_presence_on_another_instance() {
         ))
         .await;
     assert_eq!(rows, 0);
+    consumer.shutdown().await;
+}
+
+/// The admin presence listing, on either instance, counts the users online on each; it is
+/// for the admin role only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_presence_listing_counts_every_instances_users() {
+    let (world, tenant, consumer, other, _sse) = u1_online_on_the_idle_instance().await;
+    // The admin listing, on either instance.
+    let auth = &world.config().auth;
+    let admin = notify_engine::api::auth::mint_with_roles(auth, "ops", "root", &["admin"], 60);
+    let listing = |engine: &Running| {
+        let url = format!("http://{}/api/v1/admin/presence", engine.admin_addr);
+        let admin = admin.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(admin)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let seen_by_consumer = listing(&consumer).await;
+    assert_eq!(seen_by_consumer["instance"], consumer.presence.instance());
+    assert_eq!(seen_by_consumer["counts"]["local_users"], 0);
+    assert_eq!(seen_by_consumer["counts"]["cluster_users"], 1);
+    let instances = seen_by_consumer["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 2, "{seen_by_consumer:#}");
+    let other_row = instances
+        .iter()
+        .find(|i| i["id"] == other.presence.instance())
+        .unwrap();
+    assert_eq!(other_row["users_online"], 1);
+    let seen_by_other = listing(&other).await;
+    assert_eq!(seen_by_other["counts"]["local_streams"], 1);
+    let user_token = world.token(&tenant, "u1");
+    let refused = reqwest::Client::new()
+        .get(format!("http://{}/api/v1/admin/presence", other.admin_addr))
+        .bearer_auth(user_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403, "the admin role is required");
+
+    other.shutdown().await;
     consumer.shutdown().await;
 }
 

@@ -15,8 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
-use super::WAIT;
-use super::support::*;
+use crate::support::*;
 
 /// The default rules in each language: (guest, built file, plugin name).
 const ROUTERS: [(&str, &str, &str); 3] = [

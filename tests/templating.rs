@@ -1,8 +1,7 @@
-//! The templating world: a tenant's templating plugin renders its emails end to end, a
-//! 0.1.0 routing component keeps working, and a templating plugin that misbehaves is
-//! contained while other tenants' emails flow.
+//! Email templates and the templating world: a tenant's templating plugin renders its emails
+//! end to end, a templating plugin that misbehaves is contained while other tenants' emails
+//! flow, and the shipped templates lint clean. Templates reloading live are in `reload.rs`.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +17,8 @@ const WAIT: Duration = Duration::from_secs(30);
 /// `templates/globex` (the example tenant of the locale templater) under `tenant`.
 fn templates_for(tenant: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    crate::copy_dir(&Services::get().templates, dir.path());
-    crate::copy_dir(
+    copy_dir(&Services::get().templates, dir.path());
+    copy_dir(
         &Services::get().templates.join("globex"),
         &dir.path().join(tenant),
     );
@@ -161,46 +160,6 @@ async fn the_templating_plugin_renders_each_recipient_in_their_locale() {
     engine.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_0_1_0_routing_component_still_loads_and_routes() {
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/default-router-0.1.0.wasm");
-    let limits = PluginConfig::default();
-    let check = notify_engine::tools::check_plugin(limits.clone(), &fixture)
-        .await
-        .unwrap();
-    assert_eq!(check.world, "notify:plugin/routing");
-    assert_eq!(check.wit_version, "notify:plugin@0.1.0");
-    let host = PluginHost::new(limits, Default::default()).unwrap();
-    host.load_single(&fixture).await.unwrap();
-    let bytes = serde_json::to_vec(&order_paid(
-        "old1",
-        "shop",
-        "u1",
-        Some("a@example.test"),
-        12.0,
-    ))
-    .unwrap();
-    let event = notify_engine::ingest::envelope::decode(Some(&bytes), &[], 1 << 20).unwrap();
-    let decision = host.route(&event).await.unwrap();
-    let kinds: Vec<_> = decision
-        .deliveries
-        .iter()
-        .map(|d| serde_json::to_value(d).unwrap()["kind"].clone())
-        .collect();
-    assert_eq!(kinds, [json!("in_app"), json!("email")]);
-    match &decision.deliveries[1] {
-        notify_engine::plugin::Delivery::Email {
-            template, locale, ..
-        } => {
-            assert_eq!(template, "order_paid");
-            // 0.1.0 knew no locale.
-            assert_eq!(locale, &None);
-        }
-        other => panic!("{other:?}"),
-    }
-}
-
 /// Every misbehaviour of a templating plugin ends as an error for that one email, with
 /// the reason, while another tenant's emails render meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,4 +286,23 @@ async fn a_misbehaving_templating_plugin_is_contained() {
     assert!(render(host.clone(), "acme", paid.clone()).await.is_none());
     // The instance of a failed call is gone: the next call starts clean.
     assert!(render(host.clone(), "chaos", paid).await.unwrap().is_ok());
+}
+
+/// The repository's own templates render against the sample data kept beside them (what
+/// `notify-engine template lint` checks), and `template preview`'s renderer agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_templates_lint_clean() {
+    let services = Services::get();
+    let problems = notify_engine::tools::lint_templates(&services.templates).unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    let preview = notify_engine::tools::preview_template(
+        &services.templates,
+        "acme",
+        "order_paid",
+        &services.templates.join("default/order_paid/sample.json"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(preview.subject, "Thanks for your ACME order A-1001");
+    assert!(preview.html.unwrap().contains("129.90 EUR"));
 }

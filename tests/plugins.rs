@@ -1,0 +1,597 @@
+//! Routing plugins in the engine: the sandbox's limits, failing and missing plugins, the
+//! breaker's quarantine, a component of an older WIT version, the precompiled cache, and the
+//! developer's `plugin run` / `plugin check`. Reloading under a running engine is in
+//! `reload.rs`; the Python and JavaScript guests in `guests.rs`.
+
+use std::path::Path;
+
+use notify_engine::config::{PluginConfig, TenantConfig};
+use notify_engine::plugin::PluginHost;
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_plugins_dead_letter_while_other_tenants_flow() {
+    let world = World::new().await;
+    let chaos = unique("chaos");
+    world.install_chaos_plugin(&chaos);
+    let mut config = world.config();
+    // A budget of fuel no loop reaches within the time limit: the wall clock must stop it.
+    config.plugins.fuel = u64::MAX / 2;
+    config.plugins.timeout_ms = 100;
+    let engine = world.start(config).await;
+    let tenant = unique("shop");
+    let (_, sse, _) = connect_sse(&engine, Some(&world.token(&tenant, "u1")), None).await;
+    let mut sse = sse.unwrap();
+
+    let chaos_event = |id: &str, what: &str| {
+        let mut data = json!({"user_id": "u1"});
+        if what != "none" {
+            data["chaos"] = what.into();
+        }
+        event(id, &chaos, "order_paid", data)
+    };
+    world.produce(&chaos_event("c-trap", "trap")).await;
+    world
+        .produce(&order_paid("ok1", &tenant, "u1", None, 1.0))
+        .await;
+    world.produce(&chaos_event("c-loop", "loop")).await;
+    world
+        .produce(&order_paid("ok2", &tenant, "u1", None, 1.0))
+        .await;
+    world.produce(&chaos_event("c-fine", "none")).await;
+
+    for want in ["ok1", "ok2"] {
+        let e = sse.next(WAIT).await.expect("other tenant keeps flowing");
+        assert_eq!(e.data["event_id"], want);
+    }
+    world
+        .wait_count("SELECT count(*) FROM dead_letters", 2, WAIT)
+        .await;
+    let pool = world.pool().await;
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT event_id, error_kind, reason FROM dead_letters ORDER BY event_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows[0].0, "c-loop");
+    assert_eq!(rows[0].1, "plugin_timeout", "{}", rows[0].2);
+    assert!(rows[0].2.contains("100 ms"), "{}", rows[0].2);
+    // A timeout counts only when a retry on a fresh instance times out too.
+    assert!(rows[0].2.contains("twice"), "{}", rows[0].2);
+    assert_eq!(rows[1].0, "c-trap");
+    assert_eq!(rows[1].1, "plugin_trap", "{}", rows[1].2);
+    // The chaos tenant's well-behaved event still went through its plugin.
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id = 'c-fine'",
+            1,
+            WAIT,
+        )
+        .await;
+    let (plugin, outcome): (String, String) =
+        sqlx::query_as("SELECT plugin, outcome FROM processed_events WHERE event_id = 'c-loop'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (plugin.as_str(), outcome.as_str()),
+        (chaos.as_str(), "dead_lettered")
+    );
+    engine.shutdown().await;
+}
+
+/// The sandbox's limits, on the real chaos component (no Kafka needed for this one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_sandbox_enforces_every_limit() {
+    use notify_engine::ingest::envelope;
+    use notify_engine::plugin::{PluginError, PluginHost};
+
+    let services = Services::get();
+    // A generous wall clock, so the fuel budget is what stops the loop even on a busy box.
+    let limits = notify_engine::config::PluginConfig {
+        timeout_ms: 10_000,
+        ..Default::default()
+    };
+    let host = PluginHost::new(limits.clone(), Default::default()).unwrap();
+    host.load_single(&services.plugins.join("fixtures/chaos.wasm"))
+        .await
+        .unwrap();
+    let run = |what: &str| {
+        let mut data = json!({"user_id": "u1"});
+        if what != "none" {
+            data["chaos"] = what.into();
+        }
+        let raw = event("e1", "t1", "order_paid", data);
+        let e = envelope::decode(Some(raw.to_string().as_bytes()), &[], 1 << 20).unwrap();
+        let host = &host;
+        async move { host.route(&e).await }
+    };
+
+    let ok = run("none").await.expect("a well-behaved call");
+    assert_eq!(ok.deliveries.len(), 1);
+    assert!(ok.cost.fuel > 0 && ok.cost.fuel < limits.fuel);
+    assert!(ok.cost.memory_bytes > 0 && ok.cost.memory_bytes <= limits.memory_bytes);
+
+    match run("trap").await {
+        // The panic message reaches the reason through the captured stderr.
+        Err(PluginError::Trap { message, .. }) => {
+            assert!(message.contains("chaos: trap requested"), "{message}")
+        }
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    assert!(matches!(
+        run("loop").await,
+        Err(PluginError::OutOfFuel { .. })
+    ));
+    match run("oom").await {
+        Err(PluginError::Trap { message, .. }) => {
+            assert!(message.contains("memory limit"), "{message}")
+        }
+        other => panic!("expected a memory trap, got {other:?}"),
+    }
+    // Deep recursion: a Rust guest's shadow stack (linear memory) overflows first, an
+    // out-of-bounds trap; a guest without one exhausts wasmtime's call stack.
+    match run("recurse").await {
+        Err(PluginError::Trap { message, .. }) => assert!(
+            message.contains("out of bounds memory access")
+                || message.contains("call stack exhausted"),
+            "{message}"
+        ),
+        other => panic!("expected a stack overflow trap, got {other:?}"),
+    }
+    match run("error").await {
+        Err(PluginError::Failed { message, .. }) => assert!(message.contains("chaos"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    for bad in ["bad_output", "huge_output"] {
+        let result = run(bad).await;
+        assert!(
+            matches!(result, Err(PluginError::InvalidOutput { .. })),
+            "{bad}: {result:?}"
+        );
+    }
+    // The instance of a failed call is gone: the next call starts clean.
+    assert!(run("none").await.is_ok());
+
+    // Oversized input never reaches the plugin.
+    let big = event(
+        "e2",
+        "t1",
+        "order_paid",
+        json!({"user_id": "u1", "pad": "x".repeat(300 * 1024)}),
+    );
+    let e = envelope::decode(Some(big.to_string().as_bytes()), &[], 1 << 20).unwrap();
+    assert!(matches!(
+        host.route(&e).await,
+        Err(PluginError::InputTooLarge { .. })
+    ));
+}
+
+/// What the host refuses to load, with the reason instead of loading it: a file that is not
+/// a component, a component importing what plugins are not granted (naming the import), and
+/// a valid component of another world (naming the world). No Kafka needed for this one either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_refuses_what_is_not_a_plugin_component() {
+    let host = PluginHost::new(PluginConfig::default(), Default::default()).unwrap();
+
+    // A file that is not a component is rejected with a reason, not loaded.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm not really").unwrap();
+    let err = host.load_single(&junk).await.unwrap_err();
+    assert!(
+        err.message.contains("not a valid WebAssembly component"),
+        "{err}"
+    );
+
+    // A component importing what plugins are not granted is refused, naming the import.
+    for import in [
+        "wasi:sockets/tcp@0.2.0",
+        "wasi:filesystem/preopens@0.2.0",
+        "wasi:http/outgoing-handler@0.2.0",
+        "acme:backdoor/shell",
+    ] {
+        let forbidden = dir.path().join("forbidden.wasm");
+        let bytes =
+            wat::parse_str(format!("(component (import \"{import}\" (instance)))")).unwrap();
+        std::fs::write(&forbidden, bytes).unwrap();
+        let err = host.load_single(&forbidden).await.unwrap_err();
+        assert!(
+            err.message
+                .contains(&format!("imports {import}, which plugins are not granted")),
+            "{import}: {err}"
+        );
+    }
+    // A valid component of another world: refused, naming the world.
+    let other = dir.path().join("other.wasm");
+    std::fs::write(&other, wat::parse_str("(component)").unwrap()).unwrap();
+    let err = host.load_single(&other).await.unwrap_err();
+    assert!(
+        err.message
+            .contains("implements no plugin world: it must export notify:plugin/router"),
+        "{err}"
+    );
+}
+
+/// Platform failures are not the event's outcome. Without a default plugin the batch waits
+/// (not ready, nothing claimed) and flows once the plugin is in place; a tenant whose
+/// configured plugin is missing is neither routed by the default plugin nor claimed: its
+/// event is set aside, so republishing it later works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_plugins_stall_or_park_and_never_claim() {
+    let world = World::new().await;
+    std::fs::remove_file(world.plugin_dir.path().join("default.wasm")).unwrap();
+    let ghost = unique("ghost");
+    let mut config = world.config();
+    config.tenants.insert(
+        ghost.clone(),
+        TenantConfig {
+            plugin: Some("ghost-router".into()),
+            config: Default::default(),
+            ..TenantConfig::default()
+        },
+    );
+    let engine = world.start(config).await;
+
+    world
+        .produce(&order_paid("g1", &ghost, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE event_id = 'g1' AND error_kind = 'plugin_unavailable'",
+            1,
+            WAIT,
+        )
+        .await;
+    let pool = world.pool().await;
+    let (reason,): (String,) =
+        sqlx::query_as("SELECT reason FROM dead_letters WHERE event_id = 'g1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(reason.contains("ghost-router.wasm"), "{reason}");
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM processed_events WHERE event_id = 'g1'")
+            .await,
+        0,
+        "a parked event is not claimed"
+    );
+
+    let tenant = unique("shop");
+    world
+        .produce(&order_paid("p1", &tenant, "u1", None, 1.0))
+        .await;
+    eventually(
+        "the pipeline stalls on the missing default plugin",
+        async || engine.health.snapshot().stall.is_some(),
+    )
+    .await;
+    let (status, body) = readyz(engine.admin_addr).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["checks"]["plugins"]["default"], "missing", "{body}");
+    assert!(
+        body["checks"]["pipeline"]
+            .as_str()
+            .unwrap()
+            .starts_with("stalled: plugin"),
+        "{body}"
+    );
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM processed_events WHERE event_id = 'p1'")
+            .await,
+        0
+    );
+    assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 1);
+
+    // The operator puts the default plugin in place: the waiting event is routed.
+    world.install_plugin("default.wasm", "default.wasm");
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id = 'p1'",
+            1,
+            WAIT,
+        )
+        .await;
+    assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 1);
+    eventually("readiness recovers", async || {
+        readyz(engine.admin_addr).await.0 == 200
+    })
+    .await;
+    engine.shutdown().await;
+}
+
+/// A bad build is quarantined by its breaker after consecutive failures: the tenant's next
+/// events are set aside unclaimed (fail mode `dead_letter`) instead of each going through
+/// the broken plugin, and publishing a new version closes the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_plugin_is_quarantined_until_a_new_version_arrives() {
+    let world = World::new().await;
+    let tenant = unique("bad");
+    world.install_chaos_plugin(&tenant);
+    let mut config = world.config();
+    config.plugins.breaker_failures = 3;
+    let engine = world.start(config).await;
+    let chaos = |id: &str, what: Option<&str>| {
+        let mut data = serde_json::json!({"user_id": "u1"});
+        if let Some(what) = what {
+            data["chaos"] = what.into();
+        }
+        event(id, &tenant, "order_paid", data)
+    };
+    for i in 0..3 {
+        world.produce(&chaos(&format!("t{i}"), Some("trap"))).await;
+    }
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE error_kind = 'plugin_trap'",
+            3,
+            WAIT,
+        )
+        .await;
+    // Open: even a well-behaved event is not handed to this build any more.
+    world.produce(&chaos("q1", None)).await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE event_id = 'q1' AND error_kind = 'plugin_quarantined'",
+            1,
+            WAIT,
+        )
+        .await;
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM processed_events WHERE event_id = 'q1'")
+            .await,
+        0,
+        "set aside, not claimed"
+    );
+    // Readiness shows it (refreshed by the background probe).
+    eventually("readiness lists the quarantined plugin", async || {
+        let quarantined = engine.health.snapshot().plugins.quarantined;
+        quarantined.iter().any(|q| q.starts_with(&tenant))
+    })
+    .await;
+
+    // A new version (here: the default router's build) closes the breaker.
+    install_build(&world, &engine, &tenant, "default.wasm").await;
+    world
+        .produce(&order_paid("q2", &tenant, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id = 'q2'",
+            1,
+            WAIT,
+        )
+        .await;
+    engine.shutdown().await;
+}
+
+/// Fail mode `default`: a quarantined tenant's events are routed by the default plugin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_plugin_can_fall_back_to_the_default_plugin() {
+    use notify_engine::config::{BreakerFailMode, PluginConfig};
+    use notify_engine::ingest::envelope;
+    use notify_engine::plugin::{PluginError, PluginHost};
+
+    let services = Services::get();
+    let dir = services.plugin_dir(&[
+        ("default.wasm", "default.wasm"),
+        ("fixtures/chaos.wasm", "t1.wasm"),
+    ]);
+    let limits = PluginConfig {
+        dir: dir.path().to_owned(),
+        breaker_failures: 2,
+        breaker_fail_mode: BreakerFailMode::Default,
+        ..Default::default()
+    };
+    let host = PluginHost::new(limits, Default::default()).unwrap();
+    host.load_dir().await.unwrap();
+    let run = |chaos: Option<&str>| {
+        let mut data = serde_json::json!({"user_id": "u1", "order_id": "A-1", "amount": 1.0, "currency": "EUR"});
+        if let Some(c) = chaos {
+            data["chaos"] = c.into();
+        }
+        let raw = event("e1", "t1", "order_paid", data);
+        envelope::decode(Some(raw.to_string().as_bytes()), &[], 1 << 20).unwrap()
+    };
+    for _ in 0..2 {
+        assert!(matches!(
+            host.route(&run(Some("bad_output"))).await,
+            Err(PluginError::InvalidOutput { .. })
+        ));
+    }
+    let decision = host.route(&run(None)).await.unwrap();
+    assert_eq!(decision.plugin, "default", "routed by the default plugin");
+    assert_eq!(host.health().quarantined.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_0_1_0_routing_component_still_loads_and_routes() {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/default-router-0.1.0.wasm");
+    let limits = PluginConfig::default();
+    let check = notify_engine::tools::check_plugin(limits.clone(), &fixture)
+        .await
+        .unwrap();
+    assert_eq!(check.world, "notify:plugin/routing");
+    assert_eq!(check.wit_version, "notify:plugin@0.1.0");
+    let host = PluginHost::new(limits, Default::default()).unwrap();
+    host.load_single(&fixture).await.unwrap();
+    let bytes = serde_json::to_vec(&order_paid(
+        "old1",
+        "shop",
+        "u1",
+        Some("a@example.test"),
+        12.0,
+    ))
+    .unwrap();
+    let event = notify_engine::ingest::envelope::decode(Some(&bytes), &[], 1 << 20).unwrap();
+    let decision = host.route(&event).await.unwrap();
+    let kinds: Vec<_> = decision
+        .deliveries
+        .iter()
+        .map(|d| serde_json::to_value(d).unwrap()["kind"].clone())
+        .collect();
+    assert_eq!(kinds, [json!("in_app"), json!("email")]);
+    match &decision.deliveries[1] {
+        notify_engine::plugin::Delivery::Email {
+            template, locale, ..
+        } => {
+            assert_eq!(template, "order_paid");
+            // 0.1.0 knew no locale.
+            assert_eq!(locale, &None);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The precompiled cache: the first load writes it, a restart (a new engine) loads from it,
+/// and a cache file it cannot use (another wasmtime's, or damaged) is compiled over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precompiled_plugins_are_cached_outside_the_plugin_directory() {
+    use notify_engine::config::PluginConfig;
+    use notify_engine::ingest::envelope;
+    use notify_engine::plugin::PluginHost;
+
+    let services = Services::get();
+    let dir = services.plugin_dir(&[("default.wasm", "default.wasm")]);
+    let cache = tempfile::tempdir().unwrap();
+    let limits = PluginConfig {
+        dir: dir.path().to_owned(),
+        cache_dir: cache.path().to_owned(),
+        ..Default::default()
+    };
+    let raw = order_paid("c1", "t1", "u1", None, 1.0);
+    let event = envelope::decode(Some(raw.to_string().as_bytes()), &[], 1 << 20).unwrap();
+    let cached = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .collect()
+    };
+
+    let first = PluginHost::new(limits.clone(), Default::default()).unwrap();
+    first.load_dir().await.unwrap();
+    assert!(first.route(&event).await.is_ok());
+    let files = cached();
+    assert_eq!(files.len(), 1, "one precompiled plugin: {files:?}");
+    let written = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+
+    // A restart: loaded from the cache (the file is not rewritten), and it routes.
+    let second = PluginHost::new(limits.clone(), Default::default()).unwrap();
+    second.load_dir().await.unwrap();
+    assert!(second.route(&event).await.is_ok());
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().modified().unwrap(),
+        written
+    );
+
+    // A damaged cache file is not trusted: compiled again, and the cache repaired.
+    std::fs::write(&files[0], b"not a precompiled component").unwrap();
+    let third = PluginHost::new(limits, Default::default()).unwrap();
+    third.load_dir().await.unwrap();
+    assert!(third.route(&event).await.is_ok());
+    assert!(std::fs::read(&files[0]).unwrap().len() > 1000, "rewritten");
+}
+
+/// The local runner a plugin developer uses: deliveries, logs and cost against the limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_plugin_runner_reports_decision_and_cost() {
+    let services = Services::get();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let limits = notify_engine::config::PluginConfig::default();
+    let (ok, report) = notify_engine::tools::run_plugin(
+        limits.clone(),
+        &services.plugins.join("acme.wasm"),
+        &root.join("samples/order_paid.json"),
+        [("vip_threshold".to_string(), "500".to_string())].into(),
+    )
+    .await
+    .unwrap();
+    assert!(ok, "{report:#}");
+    let deliveries = report["deliveries"].as_array().unwrap();
+    let email = deliveries
+        .iter()
+        .find(|d| d["kind"] == "email")
+        .expect("an email delivery");
+    assert_eq!(email["template"], "order_paid");
+    assert_eq!(email["data"]["vip"], true, "980 EUR is over the threshold");
+    assert!(report["cost"]["fuel"].as_u64().unwrap() > 0);
+    assert!(report["cost"]["memory_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(report["limits"]["fuel"], limits.fuel);
+    assert!(
+        !report["logs"].as_array().unwrap().is_empty(),
+        "acme logs its decision"
+    );
+
+    // A refusal is reported, not thrown: the developer sees the plugin's reason.
+    let (ok, report) = notify_engine::tools::run_plugin(
+        limits,
+        &services.plugins.join("acme.wasm"),
+        &root.join("samples/order_paid.json"),
+        [("currency".to_string(), "USD".to_string())].into(),
+    )
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert_eq!(report["error"]["kind"], "invalid_event", "{report:#}");
+}
+
+/// `plugin check`, the other half of the developer's tools: what the engine sees in a file
+/// (its world, WIT version, exports, imports, digest and size), or why it would refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_check_reports_what_the_engine_sees_or_why_it_refuses() {
+    let services = Services::get();
+    // `plugin check`: what the engine sees in a file, or why it would refuse it.
+    let limits = notify_engine::config::PluginConfig::default();
+    let check =
+        notify_engine::tools::check_plugin(limits.clone(), &services.plugins.join("acme.wasm"))
+            .await
+            .unwrap();
+    assert_eq!(check.world, "notify:plugin/routing");
+    assert_eq!(check.wit_version, notify_engine::plugin::WIT_VERSIONS[0]);
+    assert!(
+        check
+            .exports
+            .iter()
+            .any(|e| e == "notify:plugin/router@0.3.0"),
+        "{check:?}"
+    );
+    assert!(
+        check
+            .imports
+            .iter()
+            .any(|i| i == "notify:plugin/host@0.3.0"),
+        "{check:?}"
+    );
+    assert!(
+        check
+            .imports
+            .iter()
+            .any(|i| i == "notify:plugin/presence@0.3.0"),
+        "{check:?}"
+    );
+    assert!(
+        check.imports.iter().all(|i| !i.starts_with("wasi:sockets")),
+        "{check:?}"
+    );
+    assert_eq!(check.sha256.len(), 64);
+    assert!(check.size_bytes > 10_000);
+    let dir = tempfile::tempdir().unwrap();
+    let forbidden = dir.path().join("net.wasm");
+    std::fs::write(
+        &forbidden,
+        wat::parse_str("(component (import \"wasi:sockets/tcp@0.2.0\" (instance)))").unwrap(),
+    )
+    .unwrap();
+    let refusal = notify_engine::tools::check_plugin(limits, &forbidden)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refusal.contains("wasi:sockets/tcp@0.2.0"), "{refusal}");
+}
