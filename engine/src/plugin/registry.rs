@@ -15,6 +15,8 @@
 
 mod compile;
 mod load;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
