@@ -1,5 +1,9 @@
-//! The plugin host: the only module that touches wasmtime.
+//! The plugin host: the only module that touches wasmtime. [`PluginHost`] owns the engine,
+//! the linker and the registry, and is the public entry point for everything else: load
+//! and reload, route an event, render an email, list and check plugins.
 //!
+//! - `wit`: the WIT versions, one file each (`wit/v0_1_0.rs`, ...: bindings, host imports,
+//!   conversions to the newest types), and the one dispatch over them.
 //! - `sandbox`: what every call runs in, whatever the world: the linker (only the
 //!   interfaces plugins are granted), a `Store` with every limit set (memory for the
 //!   instance; fuel, hostcall fuel and an epoch deadline, at which the guest yields every tick
@@ -7,14 +11,15 @@
 //!   coarse clocks, captured logs, text hygiene.
 //! - `instances`: warm instances, one tenant's and one plugin version's each, reused only
 //!   after a clean call, recycled, bounded.
-//! - `bindings`: the generated bindings, one module per WIT version, and the conversions of
-//!   older versions' values to the newest.
-//! - `registry`: which compiled version serves under which name and world, loading and the
-//!   diffing hot reload, import and world checks, the single `ArcSwap` swap point.
-//! - one adapter per world: `routing` (an event in, deliveries out) and `templating` (an
-//!   outbox email in, subject/html/text out), each with its call, its limits and its
-//!   output checks (`output` checks routing decisions).
-//! - `breaker`: the per-version circuit breaker.
+//! - `registry`: which compiled version serves under which name and world, whom it serves,
+//!   loading and the diffing hot reload, import and world checks, the single `ArcSwap` swap
+//!   point.
+//! - one adapter per world, a type borrowing the host: `routing::Routing` (an event in,
+//!   deliveries out) and `templating::Templating` (an outbox email in, subject/html/text
+//!   out), each with its call, its limits and its output checks (`output` checks routing
+//!   decisions).
+//! - `breaker`: the per-version circuit breaker; `error`: what a failed call or load comes
+//!   to.
 //!
 //! A trap, a timeout, a refusal or invalid output is returned as a [`PluginError`]; the
 //! caller dead-letters that event (or fails that email) and moves on. Nothing a plugin does
@@ -22,150 +27,42 @@
 //! [`PluginError::disposition`] tells the pipeline to wait for it ([`Disposition::Stall`],
 //! [`Disposition::Park`]) instead.
 
-mod bindings;
 mod breaker;
+mod error;
 mod instances;
 mod output;
 mod registry;
 mod routing;
 mod sandbox;
 mod templating;
+mod wit;
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use wasmtime::Engine;
 use wasmtime::component::Linker;
-use wasmtime::{Engine, Trap};
 
 use crate::config::{PluginConfig, TenantConfig};
+use crate::model::Event;
+use crate::templates::{RenderedEmail, Templates};
 
-pub use bindings::WIT_VERSIONS;
+pub use error::{Disposition, LoadError, PluginError};
 pub use output::Delivery;
-pub use registry::{CheckReport, PluginInfo, ReloadOutcome, Reloaded, World};
-use registry::{Loaded, Slot};
-use sandbox::{
-    CallState, EPOCH_TICK, EpochTicker, HOSTCALL_FUEL_EXHAUSTED, STDERR_IN_REASON, plugin_text,
-};
+pub use registry::{CheckReport, PluginInfo, ReloadOutcome, Reloaded};
 pub use templating::EmailToRender;
+pub use wit::{WIT_VERSIONS, World};
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum PluginError {
-    /// The tenant has no plugin of its own and the default plugin is missing or broken.
-    #[error("no routing plugin for tenant {tenant}: the default plugin {reason}")]
-    NoDefault { tenant: String, reason: String },
-    /// The tenant's own plugin is configured but missing, or did not load.
-    #[error("routing plugin {plugin} is unavailable: {reason}")]
-    Unavailable { plugin: String, reason: String },
-    #[error("event is {size} bytes, the plugin input limit is {limit}")]
-    InputTooLarge { size: usize, limit: usize },
-    #[error("plugin {plugin} trapped: {message}")]
-    Trap { plugin: String, message: String },
-    #[error("plugin {plugin} ran out of fuel (budget {fuel} instructions)")]
-    OutOfFuel { plugin: String, fuel: u64 },
-    #[error("plugin {plugin} exceeded its time limit of {limit_ms} ms{}", if *retried { " twice (retried once on a fresh instance)" } else { "" })]
-    Timeout {
-        plugin: String,
-        limit_ms: u64,
-        /// The call was already a retry.
-        retried: bool,
-    },
-    #[error("plugin {plugin} refused the event as invalid: {message}")]
-    InvalidEvent { plugin: String, message: String },
-    /// A templating plugin found the email's data unusable.
-    #[error("plugin {plugin} refused the email's data: {message}")]
-    InvalidData { plugin: String, message: String },
-    #[error("plugin {plugin} failed: {message}")]
-    Failed { plugin: String, message: String },
-    #[error("plugin {plugin} returned invalid output: {message}")]
-    InvalidOutput { plugin: String, message: String },
-    /// This version failed `failures` times in a row and is not called until a new one
-    /// arrives.
-    #[error(
-        "plugin {plugin} is quarantined after {failures} consecutive failures; publish a new version"
-    )]
-    Quarantined { plugin: String, failures: u32 },
-}
+use instances::Warm;
+use registry::{Compiler, Loaded, Registry, Slot};
+use routing::Routing;
+use sandbox::{CallState, EpochTicker};
+use templating::Templating;
 
-impl PluginError {
-    /// Stable label for metrics and dead-letter rows.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            PluginError::NoDefault { .. } | PluginError::Unavailable { .. } => "unavailable",
-            PluginError::InputTooLarge { .. } => "oversize",
-            PluginError::Trap { .. } => "trap",
-            PluginError::OutOfFuel { .. } => "out_of_fuel",
-            PluginError::Timeout { .. } => "timeout",
-            PluginError::InvalidEvent { .. } => "invalid_event",
-            PluginError::InvalidData { .. } => "invalid_data",
-            PluginError::Failed { .. } => "refused",
-            PluginError::InvalidOutput { .. } => "invalid_output",
-            PluginError::Quarantined { .. } => "quarantined",
-        }
-    }
-
-    /// The plugin involved, if any.
-    pub fn plugin(&self) -> Option<&str> {
-        match self {
-            PluginError::NoDefault { .. } | PluginError::InputTooLarge { .. } => None,
-            PluginError::Unavailable { plugin, .. }
-            | PluginError::Trap { plugin, .. }
-            | PluginError::OutOfFuel { plugin, .. }
-            | PluginError::Timeout { plugin, .. }
-            | PluginError::InvalidEvent { plugin, .. }
-            | PluginError::InvalidData { plugin, .. }
-            | PluginError::Failed { plugin, .. }
-            | PluginError::InvalidOutput { plugin, .. }
-            | PluginError::Quarantined { plugin, .. } => Some(plugin),
-        }
-    }
-}
-
-/// What the pipeline does with an event whose routing failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    /// The plugin judged the event (a trap, a refusal, invalid output, a limit hit twice):
-    /// the event's final outcome is a dead letter.
-    Final,
-    /// The tenant's own plugin is unavailable: the event is set aside in the dead-letter
-    /// table without claiming its id, so replaying or republishing it works once the
-    /// plugin is fixed; other tenants keep flowing.
-    Park,
-    /// The platform is broken for every tenant (no default plugin): the batch waits and the
-    /// engine reports not ready.
-    Stall,
-}
-
-impl PluginError {
-    pub fn disposition(&self) -> Disposition {
-        match self {
-            PluginError::NoDefault { .. } => Disposition::Stall,
-            PluginError::Unavailable { .. } | PluginError::Quarantined { .. } => Disposition::Park,
-            _ => Disposition::Final,
-        }
-    }
-
-    /// Did the plugin malfunction (trap, limit, invalid output), as opposed to judging the
-    /// event (a refusal) or not being there? Only malfunctions count toward the breaker.
-    fn is_malfunction(&self) -> bool {
-        matches!(
-            self,
-            PluginError::Trap { .. }
-                | PluginError::OutOfFuel { .. }
-                | PluginError::Timeout { .. }
-                | PluginError::InvalidOutput { .. }
-        )
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("loading plugin {path}: {message}")]
-pub struct LoadError {
-    pub path: PathBuf,
-    pub message: String,
-}
+/// Least time between two reloads of the plugin directory by stalled lanes.
+const STALL_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What a plugin decided about one event, and what it cost.
 #[derive(Debug, Clone)]
@@ -207,20 +104,13 @@ pub struct PluginHost {
     engine: Engine,
     linker: Linker<CallState>,
     limits: PluginConfig,
-    tenants: BTreeMap<String, TenantConfig>,
+    registry: Registry,
     empty_config: Arc<BTreeMap<String, String>>,
-    tenant_configs: HashMap<String, Arc<BTreeMap<String, String>>>,
-    plugins: ArcSwap<HashMap<String, Slot>>,
+    tenant_configs: std::collections::HashMap<String, Arc<BTreeMap<String, String>>>,
     /// When stalled lanes last reloaded the directory: one reload at a time, at most one per
-    /// `registry::STALL_RELOAD_INTERVAL`, however many lanes wait.
+    /// [`STALL_RELOAD_INTERVAL`], however many lanes wait.
     stall_reload: tokio::sync::Mutex<Option<Instant>>,
-    /// One directory reload at a time (the watcher and stalled lanes both reload).
-    reloading: tokio::sync::Mutex<()>,
-    /// Plugins whose newest file was refused while an older version keeps serving.
-    rejected: std::sync::Mutex<BTreeMap<String, String>>,
     breaker: breaker::Breakers,
-    /// Calls and malfunctions per plugin version, for the admin listing.
-    stats: registry::Stats,
     /// Idle instances kept for their tenant's next call.
     instances: instances::Instances,
     /// What `presence.is-online` answers from.
@@ -254,15 +144,11 @@ impl PluginHost {
             _ticker: EpochTicker::start(engine.clone()),
             engine,
             linker,
-            tenants,
+            registry: Registry::new(&limits, tenants),
             empty_config: Arc::new(BTreeMap::new()),
             tenant_configs,
-            plugins: ArcSwap::from_pointee(HashMap::new()),
             stall_reload: tokio::sync::Mutex::new(None),
-            reloading: tokio::sync::Mutex::new(()),
-            rejected: std::sync::Mutex::new(BTreeMap::new()),
             breaker: breaker::Breakers::default(),
-            stats: registry::Stats::default(),
             instances: instances::Instances::new(
                 limits.max_idle_instances,
                 limits.instance_max_calls,
@@ -289,11 +175,120 @@ impl PluginHost {
         self.limits.tenant_budget_ms_per_sec
     }
 
+    /// Routes one event through its tenant's plugin (or the default plugin); see
+    /// [`Routing::route`] for the retry and the breaker's fail mode.
+    pub async fn route(&self, event: &Event) -> Result<Decision, PluginError> {
+        Routing::new(self).route(event).await
+    }
+
+    /// Renders `email` with its tenant's templating plugin; `None` when the tenant has
+    /// none (its files render directly). `templates` is the set the plugin's
+    /// `templates.render` calls see; `link_domains` the tenant's link policy.
+    pub async fn render_email(
+        &self,
+        email: &EmailToRender<'_>,
+        templates: Arc<Templates>,
+        link_domains: &[String],
+    ) -> Option<Result<RenderedEmail, PluginError>> {
+        Templating::new(self)
+            .render(email, templates, link_domains)
+            .await
+    }
+
+    /// Brings the loaded set in line with the plugin directory: every `*.wasm` file (not
+    /// hidden) is a plugin named by its stem. Unchanged files (same SHA-256) keep their
+    /// compiled version; new and changed ones are compiled, checked against the world and
+    /// swapped in atomically (calls in flight finish on the version they started with). A
+    /// changed file that fails keeps the previous version serving and is reported as
+    /// rejected; a new file that fails is remembered as broken; a file still being written
+    /// (its size changed while it was read) is left for the next reload; a deleted file's
+    /// plugin is dropped. One reload runs at a time.
+    pub async fn load_dir(&self) -> Result<Vec<Reloaded>, LoadError> {
+        self.registry
+            .load_dir(&self.compiler(), |slots| {
+                self.breaker.retain(|name, digest| {
+                    matches!(slots.get(name), Some(Slot::Ready(l)) if l.digest == digest)
+                });
+                self.instances.retain(|l| {
+                    matches!(slots.get(&l.name), Some(Slot::Ready(serving)) if Arc::ptr_eq(serving, l))
+                });
+            })
+            .await
+    }
+
+    /// Reloads the directory for lanes stalled on a missing plugin: one lane does it, the
+    /// others wait for it, and not more than once per [`STALL_RELOAD_INTERVAL`].
+    pub async fn reload_after_stall(&self) {
+        let mut last = self.stall_reload.lock().await;
+        if last.is_some_and(|t| t.elapsed() < STALL_RELOAD_INTERVAL) {
+            return;
+        }
+        if let Err(e) = self.load_dir().await {
+            tracing::warn!(error = %e, "reloading the plugin directory failed");
+        }
+        *last = Some(Instant::now());
+    }
+
+    /// What `notify-engine plugin check` reports: the checks a reload makes, without loading
+    /// anything. `Err` carries the reason the host would refuse the file.
+    pub async fn check(&self, path: &Path) -> Result<CheckReport, LoadError> {
+        self.compiler().check(path).await
+    }
+
+    /// Loads a single file as the only plugin, under the default name (the local runner).
+    pub async fn load_single(&self, path: &Path) -> Result<(), LoadError> {
+        let (bytes, digest) = registry::read_plugin(path).await?;
+        let loaded = self
+            .compiler()
+            .compile(path, &self.limits.default_plugin, bytes, digest)
+            .await?;
+        self.instances.retain(|_| false);
+        self.registry.serve_only(loaded);
+        Ok(())
+    }
+
+    /// The plugin set as loaded, for readiness.
+    pub fn health(&self) -> crate::health::PluginsHealth {
+        self.registry.health(&self.breaker)
+    }
+
+    /// Every plugin, for the admin listing: what serves, what is quarantined or broken,
+    /// the last refused candidate, and which tenants each serves.
+    pub fn list(&self) -> Vec<PluginInfo> {
+        self.registry.list(&self.breaker)
+    }
+
+    /// What compiles and links plugins for this host.
+    fn compiler(&self) -> Compiler<'_> {
+        Compiler {
+            engine: &self.engine,
+            linker: &self.linker,
+            cache_dir: &self.limits.cache_dir,
+        }
+    }
+
     fn tenant_config(&self, tenant: &str) -> Arc<BTreeMap<String, String>> {
         self.tenant_configs
             .get(tenant)
             .cloned()
             .unwrap_or_else(|| self.empty_config.clone())
+    }
+
+    /// An instance for one call of `tenant` on `loaded`: an idle one of theirs when `reuse`
+    /// allows and there is one, else a new store (instantiated by the call itself).
+    fn instance_for(&self, tenant: &str, loaded: &Arc<Loaded>, reuse: bool) -> Warm {
+        reuse
+            .then(|| self.instances.take(tenant, loaded))
+            .flatten()
+            .unwrap_or_else(|| {
+                Warm::new(
+                    &self.engine,
+                    loaded.clone(),
+                    tenant,
+                    self.tenant_config(tenant),
+                    self.presence.clone(),
+                )
+            })
     }
 
     /// Records a call's outcome with the breaker and the statistics; logs when the version
@@ -303,7 +298,7 @@ impl PluginHost {
             .as_ref()
             .err()
             .is_some_and(PluginError::is_malfunction);
-        self.stats.record(&loaded.name, &loaded.digest, malfunction);
+        self.registry.record(loaded, malfunction);
         if let Some(failures) = self.breaker.record(
             &loaded.name,
             &loaded.digest,
@@ -312,65 +307,5 @@ impl PluginHost {
         ) {
             tracing::error!(tenant = %tenant, plugin = %loaded.name, world = loaded.pre.world().as_str(), digest = %&loaded.digest[..12], failures, fail_mode = ?self.limits.breaker_fail_mode, "plugin quarantined after consecutive failures; a new version clears it");
         }
-    }
-}
-
-/// The outer bound of a call: the epoch deadline stops guest code; this also covers time
-/// spent in host functions (a guest waiting on a WASI pollable burns neither fuel nor epoch
-/// ticks), with a grace period of a few ticks.
-fn outer_bound(timeout: Duration) -> Duration {
-    timeout + EPOCH_TICK * 4
-}
-
-/// The error a failed call comes to: out of fuel, out of time, more data handed to the host
-/// than the output limit allows, or a trap (with the tail of the plugin's stderr, where a
-/// panic message lands).
-fn classify_trap(
-    plugin: String,
-    e: wasmtime::Error,
-    stderr: &[u8],
-    fuel: u64,
-    timeout_ms: u64,
-) -> PluginError {
-    match e.downcast_ref::<Trap>() {
-        Some(Trap::OutOfFuel) => return PluginError::OutOfFuel { plugin, fuel },
-        Some(Trap::Interrupt) => {
-            return PluginError::Timeout {
-                plugin,
-                limit_ms: timeout_ms,
-                retried: false,
-            };
-        }
-        _ => {}
-    }
-    if format!("{e:#}").contains(HOSTCALL_FUEL_EXHAUSTED) {
-        // Refused before it was all copied into the host.
-        return PluginError::InvalidOutput {
-            plugin,
-            message: "the plugin handed the host more data than its output limit allows (refused before copying)".into(),
-        };
-    }
-    // The cause first (`memory limit exceeded …`, `wasm trap: …`), then the guest's last
-    // words on stderr, then where it happened: an interpreter's backtrace (Python,
-    // JavaScript) is long, and the reason is cut to a log line's length.
-    let mut message = e.root_cause().to_string();
-    let stderr = String::from_utf8_lossy(stderr);
-    let stderr = stderr.trim();
-    if !stderr.is_empty() {
-        // The tail: a panic message is the last thing a plugin writes.
-        let mut start = stderr.len().saturating_sub(STDERR_IN_REASON);
-        while !stderr.is_char_boundary(start) {
-            start += 1;
-        }
-        message.push_str("; stderr: ");
-        message.push_str(&stderr[start..]);
-    }
-    if let Some(backtrace) = e.downcast_ref::<wasmtime::WasmBacktrace>() {
-        message.push_str("; at ");
-        message.push_str(backtrace.to_string().trim());
-    }
-    PluginError::Trap {
-        plugin,
-        message: plugin_text(&message),
     }
 }

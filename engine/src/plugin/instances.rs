@@ -28,26 +28,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use wasmtime::Store;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
-use super::bindings::{v0_1, v0_2, v0_3};
-use super::registry::{Loaded, Pre};
+use super::Presence;
+use super::error::{PluginError, classify_trap};
+use super::registry::Loaded;
 use super::sandbox::{self, CallLimits, CallState, STDERR_CAPTURE};
-use super::{PluginHost, Presence};
-
-/// An instance's exports, by the world and WIT version it implements.
-pub(super) enum Bindings {
-    Routing03(v0_3::routing::Routing),
-    Templating03(v0_3::templating::Templating),
-    Routing02(v0_2::routing::Routing),
-    Routing01(v0_1::Routing),
-    Templating02(v0_2::templating::Templating),
-}
+use super::wit;
 
 /// A store with (once its first call instantiated it) one plugin instance in it.
 pub(super) struct Warm {
     pub(super) loaded: Arc<Loaded>,
     pub(super) store: Store<CallState>,
     /// `None` until the first call instantiates the component, inside that call's limits.
-    bindings: Option<Bindings>,
+    bindings: Option<wit::Instance>,
     stderr: MemoryOutputPipe,
     /// Bytes of stderr written before the current call: a trap quotes only its own call's.
     stderr_mark: usize,
@@ -101,23 +93,39 @@ impl Warm {
     /// The instance's exports, instantiating the component in this store on first use.
     pub(super) async fn bindings(
         &mut self,
-    ) -> wasmtime::Result<(&mut Store<CallState>, &Bindings)> {
+    ) -> wasmtime::Result<(&mut Store<CallState>, &wit::Instance)> {
         if self.bindings.is_none() {
-            let store = &mut self.store;
-            self.bindings = Some(match &self.loaded.pre {
-                Pre::Routing03(pre) => Bindings::Routing03(pre.instantiate_async(store).await?),
-                Pre::Templating03(pre) => {
-                    Bindings::Templating03(pre.instantiate_async(store).await?)
-                }
-                Pre::Routing02(pre) => Bindings::Routing02(pre.instantiate_async(store).await?),
-                Pre::Routing01(pre) => Bindings::Routing01(pre.instantiate_async(store).await?),
-                Pre::Templating02(pre) => {
-                    Bindings::Templating02(pre.instantiate_async(store).await?)
-                }
-            });
+            self.bindings = Some(self.loaded.pre.instantiate(&mut self.store).await?);
         }
         let bindings = self.bindings.as_ref().expect("instantiated above");
         Ok((&mut self.store, bindings))
+    }
+
+    /// What a call on this instance came to under its outer bound: the plugin's answer, or
+    /// why there is none (out of time, out of fuel, a refused hostcall, a trap quoting
+    /// this call's stderr). `timeout_ms` is the limit the error names.
+    pub(super) fn answer<T>(
+        &self,
+        outcome: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
+        limits: CallLimits,
+        timeout_ms: u64,
+    ) -> Result<T, PluginError> {
+        let plugin = self.loaded.name.clone();
+        match outcome {
+            Err(_) => Err(PluginError::Timeout {
+                plugin,
+                limit_ms: timeout_ms,
+                retried: false,
+            }),
+            Ok(Err(e)) => Err(classify_trap(
+                plugin,
+                e,
+                &self.call_stderr(),
+                limits.fuel,
+                timeout_ms,
+            )),
+            Ok(Ok(answer)) => Ok(answer),
+        }
     }
 
     /// What this call wrote to stderr (a Rust plugin's panic message lands there).
@@ -239,24 +247,5 @@ impl Instances {
     /// Idle instances now held.
     pub(super) fn idle_count(&self) -> usize {
         self.idle.lock().expect("instances lock poisoned").count
-    }
-}
-
-impl PluginHost {
-    /// An instance for one call of `tenant` on `loaded`: an idle one of theirs when `reuse`
-    /// allows and there is one, else a new store (instantiated by the call itself).
-    pub(super) fn instance_for(&self, tenant: &str, loaded: &Arc<Loaded>, reuse: bool) -> Warm {
-        reuse
-            .then(|| self.instances.take(tenant, loaded))
-            .flatten()
-            .unwrap_or_else(|| {
-                Warm::new(
-                    &self.engine,
-                    loaded.clone(),
-                    tenant,
-                    self.tenant_config(tenant),
-                    self.presence.clone(),
-                )
-            })
     }
 }

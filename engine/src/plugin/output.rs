@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use super::bindings::wit;
+use super::wit::types;
 use crate::config::PluginConfig;
 use crate::model::{RESERVED_EVENT_NAMES, RESERVED_EVENT_PREFIXES};
 
@@ -47,7 +47,7 @@ const MAX_CATEGORY: usize = 64;
 const MAX_NAME: usize = 64;
 
 pub(super) fn validate(
-    deliveries: Vec<wit::Delivery>,
+    deliveries: Vec<types::Delivery>,
     limits: &PluginConfig,
 ) -> Result<Vec<Delivery>, String> {
     if deliveries.len() > limits.max_deliveries {
@@ -76,13 +76,13 @@ pub(super) fn validate(
         .collect()
 }
 
-fn output_size(d: &wit::Delivery) -> usize {
+fn output_size(d: &types::Delivery) -> usize {
     match d {
-        wit::Delivery::InApp(n) => {
+        types::Delivery::InApp(n) => {
             n.user_id.len() + n.title.len() + n.body.len() + n.category.len() + n.data.len()
         }
-        wit::Delivery::Live(l) => l.user_id.len() + l.name.len() + l.data.len(),
-        wit::Delivery::Email(e) => {
+        types::Delivery::Live(l) => l.user_id.len() + l.name.len() + l.data.len(),
+        types::Delivery::Email(e) => {
             e.to.len()
                 + e.user_id.as_ref().map_or(0, String::len)
                 + e.template.len()
@@ -96,11 +96,11 @@ fn output_size(d: &wit::Delivery) -> usize {
 /// PostgreSQL text cannot hold NUL, so it is refused here, with a clear reason. (The JSON
 /// `data` fields are checked once parsed, in [`object`]: only there is an escaped `\u0000`
 /// told apart from a literal backslash followed by `u0000`.)
-fn has_nul(d: &wit::Delivery) -> bool {
+fn has_nul(d: &types::Delivery) -> bool {
     let fields: Vec<&str> = match d {
-        wit::Delivery::InApp(n) => vec![&n.user_id, &n.title, &n.body, &n.category],
-        wit::Delivery::Live(l) => vec![&l.user_id, &l.name],
-        wit::Delivery::Email(e) => {
+        types::Delivery::InApp(n) => vec![&n.user_id, &n.title, &n.body, &n.category],
+        types::Delivery::Live(l) => vec![&l.user_id, &l.name],
+        types::Delivery::Email(e) => {
             let mut f = vec![e.to.as_str(), &e.template];
             f.extend(e.user_id.as_deref());
             f.extend(e.locale.as_deref());
@@ -111,9 +111,9 @@ fn has_nul(d: &wit::Delivery) -> bool {
     fields.iter().any(|f| f.contains('\0'))
 }
 
-fn check(d: wit::Delivery) -> Result<Delivery, String> {
+fn check(d: types::Delivery) -> Result<Delivery, String> {
     match d {
-        wit::Delivery::InApp(n) => {
+        types::Delivery::InApp(n) => {
             user_id(&n.user_id)?;
             if n.title.trim().is_empty() || n.title.len() > MAX_TITLE {
                 return Err(format!(
@@ -131,7 +131,7 @@ fn check(d: wit::Delivery) -> Result<Delivery, String> {
                 data: object(&n.data, "in-app data")?,
             })
         }
-        wit::Delivery::Live(l) => {
+        types::Delivery::Live(l) => {
             user_id(&l.user_id)?;
             if !safe_name(&l.name)
                 || RESERVED_EVENT_NAMES.contains(&l.name.as_str())
@@ -150,7 +150,7 @@ fn check(d: wit::Delivery) -> Result<Delivery, String> {
                 data: object(&l.data, "live update data")?,
             })
         }
-        wit::Delivery::Email(e) => {
+        types::Delivery::Email(e) => {
             e.to.parse::<lettre::Address>()
                 .map_err(|err| format!("email recipient {:?} is not an address: {err}", e.to))?;
             if let Some(u) = &e.user_id {
@@ -245,8 +245,8 @@ fn object(json: &str, what: &str) -> Result<Map<String, Value>, String> {
 mod tests {
     use super::*;
 
-    fn in_app(user: &str, data: &str) -> wit::Delivery {
-        wit::Delivery::InApp(wit::InApp {
+    fn in_app(user: &str, data: &str) -> types::Delivery {
+        types::Delivery::InApp(types::InApp {
             user_id: user.into(),
             title: "t".into(),
             body: "b".into(),
@@ -270,7 +270,7 @@ mod tests {
         assert!(e.contains("not valid JSON"), "{e}");
         let e = validate(vec![in_app("u1", "[]")], &limits).unwrap_err();
         assert!(e.contains("JSON object"), "{e}");
-        let live = wit::Delivery::Live(wit::LiveUpdate {
+        let live = types::Delivery::Live(types::LiveUpdate {
             user_id: "u".into(),
             name: "notification".into(),
             data: "{}".into(),
@@ -283,7 +283,7 @@ mod tests {
             "notification.read",
             "auth.expired",
         ] {
-            let live = wit::Delivery::Live(wit::LiveUpdate {
+            let live = types::Delivery::Live(types::LiveUpdate {
                 user_id: "u".into(),
                 name: reserved.into(),
                 data: "{}".into(),
@@ -291,7 +291,7 @@ mod tests {
             let e = validate(vec![live], &limits).unwrap_err();
             assert!(e.contains("none of"), "{reserved}: {e}");
         }
-        let email = wit::Delivery::Email(wit::Email {
+        let email = types::Delivery::Email(types::Email {
             to: "not an address".into(),
             user_id: None,
             template: "order_paid".into(),
@@ -304,7 +304,7 @@ mod tests {
                 .unwrap_err()
                 .contains("recipient")
         );
-        let email = wit::Delivery::Email(wit::Email {
+        let email = types::Delivery::Email(types::Email {
             to: "a@example.com".into(),
             user_id: None,
             template: "../../etc/passwd".into(),
@@ -318,7 +318,7 @@ mod tests {
                 .contains("template")
         );
         let email = |locale: &str, zone: &str| {
-            wit::Delivery::Email(wit::Email {
+            types::Delivery::Email(types::Email {
                 to: "a@example.com".into(),
                 user_id: None,
                 template: "order_paid".into(),
@@ -426,7 +426,7 @@ mod tests {
             .boxed()
         }
 
-        fn delivery() -> impl Strategy<Value = wit::Delivery> {
+        fn delivery() -> impl Strategy<Value = types::Delivery> {
             let user = || text("[a-z0-9]{1,12}");
             prop_oneof![
                 (
@@ -437,7 +437,7 @@ mod tests {
                     data()
                 )
                     .prop_map(|(user_id, title, body, category, data)| {
-                        wit::Delivery::InApp(wit::InApp {
+                        types::Delivery::InApp(types::InApp {
                             user_id,
                             title,
                             body,
@@ -446,7 +446,7 @@ mod tests {
                         })
                     }),
                 (user(), name(), data()).prop_map(|(user_id, name, data)| {
-                    wit::Delivery::Live(wit::LiveUpdate {
+                    types::Delivery::Live(types::LiveUpdate {
                         user_id,
                         name,
                         data,
@@ -462,7 +462,7 @@ mod tests {
                 )
                     .prop_map(
                         |(to, user_id, template, data, locale, time_zone)| {
-                            wit::Delivery::Email(wit::Email {
+                            types::Delivery::Email(types::Email {
                                 to,
                                 user_id,
                                 template,

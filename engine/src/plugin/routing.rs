@@ -1,15 +1,15 @@
-//! The routing world's adapter: plugin selection, the call with its limits (fuel, the
-//! epoch deadline, an outer tokio bound), the retry of a timed-out call, the breaker's
-//! fail mode, and the checks of the decision.
+//! The routing world's adapter, a type borrowing the host: plugin selection with the
+//! breaker's fail mode, the call with its limits (fuel, the epoch deadline, an outer tokio
+//! bound), the retry of a timed-out call, and the checks of the decision.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::bindings::wit;
-use super::instances::Bindings;
+use super::instances::Warm;
 use super::registry::Loaded;
-use super::sandbox::{CallLimits, plugin_text};
-use super::{Cost, Decision, PluginError, PluginHost, classify_trap, outer_bound, output};
+use super::sandbox::{CallLimits, outer_bound, plugin_text};
+use super::wit::types;
+use super::{Cost, Decision, PluginError, PluginHost, output};
 use crate::config::BreakerFailMode;
 use crate::model::Event;
 
@@ -22,37 +22,25 @@ enum Fresh {
     Required,
 }
 
-impl PluginHost {
+/// Routes events through the host's routing plugins.
+pub(super) struct Routing<'a> {
+    host: &'a PluginHost,
+}
+
+impl<'a> Routing<'a> {
+    pub(super) fn new(host: &'a PluginHost) -> Self {
+        Routing { host }
+    }
+
     /// Routes one event through its tenant's plugin (or the default plugin). A call that
     /// runs out of wall-clock time is tried once more on a fresh instance before the
     /// timeout counts: on a busy host the first may have lost its time to other work. A
     /// plugin version quarantined by its breaker is not called: the tenant's events follow
     /// `plugins.breaker_fail_mode`.
-    pub async fn route(&self, event: &Event) -> Result<Decision, PluginError> {
+    pub(super) async fn route(&self, event: &Event) -> Result<Decision, PluginError> {
         // One plugin for the whole call: a reload swapping the set meanwhile does not
         // affect this call, which finishes on the version it started with.
-        let mut loaded = self.select(&event.tenant)?;
-        if let Some(failures) = self.breaker.quarantined(&loaded.name, &loaded.digest) {
-            match self.limits.breaker_fail_mode {
-                // Nothing to fall back to (the default plugin is missing, or quarantined
-                // itself): the event is set aside like in fail mode `dead_letter`.
-                BreakerFailMode::Default
-                    if let Some(default) = self.select_default()
-                        && self
-                            .breaker
-                            .quarantined(&default.name, &default.digest)
-                            .is_none() =>
-                {
-                    loaded = default;
-                }
-                BreakerFailMode::Default | BreakerFailMode::DeadLetter => {
-                    return Err(PluginError::Quarantined {
-                        plugin: loaded.name.clone(),
-                        failures,
-                    });
-                }
-            }
-        }
+        let loaded = self.choose(&event.tenant)?;
         let result = match self.route_once(&loaded, event, Fresh::Any).await {
             Err(PluginError::Timeout { plugin, .. }) => {
                 tracing::warn!(tenant = %event.tenant, event_id = %event.id, plugin = %plugin, "routing call timed out; retrying once on a fresh instance");
@@ -71,26 +59,92 @@ impl PluginHost {
             }
             other => other,
         };
-        self.record_outcome(&loaded, &event.tenant, &result);
+        self.host.record_outcome(&loaded, &event.tenant, &result);
         result
     }
 
-    fn routing_limits(&self) -> CallLimits {
-        CallLimits {
-            fuel: self.limits.fuel,
-            timeout: self.limits.timeout(),
-            memory_bytes: self.limits.memory_bytes,
-            hostcall_bytes: self.limits.max_output_bytes.saturating_mul(4),
+    /// The plugin to call for `tenant`: its own, or under fail mode `default` the default
+    /// plugin while its own is quarantined.
+    fn choose(&self, tenant: &str) -> Result<Arc<Loaded>, PluginError> {
+        let host = self.host;
+        let loaded = host.registry.select(tenant)?;
+        let Some(failures) = host.breaker.quarantined(&loaded.name, &loaded.digest) else {
+            return Ok(loaded);
+        };
+        match host.limits.breaker_fail_mode {
+            // Nothing to fall back to (the default plugin is missing, or quarantined
+            // itself): the event is set aside like in fail mode `dead_letter`.
+            BreakerFailMode::Default
+                if let Some(default) = host.registry.select_default()
+                    && host
+                        .breaker
+                        .quarantined(&default.name, &default.digest)
+                        .is_none() =>
+            {
+                Ok(default)
+            }
+            BreakerFailMode::Default | BreakerFailMode::DeadLetter => {
+                Err(PluginError::Quarantined {
+                    plugin: loaded.name.clone(),
+                    failures,
+                })
+            }
         }
     }
 
+    fn limits(&self) -> CallLimits {
+        let limits = &self.host.limits;
+        CallLimits {
+            fuel: limits.fuel,
+            timeout: limits.timeout(),
+            memory_bytes: limits.memory_bytes,
+            hostcall_bytes: limits.max_output_bytes.saturating_mul(4),
+        }
+    }
+
+    /// One call: the event in the WIT's terms, an instance armed with the call's budgets,
+    /// the call under its outer bound, then the answer judged. Only a clean call gives the
+    /// instance back for reuse.
     async fn route_once(
         &self,
         loaded: &Arc<Loaded>,
         event: &Event,
         fresh: Fresh,
     ) -> Result<Decision, PluginError> {
-        let input = wit::Event {
+        let input = self.input(event)?;
+        let limits = self.limits();
+        let mut warm = self
+            .host
+            .instance_for(&event.tenant, loaded, matches!(fresh, Fresh::Any));
+        warm.arm(limits, &event.id);
+
+        let started = Instant::now();
+        let call = async {
+            let (store, instance) = warm.bindings().await?;
+            instance.route(store, &input).await
+        };
+        let outcome = tokio::time::timeout(outer_bound(limits.timeout), call).await;
+        let cost = Cost {
+            fuel: limits.fuel.saturating_sub(warm.fuel_left()),
+            elapsed: started.elapsed(),
+            memory_bytes: warm.memory_bytes(),
+        };
+        // From here on, returning early drops the instance: only a clean call gives it back.
+        let answer = warm.answer(outcome, limits, self.host.limits.timeout_ms)?;
+        let logs = warm.store.data_mut().take_logs();
+        let deliveries = self.judge(answer, &event.tenant, warm)?;
+        Ok(Decision {
+            plugin: loaded.name.clone(),
+            digest: loaded.digest.clone(),
+            deliveries,
+            cost,
+            logs,
+        })
+    }
+
+    /// The event as the plugin sees it, refused if it is over the input limit.
+    fn input(&self, event: &Event) -> Result<types::Event, PluginError> {
+        let input = types::Event {
             id: event.id.clone(),
             tenant: event.tenant.clone(),
             event_type: event.event_type.clone(),
@@ -104,97 +158,43 @@ impl PluginHost {
             + input.time.len()
             + input.source.as_ref().map_or(0, String::len)
             + input.data.len();
-        if size > self.limits.max_input_bytes {
-            return Err(PluginError::InputTooLarge {
-                size,
-                limit: self.limits.max_input_bytes,
-            });
+        let limit = self.host.limits.max_input_bytes;
+        if size > limit {
+            return Err(PluginError::InputTooLarge { size, limit });
         }
+        Ok(input)
+    }
 
-        let limits = self.routing_limits();
-        let mut warm = self.instance_for(&event.tenant, loaded, matches!(fresh, Fresh::Any));
-        warm.arm(limits, &event.id);
-
-        let started = Instant::now();
-        let plugin = loaded.name.clone();
-        let call = async {
-            let (store, bindings) = warm.bindings().await?;
-            match bindings {
-                Bindings::Routing03(b) => b.notify_plugin_router().call_route(store, &input).await,
-                Bindings::Routing02(b) => b.notify_plugin_router().call_route(store, &input).await,
-                Bindings::Routing01(b) => {
-                    let answer = b
-                        .notify_plugin_router()
-                        .call_route(store, &(&input).into())
-                        .await?;
-                    Ok(answer
-                        .map(|deliveries| deliveries.into_iter().map(Into::into).collect())
-                        .map_err(Into::into))
-                }
-                Bindings::Templating03(_) | Bindings::Templating02(_) => {
-                    unreachable!("select() returns routing plugins only")
-                }
-            }
-        };
-        let result = tokio::time::timeout(outer_bound(limits.timeout), call).await;
-        let cost = Cost {
-            fuel: limits.fuel.saturating_sub(warm.fuel_left()),
-            elapsed: started.elapsed(),
-            memory_bytes: warm.memory_bytes(),
-        };
-        // From here on, returning early drops the instance: only a clean call gives it back.
-        let answer = match result {
-            Err(_) => {
-                return Err(PluginError::Timeout {
-                    plugin,
-                    limit_ms: self.limits.timeout_ms,
-                    retried: false,
-                });
-            }
-            Ok(Err(e)) => {
-                return Err(classify_trap(
-                    plugin,
-                    e,
-                    &warm.call_stderr(),
-                    limits.fuel,
-                    self.limits.timeout_ms,
-                ));
-            }
-            Ok(Ok(answer)) => answer,
-        };
-        let logs = warm.store.data_mut().take_logs();
+    /// The plugin's answer judged: its refusal (the plugin's judgement of the event, not a
+    /// malfunction: its instance serves on), or its deliveries, checked; the instance goes
+    /// back to `tenant`'s idle set unless the output was invalid.
+    fn judge(
+        &self,
+        answer: Result<Vec<types::Delivery>, types::RouteError>,
+        tenant: &str,
+        warm: Warm,
+    ) -> Result<Vec<output::Delivery>, PluginError> {
+        let plugin = warm.loaded.name.clone();
         let deliveries = match answer {
             Ok(d) => d,
-            // A refusal is the plugin's judgement of the event, not a malfunction: its
-            // instance serves on.
-            Err(wit::RouteError::InvalidEvent(message)) => {
-                self.instances.give_back(&event.tenant, warm);
+            Err(types::RouteError::InvalidEvent(message)) => {
+                self.host.instances.give_back(tenant, warm);
                 return Err(PluginError::InvalidEvent {
                     plugin,
                     message: plugin_text(&message),
                 });
             }
-            Err(wit::RouteError::Other(message)) => {
-                self.instances.give_back(&event.tenant, warm);
+            Err(types::RouteError::Other(message)) => {
+                self.host.instances.give_back(tenant, warm);
                 return Err(PluginError::Failed {
                     plugin,
                     message: plugin_text(&message),
                 });
             }
         };
-        let deliveries = output::validate(deliveries, &self.limits).map_err(|message| {
-            PluginError::InvalidOutput {
-                plugin: plugin.clone(),
-                message,
-            }
-        })?;
-        self.instances.give_back(&event.tenant, warm);
-        Ok(Decision {
-            plugin,
-            digest: loaded.digest.clone(),
-            deliveries,
-            cost,
-            logs,
-        })
+        let deliveries = output::validate(deliveries, &self.host.limits)
+            .map_err(|message| PluginError::InvalidOutput { plugin, message })?;
+        self.host.instances.give_back(tenant, warm);
+        Ok(deliveries)
     }
 }

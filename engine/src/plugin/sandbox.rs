@@ -1,21 +1,22 @@
 //! The sandbox every plugin call runs in, whatever the world: the linker (exactly the
 //! interfaces plugins are granted), the state of one call's `Store` (deny-all WASI with
-//! coarse clocks and bounded randomness, the host imports, captured logs), the store's
-//! limits (memory, fuel, hostcall fuel, resource handles, the epoch deadline), the epoch
-//! ticker, and the hygiene of text that comes out of a plugin. Adapters build on it.
+//! coarse clocks and bounded randomness, what the host imports do, captured logs), the
+//! store's limits (memory, fuel, hostcall fuel, resource handles, the epoch deadline), the
+//! epoch ticker, and the hygiene of text that comes out of a plugin. Adapters build on it;
+//! each WIT version's import traits (`wit/v*.rs`) forward to the behaviour here.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
 use super::Presence;
-use super::bindings::{v0_1, v0_2, v0_3};
+use super::wit;
 use crate::templates::Templates;
 
 /// How often the epoch ticker advances; the wall-clock bound is rounded up to this.
@@ -86,7 +87,7 @@ pub(super) struct CallState {
 
 /// The linker every plugin is linked with: WASI's I/O streams, stdio (stdout discarded,
 /// stderr captured), exit, an empty environment, coarse clocks and random, and the host
-/// imports of every supported WIT version. No filesystem, sockets or name lookup: a
+/// imports of every supported WIT version (`wit::add_to_linker`). No filesystem, sockets or name lookup: a
 /// component importing them fails to link, and the registry names the import.
 pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {
     use wasmtime_wasi::cli::{WasiCli, WasiCliView};
@@ -112,21 +113,7 @@ pub(super) fn linker(engine: &Engine) -> wasmtime::Result<Linker<CallState>> {
     cli::terminal_stdin::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
     cli::terminal_stdout::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
     cli::terminal_stderr::add_to_linker::<CallState, WasiCli>(l, CallState::cli)?;
-    v0_1::notify::plugin::host::add_to_linker::<CallState, HasSelf<CallState>>(l, |s| s)?;
-    v0_2::routing::notify::plugin::host::add_to_linker::<CallState, HasSelf<CallState>>(l, |s| s)?;
-    v0_2::templating::notify::plugin::templates::add_to_linker::<CallState, HasSelf<CallState>>(
-        l,
-        |s| s,
-    )?;
-    v0_3::routing::notify::plugin::host::add_to_linker::<CallState, HasSelf<CallState>>(l, |s| s)?;
-    v0_3::routing::notify::plugin::presence::add_to_linker::<CallState, HasSelf<CallState>>(
-        l,
-        |s| s,
-    )?;
-    v0_3::templating::notify::plugin::templates::add_to_linker::<CallState, HasSelf<CallState>>(
-        l,
-        |s| s,
-    )?;
+    wit::add_to_linker(l)?;
     Ok(linker)
 }
 
@@ -149,6 +136,13 @@ pub(super) fn store(engine: &Engine, mut state: CallState) -> Store<CallState> {
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
     store
+}
+
+/// The outer bound of a call: the epoch deadline stops guest code; this also covers time
+/// spent in host functions (a guest waiting on a WASI pollable burns neither fuel nor epoch
+/// ticks), with a grace period of a few ticks.
+pub(super) fn outer_bound(timeout: Duration) -> Duration {
+    timeout + EPOCH_TICK * 4
 }
 
 /// Gives a store one call's budgets afresh: memory (the limiter's cap), instructions (fuel),
@@ -223,7 +217,8 @@ impl CallState {
         logs
     }
 
-    fn log(&mut self, level: &'static str, message: String) {
+    /// Logs one line of the plugin's (the `host.log` import of every version).
+    pub(super) fn log(&mut self, level: &'static str, message: String) {
         if self.logs.len() >= MAX_CAPTURED_LOGS {
             self.dropped_logs += 1;
             return;
@@ -256,77 +251,20 @@ impl wasmtime_wasi_io::IoView for CallState {
     }
 }
 
-/// The host imports, once per WIT version: each version's generated trait, one behaviour.
-macro_rules! host_imports {
-    ($($version:ident)::+) => {
-        impl $($version)::+::host::Host for CallState {
-            async fn log(
-                &mut self,
-                level: $($version)::+::host::LogLevel,
-                message: String,
-            ) -> wasmtime::Result<()> {
-                use $($version)::+::host::LogLevel;
-                let level = match level {
-                    LogLevel::Trace => "trace",
-                    LogLevel::Debug => "debug",
-                    LogLevel::Info => "info",
-                    LogLevel::Warn => "warn",
-                    LogLevel::Error => "error",
-                };
-                CallState::log(self, level, message);
-                Ok(())
-            }
-
-            async fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-                Ok(self.tenant_config.get(&key).cloned())
-            }
-        }
-    };
-}
-
-host_imports!(v0_1::notify::plugin);
-host_imports!(v0_2::routing::notify::plugin);
-host_imports!(v0_3::routing::notify::plugin);
-// 0.3.0 shares 0.2.0's types.
-impl v0_1::notify::plugin::types::Host for CallState {}
-impl v0_2::routing::notify::plugin::types::Host for CallState {}
-
-impl v0_3::routing::notify::plugin::presence::Host for CallState {
-    async fn is_online(&mut self, user_id: String) -> wasmtime::Result<bool> {
-        Ok(self.presence.is_online(&self.tenant, &user_id))
-    }
-}
-
-/// The templating world's `templates` import, once per WIT version.
-macro_rules! templates_import {
-    ($($version:ident)::+) => {
-        impl $($version)::+::templates::Host for CallState {
-            async fn render(
-                &mut self,
-                name: String,
-                data: String,
-            ) -> wasmtime::Result<Result<String, $($version)::+::templates::TemplateError>> {
-                use $($version)::+::templates::TemplateError;
-                Ok(self.render_template(&name, &data).map_err(|e| match e {
-                    TemplateFailure::Missing => TemplateError::Missing,
-                    TemplateFailure::Failed(m) => TemplateError::Failed(m),
-                }))
-            }
-        }
-    };
-}
-
-templates_import!(v0_2::templating::notify::plugin);
-templates_import!(v0_3::templating::notify::plugin);
-
 /// Why `templates.render` failed, in every version's terms.
-enum TemplateFailure {
+pub(super) enum TemplateFailure {
     Missing,
     Failed(String),
 }
 
 impl CallState {
-    fn render_template(&self, name: &str, data: &str) -> Result<String, TemplateFailure> {
+    /// What `templates.render` does (the templating world's import, every version): one
+    /// part of one of the tenant's templates, under the call's link policy and output limit.
+    pub(super) fn render_template(
+        &self,
+        name: &str,
+        data: &str,
+    ) -> Result<String, TemplateFailure> {
         use TemplateFailure::Failed;
         let Some(access) = &self.templates else {
             return Err(Failed("templates are not available to this call".into()));

@@ -1,4 +1,5 @@
-//! The templating world's adapter: a tenant's templating plugin renders its emails. The
+//! The templating world's adapter, a type borrowing the host: a tenant's templating plugin
+//! renders its emails. The
 //! call runs in the same sandbox as routing, under its own limits
 //! (`plugins.templating_*`), with one more host import: the tenant's Handlebars files,
 //! rendered by the host under the same rules as an email rendered from files. What comes
@@ -7,10 +8,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::bindings::wit;
-use super::instances::Bindings;
-use super::sandbox::{CallLimits, TemplateAccess, plugin_text};
-use super::{PluginError, PluginHost, classify_trap, outer_bound};
+use super::instances::Warm;
+use super::registry::Loaded;
+use super::sandbox::{CallLimits, TemplateAccess, outer_bound, plugin_text};
+use super::wit::types;
+use super::{PluginError, PluginHost};
 use crate::templates::{RenderedEmail, Templates};
 
 /// Longest subject accepted (an email header line is at most 998 bytes).
@@ -33,124 +35,133 @@ pub struct EmailToRender<'a> {
     pub data: &'a serde_json::Value,
 }
 
-impl PluginHost {
+/// Renders emails with the host's templating plugins.
+pub(super) struct Templating<'a> {
+    host: &'a PluginHost,
+}
+
+impl<'a> Templating<'a> {
+    pub(super) fn new(host: &'a PluginHost) -> Self {
+        Templating { host }
+    }
+
     /// Renders `email` with its tenant's templating plugin; `None` when the tenant has
     /// none (its files render directly). `templates` is the set the plugin's
     /// `templates.render` calls see; `link_domains` the tenant's link policy.
-    pub async fn render_email(
+    pub(super) async fn render(
         &self,
         email: &EmailToRender<'_>,
         templates: Arc<Templates>,
         link_domains: &[String],
     ) -> Option<Result<RenderedEmail, PluginError>> {
-        let loaded = match self.select_templating(email.tenant)? {
+        let loaded = match self.choose(email.tenant)? {
             Ok(loaded) => loaded,
             Err(e) => return Some(Err(e)),
         };
-        if let Some(failures) = self.breaker.quarantined(&loaded.name, &loaded.digest) {
-            return Some(Err(PluginError::Quarantined {
-                plugin: loaded.name.clone(),
-                failures,
-            }));
-        }
-        let request = wit::RenderRequest {
-            template: email.template.to_owned(),
-            event: wit::EventRef {
-                id: email.event_id.to_owned(),
-                event_type: email.event_type.to_owned(),
-                time: email.event_time.clone(),
-            },
-            recipient: wit::Recipient {
-                address: email.recipient.to_owned(),
-                user_id: email.user_id.map(str::to_owned),
-                locale: email.locale.map(str::to_owned),
-                time_zone: email.time_zone.map(str::to_owned),
-            },
-            data: email.data.to_string(),
-        };
-        let max_output = self.limits.templating_max_output_bytes;
-        let limits = CallLimits {
-            fuel: self.limits.templating_fuel,
-            timeout: self.limits.templating_timeout(),
-            memory_bytes: self.limits.templating_memory_bytes,
-            hostcall_bytes: max_output.saturating_mul(2),
-        };
-        let mut warm = self.instance_for(email.tenant, &loaded, true);
+        let max_output = self.host.limits.templating_max_output_bytes;
+        let limits = self.limits();
+        let mut warm = self.host.instance_for(email.tenant, &loaded, true);
         warm.arm(limits, &format!("outbox email {}", email.outbox_id));
         warm.store.data_mut().templates = Some(TemplateAccess {
             templates,
             link_domains: link_domains.into(),
             max_output,
         });
-        let plugin = loaded.name.clone();
+        let request = request(email);
         let started = Instant::now();
         let call = async {
-            let (store, bindings) = warm.bindings().await?;
-            match bindings {
-                Bindings::Templating03(b) => {
-                    b.notify_plugin_templater()
-                        .call_render(store, &request)
-                        .await
-                }
-                Bindings::Templating02(b) => {
-                    b.notify_plugin_templater()
-                        .call_render(store, &request)
-                        .await
-                }
-                _ => unreachable!("select_templating() returns templating plugins only"),
-            }
+            let (store, instance) = warm.bindings().await?;
+            instance.render(store, &request).await
         };
-        // Only a clean call (an email, or the plugin's own refusal) gives the instance back.
-        let result = match tokio::time::timeout(outer_bound(limits.timeout), call).await {
-            Err(_) => Err(PluginError::Timeout {
-                plugin: plugin.clone(),
-                limit_ms: self.limits.templating_timeout_ms,
-                retried: false,
-            }),
-            Ok(Err(e)) => Err(classify_trap(
-                plugin.clone(),
-                e,
-                &warm.call_stderr(),
-                limits.fuel,
-                self.limits.templating_timeout_ms,
-            )),
-            Ok(Ok(Err(wit::RenderError::InvalidData(message)))) => {
-                self.instances.give_back(email.tenant, warm);
-                Err(PluginError::InvalidData {
-                    plugin: plugin.clone(),
-                    message: plugin_text(&message),
-                })
-            }
-            Ok(Ok(Err(wit::RenderError::Other(message)))) => {
-                self.instances.give_back(email.tenant, warm);
-                Err(PluginError::Failed {
-                    plugin: plugin.clone(),
-                    message: plugin_text(&message),
-                })
-            }
-            Ok(Ok(Ok(rendered))) => {
-                let checked =
-                    check(rendered, max_output).map_err(|message| PluginError::InvalidOutput {
-                        plugin: plugin.clone(),
-                        message,
-                    });
-                if checked.is_ok() {
-                    self.instances.give_back(email.tenant, warm);
-                }
-                checked
-            }
-        };
-        self.record_outcome(&loaded, email.tenant, &result);
-        tracing::debug!(tenant = %email.tenant, plugin = %plugin, outbox_id = email.outbox_id, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "templating call");
+        let outcome = tokio::time::timeout(outer_bound(limits.timeout), call).await;
+        let result = warm
+            .answer(outcome, limits, self.host.limits.templating_timeout_ms)
+            .and_then(|answer| self.judge(answer, email.tenant, warm, max_output));
+        self.host.record_outcome(&loaded, email.tenant, &result);
+        tracing::debug!(tenant = %email.tenant, plugin = %loaded.name, outbox_id = email.outbox_id, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "templating call");
         Some(result)
+    }
+
+    /// The tenant's templating plugin, unless it has none (`None`), it is unavailable, or
+    /// its breaker has quarantined it.
+    fn choose(&self, tenant: &str) -> Option<Result<Arc<Loaded>, PluginError>> {
+        let loaded = match self.host.registry.select_templating(tenant)? {
+            Ok(loaded) => loaded,
+            Err(e) => return Some(Err(e)),
+        };
+        if let Some(failures) = self.host.breaker.quarantined(&loaded.name, &loaded.digest) {
+            return Some(Err(PluginError::Quarantined {
+                plugin: loaded.name.clone(),
+                failures,
+            }));
+        }
+        Some(Ok(loaded))
+    }
+
+    fn limits(&self) -> CallLimits {
+        let limits = &self.host.limits;
+        CallLimits {
+            fuel: limits.templating_fuel,
+            timeout: limits.templating_timeout(),
+            memory_bytes: limits.templating_memory_bytes,
+            hostcall_bytes: limits.templating_max_output_bytes.saturating_mul(2),
+        }
+    }
+
+    /// The plugin's answer judged: its refusal (its instance serves on), or the email,
+    /// checked; only a clean call (an email, or the plugin's own refusal) gives the
+    /// instance back.
+    fn judge(
+        &self,
+        answer: Result<types::Rendered, types::RenderError>,
+        tenant: &str,
+        warm: Warm,
+        max_output: usize,
+    ) -> Result<RenderedEmail, PluginError> {
+        let plugin = warm.loaded.name.clone();
+        let result = match answer {
+            Err(types::RenderError::InvalidData(message)) => Err(PluginError::InvalidData {
+                plugin,
+                message: plugin_text(&message),
+            }),
+            Err(types::RenderError::Other(message)) => Err(PluginError::Failed {
+                plugin,
+                message: plugin_text(&message),
+            }),
+            Ok(rendered) => check(rendered, max_output)
+                .map_err(|message| PluginError::InvalidOutput { plugin, message }),
+        };
+        if !matches!(result, Err(PluginError::InvalidOutput { .. })) {
+            self.host.instances.give_back(tenant, warm);
+        }
+        result
+    }
+}
+
+/// The email as the plugin's `render` is asked it.
+fn request(email: &EmailToRender<'_>) -> types::RenderRequest {
+    types::RenderRequest {
+        template: email.template.to_owned(),
+        event: types::EventRef {
+            id: email.event_id.to_owned(),
+            event_type: email.event_type.to_owned(),
+            time: email.event_time.clone(),
+        },
+        recipient: types::Recipient {
+            address: email.recipient.to_owned(),
+            user_id: email.user_id.map(str::to_owned),
+            locale: email.locale.map(str::to_owned),
+            time_zone: email.time_zone.map(str::to_owned),
+        },
+        data: email.data.to_string(),
     }
 }
 
 /// A templating plugin's answer, made fit for lettre: a subject of one line (no CR, LF or
 /// NUL; not blank; at most [`MAX_SUBJECT`] bytes), bodies without NUL, at least one body,
 /// and all of it within `max_output` bytes. (WIT strings are UTF-8 by construction.)
-fn check(rendered: wit::Rendered, max_output: usize) -> Result<RenderedEmail, String> {
-    let wit::Rendered {
+fn check(rendered: types::Rendered, max_output: usize) -> Result<RenderedEmail, String> {
+    let types::Rendered {
         subject,
         html,
         text,
@@ -196,8 +207,8 @@ fn check(rendered: wit::Rendered, max_output: usize) -> Result<RenderedEmail, St
 mod tests {
     use super::*;
 
-    fn rendered(subject: &str, html: Option<&str>, text: Option<&str>) -> wit::Rendered {
-        wit::Rendered {
+    fn rendered(subject: &str, html: Option<&str>, text: Option<&str>) -> types::Rendered {
+        types::Rendered {
             subject: subject.into(),
             html: html.map(Into::into),
             text: text.map(Into::into),
