@@ -44,6 +44,8 @@ mod commit;
 mod dead_letter;
 mod dispatch;
 mod effects;
+#[cfg(test)]
+mod fixtures;
 mod group;
 mod lane;
 mod rows;
