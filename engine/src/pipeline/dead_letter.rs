@@ -1,0 +1,142 @@
+//! Dead letters: a message the engine will not deliver, kept with its reason, and a
+//! replayed dead letter's token accepted (or not) in the transaction that handles it again.
+//!
+//! A message is dead-lettered for its own data only: refused by ingest ([`Rejection`]),
+//! judged or set aside by its plugin, or refused by the database (then alone, in a
+//! transaction of its own, see [`Pipeline::dead_letter_alone`]).
+
+use std::borrow::Cow;
+
+use super::effects::Effects;
+use super::{Pipeline, Prepared, Step, rows};
+use crate::ingest::Incoming;
+use crate::ingest::envelope::Rejection;
+use crate::model::Event;
+use crate::plugin::PluginError;
+use crate::store::{self, NewDeadLetter, StoreError};
+
+/// A dead letter about to be written.
+pub(super) struct DeadLetter<'a> {
+    message: &'a Incoming,
+    tenant: Option<&'a str>,
+    event_id: Option<&'a str>,
+    kind: Cow<'a, str>,
+    reason: Cow<'a, str>,
+    plugin: Option<&'a str>,
+}
+
+impl<'a> DeadLetter<'a> {
+    /// A message ingest refused, with whatever of its tenant and id could be read.
+    pub fn rejected(message: &'a Incoming, rejection: &'a Rejection) -> Self {
+        Self {
+            message,
+            tenant: rejection.tenant.as_deref(),
+            event_id: rejection.event_id.as_deref(),
+            kind: rejection.kind.as_str().into(),
+            reason: rejection.reason.as_str().into(),
+            plugin: None,
+        }
+    }
+
+    /// An event its plugin judged, or could not route.
+    pub fn plugin(message: &'a Incoming, event: &'a Event, error: &'a PluginError) -> Self {
+        Self {
+            message,
+            tenant: Some(&event.tenant),
+            event_id: Some(&event.id),
+            kind: format!("plugin_{}", error.kind()).into(),
+            reason: error.to_string().into(),
+            plugin: error.plugin(),
+        }
+    }
+
+    /// A message whose data the database refused, with its event's tenant and id when it
+    /// decoded.
+    fn refused(message: &'a Incoming, event: Option<&'a Event>, error: &StoreError) -> Self {
+        Self {
+            message,
+            tenant: event.map(|e| e.tenant.as_str()),
+            event_id: event.map(|e| e.id.as_str()),
+            kind: "store".into(),
+            reason: format!("the database refused this message's data: {error}").into(),
+            plugin: None,
+        }
+    }
+
+    /// Its `dead_letters` row.
+    fn row(&self) -> NewDeadLetter<'_> {
+        NewDeadLetter {
+            tenant: self.tenant,
+            event_id: self.event_id,
+            origin: rows::origin(self.message),
+            key: self.message.key.as_deref(),
+            payload: self.message.payload.as_deref().unwrap_or_default(),
+            headers: &self.message.headers,
+            error_kind: &self.kind,
+            reason: &self.reason,
+            plugin: self.plugin,
+        }
+    }
+}
+
+impl Pipeline {
+    /// Writes `d`; counted in `effects` when stored (a redelivered message's dead letter
+    /// is stored once).
+    pub(super) async fn dead_letter(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        d: DeadLetter<'_>,
+        effects: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let stored = store::insert_dead_letter(tx, &d.row()).await?;
+        if stored {
+            effects.dead_lettered.push(d.kind.into_owned());
+        }
+        Ok(())
+    }
+
+    /// Dead-letters a single message whose data the database refused, in a transaction of
+    /// its own, with its tenant and event id when it decoded. The event is not claimed: a
+    /// corrected event republished under the same id is handled.
+    pub(super) async fn dead_letter_alone(
+        &self,
+        one: &Prepared,
+        error: &StoreError,
+    ) -> Result<(), StoreError> {
+        let event = one.step.event();
+        tracing::warn!(
+            tenant = event.map_or("-", |e| e.tenant.as_str()),
+            event_id = event.map_or("-", |e| e.id.as_str()),
+            error = %error, "the database refused this message's data; dead-lettered"
+        );
+        let mut tx = self.pool.begin().await?;
+        let mut effects = Effects::consumed(std::slice::from_ref(one));
+        let dead = DeadLetter::refused(&one.message, event, error);
+        self.dead_letter(&mut tx, dead, &mut effects).await?;
+        tx.commit().await?;
+        self.acknowledge(std::slice::from_ref(one), effects);
+        Ok(())
+    }
+}
+
+/// A replayed dead letter: the transaction decides whether its token still counts (then
+/// the event's dead-lettered claim is released, so it is routed again).
+pub(super) async fn replay(
+    tx: &mut sqlx::PgConnection,
+    one: &Prepared,
+    token: uuid::Uuid,
+) -> Result<(), StoreError> {
+    match &one.step {
+        Step::Routed(event, _) | Step::Failed(event, _) | Step::Parked(event, _) => {
+            if store::accept_replay(tx, &event.tenant, &event.id, token).await? {
+                tracing::info!(tenant = %event.tenant, event_id = %event.id, "dead letter replayed");
+            }
+        }
+        Step::Rejected(_) => store::mark_replayed(tx, token).await?,
+        Step::Duplicate => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

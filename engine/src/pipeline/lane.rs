@@ -1,0 +1,283 @@
+//! A tenant lane's task: it takes what is queued as one batch, prepares it (step 1:
+//! duplicates skipped, the rest routed within the tenant's budget, outside any
+//! transaction) and hands it to a committer, a prefix at a time, stalling while the
+//! database or the platform fails.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::dispatch::Work;
+use super::{Commits, Pipeline, Prepared, Stall, Step, budget, group};
+use crate::model::Event;
+use crate::plugin::Disposition;
+use crate::store;
+
+/// Longest wait between two tries of a stalled batch.
+const MAX_STALL_DELAY: Duration = Duration::from_secs(30);
+/// Routing time after which a lane commits what it has routed so far.
+const MAX_ROUTING_PER_COMMIT: Duration = Duration::from_millis(250);
+
+/// How a lane's batch ended.
+#[derive(Debug, PartialEq, Eq)]
+enum BatchEnd {
+    /// All of it is committed: the lane takes its next batch.
+    Committed,
+    /// Shutdown interrupted the waiting (what is not committed then is re-read), or the
+    /// committers are gone: the lane stops.
+    Interrupted,
+}
+
+impl Pipeline {
+    /// One tenant's lane: takes what is queued (up to `kafka.batch_max`, waiting at most
+    /// `kafka.batch_linger_ms` for more) and handles it as one batch, in order.
+    pub(super) async fn lane(
+        self: Arc<Self>,
+        tenant: String,
+        mut queue: mpsc::Receiver<Work>,
+        commits: Commits,
+        shutdown: CancellationToken,
+    ) {
+        let linger = Duration::from_millis(self.kafka.batch_linger_ms);
+        let mut budget = budget::Budget::new(
+            Duration::from_millis(self.plugins.tenant_budget_ms_per_sec()),
+            Instant::now(),
+        );
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                work = queue.recv() => match work {
+                    Some(work) => work,
+                    None => return,
+                },
+            };
+            let batch = next_batch(first, &mut queue, self.kafka.batch_max, linger).await;
+            let end = self
+                .handle_batch(&tenant, &batch, &mut budget, &commits, &shutdown)
+                .await;
+            if end == BatchEnd::Interrupted {
+                return;
+            }
+        }
+    }
+
+    /// Handles a lane's batch until all of it is committed, in order: a prefix per
+    /// transaction (see [`MAX_ROUTING_PER_COMMIT`]).
+    async fn handle_batch(
+        &self,
+        lane: &str,
+        batch: &[Work],
+        budget: &mut budget::Budget,
+        commits: &Commits,
+        shutdown: &CancellationToken,
+    ) -> BatchEnd {
+        let mut rest = batch;
+        while !rest.is_empty() {
+            if shutdown.is_cancelled() {
+                // The prefix in hand is committed; the rest is re-read after the restart.
+                return BatchEnd::Interrupted;
+            }
+            match self
+                .commit_prefix(lane, rest, budget, commits, shutdown)
+                .await
+            {
+                Some(done) => rest = &rest[done..],
+                None => return BatchEnd::Interrupted,
+            }
+        }
+        BatchEnd::Committed
+    }
+
+    /// Commits a prefix of `batch` (through a committer), stalling (waiting and trying
+    /// again) while the database or the platform fails. Returns how many messages it
+    /// committed, or `None` on shutdown (or if the committers are gone, which only a panic
+    /// does: the lane then stops, and the engine with it).
+    async fn commit_prefix(
+        &self,
+        lane: &str,
+        batch: &[Work],
+        budget: &mut budget::Budget,
+        commits: &Commits,
+        shutdown: &CancellationToken,
+    ) -> Option<usize> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let preparing = Instant::now();
+            let stall = match self.prepare(batch, budget, shutdown).await {
+                Ok(prepared) => {
+                    let (writing, routed) = (Instant::now(), prepared.len());
+                    let (done, fate) = oneshot::channel();
+                    let job = group::Job {
+                        items: prepared,
+                        done,
+                    };
+                    commits.send(job).await.ok()?;
+                    match fate.await.ok()? {
+                        Ok(()) => {
+                            self.health.set_stall(lane, None);
+                            self.observe_stages(&batch[..routed], preparing, writing);
+                            return Some(routed);
+                        }
+                        Err(stall) => stall,
+                    }
+                }
+                Err(stall) => Arc::new(stall),
+            };
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            self.report_stall(lane, &stall, batch.len(), delay);
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            if let Stall::Plugin(_) = *stall {
+                // An operator may have put the missing plugin in place meanwhile.
+                self.plugins.reload_after_stall().await;
+            }
+            delay = (delay * 2).min(MAX_STALL_DELAY);
+        }
+    }
+
+    /// A stalled batch, in the metrics, the log and readiness.
+    fn report_stall(&self, lane: &str, stall: &Stall, size: usize, delay: Duration) {
+        self.metrics
+            .pipeline_stalls
+            .with_label_values(&[stall.cause()])
+            .inc();
+        tracing::warn!(
+            lane, cause = stall.cause(), error = %stall, size,
+            retry_in_ms = delay.as_millis() as u64,
+            "batch stalled: the database or the platform failed, not the data; waiting"
+        );
+        self.health
+            .set_stall(lane, Some(format!("{}: {stall}", stall.cause())));
+    }
+
+    /// `notify_stage_seconds` of a committed prefix: how long each event waited in its lane,
+    /// and its batch's routing and commit (the wait for a committer, and the transaction).
+    fn observe_stages(&self, committed: &[Work], preparing: Instant, writing: Instant) {
+        let (queue, route, commit) = (
+            self.metrics.stage("queue"),
+            self.metrics.stage("route"),
+            self.metrics.stage("commit"),
+        );
+        let (routing, committing) = (writing - preparing, writing.elapsed());
+        for one in committed {
+            queue.observe(
+                preparing
+                    .saturating_duration_since(one.message.received)
+                    .as_secs_f64(),
+            );
+            route.observe(routing.as_secs_f64());
+            commit.observe(committing.as_secs_f64());
+        }
+    }
+
+    /// Step 1, outside any transaction: skip known duplicates, route the rest, within the
+    /// tenant's routing-time budget. Stops early, returning a prefix, once routing has taken
+    /// [`MAX_ROUTING_PER_COMMIT`]: a slow tenant's events are committed (and reach their
+    /// users) a few at a time instead of all at the end of a long batch.
+    async fn prepare(
+        &self,
+        batch: &[Work],
+        budget: &mut budget::Budget,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Prepared>, Stall> {
+        let keys: Vec<(&str, &str)> = batch
+            .iter()
+            .filter_map(|w| w.decoded.as_ref().ok())
+            .map(|e| (e.tenant.as_str(), e.id.as_str()))
+            .collect();
+        let seen = store::already_processed(&self.pool, &keys).await?;
+        let mut prepared = Vec::with_capacity(batch.len());
+        let routing_since = Instant::now();
+        for work in batch {
+            if routing_since.elapsed() >= MAX_ROUTING_PER_COMMIT {
+                break;
+            }
+            let step = match &work.decoded {
+                Err(rejection) => Step::Rejected(rejection.clone()),
+                // A replayed dead letter was claimed when it was dead-lettered: the
+                // transaction decides whether its replay token still counts.
+                Ok(event)
+                    if work.message.replay_token().is_none()
+                        && seen.contains(&(event.tenant.clone(), event.id.clone())) =>
+                {
+                    Step::Duplicate
+                }
+                Ok(event) => self.route_within_budget(event, budget, shutdown).await?,
+            };
+            prepared.push(Prepared {
+                message: work.message.clone(),
+                step,
+            });
+        }
+        Ok(prepared)
+    }
+
+    /// Routes `event`, then pauses the lane if that spent the tenant's routing budget.
+    async fn route_within_budget(
+        &self,
+        event: &Event,
+        budget: &mut budget::Budget,
+        shutdown: &CancellationToken,
+    ) -> Result<Step, Stall> {
+        let started = Instant::now();
+        let step = self.route(event.clone()).await?;
+        if let Some(pause) = budget.spend(started.elapsed(), Instant::now()) {
+            tracing::debug!(tenant = %event.tenant, pause_ms = pause.as_millis() as u64, "tenant over its routing budget; pausing its lane");
+            self.metrics.tenant_budget_pauses.inc();
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        Ok(step)
+    }
+
+    async fn route(&self, event: Event) -> Result<Step, Stall> {
+        match self.plugins.route(&event).await {
+            Ok(decision) => {
+                self.metrics.plugin_call(&event.tenant, "routing", "ok");
+                self.metrics
+                    .plugin_call_seconds
+                    .observe(decision.cost.elapsed.as_secs_f64());
+                Ok(Step::Routed(event, decision))
+            }
+            Err(error) => {
+                self.metrics
+                    .plugin_call(&event.tenant, "routing", error.kind());
+                match error.disposition() {
+                    Disposition::Final => Ok(Step::Failed(event, error)),
+                    Disposition::Park => Ok(Step::Parked(event, error)),
+                    Disposition::Stall => Err(Stall::Plugin(error)),
+                }
+            }
+        }
+    }
+}
+
+/// A batch: `first`, then what else is queued, up to `max` messages, waiting at most
+/// `linger` for more.
+async fn next_batch<T>(
+    first: T,
+    queue: &mut mpsc::Receiver<T>,
+    max: usize,
+    linger: Duration,
+) -> Vec<T> {
+    let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        match tokio::time::timeout_at(deadline, queue.recv()).await {
+            Ok(Some(work)) => batch.push(work),
+            _ => break,
+        }
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests;
