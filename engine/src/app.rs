@@ -331,9 +331,9 @@ async fn critical(
 /// applies the migrations if configured to.
 async fn wait_for_database(pool: &PgPool, migrate: bool) -> Result<(), StartError> {
     let deadline = tokio::time::Instant::now() + DATABASE_WAIT;
-    while let Err(e) = sqlx::query("SELECT 1").execute(pool).await {
+    while let Err(e) = store::reachable(pool).await {
         if tokio::time::Instant::now() >= deadline {
-            return Err(StartError::DatabaseUnreachable(DATABASE_WAIT, e.into()));
+            return Err(StartError::DatabaseUnreachable(DATABASE_WAIT, e));
         }
         tracing::warn!(error = %e, "waiting for PostgreSQL");
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -542,13 +542,13 @@ impl Pipeline {
         for one in prepared {
             let claim = match &one.step {
                 Step::Routed(event, decision) => Some(Claim {
-                    dead_lettered: false,
+                    kind: store::ClaimKind::Routed,
                     plugin: Some(&decision.plugin),
                     plugin_digest: Some(&decision.digest),
                     ..claim(event, &one.message)
                 }),
                 Step::Failed(event, error) => Some(Claim {
-                    dead_lettered: true,
+                    kind: store::ClaimKind::DeadLettered,
                     plugin: error.plugin(),
                     plugin_digest: None,
                     ..claim(event, &one.message)
@@ -844,7 +844,7 @@ fn claim<'a>(event: &'a Event, message: &'a Incoming) -> Claim<'a> {
         event_id: &event.id,
         event_type: &event.event_type,
         origin: origin(message),
-        dead_lettered: false,
+        kind: store::ClaimKind::Routed,
         plugin: None,
         plugin_digest: None,
     }
