@@ -335,7 +335,7 @@ async fn wait_for_database(pool: &PgPool, migrate: bool) -> Result<(), StartErro
         if tokio::time::Instant::now() >= deadline {
             return Err(StartError::DatabaseUnreachable(DATABASE_WAIT, e));
         }
-        tracing::warn!(error = %e, "waiting for PostgreSQL");
+        tracing::warn!(error = %e.with_cause(), "waiting for PostgreSQL");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     if migrate {

@@ -46,11 +46,15 @@ use sqlx::{Executor, PgPool, Postgres, Transaction};
 
 use crate::config::DatabaseConfig;
 
+/// What went wrong talking to PostgreSQL. The message says which side failed; the cause
+/// (sqlx's error) is the `source`, so a printer of the whole chain shows it once.
+/// [`StoreError::with_cause`] is the one line a log or a stored reason wants.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database: {0}")]
+    /// A connection, the pool or a statement failed.
+    #[error("database")]
     Sqlx(#[from] sqlx::Error),
-    #[error("database migration: {0}")]
+    #[error("database migration")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
@@ -75,6 +79,27 @@ impl StoreError {
             StoreError::Sqlx(sqlx::Error::Encode(_)) => true,
             StoreError::Sqlx(_) | StoreError::Migrate(_) => false,
         }
+    }
+
+    /// Was every connection of the pool busy until the acquire timed out? Nothing is wrong
+    /// with the database: the caller may ask again in a moment (the API answers 503).
+    pub fn is_pool_busy(&self) -> bool {
+        matches!(self, StoreError::Sqlx(sqlx::Error::PoolTimedOut))
+    }
+
+    /// This error and its immediate cause on one line, `database: <what sqlx said>`, for a
+    /// log line or a stored reason (the message alone names only the side that failed).
+    pub fn with_cause(&self) -> impl std::fmt::Display + '_ {
+        struct WithCause<'a>(&'a StoreError);
+        impl std::fmt::Display for WithCause<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match self.0 {
+                    StoreError::Sqlx(cause) => write!(f, "{}: {cause}", self.0),
+                    StoreError::Migrate(cause) => write!(f, "{}: {cause}", self.0),
+                }
+            }
+        }
+        WithCause(self)
     }
 }
 
@@ -183,4 +208,29 @@ pub struct Origin<'a> {
 /// batch statements of [`claims`] and [`outbox`].
 fn texts<'a, T>(rows: &'a [T], f: impl Fn(&'a T) -> Option<&'a str>) -> Vec<Option<&'a str>> {
     rows.iter().map(f).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn an_error_names_its_side_keeps_its_cause_as_source_and_prints_it_once() {
+        let busy = StoreError::Sqlx(sqlx::Error::PoolTimedOut);
+        let cause = sqlx::Error::PoolTimedOut.to_string();
+        assert_eq!(busy.to_string(), "database");
+        assert_eq!(busy.source().map(ToString::to_string), Some(cause.clone()));
+        assert_eq!(busy.with_cause().to_string(), format!("database: {cause}"));
+        assert!(busy.is_pool_busy());
+
+        let missing = StoreError::Sqlx(sqlx::Error::RowNotFound);
+        assert!(!missing.is_pool_busy());
+        assert!(!missing.is_data_error());
+        assert_eq!(
+            missing.with_cause().to_string(),
+            format!("database: {}", sqlx::Error::RowNotFound)
+        );
+    }
 }
