@@ -41,8 +41,8 @@ use crate::templates::Templates;
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("PostgreSQL not reachable after {0:?}: {1}")]
-    DatabaseUnreachable(Duration, store::StoreError),
+    #[error("PostgreSQL not reachable after {0:?}")]
+    DatabaseUnreachable(Duration, #[source] store::StoreError),
     #[error(transparent)]
     Plugin(#[from] crate::plugin::LoadError),
     #[error("templates in {dir}: {error}")]
@@ -56,9 +56,9 @@ pub enum StartError {
     #[error(
         "the public API cannot act as its database role notify_api_<database oid> (created by \
          the migrations; the engine's database user needs CREATEROLE once, or a DBA creates \
-         the role and grants it to that user): {0}"
+         the role and grants it to that user)"
     )]
-    ApiRole(store::StoreError),
+    ApiRole(#[source] store::StoreError),
     #[error("verification keys: {0}")]
     Keys(#[from] crate::api::auth::keys::KeyError),
     #[error("binding {addr}: {error}")]
