@@ -33,7 +33,8 @@ pub use dead_letters::{NewDeadLetter, accept_replay, insert_dead_letter, mark_re
 pub use notifications::{NewNotification, insert_notifications};
 pub use outbox::{NewEmail, enqueue_emails};
 pub use wake::announce;
-// The old flat paths the integration tests and the CLI (`main.rs`) still name.
+// The old flat paths the integration tests and the CLI (`main.rs`) still name (the tests
+// also name `NewDeadLetter` and `insert_dead_letter`, above).
 pub use claims::ALREADY_PROCESSED_SQL;
 pub use dead_letters::DeadLetterFilter;
 pub use notifications::notifications_after;
