@@ -41,8 +41,8 @@ use crate::templates::Templates;
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("PostgreSQL not reachable after {0:?}: {1}")]
-    DatabaseUnreachable(Duration, store::StoreError),
+    #[error("PostgreSQL not reachable after {0:?}")]
+    DatabaseUnreachable(Duration, #[source] store::StoreError),
     #[error(transparent)]
     Plugin(#[from] crate::plugin::LoadError),
     #[error("templates in {dir}: {error}")]
@@ -56,9 +56,9 @@ pub enum StartError {
     #[error(
         "the public API cannot act as its database role notify_api_<database oid> (created by \
          the migrations; the engine's database user needs CREATEROLE once, or a DBA creates \
-         the role and grants it to that user): {0}"
+         the role and grants it to that user)"
     )]
-    ApiRole(store::StoreError),
+    ApiRole(#[source] store::StoreError),
     #[error("verification keys: {0}")]
     Keys(#[from] crate::api::auth::keys::KeyError),
     #[error("binding {addr}: {error}")]
@@ -331,11 +331,11 @@ async fn critical(
 /// applies the migrations if configured to.
 async fn wait_for_database(pool: &PgPool, migrate: bool) -> Result<(), StartError> {
     let deadline = tokio::time::Instant::now() + DATABASE_WAIT;
-    while let Err(e) = sqlx::query("SELECT 1").execute(pool).await {
+    while let Err(e) = store::reachable(pool).await {
         if tokio::time::Instant::now() >= deadline {
-            return Err(StartError::DatabaseUnreachable(DATABASE_WAIT, e.into()));
+            return Err(StartError::DatabaseUnreachable(DATABASE_WAIT, e));
         }
-        tracing::warn!(error = %e, "waiting for PostgreSQL");
+        tracing::warn!(error = %e.with_cause(), "waiting for PostgreSQL");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     if migrate {

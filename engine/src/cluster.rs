@@ -2,7 +2,7 @@
 //! (no service of its own):
 //!
 //! - **wake-ups**: every transaction that writes stream rows NOTIFYs `[[tenant, user, seq]]`
-//!   (`store::announce`); [`listen`] publishes them to this instance's hub, so a stream on
+//!   (`store::wake::announce`); [`listen`] publishes them to this instance's hub, so a stream on
 //!   any instance hears of rows committed on any other.
 //! - **presence**: which users have a stream open on which instance. Each instance writes
 //!   its users' first stream opening and last closing ([`Presence::run`], batched, with a
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PresenceConfig;
 use crate::hub::{Hub, Key};
 use crate::store::presence::{self as store, News};
-use crate::store::{ClusterListener, Heard};
+use crate::store::wake::{ClusterListener, Heard};
 
 /// How long presence changes gather before they are written: one statement for a burst of
 /// connections (a restarted instance's clients all reconnecting) instead of one each.

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{EmailConfig, SmtpConfig, SmtpTls, TenantConfig};
 use crate::plugin::{Disposition, EmailToRender, PluginError, PluginHost};
-use crate::store::{self, OutboxEmail};
+use crate::store::outbox::{self, OutboxEmail};
 use crate::telemetry::Metrics;
 use crate::templates::{RenderedEmail, Templates};
 
@@ -127,10 +127,10 @@ impl EmailWorker {
                 break;
             }
             if queue.is_empty() && !idle && sending.len() <= slots / 2 && !shutdown.is_cancelled() {
-                if let Err(e) = store::sweep_expired_claims(&worker.pool, max_age).await {
+                if let Err(e) = outbox::sweep_expired_claims(&worker.pool, max_age).await {
                     tracing::warn!(error = %e, "sweeping expired outbox claims failed");
                 }
-                let claimed = match store::claim_emails(
+                let claimed = match outbox::claim_emails(
                     &worker.pool,
                     worker.config.batch,
                     worker.config.per_tenant_batch,
@@ -193,7 +193,7 @@ impl EmailWorker {
             wait
         };
         if let Some(wait) = wait {
-            if let Err(e) = store::release_email(&self.pool, &email, wait).await {
+            if let Err(e) = outbox::release_email(&self.pool, &email, wait).await {
                 tracing::warn!(outbox_id = email.id, error = %e, "releasing a claim failed");
             }
             return;
@@ -206,7 +206,7 @@ impl EmailWorker {
             self.deliver(email).await;
             return;
         }
-        match store::renew_email_claim(&self.pool, &email, claim_timeout).await {
+        match outbox::renew_email_claim(&self.pool, &email, claim_timeout).await {
             Ok(true) => self.deliver(email).await,
             Ok(false) => {
                 tracing::info!(
@@ -234,7 +234,7 @@ impl EmailWorker {
             Attempt::Sent => {
                 self.metrics.emails_sent.inc();
                 tracing::info!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, template = %email.template, attempts = email.attempts, "email sent");
-                store::mark_email_sent(&self.pool, &email).await
+                outbox::mark_email_sent(&self.pool, &email).await
             }
             Attempt::Retry(error) if age < Duration::from_secs(self.config.max_age_secs) => {
                 self.metrics.emails_retried.inc();
@@ -245,7 +245,7 @@ impl EmailWorker {
                     rand::rng().random_range(0.5..=1.0),
                 );
                 tracing::warn!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, attempts = email.attempts, retry_in_ms = delay.as_millis() as u64, error = %error, "email failed transiently; will retry");
-                store::mark_email_retry(&self.pool, &email, error, delay).await
+                outbox::mark_email_retry(&self.pool, &email, error, delay).await
             }
             Attempt::Retry(error) => {
                 self.metrics.emails_failed.inc();
@@ -255,12 +255,12 @@ impl EmailWorker {
                     age.as_secs()
                 );
                 tracing::error!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, error = %error, "email failed");
-                store::mark_email_failed(&self.pool, &email, &error).await
+                outbox::mark_email_failed(&self.pool, &email, &error).await
             }
             Attempt::Failed(error) => {
                 self.metrics.emails_failed.inc();
                 tracing::error!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, attempts = email.attempts, error = %error, "email failed");
-                store::mark_email_failed(&self.pool, &email, error).await
+                outbox::mark_email_failed(&self.pool, &email, error).await
             }
         };
         match result {

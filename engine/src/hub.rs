@@ -2,7 +2,7 @@
 //!
 //! The hub carries "user U of tenant T now has sequence number N". Within an instance, the
 //! writer publishes after its commit; across instances, every transaction that writes stream
-//! rows also NOTIFYs them (`store::announce`), and `cluster::listen` publishes what other
+//! rows also NOTIFYs them (`store::wake::announce`), and `cluster::listen` publishes what other
 //! instances committed, so a stream on any instance hears of rows written on any other.
 //!
 //! A stream that wakes up takes what it has not sent yet from the rows this instance

@@ -23,10 +23,10 @@ pub fn token(auth: &AuthConfig, tenant: &str, user: &str, ttl_secs: u64) -> anyh
 /// `email.max_age_secs` window); returns how many. The engine's email worker sends them.
 pub async fn requeue_emails(
     database: &DatabaseConfig,
-    filter: &crate::store::RequeueFilter,
+    filter: &crate::store::outbox::RequeueFilter,
 ) -> anyhow::Result<u64> {
     let pool = crate::store::connect(database, 1)?;
-    let requeued = crate::store::requeue_failed_emails(&pool, filter)
+    let requeued = crate::store::outbox::requeue_failed_emails(&pool, filter)
         .await
         .context("requeueing failed emails")?;
     pool.close().await;
@@ -39,10 +39,10 @@ pub async fn requeue_emails(
 pub async fn replay_dead_letters(
     kafka: &KafkaConfig,
     database: &DatabaseConfig,
-    filter: &crate::store::DeadLetterFilter,
+    filter: &crate::store::dead_letters::DeadLetterFilter,
 ) -> anyhow::Result<usize> {
     let pool = crate::store::connect(database, 1)?;
-    let replays = crate::store::prepare_replays(&pool, filter)
+    let replays = crate::store::dead_letters::prepare_replays(&pool, filter)
         .await
         .context("selecting dead letters")?;
     pool.close().await;
@@ -85,10 +85,10 @@ pub async fn replay_dead_letters(
 /// The selected dead letters, oldest first.
 pub async fn list_dead_letters(
     database: &DatabaseConfig,
-    filter: &crate::store::DeadLetterFilter,
-) -> anyhow::Result<Vec<crate::store::DeadLetterRow>> {
+    filter: &crate::store::dead_letters::DeadLetterFilter,
+) -> anyhow::Result<Vec<crate::store::dead_letters::DeadLetterRow>> {
     let pool = crate::store::connect(database, 1)?;
-    let rows = crate::store::list_dead_letters(&pool, filter)
+    let rows = crate::store::dead_letters::list_dead_letters(&pool, filter)
         .await
         .context("listing dead letters")?;
     pool.close().await;

@@ -11,6 +11,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
 
+use crate::store::StoreError;
+
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
@@ -67,15 +69,15 @@ impl ApiError {
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        match e {
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        if e.is_pool_busy() {
             // Every connection of the API's pool is busy: the client should come back in a
             // moment (503 with Retry-After), not be told the engine broke.
-            crate::store::StoreError::Sqlx(sqlx::Error::PoolTimedOut) => {
-                ApiError::Unavailable("the engine is busy; retry in a moment".into())
-            }
-            e => ApiError::Internal(e.to_string()),
+            ApiError::Unavailable("the engine is busy; retry in a moment".into())
+        } else {
+            // For the log only (see `into_response`), with what the database said.
+            ApiError::Internal(e.with_cause().to_string())
         }
     }
 }
@@ -150,11 +152,11 @@ mod tests {
 
     #[test]
     fn a_busy_pool_asks_the_client_to_come_back_and_other_failures_hide_their_detail() {
-        let busy: ApiError = crate::store::StoreError::Sqlx(sqlx::Error::PoolTimedOut).into();
+        let busy: ApiError = StoreError::Sqlx(sqlx::Error::PoolTimedOut).into();
         let response = busy.into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
-        let broken: ApiError = crate::store::StoreError::Sqlx(sqlx::Error::RowNotFound).into();
+        let broken: ApiError = StoreError::Sqlx(sqlx::Error::RowNotFound).into();
         let response = broken.into_response();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!response.headers().contains_key(header::RETRY_AFTER));

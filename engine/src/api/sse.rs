@@ -33,7 +33,7 @@ use super::error::{ApiError, ErrorBody};
 use super::tickets::{self, TICKET_PARAM};
 use crate::hub::{CapExceeded, Caps, Subscription};
 use crate::model::{ARCHIVED_EVENT, NOTIFICATION_EVENT, READ_EVENT, StoredNotification};
-use crate::store;
+use crate::store::notifications;
 
 /// The query parameter standing in for the `Last-Event-ID` header.
 pub const LAST_EVENT_ID_PARAM: &str = "last_event_id";
@@ -118,7 +118,8 @@ pub async fn stream(
                 CapExceeded::Global => "too many open streams; try again later".into(),
             })
         })?;
-    let latest = store::latest_seq(&state.pool, &identity.tenant, &identity.user_id).await?;
+    let latest =
+        notifications::latest_seq(&state.pool, &identity.tenant, &identity.user_id).await?;
     // An id beyond the latest (a tab left open across a database reset) would hide every
     // new event until the sequence caught up; start from "now" instead.
     let cursor = last_event_id.map_or(latest, |n| n.min(latest));
@@ -335,7 +336,7 @@ impl Reader {
         let reading = std::time::Instant::now();
         // Boxed: the query's state lives on the heap while it runs, not in every idle
         // stream's future for the stream's whole life.
-        let read = Box::pin(store::notifications_after(
+        let read = Box::pin(notifications::notifications_after(
             &self.pool,
             &self.tenant,
             &self.user_id,

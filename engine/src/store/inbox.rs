@@ -13,7 +13,9 @@
 use serde_json::{Map, Value, json};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
-use super::{NewNotification, Result, insert_notifications, scoped};
+use super::notifications::{NewNotification, insert_notifications};
+use super::wake::announce;
+use super::{Result, scoped};
 use crate::model::{ARCHIVED_EVENT, READ_EVENT, StoredNotification};
 
 /// Which archive state a list shows.
@@ -297,6 +299,6 @@ async fn log_change(
         unreachable!("one number per notification")
     };
     // The user's streams on other instances hear of it when it commits.
-    super::announce(conn, None, [(tenant, user_id, seq, None)]).await?;
+    announce(conn, None, [(tenant, user_id, seq, None)]).await?;
     Ok(seq)
 }

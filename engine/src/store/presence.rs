@@ -7,7 +7,8 @@ use std::collections::HashSet;
 
 use sqlx::{PgConnection, PgPool};
 
-use super::{Result, json_arrays};
+use super::Result;
+use super::wake::json_arrays;
 
 /// The channel on which instances announce presence changes: [`News`] as JSON.
 pub const PRESENCE_CHANNEL: &str = "notify_engine_presence";
