@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use notify_engine::store::{self, NewDeadLetter, Origin};
+use notify_engine::store::dead_letters::{self, NewDeadLetter};
+use notify_engine::store::{self, Origin};
 
 use crate::support::*;
 
@@ -95,18 +96,18 @@ async fn dead_letters_keep_payloads_at_reused_offsets() {
     };
     let mut tx = pool.begin().await.unwrap();
     assert!(
-        store::insert_dead_letter(&mut tx, &letter(b"first life"))
+        dead_letters::insert_dead_letter(&mut tx, &letter(b"first life"))
             .await
             .unwrap()
     );
     assert!(
-        !store::insert_dead_letter(&mut tx, &letter(b"first life"))
+        !dead_letters::insert_dead_letter(&mut tx, &letter(b"first life"))
             .await
             .unwrap(),
         "a redelivery is stored once"
     );
     assert!(
-        store::insert_dead_letter(&mut tx, &letter(b"second life"))
+        dead_letters::insert_dead_letter(&mut tx, &letter(b"second life"))
             .await
             .unwrap(),
         "another message at a reused offset is kept"
@@ -127,7 +128,7 @@ async fn dead_letters_keep_payloads_at_reused_offsets() {
 /// yields one outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_replay_once_the_cause_is_fixed() {
-    use notify_engine::store::DeadLetterFilter;
+    use notify_engine::store::dead_letters::DeadLetterFilter;
     use notify_engine::tools;
 
     let world = World::new().await;
@@ -228,7 +229,7 @@ async fn dead_letters_replay_once_the_cause_is_fixed() {
 /// original is marked replayed: the next replay does not pick it up again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_dead_letter_replays_as_itself_once() {
-    use notify_engine::store::DeadLetterFilter;
+    use notify_engine::store::dead_letters::DeadLetterFilter;
     use notify_engine::tools;
 
     let world = World::new().await;

@@ -3,7 +3,7 @@
 //! link and recipient policy, and fair claiming between tenants' backlogs.
 
 use notify_engine::config::TenantConfig;
-use notify_engine::store::RequeueFilter;
+use notify_engine::store::outbox::RequeueFilter;
 
 use crate::support::*;
 

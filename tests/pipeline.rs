@@ -359,7 +359,7 @@ async fn the_duplicate_check_keeps_to_the_index_as_the_table_grows() {
         "SET plan_cache_mode = force_generic_plan;
          PREPARE duplicate_check(text[], text[]) AS {};
          EXPLAIN EXECUTE duplicate_check('{{t}}', '{{e}}');",
-        notify_engine::store::ALREADY_PROCESSED_SQL
+        notify_engine::store::claims::ALREADY_PROCESSED_SQL
     ))
     .execute(&mut *conn)
     .await

@@ -145,17 +145,21 @@ async fn replays_are_bounded_in_bytes_and_rate() {
         .await
         .unwrap();
     let api = notify_engine::store::connect(&config.database, 1).unwrap();
-    let page = notify_engine::store::notifications_after(&api, &tenant, "u1", 0, 200, 150_000)
-        .await
-        .unwrap();
+    let page = notify_engine::store::notifications::notifications_after(
+        &api, &tenant, "u1", 0, 200, 150_000,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         page.len(),
         2,
         "two rows of ~60 KB fit in 150 KB, a third does not"
     );
-    let page = notify_engine::store::notifications_after(&api, &tenant, "u1", 0, 200, 1_000)
-        .await
-        .unwrap();
+    let page = notify_engine::store::notifications::notifications_after(
+        &api, &tenant, "u1", 0, 200, 1_000,
+    )
+    .await
+    .unwrap();
     assert_eq!(page.len(), 1, "a page always holds its first row");
 
     let token = world.token(&tenant, "u1");

@@ -27,12 +27,6 @@ pub mod retention;
 pub mod tickets;
 pub mod wake;
 
-// Re-exported for the pipeline until its split lands.
-pub use claims::{Claim, ClaimKind, already_processed, claim_events};
-pub use dead_letters::{NewDeadLetter, accept_replay, insert_dead_letter, mark_replayed};
-pub use notifications::{NewNotification, insert_notifications};
-pub use outbox::{NewEmail, enqueue_emails};
-pub use wake::announce;
 // The old flat paths the integration tests and the CLI (`main.rs`) still name (the tests
 // also name `NewDeadLetter` and `insert_dead_letter`, above).
 pub use claims::ALREADY_PROCESSED_SQL;

@@ -13,7 +13,8 @@ use crate::ingest::Incoming;
 use crate::ingest::envelope::Rejection;
 use crate::model::Event;
 use crate::plugin::PluginError;
-use crate::store::{self, NewDeadLetter, StoreError};
+use crate::store::StoreError;
+use crate::store::dead_letters::{self, NewDeadLetter};
 
 /// A dead letter about to be written.
 pub(super) struct DeadLetter<'a> {
@@ -88,7 +89,7 @@ impl Pipeline {
         d: DeadLetter<'_>,
         effects: &mut Effects,
     ) -> Result<(), StoreError> {
-        let stored = store::insert_dead_letter(tx, &d.row()).await?;
+        let stored = dead_letters::insert_dead_letter(tx, &d.row()).await?;
         if stored {
             effects.dead_lettered.push(d.kind.into_owned());
         }
@@ -128,11 +129,11 @@ pub(super) async fn replay(
 ) -> Result<(), StoreError> {
     match &one.step {
         Step::Routed(event, _) | Step::Failed(event, _) | Step::Parked(event, _) => {
-            if store::accept_replay(tx, &event.tenant, &event.id, token).await? {
+            if dead_letters::accept_replay(tx, &event.tenant, &event.id, token).await? {
                 tracing::info!(tenant = %event.tenant, event_id = %event.id, "dead letter replayed");
             }
         }
-        Step::Rejected(_) => store::mark_replayed(tx, token).await?,
+        Step::Rejected(_) => dead_letters::mark_replayed(tx, token).await?,
         Step::Duplicate => {}
     }
     Ok(())

@@ -10,7 +10,7 @@ use super::{Pipeline, Prepared};
 use crate::hub;
 use crate::ingest::Incoming;
 use crate::model::StoredNotification;
-use crate::store::NewNotification;
+use crate::store::notifications::NewNotification;
 
 /// What a committed batch did: its events' outcomes, counted, and the rows it wrote.
 #[derive(Default)]

@@ -13,7 +13,7 @@ use super::dispatch::Work;
 use super::{Commits, Pipeline, Prepared, Stall, Step, budget, group};
 use crate::model::Event;
 use crate::plugin::Disposition;
-use crate::store;
+use crate::store::claims;
 
 /// Longest wait between two tries of a stalled batch.
 const MAX_STALL_DELAY: Duration = Duration::from_secs(30);
@@ -191,7 +191,7 @@ impl Pipeline {
             .filter_map(|w| w.decoded.as_ref().ok())
             .map(|e| (e.tenant.as_str(), e.id.as_str()))
             .collect();
-        let seen = store::already_processed(&self.pool, &keys).await?;
+        let seen = claims::already_processed(&self.pool, &keys).await?;
         let mut prepared = Vec::with_capacity(batch.len());
         let routing_since = Instant::now();
         for work in batch {

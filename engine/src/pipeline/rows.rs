@@ -10,7 +10,10 @@ use super::{Prepared, Step};
 use crate::ingest::Incoming;
 use crate::model::{Event, NOTIFICATION_EVENT};
 use crate::plugin::{Decision, Delivery};
-use crate::store::{Claim, NewEmail, NewNotification, Origin};
+use crate::store::Origin;
+use crate::store::claims::{Claim, ClaimKind};
+use crate::store::notifications::NewNotification;
+use crate::store::outbox::NewEmail;
 
 /// Where a message came from, for the rows that record it.
 pub(super) fn origin(message: &Incoming) -> Origin<'_> {
@@ -28,7 +31,7 @@ fn claim<'a>(event: &'a Event, message: &'a Incoming) -> Claim<'a> {
         event_id: &event.id,
         event_type: &event.event_type,
         origin: origin(message),
-        dead_lettered: false,
+        kind: ClaimKind::Routed,
         plugin: None,
         plugin_digest: None,
     }
@@ -39,13 +42,13 @@ fn claim<'a>(event: &'a Event, message: &'a Incoming) -> Claim<'a> {
 fn claim_of(one: &Prepared) -> Option<Claim<'_>> {
     match &one.step {
         Step::Routed(event, decision) => Some(Claim {
-            dead_lettered: false,
+            kind: ClaimKind::Routed,
             plugin: Some(&decision.plugin),
             plugin_digest: Some(&decision.digest),
             ..claim(event, &one.message)
         }),
         Step::Failed(event, error) => Some(Claim {
-            dead_lettered: true,
+            kind: ClaimKind::DeadLettered,
             plugin: error.plugin(),
             plugin_digest: None,
             ..claim(event, &one.message)

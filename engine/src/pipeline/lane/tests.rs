@@ -45,7 +45,7 @@ async fn a_batch_ends_when_the_queue_closes() {
 
 #[test]
 fn a_stall_names_its_cause() {
-    let database = Stall::from(store::StoreError::from(sqlx::Error::PoolTimedOut));
+    let database = Stall::from(crate::store::StoreError::from(sqlx::Error::PoolTimedOut));
     assert_eq!(database.cause(), "database");
     let plugin = Stall::Plugin(crate::plugin::PluginError::NoDefault {
         tenant: "acme".to_owned(),

@@ -94,17 +94,17 @@ fn a_batch_claims_each_decided_event_once_and_nothing_else() {
         prepared(7, Step::Routed(event("globex", "a"), decision(vec![]))),
     ];
     let claims = Claims::of(&batch);
-    let keys: Vec<(&str, &str, bool)> = claims
+    let keys: Vec<(&str, &str, ClaimKind)> = claims
         .rows
         .iter()
-        .map(|c| (c.tenant, c.event_id, c.dead_lettered))
+        .map(|c| (c.tenant, c.event_id, c.kind))
         .collect();
     assert_eq!(
         keys,
         [
-            ("acme", "a", false),
-            ("acme", "b", true),
-            ("globex", "a", false)
+            ("acme", "a", ClaimKind::Routed),
+            ("acme", "b", ClaimKind::DeadLettered),
+            ("globex", "a", ClaimKind::Routed)
         ]
     );
     let routed = &claims.rows[0];
