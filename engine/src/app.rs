@@ -380,6 +380,7 @@ impl Engine<'_> {
         Ok((http_addr, admin_addr))
     }
 
+    /// [`spawn_server`] on the engine's tasks, limits and shutdown.
     async fn spawn_server(
         &self,
         addr: SocketAddr,
@@ -395,6 +396,7 @@ impl Engine<'_> {
         .await
     }
 
+    /// The handle [`start`] returns.
     fn running(self, http_addr: SocketAddr, admin_addr: SocketAddr) -> Running {
         Running {
             http_addr,
