@@ -90,9 +90,9 @@ impl Default for LogConfig {
     }
 }
 
-// Secrets never reach a `Debug` print (a `{config:?}` in a log line, a panic message):
-// these four sections print their credentials as "[redacted]".
-
+/// Secrets never reach a `Debug` print (a `{config:?}` in a log line, a panic message):
+/// four sections (`kafka`, `database`, `smtp`, `auth`, each in its file) print their
+/// credentials as this.
 const REDACTED: &str = "[redacted]";
 
 /// Secrets that must never be read from a file.
