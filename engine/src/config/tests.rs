@@ -112,3 +112,66 @@ fn rejects_unknown_keys() {
     let err = load_error("[kafka]\nbrokerz = \"x\"\n");
     assert!(err.contains("brokerz"), "{err}");
 }
+
+/// Each section's rules and the cross-section ones answer with their messages, whole.
+#[test]
+fn each_section_answers_with_its_own_message() {
+    type Breaks = fn(&mut Config);
+    let cases: [(Breaks, &str); 9] = [
+        (
+            |c| c.auth.ticket_ttl_secs = 31,
+            "auth.ticket_ttl_secs must be between 1 and 30",
+        ),
+        (
+            |c| c.http.cors_origins = vec!["*".into()],
+            "http.cors_origins: \"*\" must be an origin like \"https://app.example.com\" (no path, no wildcard)",
+        ),
+        (
+            |c| c.retention.batch = 0,
+            "retention.batch and retention.interval_secs must be positive",
+        ),
+        (
+            |c| {
+                c.kafka.tenant_from = TenantFrom::Header;
+                c.kafka.tenant_header.clear();
+            },
+            "kafka.tenant_from = \"header\" needs kafka.tenant_header",
+        ),
+        (
+            |c| c.plugins.fuel = 0,
+            "plugins.fuel and plugins.timeout_ms must be positive",
+        ),
+        (
+            |c| {
+                let plugin = Some("same".to_owned());
+                c.tenants.insert(
+                    "acme".into(),
+                    TenantConfig {
+                        plugin: plugin.clone(),
+                        templating_plugin: plugin,
+                        ..TenantConfig::default()
+                    },
+                );
+            },
+            "tenants.acme: plugin and templating_plugin name the same file; a component implements one world",
+        ),
+        (
+            |c| c.sse.keepalive_secs = 16,
+            "sse.keepalive_secs must be between 1 and 15",
+        ),
+        (
+            |c| c.smtp.from = "not a mailbox".into(),
+            "smtp.from \"not a mailbox\" is not a valid mailbox",
+        ),
+        (
+            |c| c.email.claim_timeout_ms = 1,
+            "email.claim_timeout_ms (1) must be at least 3 × smtp.timeout_ms (10000)",
+        ),
+    ];
+    for (breaks, message) in cases {
+        let mut c = valid();
+        breaks(&mut c);
+        let err = c.validate().expect_err(message).to_string();
+        assert_eq!(err, format!("configuration: {message}"));
+    }
+}
