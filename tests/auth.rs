@@ -158,17 +158,17 @@ fn valid_tokens(keys: &Keys) -> [String; 3] {
         token(
             Header::new(Algorithm::HS256),
             &claims("acme", "u1"),
-            &secret,
+            secret,
         ),
         token(
             kid(Algorithm::RS256, "acme-rsa"),
             &acme_claims(json!({})),
-            &acme_rsa,
+            acme_rsa,
         ),
         token(
             kid(Algorithm::ES256, "acme-ec"),
             &acme_claims(json!({})),
-            &acme_ec,
+            acme_ec,
         ),
     ]
 }
@@ -229,7 +229,7 @@ fn forged_tokens(good: &str, keys: &Keys) -> Vec<(&'static str, String)> {
             token(
                 Header::new(Algorithm::HS256),
                 &json!({"sub": "u1", "tenant": "acme", "iss": "notify-engine", "aud": "elsewhere", "exp": now() + 600}),
-                &secret,
+                secret,
             ),
         ),
         (
@@ -237,7 +237,7 @@ fn forged_tokens(good: &str, keys: &Keys) -> Vec<(&'static str, String)> {
             token(
                 kid(Algorithm::RS256, "acme-rsa"),
                 &acme_claims(json!({"iss": "notify-engine"})),
-                &acme_rsa,
+                acme_rsa,
             ),
         ),
         (
@@ -245,7 +245,7 @@ fn forged_tokens(good: &str, keys: &Keys) -> Vec<(&'static str, String)> {
             token(
                 Header::new(Algorithm::HS256),
                 &json!({"sub": "u1", "tenant": "acme", "iss": "notify-engine", "aud": "notify-api", "exp": now() - 5}),
-                &secret,
+                secret,
             ),
         ),
         (
@@ -253,12 +253,12 @@ fn forged_tokens(good: &str, keys: &Keys) -> Vec<(&'static str, String)> {
             token(
                 kid(Algorithm::ES256, "acme-ec"),
                 &acme_claims(json!({"nbf": now() + 300})),
-                &acme_ec,
+                acme_ec,
             ),
         ),
         (
             "missing tenant claim",
-            token(Header::new(Algorithm::HS256), &no_tenant, &secret),
+            token(Header::new(Algorithm::HS256), &no_tenant, secret),
         ),
         (
             "tampered signature",
@@ -276,7 +276,7 @@ fn forged_tokens(good: &str, keys: &Keys) -> Vec<(&'static str, String)> {
             token(
                 kid(Algorithm::RS256, "acme-2019"),
                 &acme_claims(json!({})),
-                &acme_rsa,
+                acme_rsa,
             ),
         ),
         (
@@ -284,7 +284,7 @@ fn forged_tokens(good: &str, keys: &Keys) -> Vec<(&'static str, String)> {
             token(
                 kid(Algorithm::RS256, "acme-rsa"),
                 &acme_claims(json!({"tenant": "globex"})),
-                &acme_rsa,
+                acme_rsa,
             ),
         ),
         (
@@ -292,7 +292,7 @@ fn forged_tokens(good: &str, keys: &Keys) -> Vec<(&'static str, String)> {
             token(
                 kid(Algorithm::ES256, "globex-ec"),
                 &acme_claims(json!({"tenant": "globex"})),
-                &acme_ec,
+                acme_ec,
             ),
         ),
         ("not a JWT", "not-a-jwt".into()),

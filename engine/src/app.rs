@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::FutureExt;
+use lettre::message::Mailbox;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -126,34 +127,88 @@ impl Running {
 /// How long start-up waits for PostgreSQL before giving up.
 const DATABASE_WAIT: Duration = Duration::from_secs(60);
 
+/// Builds every part from `config` and starts it, in the order the parts depend on each
+/// other: the store (and the key files), the plugin host, the templates and the sender, the
+/// Kafka consumer; then the tasks (pipeline, reloads, email worker, housekeeping) and last
+/// the listeners, so the engine answers only once everything behind it runs.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let metrics = Metrics::new().with_known_tenants(
+    let metrics = metrics_for(&config);
+    let (pool, api_pool, auth) = open_store(&config).await?;
+    let health = Arc::new(Health::default());
+    let hub = Hub::new();
+    let presence = Presence::new(hub.clone(), config.presence.clone());
+    let plugins = load_plugins(&config, &presence, &health).await?;
+    let templates = load_templates(&config)?;
+    let from = sender(&config)?;
+    let ingest = Arc::new(Ingest::connect(&config.kafka)?);
+    let engine = Engine {
+        config: &config,
+        pool,
+        metrics,
+        health,
+        hub,
+        presence,
+        plugins,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        failed: Arc::new(AtomicBool::new(false)),
+    };
+    let email_wake = Arc::new(Notify::new());
+    engine.start_pipeline(ingest, email_wake.clone(), &from);
+    let templates = engine.start_reloads(templates)?;
+    engine.start_email(templates, from, email_wake)?;
+    engine.start_housekeeping();
+    let (http_addr, admin_addr) = engine.start_api(api_pool, auth).await?;
+    tracing::info!(http = %http_addr, admin = %admin_addr, topics = ?config.kafka.topics, group = %config.kafka.group_id, "engine started");
+    Ok(engine.running(http_addr, admin_addr))
+}
+
+/// The metrics, with every tenant the configuration names known from the start (their
+/// series exist before their first event).
+fn metrics_for(config: &Config) -> Metrics {
+    Metrics::new().with_known_tenants(
         config
             .tenants
             .keys()
             .chain(&config.kafka.allowed_tenants)
             .cloned(),
-    );
+    )
+}
+
+/// The engine's pool and the public API's, both answering (and migrated, if configured),
+/// and the verification keys.
+async fn open_store(config: &Config) -> Result<(PgPool, PgPool, Arc<Auth>), StartError> {
     let pool = store::connect(&config.database, config.database.max_connections)?;
     let api_pool = store::connect_api(&config.database, config.database.api_max_connections)?;
     // Before anything starts: a missing or broken key file is a start-up error.
-    let auth = Arc::new(Auth::new(&config)?);
+    let auth = Arc::new(Auth::new(config)?);
     wait_for_database(&pool, config.database.migrate).await?;
     // The API's connections switch to their role as they connect: fail now, clearly, rather
     // than answer every request with 500.
     store::ping_api(&api_pool)
         .await
         .map_err(StartError::ApiRole)?;
-    let health = Arc::new(Health::default());
+    Ok((pool, api_pool, auth))
+}
 
-    let hub = Hub::new();
-    let presence = Presence::new(hub.clone(), config.presence.clone());
+/// The plugin host with every plugin in `plugins.dir` loaded, its health reported.
+async fn load_plugins(
+    config: &Config,
+    presence: &Arc<Presence>,
+    health: &Health,
+) -> Result<Arc<PluginHost>, StartError> {
     let plugins = Arc::new(
         PluginHost::new(config.plugins.clone(), config.tenants.clone())?
             .with_presence(presence.clone()),
     );
     plugins.load_dir().await?;
     health.set_plugins(plugins.health());
+    Ok(plugins)
+}
+
+/// The email templates; a template that does not load is logged, not fatal (its emails
+/// fail, the others go out).
+fn load_templates(config: &Config) -> Result<Templates, StartError> {
     let templates =
         Templates::load(&config.email.templates_dir).map_err(|error| StartError::Templates {
             dir: config.email.templates_dir.display().to_string(),
@@ -162,147 +217,200 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for problem in templates.problems() {
         tracing::error!(problem = %problem, "email template not loaded");
     }
-    let from: lettre::message::Mailbox = config
+    Ok(templates)
+}
+
+/// The `From:` of every email (its domain also names the `Message-ID`s).
+fn sender(config: &Config) -> Result<lettre::message::Mailbox, StartError> {
+    Ok(config
         .smtp
         .from
         .parse()
-        .map_err(delivery::DeliveryError::From)?;
-    let message_id_domain = from.email.domain().to_owned();
+        .map_err(delivery::DeliveryError::From)?)
+}
 
-    let ingest = Arc::new(Ingest::connect(&config.kafka)?);
-    let email_wake = Arc::new(Notify::new());
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
+/// What every part is built from: the handles they share, and where their tasks run.
+struct Engine<'a> {
+    config: &'a Config,
+    pool: PgPool,
+    metrics: Metrics,
+    health: Arc<Health>,
+    hub: Arc<Hub>,
+    presence: Arc<Presence>,
+    plugins: Arc<PluginHost>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    failed: Arc<AtomicBool>,
+}
 
-    let pipeline = Pipeline {
-        ingest,
-        pool: pool.clone(),
-        plugins: plugins.clone(),
-        hub: hub.clone(),
-        presence: presence.clone(),
-        metrics: metrics.clone(),
-        health: health.clone(),
-        email_wake: email_wake.clone(),
-        kafka: config.kafka.clone(),
-        email: config.email.clone(),
-        message_id_domain,
-    };
-    let failed = Arc::new(AtomicBool::new(false));
-    tasks.spawn(critical(
-        "pipeline",
-        pipeline.run(shutdown.clone()),
-        shutdown.clone(),
-        failed.clone(),
-    ));
+impl Engine<'_> {
+    /// Spawns a task the engine cannot live without (see [`critical`]).
+    fn spawn_critical(&self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(critical(
+            name,
+            task,
+            self.shutdown.clone(),
+            self.failed.clone(),
+        ));
+    }
 
-    let templates = Arc::new(ArcSwap::from_pointee(templates));
-    let reload = crate::watch::watch(
-        crate::watch::Reloadable {
-            plugins: plugins.clone(),
-            plugin_dir: config.plugins.dir.clone(),
-            templates: templates.clone(),
-            templates_dir: config.email.templates_dir.clone(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-        },
-        shutdown.clone(),
-    )?;
-    tasks.spawn(reload);
-
-    let worker = EmailWorker {
-        pool: pool.clone(),
-        templates,
-        transport: delivery::transport(&config.smtp, config.email.concurrency)?,
-        from,
-        config: config.email.clone(),
-        tenants: config.tenants.clone(),
-        metrics: metrics.clone(),
-        wake: email_wake,
-        plugins: plugins.clone(),
-    };
-    tasks.spawn(critical(
-        "email worker",
-        worker.run(shutdown.clone()),
-        shutdown.clone(),
-        failed.clone(),
-    ));
-
-    tasks.spawn(probe(
-        Probes {
-            pool: pool.clone(),
+    /// Kafka → plugin → PostgreSQL.
+    fn start_pipeline(&self, ingest: Arc<Ingest>, email_wake: Arc<Notify>, from: &Mailbox) {
+        let config = self.config;
+        let pipeline = Pipeline {
+            ingest,
+            pool: self.pool.clone(),
+            plugins: self.plugins.clone(),
+            hub: self.hub.clone(),
+            presence: self.presence.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            email_wake,
             kafka: config.kafka.clone(),
-            plugins: plugins.clone(),
-            health: health.clone(),
-        },
-        shutdown.clone(),
-    ));
+            email: config.email.clone(),
+            message_id_domain: from.email.domain().to_owned(),
+        };
+        self.spawn_critical("pipeline", pipeline.run(self.shutdown.clone()));
+    }
 
-    tasks.spawn(crate::cluster::listen(
-        hub.clone(),
-        presence.clone(),
-        pool.clone(),
-        shutdown.clone(),
-    ));
-    tasks.spawn(presence.clone().run(pool.clone(), shutdown.clone()));
+    /// The watcher that reloads plugins and templates when their files change; returns the
+    /// templates as the email worker reads them (swapped on reload).
+    fn start_reloads(&self, templates: Templates) -> Result<Arc<ArcSwap<Templates>>, StartError> {
+        let templates = Arc::new(ArcSwap::from_pointee(templates));
+        let reload = crate::watch::watch(
+            crate::watch::Reloadable {
+                plugins: self.plugins.clone(),
+                plugin_dir: self.config.plugins.dir.clone(),
+                templates: templates.clone(),
+                templates_dir: self.config.email.templates_dir.clone(),
+                metrics: self.metrics.clone(),
+                health: self.health.clone(),
+            },
+            self.shutdown.clone(),
+        )?;
+        self.tasks.spawn(reload);
+        Ok(templates)
+    }
 
-    tasks.spawn(
-        crate::retention::Retention {
-            pool: pool.clone(),
-            config: config.retention.clone(),
-            metrics: metrics.clone(),
+    /// The outbox's email worker.
+    fn start_email(
+        &self,
+        templates: Arc<ArcSwap<Templates>>,
+        from: Mailbox,
+        wake: Arc<Notify>,
+    ) -> Result<(), StartError> {
+        let config = self.config;
+        let worker = EmailWorker {
+            pool: self.pool.clone(),
+            templates,
+            transport: delivery::transport(&config.smtp, config.email.concurrency)?,
+            from,
+            config: config.email.clone(),
+            tenants: config.tenants.clone(),
+            metrics: self.metrics.clone(),
+            wake,
+            plugins: self.plugins.clone(),
+        };
+        self.spawn_critical("email worker", worker.run(self.shutdown.clone()));
+        Ok(())
+    }
+
+    /// The readiness probes, the cluster's notifications and presence, and the purge of
+    /// old rows.
+    fn start_housekeeping(&self) {
+        let (pool, shutdown) = (&self.pool, &self.shutdown);
+        self.tasks.spawn(probe(
+            Probes {
+                pool: pool.clone(),
+                kafka: self.config.kafka.clone(),
+                plugins: self.plugins.clone(),
+                health: self.health.clone(),
+            },
+            shutdown.clone(),
+        ));
+        self.tasks.spawn(crate::cluster::listen(
+            self.hub.clone(),
+            self.presence.clone(),
+            pool.clone(),
+            shutdown.clone(),
+        ));
+        self.tasks
+            .spawn(self.presence.clone().run(pool.clone(), shutdown.clone()));
+        self.tasks.spawn(
+            crate::retention::Retention {
+                pool: pool.clone(),
+                config: self.config.retention.clone(),
+                metrics: self.metrics.clone(),
+            }
+            .run(shutdown.clone()),
+        );
+    }
+
+    /// The key files' reloads, then the public and the operator listeners; returns their
+    /// bound addresses.
+    async fn start_api(
+        &self,
+        api_pool: PgPool,
+        auth: Arc<Auth>,
+    ) -> Result<(SocketAddr, SocketAddr), StartError> {
+        let config = self.config;
+        self.tasks.spawn(
+            auth.clone()
+                .reload_keys(Arc::new(config.clone()), self.shutdown.clone()),
+        );
+        let state = AppState {
+            pool: api_pool,
+            hub: self.hub.clone(),
+            metrics: self.metrics.clone(),
+            auth,
+            sse: config.sse.clone(),
+            health: self.health.clone(),
+            plugins: self.plugins.clone(),
+            engine_pool: self.pool.clone(),
+            presence: self.presence.clone(),
+            cors_origins: config.http.cors_origins.clone().into(),
+            ticket_ttl_secs: config.auth.ticket_ttl_secs,
+            shutdown: self.shutdown.clone(),
+        };
+        let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(api::request_span);
+        let public = api::router(state.clone()).layer(trace.clone());
+        let http_addr = self.spawn_server(config.http.listen, public).await?;
+        let admin = api::admin_router(state).layer(trace);
+        let admin_addr = self.spawn_server(config.http.admin_listen, admin).await?;
+        Ok((http_addr, admin_addr))
+    }
+
+    /// [`spawn_server`] on the engine's tasks, limits and shutdown.
+    async fn spawn_server(
+        &self,
+        addr: SocketAddr,
+        app: axum::Router,
+    ) -> Result<SocketAddr, StartError> {
+        spawn_server(
+            &self.tasks,
+            addr,
+            app,
+            &self.config.http,
+            self.shutdown.clone(),
+        )
+        .await
+    }
+
+    /// The handle [`start`] returns.
+    fn running(self, http_addr: SocketAddr, admin_addr: SocketAddr) -> Running {
+        Running {
+            http_addr,
+            admin_addr,
+            health: self.health,
+            metrics: self.metrics,
+            hub: self.hub,
+            presence: self.presence,
+            pool: self.pool,
+            shutdown: self.shutdown,
+            tasks: self.tasks,
+            failed: self.failed,
         }
-        .run(shutdown.clone()),
-    );
-
-    tasks.spawn(
-        auth.clone()
-            .reload_keys(Arc::new(config.clone()), shutdown.clone()),
-    );
-    let state = AppState {
-        pool: api_pool,
-        hub: hub.clone(),
-        metrics: metrics.clone(),
-        auth,
-        sse: config.sse.clone(),
-        health: health.clone(),
-        plugins: plugins.clone(),
-        engine_pool: pool.clone(),
-        presence: presence.clone(),
-        cors_origins: config.http.cors_origins.clone().into(),
-        ticket_ttl_secs: config.auth.ticket_ttl_secs,
-        shutdown: shutdown.clone(),
-    };
-    let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(api::request_span);
-    let http_addr = spawn_server(
-        &tasks,
-        config.http.listen,
-        api::router(state.clone()).layer(trace.clone()),
-        &config.http,
-        shutdown.clone(),
-    )
-    .await?;
-    let admin_addr = spawn_server(
-        &tasks,
-        config.http.admin_listen,
-        api::admin_router(state).layer(trace),
-        &config.http,
-        shutdown.clone(),
-    )
-    .await?;
-    tracing::info!(http = %http_addr, admin = %admin_addr, topics = ?config.kafka.topics, group = %config.kafka.group_id, "engine started");
-
-    Ok(Running {
-        http_addr,
-        admin_addr,
-        health,
-        metrics,
-        hub,
-        presence,
-        pool,
-        shutdown,
-        tasks,
-        failed,
-    })
+    }
 }
 
 /// Runs a task that must live as long as the engine. If it ends before shutdown (a panic,

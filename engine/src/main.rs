@@ -1,7 +1,9 @@
-//! The `notify-engine` binary: run the engine, or one of its tools.
+//! The `notify-engine` binary: run the engine, or one of its tools. A thin CLI: it parses
+//! the command line, loads the configuration, calls `app` or `tools`, and prints; what a
+//! command does lives in the library, where tests reach it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -123,8 +125,11 @@ struct DeadLetterArgs {
 }
 
 impl DeadLetterArgs {
-    fn filter(self, include_replayed: bool) -> notify_engine::store::DeadLetterFilter {
-        notify_engine::store::DeadLetterFilter {
+    fn filter(
+        self,
+        include_replayed: bool,
+    ) -> notify_engine::store::dead_letters::DeadLetterFilter {
+        notify_engine::store::dead_letters::DeadLetterFilter {
             tenant: self.tenant,
             kind: self.kind,
             since: self.since,
@@ -183,144 +188,151 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let file = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => {
-            let config = Config::load(cli.config.as_deref())?;
-            telemetry::init_logging(&config.log);
-            let engine = app::start(config).await.context("starting the engine")?;
-            let token = engine.shutdown_token();
-            tokio::spawn(async move {
-                wait_for_signal().await;
-                tracing::info!("shutdown requested; draining");
-                token.cancel();
-            });
-            engine.wait().await;
-            if engine.failed() {
-                anyhow::bail!("the engine stopped because one of its tasks failed (see the log)");
-            }
-            tracing::info!("stopped");
-        }
-        Command::Token { tenant, user, ttl } => {
-            let config = Config::load(cli.config.as_deref())?;
-            println!("{}", tools::token(&config.auth, &tenant, &user, ttl)?);
-        }
-        Command::Template { command } => {
-            let config = load_without_secret(cli.config.as_deref())?;
-            let dir = &config.email.templates_dir;
-            match command {
-                TemplateCommand::Preview {
-                    tenant,
-                    template,
-                    data,
-                    html,
-                } => {
-                    let data = data.unwrap_or_else(|| {
-                        let own = dir.join(&tenant).join(&template).join("sample.json");
-                        if own.exists() {
-                            own
-                        } else {
-                            dir.join("default").join(&template).join("sample.json")
-                        }
-                    });
-                    let link_domains = config
-                        .tenants
-                        .get(&tenant)
-                        .map(|t| t.link_domains.clone())
-                        .unwrap_or_default();
-                    let email =
-                        tools::preview_template(dir, &tenant, &template, &data, &link_domains)?;
-                    println!("Subject: {}\n", email.subject);
-                    if let Some(text) = &email.text {
-                        println!("{text}");
-                    }
-                    if let Some(body) = &email.html {
-                        std::fs::write(&html, body)
-                            .with_context(|| format!("writing {}", html.display()))?;
-                        eprintln!("html written to {}", html.display());
-                    }
-                }
-                TemplateCommand::Lint => {
-                    let problems = tools::lint_templates(dir)?;
-                    for problem in &problems {
-                        eprintln!("{problem}");
-                    }
-                    if !problems.is_empty() {
-                        anyhow::bail!("{} template problems", problems.len());
-                    }
-                    eprintln!("templates in {} render cleanly", dir.display());
-                }
-            }
-        }
-        Command::DeadLetters { command } => {
-            let config = load_without_secret(cli.config.as_deref())?;
-            match command {
-                DeadLetterCommand::List { filter, all } => {
-                    let rows =
-                        tools::list_dead_letters(&config.database, &filter.filter(all)).await?;
-                    for row in rows {
-                        println!("{}", serde_json::to_string(&row)?);
-                    }
-                }
-                DeadLetterCommand::Replay { filter } => {
-                    telemetry::init_logging(&config.log);
-                    let replayed = tools::replay_dead_letters(
-                        &config.kafka,
-                        &config.database,
-                        &filter.filter(false),
-                    )
-                    .await?;
-                    println!("republished {replayed} dead letters");
-                }
-            }
-        }
-        Command::Email {
-            command:
-                EmailCommand::Requeue {
-                    tenant,
-                    since,
-                    until,
-                    error,
-                },
-        } => {
-            let config = load_without_secret(cli.config.as_deref())?;
-            let filter = notify_engine::store::RequeueFilter {
-                tenant,
-                since,
-                until,
-                error,
-            };
-            let requeued = tools::requeue_emails(&config.database, &filter).await?;
-            println!("requeued {requeued} failed emails");
-        }
+        Command::Run => run(file).await,
+        Command::Token { tenant, user, ttl } => token(file, &tenant, &user, ttl),
+        Command::Template { command } => template(file, command),
+        Command::DeadLetters { command } => dead_letters(file, command).await,
+        Command::Email { command } => email(file, command).await,
         Command::Publish {
-            file,
+            file: events,
             topic,
             interval_ms,
             stamp_now,
+        } => publish(file, &events, topic.as_deref(), interval_ms, stamp_now).await,
+        Command::Plugin { command } => plugin(file, command).await,
+    }
+}
+
+/// `run`: the engine, until SIGINT/SIGTERM; an error if one of its tasks failed.
+async fn run(file: Option<&Path>) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    telemetry::init_logging(&config.log);
+    let engine = app::start(config).await.context("starting the engine")?;
+    let token = engine.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; draining");
+        token.cancel();
+    });
+    engine.wait().await;
+    if engine.failed() {
+        anyhow::bail!("the engine stopped because one of its tasks failed (see the log)");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `token`: prints a signed JWT.
+fn token(file: Option<&Path>, tenant: &str, user: &str, ttl: u64) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    println!("{}", tools::token(&config.auth, tenant, user, ttl)?);
+    Ok(())
+}
+
+/// `template preview` and `template lint`.
+fn template(file: Option<&Path>, command: TemplateCommand) -> anyhow::Result<()> {
+    let config = load_without_secret(file)?;
+    match command {
+        TemplateCommand::Preview {
+            tenant,
+            template,
+            data,
+            html,
         } => {
-            let config = load_without_secret(cli.config.as_deref())?;
-            telemetry::init_logging(&config.log);
-            let sent = tools::publish(
-                &config.kafka,
-                &file,
-                topic.as_deref(),
-                std::time::Duration::from_millis(interval_ms),
-                stamp_now,
-            )
-            .await?;
-            eprintln!("published {sent} events");
+            let email = tools::preview(&config, &tenant, &template, data.as_deref())?;
+            println!("Subject: {}\n", email.subject);
+            if let Some(text) = &email.text {
+                println!("{text}");
+            }
+            if let Some(body) = &email.html {
+                std::fs::write(&html, body)
+                    .with_context(|| format!("writing {}", html.display()))?;
+                eprintln!("html written to {}", html.display());
+            }
         }
-        Command::Plugin {
-            command: PluginCommand::Check { plugin },
-        } => {
-            let config = load_without_secret(cli.config.as_deref())?;
+        TemplateCommand::Lint => {
+            let dir = &config.email.templates_dir;
+            let problems = tools::lint_templates(dir)?;
+            for problem in &problems {
+                eprintln!("{problem}");
+            }
+            if !problems.is_empty() {
+                anyhow::bail!("{} template problems", problems.len());
+            }
+            eprintln!("templates in {} render cleanly", dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// `dead-letters list` (JSON lines) and `dead-letters replay`.
+async fn dead_letters(file: Option<&Path>, command: DeadLetterCommand) -> anyhow::Result<()> {
+    let config = load_without_secret(file)?;
+    match command {
+        DeadLetterCommand::List { filter, all } => {
+            let rows = tools::list_dead_letters(&config.database, &filter.filter(all)).await?;
+            for row in rows {
+                println!("{}", serde_json::to_string(&row)?);
+            }
+        }
+        DeadLetterCommand::Replay { filter } => {
+            telemetry::init_logging(&config.log);
+            let replayed =
+                tools::replay_dead_letters(&config.kafka, &config.database, &filter.filter(false))
+                    .await?;
+            println!("republished {replayed} dead letters");
+        }
+    }
+    Ok(())
+}
+
+/// `email requeue`.
+async fn email(file: Option<&Path>, command: EmailCommand) -> anyhow::Result<()> {
+    let EmailCommand::Requeue {
+        tenant,
+        since,
+        until,
+        error,
+    } = command;
+    let config = load_without_secret(file)?;
+    let filter = notify_engine::store::outbox::RequeueFilter {
+        tenant,
+        since,
+        until,
+        error,
+    };
+    let requeued = tools::requeue_emails(&config.database, &filter).await?;
+    println!("requeued {requeued} failed emails");
+    Ok(())
+}
+
+/// `publish`: a JSON-lines file of envelopes to Kafka.
+async fn publish(
+    file: Option<&Path>,
+    events: &Path,
+    topic: Option<&str>,
+    interval_ms: u64,
+    stamp_now: bool,
+) -> anyhow::Result<()> {
+    let config = load_without_secret(file)?;
+    telemetry::init_logging(&config.log);
+    let interval = std::time::Duration::from_millis(interval_ms);
+    let sent = tools::publish(&config.kafka, events, topic, interval, stamp_now).await?;
+    eprintln!("published {sent} events");
+    Ok(())
+}
+
+/// `plugin check` and `plugin run` (which exits 1 when the plugin failed).
+async fn plugin(file: Option<&Path>, command: PluginCommand) -> anyhow::Result<()> {
+    let config = load_without_secret(file)?;
+    match command {
+        PluginCommand::Check { plugin } => {
             let report = tools::check_plugin(config.plugins, &plugin).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Plugin {
-            command: PluginCommand::Run { plugin, event, set },
-        } => {
-            let config = load_without_secret(cli.config.as_deref())?;
+        PluginCommand::Run { plugin, event, set } => {
             let tenant_config: BTreeMap<_, _> = set.into_iter().collect();
             let (ok, report) =
                 tools::run_plugin(config.plugins, &plugin, &event, tenant_config).await?;
@@ -334,7 +346,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Tools that never serve or mint tokens do not need the JWT secret.
-fn load_without_secret(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
+fn load_without_secret(file: Option<&Path>) -> anyhow::Result<Config> {
     Ok(Config::extract(file)?)
 }
 

@@ -27,13 +27,6 @@ pub mod retention;
 pub mod tickets;
 pub mod wake;
 
-// The old flat paths the integration tests and the CLI (`main.rs`) still name (the tests
-// also name `NewDeadLetter` and `insert_dead_letter`, above).
-pub use claims::ALREADY_PROCESSED_SQL;
-pub use dead_letters::DeadLetterFilter;
-pub use notifications::notifications_after;
-pub use outbox::RequeueFilter;
-
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -1,13 +1,14 @@
 //! Developer and operator tools behind the binary's subcommands: minting a token, publishing
-//! sample events, running a plugin locally on one event, and requeueing failed emails.
+//! sample events, previewing and linting email templates, checking a plugin and running it
+//! locally on one event, listing and replaying dead letters, and requeueing failed emails.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::config::{AuthConfig, DatabaseConfig, KafkaConfig, PluginConfig, TenantConfig};
+use crate::config::{AuthConfig, Config, DatabaseConfig, KafkaConfig, PluginConfig, TenantConfig};
 use crate::ingest::{Publisher, envelope};
 use crate::plugin::PluginHost;
 
@@ -153,6 +154,35 @@ pub async fn publish(
         }
     }
     Ok(sent)
+}
+
+/// `template preview`: renders `template` for `tenant` with the JSON in `data` (default: the
+/// tenant's own `sample.json` for that template, else the default one's), under the tenant's
+/// link domains, as the email worker would.
+pub fn preview(
+    config: &Config,
+    tenant: &str,
+    template: &str,
+    data: Option<&Path>,
+) -> anyhow::Result<crate::templates::RenderedEmail> {
+    let dir = &config.email.templates_dir;
+    let data = data.map_or_else(|| sample_data(dir, tenant, template), Path::to_path_buf);
+    let link_domains = config
+        .tenants
+        .get(tenant)
+        .map(|t| t.link_domains.clone())
+        .unwrap_or_default();
+    preview_template(dir, tenant, template, &data, &link_domains)
+}
+
+/// The `sample.json` beside a template: the tenant's own, else the default template's.
+fn sample_data(dir: &Path, tenant: &str, template: &str) -> PathBuf {
+    let own = dir.join(tenant).join(template).join("sample.json");
+    if own.exists() {
+        own
+    } else {
+        dir.join("default").join(template).join("sample.json")
+    }
 }
 
 /// Renders one template for a tenant with the data in `data_file`: returns subject, text

@@ -13,14 +13,14 @@
 //! each key of its `kid` until one verifies it for its own tenant.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-use crate::config::Config;
+use crate::config::{Config, JwtKeyConfig};
 use crate::model::valid_tenant;
 
 /// One key and what it may verify.
@@ -104,70 +104,13 @@ impl KeySet {
         }
         for k in &auth.keys {
             let name = format!("auth.keys {:?}", k.kid);
-            let algorithm = parse_algorithm(&k.algorithm).map_err(|e| key_error(&name, e))?;
-            let key = match (algorithm, &k.secret_env, &k.public_key_file) {
-                (Algorithm::HS256, Some(var), None) => {
-                    let secret = std::env::var(var).map_err(|_| {
-                        key_error(&name, format!("environment variable {var} is not set"))
-                    })?;
-                    if secret.len() < 32 {
-                        return Err(key_error(
-                            &name,
-                            format!("the secret in {var} is shorter than 32 bytes"),
-                        ));
-                    }
-                    DecodingKey::from_secret(secret.as_bytes())
-                }
-                (Algorithm::RS256 | Algorithm::ES256, None, Some(path)) => {
-                    let pem = std::fs::read(path)
-                        .map_err(|e| key_error(&name, format!("{}: {e}", path.display())))?;
-                    let key = if algorithm == Algorithm::RS256 {
-                        DecodingKey::from_rsa_pem(&pem)
-                    } else {
-                        DecodingKey::from_ec_pem(&pem)
-                    };
-                    key.map_err(|e| {
-                        key_error(
-                            &name,
-                            format!(
-                                "{} is not a {:?} public key: {e}",
-                                path.display(),
-                                algorithm
-                            ),
-                        )
-                    })?
-                }
-                _ => {
-                    return Err(key_error(
-                        &name,
-                        "HS256 needs secret_env, RS256/ES256 need public_key_file",
-                    ));
-                }
-            };
-            let key = Arc::new(Key {
-                algorithm,
-                key,
-                tenant: k.tenant.clone(),
-                issuer: k.issuer.clone().unwrap_or_else(|| auth.issuer.clone()),
-            });
+            let key = Arc::new(configured_key(k, &name, &auth.issuer)?);
             if set.by_kid.insert(k.kid.clone(), vec![key]).is_some() {
                 return Err(key_error(&name, "kid defined twice in auth.keys"));
             }
         }
         for source in jwks_sources(config) {
-            let name = source.path.display().to_string();
-            let loaded = std::fs::read_to_string(&source.path)
-                .map_err(|e| e.to_string())
-                .and_then(|text| {
-                    parse_jwks(
-                        &text,
-                        source.tenant.as_deref(),
-                        source.issuer.as_deref(),
-                        &auth.issuer,
-                    )
-                })
-                .map_err(|e| key_error(&name, e));
-            let keys = match (loaded, previous) {
+            let keys = match (read_jwks(&source, &auth.issuer), previous) {
                 (Ok(keys), _) => keys,
                 (Err(e), None) => return Err(e),
                 (Err(e), Some(previous)) => {
@@ -203,6 +146,76 @@ impl KeySet {
             })
             .collect()
     }
+}
+
+/// One `[[auth.keys]]` entry's key, read from its environment variable or PEM file;
+/// `name` names it in errors.
+fn configured_key(k: &JwtKeyConfig, name: &str, issuer: &str) -> Result<Key, KeyError> {
+    let algorithm = parse_algorithm(&k.algorithm).map_err(|e| key_error(name, e))?;
+    let key = match (algorithm, &k.secret_env, &k.public_key_file) {
+        (Algorithm::HS256, Some(var), None) => {
+            let secret = std::env::var(var)
+                .map_err(|_| key_error(name, format!("environment variable {var} is not set")))?;
+            if secret.len() < 32 {
+                return Err(key_error(
+                    name,
+                    format!("the secret in {var} is shorter than 32 bytes"),
+                ));
+            }
+            DecodingKey::from_secret(secret.as_bytes())
+        }
+        (Algorithm::RS256 | Algorithm::ES256, None, Some(path)) => {
+            public_key(name, algorithm, path)?
+        }
+        _ => {
+            return Err(key_error(
+                name,
+                "HS256 needs secret_env, RS256/ES256 need public_key_file",
+            ));
+        }
+    };
+    Ok(Key {
+        algorithm,
+        key,
+        tenant: k.tenant.clone(),
+        issuer: k.issuer.clone().unwrap_or_else(|| issuer.to_owned()),
+    })
+}
+
+/// The RS256 or ES256 public key in the PEM file at `path`.
+fn public_key(name: &str, algorithm: Algorithm, path: &Path) -> Result<DecodingKey, KeyError> {
+    let pem =
+        std::fs::read(path).map_err(|e| key_error(name, format!("{}: {e}", path.display())))?;
+    let key = if algorithm == Algorithm::RS256 {
+        DecodingKey::from_rsa_pem(&pem)
+    } else {
+        DecodingKey::from_ec_pem(&pem)
+    };
+    key.map_err(|e| {
+        key_error(
+            name,
+            format!(
+                "{} is not a {:?} public key: {e}",
+                path.display(),
+                algorithm
+            ),
+        )
+    })
+}
+
+/// A JWKS file's keys, bound as its source says; `issuer` is `auth.issuer`.
+fn read_jwks(source: &JwksSource, issuer: &str) -> Result<Vec<(String, Arc<Key>)>, KeyError> {
+    std::fs::read_to_string(&source.path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| {
+            parse_jwks(
+                &text,
+                source.tenant.as_deref(),
+                source.issuer.as_deref(),
+                issuer,
+            )
+        })
+        .map_err(|e| key_error(source.path.display().to_string(), e))
 }
 
 fn jwks_sources(config: &Config) -> Vec<JwksSource> {

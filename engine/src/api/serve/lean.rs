@@ -79,23 +79,7 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(
     app: Router,
     head: Vec<u8>,
 ) -> io::Result<()> {
-    let request = {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        parsed
-            .parse(&head)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let mut request = Request::builder()
-            .method("GET")
-            .uri(parsed.path.unwrap_or(SSE_PATH))
-            .version(axum::http::Version::HTTP_11);
-        for h in parsed.headers.iter() {
-            request = request.header(h.name, h.value);
-        }
-        request
-            .body(Body::empty())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
-    };
+    let request = request(&head)?;
     let response = match app.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
@@ -105,6 +89,55 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(
         .headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut out = response_head(&parts);
+    let (mut reader, mut writer) = tokio::io::split(io);
+    if !streaming {
+        let bytes = axum::body::to_bytes(body, MAX_ANSWER)
+            .await
+            .map_err(io::Error::other)?;
+        out.extend_from_slice(format!("content-length: {}\r\n\r\n", bytes.len()).as_bytes());
+        out.extend_from_slice(&bytes);
+        writer.write_all(&out).await?;
+        return writer.shutdown().await;
+    }
+    out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+    writer.write_all(&out).await?;
+    drop(out);
+    match write_frames(body, &mut reader, &mut writer).await? {
+        // A client sends nothing after its request: anything it does (closing, above all)
+        // ends the stream, with nothing more to write.
+        Ended::ClientLeft => Ok(()),
+        // The stream ended (shutdown, expiry, a failed read): the client reconnects and
+        // replays.
+        Ended::Stream => {
+            writer.write_all(b"0\r\n\r\n").await?;
+            writer.shutdown().await
+        }
+    }
+}
+
+/// The request `head` holds, as the router takes it.
+fn request(head: &[u8]) -> io::Result<Request<Body>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    parsed
+        .parse(head)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut request = Request::builder()
+        .method("GET")
+        .uri(parsed.path.unwrap_or(SSE_PATH))
+        .version(axum::http::Version::HTTP_11);
+    for h in parsed.headers.iter() {
+        request = request.header(h.name, h.value);
+    }
+    request
+        .body(Body::empty())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The status line and headers of the response, without the framing ones (set by the
+/// caller) and closing the connection after it.
+fn response_head(parts: &axum::http::response::Parts) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.1 {} {}\r\n",
         parts.status.as_u16(),
@@ -121,56 +154,56 @@ pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"connection: close\r\n");
-    let (mut reader, mut writer) = tokio::io::split(io);
-    if !streaming {
-        let bytes = axum::body::to_bytes(body, MAX_ANSWER)
-            .await
-            .map_err(io::Error::other)?;
-        out.extend_from_slice(format!("content-length: {}\r\n\r\n", bytes.len()).as_bytes());
-        out.extend_from_slice(&bytes);
-        writer.write_all(&out).await?;
-        return writer.shutdown().await;
-    }
-    out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
-    writer.write_all(&out).await?;
-    drop(out);
+    out
+}
+
+/// Why a stream's frames stopped.
+enum Ended {
+    /// The body ended (or failed).
+    Stream,
+    /// The client closed its side or sent something.
+    ClientLeft,
+}
+
+/// Writes the stream's frames as chunks until the body ends or the client leaves.
+async fn write_frames<R, W>(body: Body, reader: &mut R, writer: &mut W) -> io::Result<Ended>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut frames = body.into_data_stream();
     loop {
         tokio::select! {
             frame = frames.next() => match frame {
                 Some(Ok(data)) if data.is_empty() => {}
                 Some(Ok(data)) => {
-                    // One write (one send) for the frame and the frames already waiting
-                    // behind it: a stream's rows of one commit, a fan-out's, go out together.
-                    let mut chunks = Vec::with_capacity(data.len() + 16);
-                    chunk(&mut chunks, &data);
-                    let mut ended = false;
-                    while chunks.len() < MAX_COALESCED {
-                        match frames.next().now_or_never() {
-                            Some(Some(Ok(more))) => chunk(&mut chunks, &more),
-                            Some(Some(Err(_)) | None) => {
-                                ended = true;
-                                break;
-                            }
-                            None => break,
-                        }
-                    }
+                    let (chunks, ended) = coalesce(&mut frames, &data);
                     writer.write_all(&chunks).await?;
                     if ended {
-                        break;
+                        return Ok(Ended::Stream);
                     }
                 }
-                // The stream ended (shutdown, expiry, a failed read): the client
-                // reconnects and replays.
-                Some(Err(_)) | None => break,
+                Some(Err(_)) | None => return Ok(Ended::Stream),
             },
-            // A client sends nothing after its request: anything it does (closing, above
-            // all) ends the stream.
-            _ = left(&mut reader) => return Ok(()),
+            _ = left(reader) => return Ok(Ended::ClientLeft),
         }
     }
-    writer.write_all(b"0\r\n\r\n").await?;
-    writer.shutdown().await
+}
+
+/// One write (one send) for the frame `first` and the frames already waiting behind it: a
+/// stream's rows of one commit, a fan-out's, go out together. `true` when the body ended
+/// behind them.
+fn coalesce(frames: &mut axum::body::BodyDataStream, first: &[u8]) -> (Vec<u8>, bool) {
+    let mut chunks = Vec::with_capacity(first.len() + 16);
+    chunk(&mut chunks, first);
+    while chunks.len() < MAX_COALESCED {
+        match frames.next().now_or_never() {
+            Some(Some(Ok(more))) => chunk(&mut chunks, &more),
+            Some(Some(Err(_)) | None) => return (chunks, true),
+            None => break,
+        }
+    }
+    (chunks, false)
 }
 
 /// Frames already waiting are written together up to about this many bytes.

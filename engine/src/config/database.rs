@@ -1,0 +1,128 @@
+//! `[database]`, `[retention]` and `[presence]`: the PostgreSQL pools, what is purged
+//! when it gets old, and the heartbeat rows that say which instance holds which stream.
+//! The database URL's password never reaches a `Debug` print.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, REDACTED, invalid};
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL. `DATABASE_URL` overrides it.
+    pub url: String,
+    /// Connections of the pipeline, the email worker and the readiness probe.
+    pub max_connections: u32,
+    /// Connections of the public API (inbox, tickets, SSE reads): a pool of its own, so unauthenticated or
+    /// abusive traffic can never take the pipeline's connections.
+    pub api_max_connections: u32,
+    /// Apply the embedded migrations at start-up.
+    pub migrate: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://notify:notify@127.0.0.1:15432/notify".into(),
+            max_connections: 16,
+            api_max_connections: 8,
+            migrate: true,
+        }
+    }
+}
+
+/// Cluster-wide presence (`[presence]`): which users have a stream open on which instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// How often this instance refreshes its heartbeat row and expires dead instances.
+    pub heartbeat_secs: u64,
+    /// An instance whose heartbeat is older than this is dead: its users count as offline
+    /// from then on. The staleness bound for an instance that died unannounced.
+    pub ttl_secs: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_secs: 5,
+            ttl_secs: 15,
+        }
+    }
+}
+
+/// What is deleted when it gets old (`[retention]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Notifications (inbox items, live updates, read and archive events) older than this
+    /// many days are deleted; 0: kept forever.
+    pub notifications_days: u32,
+    /// Duplicate-filter keys older than this many days are deleted; 0: kept forever. An
+    /// event redelivered after that (a consumer group reset past it) is handled again, so
+    /// keep it above the topics' retention.
+    pub processed_events_days: u32,
+    /// Rows deleted per statement: a purge never holds long locks or a long transaction.
+    pub batch: i64,
+    /// Pause between purge rounds.
+    pub interval_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            notifications_days: 90,
+            processed_events_days: 30,
+            batch: 5_000,
+            interval_secs: 60,
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url_password(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("api_max_connections", &self.api_max_connections)
+            .field("migrate", &self.migrate)
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host/...` with the password replaced.
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+impl PresenceConfig {
+    /// A live instance must never look dead between two of its heartbeats.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_secs == 0 || self.ttl_secs < 2 * self.heartbeat_secs {
+            return invalid(
+                "presence.heartbeat_secs must be positive and presence.ttl_secs at least twice \
+                 as long (a live instance must not expire between two heartbeats)",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl RetentionConfig {
+    /// A purge that deletes nothing per round, or never pauses, is a misconfiguration.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.batch < 1 || self.interval_secs == 0 {
+            return invalid("retention.batch and retention.interval_secs must be positive");
+        }
+        Ok(())
+    }
+}
