@@ -121,7 +121,7 @@ impl Step {
 /// Why a batch cannot be committed now. Nothing about its messages: it waits.
 #[derive(Debug, thiserror::Error)]
 enum Stall {
-    #[error("{0}")]
+    #[error("{}", .0.with_cause())]
     Database(#[from] StoreError),
     #[error("{0}")]
     Plugin(PluginError),

@@ -152,7 +152,7 @@ impl Pipeline {
                     return;
                 }
                 Err(e) if e.is_data_error() => {
-                    tracing::debug!(error = %e, batches = ends.len(), "the database refused data in a group; writing its batches one by one");
+                    tracing::debug!(error = %e.with_cause(), batches = ends.len(), "the database refused data in a group; writing its batches one by one");
                 }
                 Err(e) => {
                     let stall = Arc::new(Stall::from(e));
@@ -179,7 +179,7 @@ impl Pipeline {
             Err(e) if e.is_data_error() => e,
             Err(e) => return Err(e.into()),
         };
-        tracing::warn!(error = %error, size = prepared.len(), "the database refused data in this batch; handling its messages one by one");
+        tracing::warn!(error = %error.with_cause(), size = prepared.len(), "the database refused data in this batch; handling its messages one by one");
         for one in prepared {
             match self.commit(std::slice::from_ref(one)).await {
                 Ok(()) => {}

@@ -59,7 +59,11 @@ impl<'a> DeadLetter<'a> {
             tenant: event.map(|e| e.tenant.as_str()),
             event_id: event.map(|e| e.id.as_str()),
             kind: "store".into(),
-            reason: format!("the database refused this message's data: {error}").into(),
+            reason: format!(
+                "the database refused this message's data: {}",
+                error.with_cause()
+            )
+            .into(),
             plugin: None,
         }
     }
@@ -108,7 +112,7 @@ impl Pipeline {
         tracing::warn!(
             tenant = event.map_or("-", |e| e.tenant.as_str()),
             event_id = event.map_or("-", |e| e.id.as_str()),
-            error = %error, "the database refused this message's data; dead-lettered"
+            error = %error.with_cause(), "the database refused this message's data; dead-lettered"
         );
         let mut tx = self.pool.begin().await?;
         let mut effects = Effects::consumed(std::slice::from_ref(one));
