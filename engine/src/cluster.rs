@@ -147,24 +147,7 @@ impl Presence {
                     tokio::time::sleep(FLUSH_DELAY).await;
                 }
                 _ = retry => {}
-                _ = heartbeat.tick() => {
-                    if registered {
-                        match store::heartbeat(&pool, &self.instance).await {
-                            // Expired while away (and its rows with it): register again
-                            // and write every local user anew.
-                            Ok(false) => registered = false,
-                            Ok(true) => {}
-                            Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
-                        }
-                    }
-                    match store::expire(&pool, self.config.ttl_secs).await {
-                        Ok(gone) if !gone.is_empty() => {
-                            tracing::warn!(instances = ?gone, "expired instances whose presence heartbeat stopped");
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "expiring dead instances failed"),
-                    }
-                }
+                _ = heartbeat.tick() => self.beat(&pool, &mut registered).await,
             }
             pending.extend(self.hub.take_presence_changes());
             if !registered {
@@ -205,6 +188,28 @@ impl Presence {
         }
         if let Err(e) = store::unregister(&pool, &self.instance).await {
             tracing::warn!(error = %e, "could not remove this instance's presence; it expires in presence.ttl_secs");
+        }
+    }
+
+    /// One heartbeat: refreshes this instance's (if it is registered; if it had expired
+    /// meanwhile, `registered` turns false so it registers again) and expires the
+    /// instances whose heartbeat stopped.
+    async fn beat(&self, pool: &PgPool, registered: &mut bool) {
+        if *registered {
+            match store::heartbeat(pool, &self.instance).await {
+                // Expired while away (and its rows with it): register again
+                // and write every local user anew.
+                Ok(false) => *registered = false,
+                Ok(true) => {}
+                Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
+            }
+        }
+        match store::expire(pool, self.config.ttl_secs).await {
+            Ok(gone) if !gone.is_empty() => {
+                tracing::warn!(instances = ?gone, "expired instances whose presence heartbeat stopped");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "expiring dead instances failed"),
         }
     }
 }

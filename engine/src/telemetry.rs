@@ -94,138 +94,147 @@ pub struct Metrics {
 /// The `tenant` label of every tenant not named in the configuration.
 pub const OTHER_TENANTS: &str = "_other";
 
+/// Registers each metric in the engine's registry as it is made (a duplicate name is a
+/// programming error, found by the first test that builds [`Metrics`]).
+struct Register<'a>(&'a Registry);
+
+impl Register<'_> {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(&self, metric: M) -> M {
+        self.0
+            .register(Box::new(metric.clone()))
+            .expect("unique metric");
+        metric
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("static metric definition"))
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("static metric"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("static metric"))
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+        self.add(
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("static metric"),
+        )
+    }
+
+    fn histogram_vec(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: Vec<f64>,
+    ) -> HistogramVec {
+        self.add(
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("static metric"),
+        )
+    }
+}
+
 impl Metrics {
+    /// The metrics table: one entry per metric with its name, help text and labels, in the
+    /// order of the fields. Declarative, and long because the table is (the names and
+    /// texts are the operator contract, pinned by tests and docs).
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("notify".into()), None)
             .expect("static registry prefix is valid");
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("static metric definition");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("static metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
-        };
-        let histogram_vec = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-                .expect("static metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
-        };
-        let sse_connections =
-            IntGauge::new("sse_connections", "Open SSE connections").expect("static metric");
-        registry
-            .register(Box::new(sse_connections.clone()))
-            .expect("unique metric");
-        let plugin_warm_instances = IntGauge::new(
-            "plugin_warm_instances",
-            "Idle plugin instances kept warm for their tenant's next call",
-        )
-        .expect("static metric");
-        registry
-            .register(Box::new(plugin_warm_instances.clone()))
-            .expect("unique metric");
+        let r = Register(&registry);
         let fast = vec![
             0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
             0.25, 0.5, 1.0,
         ];
         Self {
-            events_consumed: counter_vec(
+            events_consumed: r.counter_vec(
                 "events_consumed_total",
                 "Kafka messages consumed",
                 &["topic"],
             ),
-            events_duplicate: counter("events_duplicate_total", "Events skipped as duplicates"),
-            events_dead_lettered: counter_vec(
+            events_duplicate: r.counter("events_duplicate_total", "Events skipped as duplicates"),
+            events_dead_lettered: r.counter_vec(
                 "events_dead_lettered_total",
                 "Messages written to the dead-letter table",
                 &["kind"],
             ),
-            notifications_written: counter(
+            notifications_written: r.counter(
                 "notifications_written_total",
                 "In-app notifications and live updates written",
             ),
-            emails_enqueued: counter("emails_enqueued_total", "Email outbox rows written"),
-            emails_sent: counter("emails_sent_total", "Emails accepted by the SMTP server"),
-            emails_failed: counter("emails_failed_total", "Emails that failed for good"),
-            emails_retried: counter(
+            emails_enqueued: r.counter("emails_enqueued_total", "Email outbox rows written"),
+            emails_sent: r.counter("emails_sent_total", "Emails accepted by the SMTP server"),
+            emails_failed: r.counter("emails_failed_total", "Emails that failed for good"),
+            emails_retried: r.counter(
                 "emails_retried_total",
                 "Email attempts that failed transiently",
             ),
-            emails_skipped: counter(
+            emails_skipped: r.counter(
                 "emails_skipped_total",
                 "Emails recorded but not sent because their event was too old",
             ),
-            emails_rate_limited: counter(
+            emails_rate_limited: r.counter(
                 "emails_rate_limited_total",
                 "Claimed emails put back because their tenant's send rate was spent",
             ),
-            pipeline_stalls: counter_vec(
+            pipeline_stalls: r.counter_vec(
                 "pipeline_stalls_total",
                 "Batch attempts that failed for a reason outside the data, by cause",
                 &["cause"],
             ),
-            tenant_budget_pauses: counter(
+            tenant_budget_pauses: r.counter(
                 "tenant_budget_pauses_total",
                 "Pauses of a tenant's lane that had spent its routing-time budget",
             ),
-            partition_pauses: counter(
+            partition_pauses: r.counter(
                 "partition_pauses_total",
                 "Kafka partitions paused because a tenant lane they feed was full",
             ),
-            plugin_reloads: counter_vec(
+            plugin_reloads: r.counter_vec(
                 "plugin_reloads_total",
                 "Plugin files handled by hot reload, by outcome",
                 &["outcome"],
             ),
-            template_reloads: counter_vec(
+            template_reloads: r.counter_vec(
                 "template_reloads_total",
                 "Template directory reloads, by outcome",
                 &["outcome"],
             ),
-            sse_connections,
-            plugin_warm_instances,
-            sse_rejected: counter(
+            sse_connections: r.gauge("sse_connections", "Open SSE connections"),
+            plugin_warm_instances: r.gauge(
+                "plugin_warm_instances",
+                "Idle plugin instances kept warm for their tenant's next call",
+            ),
+            sse_rejected: r.counter(
                 "sse_rejected_total",
                 "SSE connections refused by a connection cap or the deep-replay rate",
             ),
-            retention_deleted: counter_vec(
+            retention_deleted: r.counter_vec(
                 "retention_deleted_total",
                 "Rows deleted by retention, by table",
                 &["table"],
             ),
-            plugin_calls: counter_vec(
+            plugin_calls: r.counter_vec(
                 "plugin_calls_total",
                 "Plugin calls by tenant, world and outcome",
                 &["tenant", "world", "outcome"],
             ),
-            plugin_call_seconds: histogram(
+            plugin_call_seconds: r.histogram(
                 "plugin_call_seconds",
                 "Duration of one routing plugin call",
                 fast.clone(),
             ),
-            batch_seconds: histogram(
+            batch_seconds: r.histogram(
                 "pipeline_batch_seconds",
                 "Duration of one pipeline transaction (the batches of one or more tenant lanes)",
                 fast.clone(),
             ),
-            stage_seconds: histogram_vec(
+            stage_seconds: r.histogram_vec(
                 "stage_seconds",
                 "Time an event spends in each stage from its producer to its user's stream",
                 &["stage"],
