@@ -155,11 +155,7 @@ fn valid_tokens(keys: &Keys) -> [String; 3] {
         acme_ec,
     } = keys;
     [
-        token(
-            Header::new(Algorithm::HS256),
-            &claims("acme", "u1"),
-            secret,
-        ),
+        token(Header::new(Algorithm::HS256), &claims("acme", "u1"), secret),
         token(
             kid(Algorithm::RS256, "acme-rsa"),
             &acme_claims(json!({})),

@@ -159,7 +159,7 @@ impl Presence {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot register this instance's presence; retrying");
+                        tracing::warn!(error = %e.with_cause(), "cannot register this instance's presence; retrying");
                         retry_at = Some(tokio::time::Instant::now() + RETRY);
                         continue;
                     }
@@ -179,7 +179,7 @@ impl Presence {
                     retry_at = None;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, changes = pending.len(), "writing presence failed; retrying");
+                    tracing::warn!(error = %e.with_cause(), changes = pending.len(), "writing presence failed; retrying");
                     // The instance row may be what is missing (expired meanwhile).
                     registered = false;
                     retry_at = Some(tokio::time::Instant::now() + RETRY);
@@ -187,7 +187,7 @@ impl Presence {
             }
         }
         if let Err(e) = store::unregister(&pool, &self.instance).await {
-            tracing::warn!(error = %e, "could not remove this instance's presence; it expires in presence.ttl_secs");
+            tracing::warn!(error = %e.with_cause(), "could not remove this instance's presence; it expires in presence.ttl_secs");
         }
     }
 
@@ -201,7 +201,7 @@ impl Presence {
                 // and write every local user anew.
                 Ok(false) => *registered = false,
                 Ok(true) => {}
-                Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
+                Err(e) => tracing::warn!(error = %e.with_cause(), "presence heartbeat failed"),
             }
         }
         match store::expire(pool, self.config.ttl_secs).await {
@@ -209,7 +209,7 @@ impl Presence {
                 tracing::warn!(instances = ?gone, "expired instances whose presence heartbeat stopped");
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "expiring dead instances failed"),
+            Err(e) => tracing::warn!(error = %e.with_cause(), "expiring dead instances failed"),
         }
     }
 }
@@ -247,11 +247,11 @@ pub async fn listen(
                             continue;
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "cannot read the cluster's presence; retrying")
+                            tracing::warn!(error = %e.with_cause(), "cannot read the cluster's presence; retrying")
                         }
                     },
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for other instances' news; retrying")
+                        tracing::warn!(error = %e.with_cause(), "cannot listen for other instances' news; retrying")
                     }
                 }
                 tokio::select! {
@@ -283,12 +283,12 @@ pub async fn listen(
             Ok(Heard::Reconnected) => {
                 hub.wake_all();
                 if let Err(e) = presence.reload(&pool).await {
-                    tracing::warn!(error = %e, "cannot read the cluster's presence after reconnecting; listening again");
+                    tracing::warn!(error = %e.with_cause(), "cannot read the cluster's presence after reconnecting; listening again");
                     listener = None;
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "lost the cluster listener; reconnecting");
+                tracing::warn!(error = %e.with_cause(), "lost the cluster listener; reconnecting");
                 listener = None;
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

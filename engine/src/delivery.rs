@@ -128,7 +128,7 @@ impl EmailWorker {
             }
             if queue.is_empty() && !idle && sending.len() <= slots / 2 && !shutdown.is_cancelled() {
                 if let Err(e) = outbox::sweep_expired_claims(&worker.pool, max_age).await {
-                    tracing::warn!(error = %e, "sweeping expired outbox claims failed");
+                    tracing::warn!(error = %e.with_cause(), "sweeping expired outbox claims failed");
                 }
                 let claimed = match outbox::claim_emails(
                     &worker.pool,
@@ -140,7 +140,7 @@ impl EmailWorker {
                 {
                     Ok(rows) => rows,
                     Err(e) => {
-                        tracing::warn!(error = %e, "claiming outbox rows failed");
+                        tracing::warn!(error = %e.with_cause(), "claiming outbox rows failed");
                         Vec::new()
                     }
                 };
@@ -194,7 +194,7 @@ impl EmailWorker {
         };
         if let Some(wait) = wait {
             if let Err(e) = outbox::release_email(&self.pool, &email, wait).await {
-                tracing::warn!(outbox_id = email.id, error = %e, "releasing a claim failed");
+                tracing::warn!(outbox_id = email.id, error = %e.with_cause(), "releasing a claim failed");
             }
             return;
         }
@@ -215,7 +215,7 @@ impl EmailWorker {
                 )
             }
             Err(e) => {
-                tracing::warn!(outbox_id = email.id, error = %e, "renewing a claim failed")
+                tracing::warn!(outbox_id = email.id, error = %e.with_cause(), "renewing a claim failed")
             }
         }
     }
@@ -271,7 +271,7 @@ impl EmailWorker {
             ),
             // The claim expires and the row is tried again: at most one extra send.
             Err(e) => {
-                tracing::warn!(outbox_id = email.id, error = %e, "recording the email outcome failed")
+                tracing::warn!(outbox_id = email.id, error = %e.with_cause(), "recording the email outcome failed")
             }
         }
     }

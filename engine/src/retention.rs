@@ -30,7 +30,7 @@ impl Retention {
                 Ok(true) => Duration::ZERO,
                 Ok(false) => Duration::from_secs(self.config.interval_secs),
                 Err(e) => {
-                    tracing::warn!(error = %e, "retention round failed; trying again later");
+                    tracing::warn!(error = %e.with_cause(), "retention round failed; trying again later");
                     Duration::from_secs(self.config.interval_secs)
                 }
             };

@@ -214,14 +214,14 @@ impl Reader {
             Err(e) if self.failed_reads < MAX_FAILED_READS => {
                 let wait = READ_RETRY * 2u32.pow(self.failed_reads.min(4));
                 self.failed_reads += 1;
-                tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "sse read failed; retrying");
+                tracing::debug!(error = %e.with_cause(), retry_in_ms = wait.as_millis() as u64, "sse read failed; retrying");
                 tokio::select! {
                     _ = self.shutdown.cancelled() => Read::End,
                     _ = tokio::time::sleep(wait) => Read::Again,
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "sse reads keep failing; closing the stream");
+                tracing::warn!(error = %e.with_cause(), "sse reads keep failing; closing the stream");
                 Read::End
             }
         }
