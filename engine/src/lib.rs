@@ -11,11 +11,15 @@
 //!               └──► hub ──► api::sse (browsers)          delivery (outbox ──► templates ──► SMTP)
 //! ```
 //!
-//! - [`config`]: typed configuration, defaults → file → environment, validated once.
+//! - [`model`]: the ground floor: the nouns every stage shares (the event, the stored
+//!   notification, SSE event names, identifier rules); it imports no other engine module.
+//! - [`config`]: typed configuration, defaults → file → environment, validated once, per section.
 //! - [`ingest`]: the only module that touches rdkafka; decodes and validates envelopes.
-//! - [`pipeline`]: the orchestrator; one transaction per batch, offsets stored after COMMIT.
-//! - [`plugin`]: the only module that touches wasmtime; the routing sandbox.
-//! - [`store`]: the only module that holds SQL.
+//! - [`pipeline`]: the orchestrator: tenant lanes route outside any transaction, committers
+//!   commit groups of batches, offsets are stored after COMMIT.
+//! - [`plugin`]: the only module that touches wasmtime; the routing and templating sandbox,
+//!   one file per WIT version.
+//! - [`store`]: the only module that holds SQL (clippy enforces it), a file per table family.
 //! - [`hub`]: which (tenant, user) has something new; wakes their SSE streams.
 //! - [`cluster`]: what the instances tell each other through PostgreSQL: wake-ups for
 //!   every instance's streams, and presence (who has a stream open where).
@@ -28,6 +32,7 @@
 //! - [`health`]: what readiness reports, kept current in the background.
 //! - [`telemetry`]: logs and Prometheus metrics.
 //! - [`watch`]: hot reload of plugins and templates (the only module using notify).
+//! - [`tools`]: the operator subcommands the CLI dispatches to.
 //! - [`app`]: wires everything together and owns the shutdown story.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the invariants these modules keep.
