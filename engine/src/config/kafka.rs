@@ -28,7 +28,7 @@ pub struct KafkaConfig {
     pub max_message_bytes: usize,
     /// Where an event's tenant comes from: `payload` (the envelope; any producer on the
     /// topics may speak for any tenant), `topic` (`tenant_topic_pattern`) or `header`
-    /// (`tenant_header`, set by a trusted gateway). See README, "Who may speak for a tenant".
+    /// (`tenant_header`, set by a trusted gateway). See docs/security.md, "Who may speak for a tenant".
     pub tenant_from: TenantFrom,
     /// With `tenant_from = "topic"`: topic names with one `{tenant}` placeholder.
     pub tenant_topic_pattern: String,

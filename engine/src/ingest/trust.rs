@@ -2,7 +2,7 @@
 //!
 //! An event's tenant decides whose plugin routes it, whose users it reaches and whose event
 //! ids it claims. Where that tenant comes from is the operator's explicit choice
-//! (`kafka.tenant_from`), each mode going with its Kafka ACLs (README, "Who may speak for a
+//! (`kafka.tenant_from`), each mode going with its Kafka ACLs (docs/security.md, "Who may speak for a
 //! tenant"):
 //!
 //! - `payload`: the envelope's `tenant` field. Every producer allowed to write the topics
