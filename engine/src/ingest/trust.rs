@@ -2,8 +2,8 @@
 //!
 //! An event's tenant decides whose plugin routes it, whose users it reaches and whose event
 //! ids it claims. Where that tenant comes from is the operator's explicit choice
-//! (`kafka.tenant_from`), each mode going with its Kafka ACLs (docs/security.md, "Who may speak for a
-//! tenant"):
+//! (`kafka.tenant_from`), each mode going with its Kafka ACLs (docs/security.md, "Who may
+//! speak for a tenant"):
 //!
 //! - `payload`: the envelope's `tenant` field. Every producer allowed to write the topics
 //!   can speak for every tenant: only for topics written by trusted services alone.
