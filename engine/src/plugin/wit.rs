@@ -2,9 +2,60 @@
 //! of Zed's `extension_host::wasm_host::wit`): each version is one file (`wit/v0_1_0.rs`,
 //! ...) holding its `bindgen!` output, its host imports and the conversions of its values
 //! to the newest types; here, an enum over versions with one arm per version in each
-//! method. Adding a WIT version is one new file, one variant and one arm per method.
+//! method. Adding a WIT version is one new file, one variant and one arm per method. The
+//! host imports behave the same in every version, so their bodies are written once here
+//! (`host_imports!`, `templates_import!`) and each version file names its generated trait.
 //!
 //! The rest of the host works in the newest types ([`types`]) and never names a version.
+
+/// The `host` import (logging, tenant config) for one version's generated trait: every
+/// version has its own trait and one behaviour.
+macro_rules! host_imports {
+    ($($interface:ident)::+) => {
+        impl $($interface)::+::Host for crate::plugin::sandbox::CallState {
+            async fn log(
+                &mut self,
+                level: $($interface)::+::LogLevel,
+                message: String,
+            ) -> wasmtime::Result<()> {
+                use $($interface)::+::LogLevel;
+                let level = match level {
+                    LogLevel::Trace => "trace",
+                    LogLevel::Debug => "debug",
+                    LogLevel::Info => "info",
+                    LogLevel::Warn => "warn",
+                    LogLevel::Error => "error",
+                };
+                crate::plugin::sandbox::CallState::log(self, level, message);
+                Ok(())
+            }
+
+            async fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+                Ok(self.tenant_config.get(&key).cloned())
+            }
+        }
+    };
+}
+
+/// The templating world's `templates` import for one version's generated trait.
+macro_rules! templates_import {
+    ($($interface:ident)::+) => {
+        impl $($interface)::+::Host for crate::plugin::sandbox::CallState {
+            async fn render(
+                &mut self,
+                name: String,
+                data: String,
+            ) -> wasmtime::Result<Result<String, $($interface)::+::TemplateError>> {
+                use $($interface)::+::TemplateError;
+                use crate::plugin::sandbox::TemplateFailure;
+                Ok(self.render_template(&name, &data).map_err(|e| match e {
+                    TemplateFailure::Missing => TemplateError::Missing,
+                    TemplateFailure::Failed(m) => TemplateError::Failed(m),
+                }))
+            }
+        }
+    };
+}
 
 mod v0_1_0;
 mod v0_2_0;

@@ -71,23 +71,7 @@ impl Instance {
     }
 }
 
-impl host::Host for CallState {
-    async fn log(&mut self, level: host::LogLevel, message: String) -> wasmtime::Result<()> {
-        let level = match level {
-            host::LogLevel::Trace => "trace",
-            host::LogLevel::Debug => "debug",
-            host::LogLevel::Info => "info",
-            host::LogLevel::Warn => "warn",
-            host::LogLevel::Error => "error",
-        };
-        CallState::log(self, level, message);
-        Ok(())
-    }
-
-    async fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.tenant_config.get(&key).cloned())
-    }
-}
+host_imports!(host);
 
 impl old::Host for CallState {}
 

@@ -7,7 +7,7 @@ use wasmtime::Store;
 use wasmtime::component::{HasSelf, InstancePre, Linker};
 
 use super::{World, types};
-use crate::plugin::sandbox::{CallState, TemplateFailure};
+use crate::plugin::sandbox::CallState;
 
 pub(super) const VERSION: &str = "notify:plugin@0.3.0";
 /// The worlds of this version.
@@ -119,23 +119,7 @@ impl Instance {
     }
 }
 
-impl host::Host for CallState {
-    async fn log(&mut self, level: host::LogLevel, message: String) -> wasmtime::Result<()> {
-        let level = match level {
-            host::LogLevel::Trace => "trace",
-            host::LogLevel::Debug => "debug",
-            host::LogLevel::Info => "info",
-            host::LogLevel::Warn => "warn",
-            host::LogLevel::Error => "error",
-        };
-        CallState::log(self, level, message);
-        Ok(())
-    }
-
-    async fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.tenant_config.get(&key).cloned())
-    }
-}
+host_imports!(host);
 
 impl presence::Host for CallState {
     async fn is_online(&mut self, user_id: String) -> wasmtime::Result<bool> {
@@ -143,15 +127,4 @@ impl presence::Host for CallState {
     }
 }
 
-impl templates::Host for CallState {
-    async fn render(
-        &mut self,
-        name: String,
-        data: String,
-    ) -> wasmtime::Result<Result<String, templates::TemplateError>> {
-        Ok(self.render_template(&name, &data).map_err(|e| match e {
-            TemplateFailure::Missing => templates::TemplateError::Missing,
-            TemplateFailure::Failed(m) => templates::TemplateError::Failed(m),
-        }))
-    }
-}
+templates_import!(templates);
