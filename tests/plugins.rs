@@ -499,6 +499,93 @@ async fn precompiled_plugins_are_cached_outside_the_plugin_directory() {
     assert!(std::fs::read(&files[0]).unwrap().len() > 1000, "rewritten");
 }
 
+/// A precompiled cache others can write into is never read: what is in it would run as
+/// native code. At start-up the host refuses it with the reason; a cache that turns
+/// writable later is ignored (the plugin compiled from its file), even when a planted file
+/// sits under the name the real plugin's compilation would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cache_others_can_write_is_never_read() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use notify_engine::ingest::envelope;
+    use sha2::{Digest, Sha256};
+
+    let services = Services::get();
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let hex = |bytes: &[u8]| -> String {
+        Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    let limits = |dir: &Path| PluginConfig {
+        dir: dir.to_owned(),
+        cache_dir: cache.clone(),
+        ..Default::default()
+    };
+
+    // Start-up: a cache directory anyone may write is refused, naming it and why.
+    std::fs::create_dir(&cache).unwrap();
+    chmod(&cache, 0o777);
+    let real = services.plugin_dir(&[("default.wasm", "default.wasm")]);
+    let refused = PluginHost::new(limits(real.path()), Default::default())
+        .err()
+        .expect("a world-writable plugin cache is refused at start-up")
+        .to_string();
+    assert!(
+        refused.contains("plugins.cache_dir") && refused.contains("writable by others"),
+        "{refused}"
+    );
+    chmod(&cache, 0o700);
+
+    // Native code to plant: the chaos fixture, compiled into the cache by a host of its own.
+    let chaos = services.plugin_dir(&[("fixtures/chaos.wasm", "default.wasm")]);
+    let host = PluginHost::new(limits(chaos.path()), Default::default()).unwrap();
+    host.load_dir().await.unwrap();
+    let chaos_hash = hex(&std::fs::read(chaos.path().join("default.wasm")).unwrap());
+    let compiled = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&chaos_hash)
+        })
+        .expect("the chaos fixture's precompiled file");
+
+    // A host started on a trusted cache; then the directory turns writable by others, and
+    // the chaos code appears under the real default plugin's cache name.
+    let host = PluginHost::new(limits(real.path()), Default::default()).unwrap();
+    chmod(&cache, 0o777);
+    let real_hash = hex(&std::fs::read(real.path().join("default.wasm")).unwrap());
+    let planted = cache.join(
+        compiled
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace(&chaos_hash, &real_hash),
+    );
+    std::fs::copy(&compiled, &planted).unwrap();
+    chmod(&planted, 0o666);
+    host.load_dir().await.unwrap();
+    // The chaos code would trap on this event; the real default plugin routes it.
+    let mut raw = order_paid("p1", "t1", "u1", None, 1.0);
+    raw["data"]["chaos"] = "trap".into();
+    let event = envelope::decode(Some(raw.to_string().as_bytes()), &[], 1 << 20).unwrap();
+    let decision = host.route(&event).await;
+    assert!(
+        decision.is_ok(),
+        "the planted native code ran: {:?}",
+        decision.err()
+    );
+    chmod(&cache, 0o700);
+}
+
 /// The local runner a plugin developer uses: deliveries, logs and cost against the limits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_plugin_runner_reports_decision_and_cost() {

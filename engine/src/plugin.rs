@@ -136,6 +136,14 @@ impl PluginHost {
             path: PathBuf::new(),
             message: format!("linking host functions: {e:#}"),
         })?;
+        // A precompiled cache others could write into would run their native code: refused
+        // at start-up, with the reason.
+        if !limits.cache_dir.as_os_str().is_empty() {
+            registry::prepare_cache(&limits.cache_dir).map_err(|why| LoadError {
+                path: limits.cache_dir.clone(),
+                message: format!("plugins.cache_dir cannot be trusted: {why}"),
+            })?;
+        }
         let tenant_configs = tenants
             .iter()
             .map(|(id, t)| (id.clone(), Arc::new(t.config.clone())))

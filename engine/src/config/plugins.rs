@@ -15,7 +15,8 @@ pub struct PluginConfig {
     /// Holds `<tenant>.wasm` routing plugins and the fallback `<default>.wasm`.
     pub dir: PathBuf,
     /// Precompiled plugins, so a restart skips compilation; empty: no cache. It must be
-    /// outside `dir` and writable by the engine alone (what is in it runs as native code).
+    /// outside `dir` and writable by the engine's user alone (what is in it runs as native
+    /// code): the engine refuses to start otherwise, and never reads it once it is not.
     pub cache_dir: PathBuf,
     /// File stem of the fallback routing plugin used by tenants without their own.
     pub default_plugin: String,

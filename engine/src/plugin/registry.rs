@@ -8,11 +8,13 @@
 //!   changed, failed, half-written or deleted file does to its slot: a broken new version
 //!   never replaces a working one);
 //! - `compile`: compiling (through the precompiled cache), the import and world checks, and
-//!   `notify-engine plugin check`.
+//!   `notify-engine plugin check`;
+//! - `cache`: whether the precompiled cache may be read at all (who can write into it).
 //!
 //! The selection and reload rules are generic over what a ready slot holds ([`Serving`]),
 //! so their unit tests run without compiling a component.
 
+mod cache;
 mod compile;
 mod load;
 #[cfg(test)]
@@ -29,6 +31,7 @@ use super::breaker::Breakers;
 use super::wit::{self, World};
 use crate::config::{PluginConfig, TenantConfig};
 
+pub(super) use cache::prepare as prepare_cache;
 pub use compile::CheckReport;
 use compile::hex;
 pub(super) use compile::{Compiler, read_plugin};

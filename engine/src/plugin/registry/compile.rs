@@ -1,8 +1,9 @@
 //! Compiling a plugin file and checking it: through the precompiled cache
-//! (`plugins.cache_dir`), then what it imports (only the granted interfaces) and which world
+//! (`plugins.cache_dir`, read only when `cache` trusts it), then what it imports (only the granted interfaces) and which world
 //! and WIT version it implements (the newest it fits, `wit::Pre::new`). `notify-engine
 //! plugin check` runs the same checks without loading anything.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
-use super::Loaded;
+use super::{Loaded, cache};
 use crate::plugin::sandbox::CallState;
 use crate::plugin::wit::{self, World};
 use crate::plugin::{LoadError, WIT_VERSIONS};
@@ -51,7 +52,16 @@ fn store_in_cache(component: &Component, file: &Path) {
             std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         }
         let temporary = file.with_extension(format!("tmp.{}", std::process::id()));
-        std::fs::write(&temporary, bytes).map_err(|e| e.to_string())?;
+        // Readable and writable by the engine's user alone, as `cache` expects to find it.
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(|e| e.to_string())?;
+        std::io::Write::write_all(&mut out, &bytes).map_err(|e| e.to_string())?;
+        drop(out);
         std::fs::rename(&temporary, file).map_err(|e| e.to_string())
     };
     if let Err(e) = write() {
@@ -89,19 +99,29 @@ impl Compiler<'_> {
         let cached = self.cache_file(&bytes);
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
-            if let Some(file) = &cached
-                && file.exists()
-            {
-                // SAFETY: deserializing runs native code compiled earlier. The cache holds
-                // only what this engine serialized under its compatibility hash (part of the
-                // file name, and checked again by wasmtime), and `plugins.cache_dir` must be
-                // writable by the engine alone (documented with the setting).
+            // A cache others could have written into is neither read nor written (see
+            // `cache`): checked again at each load, as it may have changed since start-up.
+            let cached = cached.filter(|file| match file.parent().map(cache::check_dir) {
+                Some(Err(why)) => {
+                    tracing::warn!(error = %why, "precompiled plugin cache not trusted; compiling without it");
+                    false
+                }
+                _ => true,
+            });
+            if let Some(file) = &cached {
                 // Read into memory rather than mapped: a cache file truncated under a mapping
                 // would kill the process with SIGBUS.
-                let precompiled = std::fs::read(file).map_err(wasmtime::Error::from);
-                match precompiled.and_then(|b| unsafe { Component::deserialize(&engine, &b) }) {
-                    Ok(component) => return Ok(component),
-                    Err(e) => tracing::warn!(file = %file.display(), error = %e, "precompiled plugin unusable; compiling again"),
+                match cache::read_trusted(file) {
+                    Ok(None) => {}
+                    // SAFETY: deserializing runs native code compiled earlier. The cache holds
+                    // only what this engine serialized under its compatibility hash (part of
+                    // the file name, and checked again by wasmtime): the directory and the
+                    // file were just checked to be writable by the engine's user alone.
+                    Ok(Some(b)) => match unsafe { Component::deserialize(&engine, &b) } {
+                        Ok(component) => return Ok(component),
+                        Err(e) => tracing::warn!(file = %file.display(), error = %e, "precompiled plugin unusable; compiling again"),
+                    },
+                    Err(why) => tracing::warn!(file = %file.display(), error = %why, "precompiled plugin not trusted; compiling again"),
                 }
             }
             let component = Component::new(&engine, &bytes)?;
