@@ -75,3 +75,47 @@ async fn health_readiness_and_metrics() {
     // Shut down: nothing listens any more.
     assert!(http.get(format!("{base}/healthz")).send().await.is_err());
 }
+
+/// The engine refuses to start with a Kafka credential in its config file, whatever
+/// librdkafka property carries it (a private key in `ssl.key.pem`, an OAUTHBEARER
+/// configuration), naming the environment variable to use instead, and without printing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_credentials_in_the_config_file_stop_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    for (property, variable) in [
+        ("ssl.key.pem", "NOTIFY_KAFKA_PROPERTY_SSL_KEY_PEM"),
+        (
+            "sasl.oauthbearer.config",
+            "NOTIFY_KAFKA_PROPERTY_SASL_OAUTHBEARER_CONFIG",
+        ),
+    ] {
+        let file = dir.path().join("engine.toml");
+        std::fs::write(
+            &file,
+            format!("[kafka.properties]\n\"{property}\" = \"credential-value-0123\"\n"),
+        )
+        .unwrap();
+        let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_notify-engine"))
+            .arg("run")
+            .env("NOTIFY_CONFIG", &file)
+            .env(
+                "NOTIFY_AUTH__JWT_SECRET",
+                "0123456789abcdef0123456789abcdef",
+            )
+            .env("NOTIFY_LOG__FILTER", "warn")
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .unwrap_or_else(|_| panic!("the engine started with {property} in its config file"))
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{property}: {stderr}");
+        assert!(
+            stderr.contains(&format!("kafka.properties.{property} is a credential"))
+                && stderr.contains(variable),
+            "{property}: {stderr}"
+        );
+        assert!(!stderr.contains("credential-value-0123"), "{stderr}");
+    }
+}

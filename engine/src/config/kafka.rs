@@ -97,9 +97,30 @@ impl TenantFrom {
     }
 }
 
-/// A Kafka property that holds a credential (`sasl.password`, `ssl.key.password`, ...).
+/// Words in a librdkafka property's name that mark it a credential (`sasl.password`,
+/// `ssl.key.password`, `ssl.keystore.password`, `sasl.oauthbearer.client.secret`,
+/// `sasl.oauthbearer.assertion.private.key.passphrase` and `.pem`, `ssl.key.pem`, ...).
+/// A name holding one of them is refused in the config file and redacted in prints: a
+/// property that is no secret but matches (the path
+/// `sasl.oauthbearer.assertion.private.key.file`) only has to come from the environment.
+const SECRET_NAME_PARTS: &[&str] = &["password", "secret", "passphrase", "private", "key.pem"];
+
+/// librdkafka properties that carry secrets although their names do not say so
+/// (CONFIGURATION.md of librdkafka 2.12): `sasl.oauthbearer.config` holds the unsecured
+/// JWT's claims or a client's credentials; `ssl_key` and `ssl_engine_callback_data` are
+/// set through librdkafka's API, never as text, and are refused like the others.
+const SECRET_PROPERTIES: &[&str] = &[
+    "sasl.oauthbearer.config",
+    "ssl_key",
+    "ssl_engine_callback_data",
+];
+
+/// A Kafka property that holds a credential (see [`SECRET_NAME_PARTS`] and
+/// [`SECRET_PROPERTIES`]); librdkafka's names are lowercase, compared here whatever the case.
 pub(super) fn is_secret_property(name: &str) -> bool {
-    name.contains("password") || name.contains("secret")
+    let name = name.to_ascii_lowercase();
+    SECRET_NAME_PARTS.iter().any(|part| name.contains(part))
+        || SECRET_PROPERTIES.contains(&name.as_str())
 }
 
 impl std::fmt::Debug for KafkaConfig {

@@ -54,6 +54,58 @@ fn rejects_kafka_credentials_in_file() {
     assert!(err.contains("NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD"), "{err}");
 }
 
+/// Every librdkafka property that carries a secret (CONFIGURATION.md of librdkafka 2.12,
+/// the version rdkafka-sys bundles) is refused in a file and redacted in prints; the
+/// settings next to them that are no secret (paths, public certificates, names) are not.
+#[test]
+fn every_kafka_credential_property_is_a_secret() {
+    for name in [
+        "sasl.password",
+        "sasl.oauthbearer.config",
+        "sasl.oauthbearer.client.secret",
+        "sasl.oauthbearer.client.credentials.client.secret",
+        "sasl.oauthbearer.assertion.private.key.pem",
+        "sasl.oauthbearer.assertion.private.key.passphrase",
+        "ssl.key.password",
+        "ssl.key.pem",
+        "ssl.keystore.password",
+        "ssl_key",
+        "ssl_engine_callback_data",
+        "SSL.KEY.PEM",
+    ] {
+        assert!(kafka::is_secret_property(name), "{name} is a credential");
+    }
+    for name in [
+        "security.protocol",
+        "sasl.mechanism",
+        "sasl.username",
+        "sasl.oauthbearer.client.id",
+        "sasl.oauthbearer.token.endpoint.url",
+        "ssl.key.location",
+        "ssl.keystore.location",
+        "ssl.certificate.pem",
+        "ssl.ca.pem",
+        "ssl.ca.location",
+    ] {
+        assert!(!kafka::is_secret_property(name), "{name} is no credential");
+    }
+    let err = load_error("[kafka.properties]\n\"ssl.key.pem\" = \"-----BEGIN PRIVATE KEY-----\"\n");
+    assert!(err.contains("NOTIFY_KAFKA_PROPERTY_SSL_KEY_PEM"), "{err}");
+    let err = load_error("[kafka.properties]\n\"sasl.oauthbearer.config\" = \"principal=admin\"\n");
+    assert!(
+        err.contains("NOTIFY_KAFKA_PROPERTY_SASL_OAUTHBEARER_CONFIG"),
+        "{err}"
+    );
+    let mut c = valid();
+    for name in ["ssl.key.pem", "sasl.oauthbearer.config"] {
+        c.kafka
+            .properties
+            .insert(name.into(), format!("value-of-{name}"));
+    }
+    let printed = format!("{c:?}");
+    assert!(!printed.contains("value-of-"), "{printed}");
+}
+
 #[test]
 fn debug_prints_no_secret() {
     let mut c = valid();
