@@ -270,3 +270,78 @@ async fn an_undecodable_dead_letter_replays_as_itself_once() {
     );
     engine.shutdown().await;
 }
+
+/// CloudEvents 1.0 through Kafka: `time` is optional (the record's Kafka timestamp stands
+/// in, so the email is not mistaken for an old event's), `source` is required (a CloudEvent
+/// without it is set aside with the reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_need_a_source_but_not_a_time() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("ce");
+    let data = order_paid("x", &tenant, "u1", Some("u1@example.com"), 3.0)["data"].clone();
+    let structured = |id: &str, source: Option<&str>| {
+        let mut ce = serde_json::json!({
+            "specversion": "1.0", "id": id, "type": "order_paid",
+            "tenant": tenant, "datacontenttype": "application/json", "data": data,
+        });
+        if let Some(source) = source {
+            ce["source"] = source.into();
+        }
+        ce.to_string()
+    };
+    // Structured and binary mode, neither with a time.
+    world
+        .produce_raw(
+            &world.topic_paid,
+            structured("ce1", Some("/payments")).as_bytes(),
+        )
+        .await;
+    world
+        .produce_with_headers(
+            &world.topic_paid,
+            None,
+            data.to_string().as_bytes(),
+            &[
+                ("ce_specversion", "1.0"),
+                ("ce_id", "ce2"),
+                ("ce_type", "order_paid"),
+                ("ce_source", "/payments"),
+                ("ce_tenant", tenant.as_str()),
+            ],
+        )
+        .await;
+    // Without a source.
+    world
+        .produce_raw(&world.topic_paid, structured("ce3", None).as_bytes())
+        .await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id IN ('ce1', 'ce2')",
+            2,
+            WAIT,
+        )
+        .await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE event_id = 'ce3' AND error_kind = 'validation' \
+             AND reason LIKE '%source is required%'",
+            1,
+            WAIT,
+        )
+        .await;
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM email_outbox WHERE event_id IN ('ce1', 'ce2') AND status <> 'skipped'")
+            .await,
+        2,
+        "a timeless event is as new as its Kafka record: its email is sent, not skipped as old"
+    );
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM notifications WHERE event_id = 'ce3'")
+            .await,
+        0
+    );
+    engine.shutdown().await;
+}

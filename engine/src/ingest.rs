@@ -42,6 +42,9 @@ pub struct Incoming {
     pub received: std::time::Instant,
     /// How long it took from its producer to the engine, when it has a Kafka timestamp.
     pub kafka_delay: Option<std::time::Duration>,
+    /// Its Kafka timestamp (the producer's create time, or the broker's log-append time),
+    /// when it has one: the time of a CloudEvent that carries no `time`.
+    pub timestamp: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Incoming {
@@ -302,6 +305,10 @@ fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
     Incoming {
         received: std::time::Instant::now(),
         kafka_delay: kafka_delay(m),
+        timestamp: m
+            .timestamp()
+            .to_millis()
+            .and_then(chrono::DateTime::from_timestamp_millis),
         topic: m.topic().to_owned(),
         partition: m.partition(),
         offset: m.offset(),

@@ -4,12 +4,18 @@
 //!
 //! - the native envelope: `{"id", "tenant", "type", "time", "source"?, "data"}`;
 //! - CloudEvents 1.0 structured mode: `{"specversion": "1.0", "id", "source", "type",
-//!   "time", "data", "tenant"}` (`tenant` or `tenantid` as an extension attribute);
+//!   "time"?, "data", "tenant"}` (`tenant` or `tenantid` as an extension attribute);
 //!
 //! and CloudEvents 1.0 binary mode (the Kafka protocol binding): the attributes in `ce_`
 //! headers (`ce_specversion`, `ce_id`, `ce_type`, `ce_source`, `ce_time`, `ce_tenant` or
 //! `ce_tenantid`), `content-type` for `datacontenttype`, and the data object as the value.
 //! A message with a `ce_specversion` header is read in binary mode.
+//!
+//! CloudEvents 1.0 makes `source` required and `time` optional, and so does the engine for
+//! a CloudEvent: one without `source` is refused, one without `time` takes the time the
+//! caller passes ([`decode_at`]: the Kafka record's timestamp, which stays the same when
+//! the message is redelivered). The native envelope keeps its own rules: `time` required,
+//! `source` optional.
 //!
 //! Identifiers are restricted because they name files (plugins and templates are looked up
 //! by tenant) and appear in logs: a tenant id can never be a path.
@@ -77,16 +83,32 @@ struct Raw {
     data: Option<Value>,
 }
 
+/// The longest `source`, in bytes.
+const MAX_SOURCE_LEN: usize = 512;
+
 /// The header that marks a CloudEvents binary-mode message.
 pub const BINARY_MODE_HEADER: &str = "ce_specversion";
 
-/// Decodes and validates one message: its value, or in binary mode its headers and value.
-/// Two steps: `read` the shape (a refusal there is `decode` or `oversize`), then
-/// `validate` the attributes (a refusal there is `validation`, and names what it could).
+/// Decodes and validates one message (see [`decode_at`]); a CloudEvent without `time`
+/// takes the present time (the tools, which decode a sample file).
 pub fn decode(
     payload: Option<&[u8]>,
     headers: &[(String, Option<Vec<u8>>)],
     max_bytes: usize,
+) -> Result<Event, Rejection> {
+    decode_at(payload, headers, max_bytes, Utc::now())
+}
+
+/// Decodes and validates one message: its value, or in binary mode its headers and value.
+/// Two steps: `read` the shape (a refusal there is `decode` or `oversize`), then
+/// `validate` the attributes (a refusal there is `validation`, and names what it could).
+/// `fallback_time` is the time of a CloudEvent without `time` (ingest passes the Kafka
+/// record's timestamp).
+pub fn decode_at(
+    payload: Option<&[u8]>,
+    headers: &[(String, Option<Vec<u8>>)],
+    max_bytes: usize,
+    fallback_time: DateTime<Utc>,
 ) -> Result<Event, Rejection> {
     let raw = read(payload, headers, max_bytes)?;
     // From here on, keep what we learned so the dead-letter row can name tenant and event.
@@ -97,7 +119,7 @@ pub fn decode(
         .and_then(Value::as_str)
         .map(str::to_owned);
     let event_id = raw.id.as_ref().and_then(Value::as_str).map(str::to_owned);
-    validate(raw).map_err(|reason| Rejection {
+    validate(raw, fallback_time).map_err(|reason| Rejection {
         kind: RejectionKind::Validation,
         reason,
         tenant: tenant.filter(|t| valid_tenant(t)),
@@ -145,8 +167,10 @@ fn read(
 /// The event, if every attribute is valid; else why not, naming the field. The checks run
 /// in a fixed order (CloudEvents version and content type, id, tenant, type, time, source,
 /// data), so a message with several faults is always refused for the same one.
-fn validate(raw: Raw) -> Result<Event, String> {
+fn validate(raw: Raw, fallback_time: DateTime<Utc>) -> Result<Event, String> {
     check_cloudevents(&raw)?;
+    // A CloudEvent is one by its `specversion` (checked above to be 1.0).
+    let cloudevent = raw.specversion.is_some();
     let id = required_str(&raw.id, "id")?;
     if !valid_id(&id) {
         return Err(format!("id must be 1..={MAX_ID_LEN} printable characters"));
@@ -164,14 +188,32 @@ fn validate(raw: Raw) -> Result<Event, String> {
             "type must be 1..={MAX_TYPE_LEN} characters of [A-Za-z0-9_.-]"
         ));
     }
-    let time_text = required_str(&raw.time, "time")?;
-    let time = DateTime::parse_from_rfc3339(&time_text)
-        .map_err(|e| format!("time {time_text:?} is not RFC 3339: {e}"))?
-        .with_timezone(&Utc);
+    let time = match &raw.time {
+        // CloudEvents 1.0: `time` is optional (a null member counts as absent, as for
+        // `source`).
+        None | Some(Value::Null) if cloudevent => fallback_time,
+        time => {
+            let time_text = required_str(time, "time")?;
+            DateTime::parse_from_rfc3339(&time_text)
+                .map_err(|e| format!("time {time_text:?} is not RFC 3339: {e}"))?
+                .with_timezone(&Utc)
+        }
+    };
     let source = match &raw.source {
+        // CloudEvents 1.0: `source` is required, a non-empty URI-reference.
+        None | Some(Value::Null) if cloudevent => {
+            return Err("source is required in a CloudEvent (CloudEvents 1.0)".into());
+        }
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= 512 => Some(s.clone()),
-        Some(_) => return Err("source must be a string of at most 512 bytes".into()),
+        Some(Value::String(s)) if s.is_empty() && cloudevent => {
+            return Err("source must not be empty in a CloudEvent".into());
+        }
+        Some(Value::String(s)) if s.len() <= MAX_SOURCE_LEN => Some(s.clone()),
+        Some(_) => {
+            return Err(format!(
+                "source must be a string of at most {MAX_SOURCE_LEN} bytes"
+            ));
+        }
     };
     let data = data_object(raw.data)?;
     Ok(Event {

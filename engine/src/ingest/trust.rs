@@ -124,6 +124,7 @@ mod tests {
         Incoming {
             received: std::time::Instant::now(),
             kafka_delay: None,
+            timestamp: None,
             topic: topic.into(),
             partition: 0,
             offset: 0,

@@ -147,10 +147,13 @@ impl Dispatcher {
                 .stage("kafka")
                 .observe(delay.as_secs_f64());
         }
-        let decoded = envelope::decode(
+        // A CloudEvent without `time` takes its record's timestamp: the same on every
+        // redelivery (the time it was received, only when the record has none).
+        let decoded = envelope::decode_at(
             message.payload.as_deref(),
             &message.headers,
             self.pipeline.kafka.max_message_bytes,
+            message.timestamp.unwrap_or_else(chrono::Utc::now),
         )
         .and_then(|event| self.trust.check(&message, event));
         let work = Work {

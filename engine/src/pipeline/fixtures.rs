@@ -30,6 +30,7 @@ pub fn message(topic: &str, offset: i64, payload: &[u8]) -> Incoming {
         headers: vec![("trace".to_owned(), Some(b"t1".to_vec()))],
         received: Instant::now(),
         kafka_delay: None,
+        timestamp: None,
     }
 }
 

@@ -44,6 +44,51 @@ fn cloudevents_structured() {
     assert_eq!(e.source.as_deref(), Some("/payments"));
 }
 
+/// CloudEvents 1.0: `time` is optional (the caller's time stands in), `source` required;
+/// the native envelope keeps its own rules (`time` required, `source` optional).
+#[test]
+fn cloudevents_time_is_optional_and_source_required() {
+    let fallback = DateTime::parse_from_rfc3339("2026-12-01T08:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let at = |json: &str| decode_at(Some(json.as_bytes()), &[], 1 << 20, fallback);
+    for timeless in [
+        r#"{"specversion":"1.0","id":"e3","source":"/payments","type":"order_paid","tenant":"acme","data":{}}"#,
+        r#"{"specversion":"1.0","id":"e3","source":"/payments","type":"order_paid","time":null,"tenant":"acme","data":{}}"#,
+    ] {
+        assert_eq!(at(timeless).unwrap().time, fallback, "{timeless}");
+    }
+    // A time that is given is still checked.
+    let r = at(
+        r#"{"specversion":"1.0","id":"e3","source":"/p","type":"t","time":"soon","tenant":"acme","data":{}}"#,
+    )
+    .unwrap_err();
+    assert!(r.reason.contains("RFC 3339"), "{r}");
+    for sourceless in [
+        r#"{"specversion":"1.0","id":"e4","type":"order_paid","time":"2026-11-26T10:00:00Z","tenant":"acme","data":{}}"#,
+        r#"{"specversion":"1.0","id":"e4","source":null,"type":"order_paid","tenant":"acme","data":{}}"#,
+    ] {
+        let r = at(sourceless).unwrap_err();
+        assert_eq!(r.kind, RejectionKind::Validation);
+        assert!(r.reason.contains("source is required"), "{r}");
+        assert_eq!(
+            (r.tenant.as_deref(), r.event_id.as_deref()),
+            (Some("acme"), Some("e4"))
+        );
+    }
+    let r =
+        at(r#"{"specversion":"1.0","id":"e4","source":"","type":"t","tenant":"acme","data":{}}"#)
+            .unwrap_err();
+    assert!(r.reason.contains("source must not be empty"), "{r}");
+    // The native envelope: no source is fine, no time is not.
+    assert!(
+        at(r#"{"id":"n1","tenant":"acme","type":"t","time":"2026-11-26T10:00:00Z","data":{}}"#)
+            .is_ok()
+    );
+    let r = at(r#"{"id":"n1","tenant":"acme","type":"t","data":{}}"#).unwrap_err();
+    assert!(r.reason.contains("time is required"), "{r}");
+}
+
 #[test]
 fn rejects_with_field_names() {
     assert_eq!(err("not json").kind, RejectionKind::Decode);
@@ -114,9 +159,18 @@ fn decodes_cloudevents_binary_mode() {
     };
     assert!(without("ce_id").reason.contains("id is required"));
     assert!(without("ce_tenant").reason.contains("tenant is required"));
-    let r = without("ce_time");
-    assert!(r.reason.contains("time is required"));
+    let r = without("ce_source");
+    assert!(r.reason.contains("source is required"), "{r}");
     assert_eq!(r.tenant.as_deref(), Some("acme"));
+    // `time` is optional in CloudEvents 1.0: the caller's time stands in.
+    let h: Vec<_> = base
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "ce_time")
+        .collect();
+    let fallback = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+    let e = decode_at(Some(b"{}"), &headers(&h), 1 << 20, fallback).unwrap();
+    assert_eq!(e.time, fallback);
     // The value must be a JSON object; the content type JSON; headers single and UTF-8.
     let r = decode(Some(b"not json"), &headers(&base), 1 << 20).unwrap_err();
     assert_eq!(r.kind, RejectionKind::Decode);
