@@ -271,6 +271,145 @@ async fn an_undecodable_dead_letter_replays_as_itself_once() {
     engine.shutdown().await;
 }
 
+/// A replay token is checked before its message is routed, and counts only for the message
+/// it was issued for, while fresh: moved onto another payload it is refused, expired it is
+/// refused, each refusal is a dead letter saying why (the message kept), and the original
+/// dead letter stays, to be replayed with a valid token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_tokens_are_bound_to_their_payload_and_expire() {
+    use notify_engine::model::REPLAY_HEADER;
+    use notify_engine::store::dead_letters::DeadLetterFilter;
+    use notify_engine::tools;
+
+    let world = World::new().await;
+    let tenant = unique("bound");
+    world.install_chaos_plugin(&tenant);
+    let config = world.config();
+    let engine = world.start(config.clone()).await;
+    let mut bad = order_paid("t1", &tenant, "u1", None, 5.0);
+    bad["data"]["chaos"] = "trap".into();
+    world.produce(&bad).await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE event_id = 't1' AND error_kind = 'plugin_trap'",
+            1,
+            WAIT,
+        )
+        .await;
+    install_build(&world, &engine, &tenant, "default.wasm").await;
+    let pool = world.pool().await;
+    let original = DeadLetterFilter {
+        tenant: Some(tenant.clone()),
+        kind: Some("plugin_trap".into()),
+        limit: 100,
+        ..Default::default()
+    };
+    // A token as the replay tool issues it, but the message it travels with is chosen here.
+    let issued = dead_letters::prepare_replays(&pool, &original)
+        .await
+        .unwrap();
+    assert_eq!(issued.len(), 1);
+    let token = issued[0].replay_token.to_string();
+    let refused = |reason: &'static str| {
+        format!(
+            "SELECT count(*) FROM dead_letters WHERE error_kind = 'validation' \
+             AND event_id = 't1' AND reason LIKE 'replay refused: %{reason}%'"
+        )
+    };
+
+    // Moved onto another payload (the same event id, other data): refused before routing.
+    let mut forged = order_paid("t1", &tenant, "mallory", None, 999.0);
+    forged["data"]["note"] = "not what was dead-lettered".into();
+    let forged_bytes = forged.to_string();
+    world
+        .produce_with_headers(
+            &world.topic_paid,
+            None,
+            forged_bytes.as_bytes(),
+            &[(REPLAY_HEADER, token.as_str())],
+        )
+        .await;
+    world
+        .wait_count(&refused("issued for another payload"), 1, WAIT)
+        .await;
+    let (kept,): (Vec<u8>,) = sqlx::query_as(
+        "SELECT payload FROM dead_letters WHERE reason LIKE 'replay refused: %another payload%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, forged_bytes.as_bytes(), "the refused message is kept");
+
+    // The right payload, but the token is older than kafka.replay_token_ttl_secs: refused.
+    sqlx::query("UPDATE dead_letters SET replay_token_at = now() - interval '2 days' WHERE replay_token = $1::uuid")
+        .bind(&token)
+        .execute(&pool)
+        .await
+        .unwrap();
+    world
+        .produce_with_headers(
+            &world.topic_paid,
+            None,
+            &issued[0].payload,
+            &[(REPLAY_HEADER, token.as_str())],
+        )
+        .await;
+    world.wait_count(&refused("expired"), 1, WAIT).await;
+    // A header that is no token at all: refused too.
+    world
+        .produce_with_headers(
+            &world.topic_paid,
+            None,
+            &issued[0].payload,
+            &[(REPLAY_HEADER, "let-me-in")],
+        )
+        .await;
+    world
+        .wait_count(&refused("not a replay token"), 1, WAIT)
+        .await;
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM notifications WHERE event_id = 't1'")
+            .await,
+        0,
+        "no refused replay was routed"
+    );
+    assert_eq!(
+        world
+            .count("SELECT count(*) FROM dead_letters WHERE event_id = 't1' AND error_kind = 'plugin_trap' AND replayed_at IS NULL")
+            .await,
+        1,
+        "the original dead letter is untouched"
+    );
+
+    // A valid replay, by the tool: the original payload, routed once.
+    let replayed = tools::replay_dead_letters(&config.kafka, &config.database, &original)
+        .await
+        .unwrap();
+    assert_eq!(replayed, 1);
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id = 't1'",
+            1,
+            WAIT,
+        )
+        .await;
+    let (user,): (String,) =
+        sqlx::query_as("SELECT user_id FROM notifications WHERE event_id = 't1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(user, "u1", "the dead-lettered event, not the forged one");
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE event_id = 't1' AND error_kind = 'plugin_trap' AND replayed_at IS NOT NULL",
+            1,
+            WAIT,
+        )
+        .await;
+    engine.shutdown().await;
+}
+
 /// CloudEvents 1.0 through Kafka: `time` is optional (the record's Kafka timestamp stands
 /// in, so the email is not mistaken for an old event's), `source` is required (a CloudEvent
 /// without it is set aside with the reason).

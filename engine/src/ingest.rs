@@ -59,10 +59,23 @@ impl Incoming {
                 .sum::<usize>()
     }
 
-    /// The replay token, if this message is a replayed dead letter.
-    pub fn replay_token(&self) -> Option<uuid::Uuid> {
-        let (_, value) = self.headers.iter().find(|(n, _)| n == REPLAY_HEADER)?;
-        std::str::from_utf8(value.as_deref()?).ok()?.parse().ok()
+    /// The replay token, if this message claims to be a replayed dead letter: `None`
+    /// without the header, `Err` (why) when it is repeated or not a token.
+    pub fn replay_token(&self) -> Option<Result<uuid::Uuid, String>> {
+        let mut found = self.headers.iter().filter(|(n, _)| n == REPLAY_HEADER);
+        let (_, value) = found.next()?;
+        if found.next().is_some() {
+            return Some(Err(format!(
+                "the {REPLAY_HEADER} header appears more than once"
+            )));
+        }
+        Some(
+            value
+                .as_deref()
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("the {REPLAY_HEADER} header is not a replay token")),
+        )
     }
 }
 

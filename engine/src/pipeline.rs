@@ -92,6 +92,9 @@ struct Prepared {
     /// Shared with its lane's batch, which keeps it for a retry until it is committed.
     message: Arc<Incoming>,
     step: Step,
+    /// The replay token found valid before routing (see `dead_letter::check_replays`): the
+    /// transaction accepts it, once.
+    replay: Option<uuid::Uuid>,
 }
 
 /// What step 1 made of a message. The claim, in step 2, may still turn `Routed` and

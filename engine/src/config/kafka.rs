@@ -47,6 +47,10 @@ pub struct KafkaConfig {
     /// whose 45 s default stalled a killed instance's partitions that long, restarted or
     /// not). At least 6 000 (the broker's `group.min.session.timeout.ms` default).
     pub session_timeout_ms: u64,
+    /// How long a dead letter's replay token counts after `notify-engine dead-letters
+    /// replay` issued it (1 day). A replay that arrives later is refused with the reason,
+    /// its dead letter kept to be replayed again. See docs/security.md, "Replayed dead letters".
+    pub replay_token_ttl_secs: u64,
     /// Passed to librdkafka as-is (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`,
     /// ...). Credentials come from the environment only: `NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD`
     /// sets `sasl.password`.
@@ -65,6 +69,7 @@ impl Default for KafkaConfig {
             lane_capacity: 16_384,
             lane_max_bytes: 16 * 1024 * 1024,
             session_timeout_ms: 10_000,
+            replay_token_ttl_secs: 86_400,
             tenant_from: TenantFrom::Payload,
             tenant_topic_pattern: String::new(),
             tenant_header: "tenant".into(),
@@ -96,6 +101,10 @@ impl TenantFrom {
         }
     }
 }
+
+/// The longest `replay_token_ttl_secs`: a token is a bearer credential for one message, so
+/// it does not live for ever.
+const MAX_REPLAY_TOKEN_TTL_SECS: u64 = 30 * 86_400;
 
 /// Words in a librdkafka property's name that mark it a credential (`sasl.password`,
 /// `ssl.key.password`, `ssl.keystore.password`, `sasl.oauthbearer.client.secret`,
@@ -143,6 +152,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("lane_capacity", &self.lane_capacity)
             .field("lane_max_bytes", &self.lane_max_bytes)
             .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("replay_token_ttl_secs", &self.replay_token_ttl_secs)
             .field("tenant_from", &self.tenant_from)
             .field("tenant_topic_pattern", &self.tenant_topic_pattern)
             .field("tenant_header", &self.tenant_header)
@@ -169,6 +179,11 @@ impl KafkaConfig {
             return invalid(
                 "kafka.session_timeout_ms must be between 6000 and 1800000 (the broker's bounds)",
             );
+        }
+        if !(1..=MAX_REPLAY_TOKEN_TTL_SECS).contains(&self.replay_token_ttl_secs) {
+            return invalid(format!(
+                "kafka.replay_token_ttl_secs must be between 1 and {MAX_REPLAY_TOKEN_TTL_SECS} (30 days)"
+            ));
         }
         if self.batch_max == 0 || self.lane_capacity == 0 {
             return invalid("kafka.batch_max and kafka.lane_capacity must be at least 1");

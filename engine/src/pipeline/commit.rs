@@ -195,7 +195,7 @@ impl Pipeline {
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let mut effects = Effects::consumed(prepared);
-        accept_replays(&mut tx, prepared).await?;
+        accept_replays(&mut tx, prepared, self.replay_ttl()).await?;
         let won = claim(&mut tx, prepared).await?;
         let outcomes = settle(prepared, &won);
         let routed = self.record(&mut tx, outcomes, &mut effects).await?;
@@ -303,10 +303,11 @@ impl Pipeline {
 async fn accept_replays(
     tx: &mut sqlx::PgConnection,
     prepared: &[Prepared],
+    ttl: std::time::Duration,
 ) -> Result<(), StoreError> {
     for one in prepared {
-        if let Some(token) = one.message.replay_token() {
-            dead_letter::replay(tx, one, token).await?;
+        if let Some(token) = one.replay {
+            dead_letter::replay(tx, one, token, ttl).await?;
         }
     }
     Ok(())

@@ -1,20 +1,24 @@
 //! Dead letters: a message the engine will not deliver, kept with its reason, and a
-//! replayed dead letter's token accepted (or not) in the transaction that handles it again.
+//! replayed dead letter's token: checked before the message is routed (a token counts only
+//! for the payload, topic and event it was issued for, and only while fresh), accepted once
+//! in the transaction that handles it again.
 //!
 //! A message is dead-lettered for its own data only: refused by ingest ([`Rejection`]),
 //! judged or set aside by its plugin, or refused by the database (then alone, in a
 //! transaction of its own, see [`Pipeline::dead_letter_alone`]).
 
 use std::borrow::Cow;
+use std::time::Duration;
 
+use super::dispatch::Work;
 use super::effects::Effects;
 use super::{Pipeline, Prepared, Step, rows};
 use crate::ingest::Incoming;
-use crate::ingest::envelope::Rejection;
+use crate::ingest::envelope::{Rejection, RejectionKind};
 use crate::model::Event;
 use crate::plugin::PluginError;
 use crate::store::StoreError;
-use crate::store::dead_letters::{self, NewDeadLetter};
+use crate::store::dead_letters::{self, NewDeadLetter, ReplayCheck, ReplayClaim};
 
 /// A dead letter about to be written.
 pub(super) struct DeadLetter<'a> {
@@ -124,20 +128,96 @@ impl Pipeline {
     }
 }
 
-/// A replayed dead letter: the transaction decides whether its token still counts (then
-/// the event's dead-lettered claim is released, so it is routed again).
+/// What a message's replay token means for its handling (see [`Pipeline::check_replay`]).
+pub(super) enum Replay {
+    /// No token: an ordinary message (so is a redelivery of a replay already accepted).
+    None,
+    /// A token issued for this message, unused and fresh: routed again although claimed.
+    Valid(uuid::Uuid),
+    /// A token that is not this message's, expired or malformed: a dead letter saying why.
+    /// The dead letter the token was issued for is untouched, so it can be replayed again.
+    Refused(Rejection),
+}
+
+impl Pipeline {
+    /// Checks `work`'s replay token, if it has one, before it is routed.
+    pub(super) async fn check_replay(&self, work: &Work) -> Result<Replay, StoreError> {
+        let Some(token) = work.message.replay_token() else {
+            return Ok(Replay::None);
+        };
+        let (tenant, event_id) = match &work.decoded {
+            Ok(event) => (Some(event.tenant.as_str()), Some(event.id.as_str())),
+            Err(rejection) => (rejection.tenant.as_deref(), rejection.event_id.as_deref()),
+        };
+        let refuse = |why: String| {
+            tracing::warn!(topic = %work.message.topic, partition = work.message.partition, offset = work.message.offset, reason = %why, "replay refused");
+            Replay::Refused(Rejection {
+                kind: RejectionKind::Validation,
+                reason: format!("replay refused: {why}"),
+                tenant: tenant.map(str::to_owned),
+                event_id: event_id.map(str::to_owned),
+            })
+        };
+        let token = match token {
+            Ok(token) => token,
+            Err(why) => return Ok(refuse(why)),
+        };
+        let claim = replay_claim(&work.message, token, tenant, event_id);
+        Ok(
+            match dead_letters::check_replay(&self.pool, &claim, self.replay_ttl()).await? {
+                ReplayCheck::Valid => Replay::Valid(token),
+                ReplayCheck::Used => Replay::None,
+                ReplayCheck::Refused(why) => refuse(why),
+            },
+        )
+    }
+
+    /// How long a replay token counts (`kafka.replay_token_ttl_secs`).
+    pub(super) fn replay_ttl(&self) -> Duration {
+        Duration::from_secs(self.kafka.replay_token_ttl_secs)
+    }
+}
+
+/// What binds a token to `message` (see [`dead_letters::judge_replay`]).
+fn replay_claim<'a>(
+    message: &'a Incoming,
+    token: uuid::Uuid,
+    tenant: Option<&'a str>,
+    event_id: Option<&'a str>,
+) -> ReplayClaim<'a> {
+    ReplayClaim {
+        token,
+        topic: &message.topic,
+        tenant,
+        event_id,
+        payload: message.payload.as_deref().unwrap_or_default(),
+    }
+}
+
+/// A replayed dead letter whose token was valid before routing: the transaction accepts the
+/// token once (then the event's dead-lettered claim is released, so it is routed again).
 pub(super) async fn replay(
     tx: &mut sqlx::PgConnection,
     one: &Prepared,
     token: uuid::Uuid,
+    ttl: Duration,
 ) -> Result<(), StoreError> {
     match &one.step {
         Step::Routed(event, _) | Step::Failed(event, _) | Step::Parked(event, _) => {
-            if dead_letters::accept_replay(tx, &event.tenant, &event.id, token).await? {
+            let claim = replay_claim(&one.message, token, Some(&event.tenant), Some(&event.id));
+            if dead_letters::accept_replay(tx, &claim, ttl).await? {
                 tracing::info!(tenant = %event.tenant, event_id = %event.id, "dead letter replayed");
             }
         }
-        Step::Rejected(_) => dead_letters::mark_replayed(tx, token).await?,
+        Step::Rejected(rejection) => {
+            let claim = replay_claim(
+                &one.message,
+                token,
+                rejection.tenant.as_deref(),
+                rejection.event_id.as_deref(),
+            );
+            dead_letters::mark_replayed(tx, &claim, ttl).await?;
+        }
         Step::Duplicate => {}
     }
     Ok(())

@@ -121,5 +121,6 @@ pub fn prepared(offset: i64, step: Step) -> Prepared {
     Prepared {
         message: Arc::new(message("orders", offset, b"{}")),
         step,
+        replay: None,
     }
 }

@@ -1,6 +1,6 @@
 //! A tenant lane's task: it takes what is queued as one batch, prepares it (step 1:
-//! duplicates skipped, the rest routed within the tenant's budget, outside any
-//! transaction) and hands it to a committer, a prefix at a time, stalling while the
+//! replay tokens checked, duplicates skipped, the rest routed within the tenant's budget,
+//! outside any transaction) and hands it to a committer, a prefix at a time, stalling while the
 //! database or the platform fails.
 
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::dead_letter::Replay;
 use super::dispatch::Work;
 use super::{Commits, Pipeline, Prepared, Stall, Step, budget, group};
 use crate::model::Event;
@@ -198,12 +199,26 @@ impl Pipeline {
             if routing_since.elapsed() >= MAX_ROUTING_PER_COMMIT {
                 break;
             }
+            // A replay token is checked before anything is routed: a refused one makes the
+            // message a dead letter saying why; a valid one lets the event past its claim.
+            let replay = match self.check_replay(work).await? {
+                Replay::Refused(rejection) => {
+                    prepared.push(Prepared {
+                        message: work.message.clone(),
+                        step: Step::Rejected(rejection),
+                        replay: None,
+                    });
+                    continue;
+                }
+                Replay::Valid(token) => Some(token),
+                Replay::None => None,
+            };
             let step = match &work.decoded {
                 Err(rejection) => Step::Rejected(rejection.clone()),
                 // A replayed dead letter was claimed when it was dead-lettered: the
-                // transaction decides whether its replay token still counts.
+                // transaction releases that claim when it accepts the token.
                 Ok(event)
-                    if work.message.replay_token().is_none()
+                    if replay.is_none()
                         && seen.contains(&(event.tenant.clone(), event.id.clone())) =>
                 {
                     Step::Duplicate
@@ -213,6 +228,7 @@ impl Pipeline {
             prepared.push(Prepared {
                 message: work.message.clone(),
                 step,
+                replay,
             });
         }
         Ok(prepared)

@@ -2,8 +2,16 @@
 //! so an operator can list and replay them. A replay carries a one-time token; accepting it
 //! inside the replayed event's transaction releases the event's dead-lettered claim in
 //! `processed_events`, so the event is routed again.
+//!
+//! A token is worth something only for the message it was issued for: the dead letter's
+//! exact payload (its SHA-256), its topic, and its tenant and event id when it had them; and
+//! only until `kafka.replay_token_ttl_secs` after it was issued. It is checked before the
+//! message is routed ([`check_replay`]) and again, atomically, where it is accepted.
+
+use std::time::Duration;
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use sqlx::{FromRow, PgConnection, PgPool};
 
 use super::{Origin, Result};
@@ -161,10 +169,10 @@ pub struct Replay {
 }
 
 /// Gives the selected, not yet replayed dead letters a fresh replay token each (an older
-/// token, from a replay whose message never arrived, stops counting).
+/// token, from a replay whose message never arrived, stops counting), issued now.
 pub async fn prepare_replays(pool: &PgPool, filter: &DeadLetterFilter) -> Result<Vec<Replay>> {
     let sql = format!(
-        "UPDATE dead_letters SET replay_token = gen_random_uuid()
+        "UPDATE dead_letters SET replay_token = gen_random_uuid(), replay_token_at = now()
          WHERE id IN (SELECT id FROM dead_letters
                       WHERE {DEAD_LETTER_FILTER} AND replayed_at IS NULL
                       ORDER BY id LIMIT $5)
@@ -205,26 +213,138 @@ pub async fn prepare_replays(pool: &PgPool, filter: &DeadLetterFilter) -> Result
     Ok(replays)
 }
 
+/// A message that carries a replay token, as far as the token's binding goes.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayClaim<'a> {
+    pub token: uuid::Uuid,
+    pub topic: &'a str,
+    /// The tenant and event id it decoded to (`None`: it did not decode).
+    pub tenant: Option<&'a str>,
+    pub event_id: Option<&'a str>,
+    pub payload: &'a [u8],
+}
+
+impl ReplayClaim<'_> {
+    fn payload_sha256(&self) -> Vec<u8> {
+        Sha256::digest(self.payload).to_vec()
+    }
+}
+
+/// What a replay token is worth for the message that carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayCheck {
+    /// Issued for this message, unused and not expired: it is routed again, once.
+    Valid,
+    /// Issued for this message and already accepted: a redelivery of the replay, which the
+    /// event's claim decides as any other.
+    Used,
+    /// Not a token for this message: why, for the dead letter the message becomes.
+    Refused(String),
+}
+
+/// The dead letter a token was issued for, as [`judge_replay`] needs it.
+#[derive(Debug, Clone, FromRow)]
+pub struct TokenRow {
+    pub id: i64,
+    pub kafka_topic: String,
+    pub tenant_id: Option<String>,
+    pub event_id: Option<String>,
+    pub same_payload: bool,
+    pub used: bool,
+    pub fresh: bool,
+}
+
+/// The verdict on `claim`, given the dead letter its token names (if any).
+pub fn judge_replay(row: Option<TokenRow>, claim: &ReplayClaim<'_>, ttl: Duration) -> ReplayCheck {
+    let Some(row) = row else {
+        return ReplayCheck::Refused(
+            "the replay token is unknown: not issued by `notify-engine dead-letters replay`, or replaced by a later replay of its dead letter".into(),
+        );
+    };
+    let id = row.id;
+    let bound_to = |what: &str| {
+        ReplayCheck::Refused(format!(
+            "the replay token of dead letter {id} was issued for another {what}; a token replays only the message it was issued for"
+        ))
+    };
+    if !row.same_payload {
+        return bound_to("payload");
+    }
+    if row.kafka_topic != claim.topic {
+        return bound_to("topic");
+    }
+    if row.tenant_id.is_some() && row.tenant_id.as_deref() != claim.tenant {
+        return bound_to("tenant");
+    }
+    if row.event_id.is_some() && row.event_id.as_deref() != claim.event_id {
+        return bound_to("event id");
+    }
+    if row.used {
+        return ReplayCheck::Used;
+    }
+    if !row.fresh {
+        return ReplayCheck::Refused(format!(
+            "the replay token of dead letter {id} expired (kafka.replay_token_ttl_secs = {}); the dead letter is kept: replay it again",
+            ttl.as_secs()
+        ));
+    }
+    ReplayCheck::Valid
+}
+
+/// Checks a replay token before its message is routed (see [`judge_replay`]).
+pub async fn check_replay(
+    pool: &PgPool,
+    claim: &ReplayClaim<'_>,
+    ttl: Duration,
+) -> Result<ReplayCheck> {
+    let row: Option<TokenRow> = sqlx::query_as(
+        "SELECT id, kafka_topic, tenant_id, event_id,
+                sha256(payload) = $2 AS same_payload,
+                replayed_at IS NOT NULL AS used,
+                coalesce(replay_token_at > now() - make_interval(secs => $3), false) AS fresh
+         FROM dead_letters WHERE replay_token = $1",
+    )
+    .bind(claim.token)
+    .bind(claim.payload_sha256())
+    .bind(ttl.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    Ok(judge_replay(row, claim, ttl))
+}
+
+/// The binding of [`judge_replay`] in SQL, for the statements that use a token up: the same
+/// token, unused, fresh, for the same payload and topic, and (when the dead letter has
+/// them) the same tenant and event id. `$1` token, `$2` tenant, `$3` event id, `$4` payload
+/// SHA-256, `$5` topic, `$6` time to live in seconds.
+const TOKEN_BINDS: &str = "replay_token = $1 AND replayed_at IS NULL
+    AND replay_token_at > now() - make_interval(secs => $6)
+    AND sha256(payload) = $4 AND kafka_topic = $5
+    AND (tenant_id IS NULL OR tenant_id = $2)
+    AND (event_id IS NULL OR event_id = $3)";
+
 /// Accepts a replay token once, inside the transaction that handles the replayed event:
 /// marks the dead letter replayed and releases the event's dead-lettered claim, so the
-/// event is routed again. `false` (a token used before, or forged): the message is an
-/// ordinary redelivery, and the claim decides as usual.
+/// event is routed again. `false` (used meanwhile, expired since it was checked): the
+/// message is an ordinary redelivery, and the claim decides as usual.
 pub async fn accept_replay(
     tx: &mut PgConnection,
-    tenant: &str,
-    event_id: &str,
-    token: uuid::Uuid,
+    claim: &ReplayClaim<'_>,
+    ttl: Duration,
 ) -> Result<bool> {
-    let accepted: Option<(String, i32, i64)> = sqlx::query_as(
+    let (Some(tenant), Some(event_id)) = (claim.tenant, claim.event_id) else {
+        return Ok(false);
+    };
+    let accepted: Option<(String, i32, i64)> = sqlx::query_as(&format!(
         "UPDATE dead_letters SET replayed_at = now()
-         WHERE replay_token = $3 AND replayed_at IS NULL
-           AND (tenant_id IS NULL OR tenant_id = $1)
-           AND (event_id IS NULL OR event_id = $2)
-         RETURNING kafka_topic, kafka_partition, kafka_offset",
-    )
+         WHERE {TOKEN_BINDS}
+         RETURNING kafka_topic, kafka_partition, kafka_offset"
+    ))
+    .bind(claim.token)
     .bind(tenant)
     .bind(event_id)
-    .bind(token)
+    .bind(claim.payload_sha256())
+    .bind(claim.topic)
+    .bind(ttl.as_secs_f64())
     .fetch_optional(&mut *tx)
     .await?;
     let Some((topic, partition, offset)) = accepted else {
@@ -249,13 +369,116 @@ pub async fn accept_replay(
 
 /// Marks a replayed dead letter done when the replay could not even be decoded (it is
 /// dead-lettered again, as itself): the operator's next replay does not select it again.
-pub async fn mark_replayed(tx: &mut PgConnection, token: uuid::Uuid) -> Result<()> {
-    sqlx::query(
-        "UPDATE dead_letters SET replayed_at = now()
-         WHERE replay_token = $1 AND replayed_at IS NULL",
-    )
-    .bind(token)
+pub async fn mark_replayed(
+    tx: &mut PgConnection,
+    claim: &ReplayClaim<'_>,
+    ttl: Duration,
+) -> Result<()> {
+    sqlx::query(&format!(
+        "UPDATE dead_letters SET replayed_at = now() WHERE {TOKEN_BINDS}"
+    ))
+    .bind(claim.token)
+    .bind(claim.tenant)
+    .bind(claim.event_id)
+    .bind(claim.payload_sha256())
+    .bind(claim.topic)
+    .bind(ttl.as_secs_f64())
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> TokenRow {
+        TokenRow {
+            id: 7,
+            kafka_topic: "orders".into(),
+            tenant_id: Some("acme".into()),
+            event_id: Some("e1".into()),
+            same_payload: true,
+            used: false,
+            fresh: true,
+        }
+    }
+
+    fn claim() -> ReplayClaim<'static> {
+        ReplayClaim {
+            token: uuid::Uuid::nil(),
+            topic: "orders",
+            tenant: Some("acme"),
+            event_id: Some("e1"),
+            payload: b"{}",
+        }
+    }
+
+    fn refused(check: ReplayCheck) -> String {
+        match check {
+            ReplayCheck::Refused(why) => why,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_token_counts_only_for_its_own_message_and_while_fresh() {
+        let ttl = Duration::from_secs(60);
+        assert_eq!(judge_replay(Some(row()), &claim(), ttl), ReplayCheck::Valid);
+        assert!(refused(judge_replay(None, &claim(), ttl)).contains("unknown"));
+        let moved = TokenRow {
+            same_payload: false,
+            ..row()
+        };
+        assert!(refused(judge_replay(Some(moved), &claim(), ttl)).contains("another payload"));
+        let elsewhere = ReplayClaim {
+            topic: "other",
+            ..claim()
+        };
+        assert!(refused(judge_replay(Some(row()), &elsewhere, ttl)).contains("another topic"));
+        let other_event = ReplayClaim {
+            event_id: Some("e2"),
+            ..claim()
+        };
+        assert!(refused(judge_replay(Some(row()), &other_event, ttl)).contains("another event id"));
+        let other_tenant = ReplayClaim {
+            tenant: Some("globex"),
+            ..claim()
+        };
+        assert!(refused(judge_replay(Some(row()), &other_tenant, ttl)).contains("another tenant"));
+        let stale = TokenRow {
+            fresh: false,
+            ..row()
+        };
+        assert!(refused(judge_replay(Some(stale), &claim(), ttl)).contains("expired"));
+        // A redelivered replay: used, not refused (its claim makes it a duplicate) ...
+        let used = TokenRow {
+            used: true,
+            fresh: false,
+            ..row()
+        };
+        assert_eq!(judge_replay(Some(used), &claim(), ttl), ReplayCheck::Used);
+        // ... unless it is not the message the token was issued for.
+        let used_moved = TokenRow {
+            used: true,
+            same_payload: false,
+            ..row()
+        };
+        assert!(refused(judge_replay(Some(used_moved), &claim(), ttl)).contains("another payload"));
+        // A dead letter that never decoded binds by payload and topic alone.
+        let undecoded = TokenRow {
+            tenant_id: None,
+            event_id: None,
+            ..row()
+        };
+        let as_undecoded = ReplayClaim {
+            tenant: None,
+            event_id: None,
+            ..claim()
+        };
+        assert_eq!(
+            judge_replay(Some(undecoded), &as_undecoded, ttl),
+            ReplayCheck::Valid
+        );
+    }
 }
