@@ -98,7 +98,8 @@ enum DeadLetterCommand {
         #[arg(long)]
         all: bool,
     },
-    /// Republish dead letters to their topics; the engine routes each again, once.
+    /// Republish dead letters to their topics; the engine routes each again, once, if it
+    /// arrives within kafka.replay_token_ttl_secs (else it is set aside again, with why).
     Replay {
         #[command(flatten)]
         filter: DeadLetterArgs,

@@ -33,7 +33,8 @@
 //! - `commit`: the committers and step 2, the transaction cut into named phases;
 //! - `rows`: a batch's decisions turned into the store's rows (claims, notifications,
 //!   outbox rows);
-//! - `dead_letter`: dead letters written, and replayed dead letters accepted;
+//! - `dead_letter`: dead letters written, and replayed dead letters' tokens checked before
+//!   routing and accepted in the transaction;
 //! - `effects`: what a committed batch did, applied after COMMIT (offsets, metrics, hub,
 //!   email worker).
 //!

@@ -36,7 +36,8 @@ pub async fn requeue_emails(
 
 /// Republishes the selected dead letters (not yet replayed) to their topics, each with a
 /// one-time replay token: the engine routes each again once, even if its id was claimed
-/// when it was dead-lettered. Returns how many were republished.
+/// when it was dead-lettered, if it arrives within `kafka.replay_token_ttl_secs` (the
+/// token counts for that message only; see `store::dead_letters`). Returns how many were republished.
 pub async fn replay_dead_letters(
     kafka: &KafkaConfig,
     database: &DatabaseConfig,

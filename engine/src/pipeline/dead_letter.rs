@@ -149,8 +149,8 @@ impl Pipeline {
             Ok(event) => (Some(event.tenant.as_str()), Some(event.id.as_str())),
             Err(rejection) => (rejection.tenant.as_deref(), rejection.event_id.as_deref()),
         };
+        // Logged with the reason when its dead letter is committed, as any rejection.
         let refuse = |why: String| {
-            tracing::warn!(topic = %work.message.topic, partition = work.message.partition, offset = work.message.offset, reason = %why, "replay refused");
             Replay::Refused(Rejection {
                 kind: RejectionKind::Validation,
                 reason: format!("replay refused: {why}"),
