@@ -367,6 +367,26 @@ async fn replay_tokens_are_bound_to_their_payload_and_expire() {
     world
         .wait_count(&refused("not a replay token"), 1, WAIT)
         .await;
+    // A well-formed token the engine never issued grants nothing and costs nothing: a new
+    // event carrying one is handled as any other.
+    let made_up = uuid::Uuid::new_v4().to_string();
+    world
+        .produce_with_headers(
+            &world.topic_paid,
+            None,
+            order_paid("t2", &tenant, "u2", None, 1.0)
+                .to_string()
+                .as_bytes(),
+            &[(REPLAY_HEADER, made_up.as_str())],
+        )
+        .await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id = 't2'",
+            1,
+            WAIT,
+        )
+        .await;
     assert_eq!(
         world
             .count("SELECT count(*) FROM notifications WHERE event_id = 't1'")

@@ -130,11 +130,13 @@ impl Pipeline {
 
 /// What a message's replay token means for its handling (see [`Pipeline::check_replay`]).
 pub(super) enum Replay {
-    /// No token: an ordinary message (so is a redelivery of a replay already accepted).
+    /// No token: an ordinary message (so is a redelivery of a replay already accepted, and
+    /// a message whose token the engine does not know: it grants nothing).
     None,
     /// A token issued for this message, unused and fresh: routed again although claimed.
     Valid(uuid::Uuid),
-    /// A token that is not this message's, expired or malformed: a dead letter saying why.
+    /// A token issued for another message, expired, or a malformed header: a dead letter
+    /// saying why.
     /// The dead letter the token was issued for is untouched, so it can be replayed again.
     Refused(Rejection),
 }
@@ -167,6 +169,10 @@ impl Pipeline {
             match dead_letters::check_replay(&self.pool, &claim, self.replay_ttl()).await? {
                 ReplayCheck::Valid => Replay::Valid(token),
                 ReplayCheck::Used => Replay::None,
+                ReplayCheck::Unknown => {
+                    tracing::info!(topic = %work.message.topic, partition = work.message.partition, offset = work.message.offset, "replay token unknown (never issued, or replaced by a later replay): handled as an ordinary message");
+                    Replay::None
+                }
                 ReplayCheck::Refused(why) => refuse(why),
             },
         )

@@ -238,6 +238,11 @@ pub enum ReplayCheck {
     /// Issued for this message and already accepted: a redelivery of the replay, which the
     /// event's claim decides as any other.
     Used,
+    /// Not a token the engine knows: never issued, or replaced by a later replay of its dead
+    /// letter (the operator ran the command again before the first replay arrived). It
+    /// grants nothing: the message is handled as any other, a duplicate if its event was
+    /// claimed (and its dead letter, kept, waits for the later replay).
+    Unknown,
     /// Not a token for this message: why, for the dead letter the message becomes.
     Refused(String),
 }
@@ -257,9 +262,7 @@ pub struct TokenRow {
 /// The verdict on `claim`, given the dead letter its token names (if any).
 pub fn judge_replay(row: Option<TokenRow>, claim: &ReplayClaim<'_>, ttl: Duration) -> ReplayCheck {
     let Some(row) = row else {
-        return ReplayCheck::Refused(
-            "the replay token is unknown: not issued by `notify-engine dead-letters replay`, or replaced by a later replay of its dead letter".into(),
-        );
+        return ReplayCheck::Unknown;
     };
     let id = row.id;
     let bound_to = |what: &str| {
@@ -425,7 +428,7 @@ mod tests {
     fn a_token_counts_only_for_its_own_message_and_while_fresh() {
         let ttl = Duration::from_secs(60);
         assert_eq!(judge_replay(Some(row()), &claim(), ttl), ReplayCheck::Valid);
-        assert!(refused(judge_replay(None, &claim(), ttl)).contains("unknown"));
+        assert_eq!(judge_replay(None, &claim(), ttl), ReplayCheck::Unknown);
         let moved = TokenRow {
             same_payload: false,
             ..row()
