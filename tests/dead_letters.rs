@@ -1,6 +1,8 @@
 //! Dead letters, on the real services: what cannot be handled is set aside with its payload
-//! and reason between good messages, kept at a reused offset, and replayed once its cause is
-//! fixed (`notify-engine dead-letters list|replay`).
+//! and reason between good messages (a CloudEvent without `source` among it, while one
+//! without `time` is handled), kept at a reused offset, and replayed once its cause is fixed
+//! (`notify-engine dead-letters list|replay`), with tokens that count only for their own
+//! message and only while fresh.
 
 use std::time::Duration;
 

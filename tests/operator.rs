@@ -1,5 +1,6 @@
 //! What an operator's probes and scrapers see, on the real services: health, readiness and
-//! the metrics page on the admin listener.
+//! the metrics page on the admin listener; and the start-up refusal of a config file that
+//! holds a Kafka credential.
 
 use std::time::Duration;
 
