@@ -611,17 +611,29 @@ async fn another_database_role_cannot_speak_for_the_engine_on_its_channels() {
             )
             .await;
     }
-    let refused = |engine: &Running, channel: &str, reason: &str| {
-        engine
-            .metrics
-            .cluster_messages_refused
-            .with_label_values(&[channel, reason])
-            .get()
+    // Counted, as operators scrape it (docs/operating.md).
+    let refused = async |engine: &Running, channel: &str, reason: &str| {
+        let series = format!(
+            "notify_cluster_messages_refused_total{{channel=\"{channel}\",reason=\"{reason}\"}}"
+        );
+        metric(engine, &series).await.unwrap_or(0.0)
     };
-    assert_eq!(refused(&other, "notify_engine_wake", "malformed"), 3);
-    assert_eq!(refused(&other, "notify_engine_wake", "signature"), 1);
-    assert_eq!(refused(&consumer, "notify_engine_presence", "malformed"), 1);
-    assert_eq!(refused(&consumer, "notify_engine_presence", "replayed"), 1);
+    assert_eq!(
+        refused(&other, "notify_engine_wake", "malformed").await,
+        3.0
+    );
+    assert_eq!(
+        refused(&other, "notify_engine_wake", "signature").await,
+        1.0
+    );
+    assert_eq!(
+        refused(&consumer, "notify_engine_presence", "malformed").await,
+        1.0
+    );
+    assert_eq!(
+        refused(&consumer, "notify_engine_presence", "replayed").await,
+        1.0
+    );
 
     drop((sse, forged, overheard));
     other.shutdown().await;
