@@ -1,9 +1,9 @@
 //! What the instances of one deployment tell each other, through the PostgreSQL they share
 //! (no service of its own):
 //!
-//! - **wake-ups**: every transaction that writes stream rows NOTIFYs `[[tenant, user, seq]]`
-//!   (`store::wake::announce`); [`listen`] publishes them to this instance's hub, so a stream on
-//!   any instance hears of rows committed on any other.
+//! - **wake-ups**: every transaction that writes stream rows NOTIFYs `[[tenant, user, seq]]`,
+//!   sealed (`store::wake::announce`); [`listen`] publishes them to this instance's hub, so a
+//!   stream on any instance hears of rows committed on any other.
 //! - **presence**: which users have a stream open on which instance. Each instance writes
 //!   its users' first stream opening and last closing ([`Presence::run`], batched, with a
 //!   NOTIFY in the same transaction) and keeps a heartbeat; [`listen`] keeps an in-memory
@@ -275,91 +275,102 @@ pub async fn listen(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let mut listener: Option<ClusterListener> = None;
     // What was heard lately, across reconnections: a replay is refused even then.
     let mut opener = Opener::new(hub.seal().clone());
     let mut refusals = Refusals::default();
-    while !shutdown.is_cancelled() {
-        let heard = match listener.as_mut() {
-            None => {
-                let connected = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    connected = ClusterListener::connect(&pool) => connected,
-                };
-                // Listening first, then reading: no change falls between the two.
-                match connected {
-                    Ok(l) => match presence.reload(&pool).await {
-                        Ok(()) => {
-                            listener = Some(l);
-                            // Whatever was committed before it listened.
-                            hub.wake_all();
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e.with_cause(), "cannot read the cluster's presence; retrying")
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e.with_cause(), "cannot listen for other instances' news; retrying")
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY) => {}
-                }
-                continue;
-            }
-            Some(l) => tokio::select! {
-                _ = shutdown.cancelled() => return,
-                heard = l.next(&mut opener) => heard,
-            },
+    loop {
+        let Some(mut listener) = connect(&hub, &presence, &pool, &shutdown).await else {
+            return;
         };
-        match heard {
-            Ok(Heard::Wakes(wakes)) => {
-                for wake in wakes {
-                    match wake.row {
-                        // Another instance's row, carried because this instance's user
-                        // listens: its streams take it from memory too.
-                        Some(row) => {
-                            let size = row.approximate_size();
-                            hub.publish_row(&wake.tenant, &wake.user, Arc::new(row), size)
+        loop {
+            let heard = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                heard = listener.next(&mut opener) => heard,
+            };
+            match heard {
+                Ok(Heard::Wakes(wakes)) => {
+                    for wake in wakes {
+                        match wake.row {
+                            // Another instance's row, carried because this instance's user
+                            // listens: its streams take it from memory too.
+                            Some(row) => {
+                                let size = row.approximate_size();
+                                hub.publish_row(&wake.tenant, &wake.user, Arc::new(row), size)
+                            }
+                            None => hub.publish(&wake.tenant, &wake.user, wake.seq),
                         }
-                        None => hub.publish(&wake.tenant, &wake.user, wake.seq),
                     }
                 }
-            }
-            Ok(Heard::Presence { signer, news }) => {
-                let speaks_for_users = !news.online.is_empty() || !news.offline.is_empty();
-                match presence.believes(&pool, &signer).await {
-                    Ok(false) if speaks_for_users => refusals.refused(
-                        &metrics,
-                        store::PRESENCE_CHANNEL,
-                        Refusal::UnknownInstance,
-                    ),
-                    Ok(_) => presence.apply(news),
-                    Err(e) => {
-                        // The news cannot be checked: read the whole view anew instead.
-                        tracing::warn!(error = %e.with_cause(), "cannot check an instance's presence news; listening again");
-                        listener = None;
+                Ok(Heard::Presence { signer, news }) => {
+                    let speaks_for_users = !news.online.is_empty() || !news.offline.is_empty();
+                    match presence.believes(&pool, &signer).await {
+                        Ok(false) if speaks_for_users => refusals.refused(
+                            &metrics,
+                            store::PRESENCE_CHANNEL,
+                            Refusal::UnknownInstance,
+                        ),
+                        Ok(_) => presence.apply(news),
+                        Err(e) => {
+                            // The news cannot be checked: read the whole view anew instead.
+                            tracing::warn!(error = %e.with_cause(), "cannot check an instance's presence news; listening again");
+                            break;
+                        }
                     }
                 }
-            }
-            Ok(Heard::Refused { channel, refusal }) => refusals.refused(&metrics, channel, refusal),
-            Ok(Heard::Reconnected) => {
-                hub.wake_all();
-                if let Err(e) = presence.reload(&pool).await {
-                    tracing::warn!(error = %e.with_cause(), "cannot read the cluster's presence after reconnecting; listening again");
-                    listener = None;
+                Ok(Heard::Refused { channel, refusal }) => {
+                    refusals.refused(&metrics, channel, refusal)
+                }
+                Ok(Heard::Reconnected) => {
+                    hub.wake_all();
+                    if let Err(e) = presence.reload(&pool).await {
+                        tracing::warn!(error = %e.with_cause(), "cannot read the cluster's presence after reconnecting; listening again");
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.with_cause(), "lost the cluster listener; reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY) => {}
+                    }
+                    break;
                 }
             }
+        }
+    }
+}
+
+/// Listens anew, then reads the presence view whole (in that order: no change falls
+/// between the two) and wakes every local stream (whatever was committed before it
+/// listened). Retries every second; `None` at `shutdown`.
+async fn connect(
+    hub: &Hub,
+    presence: &Presence,
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> Option<ClusterListener> {
+    loop {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            connected = ClusterListener::connect(pool) => connected,
+        };
+        match connected {
+            Ok(listener) => match presence.reload(pool).await {
+                Ok(()) => {
+                    hub.wake_all();
+                    return Some(listener);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.with_cause(), "cannot read the cluster's presence; retrying")
+                }
+            },
             Err(e) => {
-                tracing::warn!(error = %e.with_cause(), "lost the cluster listener; reconnecting");
-                listener = None;
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY) => {}
-                }
+                tracing::warn!(error = %e.with_cause(), "cannot listen for other instances' news; retrying")
             }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(RETRY) => {}
         }
     }
 }

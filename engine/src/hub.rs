@@ -15,7 +15,8 @@
 //! `Last-Event-ID` replay are the same code, and the common case costs no query.
 //!
 //! The hub also notes each user's first stream opening and last closing, which `cluster`
-//! writes as the user's presence.
+//! writes as the user's presence, and holds the instance's id and its seal
+//! (`store::wake::Seal`), with which everything it tells other instances is signed.
 //!
 //! By role: `recent` keeps each user's newest rows and watermark, `admit` the per-user
 //! windows for deep replays and tickets; this file holds the streams, their caps and
