@@ -227,6 +227,13 @@ mod tests {
         let missing = StoreError::Sqlx(sqlx::Error::RowNotFound);
         assert!(!missing.is_pool_busy());
         assert!(!missing.is_data_error());
+        // Whatever fails at COMMIT is the database's (a full NOTIFY queue's 54000).
+        let commit = StoreError::Commit(sqlx::Error::PoolTimedOut);
+        assert!(!commit.is_data_error());
+        assert_eq!(
+            commit.with_cause().to_string(),
+            format!("database commit: {cause}")
+        );
         assert_eq!(
             missing.with_cause().to_string(),
             format!("database: {}", sqlx::Error::RowNotFound)
