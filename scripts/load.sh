@@ -56,6 +56,8 @@ TOPIC="order_paid-$run"
 psql "$DATABASE_URL" -qc "CREATE DATABASE $run" >/dev/null
 NOTIFY_KAFKA_TOPIC_PARTITIONS=6 scripts/services.sh topics "$TOPIC" >/dev/null 2>&1
 export NOTIFY_AUTH__JWT_SECRET=load-secret-load-secret-load-secret-0123
+# The instances hear each other's wake-ups only under one cluster secret.
+export NOTIFY_CLUSTER__SECRET=load-cluster-secret-load-cluster-secret-01
 WORK=$(mktemp -d)
 PIDS=()
 stop_all() {

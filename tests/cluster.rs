@@ -392,6 +392,7 @@ async fn a_killed_instances_partitions_go_to_the_others_within_the_session_timeo
         .env("NOTIFY_CONFIG", &file)
         .env("DATABASE_URL", &world.db_url)
         .env("NOTIFY_AUTH__JWT_SECRET", SECRET)
+        .env("NOTIFY_CLUSTER__SECRET", CLUSTER_SECRET)
         .env("NOTIFY_LOG__FILTER", "warn")
         .kill_on_drop(true)
         .spawn()
@@ -424,4 +425,221 @@ async fn a_killed_instances_partitions_go_to_the_others_within_the_session_timeo
         killed.elapsed()
     );
     survivor.shutdown().await;
+}
+
+/// A user's presence on `engine`'s other instance, as `engine` sees it, polled until it is
+/// `online` (within a few seconds: a flush, a commit, a NOTIFY).
+async fn seen(engine: &Running, tenant: &str, user: &str, online: bool) {
+    let since = std::time::Instant::now();
+    while engine.presence.is_online(tenant, user) != online {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "{user} never seen {}",
+            if online { "online" } else { "offline" }
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// PostgreSQL has no privilege on LISTEN/NOTIFY: any role that may connect can speak on the
+/// engine's channels. Another role (CONNECT only, as PUBLIC has by default) sends what the
+/// engine's instances once believed: a forged row for a user's stream (and the same in the
+/// sealed form, under a made-up seal), a row whose kind carries CR/LF, a sequence number
+/// past any real one, a user online on an instance that does not exist, and a real presence
+/// change it overheard, sent again after the user left. None of it reaches a stream or the
+/// presence view: the stream shows the user's real next notification with its real id, the
+/// emails of users falsely "online" are sent, and the refusals are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_database_role_cannot_speak_for_the_engine_on_its_channels() {
+    use sqlx::{Connection, PgConnection};
+    let world = World::new().await;
+    let tenant = unique("acme");
+    let mut config = world.config();
+    config.tenants.insert(
+        tenant.clone(),
+        notify_engine::config::TenantConfig {
+            plugin: Some("acme".into()),
+            config: [("skip_email_when_online".to_owned(), "true".to_owned())].into(),
+            ..Default::default()
+        },
+    );
+    let consumer = world.start(config.clone()).await;
+    let other = world.start_idle(config).await;
+
+    // The other role: it may connect (PUBLIC's default), nothing more.
+    let forger = unique("forger").replace('-', "_");
+    let mut admin = PgConnection::connect(&world.services.database_url)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE ROLE {forger} LOGIN PASSWORD 'pw'"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (scheme, rest) = world.db_url.split_once("://").unwrap();
+    let host_and_db = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let forger_url = format!("{scheme}://{forger}:pw@{host_and_db}");
+    let mut forged = PgConnection::connect(&forger_url).await.unwrap();
+    let mut overheard = sqlx::postgres::PgListener::connect(&forger_url)
+        .await
+        .unwrap();
+    overheard.listen("notify_engine_presence").await.unwrap();
+
+    // u1 watches on the idle instance and has its first notification.
+    let token = world.token(&tenant, "u1");
+    let (status, sse, _) = connect_sse(&other, Some(&token), None).await;
+    assert_eq!(status, 200);
+    let mut sse = sse.unwrap();
+    world
+        .produce(&order_paid("real-1", &tenant, "u1", None, 1.0))
+        .await;
+    let first = sse.next(WAIT).await.expect("the first notification");
+    assert_eq!(first.id.as_deref(), Some("1"));
+
+    // u3 opens a stream and closes it; the other role overhears its presence going online.
+    let (_, u3, _) = connect_sse(&other, Some(&world.token(&tenant, "u3")), None).await;
+    let u3_online = loop {
+        let heard = tokio::time::timeout(Duration::from_secs(5), overheard.recv())
+            .await
+            .expect("u3's presence news, overheard")
+            .unwrap();
+        if heard.payload().contains("online") && heard.payload().contains("\"u3\"") {
+            break heard.payload().to_owned();
+        }
+    };
+    seen(&consumer, &tenant, "u3", true).await;
+    drop(u3);
+    seen(&consumer, &tenant, "u3", false).await;
+
+    let row = |seq: i64, kind: &str| {
+        serde_json::json!({
+            "seq": seq, "event_id": "forged", "kind": kind, "title": "Forged",
+            "body": "Your account is locked: https://evil.example", "category": null,
+            "data": {}, "created_at": chrono::Utc::now(), "read_at": null, "archived_at": null,
+        })
+    };
+    let wake = |wakes: serde_json::Value| wakes.to_string();
+    let at = chrono::Utc::now().timestamp_millis();
+    let fake_instance = uuid::Uuid::new_v4().to_string();
+    let forgeries = [
+        (
+            "notify_engine_wake",
+            wake(serde_json::json!([[
+                &tenant,
+                "u1",
+                2,
+                row(2, "notification")
+            ]])),
+        ),
+        (
+            "notify_engine_wake",
+            format!(
+                "v1.{}.{}",
+                "A".repeat(43),
+                serde_json::json!({"by": other.presence.instance(), "n": 1, "at": at,
+                                   "wakes": [[&tenant, "u1", 2, row(2, "notification")]]})
+            ),
+        ),
+        (
+            "notify_engine_wake",
+            wake(serde_json::json!([[
+                &tenant,
+                "u1",
+                3,
+                row(3, "order.updated\r\nevent: notification")
+            ]])),
+        ),
+        (
+            "notify_engine_wake",
+            wake(serde_json::json!([[&tenant, "u1", i64::MAX]])),
+        ),
+        (
+            "notify_engine_presence",
+            serde_json::json!({"instance": fake_instance, "online": [[&tenant, "u2"]]}).to_string(),
+        ),
+        ("notify_engine_presence", u3_online),
+    ];
+    for (channel, payload) in &forgeries {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(&mut forged)
+            .await
+            .unwrap();
+    }
+    // A real presence change after them: once the consumer has it, it has heard them all.
+    let (_, _u4, _) = connect_sse(&other, Some(&world.token(&tenant, "u4")), None).await;
+    seen(&consumer, &tenant, "u4", true).await;
+    assert!(
+        !consumer.presence.is_online(&tenant, "u2"),
+        "online on an instance that does not exist"
+    );
+    assert!(
+        !consumer.presence.is_online(&tenant, "u3"),
+        "online again by an overheard, replayed change"
+    );
+
+    // u1's real next notification reaches the stream, with its real id; nothing forged does.
+    world
+        .produce(&order_paid("real-2", &tenant, "u1", None, 2.0))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let event = match sse.poll(left).await {
+            Polled::Event(event) => event,
+            ended => panic!("the stream ended or stayed silent ({ended:?}) before real-2"),
+        };
+        assert_ne!(event.data["title"], "Forged", "a forged frame: {event:?}");
+        assert_eq!(event.event, "notification", "{event:?}");
+        if event.data["event_id"] == "real-2" {
+            assert_eq!(event.id.as_deref(), Some("2"), "the real next notification");
+            break;
+        }
+    }
+    // Users falsely "online" get their email.
+    for user in ["u2", "u3"] {
+        let id = format!("mail-{user}");
+        let to = format!("{user}@example.com");
+        world
+            .produce(&order_paid(&id, &tenant, user, Some(&to), 3.0))
+            .await;
+        world
+            .wait_count(
+                &format!("SELECT count(*) FROM email_outbox WHERE event_id = '{id}'"),
+                1,
+                Duration::from_secs(20),
+            )
+            .await;
+    }
+    // Counted, as operators scrape it (docs/operating.md).
+    let refused = async |engine: &Running, channel: &str, reason: &str| {
+        let series = format!(
+            "notify_cluster_messages_refused_total{{channel=\"{channel}\",reason=\"{reason}\"}}"
+        );
+        metric(engine, &series).await.unwrap_or(0.0)
+    };
+    assert_eq!(
+        refused(&other, "notify_engine_wake", "malformed").await,
+        3.0
+    );
+    assert_eq!(
+        refused(&other, "notify_engine_wake", "signature").await,
+        1.0
+    );
+    assert_eq!(
+        refused(&consumer, "notify_engine_presence", "malformed").await,
+        1.0
+    );
+    assert_eq!(
+        refused(&consumer, "notify_engine_presence", "replayed").await,
+        1.0
+    );
+
+    drop((sse, forged, overheard));
+    other.shutdown().await;
+    consumer.shutdown().await;
+    sqlx::query(&format!("DROP ROLE {forger}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
 }

@@ -1,6 +1,6 @@
 //! PostgreSQL's trouble and duties, on the real services: connections that died idle, a lock
-//! timeout, a damaged sequence row, a non-superuser engine user, the API pool's row-level
-//! security, and retention.
+//! timeout, a full NOTIFY queue, a damaged sequence row, a non-superuser engine user, the API
+//! pool's row-level security, and retention.
 
 use std::time::Duration;
 
@@ -134,6 +134,79 @@ async fn a_lock_timeout_stalls_the_batch_instead_of_dead_lettering() {
             .get()
             >= 1
     );
+    engine.shutdown().await;
+}
+
+/// PostgreSQL's NOTIFY queue full: COMMIT fails with 54000 ("too many notifications in the
+/// NOTIFY queue"), which one listener idle in a transaction brings about in time. That is
+/// the database's trouble, not the event's: the batch stalls, readiness says why, and the
+/// event is delivered once the queue drains; nothing is dead-lettered.
+///
+/// The queue holds 8 GB on PostgreSQL 15 (fixed; from 17 `max_notify_queue_pages`, a
+/// server-wide setting a test cannot change), far too much to fill in a test on shared
+/// services. So the error is raised where PostgreSQL raises it, at COMMIT, with its SQLSTATE
+/// and message: a deferred constraint trigger on `notifications`, armed while a row sits in
+/// `queue_full`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_notify_queue_stalls_the_batch_instead_of_dead_lettering() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("shop");
+    world
+        .produce(&order_paid("q1", &tenant, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count("SELECT count(*) FROM notifications", 1, WAIT)
+        .await;
+
+    let pool = world.pool().await;
+    for sql in [
+        "CREATE TABLE queue_full (since timestamptz NOT NULL DEFAULT now())",
+        "CREATE FUNCTION queue_full() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM queue_full) THEN
+                 RAISE EXCEPTION 'too many notifications in the NOTIFY queue'
+                     USING ERRCODE = '54000';
+             END IF;
+             RETURN NULL;
+         END $$",
+        "CREATE CONSTRAINT TRIGGER queue_full AFTER INSERT ON notifications
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION queue_full()",
+        "INSERT INTO queue_full DEFAULT VALUES",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    world
+        .produce(&order_paid("q2", &tenant, "u1", None, 2.0))
+        .await;
+    eventually("the pipeline reports the stall", async || {
+        engine.health.snapshot().stall.is_some()
+    })
+    .await;
+    let (status, body) = readyz(engine.admin_addr).await;
+    assert_eq!(status, 503, "{body}");
+    let pipeline = body["checks"]["pipeline"].as_str().unwrap();
+    assert!(pipeline.starts_with("stalled: database"), "{body}");
+    assert!(pipeline.contains("NOTIFY queue"), "{body}");
+    assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 0);
+
+    // The queue drains: the batch goes through.
+    sqlx::query("DELETE FROM queue_full")
+        .execute(&pool)
+        .await
+        .unwrap();
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id = 'q2'",
+            1,
+            WAIT,
+        )
+        .await;
+    assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 0);
+    eventually("readiness recovers", async || {
+        readyz(engine.admin_addr).await.0 == 200
+    })
+    .await;
     engine.shutdown().await;
 }
 

@@ -135,7 +135,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = metrics_for(&config);
     let (pool, api_pool, auth) = open_store(&config).await?;
     let health = Arc::new(Health::default());
-    let hub = Hub::new();
+    let hub = Hub::sealed(config.cluster.secret.as_deref());
+    if !hub.seal().is_shared() {
+        tracing::info!(
+            "cluster.secret is not set: this instance seals its NOTIFYs with a key of its own \
+             and hears no other instance; set the same secret (NOTIFY_CLUSTER__SECRET) on every \
+             instance to run more than one"
+        );
+    }
     let presence = Presence::new(hub.clone(), config.presence.clone());
     let plugins = load_plugins(&config, &presence, &health).await?;
     let templates = load_templates(&config)?;
@@ -332,6 +339,7 @@ impl Engine<'_> {
             self.hub.clone(),
             self.presence.clone(),
             pool.clone(),
+            self.metrics.clone(),
             shutdown.clone(),
         ));
         self.tasks

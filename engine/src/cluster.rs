@@ -1,9 +1,9 @@
 //! What the instances of one deployment tell each other, through the PostgreSQL they share
 //! (no service of its own):
 //!
-//! - **wake-ups**: every transaction that writes stream rows NOTIFYs `[[tenant, user, seq]]`
-//!   (`store::wake::announce`); [`listen`] publishes them to this instance's hub, so a stream on
-//!   any instance hears of rows committed on any other.
+//! - **wake-ups**: every transaction that writes stream rows NOTIFYs `[[tenant, user, seq]]`,
+//!   sealed (`store::wake::announce`); [`listen`] publishes them to this instance's hub, so a
+//!   stream on any instance hears of rows committed on any other.
 //! - **presence**: which users have a stream open on which instance. Each instance writes
 //!   its users' first stream opening and last closing ([`Presence::run`], batched, with a
 //!   NOTIFY in the same transaction) and keeps a heartbeat; [`listen`] keeps an in-memory
@@ -15,10 +15,17 @@
 //! The listening connection may be lost: wake-ups and presence changes sent meanwhile are
 //! gone, so after every (re)connection every local stream is woken to read for itself, and
 //! the presence view is read whole again.
+//!
+//! Any role that can connect to the database can LISTEN and NOTIFY on the same channels, so
+//! nothing heard is trusted for being heard: every payload is sealed with `cluster.secret`
+//! and every field checked (`store::wake`), and presence news counts only from an instance
+//! the `engine_instances` table (which only the engine's role writes) holds alive. What is
+//! refused is counted (`notify_cluster_messages_refused_total`) and logged, at most once per
+//! [`REFUSAL_LOG_EVERY`] per reason.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -26,13 +33,16 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PresenceConfig;
 use crate::hub::{Hub, Key};
 use crate::store::presence::{self as store, News};
-use crate::store::wake::{ClusterListener, Heard};
+use crate::store::wake::{ClusterListener, Heard, Opener, Refusal};
+use crate::telemetry::Metrics;
 
 /// How long presence changes gather before they are written: one statement for a burst of
 /// connections (a restarted instance's clients all reconnecting) instead of one each.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(50);
 /// The pause before retrying after PostgreSQL failed.
 const RETRY: Duration = Duration::from_secs(1);
+/// Refused messages are logged at most once per this, per reason (each is counted).
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// This instance's identity and its view of who is online where.
 pub struct Presence {
@@ -40,6 +50,9 @@ pub struct Presence {
     hub: Arc<Hub>,
     /// The users with a stream on each other instance, as last heard.
     others: RwLock<HashMap<String, HashSet<Key>>>,
+    /// Other instances the `engine_instances` table showed alive, whose news is believed
+    /// (forgotten when they are gone, or when the view is read anew).
+    known: Mutex<HashSet<String>>,
     config: PresenceConfig,
 }
 
@@ -60,6 +73,7 @@ impl Presence {
             instance: hub.instance().to_owned(),
             hub,
             others: RwLock::new(HashMap::new()),
+            known: Mutex::new(HashSet::new()),
             config,
         })
     }
@@ -102,9 +116,12 @@ impl Presence {
     /// hub is the truth about local streams).
     fn apply(&self, news: News) {
         let mut others = self.others.write().expect("presence lock poisoned");
+        let mut known = self.known.lock().expect("presence lock poisoned");
         for gone in &news.gone {
             others.remove(gone);
+            known.remove(gone);
         }
+        drop(known);
         if news.instance.is_empty() || news.instance == self.instance {
             return;
         }
@@ -119,8 +136,34 @@ impl Presence {
     /// Replaces the whole view with what the table holds.
     async fn reload(&self, pool: &PgPool) -> crate::store::Result<()> {
         let everyone = store::everyone(pool, &self.instance).await?;
-        *self.others.write().expect("presence lock poisoned") = everyone.into_iter().collect();
+        let mut others = self.others.write().expect("presence lock poisoned");
+        *others = everyone.into_iter().collect();
+        *self.known.lock().expect("presence lock poisoned") = others.keys().cloned().collect();
         Ok(())
+    }
+
+    /// Is news that `signer` sealed about its own users to be believed? Only if it is this
+    /// instance, or an instance the table holds alive (asked once, then remembered until it
+    /// is gone). A forged or replayed "online" of an instance that never was, or is no more,
+    /// must not suppress anyone's email.
+    async fn believes(&self, pool: &PgPool, signer: &str) -> crate::store::Result<bool> {
+        if signer == self.instance
+            || self
+                .known
+                .lock()
+                .expect("presence lock poisoned")
+                .contains(signer)
+        {
+            return Ok(true);
+        }
+        let alive = store::alive(pool, signer, self.config.ttl_secs).await?;
+        if alive {
+            self.known
+                .lock()
+                .expect("presence lock poisoned")
+                .insert(signer.to_owned());
+        }
+        Ok(alive)
     }
 
     /// Writes this instance's presence until `shutdown`: registers the instance, writes
@@ -173,7 +216,8 @@ impl Presence {
                 pending.iter().partition(|(_, online)| **online);
             let online: Vec<Key> = online.into_iter().map(|(k, _)| k.clone()).collect();
             let offline: Vec<Key> = offline.into_iter().map(|(k, _)| k.clone()).collect();
-            match store::write(&pool, &self.instance, &online, &offline).await {
+            let seal = self.hub.seal();
+            match store::write(&pool, seal, &self.instance, &online, &offline).await {
                 Ok(()) => {
                     pending.clear();
                     retry_at = None;
@@ -186,7 +230,7 @@ impl Presence {
                 }
             }
         }
-        if let Err(e) = store::unregister(&pool, &self.instance).await {
+        if let Err(e) = store::unregister(&pool, self.hub.seal(), &self.instance).await {
             tracing::warn!(error = %e.with_cause(), "could not remove this instance's presence; it expires in presence.ttl_secs");
         }
     }
@@ -204,7 +248,7 @@ impl Presence {
                 Err(e) => tracing::warn!(error = %e.with_cause(), "presence heartbeat failed"),
             }
         }
-        match store::expire(pool, self.config.ttl_secs).await {
+        match store::expire(pool, self.hub.seal(), self.config.ttl_secs).await {
             Ok(gone) if !gone.is_empty() => {
                 tracing::warn!(instances = ?gone, "expired instances whose presence heartbeat stopped");
             }
@@ -221,81 +265,146 @@ impl crate::plugin::Presence for Presence {
 }
 
 /// Hears what the other instances announce until `shutdown`: wake-ups for the hub,
-/// presence changes for the view. After every (re)connection, every local stream is woken
-/// and the view is read whole; while PostgreSQL is unreachable, it retries every second.
+/// presence changes for the view, refusals for the metrics and the log. After every
+/// (re)connection, every local stream is woken and the view is read whole; while
+/// PostgreSQL is unreachable, it retries every second.
 pub async fn listen(
     hub: Arc<Hub>,
     presence: Arc<Presence>,
     pool: PgPool,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let mut listener: Option<ClusterListener> = None;
-    while !shutdown.is_cancelled() {
-        let heard = match listener.as_mut() {
-            None => {
-                let connected = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    connected = ClusterListener::connect(&pool, hub.instance()) => connected,
-                };
-                // Listening first, then reading: no change falls between the two.
-                match connected {
-                    Ok(l) => match presence.reload(&pool).await {
-                        Ok(()) => {
-                            listener = Some(l);
-                            // Whatever was committed before it listened.
-                            hub.wake_all();
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e.with_cause(), "cannot read the cluster's presence; retrying")
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e.with_cause(), "cannot listen for other instances' news; retrying")
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY) => {}
-                }
-                continue;
-            }
-            Some(l) => tokio::select! {
-                _ = shutdown.cancelled() => return,
-                heard = l.next() => heard,
-            },
+    // What was heard lately, across reconnections: a replay is refused even then.
+    let mut opener = Opener::new(hub.seal().clone());
+    let mut refusals = Refusals::default();
+    loop {
+        let Some(mut listener) = connect(&hub, &presence, &pool, &shutdown).await else {
+            return;
         };
-        match heard {
-            Ok(Heard::Wakes(wakes)) => {
-                for wake in wakes {
-                    match wake.row {
-                        // Another instance's row, carried because this instance's user
-                        // listens: its streams take it from memory too.
-                        Some(row) => {
-                            let size = row.approximate_size();
-                            hub.publish_row(&wake.tenant, &wake.user, Arc::new(row), size)
+        loop {
+            let heard = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                heard = listener.next(&mut opener) => heard,
+            };
+            match heard {
+                Ok(Heard::Wakes(wakes)) => {
+                    for wake in wakes {
+                        match wake.row {
+                            // Another instance's row, carried because this instance's user
+                            // listens: its streams take it from memory too.
+                            Some(row) => {
+                                let size = row.approximate_size();
+                                hub.publish_row(&wake.tenant, &wake.user, Arc::new(row), size)
+                            }
+                            None => hub.publish(&wake.tenant, &wake.user, wake.seq),
                         }
-                        None => hub.publish(&wake.tenant, &wake.user, wake.seq),
                     }
                 }
-            }
-            Ok(Heard::Presence(news)) => presence.apply(news),
-            Ok(Heard::Reconnected) => {
-                hub.wake_all();
-                if let Err(e) = presence.reload(&pool).await {
-                    tracing::warn!(error = %e.with_cause(), "cannot read the cluster's presence after reconnecting; listening again");
-                    listener = None;
+                Ok(Heard::Presence { signer, news }) => {
+                    let speaks_for_users = !news.online.is_empty() || !news.offline.is_empty();
+                    match presence.believes(&pool, &signer).await {
+                        Ok(false) if speaks_for_users => refusals.refused(
+                            &metrics,
+                            store::PRESENCE_CHANNEL,
+                            Refusal::UnknownInstance,
+                        ),
+                        Ok(_) => presence.apply(news),
+                        Err(e) => {
+                            // The news cannot be checked: read the whole view anew instead.
+                            tracing::warn!(error = %e.with_cause(), "cannot check an instance's presence news; listening again");
+                            break;
+                        }
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e.with_cause(), "lost the cluster listener; reconnecting");
-                listener = None;
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY) => {}
+                Ok(Heard::Refused { channel, refusal }) => {
+                    refusals.refused(&metrics, channel, refusal)
+                }
+                Ok(Heard::Reconnected) => {
+                    hub.wake_all();
+                    if let Err(e) = presence.reload(&pool).await {
+                        tracing::warn!(error = %e.with_cause(), "cannot read the cluster's presence after reconnecting; listening again");
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.with_cause(), "lost the cluster listener; reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY) => {}
+                    }
+                    break;
                 }
             }
         }
+    }
+}
+
+/// Listens anew, then reads the presence view whole (in that order: no change falls
+/// between the two) and wakes every local stream (whatever was committed before it
+/// listened). Retries every second; `None` at `shutdown`.
+async fn connect(
+    hub: &Hub,
+    presence: &Presence,
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> Option<ClusterListener> {
+    loop {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            connected = ClusterListener::connect(pool) => connected,
+        };
+        match connected {
+            Ok(listener) => match presence.reload(pool).await {
+                Ok(()) => {
+                    hub.wake_all();
+                    return Some(listener);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.with_cause(), "cannot read the cluster's presence; retrying")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e.with_cause(), "cannot listen for other instances' news; retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(RETRY) => {}
+        }
+    }
+}
+
+/// Refused messages: each counted, and logged at most once per [`REFUSAL_LOG_EVERY`] per
+/// reason, with how many went unlogged (a flood of forgeries must not flood the log).
+#[derive(Default)]
+struct Refusals {
+    /// Per reason: when it was last logged, and how many since.
+    logged: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl Refusals {
+    fn refused(&mut self, metrics: &Metrics, channel: &'static str, refusal: Refusal) {
+        let reason = refusal.reason();
+        metrics
+            .cluster_messages_refused
+            .with_label_values(&[channel, reason])
+            .inc();
+        let now = Instant::now();
+        if let Some((at, unlogged)) = self.logged.get_mut(reason)
+            && now.duration_since(*at) < REFUSAL_LOG_EVERY
+        {
+            *unlogged += 1;
+            return;
+        }
+        let unlogged = self.logged.insert(reason, (now, 0)).map_or(0, |(_, n)| n);
+        tracing::warn!(
+            channel, reason, refused_unlogged = unlogged, why = %refusal,
+            "a message on the engine's NOTIFY channels was refused; if it came from an \
+             engine, give every instance the same cluster.secret (NOTIFY_CLUSTER__SECRET) \
+             and synchronised clocks; otherwise another database role is speaking on \
+             them (REVOKE CONNECT ON DATABASE ... FROM PUBLIC, docs/security.md)"
+        );
     }
 }
 

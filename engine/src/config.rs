@@ -2,7 +2,7 @@
 //!
 //! Environment variables are `NOTIFY_<SECTION>__<KEY>` (double underscore between levels),
 //! e.g. `NOTIFY_KAFKA__BROKERS`, `NOTIFY_AUTH__JWT_SECRET`. `DATABASE_URL` is accepted too.
-//! Secrets (`auth.jwt_secret`, `smtp.password`) come from the environment only: a config
+//! Secrets (`auth.jwt_secret`, `smtp.password`, `cluster.secret`) come from the environment only: a config
 //! file that contains them is rejected, because config files end up in repositories.
 //!
 //! Everything is validated once, at start-up, in [`Config::validate`]: each section checks
@@ -24,7 +24,7 @@ mod kafka;
 mod plugins;
 
 pub use auth::{AuthConfig, DEMO_JWT_SECRET, JwtKeyConfig};
-pub use database::{DatabaseConfig, PresenceConfig, RetentionConfig};
+pub use database::{ClusterConfig, DatabaseConfig, PresenceConfig, RetentionConfig};
 pub use email::{EmailConfig, SmtpConfig, SmtpTls};
 pub use http::{HttpConfig, SseConfig};
 use kafka::is_secret_property;
@@ -54,6 +54,7 @@ pub struct Config {
     pub sse: SseConfig,
     pub retention: RetentionConfig,
     pub presence: PresenceConfig,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
     pub dev: DevConfig,
 }
@@ -91,15 +92,16 @@ impl Default for LogConfig {
 }
 
 /// Secrets never reach a `Debug` print (a `{config:?}` in a log line, a panic message):
-/// four sections (`kafka`, `database`, `smtp`, `auth`, each in its file) print their
+/// five sections (`kafka`, `database`, `smtp`, `auth`, `cluster`, each in its file) print their
 /// credentials as this.
 const REDACTED: &str = "[redacted]";
 
 /// Secrets that must never be read from a file.
-const SECRET_KEYS: &[&str] = &["auth.jwt_secret", "smtp.password"];
+const SECRET_KEYS: &[&str] = &["auth.jwt_secret", "smtp.password", "cluster.secret"];
 /// Their environment variables, read as raw strings.
 const JWT_SECRET_ENV: &str = "NOTIFY_AUTH__JWT_SECRET";
 const SMTP_PASSWORD_ENV: &str = "NOTIFY_SMTP__PASSWORD";
+const CLUSTER_SECRET_ENV: &str = "NOTIFY_CLUSTER__SECRET";
 /// Prefix of environment variables that set librdkafka properties.
 const KAFKA_PROPERTY_ENV: &str = "NOTIFY_KAFKA_PROPERTY_";
 
@@ -151,7 +153,7 @@ impl Config {
                 .filter(|k| {
                     let k = k.as_str();
                     k.contains("__")
-                        && ![JWT_SECRET_ENV, SMTP_PASSWORD_ENV]
+                        && ![JWT_SECRET_ENV, SMTP_PASSWORD_ENV, CLUSTER_SECRET_ENV]
                             .iter()
                             .any(|var| var["NOTIFY_".len()..].eq_ignore_ascii_case(k))
                 })
@@ -166,6 +168,12 @@ impl Config {
         }
         if let Ok(password) = std::env::var(SMTP_PASSWORD_ENV) {
             config.smtp.password = Some(password);
+        }
+        // Empty counts as unset: a compose file's `${VAR:-}` passes an empty string.
+        if let Ok(secret) = std::env::var(CLUSTER_SECRET_ENV)
+            && !secret.is_empty()
+        {
+            config.cluster.secret = Some(secret);
         }
         // librdkafka property names contain dots, which cannot appear in variable names:
         // NOTIFY_KAFKA_PROPERTY_SASL_PASSWORD sets `sasl.password`.
@@ -185,6 +193,7 @@ impl Config {
         self.auth.validate(tenant_keys)?;
         self.http.validate()?;
         self.presence.validate()?;
+        self.cluster.validate()?;
         self.retention.validate()?;
         self.kafka.validate()?;
         self.plugins.validate()?;

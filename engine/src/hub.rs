@@ -15,7 +15,8 @@
 //! `Last-Event-ID` replay are the same code, and the common case costs no query.
 //!
 //! The hub also notes each user's first stream opening and last closing, which `cluster`
-//! writes as the user's presence.
+//! writes as the user's presence, and holds the instance's id and its seal
+//! (`store::wake::Seal`), with which everything it tells other instances is signed.
 //!
 //! By role: `recent` keeps each user's newest rows and watermark, `admit` the per-user
 //! windows for deep replays and tickets; this file holds the streams, their caps and
@@ -32,16 +33,18 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::model::StoredNotification;
+use crate::store::wake::Seal;
 use admit::{Recent, admit};
 use recent::Entry;
 pub use recent::RECENT_ROW_BYTES;
 
 pub type Key = (String, String);
 
-#[derive(Default)]
 pub struct Hub {
     /// This instance's id (a UUID per start): its own announcements are not news to it.
     instance: String,
+    /// The seal on what this instance tells the others (and how it checks what they say).
+    seal: Arc<Seal>,
     entries: Mutex<HashMap<Key, Entry>>,
     /// Open streams per tenant (updated under the `entries` lock).
     tenants: Mutex<HashMap<String, usize>>,
@@ -75,16 +78,35 @@ pub enum CapExceeded {
 }
 
 impl Hub {
+    /// A hub whose seal has a key of its own: it hears no other instance (tests, tools).
     pub fn new() -> Arc<Self> {
+        Self::sealed(None)
+    }
+
+    /// A hub whose cluster messages are sealed with `secret` (`cluster.secret`), or, without
+    /// one, with a key of this instance's own.
+    pub fn sealed(secret: Option<&str>) -> Arc<Self> {
+        let instance = uuid::Uuid::new_v4().to_string();
         Arc::new(Self {
-            instance: uuid::Uuid::new_v4().to_string(),
-            ..Self::default()
+            seal: Arc::new(Seal::new(&instance, secret)),
+            instance,
+            entries: Default::default(),
+            tenants: Default::default(),
+            replays: Default::default(),
+            tickets: Default::default(),
+            presence_changes: Default::default(),
+            presence_changed: Default::default(),
         })
     }
 
     /// This instance's id (a UUID per start).
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// The seal of this instance's cluster messages.
+    pub fn seal(&self) -> &Arc<Seal> {
+        &self.seal
     }
 
     /// Tells the user's open streams that `seq` exists. Call after the transaction that

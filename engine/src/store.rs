@@ -42,6 +42,13 @@ pub enum StoreError {
     /// A connection, the pool or a statement failed.
     #[error("database")]
     Sqlx(#[from] sqlx::Error),
+    /// COMMIT itself failed. Nothing the statements wrote was refused (they ran): what
+    /// fails here is the database's state, e.g. PostgreSQL's NOTIFY queue full (54000,
+    /// "too many notifications in the NOTIFY queue", raised at COMMIT while a listener
+    /// idles in a transaction), a serialization failure, a lost connection. Never a data
+    /// error, whatever its SQLSTATE.
+    #[error("database commit")]
+    Commit(#[source] sqlx::Error),
     #[error("database migration")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -54,10 +61,12 @@ impl StoreError {
     ///
     /// Class 22 (data exception: an invalid byte sequence, a value out of range, an
     /// untranslatable character) and 54000 (program limit exceeded: a value too large to
-    /// index) follow from the values alone. Everything else (connection trouble, lock and
-    /// statement timeouts, a read-only transaction during failover, a revoked privilege, a
-    /// relation missing mid-migration, a unique conflict on a sequence) is about the
-    /// database or the engine, and the batch waits for it instead.
+    /// index) raised by a statement follow from the values alone. Everything else
+    /// (connection trouble, lock and statement timeouts, a read-only transaction during
+    /// failover, a revoked privilege, a relation missing mid-migration, a unique conflict
+    /// on a sequence, and whatever fails at COMMIT, [`StoreError::Commit`], such as a full
+    /// NOTIFY queue's 54000) is about the database or the engine, and the batch waits for
+    /// it instead.
     pub fn is_data_error(&self) -> bool {
         match self {
             StoreError::Sqlx(sqlx::Error::Database(db)) => db
@@ -65,7 +74,7 @@ impl StoreError {
                 .is_some_and(|code| code.starts_with("22") || code == "54000"),
             // A value the driver could not encode (it never reached the server).
             StoreError::Sqlx(sqlx::Error::Encode(_)) => true,
-            StoreError::Sqlx(_) | StoreError::Migrate(_) => false,
+            StoreError::Sqlx(_) | StoreError::Commit(_) | StoreError::Migrate(_) => false,
         }
     }
 
@@ -82,7 +91,9 @@ impl StoreError {
         impl std::fmt::Display for WithCause<'_> {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 match self.0 {
-                    StoreError::Sqlx(cause) => write!(f, "{}: {cause}", self.0),
+                    StoreError::Sqlx(cause) | StoreError::Commit(cause) => {
+                        write!(f, "{}: {cause}", self.0)
+                    }
                     StoreError::Migrate(cause) => write!(f, "{}: {cause}", self.0),
                 }
             }
@@ -216,6 +227,13 @@ mod tests {
         let missing = StoreError::Sqlx(sqlx::Error::RowNotFound);
         assert!(!missing.is_pool_busy());
         assert!(!missing.is_data_error());
+        // Whatever fails at COMMIT is the database's (a full NOTIFY queue's 54000).
+        let commit = StoreError::Commit(sqlx::Error::PoolTimedOut);
+        assert!(!commit.is_data_error());
+        assert_eq!(
+            commit.with_cause().to_string(),
+            format!("database commit: {cause}")
+        );
         assert_eq!(
             missing.with_cause().to_string(),
             format!("database: {}", sqlx::Error::RowNotFound)

@@ -53,6 +53,10 @@ pub struct Metrics {
     /// Batches that could not be committed because of the database or the platform
     /// (not the data); the pipeline waits and retries them.
     pub pipeline_stalls: IntCounterVec,
+    /// Messages on the engine's NOTIFY channels acted on in no way, by channel and reason
+    /// (`malformed`, `signature`, `stale`, `replayed`, `invalid`, `unknown_instance`): another
+    /// database role speaking on them, or an instance with another `cluster.secret`.
+    pub cluster_messages_refused: IntCounterVec,
     /// Times a tenant's lane paused because it had spent its routing-time budget.
     pub tenant_budget_pauses: IntCounter,
     /// Times a Kafka partition was paused because a tenant lane it feeds was full.
@@ -186,6 +190,11 @@ impl Metrics {
                 "pipeline_stalls_total",
                 "Batch attempts that failed for a reason outside the data, by cause",
                 &["cause"],
+            ),
+            cluster_messages_refused: r.counter_vec(
+                "cluster_messages_refused_total",
+                "Messages on the engine's NOTIFY channels refused (unsealed, forged, replayed, invalid), by channel and reason",
+                &["channel", "reason"],
             ),
             tenant_budget_pauses: r.counter(
                 "tenant_budget_pauses_total",

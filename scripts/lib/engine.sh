@@ -59,6 +59,9 @@ TOML
     export NOTIFY_CONFIG=$ENGINE_CONFIG
     export NOTIFY_AUTH__JWT_SECRET=demo-secret-change-me-0123456789abcdef
     export NOTIFY_DEV__MODE=true
+    # Seals what instances tell each other (docs/security.md); one instance needs none, but
+    # the engine under test runs as deployments do.
+    export NOTIFY_CLUSTER__SECRET=test-cluster-secret-test-cluster-secret-01
     # services.env's DATABASE_URL would override the file's database: the engine is started
     # with this one.
     ENGINE_DATABASE_URL="${DATABASE_URL%/*}/test_$run"

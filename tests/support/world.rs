@@ -17,6 +17,9 @@ use super::services::{Services, unique};
 
 /// The JWT secret every test engine is configured with (`auth.jwt_secret`).
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+/// The key every test engine of a world seals its cluster messages with
+/// (`cluster.secret`): a world's instances hear each other.
+pub const CLUSTER_SECRET: &str = "integration-test-cluster-secret-0123456789";
 
 /// One test's world: its own database, topics, consumer group and plugin directory.
 pub struct World {
@@ -87,6 +90,7 @@ impl World {
         c.email.poll_interval_ms = 200;
         c.email.backoff_base_ms = 200;
         c.auth.jwt_secret = SECRET.into();
+        c.cluster.secret = Some(CLUSTER_SECRET.into());
         c.tenants.insert(
             "acme".into(),
             TenantConfig {

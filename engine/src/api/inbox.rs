@@ -256,7 +256,14 @@ pub async fn read(
     Path(id): Path<String>,
 ) -> Result<Json<NotificationChanged>, ApiError> {
     let id = parse_id(&id)?;
-    let change = inbox::mark_read(&state.pool, &identity.tenant, &identity.user_id, id).await?;
+    let change = inbox::mark_read(
+        &state.pool,
+        state.hub.seal(),
+        &identity.tenant,
+        &identity.user_id,
+        id,
+    )
+    .await?;
     item_changed(&state, &identity, change)
 }
 
@@ -279,8 +286,14 @@ pub async fn read_all(
     if body.up_to < 0 {
         return Err(ApiError::BadRequest("up_to must be an id (≥ 0)".into()));
     }
-    let change =
-        inbox::mark_all_read(&state.pool, &identity.tenant, &identity.user_id, body.up_to).await?;
+    let change = inbox::mark_all_read(
+        &state.pool,
+        state.hub.seal(),
+        &identity.tenant,
+        &identity.user_id,
+        body.up_to,
+    )
+    .await?;
     publish(&state, &identity, change.event_seq);
     Ok(Json(ReadAllResponse {
         marked: change.result,
@@ -335,6 +348,7 @@ async fn set_archived(
     let id = parse_id(&id)?;
     let change = inbox::set_archived(
         &state.pool,
+        state.hub.seal(),
         &identity.tenant,
         &identity.user_id,
         id,

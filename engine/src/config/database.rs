@@ -1,6 +1,7 @@
-//! `[database]`, `[retention]` and `[presence]`: the PostgreSQL pools, what is purged
-//! when it gets old, and the heartbeat rows that say which instance holds which stream.
-//! The database URL's password never reaches a `Debug` print.
+//! `[database]`, `[retention]`, `[presence]` and `[cluster]`: the PostgreSQL pools, what is
+//! purged when it gets old, the heartbeat rows that say which instance holds which stream,
+//! and the key that seals what instances tell each other through the database. The
+//! database URL's password and the cluster secret never reach a `Debug` print.
 
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +49,45 @@ impl Default for PresenceConfig {
             heartbeat_secs: 5,
             ttl_secs: 15,
         }
+    }
+}
+
+/// What the instances of one deployment share (`[cluster]`).
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The key (at least 32 bytes) that seals every wake-up and presence change instances
+    /// tell each other through PostgreSQL's NOTIFY, which any role able to connect could
+    /// otherwise read and forge. The same on every instance; from the environment only
+    /// (`NOTIFY_CLUSTER__SECRET`). Unset: the instance seals with a key of its own and hears
+    /// no other instance (enough for one instance alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// The shortest `cluster.secret`, in bytes (as for HS256 JWT secrets).
+const MIN_CLUSTER_SECRET: usize = 32;
+
+impl ClusterConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(secret) = &self.secret
+            && (secret.len() < MIN_CLUSTER_SECRET || secret.trim() != secret)
+        {
+            return invalid(format!(
+                "cluster.secret (NOTIFY_CLUSTER__SECRET) must be at least {MIN_CLUSTER_SECRET} \
+                 bytes, without leading or trailing blanks (e.g. `openssl rand -hex 32`), and \
+                 the same on every instance"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("secret", &self.secret.as_ref().map(|_| REDACTED))
+            .finish()
     }
 }
 

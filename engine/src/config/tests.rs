@@ -118,8 +118,10 @@ fn debug_prints_no_secret() {
     c.kafka
         .properties
         .insert("sasl.username".into(), "notify-engine".into());
+    c.cluster.secret = Some("cluster-secret-value-0123456789abcdef".into());
     let printed = format!("{c:?}");
     for secret in [
+        "cluster-secret-value",
         "jwt-secret-value",
         "smtp-password-value",
         "db-password-value",
@@ -129,6 +131,24 @@ fn debug_prints_no_secret() {
     }
     assert!(printed.contains("notify-engine"), "{printed}");
     assert!(printed.contains("db.internal:5432"), "{printed}");
+}
+
+#[test]
+fn a_cluster_secret_is_long_enough_and_never_read_from_a_file() {
+    let mut c = valid();
+    c.validate().unwrap();
+    for short in ["", "too-short", " padded-secret-0123456789abcdefghij "] {
+        c.cluster.secret = Some(short.into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("cluster.secret"), "{err}");
+    }
+    c.cluster.secret = Some("a-cluster-secret-of-at-least-32-bytes".into());
+    c.validate().unwrap();
+    let err = load_error("[cluster]\nsecret = \"a-cluster-secret-of-at-least-32-bytes\"\n");
+    assert!(
+        err.contains("cluster.secret must come from the environment"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -207,7 +207,9 @@ impl Pipeline {
         outbox::enqueue_emails(&mut tx, &emails).await?;
         effects.emails = emails.len() as u64;
         self.announce(&mut tx, &effects).await?;
-        tx.commit().await?;
+        // What fails at COMMIT is the database's trouble, never the data's (a full NOTIFY
+        // queue raises 54000 here): see `StoreError::Commit`.
+        tx.commit().await.map_err(StoreError::Commit)?;
         self.metrics
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -295,7 +297,8 @@ impl Pipeline {
                 w.there.as_deref(),
             )
         });
-        wake::announce(tx, Some(self.hub.instance()), wakes).await
+        // This instance's streams took the rows from its hub: its own echo is skipped.
+        wake::announce(tx, self.hub.seal(), wake::Lead::From, wakes).await
     }
 }
 

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::notifications::{NewNotification, insert_notifications};
-use super::wake::announce;
+use super::wake::{Lead, Seal, announce};
 use super::{Result, scoped};
 use crate::model::{ARCHIVED_EVENT, READ_EVENT, StoredNotification};
 
@@ -113,6 +113,7 @@ pub async fn unread_count(pool: &PgPool, tenant: &str, user_id: &str) -> Result<
 /// Marks one item read. `None`: no such item for this user.
 pub async fn mark_read(
     pool: &PgPool,
+    seal: &Seal,
     tenant: &str,
     user_id: &str,
     seq: i64,
@@ -131,13 +132,14 @@ pub async fn mark_read(
     .rows_affected()
         == 1;
     let change = changed.then_some((READ_EVENT, json!({ "ids": [seq], "up_to": null })));
-    finish_item_change(tx, tenant, user_id, seq, change).await
+    finish_item_change(tx, seal, tenant, user_id, seq, change).await
 }
 
 /// Marks every item up to and including `up_to` read (what the user has seen; newer items
 /// stay unread). The result is how many changed.
 pub async fn mark_all_read(
     pool: &PgPool,
+    seal: &Seal,
     tenant: &str,
     user_id: &str,
     up_to: i64,
@@ -157,7 +159,7 @@ pub async fn mark_all_read(
     let unread_count = count_unread(&mut tx, tenant, user_id).await?;
     let event_seq = if marked > 0 {
         let data = json!({ "ids": [], "up_to": up_to, "unread_count": unread_count });
-        Some(log_change(&mut tx, tenant, user_id, READ_EVENT, data).await?)
+        Some(log_change(&mut tx, seal, tenant, user_id, READ_EVENT, data).await?)
     } else {
         None
     };
@@ -172,6 +174,7 @@ pub async fn mark_all_read(
 /// Archives (or unarchives) one item. `None`: no such item for this user.
 pub async fn set_archived(
     pool: &PgPool,
+    seal: &Seal,
     tenant: &str,
     user_id: &str,
     seq: i64,
@@ -194,7 +197,7 @@ pub async fn set_archived(
     .rows_affected()
         == 1;
     let change = changed.then_some((ARCHIVED_EVENT, json!({ "id": seq, "archived": archived })));
-    finish_item_change(tx, tenant, user_id, seq, change).await
+    finish_item_change(tx, seal, tenant, user_id, seq, change).await
 }
 
 /// After one item's UPDATE: the item as it is now and the unread count, and, when it changed,
@@ -202,6 +205,7 @@ pub async fn set_archived(
 /// item for this user.
 async fn finish_item_change(
     mut tx: Transaction<'static, Postgres>,
+    seal: &Seal,
     tenant: &str,
     user_id: &str,
     seq: i64,
@@ -214,7 +218,7 @@ async fn finish_item_change(
     let event_seq = match change {
         Some((kind, mut data)) => {
             data["unread_count"] = unread_count.into();
-            Some(log_change(&mut tx, tenant, user_id, kind, data).await?)
+            Some(log_change(&mut tx, seal, tenant, user_id, kind, data).await?)
         }
         None => None,
     };
@@ -272,6 +276,7 @@ async fn count_unread(conn: &mut PgConnection, tenant: &str, user_id: &str) -> R
 /// Writes a change event to the user's log; returns its sequence number.
 async fn log_change(
     conn: &mut PgConnection,
+    seal: &Seal,
     tenant: &str,
     user_id: &str,
     kind: &str,
@@ -298,7 +303,8 @@ async fn log_change(
     let [seq] = inserted.seqs[..] else {
         unreachable!("one number per notification")
     };
-    // The user's streams on other instances hear of it when it commits.
-    announce(conn, None, [(tenant, user_id, seq, None)]).await?;
+    // The user's streams on other instances hear of it when it commits (this instance's
+    // echo too, as ever: it wakes nobody the API did not already wake).
+    announce(conn, seal, Lead::By, [(tenant, user_id, seq, None)]).await?;
     Ok(seq)
 }

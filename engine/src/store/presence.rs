@@ -1,14 +1,16 @@
 //! Cluster-wide presence (migration `20261129000001`): the instances alive, and which users
 //! have a stream open on which of them. Every change is NOTIFYed on [`PRESENCE_CHANNEL`] in
-//! the transaction that makes it, so the in-memory views of the other instances follow at
-//! commit (`cluster::Presence`).
+//! the transaction that makes it, sealed like the wake-ups ([`super::wake::Seal`]), so the
+//! in-memory views of the other instances follow at commit (`cluster::Presence`). The
+//! tables are the truth (only the engine's role may write them); the NOTIFYs, which any
+//! role could send, count only when their seal verifies ([`parse_news`]).
 
 use std::collections::HashSet;
 
 use sqlx::{PgConnection, PgPool};
 
 use super::Result;
-use super::wake::json_arrays;
+use super::wake::{Lead, Opened, Refusal, Seal, check_user, json_arrays};
 
 /// The channel on which instances announce presence changes: [`News`] as JSON.
 pub const PRESENCE_CHANNEL: &str = "notify_engine_presence";
@@ -54,9 +56,22 @@ pub async fn heartbeat(pool: &PgPool, instance: &str) -> Result<bool> {
     Ok(updated == 1)
 }
 
+/// Is `instance` registered, with a heartbeat younger than `ttl_secs`? (Presence news of
+/// an instance not alive is not believed.)
+pub async fn alive(pool: &PgPool, instance: &str, ttl_secs: u64) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM engine_instances
+                        WHERE id = $1 AND heartbeat_at >= now() - make_interval(secs => $2))",
+    )
+    .bind(instance)
+    .bind(ttl_secs as f64)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Deletes the instances whose heartbeat is older than `ttl_secs` (with their presence
-/// rows) and announces them gone. Returns their ids.
-pub async fn expire(pool: &PgPool, ttl_secs: u64) -> Result<Vec<String>> {
+/// rows) and announces them gone, sealed by `seal`. Returns their ids.
+pub async fn expire(pool: &PgPool, seal: &Seal, ttl_secs: u64) -> Result<Vec<String>> {
     let mut tx = pool.begin().await?;
     let gone: Vec<String> = sqlx::query_scalar(
         "DELETE FROM engine_instances
@@ -66,24 +81,24 @@ pub async fn expire(pool: &PgPool, ttl_secs: u64) -> Result<Vec<String>> {
     .bind(ttl_secs as f64)
     .fetch_all(&mut *tx)
     .await?;
-    announce_gone(&mut tx, &gone).await?;
+    announce_gone(&mut tx, seal, &gone).await?;
     tx.commit().await?;
     Ok(gone)
 }
 
 /// Removes `instance` and its presence rows (a graceful stop), and announces it gone.
-pub async fn unregister(pool: &PgPool, instance: &str) -> Result<()> {
+pub async fn unregister(pool: &PgPool, seal: &Seal, instance: &str) -> Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query("DELETE FROM engine_instances WHERE id = $1")
         .bind(instance)
         .execute(&mut *tx)
         .await?;
-    announce_gone(&mut tx, &[instance.to_owned()]).await?;
+    announce_gone(&mut tx, seal, &[instance.to_owned()]).await?;
     tx.commit().await?;
     Ok(())
 }
 
-async fn announce_gone(tx: &mut PgConnection, gone: &[String]) -> Result<()> {
+async fn announce_gone(tx: &mut PgConnection, seal: &Seal, gone: &[String]) -> Result<()> {
     if gone.is_empty() {
         return Ok(());
     }
@@ -91,16 +106,24 @@ async fn announce_gone(tx: &mut PgConnection, gone: &[String]) -> Result<()> {
         gone: gone.to_vec(),
         ..News::default()
     };
-    notify(
-        tx,
-        &serde_json::to_string(&news).expect("strings serialize"),
-    )
-    .await
+    let json = serde_json::to_string(&news).expect("strings serialize");
+    notify(tx, seal, members(&json)).await
+}
+
+/// The members of a JSON object, without its braces (what [`Seal::seal`] wraps).
+fn members(object: &str) -> &str {
+    &object[1..object.len() - 1]
 }
 
 /// Writes `instance`'s users that came online and went offline, in one transaction with
-/// their NOTIFYs (split to fit PostgreSQL's payload limit).
-pub async fn write(pool: &PgPool, instance: &str, online: &[User], offline: &[User]) -> Result<()> {
+/// their NOTIFYs (split to fit PostgreSQL's payload limit), sealed by `seal`.
+pub async fn write(
+    pool: &PgPool,
+    seal: &Seal,
+    instance: &str,
+    online: &[User],
+    offline: &[User],
+) -> Result<()> {
     let mut tx = pool.begin().await?;
     let columns = |users: &[User]| -> (Vec<String>, Vec<String>) { users.iter().cloned().unzip() };
     if !online.is_empty() {
@@ -136,21 +159,45 @@ pub async fn write(pool: &PgPool, instance: &str, online: &[User], offline: &[Us
                 r#""{}":{list}"#,
                 if is_online { "online" } else { "offline" }
             );
-            let payload = format!(r#"{{"instance":{},{list}}}"#, serde_json::json!(instance));
-            notify(&mut tx, &payload).await?;
+            let fields = format!(r#""instance":{},{list}"#, serde_json::json!(instance));
+            notify(&mut tx, seal, &fields).await?;
         }
     }
     tx.commit().await?;
     Ok(())
 }
 
-async fn notify(tx: &mut PgConnection, payload: &str) -> Result<()> {
+/// NOTIFYs the members `fields` of a [`News`], sealed (every instance hears it, the sender
+/// too: [`Lead::By`]).
+async fn notify(tx: &mut PgConnection, seal: &Seal, fields: &str) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(PRESENCE_CHANNEL)
-        .bind(payload)
+        .bind(seal.seal(PRESENCE_CHANNEL, Lead::By, fields))
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// The [`News`] of a verified [`PRESENCE_CHANNEL`] payload. An instance speaks only for
+/// itself: users online or offline name their signer as `instance`; every user is a valid
+/// (tenant, user), every instance id printable and short.
+pub fn parse_news(opened: &Opened<'_>) -> std::result::Result<News, Refusal> {
+    let news: News = serde_json::from_str(opened.json).map_err(|_| Refusal::Malformed)?;
+    let has_users = !news.online.is_empty() || !news.offline.is_empty();
+    if (has_users || !news.instance.is_empty()) && news.instance != opened.signer {
+        return Err(Refusal::Invalid("instance"));
+    }
+    for (tenant, user) in news.online.iter().chain(&news.offline) {
+        check_user(tenant, user)?;
+    }
+    if news
+        .gone
+        .iter()
+        .any(|id| id.is_empty() || id.len() > 64 || id.chars().any(char::is_control))
+    {
+        return Err(Refusal::Invalid("instance gone"));
+    }
+    Ok(news)
 }
 
 /// Everyone present on a live instance other than `except`: the view an instance starts

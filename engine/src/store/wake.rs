@@ -2,11 +2,18 @@
 //! whose streams got rows (delivered at commit), and each instance's [`ClusterListener`]
 //! hears them, and presence news, from the others. Also how a payload is packed under
 //! NOTIFY's size limit ([`json_arrays`], shared with [`super::presence`]).
+//!
+//! Any role that can connect to the database may LISTEN and NOTIFY on these channels, so
+//! every payload is sealed ([`seal`]: HMAC-SHA256 under `cluster.secret`) and every field of
+//! what is heard is checked before anything acts on it; what fails is [`Heard::Refused`].
+
+mod seal;
 
 use sqlx::{PgConnection, PgPool};
 
 use super::{Result, presence};
 use crate::model::StoredNotification;
+pub use seal::{Lead, Opened, Opener, Refusal, Seal};
 
 /// The channel on which every instance of a deployment (one database) hears of committed
 /// stream rows: the hub's cluster-wide wake-ups (`cluster::listen`).
@@ -14,6 +21,8 @@ pub const WAKE_CHANNEL: &str = "notify_engine_wake";
 /// PostgreSQL takes NOTIFY payloads below 8000 bytes; what is announced is split to stay
 /// under it.
 const NOTIFY_PAYLOAD_BYTES: usize = 7_000;
+// A sealed wake-up (`"wakes":` and the array, sealed) stays under PostgreSQL's limit.
+const _: () = assert!(NOTIFY_PAYLOAD_BYTES + 16 + seal::SEAL_BYTES < 8_000);
 
 /// `items` as JSON arrays of at most [`NOTIFY_PAYLOAD_BYTES`] each (one item too large for
 /// that is an array of its own), in order.
@@ -39,6 +48,10 @@ pub(super) fn json_arrays<T: serde::Serialize>(items: impl IntoIterator<Item = T
 /// A row carried in a wake-up at most this long as JSON; a longer one is only announced (its
 /// streams read it), so a NOTIFY never passes PostgreSQL's limit.
 const ROW_IN_NOTIFY_BYTES: usize = 6_000;
+/// The highest sequence number a wake-up may name: JavaScript's `Number.MAX_SAFE_INTEGER`,
+/// past which a browser cannot even count its `Last-Event-ID`. Far beyond any user's log;
+/// a wake-up above it is refused, so it can never hold a stream's watermark out of reach.
+pub const MAX_SEQ: i64 = (1 << 53) - 1;
 
 /// One user's wake-up as announced: `[tenant, user, seq]`, or with the row itself.
 #[derive(serde::Serialize)]
@@ -49,18 +62,20 @@ enum WakeOut<'a> {
 }
 
 /// Tells every instance, when `tx` commits, that these users' streams have rows up to these
-/// sequence numbers: `{"from": instance, "wakes": [[tenant, user, seq], …]}` on
-/// [`WAKE_CHANNEL`] (just the array without `from`), in as few NOTIFYs as fit. A wake-up
-/// with a row (`[tenant, user, seq, row]`) carries it to instances where the user listens, so
-/// their streams need not read it back. NOTIFY is transactional: delivered at commit and
-/// only then, so no listener looks for a row it cannot see yet, and a rolled-back batch wakes
+/// sequence numbers: `"wakes": [[tenant, user, seq], …]` on [`WAKE_CHANNEL`], sealed by
+/// `seal` ([`seal`]; with [`Lead::From`] the sender's own instance skips the echo, with
+/// [`Lead::By`] it hears it too), in as few NOTIFYs as fit. A wake-up with a row
+/// (`[tenant, user, seq, row]`) carries it to instances where the user listens, so their
+/// streams need not read it back. NOTIFY is transactional: delivered at commit and only
+/// then, so no listener looks for a row it cannot see yet, and a rolled-back batch wakes
 /// nobody.
 pub async fn announce<'a>(
     tx: &mut PgConnection,
-    from: Option<&str>,
+    seal: &Seal,
+    lead: Lead,
     wakes: impl IntoIterator<Item = (&'a str, &'a str, i64, Option<&'a StoredNotification>)>,
 ) -> Result<()> {
-    for payload in wake_payloads(from, wakes) {
+    for payload in wake_payloads(seal, lead, wakes) {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(WAKE_CHANNEL)
             .bind(payload)
@@ -75,10 +90,19 @@ pub enum Heard {
     /// Users' streams with rows up to these sequence numbers, committed by another
     /// instance, or by any for an inbox change (its own batches' echo is not news).
     Wakes(Vec<Wake>),
-    /// Users that came online or went offline on another instance, or instances gone.
-    Presence(presence::News),
+    /// Users that came online or went offline on the instance `signer`, or instances gone.
+    Presence {
+        signer: String,
+        news: presence::News,
+    },
     /// The connection was lost and made again: what was sent meanwhile is gone.
     Reconnected,
+    /// A payload on one of the channels that is not a sealed, valid engine message: acted
+    /// on in no way.
+    Refused {
+        channel: &'static str,
+        refusal: Refusal,
+    },
 }
 
 /// A wake-up heard: (tenant, user) has rows up to `seq`, and maybe the row itself.
@@ -91,56 +115,59 @@ pub struct Wake {
 }
 
 /// A connection of its own listening on [`WAKE_CHANNEL`] and
-/// [`presence::PRESENCE_CHANNEL`], for the instance `own`.
+/// [`presence::PRESENCE_CHANNEL`].
 pub struct ClusterListener {
     listener: sqlx::postgres::PgListener,
-    /// How this instance's own wake-ups start: the echo of its batches, skipped unread.
-    own: String,
 }
 
 impl ClusterListener {
-    pub async fn connect(pool: &PgPool, own: &str) -> Result<Self> {
+    pub async fn connect(pool: &PgPool) -> Result<Self> {
         let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
         listener
             .listen_all([WAKE_CHANNEL, presence::PRESENCE_CHANNEL])
             .await?;
-        Ok(Self {
-            listener,
-            own: own_prefix(own),
-        })
+        Ok(Self { listener })
     }
 
-    /// The next news. A payload that is not ours (another program notifying on the
-    /// channel) is skipped with a warning.
-    pub async fn next(&mut self) -> Result<Heard> {
+    /// The next news, opened by `opener` (whose memory of what was heard outlives a
+    /// connection). A payload that is not a sealed, valid engine message is
+    /// [`Heard::Refused`].
+    pub async fn next(&mut self, opener: &mut Opener) -> Result<Heard> {
         loop {
             let Some(notification) = self.listener.try_recv().await? else {
                 return Ok(Heard::Reconnected);
             };
             let payload = notification.payload();
-            let heard = if notification.channel() == WAKE_CHANNEL {
+            let channel = if notification.channel() == WAKE_CHANNEL {
                 // This instance's streams took those rows from memory after the commit; the
                 // echo (often first) would have sent them to PostgreSQL for them.
-                if payload.starts_with(&self.own) {
+                if opener.seal().is_own_echo(payload) {
                     continue;
                 }
-                parse_wakes(payload).map(Heard::Wakes)
+                WAKE_CHANNEL
             } else {
-                serde_json::from_str(payload).map(Heard::Presence)
+                presence::PRESENCE_CHANNEL
             };
-            match heard {
-                Ok(heard) => return Ok(heard),
-                Err(e) => {
-                    tracing::warn!(error = %e, channel = notification.channel(), "a NOTIFY that is not the engine's; ignored")
+            let heard = opener.open(channel, payload).and_then(|opened| {
+                if channel == WAKE_CHANNEL {
+                    parse_wakes(opened.json).map(Heard::Wakes)
+                } else {
+                    let news = presence::parse_news(&opened)?;
+                    Ok(Heard::Presence {
+                        signer: opened.signer,
+                        news,
+                    })
                 }
-            }
+            });
+            return Ok(heard.unwrap_or_else(|refusal| Heard::Refused { channel, refusal }));
         }
     }
 }
 
 /// The NOTIFY payloads of [`announce`].
 fn wake_payloads<'a>(
-    from: Option<&str>,
+    seal: &Seal,
+    lead: Lead,
     wakes: impl IntoIterator<Item = (&'a str, &'a str, i64, Option<&'a StoredNotification>)>,
 ) -> Vec<String> {
     let wakes = wakes.into_iter().map(|(tenant, user, seq, row)| {
@@ -152,54 +179,81 @@ fn wake_payloads<'a>(
     });
     json_arrays(wakes)
         .into_iter()
-        .map(|array| match from {
-            // Under PostgreSQL's 8000 bytes: the array is at most NOTIFY_PAYLOAD_BYTES.
-            Some(from) => format!(r#"{},"wakes":{array}}}"#, own_prefix(from)),
-            None => array,
-        })
+        // Under PostgreSQL's 8000 bytes: the array is at most NOTIFY_PAYLOAD_BYTES, and the
+        // seal adds at most SEAL_BYTES.
+        .map(|array| seal.seal(WAKE_CHANNEL, lead, &format!(r#""wakes":{array}"#)))
         .collect()
 }
 
-/// How the wake-ups of instance `id` start ([`announce`] writes `from` first).
-fn own_prefix(id: &str) -> String {
-    format!(r#"{{"from":{}"#, serde_json::Value::from(id))
-}
-
-/// A [`WAKE_CHANNEL`] payload: `{"from", "wakes"}`, or just the array; each wake-up is
-/// `[tenant, user, seq]` or `[tenant, user, seq, row]`.
-fn parse_wakes(payload: &str) -> serde_json::Result<Vec<Wake>> {
+/// The wake-ups of a verified [`WAKE_CHANNEL`] payload, `{…, "wakes": [...]}`, each
+/// `[tenant, user, seq]` or `[tenant, user, seq, row]`. Every field is checked, sealed or
+/// not: a tenant id, a user id, a sequence number in `1..=MAX_SEQ`, a carried row that is
+/// the one announced and whose kind is an SSE event name (no line break can reach a frame).
+/// One invalid wake-up refuses the payload.
+fn parse_wakes(json: &str) -> Result<Vec<Wake>, Refusal> {
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum WakeIn {
         Bare(String, String, i64),
         Row(String, String, i64, Box<StoredNotification>),
     }
-    // `from` is not read: the listener skipped its own instance's before parsing.
     #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Payload {
-        Bare(Vec<WakeIn>),
-        Object { wakes: Vec<WakeIn> },
+    struct Payload {
+        wakes: Vec<WakeIn>,
     }
-    let (Payload::Bare(wakes) | Payload::Object { wakes }) = serde_json::from_str(payload)?;
-    Ok(wakes
+    let Payload { wakes } = serde_json::from_str(json).map_err(|_| Refusal::Malformed)?;
+    wakes
         .into_iter()
-        .map(|w| match w {
-            WakeIn::Bare(tenant, user, seq) => Wake {
+        .map(|w| {
+            let (tenant, user, seq, row) = match w {
+                WakeIn::Bare(tenant, user, seq) => (tenant, user, seq, None),
+                WakeIn::Row(tenant, user, seq, row) => (tenant, user, seq, Some(*row)),
+            };
+            check_user(&tenant, &user)?;
+            if !(1..=MAX_SEQ).contains(&seq) {
+                return Err(Refusal::Invalid("sequence number"));
+            }
+            if let Some(row) = &row {
+                if row.seq != seq {
+                    return Err(Refusal::Invalid("row's sequence number"));
+                }
+                if !valid_kind(&row.kind) {
+                    return Err(Refusal::Invalid("row's kind"));
+                }
+                if !(row.event_id.is_empty() || crate::model::valid_id(&row.event_id)) {
+                    return Err(Refusal::Invalid("row's event id"));
+                }
+            }
+            Ok(Wake {
                 tenant,
                 user,
                 seq,
-                row: None,
-            },
-            WakeIn::Row(tenant, user, seq, row) => Wake {
-                tenant,
-                user,
-                seq,
-                // A row that is not the one announced is not trusted: its streams read.
-                row: (row.seq == seq).then_some(*row),
-            },
+                row,
+            })
         })
-        .collect())
+        .collect()
+}
+
+/// A (tenant, user) as the engine accepts them: a tenant id, and a user id of 1 to 200
+/// bytes (a token's `sub`).
+pub(super) fn check_user(tenant: &str, user: &str) -> Result<(), Refusal> {
+    if !crate::model::valid_tenant(tenant) {
+        return Err(Refusal::Invalid("tenant"));
+    }
+    if user.is_empty() || user.len() > crate::model::MAX_ID_LEN {
+        return Err(Refusal::Invalid("user"));
+    }
+    Ok(())
+}
+
+/// A stored row's kind as it becomes an SSE `event:` name: `notification`, the inbox's
+/// change events, or a live update's name, all of `[a-z0-9._-]`.
+fn valid_kind(kind: &str) -> bool {
+    !kind.is_empty()
+        && kind.len() <= 64
+        && kind.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
 }
 
 #[cfg(test)]
@@ -223,52 +277,99 @@ mod tests {
         }
     }
 
+    const SECRET: &str = "a-cluster-secret-of-at-least-32-bytes";
+
+    /// The wake-ups `payloads` carry, as another instance holding the key hears them.
+    fn heard(payloads: &[String]) -> Result<Vec<Wake>, Refusal> {
+        let mut opener = Opener::new(std::sync::Arc::new(Seal::new("listener", Some(SECRET))));
+        let mut all = Vec::new();
+        for payload in payloads {
+            all.extend(parse_wakes(opener.open(WAKE_CHANNEL, payload)?.json)?);
+        }
+        Ok(all)
+    }
+
+    fn expect(tenant: &str, user: &str, seq: i64, row: Option<&StoredNotification>) -> Wake {
+        Wake {
+            tenant: tenant.into(),
+            user: user.into(),
+            seq,
+            row: row.cloned(),
+        }
+    }
+
     #[test]
-    fn wake_payloads_name_their_instance_and_carry_small_rows() {
+    fn wake_payloads_are_sealed_by_their_instance_and_carry_small_rows() {
         let (small, big) = (row(7, "thanks"), row(8, &"x".repeat(ROW_IN_NOTIFY_BYTES)));
+        let seal = Seal::new("i-1", Some(SECRET));
         let payloads = wake_payloads(
-            Some("i-1"),
+            &seal,
+            Lead::From,
             [
                 ("t", "u", 7, Some(&small)),
                 ("t", "u", 8, Some(&big)),
                 ("t", "v", 3, None),
             ],
         );
-        assert!(payloads.iter().all(|p| p.starts_with(&own_prefix("i-1"))));
-        assert!(!payloads[0].starts_with(&own_prefix("i-2")));
+        assert!(payloads.iter().all(|p| seal.is_own_echo(p)));
+        assert!(!Seal::new("i-2", Some(SECRET)).is_own_echo(&payloads[0]));
         assert!(
             payloads.iter().all(|p| p.len() < 8_000),
             "under NOTIFY's limit"
         );
-        let heard: Vec<Wake> = payloads
-            .iter()
-            .flat_map(|p| parse_wakes(p).unwrap())
-            .collect();
-        let expect = |tenant: &str, user: &str, seq, row: Option<&StoredNotification>| Wake {
-            tenant: tenant.into(),
-            user: user.into(),
-            seq,
-            row: row.cloned(),
-        };
         assert_eq!(
-            heard,
+            heard(&payloads).unwrap(),
             [
                 expect("t", "u", 7, Some(&small)),
                 expect("t", "u", 8, None), // too large to carry: its streams read it
                 expect("t", "v", 3, None),
             ]
         );
-        // An inbox change's bare array, and an older instance's.
+        // Unsealed, or sealed under another key: refused.
         assert_eq!(
-            parse_wakes(r#"[["t","u",7]]"#).unwrap(),
-            [expect("t", "u", 7, None)]
+            heard(&[r#"[["t","u",7]]"#.to_owned()]).unwrap_err(),
+            Refusal::Malformed
         );
-        assert!(parse_wakes(r#"[["t","u","7"]]"#).is_err());
-        // A carried row that is not the announced one is dropped.
-        let mismatched = wake_payloads(None, [("t", "u", 9, Some(&small))]);
+        let stranger = Seal::new("i-1", Some("not-the-cluster-secret-but-32-bytes"));
+        let forged = wake_payloads(&stranger, Lead::By, [("t", "u", 7, None)]);
+        assert_eq!(heard(&forged).unwrap_err(), Refusal::Signature);
+    }
+
+    #[test]
+    fn every_field_of_a_wake_up_is_checked_even_under_a_valid_seal() {
+        let seal = Seal::new("i-1", Some(SECRET));
+        let sealed =
+            |wakes: &str| vec![seal.seal(WAKE_CHANNEL, Lead::By, &format!(r#""wakes":{wakes}"#))];
+        let mut newline = row(4, "x");
+        newline.kind = "order.updated\r\nevent: notification".into();
+        let newline = serde_json::to_string(&newline).unwrap();
+        let mismatched = serde_json::to_string(&row(3, "x")).unwrap();
+        for (wakes, refusal) in [
+            (r#"[["t","u","7"]]"#.to_owned(), Refusal::Malformed),
+            (
+                r#"[["t","u",0]]"#.to_owned(),
+                Refusal::Invalid("sequence number"),
+            ),
+            (
+                format!(r#"[["t","u",{}]]"#, MAX_SEQ + 1),
+                Refusal::Invalid("sequence number"),
+            ),
+            (r#"[["t/..","u",1]]"#.to_owned(), Refusal::Invalid("tenant")),
+            (r#"[["t","",1]]"#.to_owned(), Refusal::Invalid("user")),
+            (
+                format!(r#"[["t","u",4,{newline}]]"#),
+                Refusal::Invalid("row's kind"),
+            ),
+            (
+                format!(r#"[["t","u",9,{mismatched}]]"#),
+                Refusal::Invalid("row's sequence number"),
+            ),
+        ] {
+            assert_eq!(heard(&sealed(&wakes)).unwrap_err(), refusal, "{wakes}");
+        }
         assert_eq!(
-            parse_wakes(&mismatched[0]).unwrap(),
-            [expect("t", "u", 9, None)]
+            heard(&sealed(&format!(r#"[["t","u",{MAX_SEQ}]]"#))).unwrap(),
+            [expect("t", "u", MAX_SEQ, None)]
         );
     }
 
@@ -301,8 +402,8 @@ mod tests {
         fn wake() -> impl Strategy<Value = (String, String, i64, Option<StoredNotification>)> {
             (
                 "[A-Za-z0-9_-]{1,64}",
-                prop_oneof![3 => "[a-z0-9]{1,12}", 1 => "[^\\p{Cc}]{1,200}"],
-                1i64..i64::MAX,
+                prop_oneof![3 => "[a-z0-9]{1,12}", 1 => "[^\\p{Cc}]{1,50}"],
+                1i64..=MAX_SEQ,
                 prop::option::of(prop_oneof![
                     3 => "\\PC{0,60}",
                     1 => (5_500usize..6_200).prop_map(|n| "\"".repeat(n / 2)),
@@ -318,31 +419,28 @@ mod tests {
             #![proptest_config(ProptestConfig::with_cases(200))]
 
             /// Whatever the users and rows, the wake-ups fit PostgreSQL's NOTIFY (under
-            /// 8 000 bytes each), name their instance, and are heard exactly as announced, in
-            /// order: each with its row when the row is small enough to carry, else without.
+            /// 8 000 bytes each), are sealed by their instance (its own echo only with
+            /// `Lead::From`), and are heard exactly as announced, in order: each with its row
+            /// when the row is small enough to carry, else without.
             #[test]
             fn wake_ups_fit_a_notify_and_are_heard_as_announced(
                 wakes in prop::collection::vec(wake(), 1..40),
-                from in prop::option::of("[a-z0-9-]{1,40}"),
+                from in "[a-f0-9-]{36}",
+                echo in any::<bool>(),
             ) {
+                let seal = Seal::new(&from, Some(SECRET));
+                let lead = if echo { Lead::From } else { Lead::By };
                 let payloads = wake_payloads(
-                    from.as_deref(),
+                    &seal,
+                    lead,
                     wakes.iter().map(|(t, u, seq, row)| (t.as_str(), u.as_str(), *seq, row.as_ref())),
                 );
                 for payload in &payloads {
                     prop_assert!(payload.len() < 8_000, "{} bytes", payload.len());
-                    if let Some(from) = &from {
-                        prop_assert!(payload.starts_with(&own_prefix(from)));
-                    }
+                    prop_assert_eq!(seal.is_own_echo(payload), echo);
                 }
-                let heard: Vec<Wake> = payloads
-                    .iter()
-                    .map(|p| parse_wakes(p))
-                    .collect::<serde_json::Result<Vec<_>>>()
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?
-                    .into_iter()
-                    .flatten()
-                    .collect();
+                let heard: Vec<Wake> = heard(&payloads)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let expected: Vec<Wake> = wakes
                     .into_iter()
                     .map(|(tenant, user, seq, row)| Wake {

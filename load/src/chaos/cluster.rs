@@ -17,6 +17,10 @@ use tokio::process::{Child, Command};
 
 use crate::journal::Journal;
 
+/// The `cluster.secret` every instance of the run shares: they seal what they tell each
+/// other through PostgreSQL with it (docs/security.md).
+const CLUSTER_SECRET: &str = "chaos-cluster-secret-chaos-cluster-secret-01";
+
 /// Where an engine slot listens: fixed for the run, so a restarted instance comes back on the
 /// same ports and clients reconnect to it.
 #[derive(Debug, Clone)]
@@ -101,6 +105,8 @@ impl Cluster {
             .env("NOTIFY_CONFIG", &self.slots[slot].config)
             .env("DATABASE_URL", &self.setup.database_url)
             .env("NOTIFY_AUTH__JWT_SECRET", &self.setup.secret)
+            // Every instance under one key, or they refuse each other's wake-ups.
+            .env("NOTIFY_CLUSTER__SECRET", CLUSTER_SECRET)
             // One file description for both, so their lines do not overwrite each other.
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out))
