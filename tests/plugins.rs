@@ -689,6 +689,11 @@ async fn one_tenant_quarantines_a_shared_plugin_for_itself_only() {
         quarantined_series(&engine, notify_engine::telemetry::OTHER_TENANTS).await,
         None
     );
+    // The series is documented where operators look.
+    let operating =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operating.md"))
+            .unwrap();
+    assert!(operating.contains("`notify_plugin_quarantined{tenant,plugin}`"));
     engine.shutdown().await;
 }
 
