@@ -389,6 +389,54 @@ async fn a_shared_templating_plugin_is_quarantined_only_for_the_tenant_that_brea
     );
 }
 
+/// A templating call that traps on a warm instance (here: memory its earlier calls kept,
+/// grown past the cap) is retried once on a fresh instance before the trap counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_templating_call_that_traps_a_warm_instance_is_retried_fresh() {
+    let services = Services::get();
+    let dir = services.plugin_dir(&[
+        ("fixtures/chaos-templater.wasm", "chaos-templater.wasm"),
+        ("default.wasm", "default.wasm"),
+    ]);
+    let limits = PluginConfig {
+        dir: dir.path().to_owned(),
+        templating_memory_bytes: 32 << 20,
+        cache_dir: plugin_cache_dir(),
+        ..PluginConfig::default()
+    };
+    let tenant = TenantConfig {
+        templating_plugin: Some("chaos-templater".into()),
+        ..TenantConfig::default()
+    };
+    let host = PluginHost::new(limits, [("t1".to_string(), tenant)].into()).unwrap();
+    host.load_dir().await.unwrap();
+    let templates = Arc::new(Templates::load(&services.templates).unwrap());
+    let grow = async |mib: u32| {
+        let data = json!({"order_id": "G-1", "customer_name": "Bob", "amount": 10.0,
+            "currency": "EUR", "chaos": "grow", "grow_mib": mib});
+        let email = EmailToRender {
+            tenant: "t1",
+            outbox_id: 1,
+            event_id: "e1",
+            event_type: "order_paid",
+            event_time: "2026-11-27T13:05:00Z".into(),
+            template: "order_paid",
+            recipient: "a@example.test",
+            user_id: Some("u1"),
+            locale: None,
+            time_zone: None,
+            data: &data,
+        };
+        match host.render_email(&email, templates.clone(), &[]).await {
+            Some(Ok(rendered)) => rendered.subject,
+            other => panic!("{mib} MiB: {other:?}"),
+        }
+    };
+    assert_eq!(grow(4).await, "chaos grew 1");
+    // 4 + 28 MiB do not fit in the warm instance; 28 do in a fresh one.
+    assert_eq!(grow(28).await, "chaos grew 1");
+}
+
 /// The repository's own templates render against the sample data kept beside them (what
 /// `notify-engine template lint` checks), and `template preview`'s renderer agrees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

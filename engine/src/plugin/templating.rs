@@ -3,7 +3,8 @@
 //! call runs in the same sandbox as routing, under its own limits
 //! (`plugins.templating_*`), with one more host import: the tenant's Handlebars files,
 //! rendered by the host under the same rules as an email rendered from files. What comes
-//! back is checked before lettre sees it.
+//! back is checked before lettre sees it. A trap on a warm instance is retried once on a
+//! fresh one before it counts.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -48,7 +49,9 @@ impl<'a> Templating<'a> {
 
     /// Renders `email` with its tenant's templating plugin; `None` when the tenant has
     /// none (its files render directly). `templates` is the set the plugin's
-    /// `templates.render` calls see; `link_domains` the tenant's link policy.
+    /// `templates.render` calls see; `link_domains` the tenant's link policy. A call that
+    /// traps on a warm instance is retried once on a fresh one before the trap counts, as
+    /// for routing: what earlier calls left in the instance may be the cause.
     pub(super) async fn render(
         &self,
         email: &EmailToRender<'_>,
@@ -59,9 +62,33 @@ impl<'a> Templating<'a> {
             Ok(loaded) => loaded,
             Err(e) => return Some(Err(e)),
         };
+        let started = Instant::now();
+        let call = |reuse| self.render_once(&loaded, email, templates.clone(), link_domains, reuse);
+        let result = match call(true).await {
+            (Err(PluginError::Trap { plugin, message }), true) => {
+                tracing::warn!(tenant = %email.tenant, outbox_id = email.outbox_id, plugin = %plugin, error = %message, "templating call trapped on a warm instance; retrying once on a fresh instance");
+                call(false).await.0
+            }
+            (result, _) => result,
+        };
+        self.host.record_outcome(&loaded, email.tenant, &result);
+        tracing::debug!(tenant = %email.tenant, plugin = %loaded.name, outbox_id = email.outbox_id, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "templating call");
+        Some(result)
+    }
+
+    /// One call, on a warm instance when `reuse` allows; also says whether it ran on one.
+    async fn render_once(
+        &self,
+        loaded: &Arc<Loaded>,
+        email: &EmailToRender<'_>,
+        templates: Arc<Templates>,
+        link_domains: &[String],
+        reuse: bool,
+    ) -> (Result<RenderedEmail, PluginError>, bool) {
         let max_output = self.host.limits.templating_max_output_bytes;
         let limits = self.limits();
-        let mut warm = self.host.instance_for(email.tenant, &loaded, true);
+        let mut warm = self.host.instance_for(email.tenant, loaded, reuse);
+        let warmed = warm.is_warm();
         warm.arm(limits, &format!("outbox email {}", email.outbox_id));
         warm.store.data_mut().templates = Some(TemplateAccess {
             templates,
@@ -69,7 +96,6 @@ impl<'a> Templating<'a> {
             max_output,
         });
         let request = request(email);
-        let started = Instant::now();
         let call = async {
             let (store, instance) = warm.bindings().await?;
             instance.render(store, &request).await
@@ -78,9 +104,7 @@ impl<'a> Templating<'a> {
         let result = warm
             .answer(outcome, limits, self.host.limits.templating_timeout_ms)
             .and_then(|answer| self.judge(answer, email, warm, max_output));
-        self.host.record_outcome(&loaded, email.tenant, &result);
-        tracing::debug!(tenant = %email.tenant, plugin = %loaded.name, outbox_id = email.outbox_id, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "templating call");
-        Some(result)
+        (result, warmed)
     }
 
     /// The tenant's templating plugin, unless it has none (`None`), it is unavailable, or
