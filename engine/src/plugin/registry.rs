@@ -264,11 +264,7 @@ impl Registry {
             default: default.into(),
             broken,
             rejected,
-            quarantined: breaker
-                .quarantines()
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            quarantined: listed(breaker.quarantines()),
         }
     }
 
@@ -369,6 +365,25 @@ impl Registry {
         tenants.dedup();
         tenants
     }
+}
+
+/// Most quarantines `/readyz` lists one by one: made-up tenant ids in `payload` mode could
+/// otherwise make the body as long as the breaker's bookkeeping (the metric and the admin
+/// listing still count them all).
+const MAX_LISTED: usize = 20;
+
+/// The quarantines as readiness lists them, at most [`MAX_LISTED`] and a count of the rest.
+fn listed(quarantines: Vec<super::Quarantine>) -> Vec<String> {
+    let more = quarantines.len().saturating_sub(MAX_LISTED);
+    let mut out: Vec<String> = quarantines
+        .iter()
+        .take(MAX_LISTED)
+        .map(ToString::to_string)
+        .collect();
+    if more > 0 {
+        out.push(format!("and {more} more"));
+    }
+    out
 }
 
 /// Calls and malfunctions per plugin version: by name, then SHA-256 (looked up without
