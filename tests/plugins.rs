@@ -682,3 +682,258 @@ async fn plugin_check_reports_what_the_engine_sees_or_why_it_refuses() {
         .to_string();
     assert!(refusal.contains("wasi:sockets/tcp@0.2.0"), "{refusal}");
 }
+
+/// The series of `notify_plugin_quarantined` for (tenant, plugin), if it is there.
+async fn quarantined_series(engine: &notify_engine::app::Running, tenant: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{}/metrics", engine.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("notify_plugin_quarantined{"))
+        .find(|l| l.contains(&format!("tenant=\"{tenant}\"")) && l.contains("plugin=\"default\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The breaker counts per (tenant, build): a tenant whose events keep breaking the shared
+/// default plugin quarantines it for itself only; another tenant routed by the same build
+/// keeps flowing. Readiness (still 200) and `notify_plugin_quarantined` show whose it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_quarantines_a_shared_plugin_for_itself_only() {
+    let world = World::new().await;
+    // The chaos fixture is the default plugin: both tenants are routed by this one build.
+    world.install_plugin("fixtures/chaos.wasm", "default.wasm");
+    let (noisy, quiet) = (unique("noisy"), unique("quiet"));
+    let mut config = world.config();
+    config.plugins.breaker_failures = 3;
+    config
+        .tenants
+        .insert(noisy.clone(), TenantConfig::default());
+    let engine = world.start(config).await;
+    let chaos = |id: &str, tenant: &str, what: Option<&str>| {
+        let mut data = json!({"user_id": "u1"});
+        if let Some(what) = what {
+            data["chaos"] = what.into();
+        }
+        event(id, tenant, "order_paid", data)
+    };
+    for i in 0..3 {
+        world
+            .produce(&chaos(&format!("trap{i}"), &noisy, Some("trap")))
+            .await;
+    }
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE error_kind = 'plugin_trap'",
+            3,
+            WAIT,
+        )
+        .await;
+    world.produce(&chaos("noisy-ok", &noisy, None)).await;
+    world.produce(&chaos("quiet-ok", &quiet, None)).await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE event_id = 'noisy-ok' AND error_kind = 'plugin_quarantined'",
+            1,
+            WAIT,
+        )
+        .await;
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id = 'quiet-ok'",
+            1,
+            WAIT,
+        )
+        .await;
+    assert_eq!(
+        world
+            .count(&format!(
+                "SELECT count(*) FROM dead_letters WHERE tenant_id <> '{noisy}'"
+            ))
+            .await,
+        0,
+        "nothing of the quiet tenant is set aside"
+    );
+
+    eventually("readiness names the tenant's quarantine", async || {
+        let (status, body) = readyz(engine.admin_addr).await;
+        let listed = body["checks"]["plugins"]["quarantined"].clone();
+        status == 200
+            && listed.as_array().is_some_and(|l| {
+                l.len() == 1
+                    && l[0].as_str().is_some_and(|q| {
+                        q.starts_with("default (")
+                            && q.contains(&format!("for tenant {noisy}: 3 consecutive"))
+                    })
+            })
+    })
+    .await;
+    assert_eq!(quarantined_series(&engine, &noisy).await, Some(1.0));
+    assert_eq!(quarantined_series(&engine, &quiet).await, None);
+    assert_eq!(
+        quarantined_series(&engine, notify_engine::telemetry::OTHER_TENANTS).await,
+        None
+    );
+    // The series is documented where operators look.
+    let operating =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operating.md"))
+            .unwrap();
+    assert!(operating.contains("`notify_plugin_quarantined{tenant,plugin}`"));
+    engine.shutdown().await;
+}
+
+/// Output that is invalid because of what the event's data said (a recipient that is not
+/// an address, a 500-byte order id in a title, a control character in a user id) is that
+/// event's problem, never the plugin's: the email is recorded but not sent and the rest
+/// delivered, or the event is set aside as an invalid event; none of it counts toward the
+/// breaker, so the shared default plugin keeps serving every tenant, this one included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_with_bad_data_never_quarantine_the_default_plugin() {
+    let world = World::new().await;
+    let (careless, other) = (unique("careless"), unique("other"));
+    let mut config = world.config();
+    config.plugins.breaker_failures = 3;
+    let engine = world.start(config).await;
+    for i in 0..4 {
+        world
+            .produce(&order_paid(
+                &format!("bad-address-{i}"),
+                &careless,
+                "u1",
+                Some("not an address"),
+                1.0,
+            ))
+            .await;
+    }
+    let long_id = "9".repeat(500);
+    world
+        .produce(&event(
+            "long-id",
+            &careless,
+            "order_status_updated",
+            json!({"user_id": "u1", "order_id": long_id, "status": "shipped"}),
+        ))
+        .await;
+    world
+        .produce(&order_paid("control", &careless, "u\u{1}", None, 1.0))
+        .await;
+    world
+        .produce(&order_paid("careless-ok", &careless, "u1", None, 1.0))
+        .await;
+    world
+        .produce(&order_paid("other-ok", &other, "u1", None, 1.0))
+        .await;
+
+    for id in ["careless-ok", "other-ok"] {
+        world
+            .wait_count(
+                &format!("SELECT count(*) FROM notifications WHERE event_id = '{id}'"),
+                1,
+                WAIT,
+            )
+            .await;
+    }
+    // The bad address: the in-app item delivered, the email recorded with why not sent.
+    world
+        .wait_count(
+            "SELECT count(*) FROM notifications WHERE event_id LIKE 'bad-address-%'",
+            4,
+            WAIT,
+        )
+        .await;
+    let pool = world.pool().await;
+    let emails: Vec<(String, String)> = sqlx::query_as(
+        "SELECT status, last_error FROM email_outbox WHERE event_id LIKE 'bad-address-%'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(emails.len(), 4);
+    for (status, reason) in &emails {
+        assert_eq!(status, "skipped");
+        assert!(
+            reason.starts_with("not sent: email recipient \"not an address\" is not an address")
+                && reason.contains("from the event's data"),
+            "{reason}"
+        );
+    }
+    // The over-long order id and the control character: the event is invalid.
+    world
+        .wait_count(
+            "SELECT count(*) FROM dead_letters WHERE event_id IN ('long-id', 'control')",
+            2,
+            WAIT,
+        )
+        .await;
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT event_id, error_kind, reason FROM dead_letters ORDER BY event_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (id, kind, reason) in &rows {
+        assert_eq!(kind, "plugin_invalid_event", "{id}: {reason}");
+        assert!(reason.contains("event's data"), "{id}: {reason}");
+    }
+    // In event id order: `control`, then `long-id`.
+    assert!(rows[0].2.contains("user id"), "{}", rows[0].2);
+    assert!(rows[1].2.contains("title"), "{}", rows[1].2);
+    let (status, body) = readyz(engine.admin_addr).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["checks"]["plugins"]["quarantined"], json!([]));
+    engine.shutdown().await;
+}
+
+/// A trap on a warm instance is retried once on a fresh one before it counts: memory the
+/// instance's earlier calls left behind, not this event, may be what ran out. An instance
+/// whose memory has grown near the cap is recycled after its call instead of reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_instance_that_traps_is_retried_fresh_and_one_near_its_memory_cap_recycled() {
+    use notify_engine::ingest::envelope;
+    use notify_engine::plugin::Delivery;
+
+    let services = Services::get();
+    let dir = services.plugin_dir(&[("fixtures/chaos.wasm", "default.wasm")]);
+    const MIB: usize = 1 << 20;
+    let limits = PluginConfig {
+        dir: dir.path().to_owned(),
+        memory_bytes: 32 * MIB,
+        cache_dir: plugin_cache_dir(),
+        ..Default::default()
+    };
+    let host = PluginHost::new(limits, Default::default()).unwrap();
+    host.load_dir().await.unwrap();
+    // Routes one `grow` event; the body says how many chunks the instance now holds.
+    let grow = async |tenant: &str, id: &str, mib: u32| {
+        let raw = event(
+            id,
+            tenant,
+            "order_paid",
+            json!({"user_id": "u1", "chaos": "grow", "grow_mib": mib}),
+        );
+        let event = envelope::decode(Some(raw.to_string().as_bytes()), &[], 1 << 20).unwrap();
+        let decision = host.route(&event).await;
+        match decision.as_ref().map(|d| &d.deliveries[..]) {
+            Ok([Delivery::InApp { body, .. }]) => body.clone(),
+            other => panic!("{id}: {other:?}"),
+        }
+    };
+
+    // 4 MiB held, then 28 more: the warm instance traps at the 32 MiB cap; a fresh one
+    // has room for the 28.
+    assert_eq!(grow("t1", "small", 4).await, "1");
+    assert_eq!(
+        grow("t1", "big", 28).await,
+        "1",
+        "retried on a fresh instance"
+    );
+
+    // 5 MiB per call: after the fifth the instance is over 3/4 of the cap, so the sixth
+    // call starts on a fresh instance rather than on one a single step from its limit.
+    for calls in 1..=5 {
+        assert_eq!(grow("t2", &format!("g{calls}"), 5).await, calls.to_string());
+    }
+    assert_eq!(grow("t2", "g6", 5).await, "1", "recycled near the cap");
+}

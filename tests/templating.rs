@@ -288,6 +288,155 @@ async fn a_misbehaving_templating_plugin_is_contained() {
     assert!(render(host.clone(), "chaos", paid).await.unwrap().is_ok());
 }
 
+/// A templating plugin several tenants share is quarantined only for the tenant whose emails
+/// keep breaking it; and a subject made invalid by the email's own data is that data's
+/// problem (invalid data), which never counts toward the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_templating_plugin_is_quarantined_only_for_the_tenant_that_breaks_it() {
+    let services = Services::get();
+    let dir = services.plugin_dir(&[
+        ("fixtures/chaos-templater.wasm", "shared-templater.wasm"),
+        ("default.wasm", "default.wasm"),
+    ]);
+    let limits = PluginConfig {
+        dir: dir.path().to_owned(),
+        breaker_failures: 2,
+        cache_dir: plugin_cache_dir(),
+        ..PluginConfig::default()
+    };
+    let shared = || TenantConfig {
+        templating_plugin: Some("shared-templater".into()),
+        ..TenantConfig::default()
+    };
+    let tenants = [
+        ("noisy".to_string(), shared()),
+        ("careless".to_string(), shared()),
+        ("quiet".to_string(), shared()),
+    ]
+    .into();
+    let host = Arc::new(PluginHost::new(limits, tenants).unwrap());
+    host.load_dir().await.unwrap();
+    let templates = Arc::new(Templates::load(&services.templates).unwrap());
+    let render = async |tenant: &str, data: serde_json::Value| {
+        let email = EmailToRender {
+            tenant,
+            outbox_id: 1,
+            event_id: "e1",
+            event_type: "order_paid",
+            event_time: "2026-11-27T13:05:00Z".into(),
+            template: "order_paid",
+            recipient: "a@example.test",
+            user_id: Some("u1"),
+            locale: None,
+            time_zone: None,
+            data: &data,
+        };
+        host.render_email(&email, templates.clone(), &[])
+            .await
+            .expect("the tenant has a templating plugin")
+    };
+    let paid =
+        json!({"order_id": "G-1", "customer_name": "Bob", "amount": 10.0, "currency": "EUR"});
+    let with = |fields: serde_json::Value| {
+        let mut d = paid.clone();
+        d.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        d
+    };
+
+    // The email's data carries a line break into the subject: its problem, every time.
+    for _ in 0..3 {
+        match render(
+            "careless",
+            with(json!({"chaos": "data_subject", "subject": "Hi\r\nBcc: x@example.com"})),
+        )
+        .await
+        {
+            Err(PluginError::InvalidData { message, .. }) => {
+                assert!(
+                    message.contains("one line") && message.contains("email's data"),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        render("careless", paid.clone()).await.is_ok(),
+        "not quarantined"
+    );
+
+    // Real malfunctions: the plugin is quarantined for that tenant alone.
+    for _ in 0..2 {
+        assert!(matches!(
+            render("noisy", with(json!({"chaos": "trap"}))).await,
+            Err(PluginError::Trap { .. })
+        ));
+    }
+    assert!(matches!(
+        render("noisy", paid.clone()).await,
+        Err(PluginError::Quarantined { failures: 2, .. })
+    ));
+    let quiet = render("quiet", paid.clone()).await.unwrap();
+    assert_eq!(quiet.subject, "chaos ok order_paid");
+    let quarantined = host.health().quarantined;
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert!(
+        quarantined[0].starts_with("shared-templater (")
+            && quarantined[0].contains("for tenant noisy"),
+        "{quarantined:?}"
+    );
+}
+
+/// A templating call that traps on a warm instance (here: memory its earlier calls kept,
+/// grown past the cap) is retried once on a fresh instance before the trap counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_templating_call_that_traps_a_warm_instance_is_retried_fresh() {
+    let services = Services::get();
+    let dir = services.plugin_dir(&[
+        ("fixtures/chaos-templater.wasm", "chaos-templater.wasm"),
+        ("default.wasm", "default.wasm"),
+    ]);
+    let limits = PluginConfig {
+        dir: dir.path().to_owned(),
+        templating_memory_bytes: 32 << 20,
+        cache_dir: plugin_cache_dir(),
+        ..PluginConfig::default()
+    };
+    let tenant = TenantConfig {
+        templating_plugin: Some("chaos-templater".into()),
+        ..TenantConfig::default()
+    };
+    let host = PluginHost::new(limits, [("t1".to_string(), tenant)].into()).unwrap();
+    host.load_dir().await.unwrap();
+    let templates = Arc::new(Templates::load(&services.templates).unwrap());
+    let grow = async |mib: u32| {
+        let data = json!({"order_id": "G-1", "customer_name": "Bob", "amount": 10.0,
+            "currency": "EUR", "chaos": "grow", "grow_mib": mib});
+        let email = EmailToRender {
+            tenant: "t1",
+            outbox_id: 1,
+            event_id: "e1",
+            event_type: "order_paid",
+            event_time: "2026-11-27T13:05:00Z".into(),
+            template: "order_paid",
+            recipient: "a@example.test",
+            user_id: Some("u1"),
+            locale: None,
+            time_zone: None,
+            data: &data,
+        };
+        match host.render_email(&email, templates.clone(), &[]).await {
+            Some(Ok(rendered)) => rendered.subject,
+            other => panic!("{mib} MiB: {other:?}"),
+        }
+    };
+    assert_eq!(grow(4).await, "chaos grew 1");
+    // 4 + 28 MiB do not fit in the warm instance; 28 do in a fresh one.
+    assert_eq!(grow(28).await, "chaos grew 1");
+}
+
 /// The repository's own templates render against the sample data kept beside them (what
 /// `notify-engine template lint` checks), and `template preview`'s renderer agrees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

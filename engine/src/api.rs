@@ -209,6 +209,13 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         .metrics
         .plugin_warm_instances
         .set(state.plugins.warm_instances() as i64);
+    let quarantined = &state.metrics.plugin_quarantined;
+    quarantined.reset();
+    for q in state.plugins.quarantines() {
+        quarantined
+            .with_label_values(&[state.metrics.tenant_label(&q.tenant), &q.plugin])
+            .inc();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

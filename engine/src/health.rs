@@ -28,7 +28,9 @@ pub struct PluginsHealth {
     /// Plugins whose newest file was refused (with the reason) while their previous
     /// version keeps serving.
     pub rejected: Vec<String>,
-    /// Plugin versions stopped by their breaker (consecutive failures), until a new version.
+    /// Plugin versions stopped by their breaker for one tenant (consecutive failures of
+    /// that tenant's events), until a new version: `plugin (digest) for tenant t: N
+    /// consecutive failures`. Other tenants keep the plugin, so the engine stays ready.
     pub quarantined: Vec<String>,
 }
 

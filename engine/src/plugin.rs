@@ -18,8 +18,8 @@
 //!   deliveries out) and `templating::Templating` (an outbox email in, subject/html/text
 //!   out), each with its call, its limits and its output checks (`output` checks routing
 //!   decisions).
-//! - `breaker`: the per-version circuit breaker; `error`: what a failed call or load comes
-//!   to.
+//! - `breaker`: the circuit breaker per (tenant, plugin version); `error`: what a failed
+//!   call or load comes to.
 //!
 //! A trap, a timeout, a refusal or invalid output is returned as a [`PluginError`]; the
 //! caller dead-letters that event (or fails that email) and moves on. Nothing a plugin does
@@ -49,6 +49,7 @@ use crate::config::{PluginConfig, TenantConfig};
 use crate::model::Event;
 use crate::templates::{RenderedEmail, Templates};
 
+pub use breaker::Quarantine;
 pub use error::{Disposition, LoadError, PluginError};
 pub use output::Delivery;
 pub use registry::{CheckReport, PluginInfo, ReloadOutcome, Reloaded};
@@ -260,6 +261,12 @@ impl PluginHost {
         self.registry.health(&self.breaker)
     }
 
+    /// The (tenant, plugin version) pairs quarantined by the breaker
+    /// (`notify_plugin_quarantined`).
+    pub fn quarantines(&self) -> Vec<Quarantine> {
+        self.breaker.quarantines()
+    }
+
     /// Every plugin, for the admin listing: what serves, what is quarantined or broken,
     /// the last refused candidate, and which tenants each serves.
     pub fn list(&self) -> Vec<PluginInfo> {
@@ -299,8 +306,9 @@ impl PluginHost {
             })
     }
 
-    /// Records a call's outcome with the breaker and the statistics; logs when the version
-    /// is quarantined by it.
+    /// Records a call's outcome with the breaker (for this tenant: one tenant's failures
+    /// never quarantine a shared plugin for another) and the statistics; logs when the
+    /// version is quarantined for the tenant.
     fn record_outcome<T>(&self, loaded: &Loaded, tenant: &str, result: &Result<T, PluginError>) {
         let malfunction = result
             .as_ref()
@@ -310,10 +318,11 @@ impl PluginHost {
         if let Some(failures) = self.breaker.record(
             &loaded.name,
             &loaded.digest,
+            tenant,
             malfunction,
             self.limits.breaker_failures,
         ) {
-            tracing::error!(tenant = %tenant, plugin = %loaded.name, world = loaded.pre.world().as_str(), digest = %&loaded.digest[..12], failures, fail_mode = ?self.limits.breaker_fail_mode, "plugin quarantined after consecutive failures; a new version clears it");
+            tracing::error!(tenant = %tenant, plugin = %loaded.name, world = loaded.pre.world().as_str(), digest = %&loaded.digest[..12], failures, fail_mode = ?self.limits.breaker_fail_mode, "plugin quarantined for this tenant after consecutive failures of its events; other tenants keep it; a new version clears it");
         }
     }
 }

@@ -5,8 +5,8 @@
 //! rather than the global one, so several engines in one process (tests) do not collide.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -46,7 +46,8 @@ pub struct Metrics {
     pub emails_failed: IntCounter,
     /// Email attempts that failed transiently and will be retried.
     pub emails_retried: IntCounter,
-    /// Emails recorded but not sent: their event was older than `email.max_event_age_secs`.
+    /// Emails recorded but not sent: their event was older than `email.max_event_age_secs`,
+    /// or a field its data gave them is invalid (the recipient is not an address, ...).
     pub emails_skipped: IntCounter,
     /// Claimed emails put back because their tenant's send rate was spent.
     pub emails_rate_limited: IntCounter,
@@ -70,6 +71,9 @@ pub struct Metrics {
     pub sse_connections: IntGauge,
     /// Idle warm plugin instances, set when metrics are scraped.
     pub plugin_warm_instances: IntGauge,
+    /// Tenants for whom a plugin version is quarantined by its breaker, by tenant (see
+    /// [`Metrics::tenant_label`]) and plugin; set when metrics are scraped.
+    pub plugin_quarantined: IntGaugeVec,
     /// SSE connections refused by a connection cap.
     pub sse_rejected: IntCounter,
     /// Rows deleted by retention, by table (`notifications`, `processed_events`,
@@ -120,6 +124,10 @@ impl Register<'_> {
 
     fn gauge(&self, name: &str, help: &str) -> IntGauge {
         self.add(IntGauge::new(name, help).expect("static metric"))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric"))
     }
 
     fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -180,7 +188,7 @@ impl Metrics {
             ),
             emails_skipped: r.counter(
                 "emails_skipped_total",
-                "Emails recorded but not sent because their event was too old",
+                "Emails recorded but not sent: their event was too old, or a field its data gave them is invalid",
             ),
             emails_rate_limited: r.counter(
                 "emails_rate_limited_total",
@@ -218,6 +226,11 @@ impl Metrics {
             plugin_warm_instances: r.gauge(
                 "plugin_warm_instances",
                 "Idle plugin instances kept warm for their tenant's next call",
+            ),
+            plugin_quarantined: r.gauge_vec(
+                "plugin_quarantined",
+                "Tenants for whom a plugin version is quarantined by its breaker, by tenant and plugin",
+                &["tenant", "plugin"],
             ),
             sse_rejected: r.counter(
                 "sse_rejected_total",

@@ -35,8 +35,9 @@ pub struct PluginConfig {
     /// Routing time one tenant may use per second (its lane pauses when it is spent), so a
     /// slow plugin cannot take the cores other tenants need. 0: no limit.
     pub tenant_budget_ms_per_sec: u64,
-    /// Consecutive malfunctions (trap, limit, invalid output) after which a plugin version is
-    /// quarantined until a new version is published. 0: never.
+    /// Consecutive malfunctions (trap, limit, invalid output) on one tenant's events after
+    /// which a plugin version is quarantined for that tenant until a new version is
+    /// published. 0: never.
     pub breaker_failures: u32,
     /// What happens to a quarantined plugin's events: `dead_letter` (set aside in the
     /// dead-letter table, not claimed, so they can be republished) or `default` (routed by

@@ -245,17 +245,20 @@ impl Pipeline {
         Ok(routed)
     }
 
-    /// Each email's `Message-ID` and, when the event is too old to mail about, why it is
-    /// not sent.
+    /// Each email's `Message-ID` and, when it is not to be sent, why: a field the event's
+    /// data gave it is invalid (the recipient is not an address, ...; see
+    /// [`crate::plugin::Delivery`]), or the event is too old to mail about.
     fn email_extras(&self, routed: &[Routed<'_>]) -> Vec<(String, Option<String>)> {
         rows::emails_of(routed)
-            .map(|(event, _)| {
+            .map(|(event, delivery)| {
                 let message_id = format!("<{}@{}>", uuid::Uuid::new_v4(), self.message_id_domain);
-                let skip = rows::too_old_for_email(
-                    event,
-                    self.email.max_event_age_secs,
-                    chrono::Utc::now(),
-                );
+                let skip = rows::not_sent(delivery).map(str::to_owned).or_else(|| {
+                    rows::too_old_for_email(
+                        event,
+                        self.email.max_event_age_secs,
+                        chrono::Utc::now(),
+                    )
+                });
                 (message_id, skip)
             })
             .collect()
@@ -337,8 +340,8 @@ fn email_rows<'a>(
     rows::emails_of(routed)
         .zip(extras)
         .map(|((event, delivery), (message_id, skip))| {
-            if skip.is_some() {
-                tracing::info!(tenant = %event.tenant, event_id = %event.id, event_time = %event.time, "email recorded but not sent: the event is too old");
+            if let Some(reason) = skip {
+                tracing::info!(tenant = %event.tenant, event_id = %event.id, event_time = %event.time, reason = %reason, "email recorded but not sent");
                 effects.emails_skipped += 1;
             }
             rows::new_email(event, delivery, message_id, skip.as_deref())

@@ -78,6 +78,7 @@ pub fn email(to: &str) -> Delivery {
         data: data(json!({"total": 12})),
         locale: Some("de-CH".to_owned()),
         time_zone: None,
+        not_sent: None,
     }
 }
 

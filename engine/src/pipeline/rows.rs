@@ -173,6 +173,7 @@ pub(super) fn new_email<'a>(
         data,
         locale,
         time_zone,
+        not_sent: _,
     } = delivery
     else {
         unreachable!("in-app items and live updates go to the notifications")
@@ -190,6 +191,15 @@ pub(super) fn new_email<'a>(
         event_time: event.time,
         locale: locale.as_deref(),
         time_zone: time_zone.as_deref(),
+    }
+}
+
+/// Why an email delivery is not to be sent, when its plugin's answer said so (a field the
+/// event's data gave it is invalid).
+pub(super) fn not_sent(delivery: &Delivery) -> Option<&str> {
+    match delivery {
+        Delivery::Email { not_sent, .. } => not_sent.as_deref(),
+        Delivery::InApp { .. } | Delivery::Live { .. } => None,
     }
 }
 

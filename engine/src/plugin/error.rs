@@ -39,6 +39,11 @@ pub enum PluginError {
     Failed { plugin: String, message: String },
     #[error("plugin {plugin} returned invalid output: {message}")]
     InvalidOutput { plugin: String, message: String },
+    /// The plugin's output is invalid because of a value the event's data gave it (an
+    /// over-long order id in a title, a control character in a user id): the event's
+    /// problem, not the plugin's; it does not count toward the breaker.
+    #[error("the event's data makes the output of plugin {plugin} invalid: {message}")]
+    InvalidEventData { plugin: String, message: String },
     /// This version failed `failures` times in a row and is not called until a new one
     /// arrives.
     #[error(
@@ -56,7 +61,9 @@ impl PluginError {
             PluginError::Trap { .. } => "trap",
             PluginError::OutOfFuel { .. } => "out_of_fuel",
             PluginError::Timeout { .. } => "timeout",
-            PluginError::InvalidEvent { .. } => "invalid_event",
+            PluginError::InvalidEvent { .. } | PluginError::InvalidEventData { .. } => {
+                "invalid_event"
+            }
             PluginError::InvalidData { .. } => "invalid_data",
             PluginError::Failed { .. } => "refused",
             PluginError::InvalidOutput { .. } => "invalid_output",
@@ -73,6 +80,7 @@ impl PluginError {
             | PluginError::OutOfFuel { plugin, .. }
             | PluginError::Timeout { plugin, .. }
             | PluginError::InvalidEvent { plugin, .. }
+            | PluginError::InvalidEventData { plugin, .. }
             | PluginError::InvalidData { plugin, .. }
             | PluginError::Failed { plugin, .. }
             | PluginError::InvalidOutput { plugin, .. }

@@ -11,8 +11,11 @@
 //!   checks. A trap, a limit (fuel, time, memory), invalid output or a cancelled call drops
 //!   it: whatever it left half-done is never seen by the next call.
 //! - **Recycled.** After `plugins.instance_max_calls` calls, when its stderr capture is half
-//!   full, and when a new version of its plugin is loaded. `instance_max_calls = 1` is a
-//!   fresh instance per call.
+//!   full, when its linear memory has grown to [`NEAR_CAP`] of the memory cap (a plugin
+//!   that keeps memory across calls would otherwise trap on some later, innocent event),
+//!   and when a new version of its plugin is loaded. `instance_max_calls = 1` is a fresh
+//!   instance per call. A call that traps on a warm instance anyway is retried once on a
+//!   fresh one before the trap counts (`routing`).
 //! - **Bounded.** At most `plugins.max_idle_instances` idle instances in all; past that the
 //!   least recently used one is dropped.
 //!
@@ -33,6 +36,16 @@ use super::error::{PluginError, classify_trap};
 use super::registry::Loaded;
 use super::sandbox::{self, CallLimits, CallState, STDERR_CAPTURE};
 use super::wit;
+
+/// The share of the memory cap (numerator, denominator) at which an instance is recycled
+/// after its call rather than kept: with a quarter of the cap left, a call that grows the
+/// memory as much as the instance's earlier ones did may not fit.
+const NEAR_CAP: (usize, usize) = (3, 4);
+
+/// Whether `total` bytes of linear memory are near `cap` ([`NEAR_CAP`]).
+fn near_cap(total: usize, cap: usize) -> bool {
+    total.saturating_mul(NEAR_CAP.1) >= cap.saturating_mul(NEAR_CAP.0)
+}
 
 /// A store with (once its first call instantiated it) one plugin instance in it.
 pub(super) struct Warm {
@@ -88,6 +101,12 @@ impl Warm {
         state.dropped_logs = 0;
         state.templates = None;
         self.calls += 1;
+    }
+
+    /// Has this instance served a call before (a trap on it may be an earlier call's
+    /// doing)?
+    pub(super) fn is_warm(&self) -> bool {
+        self.calls > 0
     }
 
     /// The instance's exports, instantiating the component in this store on first use.
@@ -207,6 +226,11 @@ impl Instances {
         if written > STDERR_CAPTURE / 2 {
             return;
         }
+        let memory = &warm.store.data().limits;
+        if near_cap(memory.total, memory.limit) {
+            tracing::debug!(plugin = %warm.loaded.name, tenant = %tenant, memory_bytes = memory.total, limit = memory.limit, "plugin instance recycled: its memory has grown near the cap");
+            return;
+        }
         warm.stderr_mark = written;
         // Nothing of the call stays behind in the host's part of the store either.
         warm.store.data_mut().logs.clear();
@@ -247,5 +271,21 @@ impl Instances {
     /// Idle instances now held.
     pub(super) fn idle_count(&self) -> usize {
         self.idle.lock().expect("instances lock poisoned").count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::near_cap;
+
+    #[test]
+    fn an_instance_near_its_memory_cap_is_recycled() {
+        let mib = 1 << 20;
+        assert!(!near_cap(2 * mib, 32 * mib));
+        assert!(!near_cap(24 * mib - 1, 32 * mib));
+        assert!(near_cap(24 * mib, 32 * mib));
+        assert!(near_cap(32 * mib, 32 * mib));
+        // No overflow with absurd figures.
+        assert!(near_cap(usize::MAX, usize::MAX));
     }
 }

@@ -2,7 +2,21 @@
 //!
 //! Plugin output is untrusted input: every string is bounded, every JSON string must parse
 //! to an object, addresses must parse, names must be safe. One bad delivery rejects the
-//! whole decision, so an event is never half-delivered.
+//! whole decision, so an event is never half-delivered, with one exception below.
+//!
+//! Whose fault an invalid field is: a plugin passing on what the event said (an address
+//! that does not parse, a 500-byte order id making a title too long, a control character
+//! in a user id) did its job; the event is what is wrong. `provenance` tells the two apart:
+//! a field is the event's doing when it is one of the event's strings, or when putting a
+//! neutral stand-in where the event's string is in it makes it valid. Such a refusal
+//! ([`Refusal::Event`]) is the event's outcome and never counts against the plugin. An
+//! email whose faults are all the event's is not refused with its event: it is recorded
+//! but not sent (`not_sent`, an outbox row of status `skipped` with the reason), and the
+//! event's other deliveries go out.
+
+mod provenance;
+
+pub(super) use provenance::EventText;
 
 use serde_json::{Map, Value};
 
@@ -38,7 +52,20 @@ pub enum Delivery {
         /// IANA time zone of the recipient, for a templating plugin.
         #[serde(skip_serializing_if = "Option::is_none")]
         time_zone: Option<String>,
+        /// `Some(reason)`: a field the event's data gave it is invalid (the recipient is not
+        /// an address, ...); the email is recorded but not sent.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        not_sent: Option<String>,
     },
+}
+
+/// Why a decision was refused, and whose fault that is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// The plugin's: it counts toward the breaker.
+    Plugin(String),
+    /// The event's: a value of its data makes a delivery invalid.
+    Event(String),
 }
 
 const MAX_USER_ID: usize = 200;
@@ -46,32 +73,38 @@ const MAX_TITLE: usize = 500;
 const MAX_CATEGORY: usize = 64;
 const MAX_NAME: usize = 64;
 
+/// The plugin's deliveries checked, for `event` (whose strings may explain a bad field).
 pub(super) fn validate(
     deliveries: Vec<types::Delivery>,
     limits: &PluginConfig,
-) -> Result<Vec<Delivery>, String> {
+    event: &EventText<'_>,
+) -> Result<Vec<Delivery>, Refusal> {
     if deliveries.len() > limits.max_deliveries {
-        return Err(format!(
+        return Err(Refusal::Plugin(format!(
             "{} deliveries, the limit is {}",
             deliveries.len(),
             limits.max_deliveries
-        ));
+        )));
     }
     let size: usize = deliveries.iter().map(output_size).sum();
     if size > limits.max_output_bytes {
-        return Err(format!(
+        return Err(Refusal::Plugin(format!(
             "output is {size} bytes, the limit is {}",
             limits.max_output_bytes
-        ));
+        )));
     }
     if deliveries.iter().any(has_nul) {
-        return Err("output contains a NUL character".into());
+        return Err(Refusal::Plugin("output contains a NUL character".into()));
     }
     deliveries
         .into_iter()
         .enumerate()
         .map(|(i, d)| {
-            check(d).map_err(|e| format!("delivery {i}: {}", super::sandbox::plugin_text(&e)))
+            let name = |e: &str| format!("delivery {i}: {}", super::sandbox::plugin_text(e));
+            check(d, event).map_err(|r| match r {
+                Refusal::Plugin(e) => Refusal::Plugin(name(&e)),
+                Refusal::Event(e) => Refusal::Event(name(&e)),
+            })
         })
         .collect()
 }
@@ -95,7 +128,8 @@ fn output_size(d: &types::Delivery) -> usize {
 
 /// PostgreSQL text cannot hold NUL, so it is refused here, with a clear reason. (The JSON
 /// `data` fields are checked once parsed, in [`object`]: only there is an escaped `\u0000`
-/// told apart from a literal backslash followed by `u0000`.)
+/// told apart from a literal backslash followed by `u0000`.) An event cannot carry NUL (it
+/// is refused when decoded), so a NUL is always the plugin's.
 fn has_nul(d: &types::Delivery) -> bool {
     let fields: Vec<&str> = match d {
         types::Delivery::InApp(n) => vec![&n.user_id, &n.title, &n.body, &n.category],
@@ -111,78 +145,152 @@ fn has_nul(d: &types::Delivery) -> bool {
     fields.iter().any(|f| f.contains('\0'))
 }
 
-fn check(d: types::Delivery) -> Result<Delivery, String> {
+/// A field of a delivery whose value has rules of its own.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    UserId,
+    Title,
+    Category,
+    LiveName,
+    Template,
+    Recipient,
+    Locale,
+    TimeZone,
+}
+
+/// The rules of one field.
+fn field(field: Field, v: &str) -> Result<(), String> {
+    let ok = match field {
+        Field::UserId => return user_id(v),
+        Field::Title => !v.trim().is_empty() && v.len() <= MAX_TITLE,
+        Field::Category => v.len() <= MAX_CATEGORY,
+        Field::LiveName => {
+            safe_name(v)
+                && !RESERVED_EVENT_NAMES.contains(&v)
+                && !RESERVED_EVENT_PREFIXES.iter().any(|p| v.starts_with(p))
+        }
+        Field::Template => safe_name(v),
+        Field::Recipient => {
+            return v
+                .parse::<lettre::Address>()
+                .map(drop)
+                .map_err(|err| format!("email recipient {v:?} is not an address: {err}"));
+        }
+        Field::Locale => is_locale(v),
+        Field::TimeZone => is_time_zone(v),
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(match field {
+        Field::Title => format!("in-app title must be 1..={MAX_TITLE} bytes and not blank"),
+        Field::Category => format!("in-app category is over {MAX_CATEGORY} bytes"),
+        Field::LiveName => format!(
+            "live update name {v:?} must be 1..={MAX_NAME} of [a-z0-9._-], starting with a letter, none of {RESERVED_EVENT_NAMES:?} and not starting with {RESERVED_EVENT_PREFIXES:?}"
+        ),
+        Field::Template => format!(
+            "email template name {v:?} must be 1..={MAX_NAME} of [a-z0-9._-], starting with a letter"
+        ),
+        Field::Locale => format!(
+            "email locale {v:?} must be a BCP 47 tag such as de-DE (letters, digits and -, at most {MAX_LOCALE} bytes)"
+        ),
+        Field::TimeZone => format!(
+            "email time zone {v:?} must be an IANA name such as Europe/Berlin (at most {MAX_NAME} bytes)"
+        ),
+        Field::UserId | Field::Recipient => unreachable!("returned above"),
+    })
+}
+
+/// The faults among `fields`, each blamed on the event when its strings explain it.
+fn faults(fields: &[(Field, Option<&str>)], event: &EventText<'_>) -> Vec<Refusal> {
+    fields
+        .iter()
+        .filter_map(|(f, v)| {
+            let v = (*v)?;
+            let message = field(*f, v).err()?;
+            Some(if event.explains(v, |fixed| field(*f, fixed).is_ok()) {
+                Refusal::Event(format!("{message} (a value from the event's data)"))
+            } else {
+                Refusal::Plugin(message)
+            })
+        })
+        .collect()
+}
+
+/// The first fault of an in-app item or live update: its event's (the event is refused)
+/// or the plugin's.
+fn first(fields: &[(Field, Option<&str>)], event: &EventText<'_>) -> Result<(), Refusal> {
+    faults(fields, event).into_iter().next().map_or(Ok(()), Err)
+}
+
+fn check(d: types::Delivery, event: &EventText<'_>) -> Result<Delivery, Refusal> {
     match d {
         types::Delivery::InApp(n) => {
-            user_id(&n.user_id)?;
-            if n.title.trim().is_empty() || n.title.len() > MAX_TITLE {
-                return Err(format!(
-                    "in-app title must be 1..={MAX_TITLE} bytes and not blank"
-                ));
-            }
-            if n.category.len() > MAX_CATEGORY {
-                return Err(format!("in-app category is over {MAX_CATEGORY} bytes"));
-            }
+            first(
+                &[
+                    (Field::UserId, Some(&n.user_id)),
+                    (Field::Title, Some(&n.title)),
+                    (Field::Category, Some(&n.category)),
+                ],
+                event,
+            )?;
             Ok(Delivery::InApp {
+                data: object(&n.data, "in-app data").map_err(Refusal::Plugin)?,
                 user_id: n.user_id,
                 title: n.title,
                 body: n.body,
                 category: n.category,
-                data: object(&n.data, "in-app data")?,
             })
         }
         types::Delivery::Live(l) => {
-            user_id(&l.user_id)?;
-            if !safe_name(&l.name)
-                || RESERVED_EVENT_NAMES.contains(&l.name.as_str())
-                || RESERVED_EVENT_PREFIXES
-                    .iter()
-                    .any(|p| l.name.starts_with(p))
-            {
-                return Err(format!(
-                    "live update name {:?} must be 1..={MAX_NAME} of [a-z0-9._-], starting with a letter, none of {RESERVED_EVENT_NAMES:?} and not starting with {RESERVED_EVENT_PREFIXES:?}",
-                    l.name
-                ));
-            }
+            first(
+                &[
+                    (Field::UserId, Some(&l.user_id)),
+                    (Field::LiveName, Some(&l.name)),
+                ],
+                event,
+            )?;
             Ok(Delivery::Live {
+                data: object(&l.data, "live update data").map_err(Refusal::Plugin)?,
                 user_id: l.user_id,
                 name: l.name,
-                data: object(&l.data, "live update data")?,
             })
         }
         types::Delivery::Email(e) => {
-            e.to.parse::<lettre::Address>()
-                .map_err(|err| format!("email recipient {:?} is not an address: {err}", e.to))?;
-            if let Some(u) = &e.user_id {
-                user_id(u)?;
+            let data = object(&e.data, "email data").map_err(Refusal::Plugin)?;
+            let faults = faults(
+                &[
+                    (Field::Recipient, Some(&e.to)),
+                    (Field::UserId, e.user_id.as_deref()),
+                    (Field::Template, Some(&e.template)),
+                    (Field::Locale, e.locale.as_deref()),
+                    (Field::TimeZone, e.time_zone.as_deref()),
+                ],
+                event,
+            );
+            if let Some(plugins) = faults.iter().find(|f| matches!(f, Refusal::Plugin(_))) {
+                return Err(plugins.clone());
             }
-            if !safe_name(&e.template) {
-                return Err(format!(
-                    "email template name {:?} must be 1..={MAX_NAME} of [a-z0-9._-], starting with a letter",
-                    e.template
-                ));
-            }
-            if let Some(locale) = &e.locale
-                && !is_locale(locale)
-            {
-                return Err(format!(
-                    "email locale {locale:?} must be a BCP 47 tag such as de-DE (letters, digits and -, at most {MAX_LOCALE} bytes)"
-                ));
-            }
-            if let Some(zone) = &e.time_zone
-                && !is_time_zone(zone)
-            {
-                return Err(format!(
-                    "email time zone {zone:?} must be an IANA name such as Europe/Berlin (at most {MAX_NAME} bytes)"
-                ));
-            }
+            // Every fault, if any, is the event's: the email is kept, with why it is not
+            // sent, and the event's other deliveries go out.
+            let not_sent = (!faults.is_empty()).then(|| {
+                let reasons: Vec<String> = faults
+                    .into_iter()
+                    .filter_map(|f| match f {
+                        Refusal::Event(m) => Some(super::sandbox::plugin_text(&m)),
+                        Refusal::Plugin(_) => None,
+                    })
+                    .collect();
+                format!("not sent: {}", reasons.join("; "))
+            });
             Ok(Delivery::Email {
                 to: e.to,
                 user_id: e.user_id,
                 template: e.template,
-                data: object(&e.data, "email data")?,
+                data,
                 locale: e.locale,
                 time_zone: e.time_zone,
+                not_sent,
             })
         }
     }
@@ -242,313 +350,4 @@ fn object(json: &str, what: &str) -> Result<Map<String, Value>, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn in_app(user: &str, data: &str) -> types::Delivery {
-        types::Delivery::InApp(types::InApp {
-            user_id: user.into(),
-            title: "t".into(),
-            body: "b".into(),
-            category: "c".into(),
-            data: data.into(),
-        })
-    }
-
-    #[test]
-    fn accepts_good_output() {
-        let out = validate(vec![in_app("u1", "{}")], &PluginConfig::default()).unwrap();
-        assert!(matches!(&out[0], Delivery::InApp { user_id, .. } if user_id == "u1"));
-    }
-
-    #[test]
-    fn rejects_bad_output_naming_the_delivery() {
-        let limits = PluginConfig::default();
-        let e = validate(vec![in_app("u1", "{}"), in_app("", "{}")], &limits).unwrap_err();
-        assert!(e.starts_with("delivery 1: user id"), "{e}");
-        let e = validate(vec![in_app("u1", "not json")], &limits).unwrap_err();
-        assert!(e.contains("not valid JSON"), "{e}");
-        let e = validate(vec![in_app("u1", "[]")], &limits).unwrap_err();
-        assert!(e.contains("JSON object"), "{e}");
-        let live = types::Delivery::Live(types::LiveUpdate {
-            user_id: "u".into(),
-            name: "notification".into(),
-            data: "{}".into(),
-        });
-        assert!(validate(vec![live], &limits).is_err());
-        for reserved in [
-            "message",
-            "error",
-            "open",
-            "notification.read",
-            "auth.expired",
-        ] {
-            let live = types::Delivery::Live(types::LiveUpdate {
-                user_id: "u".into(),
-                name: reserved.into(),
-                data: "{}".into(),
-            });
-            let e = validate(vec![live], &limits).unwrap_err();
-            assert!(e.contains("none of"), "{reserved}: {e}");
-        }
-        let email = types::Delivery::Email(types::Email {
-            to: "not an address".into(),
-            user_id: None,
-            template: "order_paid".into(),
-            data: "{}".into(),
-            locale: None,
-            time_zone: None,
-        });
-        assert!(
-            validate(vec![email], &limits)
-                .unwrap_err()
-                .contains("recipient")
-        );
-        let email = types::Delivery::Email(types::Email {
-            to: "a@example.com".into(),
-            user_id: None,
-            template: "../../etc/passwd".into(),
-            data: "{}".into(),
-            locale: None,
-            time_zone: None,
-        });
-        assert!(
-            validate(vec![email], &limits)
-                .unwrap_err()
-                .contains("template")
-        );
-        let email = |locale: &str, zone: &str| {
-            types::Delivery::Email(types::Email {
-                to: "a@example.com".into(),
-                user_id: None,
-                template: "order_paid".into(),
-                data: "{}".into(),
-                locale: Some(locale.into()),
-                time_zone: Some(zone.into()),
-            })
-        };
-        assert!(validate(vec![email("de-DE", "Europe/Berlin")], &limits).is_ok());
-        assert!(
-            validate(
-                vec![email("zh-Hant-TW", "America/Argentina/Buenos_Aires")],
-                &limits
-            )
-            .is_ok()
-        );
-        assert!(validate(vec![email("en-US", "Etc/GMT+5")], &limits).is_ok());
-        for (locale, zone, word) in [
-            ("de_DE\n", "UTC", "locale"),
-            ("", "UTC", "locale"),
-            ("de-DE", "../../etc/localtime", "time zone"),
-            ("de-DE", "Europe/Berlin\r\nBcc: x", "time zone"),
-        ] {
-            let e = validate(vec![email(locale, zone)], &limits).unwrap_err();
-            assert!(e.contains(word), "{locale} {zone}: {e}");
-        }
-    }
-
-    #[test]
-    fn tells_an_escaped_nul_from_a_literal_backslash() {
-        let limits = PluginConfig::default();
-        // A literal backslash followed by u0000 (a Windows path, a regex) is fine.
-        let ok = validate(vec![in_app("u1", r#"{"path":"C:\\u0000"}"#)], &limits).unwrap();
-        let Delivery::InApp { data, .. } = &ok[0] else {
-            panic!("an in-app delivery")
-        };
-        assert_eq!(data["path"], "C:\\u0000");
-        // An escaped NUL is refused, in values and in keys.
-        for bad in [
-            r#"{"x":"a\u0000b"}"#,
-            r#"{"a\u0000":1}"#,
-            r#"{"x":["\u0000"]}"#,
-        ] {
-            let e = validate(vec![in_app("u1", bad)], &limits).unwrap_err();
-            assert!(e.contains("NUL"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn enforces_size_and_count() {
-        let mut limits = PluginConfig {
-            max_output_bytes: 100,
-            ..PluginConfig::default()
-        };
-        let big = in_app("u1", &format!("{{\"x\":\"{}\"}}", "a".repeat(200)));
-        assert!(validate(vec![big], &limits).unwrap_err().contains("bytes"));
-        limits.max_deliveries = 1;
-        let e = validate(vec![in_app("u", "{}"), in_app("u", "{}")], &limits).unwrap_err();
-        assert!(e.contains("deliveries"), "{e}");
-    }
-
-    mod properties {
-        use super::*;
-        use proptest::prelude::*;
-
-        /// Text that is sometimes what a field wants and sometimes hostile: controls, NULs,
-        /// path climbing, reserved names.
-        fn text(plausible: &'static str) -> BoxedStrategy<String> {
-            prop_oneof![
-                4 => plausible.prop_map(String::from),
-                1 => "\\PC{0,12}".prop_map(String::from),
-                1 => "(\\PC|\u{0}|\n|/|\\.\\.){0,12}".prop_map(String::from),
-                1 => prop::sample::select(vec![
-                    "notification", "message", "error", "open", "auth.expired",
-                    "notification.read", "../x", "a..b", "",
-                ])
-                .prop_map(String::from),
-            ]
-            .boxed()
-        }
-
-        /// A name (live update, template): mostly well formed, sometimes with a slash, a
-        /// reserved name or anything.
-        fn name() -> BoxedStrategy<String> {
-            prop_oneof![
-                3 => "[a-z][a-z0-9._-]{0,20}".prop_map(String::from),
-                1 => "[a-z][a-z0-9/._-]{0,6}".prop_map(String::from),
-                1 => prop::sample::select(vec![
-                    "notification", "message", "error", "open", "auth.expired",
-                    "notification.read",
-                ])
-                .prop_map(String::from),
-                1 => text("\\PC{0,12}"),
-            ]
-            .boxed()
-        }
-
-        fn data() -> BoxedStrategy<String> {
-            prop_oneof![
-                4 => "\\{(\"[a-z]{1,5}\": \"\\PC{0,8}\", ){0,3}\"k\": 1\\}".prop_map(String::from),
-                1 => Just(r#"{"a": "\u0000"}"#.to_owned()),
-                1 => Just(r#"{"a": "\\u0000"}"#.to_owned()),
-                1 => "\\PC{0,16}".prop_map(String::from),
-            ]
-            .boxed()
-        }
-
-        fn delivery() -> impl Strategy<Value = types::Delivery> {
-            let user = || text("[a-z0-9]{1,12}");
-            prop_oneof![
-                (
-                    user(),
-                    text("\\PC{1,30}"),
-                    text("\\PC{0,30}"),
-                    text("[a-z]{0,10}"),
-                    data()
-                )
-                    .prop_map(|(user_id, title, body, category, data)| {
-                        types::Delivery::InApp(types::InApp {
-                            user_id,
-                            title,
-                            body,
-                            category,
-                            data,
-                        })
-                    }),
-                (user(), name(), data()).prop_map(|(user_id, name, data)| {
-                    types::Delivery::Live(types::LiveUpdate {
-                        user_id,
-                        name,
-                        data,
-                    })
-                }),
-                (
-                    text("[a-z]{1,8}@example\\.com"),
-                    prop::option::of(user()),
-                    name(),
-                    data(),
-                    prop::option::of(text("[a-z]{2}-[A-Z]{2}")),
-                    prop::option::of(text("[A-Z][a-z]{2,8}/[A-Z][a-z]{2,8}")),
-                )
-                    .prop_map(
-                        |(to, user_id, template, data, locale, time_zone)| {
-                            types::Delivery::Email(types::Email {
-                                to,
-                                user_id,
-                                template,
-                                data,
-                                locale,
-                                time_zone,
-                            })
-                        }
-                    ),
-            ]
-        }
-
-        fn printable_user(u: &str) -> bool {
-            (1..=200).contains(&u.len()) && !u.chars().any(|c| c.is_control())
-        }
-
-        /// An SSE event or template folder name: the rules written out again.
-        fn path_safe_name(n: &str) -> bool {
-            (1..=64).contains(&n.len())
-                && n.as_bytes()[0].is_ascii_lowercase()
-                && n.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-                && !n.contains("..")
-        }
-
-        fn no_nul(m: &Map<String, Value>) -> bool {
-            fn clean(v: &Value) -> bool {
-                match v {
-                    Value::String(s) => !s.contains('\0'),
-                    Value::Array(items) => items.iter().all(clean),
-                    Value::Object(m) => m.iter().all(|(k, v)| !k.contains('\0') && clean(v)),
-                    _ => true,
-                }
-            }
-            clean(&Value::Object(m.clone()))
-        }
-
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(1024))]
-
-            /// Whatever a plugin answers: a decision, never a panic; what is accepted is
-            /// within the limits, carries no NUL, and names nothing a browser or the
-            /// template folders would misread.
-            #[test]
-            fn plugin_output_is_accepted_only_when_safe(
-                deliveries in prop::collection::vec(delivery(), 1..4),
-                max_deliveries in 1usize..6,
-            ) {
-                let limits = PluginConfig { max_deliveries, ..PluginConfig::default() };
-                let given = deliveries.len();
-                let Ok(accepted) = validate(deliveries, &limits) else {
-                    return Ok(());
-                };
-                prop_assert_eq!(accepted.len(), given);
-                prop_assert!(accepted.len() <= max_deliveries);
-                for d in &accepted {
-                    match d {
-                        Delivery::InApp { user_id, title, body, category, data } => {
-                            prop_assert!(printable_user(user_id), "{user_id:?}");
-                            prop_assert!(!title.trim().is_empty());
-                            prop_assert!(![title, body, category].iter().any(|t| t.contains('\0')));
-                            prop_assert!(no_nul(data));
-                        }
-                        Delivery::Live { user_id, name, data } => {
-                            prop_assert!(printable_user(user_id), "{user_id:?}");
-                            prop_assert!(path_safe_name(name), "{name:?}");
-                            prop_assert!(
-                                !["notification", "message", "error", "open"].contains(&name.as_str())
-                                    && !name.starts_with("notification.")
-                                    && !name.starts_with("auth."),
-                                "{name:?}"
-                            );
-                            prop_assert!(no_nul(data));
-                        }
-                        Delivery::Email { to, user_id, template, data, locale, time_zone } => {
-                            prop_assert!(to.contains('@') && !to.contains('\0'), "{to:?}");
-                            prop_assert!(user_id.as_deref().is_none_or(printable_user));
-                            prop_assert!(path_safe_name(template), "{template:?}");
-                            for tag in [locale, time_zone].into_iter().flatten() {
-                                prop_assert!(!tag.contains("..") && !tag.contains('\0'), "{tag:?}");
-                            }
-                            prop_assert!(no_nul(data));
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
+mod tests;

@@ -74,7 +74,8 @@ pub(super) type Slots<T = Arc<Loaded>> = HashMap<String, Slot<T>>;
 pub struct PluginInfo {
     /// File stem in the plugin directory.
     pub plugin: String,
-    /// `serving`, `quarantined` or `broken` (a new file that never loaded).
+    /// `serving`, `quarantined` (for every tenant it serves) or `broken` (a new file that
+    /// never loaded).
     pub state: &'static str,
     /// `None` when the plugin is broken (its world is unknown).
     pub world: Option<World>,
@@ -91,6 +92,9 @@ pub struct PluginInfo {
     /// Tenants this plugin serves in its world (configured, by file name, or as the default
     /// routing plugin: `*`).
     pub tenants: Vec<String>,
+    /// Tenants for whom the breaker has quarantined this version (after consecutive
+    /// failures of their own events); it keeps serving the others.
+    pub quarantined_for: Vec<String>,
 }
 
 /// Which plugins are loaded, whom they serve, and how they have done.
@@ -263,7 +267,7 @@ impl Registry {
             default: default.into(),
             broken,
             rejected,
-            quarantined: breaker.quarantined_list(),
+            quarantined: listed(breaker.quarantines()),
         }
     }
 
@@ -282,7 +286,12 @@ impl Registry {
                 Slot::Ready(loaded) => {
                     let world = loaded.pre.world();
                     let (calls, failures) = self.stats.get(name, &loaded.digest);
-                    let quarantined = breaker.quarantined(name, &loaded.digest).is_some();
+                    let tenants = self.tenants_of(name, world);
+                    let quarantined_for = breaker.quarantined_tenants(name, &loaded.digest);
+                    // Quarantined as a whole only when it is for every tenant it serves (a
+                    // shared default plugin, `*`, never is).
+                    let quarantined = !quarantined_for.is_empty()
+                        && tenants.iter().all(|t| quarantined_for.contains(t));
                     PluginInfo {
                         plugin: name.clone(),
                         state: if quarantined {
@@ -297,7 +306,8 @@ impl Registry {
                         error: rejected.get(name).cloned(),
                         calls,
                         failures,
-                        tenants: self.tenants_of(name, world),
+                        tenants,
+                        quarantined_for,
                     }
                 }
                 Slot::Broken(reason) => PluginInfo {
@@ -311,6 +321,7 @@ impl Registry {
                     calls: 0,
                     failures: 0,
                     tenants: Vec::new(),
+                    quarantined_for: Vec::new(),
                 },
             })
             .collect();
@@ -357,6 +368,25 @@ impl Registry {
         tenants.dedup();
         tenants
     }
+}
+
+/// Most quarantines `/readyz` lists one by one: made-up tenant ids in `payload` mode could
+/// otherwise make the body as long as the breaker's bookkeeping (the metric and the admin
+/// listing still count them all).
+const MAX_LISTED: usize = 20;
+
+/// The quarantines as readiness lists them, at most [`MAX_LISTED`] and a count of the rest.
+fn listed(quarantines: Vec<super::Quarantine>) -> Vec<String> {
+    let more = quarantines.len().saturating_sub(MAX_LISTED);
+    let mut out: Vec<String> = quarantines
+        .iter()
+        .take(MAX_LISTED)
+        .map(ToString::to_string)
+        .collect();
+    if more > 0 {
+        out.push(format!("and {more} more"));
+    }
+    out
 }
 
 /// Calls and malfunctions per plugin version: by name, then SHA-256 (looked up without

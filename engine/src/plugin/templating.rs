@@ -3,12 +3,14 @@
 //! call runs in the same sandbox as routing, under its own limits
 //! (`plugins.templating_*`), with one more host import: the tenant's Handlebars files,
 //! rendered by the host under the same rules as an email rendered from files. What comes
-//! back is checked before lettre sees it.
+//! back is checked before lettre sees it. A trap on a warm instance is retried once on a
+//! fresh one before it counts.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::instances::Warm;
+use super::output::EventText;
 use super::registry::Loaded;
 use super::sandbox::{CallLimits, TemplateAccess, outer_bound, plugin_text};
 use super::wit::types;
@@ -47,7 +49,9 @@ impl<'a> Templating<'a> {
 
     /// Renders `email` with its tenant's templating plugin; `None` when the tenant has
     /// none (its files render directly). `templates` is the set the plugin's
-    /// `templates.render` calls see; `link_domains` the tenant's link policy.
+    /// `templates.render` calls see; `link_domains` the tenant's link policy. A call that
+    /// traps on a warm instance is retried once on a fresh one before the trap counts, as
+    /// for routing: what earlier calls left in the instance may be the cause.
     pub(super) async fn render(
         &self,
         email: &EmailToRender<'_>,
@@ -58,9 +62,33 @@ impl<'a> Templating<'a> {
             Ok(loaded) => loaded,
             Err(e) => return Some(Err(e)),
         };
+        let started = Instant::now();
+        let call = |reuse| self.render_once(&loaded, email, templates.clone(), link_domains, reuse);
+        let result = match call(true).await {
+            (Err(PluginError::Trap { plugin, message }), true) => {
+                tracing::warn!(tenant = %email.tenant, outbox_id = email.outbox_id, plugin = %plugin, error = %message, "templating call trapped on a warm instance; retrying once on a fresh instance");
+                call(false).await.0
+            }
+            (result, _) => result,
+        };
+        self.host.record_outcome(&loaded, email.tenant, &result);
+        tracing::debug!(tenant = %email.tenant, plugin = %loaded.name, outbox_id = email.outbox_id, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "templating call");
+        Some(result)
+    }
+
+    /// One call, on a warm instance when `reuse` allows; also says whether it ran on one.
+    async fn render_once(
+        &self,
+        loaded: &Arc<Loaded>,
+        email: &EmailToRender<'_>,
+        templates: Arc<Templates>,
+        link_domains: &[String],
+        reuse: bool,
+    ) -> (Result<RenderedEmail, PluginError>, bool) {
         let max_output = self.host.limits.templating_max_output_bytes;
         let limits = self.limits();
-        let mut warm = self.host.instance_for(email.tenant, &loaded, true);
+        let mut warm = self.host.instance_for(email.tenant, loaded, reuse);
+        let warmed = warm.is_warm();
         warm.arm(limits, &format!("outbox email {}", email.outbox_id));
         warm.store.data_mut().templates = Some(TemplateAccess {
             templates,
@@ -68,7 +96,6 @@ impl<'a> Templating<'a> {
             max_output,
         });
         let request = request(email);
-        let started = Instant::now();
         let call = async {
             let (store, instance) = warm.bindings().await?;
             instance.render(store, &request).await
@@ -76,20 +103,22 @@ impl<'a> Templating<'a> {
         let outcome = tokio::time::timeout(outer_bound(limits.timeout), call).await;
         let result = warm
             .answer(outcome, limits, self.host.limits.templating_timeout_ms)
-            .and_then(|answer| self.judge(answer, email.tenant, warm, max_output));
-        self.host.record_outcome(&loaded, email.tenant, &result);
-        tracing::debug!(tenant = %email.tenant, plugin = %loaded.name, outbox_id = email.outbox_id, elapsed_us = started.elapsed().as_micros() as u64, ok = result.is_ok(), "templating call");
-        Some(result)
+            .and_then(|answer| self.judge(answer, email, warm, max_output));
+        (result, warmed)
     }
 
     /// The tenant's templating plugin, unless it has none (`None`), it is unavailable, or
-    /// its breaker has quarantined it.
+    /// its breaker has quarantined it for this tenant.
     fn choose(&self, tenant: &str) -> Option<Result<Arc<Loaded>, PluginError>> {
         let loaded = match self.host.registry.select_templating(tenant)? {
             Ok(loaded) => loaded,
             Err(e) => return Some(Err(e)),
         };
-        if let Some(failures) = self.host.breaker.quarantined(&loaded.name, &loaded.digest) {
+        if let Some(failures) = self
+            .host
+            .breaker
+            .quarantined(&loaded.name, &loaded.digest, tenant)
+        {
             return Some(Err(PluginError::Quarantined {
                 plugin: loaded.name.clone(),
                 failures,
@@ -110,14 +139,17 @@ impl<'a> Templating<'a> {
 
     /// The plugin's answer judged: its refusal (its instance serves on), or the email,
     /// checked; only a clean call (an email, or the plugin's own refusal) gives the
-    /// instance back.
+    /// instance back. A subject made invalid by the email's data (a line break or 900
+    /// bytes in a name the event gave) is the data's problem, like the plugin's own
+    /// refusal of it ([`PluginError::InvalidData`]), not a malfunction.
     fn judge(
         &self,
         answer: Result<types::Rendered, types::RenderError>,
-        tenant: &str,
+        email: &EmailToRender<'_>,
         warm: Warm,
         max_output: usize,
     ) -> Result<RenderedEmail, PluginError> {
+        let tenant = email.tenant;
         let plugin = warm.loaded.name.clone();
         let result = match answer {
             Err(types::RenderError::InvalidData(message)) => Err(PluginError::InvalidData {
@@ -128,8 +160,22 @@ impl<'a> Templating<'a> {
                 plugin,
                 message: plugin_text(&message),
             }),
-            Ok(rendered) => check(rendered, max_output)
-                .map_err(|message| PluginError::InvalidOutput { plugin, message }),
+            Ok(rendered) => {
+                let fault = subject_fault(&rendered.subject);
+                let from_data = fault.is_some()
+                    && EventText::with_data(vec![email.recipient], [email.data])
+                        .explains(&rendered.subject, |s| subject_fault(s).is_none());
+                check(rendered, max_output).map_err(|message| {
+                    if from_data && fault.as_ref() == Some(&message) {
+                        PluginError::InvalidData {
+                            plugin,
+                            message: format!("{message} (a value from the email's data)"),
+                        }
+                    } else {
+                        PluginError::InvalidOutput { plugin, message }
+                    }
+                })
+            }
         };
         if !matches!(result, Err(PluginError::InvalidOutput { .. })) {
             self.host.instances.give_back(tenant, warm);
@@ -173,20 +219,8 @@ fn check(rendered: types::Rendered, max_output: usize) -> Result<RenderedEmail, 
             "the email is {size} bytes, the limit is {max_output} (plugins.templating_max_output_bytes)"
         ));
     }
-    if let Some(c) = subject.chars().find(|c| matches!(c, '\r' | '\n' | '\0')) {
-        return Err(format!(
-            "the subject contains {:?}; it must be one line without NUL",
-            c
-        ));
-    }
-    if subject.trim().is_empty() {
-        return Err("the subject is blank".into());
-    }
-    if subject.len() > MAX_SUBJECT {
-        return Err(format!(
-            "the subject is {} bytes, the limit is {MAX_SUBJECT}",
-            subject.len()
-        ));
+    if let Some(fault) = subject_fault(&subject) {
+        return Err(fault);
     }
     for (part, body) in [("html", &html), ("text", &text)] {
         if body.as_ref().is_some_and(|b| b.contains('\0')) {
@@ -201,6 +235,26 @@ fn check(rendered: types::Rendered, max_output: usize) -> Result<RenderedEmail, 
         html: html.filter(|h| !h.is_empty()),
         text: text.filter(|t| !t.is_empty()),
     })
+}
+
+/// What is wrong with a subject, if anything: one line without NUL, not blank, at most
+/// [`MAX_SUBJECT`] bytes.
+fn subject_fault(subject: &str) -> Option<String> {
+    if let Some(c) = subject.chars().find(|c| matches!(c, '\r' | '\n' | '\0')) {
+        return Some(format!(
+            "the subject contains {c:?}; it must be one line without NUL"
+        ));
+    }
+    if subject.trim().is_empty() {
+        return Some("the subject is blank".into());
+    }
+    if subject.len() > MAX_SUBJECT {
+        return Some(format!(
+            "the subject is {} bytes, the limit is {MAX_SUBJECT}",
+            subject.len()
+        ));
+    }
+    None
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::load::{Change, note_rejections, removed, settle};
-use super::{Registry, ReloadOutcome, Reloaded, Serving, Slot, Slots, Stats};
+use super::{MAX_LISTED, Registry, ReloadOutcome, Reloaded, Serving, Slot, Slots, Stats, listed};
 use crate::config::{PluginConfig, TenantConfig};
 use crate::plugin::{PluginError, World};
 
@@ -280,4 +280,21 @@ fn statistics_count_per_version_and_forget_versions_no_longer_serving() {
     stats.retain(|name, digest| serving.get(name) == Some(&digest));
     assert_eq!(stats.get("acme", "v1"), (0, 0));
     assert_eq!(stats.get("acme", "v2"), (1, 0));
+}
+
+#[test]
+fn readiness_lists_a_bounded_number_of_quarantines() {
+    let quarantine = |i: usize| crate::plugin::Quarantine {
+        plugin: "default".into(),
+        tenant: format!("t{i:03}"),
+        digest: "0123456789abcdef".into(),
+        failures: 5,
+    };
+    assert_eq!(
+        listed(vec![quarantine(1)]),
+        ["default (0123456789ab) for tenant t001: 5 consecutive failures"]
+    );
+    let many = listed((0..MAX_LISTED + 7).map(quarantine).collect());
+    assert_eq!(many.len(), MAX_LISTED + 1);
+    assert_eq!(many.last().unwrap(), "and 7 more");
 }
