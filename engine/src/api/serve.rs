@@ -82,7 +82,11 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let mut io = WriteDeadline::new(stream, write_timeout);
-        let (app, builder, watcher) = (app.clone(), builder.clone(), graceful.watcher());
+        // The address the request limits count (`api::limits`) requests without credentials by.
+        let app = app
+            .clone()
+            .layer(axum::Extension(super::limits::ClientAddr(peer.ip())));
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         let stopping = shutdown.clone();
         connections.spawn(async move {
             let head = tokio::select! {

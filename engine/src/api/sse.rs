@@ -71,7 +71,12 @@ pub async fn stream(
     // ticket up, so a malformed request keeps it (a refusal by a cap after this point does
     // not: the client asks again).
     let identity = match query_param(query.as_deref(), TICKET_PARAM) {
-        Some(ticket) => tickets::redeem(&state, &ticket).await?,
+        // The limits layer charged the ticket to its address; now it is its user's too.
+        Some(ticket) => {
+            let identity = tickets::redeem(&state, &ticket).await?;
+            state.limits.admit_identity(&identity)?;
+            identity
+        }
         None => state.auth.authenticate(&headers)?,
     };
     // Subscribe before reading the cursor: whatever commits after this point wakes us.
