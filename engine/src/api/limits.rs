@@ -82,11 +82,11 @@ impl Limits {
         let user = (identity.tenant.clone(), identity.user_id.clone());
         self.users
             .take(&user, now)
-            .map_err(|wait| self.refuse("user", "this user", wait))?;
+            .map_err(|wait| self.refuse("user", "from this user", wait))?;
         self.tenants.take(&identity.tenant, now).map_err(|wait| {
             // Not spent: the request was not made.
             self.users.give_back(&user);
-            self.refuse("tenant", "this tenant", wait)
+            self.refuse("tenant", "from this tenant", wait)
         })
     }
 
@@ -96,7 +96,7 @@ impl Limits {
         self.addresses.take(&key, Instant::now()).map_err(|wait| {
             self.refuse(
                 "address",
-                "requests without valid credentials from this address",
+                "without valid credentials from this address",
                 wait,
             )
         })
@@ -140,7 +140,7 @@ impl Limits {
         self.refused.with_label_values(&[limit]).inc();
         ApiError::RateLimited {
             message: format!(
-                "too many requests for {whose} (limits.{limit}_per_second and limits.{limit}_burst); retry later"
+                "too many requests {whose} (limits.{limit}_per_second, limits.{limit}_burst); retry later"
             ),
             retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
         }
