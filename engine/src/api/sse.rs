@@ -57,7 +57,7 @@ pub const AUTH_EXPIRED_EVENT: &str = "auth.expired";
         (status = 200, description = "`text/event-stream`; the events are specified in contracts/asyncapi.json", content_type = "text/event-stream", body = String),
         (status = 400, description = "A malformed `Last-Event-ID`", body = ErrorBody),
         (status = 401, description = "No valid token or ticket", body = ErrorBody),
-        (status = 429, description = "A connection cap or the deep-replay limit", body = ErrorBody),
+        (status = 429, description = "A connection cap, the deep-replay limit or a request limit", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = []), ("ticket" = [])),
 )]
