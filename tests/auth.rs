@@ -579,5 +579,18 @@ async fn ticket_guesses_are_refused_by_their_address_before_the_delete() {
         metric(&engine, "notify_api_rate_limited_total{limit=\"address\"}").await,
         Some((20 - unauthorized) as f64)
     );
+    // Another address has a bucket of its own, on a stream's path and on the inbox's.
+    let elsewhere = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    for path in ["/api/v1/sse?ticket=elsewhere", "/api/v1/notifications"] {
+        let response = elsewhere
+            .get(format!("http://{}{path}", engine.http_addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{path} from another address");
+    }
     engine.shutdown().await;
 }
