@@ -516,3 +516,81 @@ async fn only_the_gateway_header_speaks_for_a_tenant() {
     assert_eq!(frame.data["event_id"], "v1");
     engine.shutdown().await;
 }
+
+/// Guessing stream tickets is held to the address's request rate before any database work:
+/// past the burst, a guess is refused with `429` and `Retry-After` and never reaches the
+/// ticket's `DELETE` (counted here by a statement trigger, which fires even when the
+/// statement deletes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticket_guesses_are_refused_by_their_address_before_the_delete() {
+    let world = World::new().await;
+    let mut config = world.config();
+    config.limits.address_per_second = 1;
+    config.limits.address_burst = 5;
+    let engine = world.start(config).await;
+    let pool = world.pool().await;
+    // Statements the API role runs against sse_tickets (retention's, as the engine's own
+    // role, are not counted).
+    for sql in [
+        "CREATE TABLE ticket_deletes (who TEXT NOT NULL)",
+        "GRANT INSERT ON ticket_deletes TO PUBLIC",
+        "CREATE FUNCTION count_ticket_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO ticket_deletes VALUES (current_user); RETURN NULL; END $$",
+        "CREATE TRIGGER count_ticket_deletes BEFORE DELETE ON sse_tickets
+         FOR EACH STATEMENT EXECUTE FUNCTION count_ticket_delete()",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let mut answered = Vec::new();
+    let mut refused = None;
+    for i in 0..20 {
+        let guess = format!("ticket={:A>43}", i);
+        let response = reqwest::Client::new()
+            .get(format!("http://{}/api/v1/sse?{guess}", engine.http_addr))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        if status == 429 && refused.is_none() {
+            let after = retry_after(response.headers());
+            let body: Value = response.json().await.unwrap();
+            refused = Some((after, body));
+        }
+        answered.push(status);
+    }
+    let (after, body) = refused.unwrap_or_else(|| panic!("no guess refused: {answered:?}"));
+    assert!((1..=2).contains(&after), "{after}");
+    assert_eq!(body["error"]["code"], "too_many_requests", "{body}");
+    let unauthorized = answered.iter().filter(|s| **s == 401).count();
+    // The burst, and perhaps a token that came back while the guesses were sent.
+    assert!((5..=7).contains(&unauthorized), "{answered:?}");
+    assert_eq!(
+        unauthorized + answered.iter().filter(|s| **s == 429).count(),
+        20
+    );
+    let deletes = world
+        .count("SELECT count(*) FROM ticket_deletes WHERE who LIKE 'notify_api_%'")
+        .await;
+    assert_eq!(
+        deletes as usize, unauthorized,
+        "only the admitted guesses reached the DELETE"
+    );
+    assert_eq!(
+        metric(&engine, "notify_api_rate_limited_total{limit=\"address\"}").await,
+        Some((20 - unauthorized) as f64)
+    );
+    // Another address has a bucket of its own, on a stream's path and on the inbox's.
+    let elsewhere = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    for path in ["/api/v1/sse?ticket=elsewhere", "/api/v1/notifications"] {
+        let response = elsewhere
+            .get(format!("http://{}{path}", engine.http_addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{path} from another address");
+    }
+    engine.shutdown().await;
+}

@@ -80,3 +80,61 @@ async fn the_http_edge_holds_under_abuse() {
     assert_eq!(status, 401, "{body}");
     engine.shutdown().await;
 }
+
+/// One tenant's requests hold at most its share of the API's database connections
+/// (`limits.tenant_pool_percent`): with every request of a flooding tenant stuck on a lock,
+/// another tenant is still answered, not told the engine is busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_flooding_the_api_leaves_other_tenants_answered() {
+    let world = World::new().await;
+    let mut config = world.config();
+    // A pool of 4: the flooding tenant's share is 2.
+    config.database.api_max_connections = 4;
+    // The flood waits for its share rather than being refused, so it keeps pressing.
+    config.limits.tenant_pool_wait_ms = 60_000;
+    let engine = world.start(config).await;
+    let flood = unique("flood");
+    let pool = world.pool().await;
+    sqlx::query("INSERT INTO user_streams (tenant_id, user_id, last_seq) VALUES ($1, 'u1', 0)")
+        .bind(&flood)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Hold the user's stream lock: each of their changes waits for it on a connection.
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM user_streams WHERE tenant_id = $1 FOR UPDATE")
+        .bind(&flood)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let token = world.token(&flood, "u1");
+    let flooding: Vec<_> = (0..8)
+        .map(|_| {
+            let api = Api::new(&engine, &token);
+            tokio::spawn(async move { api.post("/api/v1/notifications/1/read", None).await })
+        })
+        .collect();
+    let stuck = "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'notify-engine-api'
+                   AND wait_event_type = 'Lock'";
+    world.wait_until(stuck, |n| n >= 2, WAIT).await;
+    // The rest of the flood has had the time to take more connections, if it could.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let other = Api::new(&engine, &world.token(&unique("shop"), "u1"));
+    let (status, body) = other.get("/api/v1/notifications").await;
+    assert_eq!(status, 200, "another tenant is answered: {body}");
+    assert_eq!(
+        world.count(stuck).await,
+        2,
+        "the flood holds its share only"
+    );
+
+    lock.rollback().await.unwrap();
+    for request in flooding {
+        let (status, body) = request.await.unwrap();
+        // No such item: the requests ran once the lock was gone, none refused as busy.
+        assert_eq!(status, 404, "{body}");
+    }
+    engine.shutdown().await;
+}

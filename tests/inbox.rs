@@ -135,14 +135,16 @@ async fn inbox_api_pages_counts_reads_and_archives_and_tells_other_tabs() {
         ids(&api.get("/api/v1/notifications?category=shipping").await.1),
         Vec::<i64>::new()
     );
+    // Tab A also saw every change, in order: read-all, archived, ...
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(tab_a.next(WAIT).await.unwrap());
+    }
     let (status, back) = api.post("/api/v1/notifications/4/unarchive", None).await;
     assert_eq!((status, back["unread_count"].as_i64()), (200, Some(2)));
     assert_eq!(back["notification"]["archived_at"], Value::Null);
-    // Tab A also saw every change, in order: read-all, archived, unarchived.
-    let mut seen = Vec::new();
-    for _ in 0..3 {
-        seen.push(tab_a.next(WAIT).await.unwrap());
-    }
+    // ... and unarchived.
+    seen.push(tab_a.next(WAIT).await.unwrap());
     assert_eq!(seen[0].data["up_to"], 3);
     assert_eq!(seen[1].data["archived"], true);
     assert_eq!(
@@ -151,11 +153,11 @@ async fn inbox_api_pages_counts_reads_and_archives_and_tells_other_tabs() {
     );
 
     // A replay from before the changes shows every item as it is now, and the change
-    // events in order.
+    // events in order; the unarchive superseded the archive of the same item.
     let (_, replay, _) = connect_sse(&engine, Some(&token), Some("0")).await;
     let mut replay = replay.unwrap();
     let mut names = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..9 {
         let e = replay.next(WAIT).await.unwrap();
         contracts.check_sse(&e);
         if e.data["event_id"] == "p5" {
@@ -174,7 +176,6 @@ async fn inbox_api_pages_counts_reads_and_archives_and_tells_other_tabs() {
             "notification",
             "notification.read",
             "notification.read",
-            "notification.archived",
             "notification.archived",
         ]
     );
@@ -245,5 +246,132 @@ async fn inbox_api_refuses_bad_parameters_with_the_uniform_body() {
         .post("/api/v1/notifications/read-all", Some(json!({ "upto": 3 })))
         .await;
     assert_eq!(status, 400, "{body}");
+    engine.shutdown().await;
+}
+
+/// Archiving and unarchiving in a loop does not grow the user's log: each change of an item's
+/// archive state supersedes the item's earlier archive event. A tab open all along, and one
+/// replaying from before the loop, end on the item's latest state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_loops_do_not_grow_the_log_and_tabs_end_on_the_latest_state() {
+    let world = World::new().await;
+    let mut config = world.config();
+    // The loop is what is tested here, not the request rate.
+    config.limits.user_burst = 1_000;
+    let engine = world.start(config).await;
+    let tenant = unique("shop");
+    let api = Api::new(&engine, &world.token(&tenant, "u1"));
+    world
+        .produce(&order_paid("p1", &tenant, "u1", None, 10.0))
+        .await;
+    let rows = format!("SELECT count(*) FROM notifications WHERE tenant_id = '{tenant}'");
+    world.wait_count(&rows, 1, WAIT).await;
+    let (_, tab, _) = connect_sse(&engine, Some(&api.token), None).await;
+    let mut tab = tab.unwrap();
+
+    for round in 0..20 {
+        for action in ["archive", "unarchive"] {
+            let (status, body) = api
+                .post(&format!("/api/v1/notifications/1/{action}"), None)
+                .await;
+            assert_eq!(status, 200, "round {round} {action}: {body}");
+        }
+        // A repeat of the same state changes nothing and writes nothing.
+        let (status, _) = api.post("/api/v1/notifications/1/unarchive", None).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        world.count(&rows).await,
+        2,
+        "the item and one archive event, after 40 changes"
+    );
+    let latest = world
+        .count(&format!(
+            "SELECT max(seq) FROM notifications WHERE tenant_id = '{tenant}'"
+        ))
+        .await;
+    let last = json!({ "id": 1, "archived": false, "unread_count": 1 });
+    // The open tab ends on the latest state (it may have seen some of the changes before).
+    loop {
+        let e = tab.next(WAIT).await.expect("the tab hears the changes");
+        assert_eq!(e.event, "notification.archived");
+        if e.id.as_deref() == Some(latest.to_string().as_str()) {
+            assert_eq!(e.data, last);
+            break;
+        }
+    }
+    // A tab replaying from the item sees one event: the latest state.
+    let (_, replay, _) = connect_sse(&engine, Some(&api.token), Some("1")).await;
+    let e = replay.unwrap().next(WAIT).await.unwrap();
+    assert_eq!(
+        (e.id, e.event, e.data),
+        (
+            Some(latest.to_string()),
+            "notification.archived".to_owned(),
+            last
+        )
+    );
+    engine.shutdown().await;
+}
+
+/// A burst over a user's bucket, and then over the tenant's, is refused with `429` and
+/// `Retry-After` in the uniform error body; another tenant is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_the_user_or_tenant_bucket_gets_429_with_retry_after() {
+    let world = World::new().await;
+    let mut config = world.config();
+    config.limits.user_per_second = 1;
+    config.limits.user_burst = 5;
+    config.limits.tenant_per_second = 1;
+    config.limits.tenant_burst = 7;
+    let engine = world.start(config).await;
+    let tenant = unique("shop");
+    let count = "/api/v1/notifications/unread-count";
+    // Until the bucket of `api` refuses: how many were answered, and the refusal.
+    async fn until_refused(api: &Api, path: &str) -> (usize, reqwest::header::HeaderMap, Value) {
+        for answered in 0..20 {
+            let (status, headers, body) = api.call_with_headers("GET", path, None).await;
+            if status == 429 {
+                return (answered, headers, body);
+            }
+            assert_eq!(status, 200, "{body}");
+        }
+        panic!("20 requests in a burst and none refused");
+    }
+    let u1 = Api::new(&engine, &world.token(&tenant, "u1"));
+    let (answered, headers, body) = until_refused(&u1, count).await;
+    // The burst, and perhaps a token that came back while they were sent.
+    assert!((5..=7).contains(&answered), "{answered}");
+    assert!((1..=2).contains(&retry_after(&headers)), "{headers:?}");
+    assert_eq!(body["error"]["code"], "too_many_requests");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("this user"),
+        "{body}"
+    );
+    // Another user of the tenant has a full bucket of their own, but the tenant has little
+    // left: the tenant's bucket refuses.
+    let u2 = Api::new(&engine, &world.token(&tenant, "u2"));
+    let (answered, headers, body) = until_refused(&u2, count).await;
+    assert!(answered < 5, "{answered}");
+    assert!(retry_after(&headers) >= 1);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("this tenant"),
+        "{body}"
+    );
+    // Another tenant is answered.
+    let other = Api::new(&engine, &world.token(&unique("shop"), "u1"));
+    let (status, body) = other.get(count).await;
+    assert_eq!(status, 200, "{body}");
+    // The refusals are counted.
+    for limit in ["user", "tenant"] {
+        let series = format!("notify_api_rate_limited_total{{limit=\"{limit}\"}}");
+        assert_eq!(metric(&engine, &series).await, Some(1.0), "{series}");
+    }
     engine.shutdown().await;
 }

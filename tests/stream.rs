@@ -254,3 +254,47 @@ async fn a_stream_outlives_a_spell_of_failing_reads() {
     streams.shutdown().await;
     consumer.shutdown().await;
 }
+
+/// Reconnecting in a loop with `Last-Event-ID` (a shallow replay each time, which no
+/// deep-replay limit sees) is held to the user's request rate: past the burst, `429` with
+/// `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shallow_replays_in_a_loop_are_held_to_the_request_rate() {
+    let world = World::new().await;
+    let mut config = world.config();
+    config.limits.user_per_second = 1;
+    config.limits.user_burst = 4;
+    let engine = world.start(config).await;
+    let tenant = unique("shop");
+    world
+        .produce(&order_paid("r1", &tenant, "u1", None, 1.0))
+        .await;
+    world
+        .wait_count("SELECT count(*) FROM notifications", 1, WAIT)
+        .await;
+    let token = world.token(&tenant, "u1");
+    let mut opened = 0;
+    let refusal = loop {
+        let response = reqwest::Client::new()
+            .get(format!("http://{}/api/v1/sse", engine.http_addr))
+            .bearer_auth(&token)
+            .header("Last-Event-ID", "1")
+            .send()
+            .await
+            .unwrap();
+        if response.status() != 200 {
+            break response;
+        }
+        opened += 1;
+        assert!(opened <= 10, "10 replays in a row and none refused");
+        // The client leaves at once, as one reconnecting in a loop does.
+        drop(response);
+    };
+    assert_eq!(refusal.status(), 429);
+    // The burst, and perhaps a token that came back meanwhile.
+    assert!((4..=6).contains(&opened), "{opened}");
+    assert!((1..=2).contains(&retry_after(refusal.headers())));
+    let body: Value = refusal.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_requests");
+    engine.shutdown().await;
+}

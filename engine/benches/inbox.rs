@@ -100,6 +100,19 @@ async fn main() {
         plugins: Arc::new(PluginHost::new(config.plugins.clone(), Default::default()).unwrap()),
         cors_origins: Arc::new([]),
         ticket_ttl_secs: 30,
+        // One tenant measured at full speed: the limits are no part of what is measured.
+        limits: Arc::new(api::limits::Limits::new(
+            &notify_engine::config::LimitsConfig {
+                user_per_second: u32::MAX,
+                user_burst: u32::MAX,
+                tenant_per_second: u32::MAX,
+                tenant_burst: u32::MAX,
+                tenant_pool_percent: 100,
+                ..Default::default()
+            },
+            4,
+            Metrics::new().api_rate_limited,
+        )),
         shutdown: tokio_util::sync::CancellationToken::new(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod error;
 pub mod inbox;
+pub mod limits;
 pub mod openapi;
 pub mod serve;
 pub mod sse;
@@ -53,6 +54,9 @@ pub struct AppState {
     pub cors_origins: Arc<[String]>,
     /// `auth.ticket_ttl_secs`.
     pub ticket_ttl_secs: u64,
+    /// The request limits (`[limits]`): buckets per user, tenant and address, and each
+    /// tenant's share of `pool`.
+    pub limits: Arc<limits::Limits>,
     /// Fired on shutdown: open streams end so the server can drain.
     pub shutdown: CancellationToken,
 }
@@ -69,6 +73,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/openapi.json", get(openapi_json))
         .merge(inbox::routes())
         .fallback(no_route)
+        // Before any handler, so before any database work.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::admit,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
     match cors {
@@ -258,6 +267,11 @@ mod tests {
             ),
             cors_origins: cors.iter().map(|o| (*o).to_owned()).collect(),
             ticket_ttl_secs: 30,
+            limits: Arc::new(limits::Limits::new(
+                &config.limits,
+                1,
+                Metrics::new().api_rate_limited,
+            )),
             shutdown: CancellationToken::new(),
         };
         (state, config)

@@ -378,6 +378,11 @@ impl Engine<'_> {
             presence: self.presence.clone(),
             cors_origins: config.http.cors_origins.clone().into(),
             ticket_ttl_secs: config.auth.ticket_ttl_secs,
+            limits: Arc::new(api::limits::Limits::new(
+                &config.limits,
+                config.database.api_max_connections,
+                self.metrics.api_rate_limited.clone(),
+            )),
             shutdown: self.shutdown.clone(),
         };
         let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(api::request_span);

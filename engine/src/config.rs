@@ -26,7 +26,7 @@ mod plugins;
 pub use auth::{AuthConfig, DEMO_JWT_SECRET, JwtKeyConfig};
 pub use database::{ClusterConfig, DatabaseConfig, PresenceConfig, RetentionConfig};
 pub use email::{EmailConfig, SmtpConfig, SmtpTls};
-pub use http::{HttpConfig, SseConfig};
+pub use http::{HttpConfig, LimitsConfig, SseConfig};
 use kafka::is_secret_property;
 pub use kafka::{KafkaConfig, TenantFrom};
 pub use plugins::{BreakerFailMode, PluginConfig, TenantConfig};
@@ -52,6 +52,7 @@ pub struct Config {
     pub email: EmailConfig,
     pub auth: AuthConfig,
     pub sse: SseConfig,
+    pub limits: LimitsConfig,
     pub retention: RetentionConfig,
     pub presence: PresenceConfig,
     pub cluster: ClusterConfig,
@@ -202,6 +203,7 @@ impl Config {
         }
         self.email.validate()?;
         self.sse.validate()?;
+        self.limits.validate()?;
         self.smtp.validate()?;
         self.validate_across_sections()
     }

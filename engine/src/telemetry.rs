@@ -76,6 +76,10 @@ pub struct Metrics {
     pub plugin_quarantined: IntGaugeVec,
     /// SSE connections refused by a connection cap.
     pub sse_rejected: IntCounter,
+    /// Public API requests refused (`429`) by a request limit, by limit: `user`, `tenant`
+    /// and `address` (the token buckets), `tenant_pool` (the tenant's share of the API's
+    /// database connections stayed busy).
+    pub api_rate_limited: IntCounterVec,
     /// Rows deleted by retention, by table (`notifications`, `processed_events`,
     /// `sse_tickets`).
     pub retention_deleted: IntCounterVec,
@@ -236,6 +240,18 @@ impl Metrics {
                 "sse_rejected_total",
                 "SSE connections refused by a connection cap or the deep-replay rate",
             ),
+            api_rate_limited: {
+                let limited = r.counter_vec(
+                    "api_rate_limited_total",
+                    "Public API requests refused by a request limit, by limit",
+                    &["limit"],
+                );
+                // Every series from the start, so an alert on its rate sees zero first.
+                for limit in ["user", "tenant", "address", "tenant_pool"] {
+                    limited.with_label_values(&[limit]);
+                }
+                limited
+            },
             retention_deleted: r.counter_vec(
                 "retention_deleted_total",
                 "Rows deleted by retention, by table",

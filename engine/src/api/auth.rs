@@ -54,6 +54,10 @@ impl FromRequestParts<AppState> for Identity {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // The public API's limits layer verified the token already (`api::limits`).
+        if let Some(identity) = parts.extensions.remove::<Identity>() {
+            return Ok(identity);
+        }
         state.auth.authenticate_request(parts)
     }
 }

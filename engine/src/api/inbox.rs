@@ -144,6 +144,7 @@ pub struct ReadAllResponse {
         (status = 200, description = "A page of inbox items", body = NotificationPage),
         (status = 400, description = "A malformed parameter", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = [])),
 )]
@@ -204,6 +205,7 @@ pub async fn list(
     responses(
         (status = 200, body = UnreadCount),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = [])),
 )]
@@ -223,6 +225,7 @@ pub async fn unread_count(
     responses(
         (status = 200, body = Notification),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
         (status = 404, description = "Not one of the caller's inbox items", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = [])),
@@ -246,6 +249,7 @@ pub async fn get_one(
     responses(
         (status = 200, body = NotificationChanged),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
         (status = 404, description = "Not one of the caller's inbox items", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = [])),
@@ -275,6 +279,7 @@ pub async fn read(
         (status = 200, body = ReadAllResponse),
         (status = 400, description = "A malformed body", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = [])),
 )]
@@ -308,6 +313,7 @@ pub async fn read_all(
     responses(
         (status = 200, body = NotificationChanged),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
         (status = 404, description = "Not one of the caller's inbox items", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = [])),
@@ -327,6 +333,7 @@ pub async fn archive(
     responses(
         (status = 200, body = NotificationChanged),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
         (status = 404, description = "Not one of the caller's inbox items", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = [])),

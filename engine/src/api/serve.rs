@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -35,7 +36,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
+use super::limits::ClientAddr;
 use crate::config::HttpConfig;
 
 /// Serves `app` on `listener` until `shutdown` fires, then lets open connections finish
@@ -82,6 +85,8 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let mut io = WriteDeadline::new(stream, write_timeout);
+        // The address the request limits count requests without credentials by.
+        let client = ClientAddr(peer.ip());
         let (app, builder, watcher) = (app.clone(), builder.clone(), graceful.watcher());
         let stopping = shutdown.clone();
         connections.spawn(async move {
@@ -92,10 +97,17 @@ pub async fn serve(
             let outcome = match head {
                 None => Ok(()),
                 Some(lean::Head::Sse(head)) => {
+                    // One request, answered once: the layered router is dropped with it.
+                    let app = app.layer(axum::Extension(client));
                     lean::serve(io, app, head).await.map_err(|e| e.to_string())
                 }
                 Some(lean::Head::Other(read)) => {
                     let io = TokioIo::new(lean::Prefixed::new(read, io));
+                    // Every request of the connection, without a router of its own.
+                    let app = app.map_request(move |mut r: axum::http::Request<Incoming>| {
+                        r.extensions_mut().insert(client);
+                        r
+                    });
                     watcher
                         .watch(builder.serve_connection(io, TowerToHyperService::new(app)))
                         .await

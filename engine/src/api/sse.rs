@@ -57,7 +57,7 @@ pub const AUTH_EXPIRED_EVENT: &str = "auth.expired";
         (status = 200, description = "`text/event-stream`; the events are specified in contracts/asyncapi.json", content_type = "text/event-stream", body = String),
         (status = 400, description = "A malformed `Last-Event-ID`", body = ErrorBody),
         (status = 401, description = "No valid token or ticket", body = ErrorBody),
-        (status = 429, description = "A connection cap or the deep-replay limit", body = ErrorBody),
+        (status = 429, description = "A connection cap, the deep-replay limit or a request limit", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = []), ("ticket" = [])),
 )]
@@ -71,7 +71,12 @@ pub async fn stream(
     // ticket up, so a malformed request keeps it (a refusal by a cap after this point does
     // not: the client asks again).
     let identity = match query_param(query.as_deref(), TICKET_PARAM) {
-        Some(ticket) => tickets::redeem(&state, &ticket).await?,
+        // The limits layer charged the ticket to its address; now it is its user's too.
+        Some(ticket) => {
+            let identity = tickets::redeem(&state, &ticket).await?;
+            state.limits.admit_identity(&identity)?;
+            identity
+        }
         None => state.auth.authenticate(&headers)?,
     };
     // Subscribe before reading the cursor: whatever commits after this point wakes us.

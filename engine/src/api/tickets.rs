@@ -44,7 +44,7 @@ pub struct Ticket {
     responses(
         (status = 201, description = "A ticket valid for `expires_in` seconds", body = Ticket),
         (status = 401, description = "No valid token", body = ErrorBody),
-        (status = 429, description = "More than `sse.tickets_per_minute` for this user; see `Retry-After`", body = ErrorBody),
+        (status = 429, description = "More than `sse.tickets_per_minute` for this user, or a request limit; see `Retry-After`", body = ErrorBody),
     ),
     security(("bearer" = []), ("cookie" = [])),
 )]

@@ -1,5 +1,6 @@
-//! `[http]` and `[sse]`: the listeners, their connection limits, and the stream's pacing and
-//! caps, each with the rules it must satisfy on its own.
+//! `[http]`, `[sse]` and `[limits]`: the listeners, their connection limits, the stream's
+//! pacing and caps, and the public API's request rates and share of the database, each with
+//! the rules it must satisfy on its own.
 
 use std::net::SocketAddr;
 
@@ -81,6 +82,83 @@ impl Default for SseConfig {
             max_connections_per_tenant: 5_000,
             max_connections: 10_000,
         }
+    }
+}
+
+/// `[limits]`: how much of the public API one user, one tenant or one address may use.
+///
+/// Every request to the public API (the inbox, stream tickets, stream openings, and so
+/// every shallow replay) takes a token from its user's bucket and its tenant's; requests
+/// without valid credentials (a `?ticket=` being redeemed, a bad token) take one from their
+/// address's bucket instead, before any database work. A bucket refills at `*_per_second`
+/// and holds at most `*_burst`; an empty one answers `429` with `Retry-After`. The limits
+/// are per instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests one (tenant, user) may make per second, sustained.
+    pub user_per_second: u32,
+    /// Requests one (tenant, user) may make at once after a quiet spell.
+    pub user_burst: u32,
+    /// Requests all users of one tenant may make per second, sustained.
+    pub tenant_per_second: u32,
+    pub tenant_burst: u32,
+    /// Requests without valid credentials (stream tickets being redeemed, bad tokens) per
+    /// client address (IPv6 by /64) and second.
+    pub address_per_second: u32,
+    pub address_burst: u32,
+    /// Percent of `database.api_max_connections` one tenant's requests may hold at once
+    /// (rounded up, at least one): one tenant can never take every connection of the API.
+    /// Requests without credentials share one such slice.
+    pub tenant_pool_percent: u32,
+    /// How long a request waits for a slot of its tenant's share before it answers `429`.
+    pub tenant_pool_wait_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            user_per_second: 10,
+            user_burst: 50,
+            tenant_per_second: 500,
+            tenant_burst: 1_000,
+            address_per_second: 20,
+            address_burst: 100,
+            tenant_pool_percent: 50,
+            tenant_pool_wait_ms: 2_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Rates and bursts of at least 1 (0 would refuse everything), a share between 1 and
+    /// 100 percent.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if [
+            self.user_per_second,
+            self.user_burst,
+            self.tenant_per_second,
+            self.tenant_burst,
+            self.address_per_second,
+            self.address_burst,
+        ]
+        .contains(&0)
+        {
+            return invalid(
+                "limits.user_per_second, user_burst, tenant_per_second, tenant_burst, address_per_second and address_burst must be at least 1",
+            );
+        }
+        if !(1..=100).contains(&self.tenant_pool_percent) {
+            return invalid("limits.tenant_pool_percent must be between 1 and 100");
+        }
+        Ok(())
+    }
+
+    /// Connections of an API pool of `pool` one tenant may hold at once.
+    pub fn tenant_pool_share(&self, pool: u32) -> usize {
+        (pool as usize * self.tenant_pool_percent as usize)
+            .div_ceil(100)
+            .max(1)
     }
 }
 

@@ -8,7 +8,11 @@
 //!
 //! A change (read, archived) is written to the same log as a `notification.read` or
 //! `notification.archived` event in the same transaction, so the user's other streams see
-//! it, in order, live or on replay.
+//! it, in order, live or on replay. Only a real change writes one (a repeat of the same
+//! state writes nothing), and a change of an item's archive state deletes the item's earlier
+//! archive event: the log holds at most one per item, so archiving and unarchiving in a loop
+//! cannot grow it, and a stream that had not seen the earlier one still learns the item's
+//! latest state from the new one. (Reads need no such care: an item is marked read once.)
 
 use serde_json::{Map, Value, json};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
@@ -196,9 +200,34 @@ pub async fn set_archived(
     .await?
     .rows_affected()
         == 1;
+    if changed {
+        supersede_archive_events(&mut tx, tenant, user_id, seq).await?;
+    }
     let change = changed.then_some((ARCHIVED_EVENT, json!({ "id": seq, "archived": archived })));
     finish_item_change(tx, seal, tenant, user_id, seq, change).await
 }
+
+/// Deletes the item's earlier archive event, which the one about to be written supersedes
+/// (the index `notifications_archive_events` finds it; the kind is written out so that a
+/// generic plan can use that partial index).
+async fn supersede_archive_events(
+    conn: &mut PgConnection,
+    tenant: &str,
+    user_id: &str,
+    seq: i64,
+) -> Result<()> {
+    sqlx::query(SUPERSEDE_ARCHIVE_EVENTS_SQL)
+        .bind(tenant)
+        .bind(user_id)
+        .bind(seq)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+const SUPERSEDE_ARCHIVE_EVENTS_SQL: &str = "DELETE FROM notifications
+     WHERE tenant_id = $1 AND user_id = $2 AND kind = 'notification.archived'
+       AND (data->>'id')::bigint = $3";
 
 /// After one item's UPDATE: the item as it is now and the unread count, and, when it changed,
 /// the change event (`data` plus that count) in the user's log; then COMMIT. `None`: no such
@@ -307,4 +336,14 @@ async fn log_change(
     // echo too, as ever: it wakes nobody the API did not already wake).
     announce(conn, seal, Lead::By, [(tenant, user_id, seq, None)]).await?;
     Ok(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_superseding_delete_names_the_archive_event_kind() {
+        assert!(SUPERSEDE_ARCHIVE_EVENTS_SQL.contains(&format!("kind = '{ARCHIVED_EVENT}'")));
+    }
 }

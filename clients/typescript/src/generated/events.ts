@@ -79,7 +79,7 @@ export type NotificationReadEvent = {
  */
 export interface NotificationEvent {
   /**
-   * The user's sequence number of this item (the SSE id:, also the id of the inbox API). Increasing per user across every event kind (without gaps until retention deletes old events), so it reveals nothing about other users.
+   * The user's sequence number of this item (the SSE id:, also the id of the inbox API). Increasing per user across every event kind (without gaps except where retention deleted old events or a later archive change of an item superseded its earlier one), so it reveals nothing about other users.
    */
   id: number;
   /**

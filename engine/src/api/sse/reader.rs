@@ -59,6 +59,9 @@ impl Expiry {
 /// One open stream: where it stands, and what it has left to send.
 pub(super) struct Reader {
     pool: PgPool,
+    /// The tenant's share of `pool` (`api::limits`): each read takes a slot of it, so one
+    /// tenant's streams never hold every connection.
+    share: Arc<tokio::sync::Semaphore>,
     tenant: String,
     user_id: String,
     /// `None` once the `auth.expired` frame went out: the stream then ends.
@@ -111,6 +114,7 @@ impl Reader {
         subscription.took(cursor);
         Reader {
             pool: state.pool.clone(),
+            share: state.limits.share_of(Some(&identity.tenant)),
             tenant: identity.tenant,
             user_id: identity.user_id,
             expiry: Some(expiry),
@@ -182,6 +186,10 @@ impl Reader {
 
     /// Reads the next page after the cursor from PostgreSQL into `pending`.
     async fn read(&mut self) -> Read {
+        let slot = tokio::select! {
+            _ = self.shutdown.cancelled() => return Read::End,
+            slot = self.share.acquire() => slot.expect("a share's semaphore is never closed"),
+        };
         let reading = std::time::Instant::now();
         // Boxed: the query's state lives on the heap while it runs, not in every idle
         // stream's future for the stream's whole life.
@@ -194,6 +202,7 @@ impl Reader {
             self.page_bytes,
         ))
         .await;
+        drop(slot);
         self.read_time.observe(reading.elapsed().as_secs_f64());
         match read {
             Ok(rows) if !rows.is_empty() => {
