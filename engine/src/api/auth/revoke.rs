@@ -96,8 +96,9 @@ impl Auth {
                         self.announce_change();
                     }
                 }
+                // Debug only: a database away is readiness's to report, not every 2 s here.
                 Err(e) => {
-                    tracing::warn!(error = %e.with_cause(), "sign-outs not read; retrying")
+                    tracing::debug!(error = %e.with_cause(), "sign-outs not read; retrying")
                 }
             }
             tokio::select! {
