@@ -41,6 +41,35 @@ pub struct Key {
     pub stamp: Arc<str>,
 }
 
+/// A JSON value written with its object members sorted, so the same key has the same stamp
+/// on every instance however its file orders them. serde_json sorts them today, but a
+/// dependency enabling its `preserve_order` feature would quietly change that; a ticket
+/// bought on one instance and redeemed on another must not depend on it.
+fn canonical(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Object(members) => {
+            let mut names: Vec<&String> = members.keys().collect();
+            names.sort();
+            let body: Vec<String> = names
+                .into_iter()
+                .map(|n| {
+                    format!(
+                        "{}:{}",
+                        serde_json::Value::from(n.as_str()),
+                        canonical(&members[n])
+                    )
+                })
+                .collect();
+            format!("{{{}}}", body.join(","))
+        }
+        serde_json::Value::Array(items) => {
+            let body: Vec<String> = items.iter().map(canonical).collect();
+            format!("[{}]", body.join(","))
+        }
+        other => other.to_string(),
+    }
+}
+
 /// The stamp of a key: the first 16 bytes of SHA-256 over its parts, hex.
 fn stamp(parts: &[&[u8]]) -> Arc<str> {
     use sha2::{Digest, Sha256};
@@ -302,7 +331,7 @@ fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
 /// The keys of a JWKS document. `bound_tenant` (a tenant's own file) binds every key to that
 /// tenant; otherwise a key's `tenant` member may. Every key needs a `kid` unique in the file
 /// and an `alg`.
-fn parse_jwks(
+pub(super) fn parse_jwks(
     text: &str,
     bound_tenant: Option<&str>,
     bound_issuer: Option<&str>,
@@ -357,7 +386,7 @@ fn parse_jwks(
         let stamp = stamp(&[
             kid.as_bytes(),
             bound_tenant.unwrap_or_default().as_bytes(),
-            raw.to_string().as_bytes(),
+            canonical(raw).as_bytes(),
         ]);
         out.push((
             kid,

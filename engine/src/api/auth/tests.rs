@@ -434,3 +434,39 @@ async fn a_removed_key_ends_what_it_verified_and_only_that() {
     shutdown.cancel();
     reloader.await.unwrap();
 }
+
+#[test]
+fn a_keys_stamp_does_not_depend_on_how_its_file_orders_the_members() {
+    let jwks: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("acme.jwks.json")).unwrap()).unwrap();
+    // Written by hand: serde_json may sort members itself.
+    let reversed = |key: &serde_json::Value| {
+        let members: Vec<String> = key
+            .as_object()
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|(k, v)| format!("{}:{v}", serde_json::Value::from(k.as_str())))
+            .collect();
+        format!("{{{}}}", members.join(","))
+    };
+    let keys: Vec<String> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(reversed)
+        .collect();
+    let reordered = format!("{{\"keys\":[{}]}}", keys.join(","));
+    let stamps = |doc: &str| {
+        keys::parse_jwks(doc, Some("acme"), None, "notify-engine")
+            .unwrap()
+            .into_iter()
+            .map(|(kid, key)| (kid, key.stamp.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_ne!(jwks.to_string(), reordered);
+    assert_eq!(stamps(&jwks.to_string()), stamps(&reordered));
+    // Bound to another tenant, the same key is another key.
+    let other = keys::parse_jwks(&jwks.to_string(), Some("globex"), None, "notify-engine").unwrap();
+    assert_ne!(stamps(&jwks.to_string())["acme-rsa"], other[0].1.stamp);
+}
