@@ -671,6 +671,24 @@ async fn a_removed_key_or_a_signed_out_user_ends_their_streams() {
     assert_eq!(refused.status().as_u16(), 403);
     let public = revoke(engine.http_addr, admin.clone()).await.unwrap();
     assert_eq!(public.status().as_u16(), 404);
+    for bad in [
+        json!({"tenant": "no such tenant!", "user": "u2"}),
+        json!({"tenant": tenant, "user": ""}),
+        json!({"tenant": tenant, "user": "u2", "until": 1}),
+        json!({"tenant": tenant, "user": "u2", "not_before": now() + 2 * 86_400}),
+    ] {
+        let response = client
+            .post(format!(
+                "http://{}/api/v1/admin/revocations",
+                engine.admin_addr
+            ))
+            .bearer_auth(&admin)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{bad}");
+    }
     let response = revoke(engine.admin_addr, admin.clone()).await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
     let answer: Value = response.json().await.unwrap();
