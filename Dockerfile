@@ -25,10 +25,18 @@ COPY --from=build /out/plugins /app/plugins
 COPY templates /app/templates
 WORKDIR /app
 USER notify
+# The public API listens on every interface (publish it behind a TLS proxy). The admin
+# listener (health, readiness, metrics, the admin API) stays on the container's loopback:
+# `docker run -p` cannot reach it by accident. Probes run inside the container (see the
+# HEALTHCHECK); to scrape metrics from outside, set NOTIFY_HTTP__ADMIN_LISTEN=0.0.0.0:9090
+# deliberately and publish it on a private address only.
 ENV NOTIFY_HTTP__LISTEN=0.0.0.0:8080 \
-    NOTIFY_HTTP__ADMIN_LISTEN=0.0.0.0:9090 \
+    NOTIFY_HTTP__ADMIN_LISTEN=127.0.0.1:9090 \
     NOTIFY_PLUGINS__DIR=/app/plugins \
     NOTIFY_EMAIL__TEMPLATES_DIR=/app/templates
-EXPOSE 8080 9090
+EXPOSE 8080
+# Readiness over the admin listener's loopback (the slim image has bash, not curl).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/9090 && printf 'GET /readyz HTTP/1.0\\r\\n\\r\\n' >&3 && head -n1 <&3 | grep -q ' 200 '"]
 ENTRYPOINT ["/usr/local/bin/notify-engine"]
 CMD ["run"]

@@ -51,8 +51,10 @@ export NOTIFY_KAFKA__GROUP_ID=notify-demo
 export NOTIFY_HTTP__LISTEN=$HTTP
 export NOTIFY_HTTP__ADMIN_LISTEN=$ADMIN
 # The demo's signing secret, published in this repository: the engine accepts it only in
-# development mode. Real deployments inject their own.
-export NOTIFY_AUTH__JWT_SECRET=${NOTIFY_AUTH__JWT_SECRET:-demo-secret-change-me-0123456789abcdef}
+# development mode, which only the demo (and the test scripts) turn on. Always this one here,
+# whatever the shell holds: the shop's development sign-in signs with it and nothing else.
+# Real deployments inject their own and leave development mode off.
+export NOTIFY_AUTH__JWT_SECRET=demo-secret-change-me-0123456789abcdef
 export NOTIFY_DEV__MODE=true
 export NOTIFY_CONFIG=$ROOT/config/demo.toml
 
@@ -80,7 +82,8 @@ curl -fsS "http://$ADMIN/readyz" >/dev/null || { tail -n 30 "$STATE/logs/engine.
 
 log "starting the example shop on http://$SHOP (log: $STATE/logs/shop.log)"
 # In a session of its own (setsid), so stopping it stops the server process Next.js forks.
-(cd examples/nextjs-shop && NOTIFY_ENGINE_URL="http://$HTTP" DEMO_INSECURE_COOKIE=1 NEXT_TELEMETRY_DISABLED=1 \
+# DEMO_SIGN_IN=1: the shop's development sign-in, for this local demo only.
+(cd examples/nextjs-shop && NOTIFY_ENGINE_URL="http://$HTTP" DEMO_INSECURE_COOKIE=1 DEMO_SIGN_IN=1 NEXT_TELEMETRY_DISABLED=1 \
     exec setsid npx next start --hostname 127.0.0.1 --port "${SHOP##*:}") >"$STATE/logs/shop.log" 2>&1 &
 shop_pid=$!
 for _ in $(seq 1 60); do

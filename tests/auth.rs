@@ -1,7 +1,7 @@
 //! Who may act for whom, on the real services: JWTs (the shared secret, a tenant's keys by
-//! kid) and the same 401 for every forged or foreign token, single-use stream tickets, a
-//! token expiring on an open stream, and on the Kafka side the gateway header that alone
-//! speaks for a tenant.
+//! kid) and the same 401 for every forged, foreign or too long-lived token, single-use stream
+//! tickets, a token expiring on an open stream, a removed key and a signed-out user ending
+//! their streams, and on the Kafka side the gateway header that alone speaks for a tenant.
 
 use std::path::Path;
 use std::time::Duration;
@@ -289,6 +289,39 @@ fn forged_tokens(good: &str, keys: &Keys) -> Vec<(&'static str, String)> {
                 kid(Algorithm::ES256, "globex-ec"),
                 &acme_claims(json!({"tenant": "globex"})),
                 acme_ec,
+            ),
+        ),
+        (
+            // GHSA-h395-gr6q-cpjc: jsonwebtoken before 10.3 skipped a non-numeric nbf.
+            "non-numeric nbf",
+            token(
+                kid(Algorithm::ES256, "acme-ec"),
+                &acme_claims(json!({"nbf": (now() + 300).to_string()})),
+                acme_ec,
+            ),
+        ),
+        (
+            "exp in the year 3000",
+            token(
+                Header::new(Algorithm::HS256),
+                &json!({"sub": "u1", "tenant": "acme", "iss": "notify-engine", "aud": "notify-api", "exp": 32_503_680_000u64}),
+                secret,
+            ),
+        ),
+        (
+            "a lifetime over auth.max_token_lifetime_secs",
+            token(
+                kid(Algorithm::RS256, "acme-rsa"),
+                &acme_claims(json!({"iat": now() - 10, "exp": now() + 86_400})),
+                acme_rsa,
+            ),
+        ),
+        (
+            "iat in the future",
+            token(
+                Header::new(Algorithm::HS256),
+                &json!({"sub": "u1", "tenant": "acme", "iss": "notify-engine", "aud": "notify-api", "exp": now() + 600, "iat": now() + 120}),
+                secret,
             ),
         ),
         ("not a JWT", "not-a-jwt".into()),
@@ -592,5 +625,201 @@ async fn ticket_guesses_are_refused_by_their_address_before_the_delete() {
             .unwrap();
         assert_eq!(response.status(), 401, "{path} from another address");
     }
+
+/// The last frame of a stream whose credentials were withdrawn: `auth.expired`, as the
+/// contract has it, carrying the cursor.
+async fn ends_withdrawn(stream: &mut SseClient, contracts: &Contracts, why: &str) {
+    assert!(
+        stream.ends_within(Duration::from_secs(10)).await,
+        "{why}: the stream ends"
+    );
+    let last = stream
+        .next(Duration::from_millis(100))
+        .await
+        .unwrap_or_else(|| panic!("{why}: auth.expired first"));
+    assert_eq!(last.event, "auth.expired", "{why}");
+    assert!(
+        last.data["message"].as_str().unwrap().contains("withdrawn"),
+        "{why}: {last:?}"
+    );
+    contracts.check_sse(&last);
+}
+
+/// A key removed from the key set (a rotation) ends the streams its tokens opened and no
+/// other; an operator signing a user out ends that user's streams, bought tickets included,
+/// on every instance, and refuses the tokens issued before, while a token issued after is
+/// good again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_key_or_a_signed_out_user_ends_their_streams() {
+    let world = World::new().await;
+    let contracts = Contracts::load();
+    let tenant = unique("shop");
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_path = dir.path().join("keys.json");
+    let mut jwks: Value =
+        serde_json::from_slice(&std::fs::read(keys_dir().join("acme.jwks.json")).unwrap()).unwrap();
+    // Unbound here: the keys may speak for this test's tenant.
+    for key in jwks["keys"].as_array_mut().unwrap() {
+        key.as_object_mut().unwrap().remove("tenant");
+    }
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let mut config = world.config();
+    config.auth.jwks_file = jwks_path.clone();
+    config.auth.jwks_reload_ms = 100;
+    let engine = world.start(config.clone()).await;
+    let other = world.start_idle(config.clone()).await;
+    let signed = |alg: Algorithm, key_id: &str, file: &str, user: &str| {
+        let key = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem(file)).unwrap(),
+            _ => EncodingKey::from_ec_pem(&pem(file)).unwrap(),
+        };
+        token(kid(alg, key_id), &claims(&tenant, user), &key)
+    };
+
+    // Rotation: acme-rsa leaves the key set; acme-ec and the secret stay.
+    let rsa = signed(Algorithm::RS256, "acme-rsa", "acme-rsa.key", "u1");
+    let ec = signed(Algorithm::ES256, "acme-ec", "acme-ec.key", "u1");
+    let (status, by_rsa, body) = connect_sse(&engine, Some(&rsa), None).await;
+    assert_eq!(status, 200, "{body}");
+    let mut by_rsa = by_rsa.unwrap();
+    let mut by_ec = connect_sse(&engine, Some(&ec), None).await.1.unwrap();
+    jwks["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|k| k["kid"] != "acme-rsa");
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    ends_withdrawn(&mut by_rsa, &contracts, "the removed key's stream").await;
+    assert_eq!(
+        Api::new(&engine, &rsa).get("/api/v1/notifications").await.0,
+        401
+    );
+    world
+        .produce(&order_paid("k1", &tenant, "u1", None, 1.0))
+        .await;
+    assert_eq!(
+        by_ec.next(WAIT).await.unwrap().data["event_id"],
+        "k1",
+        "another key's stream goes on"
+    );
+
+    // Sign-out of u2: a stream by token and one by ticket here, one on the other instance.
+    let old = world.token(&tenant, "u2");
+    let mut direct = connect_sse(&engine, Some(&old), None).await.1.unwrap();
+    let (status, ticket) = Api::new(&engine, &old)
+        .post("/api/v1/sse/tickets", None)
+        .await;
+    assert_eq!(status, 201, "{ticket}");
+    let (status, by_ticket, _) = connect_sse_query(
+        &engine,
+        &format!("ticket={}", ticket["ticket"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut by_ticket = by_ticket.unwrap();
+    let mut elsewhere = connect_sse(&other, Some(&old), None).await.1.unwrap();
+    let (_, unused) = Api::new(&engine, &old)
+        .post("/api/v1/sse/tickets", None)
+        .await;
+    let mut bystander = connect_sse(&engine, Some(&world.token(&tenant, "u3")), None)
+        .await
+        .1
+        .unwrap();
+
+    let client = reqwest::Client::new();
+    let revoke = |addr: std::net::SocketAddr, token: String| {
+        client
+            .post(format!("http://{addr}/api/v1/admin/revocations"))
+            .bearer_auth(token)
+            .json(&json!({"tenant": tenant, "user": "u2"}))
+            .send()
+    };
+    let admin = notify_engine::api::auth::mint_with_roles(
+        &config.auth,
+        "ops",
+        "root",
+        &[notify_engine::api::auth::ADMIN_ROLE],
+        600,
+    );
+    // Only an operator, only on the admin listener.
+    let refused = revoke(engine.admin_addr, world.token(&tenant, "u3"))
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    let public = revoke(engine.http_addr, admin.clone()).await.unwrap();
+    assert_eq!(public.status().as_u16(), 404);
+    for bad in [
+        json!({"tenant": "no such tenant!", "user": "u2"}),
+        json!({"tenant": tenant, "user": ""}),
+        json!({"tenant": tenant, "user": "u2", "until": 1}),
+        json!({"tenant": tenant, "user": "u2", "not_before": now() + 2 * 86_400}),
+    ] {
+        let response = client
+            .post(format!(
+                "http://{}/api/v1/admin/revocations",
+                engine.admin_addr
+            ))
+            .bearer_auth(&admin)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{bad}");
+    }
+    let response = revoke(engine.admin_addr, admin.clone()).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["user"], "u2");
+    let not_before = answer["not_before"].as_u64().unwrap();
+    assert!(not_before + 5 >= now(), "{answer}");
+
+    ends_withdrawn(&mut direct, &contracts, "the signed-out user's stream").await;
+    ends_withdrawn(
+        &mut by_ticket,
+        &contracts,
+        "the signed-out user's ticket stream",
+    )
+    .await;
+    ends_withdrawn(&mut elsewhere, &contracts, "the stream on another instance").await;
+    for api in [Api::new(&engine, &old), Api::new(&other, &old)] {
+        assert_eq!(api.get("/api/v1/notifications").await.0, 401);
+        assert_eq!(api.post("/api/v1/sse/tickets", None).await.0, 401);
+    }
+    let (status, _, _) = connect_sse_query(
+        &engine,
+        &format!("ticket={}", unused["ticket"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(status, 401, "a ticket bought before the sign-out");
+    world
+        .produce(&order_paid("k2", &tenant, "u3", None, 1.0))
+        .await;
+    assert_eq!(
+        bystander.next(WAIT).await.unwrap().data["event_id"],
+        "k2",
+        "another user's stream goes on"
+    );
+
+    // Signed in again: a token issued after the sign-out's second is good, everywhere.
+    while now() <= not_before {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fresh = world.token(&tenant, "u2");
+    assert_eq!(
+        Api::new(&engine, &fresh)
+            .get("/api/v1/notifications")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        Api::new(&other, &fresh)
+            .get("/api/v1/notifications")
+            .await
+            .0,
+        200
+    );
+    let (status, _, _) = connect_sse(&engine, Some(&fresh), None).await;
+    assert_eq!(status, 200);
+    other.shutdown().await;
     engine.shutdown().await;
 }

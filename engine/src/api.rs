@@ -138,6 +138,7 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/admin/plugins", get(admin_plugins))
         .route("/api/v1/admin/presence", get(admin_presence))
+        .route("/api/v1/admin/revocations", post(auth::revoke::revoke))
         .with_state(state)
 }
 
@@ -173,7 +174,7 @@ async fn admin_presence(
     })))
 }
 
-fn require_admin(identity: &Identity) -> Result<(), ApiError> {
+pub(crate) fn require_admin(identity: &Identity) -> Result<(), ApiError> {
     if identity.has_role(auth::ADMIN_ROLE) {
         Ok(())
     } else {

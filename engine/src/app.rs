@@ -366,6 +366,12 @@ impl Engine<'_> {
             auth.clone()
                 .reload_keys(Arc::new(config.clone()), self.shutdown.clone()),
         );
+        // Sign-outs written by any instance, read as often as the key files.
+        self.tasks.spawn(auth.clone().watch_revocations(
+            self.pool.clone(),
+            std::time::Duration::from_millis(config.auth.jwks_reload_ms),
+            self.shutdown.clone(),
+        ));
         let state = AppState {
             pool: api_pool,
             hub: self.hub.clone(),

@@ -17,6 +17,12 @@ pub fn token(auth: &AuthConfig, tenant: &str, user: &str, ttl_secs: u64) -> anyh
     if !crate::model::valid_tenant(tenant) {
         bail!("{tenant:?} is not a valid tenant id ([A-Za-z0-9_-], at most 64)");
     }
+    if ttl_secs > auth.max_token_lifetime_secs {
+        bail!(
+            "--ttl {ttl_secs} is longer than auth.max_token_lifetime_secs ({}): the engine would refuse the token",
+            auth.max_token_lifetime_secs
+        );
+    }
     Ok(crate::api::auth::mint(auth, tenant, user, ttl_secs))
 }
 

@@ -13,8 +13,8 @@ export type {
   ReadAllResponse,
   Ticket,
 } from "./client.js";
-export { NotifyApiError, apiError } from "./errors.js";
-export { NotifyStream } from "./stream.js";
+export { NotifyApiError, apiError, parseRetryAfter } from "./errors.js";
+export { NotifyStream, jitterRetryAfter } from "./stream.js";
 export type { EventMeta, StreamEventMap, StreamOptions, StreamStatus } from "./stream.js";
 export { SseParser } from "./sse.js";
 export type { SseFrame } from "./sse.js";

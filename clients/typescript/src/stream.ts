@@ -4,8 +4,10 @@
 // Every frame carries the user's sequence number as its id. The stream remembers the last
 // one and reconnects with it (the `Last-Event-ID` header, or `last_event_id` beside a fresh
 // ticket), so the engine replays exactly what was missed; frames at or below that id are
-// dropped, so nothing is delivered twice. Reconnects back off exponentially with jitter,
-// and an `auth.expired` frame makes the stream reconnect at once with fresh credentials.
+// dropped, so nothing is delivered twice. Reconnects back off exponentially with jitter;
+// a `Retry-After` (on the stream or on its ticket request) is honoured, never undercut, and
+// jittered too, so clients refused together do not all return in the same second; an
+// `auth.expired` frame makes the stream reconnect at once with fresh credentials.
 
 import type {
   AuthExpiredEvent,
@@ -122,15 +124,7 @@ export class NotifyStream {
         if (!response.ok) {
           const error = await apiError(response);
           this.emitError(error);
-          const retryAfter = Number(response.headers.get("retry-after"));
-          // Refused credentials do not fix themselves quickly: retry slowly (the app may
-          // sign in again meanwhile; onError tells it).
-          const permanent = response.status === 401 || response.status === 403;
-          wait = retryAfter > 0
-            ? retryAfter * 1000
-            : permanent
-              ? this.backoff(Math.max(failures++, 16))
-              : this.backoff(failures++);
+          wait = this.waitAfter(error, failures++);
           if (response.status === 400) this.lastId = null;
         } else {
           opened = true;
@@ -145,7 +139,8 @@ export class NotifyStream {
       } catch (error) {
         if (this.closed) break;
         this.emitError(error instanceof Error ? error : new Error(String(error)));
-        wait = this.backoff(failures++);
+        // A refused ticket request counts as a refused stream: its Retry-After, its 401.
+        wait = error instanceof NotifyApiError ? this.waitAfter(error, failures++) : this.backoff(failures++);
       } finally {
         this.abort.signal.removeEventListener("abort", abort);
         connection.abort();
@@ -228,6 +223,17 @@ export class NotifyStream {
     }
   }
 
+  /** How long to wait after the engine refused a connection (or its ticket) with `error`:
+   *  at least its `Retry-After` plus up to half again (jitter), and at least the backoff;
+   *  refused credentials (401, 403) do not fix themselves quickly, so those wait the longest
+   *  backoff (the app may sign in again meanwhile; onError tells it). */
+  private waitAfter(error: NotifyApiError, failures: number): number {
+    const permanent = error.status === 401 || error.status === 403;
+    const backoff = this.backoff(permanent ? Math.max(failures, 16) : failures);
+    if (error.retryAfterMs === null) return backoff;
+    return Math.max(backoff, jitterRetryAfter(error.retryAfterMs));
+  }
+
   private backoff(failures: number): number {
     const initial = this.options.backoff?.initialMs ?? 250;
     const max = this.options.backoff?.maxMs ?? 10_000;
@@ -244,6 +250,12 @@ export class NotifyStream {
   private emitError(error: Error): void {
     for (const handler of this.errorHandlers) handler(error);
   }
+}
+
+/** `Retry-After` plus a random 0–50 % of it: never earlier than the engine asked, and
+ *  clients it refused together come back spread over half as long again. */
+export function jitterRetryAfter(ms: number, random: () => number = Math.random): number {
+  return ms + random() * ms * 0.5;
 }
 
 function sleep(ms: number, signal: AbortSignal): Promise<void> {

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { NotifyApiError, NotifyClient, type StreamStatus } from "../src/index.js";
+import { NotifyApiError, NotifyClient, jitterRetryAfter, parseRetryAfter, type StreamStatus } from "../src/index.js";
 import { Stub, notification, sse, waitFor } from "./stub.js";
 
 const fast = { initialMs: 10, maxMs: 50 };
@@ -152,4 +152,61 @@ test("refused credentials are reported and retried slowly, not in a tight loop",
   assert.deepEqual(errors, [401], "no fast retries after a 401");
   stream.close();
   await stub.stop();
+});
+
+test("Retry-After is honoured with jitter: never earlier, spread over half as long again", () => {
+  assert.equal(jitterRetryAfter(1000, () => 0), 1000);
+  assert.equal(jitterRetryAfter(1000, () => 0.5), 1250);
+  assert.ok(jitterRetryAfter(1000, () => 0.999999) < 1500);
+  const waits = Array.from({ length: 200 }, () => jitterRetryAfter(2000));
+  assert.ok(waits.every((w) => w >= 2000 && w < 3000), "within [value, value × 1.5)");
+  assert.ok(new Set(waits.map((w) => Math.round(w / 100))).size > 5, "refused clients do not return together");
+  assert.equal(parseRetryAfter("3"), 3000);
+  assert.equal(parseRetryAfter(" 0 "), 0);
+  assert.equal(parseRetryAfter(new Date(Date.now() + 5000).toUTCString(), Date.now()) !== null, true);
+  assert.equal(parseRetryAfter("soon"), null);
+  assert.equal(parseRetryAfter(null), null);
+});
+
+test("a ticket request refused with 429 waits its Retry-After (and some) before asking again", async () => {
+  const stub = new Stub();
+  const baseUrl = await stub.start();
+  stub.ticketRefusals = [{ status: 429, headers: { "retry-after": "1" } }];
+  stub.streams = [(res) => sse(res, [notification(1)], false)];
+  const client = new NotifyClient({ baseUrl, auth: { kind: "cookie" } });
+  const stream = client.stream({ backoff: fast });
+  try {
+    const errors: NotifyApiError[] = [];
+    stream.onError((e) => errors.push(e as NotifyApiError));
+    const got: number[] = [];
+    stream.on("notification", (n) => got.push(n.id));
+    await waitFor(() => got.length === 1, 4000);
+    assert.equal(errors[0]?.status, 429);
+    assert.equal(errors[0]?.retryAfterMs, 1000);
+    const [refused, next] = stub.ticketRequests;
+    const waited = (next?.at ?? 0) - (refused?.at ?? 0);
+    assert.ok(waited >= 1000, `asked again after ${waited} ms, before Retry-After`);
+    assert.ok(waited < 1500 + 250, `asked again after ${waited} ms`);
+  } finally {
+    stream.close();
+    await stub.stop();
+  }
+});
+
+test("a ticket request refused with 401 is retried slowly, not in a tight loop", async () => {
+  const stub = new Stub();
+  const baseUrl = await stub.start();
+  stub.ticketRefusals = Array.from({ length: 10 }, () => ({ status: 401 }));
+  const client = new NotifyClient({ baseUrl, auth: { kind: "cookie" } });
+  const stream = client.stream({ backoff: { initialMs: 10, maxMs: 400 } });
+  try {
+    const errors: number[] = [];
+    stream.onError((e) => errors.push((e as NotifyApiError).status));
+    await waitFor(() => errors.length === 1);
+    await new Promise((r) => setTimeout(r, 150));
+    assert.deepEqual(errors, [401], "no fast retries after a 401");
+  } finally {
+    stream.close();
+    await stub.stop();
+  }
 });

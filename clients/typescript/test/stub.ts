@@ -7,6 +7,14 @@ export interface Seen {
   url: string;
   headers: http.IncomingHttpHeaders;
   body: string;
+  /** When it arrived (ms since the epoch). */
+  at: number;
+}
+
+/** A scripted answer of the ticket route. */
+export interface Refusal {
+  status: number;
+  headers?: Record<string, string>;
 }
 
 export type Script = (res: http.ServerResponse, req: Seen) => void | Promise<void>;
@@ -16,6 +24,8 @@ export class Stub {
   private tickets = 0;
   /** One script per stream connection, in order; the last repeats. */
   streams: Script[] = [];
+  /** Refusals of the ticket route, in order; once used up, tickets are issued. */
+  ticketRefusals: Refusal[] = [];
   private connections = 0;
   private server = http.createServer((req, res) => this.handle(req, res));
 
@@ -29,6 +39,10 @@ export class Stub {
     await new Promise((resolve) => this.server.close(resolve));
   }
 
+  get ticketRequests(): Seen[] {
+    return this.seen.filter((s) => s.url === "/api/v1/sse/tickets");
+  }
+
   get streamRequests(): Seen[] {
     return this.seen.filter((s) => s.url.startsWith("/api/v1/sse") && !s.url.startsWith("/api/v1/sse/tickets"));
   }
@@ -37,13 +51,17 @@ export class Stub {
     let body = "";
     req.on("data", (c) => (body += c));
     req.on("end", () => {
-      const seen = { method: req.method ?? "", url: req.url ?? "", headers: req.headers, body };
+      const seen = { method: req.method ?? "", url: req.url ?? "", headers: req.headers, body, at: Date.now() };
       this.seen.push(seen);
       const json = (status: number, value: unknown) => {
         res.writeHead(status, { "content-type": "application/json" });
         res.end(JSON.stringify(value));
       };
-      if (seen.url === "/api/v1/sse/tickets") {
+      const refusal = seen.url === "/api/v1/sse/tickets" ? this.ticketRefusals.shift() : undefined;
+      if (refusal) {
+        res.writeHead(refusal.status, { "content-type": "application/json", ...refusal.headers });
+        res.end(JSON.stringify({ error: { code: "refused", message: `status ${refusal.status}` } }));
+      } else if (seen.url === "/api/v1/sse/tickets") {
         this.tickets++;
         json(201, { ticket: `t${this.tickets}`, expires_in: 30, url: `/api/v1/sse?ticket=t${this.tickets}` });
       } else if (seen.url.startsWith("/api/v1/sse")) {

@@ -7,10 +7,17 @@
 //!
 //! The key is chosen by the token's `kid` and pins the algorithm (see [`keys`]); `exp`,
 //! `nbf`, `iss` and `aud` are checked, and a tenant's key verifies only that tenant's tokens.
-//! Every refusal answers the same 401 body: which check failed is logged, never told, so a
-//! caller cannot probe the key set.
+//! `iat` may not lie in the future, and no token may live longer than
+//! `auth.max_token_lifetime_secs` (`exp - iat`, or `exp - now` without `iat`). Every refusal
+//! answers the same 401 body: which check failed is logged, never told, so a caller cannot
+//! probe the key set.
+//!
+//! Credentials can also be withdrawn before they expire: a key removed from the key set, or
+//! a user signed out by an operator ([`revoke`]). Requests with them are refused from then
+//! on, and open streams are told through [`Auth::changes`] and end (see `sse::reader`).
 
 pub mod keys;
+pub mod revoke;
 
 use std::sync::Arc;
 
@@ -39,6 +46,12 @@ pub struct Identity {
     pub roles: Vec<String>,
     /// The token's `exp` (seconds since the epoch): a stream ends then.
     pub expires_at: u64,
+    /// The token's `iat`, or for a token without one the earliest it can have been issued
+    /// (`exp - auth.max_token_lifetime_secs`): a sign-out refuses tokens issued before it.
+    pub issued_at: u64,
+    /// The stamp of the key that verified the token ([`keys::Key::stamp`]): its streams end
+    /// when the key leaves the key set.
+    pub key: Arc<str>,
 }
 
 /// The role the admin API requires.
@@ -84,6 +97,9 @@ struct IdentityClaims {
     sub: String,
     tenant: String,
     exp: u64,
+    /// A number when present (a string is malformed, as for `exp` and `nbf`).
+    #[serde(default)]
+    iat: Option<u64>,
     #[serde(default)]
     roles: Vec<String>,
 }
@@ -105,7 +121,13 @@ pub struct Auth {
     files: std::sync::Mutex<keys::Fingerprint>,
     audience: String,
     leeway_secs: u64,
+    max_lifetime_secs: u64,
     cookie_name: String,
+    /// Signed-out users: (tenant, user) → the second before which their tokens are refused.
+    revoked: ArcSwap<revoke::Revoked>,
+    /// Bumped whenever credentials are withdrawn (a key left the set, a user was signed
+    /// out): open streams then check theirs again.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Auth {
@@ -118,8 +140,34 @@ impl Auth {
             files: std::sync::Mutex::new(files),
             audience: config.auth.audience.clone(),
             leeway_secs: config.auth.leeway_secs,
+            max_lifetime_secs: config.auth.max_token_lifetime_secs,
             cookie_name: config.auth.cookie_name.clone(),
+            revoked: ArcSwap::default(),
+            changes: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// Changes whenever credentials may have been withdrawn: a stream that sees a change
+    /// asks [`Auth::still_valid`].
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Is `identity` still good: its key in force and its user not signed out since its
+    /// token was issued? `Err` says why not.
+    pub fn still_valid(&self, identity: &Identity) -> Result<(), &'static str> {
+        if !self.keys.load().has_stamp(&identity.key) {
+            return Err("the key that verified the token was removed");
+        }
+        if self.is_revoked(&identity.tenant, &identity.user_id, identity.issued_at) {
+            return Err("the user was signed out");
+        }
+        Ok(())
+    }
+
+    /// Tells open streams to check their credentials again.
+    fn announce_change(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Re-reads the key files whenever they change, until `shutdown`. A set that fails to
@@ -149,7 +197,14 @@ impl Auth {
                         tracing::error!(error = %e, "key file not reloaded; its previous keys stay in force");
                     }
                     tracing::info!(keys = set.len(), "verification keys reloaded");
+                    let withdrawn = !self.keys.load().stamps().is_subset(&set.stamps());
                     self.keys.store(Arc::new(set));
+                    if withdrawn {
+                        tracing::info!(
+                            "a verification key was removed or replaced: its streams end"
+                        );
+                        self.announce_change();
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "verification keys not reloaded; the previous keys stay in force")
@@ -205,7 +260,23 @@ impl Auth {
         if key.tenant.as_deref().is_some_and(|t| t != claims.tenant) {
             return Err("a tenant's key signed another tenant's token");
         }
+        self.check_lifetime(&claims)?;
         Ok(claims)
+    }
+
+    /// `iat` not in the future (beyond the leeway), and a lifetime within
+    /// `auth.max_token_lifetime_secs`: `exp - iat`, or `exp - now` without `iat` (such a
+    /// token is judged by what it has left).
+    fn check_lifetime(&self, claims: &IdentityClaims) -> Result<(), &'static str> {
+        let now = jsonwebtoken::get_current_timestamp();
+        if claims.iat.is_some_and(|iat| iat > now + self.leeway_secs) {
+            return Err("issued in the future (iat)");
+        }
+        let from = claims.iat.unwrap_or(now);
+        if claims.exp.saturating_sub(from) > self.max_lifetime_secs + self.leeway_secs {
+            return Err("lives longer than auth.max_token_lifetime_secs");
+        }
+        Ok(())
     }
 
     /// The identity a token proves.
@@ -243,11 +314,19 @@ impl Auth {
         } else {
             claims.roles
         };
+        let issued_at = claims
+            .iat
+            .unwrap_or(claims.exp.saturating_sub(self.max_lifetime_secs));
+        if self.is_revoked(&claims.tenant, &claims.sub, issued_at) {
+            return Err(refuse("the user was signed out after the token was issued"));
+        }
         Ok(Identity {
             tenant: claims.tenant,
             user_id: claims.sub,
             roles,
             expires_at: claims.exp,
+            issued_at,
+            key: key.stamp.clone(),
         })
     }
 }
@@ -324,6 +403,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> &'static str {
         InvalidSignature => "bad signature",
         InvalidAlgorithm => "algorithm not allowed",
         MissingRequiredClaim(_) => "a required claim is missing (exp, iss, aud, sub)",
+        InvalidClaimFormat(_) => "a claim is not of its type (a non-numeric exp or nbf)",
         _ => "malformed",
     }
 }

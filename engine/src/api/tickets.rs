@@ -78,12 +78,17 @@ pub async fn create(
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let ticket = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let who = Redeemed {
+        tenant: identity.tenant,
+        user_id: identity.user_id,
+        token_expires_at,
+        token_issued_at: DateTime::<Utc>::from_timestamp(identity.issued_at as i64, 0),
+        key_stamp: Some(identity.key.to_string()),
+    };
     tickets::issue(
         &state.pool,
         &Sha256::digest(ticket.as_bytes()),
-        &identity.tenant,
-        &identity.user_id,
-        token_expires_at,
+        &who,
         now + ttl,
     )
     .await?;
@@ -110,13 +115,22 @@ pub async fn redeem(state: &AppState, ticket: &str) -> Result<Identity, ApiError
         tenant,
         user_id,
         token_expires_at,
+        token_issued_at,
+        key_stamp,
     } = tickets::redeem(&state.pool, &Sha256::digest(ticket.as_bytes()))
         .await?
         .ok_or_else(|| refuse("unknown, used or expired ticket"))?;
-    Ok(Identity {
+    let identity = Identity {
         tenant,
         user_id,
         roles: Vec::new(),
         expires_at: token_expires_at.timestamp().max(0) as u64,
-    })
+        // A ticket from before these were recorded (at most `auth.ticket_ttl_secs` old at the
+        // upgrade) names no key in force: refused below, and its client buys a new one.
+        issued_at: token_issued_at.map_or(0, |t| t.timestamp().max(0) as u64),
+        key: key_stamp.unwrap_or_default().into(),
+    };
+    // The token's key removed, or its user signed out, since the ticket was bought.
+    state.auth.still_valid(&identity).map_err(refuse)?;
+    Ok(identity)
 }

@@ -16,8 +16,12 @@ pub struct AuthConfig {
     pub issuer: String,
     /// Required `aud` claim.
     pub audience: String,
-    /// Allowed clock skew for `exp` / `nbf`.
+    /// Allowed clock skew for `exp`, `nbf` and `iat`.
     pub leeway_secs: u64,
+    /// The longest a token may live: `exp - iat`, or `exp - now` for a token without `iat`
+    /// (a token of a year's life, if leaked, would be a year's access). Also bounds how long
+    /// a revocation must be remembered.
+    pub max_token_lifetime_secs: u64,
     /// Name of the HttpOnly cookie that may carry the token instead of `Authorization`.
     pub cookie_name: String,
     /// Keys selected by the token's `kid`, each pinned to one algorithm and optionally to one
@@ -61,6 +65,7 @@ impl Default for AuthConfig {
             issuer: "notify-engine".into(),
             audience: "notify-api".into(),
             leeway_secs: 5,
+            max_token_lifetime_secs: 86_400,
             cookie_name: "notify_token".into(),
             keys: Vec::new(),
             jwks_file: PathBuf::new(),
@@ -69,6 +74,10 @@ impl Default for AuthConfig {
         }
     }
 }
+
+/// The highest `auth.max_token_lifetime_secs` accepted: 30 days. Longer-lived credentials
+/// belong in a refresh flow at the identity provider, not in a bearer token.
+pub const MAX_TOKEN_LIFETIME_LIMIT: u64 = 30 * 86_400;
 
 /// The JWT secret the demo and `docker-compose.yml` use: public, so refused outside
 /// development mode.
@@ -81,6 +90,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway_secs", &self.leeway_secs)
+            .field("max_token_lifetime_secs", &self.max_token_lifetime_secs)
             .field("cookie_name", &self.cookie_name)
             .field("keys", &self.keys)
             .field("jwks_file", &self.jwks_file)
@@ -104,6 +114,11 @@ impl AuthConfig {
         }
         if self.ticket_ttl_secs == 0 || self.ticket_ttl_secs > 30 {
             return invalid("auth.ticket_ttl_secs must be between 1 and 30");
+        }
+        if !(60..=MAX_TOKEN_LIFETIME_LIMIT).contains(&self.max_token_lifetime_secs) {
+            return invalid(format!(
+                "auth.max_token_lifetime_secs must be between 60 and {MAX_TOKEN_LIFETIME_LIMIT} (30 days)"
+            ));
         }
         if self.jwks_reload_ms < 100 {
             return invalid("auth.jwks_reload_ms must be at least 100");

@@ -247,3 +247,102 @@ fn each_section_answers_with_its_own_message() {
         assert_eq!(err, format!("configuration: {message}"));
     }
 }
+
+/// The engine service's `environment:` in `docker-compose.yml`, resolved as compose does
+/// with `shell` as the shell's environment (`${X}`, `${X:-default}`, `${X:?message}`);
+/// `Err`: compose refuses to start, with its message.
+fn compose_engine_env(
+    shell: &[(&str, &str)],
+) -> Result<std::collections::HashMap<String, String>, String> {
+    let text = include_str!("../../../docker-compose.yml");
+    let lines: Vec<&str> = text.lines().collect();
+    let engine = lines.iter().position(|l| *l == "  engine:").unwrap();
+    let env = engine
+        + lines[engine..]
+            .iter()
+            .position(|l| *l == "    environment:")
+            .unwrap();
+    let lookup = |name: &str| {
+        shell
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let mut out = std::collections::HashMap::new();
+    for line in &lines[env + 1..] {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        let Some(entry) = line.strip_prefix("      ") else {
+            break;
+        };
+        let (key, raw) = entry.split_once(": ").unwrap();
+        let raw = raw.trim().trim_matches('"');
+        let value = match raw.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
+            None => raw.to_owned(),
+            Some(expr) => match (expr.split_once(":?"), expr.split_once(":-")) {
+                (Some((name, message)), _) => lookup(name).ok_or(message.to_owned())?,
+                (None, Some((name, default))) => lookup(name).unwrap_or(default.to_owned()),
+                (None, None) => lookup(expr).unwrap_or_default(),
+            },
+        };
+        out.insert(key.to_owned(), value);
+    }
+    Ok(out)
+}
+
+/// The configuration the compose file gives the engine (its auth and dev keys).
+fn compose_config(shell: &[(&str, &str)]) -> Result<Config, String> {
+    let env = compose_engine_env(shell)?;
+    let mut c = Config::default();
+    c.auth.jwt_secret = env["NOTIFY_AUTH__JWT_SECRET"].clone();
+    c.dev.mode = env["NOTIFY_DEV__MODE"] == "true";
+    Ok(c)
+}
+
+#[test]
+fn compose_refuses_to_start_without_a_secret_and_never_turns_dev_mode_on() {
+    let refused = compose_config(&[]).unwrap_err();
+    assert!(refused.contains("NOTIFY_AUTH__JWT_SECRET"), "{refused}");
+    // The published demo secret: the engine refuses it, since compose leaves dev mode off.
+    let demo = compose_config(&[("NOTIFY_AUTH__JWT_SECRET", DEMO_JWT_SECRET)]).unwrap();
+    assert!(!demo.dev.mode);
+    let err = demo.validate().unwrap_err().to_string();
+    assert!(err.contains("demo secret"), "{err}");
+    // Only an explicit request turns it on (a development machine).
+    let dev = compose_config(&[
+        ("NOTIFY_AUTH__JWT_SECRET", DEMO_JWT_SECRET),
+        ("NOTIFY_DEV__MODE", "true"),
+    ])
+    .unwrap();
+    dev.validate().unwrap();
+    let own = compose_config(&[("NOTIFY_AUTH__JWT_SECRET", &"k".repeat(40))]).unwrap();
+    own.validate().unwrap();
+}
+
+#[test]
+fn the_image_keeps_the_admin_listener_on_loopback() {
+    let dockerfile = include_str!("../../../Dockerfile");
+    let compose = include_str!("../../../docker-compose.yml");
+    let settings = |text: &'static str| {
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .filter(|l| l.contains("ADMIN_LISTEN") || l.contains(":9090"))
+            .collect::<Vec<_>>()
+    };
+    let image = settings(dockerfile);
+    assert!(
+        image
+            .iter()
+            .any(|l| l.contains("NOTIFY_HTTP__ADMIN_LISTEN=127.0.0.1:9090")),
+        "{image:?}"
+    );
+    for line in image.iter().chain(&settings(compose)) {
+        assert!(
+            !line.contains("0.0.0.0:9090") && !line.contains("\"127.0.0.1:9090:9090\""),
+            "the admin listener is exposed: {line}"
+        );
+    }
+    assert!(Config::default().http.admin_listen.ip().is_loopback());
+}

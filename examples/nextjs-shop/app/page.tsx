@@ -1,6 +1,6 @@
-import { cookies } from "next/headers";
+import { cookies, headers } from "next/headers";
 import { Shop } from "@/components/Shop";
-import { COOKIE, DEMO_USERS, read } from "@/lib/session";
+import { COOKIE, DEMO_USERS, read, signInRefusal } from "@/lib/session";
 import { signIn, signOut } from "./actions";
 
 // The engine's public origin as the browser reaches it, read at request time.
@@ -10,6 +10,20 @@ export default async function Home() {
   const session = read((await cookies()).get(COOKIE)?.value);
   const engineUrl = process.env.NOTIFY_ENGINE_URL ?? "http://127.0.0.1:8080";
   if (!session) {
+    const request = await headers();
+    const refusal = signInRefusal({
+      env: process.env,
+      host: request.get("host"),
+      forwardedFor: request.get("x-forwarded-for"),
+    });
+    if (refusal) {
+      return (
+        <main className="signin">
+          <h1>Shop</h1>
+          <p data-testid="sign-in-off">Sign-in is not available here: {refusal}.</p>
+        </main>
+      );
+    }
     return (
       <main className="signin">
         <h1>Shop</h1>

@@ -1,5 +1,6 @@
 "use client";
 import { useEffect, useState } from "react";
+import { signOut } from "@/app/actions";
 import { useInbox } from "@/lib/useInbox";
 import { Bell } from "./Bell";
 import { NotificationCentre } from "./NotificationCentre";
@@ -7,7 +8,9 @@ import { OrderRow } from "./OrderRow";
 import { Toasts } from "./Toasts";
 
 export function Shop({ engineUrl, who }: { engineUrl: string; who: string }) {
-  const inbox = useInbox(engineUrl);
+  // A refused session (a 401: expired, rotated key, signed out elsewhere) signs out once and
+  // lands on the sign-in, instead of reloading into the same refusal.
+  const inbox = useInbox(engineUrl, () => void signOut());
   // The cookie is shared by every tab: when another tab signs in as someone else, this one's
   // next connection would speak for them. Tabs announce who they are; a tab that hears of
   // another user reloads (and shows that user, or the sign-in).

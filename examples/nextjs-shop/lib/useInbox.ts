@@ -5,12 +5,12 @@
 // this state follows the events rather than the clicks.
 import { useEffect, useMemo, useRef, useState } from "react";
 import {
-  NotifyApiError,
   NotifyClient,
   type Notification,
   type NotificationEvent,
   type StreamStatus,
 } from "@notify-engine/client";
+import { endSessionOnUnauthorized } from "./sessionEnd";
 
 export interface Order {
   id: string;
@@ -58,7 +58,8 @@ function orderOf(n: Notification): { id: string; status: string } | null {
   return { id: data.order_id, status };
 }
 
-export function useInbox(engineUrl: string): Inbox {
+/** `onSessionEnd`: the engine refused the credentials (called once; e.g. sign out). */
+export function useInbox(engineUrl: string, onSessionEnd: () => void): Inbox {
   const client = useMemo(() => new NotifyClient({ baseUrl: engineUrl, auth: { kind: "cookie" } }), [engineUrl]);
   const [items, setItems] = useState<Notification[]>([]);
   const [unread, setUnread] = useState(0);
@@ -66,6 +67,11 @@ export function useInbox(engineUrl: string): Inbox {
   const [toasts, setToasts] = useState<Toast[]>([]);
   const [status, setStatus] = useState<StreamStatus>("connecting");
   const timers = useRef(new Set<ReturnType<typeof setTimeout>>());
+  // The latest callback, without reopening the stream when it changes.
+  const sessionEnd = useRef(onSessionEnd);
+  useEffect(() => {
+    sessionEnd.current = onSessionEnd;
+  }, [onSessionEnd]);
 
   useEffect(() => {
     let cancelled = false;
@@ -93,11 +99,8 @@ export function useInbox(engineUrl: string): Inbox {
     const stream = client.stream();
     const unsubscribe = stream.onStatus(setStatus);
     setStatus(stream.status);
-    stream.onError((error) => {
-      // The session ended (the token expired, or another tab signed out): the server
-      // shows the sign-in again.
-      if (error instanceof NotifyApiError && error.status === 401) window.location.reload();
-    });
+    // The session ended (a 401): sign out once and show the sign-in, never a reload loop.
+    endSessionOnUnauthorized(stream, () => sessionEnd.current());
     stream.on("notification", (n) =>
       apply(() => {
         // Already in the list (and so in its unread count): not again.

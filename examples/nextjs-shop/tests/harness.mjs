@@ -92,6 +92,9 @@ export function startShop() {
       NOTIFY_ENGINE_URL: engineUrl,
       // Served over plain http here: the session cookie cannot be Secure.
       DEMO_INSECURE_COOKIE: "1",
+      // A local demo: the development sign-in may run (it also wants the published demo
+      // secret, which scripts/lib/engine.sh exports, and a page opened on 127.0.0.1).
+      DEMO_SIGN_IN: "1",
       NEXT_TELEMETRY_DISABLED: "1",
     },
     stdio: ["ignore", "inherit", "inherit"],

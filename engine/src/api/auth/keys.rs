@@ -11,6 +11,11 @@
 //! keys while the other files' changes (a revoked key, say) take effect. Several sources may
 //! publish the same `kid` (two tenants on one identity provider): a token is checked against
 //! each key of its `kid` until one verifies it for its own tenant.
+//!
+//! Each key has a [`Key::stamp`], a digest of what it is (its `kid`, algorithm and
+//! material), which the identities it verified carry: a stream keeps going only while its
+//! key's stamp is in force, so removing a key (or replacing its material under the same
+//! `kid`) ends the streams it opened.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +36,54 @@ pub struct Key {
     pub tenant: Option<String>,
     /// The `iss` its tokens must carry.
     pub issuer: String,
+    /// A digest of the key's `kid`, algorithm and material: the same on every instance and
+    /// across reloads while the key is unchanged.
+    pub stamp: Arc<str>,
+}
+
+/// A JSON value written with its object members sorted, so the same key has the same stamp
+/// on every instance however its file orders them. serde_json sorts them today, but a
+/// dependency enabling its `preserve_order` feature would quietly change that; a ticket
+/// bought on one instance and redeemed on another must not depend on it.
+fn canonical(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Object(members) => {
+            let mut names: Vec<&String> = members.keys().collect();
+            names.sort();
+            let body: Vec<String> = names
+                .into_iter()
+                .map(|n| {
+                    format!(
+                        "{}:{}",
+                        serde_json::Value::from(n.as_str()),
+                        canonical(&members[n])
+                    )
+                })
+                .collect();
+            format!("{{{}}}", body.join(","))
+        }
+        serde_json::Value::Array(items) => {
+            let body: Vec<String> = items.iter().map(canonical).collect();
+            format!("[{}]", body.join(","))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The stamp of a key: the first 16 bytes of SHA-256 over its parts, hex.
+fn stamp(parts: &[&[u8]]) -> Arc<str> {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in parts {
+        // Length-prefixed, so the parts cannot slide into each other.
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    hash.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into()
 }
 
 /// Every key in force.
@@ -84,6 +137,21 @@ impl KeySet {
         self.len() == 0
     }
 
+    /// Is a key with this stamp in the set?
+    pub fn has_stamp(&self, stamp: &str) -> bool {
+        self.default.iter().any(|k| &*k.stamp == stamp)
+            || self.by_kid.values().flatten().any(|k| &*k.stamp == stamp)
+    }
+
+    /// Every stamp in the set, to tell whether a reload removed or replaced a key.
+    pub fn stamps(&self) -> std::collections::BTreeSet<Arc<str>> {
+        self.default
+            .iter()
+            .chain(self.by_kid.values().flatten())
+            .map(|k| k.stamp.clone())
+            .collect()
+    }
+
     /// Builds the set from the configuration, reading every key file. With `previous` (a
     /// reload), a JWKS file that fails keeps the keys it had there, and its error is returned
     /// beside the set; without (start-up), any failure fails.
@@ -100,6 +168,7 @@ impl KeySet {
                 key: DecodingKey::from_secret(auth.jwt_secret.as_bytes()),
                 tenant: None,
                 issuer: auth.issuer.clone(),
+                stamp: stamp(&[b"jwt_secret", auth.jwt_secret.as_bytes()]),
             }));
         }
         for k in &auth.keys {
@@ -152,7 +221,7 @@ impl KeySet {
 /// `name` names it in errors.
 fn configured_key(k: &JwtKeyConfig, name: &str, issuer: &str) -> Result<Key, KeyError> {
     let algorithm = parse_algorithm(&k.algorithm).map_err(|e| key_error(name, e))?;
-    let key = match (algorithm, &k.secret_env, &k.public_key_file) {
+    let (key, material) = match (algorithm, &k.secret_env, &k.public_key_file) {
         (Algorithm::HS256, Some(var), None) => {
             let secret = std::env::var(var)
                 .map_err(|_| key_error(name, format!("environment variable {var} is not set")))?;
@@ -162,7 +231,10 @@ fn configured_key(k: &JwtKeyConfig, name: &str, issuer: &str) -> Result<Key, Key
                     format!("the secret in {var} is shorter than 32 bytes"),
                 ));
             }
-            DecodingKey::from_secret(secret.as_bytes())
+            (
+                DecodingKey::from_secret(secret.as_bytes()),
+                secret.into_bytes(),
+            )
         }
         (Algorithm::RS256 | Algorithm::ES256, None, Some(path)) => {
             public_key(name, algorithm, path)?
@@ -177,13 +249,18 @@ fn configured_key(k: &JwtKeyConfig, name: &str, issuer: &str) -> Result<Key, Key
     Ok(Key {
         algorithm,
         key,
+        stamp: stamp(&[k.kid.as_bytes(), k.algorithm.as_bytes(), &material]),
         tenant: k.tenant.clone(),
         issuer: k.issuer.clone().unwrap_or_else(|| issuer.to_owned()),
     })
 }
 
-/// The RS256 or ES256 public key in the PEM file at `path`.
-fn public_key(name: &str, algorithm: Algorithm, path: &Path) -> Result<DecodingKey, KeyError> {
+/// The RS256 or ES256 public key in the PEM file at `path`, with the file's bytes.
+fn public_key(
+    name: &str,
+    algorithm: Algorithm,
+    path: &Path,
+) -> Result<(DecodingKey, Vec<u8>), KeyError> {
     let pem =
         std::fs::read(path).map_err(|e| key_error(name, format!("{}: {e}", path.display())))?;
     let key = if algorithm == Algorithm::RS256 {
@@ -191,7 +268,7 @@ fn public_key(name: &str, algorithm: Algorithm, path: &Path) -> Result<DecodingK
     } else {
         DecodingKey::from_ec_pem(&pem)
     };
-    key.map_err(|e| {
+    let key = key.map_err(|e| {
         key_error(
             name,
             format!(
@@ -200,7 +277,8 @@ fn public_key(name: &str, algorithm: Algorithm, path: &Path) -> Result<DecodingK
                 algorithm
             ),
         )
-    })
+    })?;
+    Ok((key, pem))
 }
 
 /// A JWKS file's keys, bound as its source says; `issuer` is `auth.issuer`.
@@ -253,7 +331,7 @@ fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
 /// The keys of a JWKS document. `bound_tenant` (a tenant's own file) binds every key to that
 /// tenant; otherwise a key's `tenant` member may. Every key needs a `kid` unique in the file
 /// and an `alg`.
-fn parse_jwks(
+pub(super) fn parse_jwks(
     text: &str,
     bound_tenant: Option<&str>,
     bound_issuer: Option<&str>,
@@ -303,11 +381,19 @@ fn parse_jwks(
         if out.iter().any(|(k, _): &(String, Arc<Key>)| *k == kid) {
             return Err(format!("kid {kid:?} is defined twice"));
         }
+        // The file's tenant too: a kid shared by two tenants' files is two keys, and removing
+        // it from one file ends only that tenant's streams.
+        let stamp = stamp(&[
+            kid.as_bytes(),
+            bound_tenant.unwrap_or_default().as_bytes(),
+            canonical(raw).as_bytes(),
+        ]);
         out.push((
             kid,
             Arc::new(Key {
                 algorithm,
                 key,
+                stamp,
                 tenant,
                 issuer,
             }),

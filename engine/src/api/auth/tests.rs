@@ -273,3 +273,200 @@ async fn a_changed_jwks_file_is_reloaded_and_a_broken_one_keeps_the_old_keys() {
     shutdown.cancel();
     reloader.await.unwrap();
 }
+
+/// A token of the shared secret from exactly these claims.
+fn with_claims(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn iat_and_the_lifetime_are_checked() {
+    let mut c = config();
+    c.auth.max_token_lifetime_secs = 3_600;
+    let auth = Auth::new(&c).unwrap();
+    let now = jsonwebtoken::get_current_timestamp();
+    let base = |extra: serde_json::Value| {
+        let mut claims = serde_json::json!({
+            "sub": "u1", "tenant": "acme", "iss": "notify-engine", "aud": "notify-api",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        with_claims(claims)
+    };
+    // Within the bound, with and without iat; iat within the leeway.
+    for ok in [
+        serde_json::json!({"exp": now + 3_600, "iat": now}),
+        serde_json::json!({"exp": now + 600, "iat": now - 3_000}),
+        serde_json::json!({"exp": now + 3_600}),
+        serde_json::json!({"exp": now + 600, "iat": now + 3}),
+    ] {
+        assert!(auth.verify(&base(ok.clone())).is_ok(), "{ok}");
+    }
+    for (why, bad) in [
+        (
+            "a year 3000 exp",
+            serde_json::json!({"exp": 32_503_680_000u64}),
+        ),
+        (
+            "too long by iat",
+            serde_json::json!({"exp": now + 600, "iat": now - 3_600}),
+        ),
+        (
+            "too long without iat",
+            serde_json::json!({"exp": now + 7_200}),
+        ),
+        (
+            "iat in the future",
+            serde_json::json!({"exp": now + 600, "iat": now + 60}),
+        ),
+        (
+            "iat not a number",
+            serde_json::json!({"exp": now + 600, "iat": "yesterday"}),
+        ),
+        // GHSA-h395-gr6q-cpjc: a non-numeric nbf once skipped the not-before check.
+        (
+            "nbf a string",
+            serde_json::json!({"exp": now + 600, "nbf": (now + 300).to_string()}),
+        ),
+        (
+            "nbf an object",
+            serde_json::json!({"exp": now + 600, "nbf": {"at": now + 300}}),
+        ),
+    ] {
+        assert!(auth.verify(&base(bad)).is_err(), "{why}");
+    }
+    // The identity knows when its token was issued: iat, or exp - the bound.
+    let id = auth
+        .verify(&base(serde_json::json!({"exp": now + 60, "iat": now - 5})))
+        .unwrap();
+    assert_eq!(id.issued_at, now - 5);
+    let id = auth
+        .verify(&base(serde_json::json!({"exp": now + 60})))
+        .unwrap();
+    assert_eq!(id.issued_at, now + 60 - 3_600);
+}
+
+#[tokio::test]
+async fn a_sign_out_refuses_the_users_earlier_tokens_and_tells_the_streams() {
+    let c = config();
+    let auth = Auth::new(&c).unwrap();
+    let mut changes = auth.changes();
+    let now = jsonwebtoken::get_current_timestamp();
+    let issued = |iat: u64| {
+        with_claims(serde_json::json!({
+            "sub": "u1", "tenant": "acme", "iss": "notify-engine", "aud": "notify-api",
+            "exp": now + 600, "iat": iat,
+        }))
+    };
+    let old = auth.verify(&issued(now - 10)).unwrap();
+    let other = auth.verify(&mint(&c.auth, "acme", "u2", 60)).unwrap();
+    auth.revoke_here("acme", "u1", now - 5);
+    assert!(changes.has_changed().unwrap(), "streams are told");
+    changes.borrow_and_update();
+    assert!(auth.verify(&issued(now - 10)).is_err());
+    assert!(
+        auth.verify(&issued(now - 5)).is_err(),
+        "the second of the sign-out too"
+    );
+    assert!(auth.verify(&issued(now - 4)).is_ok(), "signed in again");
+    assert_eq!(auth.still_valid(&old), Err("the user was signed out"));
+    assert_eq!(auth.still_valid(&other), Ok(()), "another user");
+    // An earlier sign-out of the same user changes nothing.
+    auth.revoke_here("acme", "u1", now - 100);
+    assert!(auth.verify(&issued(now - 10)).is_err());
+}
+
+#[tokio::test]
+async fn a_removed_key_ends_what_it_verified_and_only_that() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut jwks: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("acme.jwks.json")).unwrap()).unwrap();
+    std::fs::write(&path, jwks.to_string()).unwrap();
+    let mut c = Config::default();
+    c.auth.jwt_secret = SECRET.into();
+    c.auth.jwks_file = path.clone();
+    c.auth.jwks_reload_ms = 50;
+    let auth = Arc::new(Auth::new(&c).unwrap());
+    let mut changes = auth.changes();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let reloader = tokio::spawn(
+        auth.clone()
+            .reload_keys(Arc::new(c.clone()), shutdown.clone()),
+    );
+    let rsa = signed(
+        Algorithm::RS256,
+        "acme-rsa",
+        "acme-rsa.key",
+        "acme",
+        "notify-engine",
+    );
+    let ec = signed(
+        Algorithm::ES256,
+        "acme-ec",
+        "acme-ec.key",
+        "acme",
+        "notify-engine",
+    );
+    let by_rsa = auth.verify(&rsa).unwrap();
+    let by_ec = auth.verify(&ec).unwrap();
+    let by_secret = auth.verify(&mint(&c.auth, "acme", "u1", 60)).unwrap();
+    // Rotation: the RSA key leaves the file.
+    jwks["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|k| k["kid"] != "acme-rsa");
+    std::fs::write(&path, jwks.to_string()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), changes.changed())
+        .await
+        .expect("streams are told")
+        .unwrap();
+    assert!(auth.still_valid(&by_rsa).is_err());
+    assert_eq!(auth.still_valid(&by_ec), Ok(()));
+    assert_eq!(auth.still_valid(&by_secret), Ok(()));
+    assert!(auth.verify(&rsa).is_err());
+    shutdown.cancel();
+    reloader.await.unwrap();
+}
+
+#[test]
+fn a_keys_stamp_does_not_depend_on_how_its_file_orders_the_members() {
+    let jwks: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("acme.jwks.json")).unwrap()).unwrap();
+    // Written by hand: serde_json may sort members itself.
+    let reversed = |key: &serde_json::Value| {
+        let members: Vec<String> = key
+            .as_object()
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|(k, v)| format!("{}:{v}", serde_json::Value::from(k.as_str())))
+            .collect();
+        format!("{{{}}}", members.join(","))
+    };
+    let keys: Vec<String> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(reversed)
+        .collect();
+    let reordered = format!("{{\"keys\":[{}]}}", keys.join(","));
+    let stamps = |doc: &str| {
+        keys::parse_jwks(doc, Some("acme"), None, "notify-engine")
+            .unwrap()
+            .into_iter()
+            .map(|(kid, key)| (kid, key.stamp.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_ne!(jwks.to_string(), reordered);
+    assert_eq!(stamps(&jwks.to_string()), stamps(&reordered));
+    // Bound to another tenant, the same key is another key.
+    let other = keys::parse_jwks(&jwks.to_string(), Some("globex"), None, "notify-engine").unwrap();
+    assert_ne!(stamps(&jwks.to_string())["acme-rsa"], other[0].1.stamp);
+}

@@ -25,9 +25,12 @@ pub(super) enum Frame {
     Live(Arc<StoredNotification>),
     /// The last frame when the credentials run out: the client gets new ones and
     /// reconnects with the id it carries (its cursor), so it misses nothing.
+    /// Also when they are withdrawn (`revoked`: their key removed, their user signed out):
+    /// the same close, so a client does the same (a signed-out user then gets a 401).
     AuthExpired {
         cursor: i64,
         expired_at: chrono::DateTime<chrono::Utc>,
+        revoked: bool,
     },
 }
 
@@ -54,13 +57,21 @@ impl Frame {
                 .id(n.seq.to_string())
                 .event(n.kind.as_str())
                 .data(n.frame_data.get_or_init(|| self.row_data())),
-            Frame::AuthExpired { cursor, expired_at } => Event::default()
+            Frame::AuthExpired {
+                cursor,
+                expired_at,
+                revoked,
+            } => Event::default()
                 .id(cursor.to_string())
                 .event(AUTH_EXPIRED_EVENT)
                 .data(
                     serde_json::json!({
                         "expired_at": expired_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                        "message": "the token expired: reconnect with a fresh token or ticket and Last-Event-ID",
+                        "message": if *revoked {
+                            "the credentials were withdrawn (key removed or user signed out): reconnect with a fresh token or ticket and Last-Event-ID"
+                        } else {
+                            "the token expired: reconnect with a fresh token or ticket and Last-Event-ID"
+                        },
                     })
                     .to_string(),
                 ),
@@ -242,6 +253,7 @@ mod tests {
         let frame = Frame::AuthExpired {
             cursor: 17,
             expired_at: Utc.with_ymd_and_hms(2030, 5, 6, 7, 8, 9).unwrap(),
+            revoked: false,
         };
         let wire = wire(&frame).await;
         let got = lines(&wire);

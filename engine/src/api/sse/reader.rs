@@ -1,7 +1,7 @@
 //! The state of one open stream and how it finds its next frame: rows this instance just
 //! committed from the hub's memory, anything else from PostgreSQL page by page, a sleep on
-//! the hub in between, and the end when the credentials expire, the engine shuts down or
-//! the database stays away.
+//! the hub in between, and the end when the credentials expire or are withdrawn (their key
+//! removed, their user signed out), the engine shuts down or the database stays away.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::frame::Frame;
 use crate::api::AppState;
-use crate::api::auth::Identity;
+use crate::api::auth::{Auth, Identity};
 use crate::hub::Subscription;
 use crate::model::StoredNotification;
 use crate::store::notifications;
@@ -52,6 +52,16 @@ impl Expiry {
         Frame::AuthExpired {
             cursor,
             expired_at: self.wall,
+            revoked: false,
+        }
+    }
+
+    /// The frame that ends the stream of withdrawn credentials: the same close, dated now.
+    fn revoked(cursor: i64) -> Frame {
+        Frame::AuthExpired {
+            cursor,
+            expired_at: chrono::Utc::now(),
+            revoked: true,
         }
     }
 }
@@ -66,6 +76,13 @@ pub(super) struct Reader {
     user_id: String,
     /// `None` once the `auth.expired` frame went out: the stream then ends.
     expiry: Option<Expiry>,
+    /// Who the stream is for, to ask [`Auth::still_valid`] when credentials change.
+    identity: Identity,
+    auth: Arc<Auth>,
+    /// Changes when a key is removed or a user signed out.
+    withdrawals: tokio::sync::watch::Receiver<u64>,
+    /// A change was seen while waiting: check the credentials before anything else.
+    recheck: bool,
     /// Highest sequence number sent (or skipped, for a stream without Last-Event-ID).
     cursor: i64,
     page_size: i64,
@@ -115,9 +132,13 @@ impl Reader {
         Reader {
             pool: state.pool.clone(),
             share: state.limits.share_of(Some(&identity.tenant)),
-            tenant: identity.tenant,
-            user_id: identity.user_id,
+            tenant: identity.tenant.clone(),
+            user_id: identity.user_id.clone(),
             expiry: Some(expiry),
+            withdrawals: state.auth.changes(),
+            recheck: false,
+            auth: state.auth.clone(),
+            identity,
             cursor,
             page_size: state.sse.page_size,
             page_bytes: state.sse.page_bytes,
@@ -144,6 +165,9 @@ impl Reader {
         loop {
             if tokio::time::Instant::now() >= expires {
                 return Some(self.expiry.take()?.frame(self.cursor));
+            }
+            if let Some(end) = self.withdrawn() {
+                return Some(end);
             }
             if let Some(n) = self.pending.pop_front() {
                 self.cursor = n.seq;
@@ -180,8 +204,23 @@ impl Reader {
                 _ = self.shutdown.cancelled() => return None,
                 _ = tokio::time::sleep_until(expires) => {}
                 changed = self.subscription.updates.changed() => changed.ok()?,
+                // Checked at the top of the loop.
+                _ = self.withdrawals.changed() => self.recheck = true,
             }
         }
+    }
+
+    /// The closing frame if the stream's credentials were withdrawn since it last looked
+    /// (a busy stream looks before each frame, an idle one when told).
+    fn withdrawn(&mut self) -> Option<Frame> {
+        if !std::mem::take(&mut self.recheck) && !self.withdrawals.has_changed().unwrap_or(false) {
+            return None;
+        }
+        self.withdrawals.borrow_and_update();
+        let why = self.auth.still_valid(&self.identity).err()?;
+        tracing::debug!(tenant = %self.tenant, user = %self.user_id, why, "sse stream ends: credentials withdrawn");
+        self.expiry = None;
+        Some(Expiry::revoked(self.cursor))
     }
 
     /// Reads the next page after the cursor from PostgreSQL into `pending`.
