@@ -625,6 +625,8 @@ async fn ticket_guesses_are_refused_by_their_address_before_the_delete() {
             .unwrap();
         assert_eq!(response.status(), 401, "{path} from another address");
     }
+    engine.shutdown().await;
+}
 
 /// The last frame of a stream whose credentials were withdrawn: `auth.expired`, as the
 /// contract has it, carrying the cursor.

@@ -237,6 +237,8 @@ mod tests {
             user_id: user.into(),
             roles: Vec::new(),
             expires_at: 0,
+            issued_at: 0,
+            key: "k".into(),
         }
     }
 
