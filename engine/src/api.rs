@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 pub mod inbox;
 pub mod openapi;
+pub mod request;
 pub mod serve;
 pub mod sse;
 pub mod tickets;
