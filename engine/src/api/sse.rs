@@ -138,12 +138,14 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// A subscription to the user's rows, within the per-user, per-tenant and global caps.
+/// A subscription to the user's rows, within the per-user, per-tenant and global caps (a
+/// tenant's cap is its share of what the others leave: [`crate::hub::tenant_room`]).
 fn subscribe(state: &AppState, identity: &Identity) -> Result<Subscription, ApiError> {
     let caps = Caps {
         per_user: state.sse.max_connections_per_user,
         per_tenant: state.sse.max_connections_per_tenant,
         global: state.sse.max_connections,
+        tenant_share: state.sse.tenant_share,
     };
     state
         .hub
