@@ -10,8 +10,9 @@
 //! The stream takes the rows its instance just committed from the hub's memory, reads
 //! anything else from PostgreSQL page by page, and sleeps on the hub in between, so a slow
 //! client only slows its own reads: nothing is buffered for it beyond one page and the hub's
-//! bounded window of its user's rows (`hub`), and a client that stops reading is cut off by
-//! the listener's write deadline (`http.write_timeout_ms`) and catches up by replay.
+//! bounded window of its user's rows (`hub`), and a client that stops reading, or reads too
+//! slowly to catch up, is cut off by the listener's write deadline (`http.write_timeout_ms`)
+//! and catches up by replay.
 //!
 //! The handler reads as the story of opening a stream: the request's cursor ([`LastEventId`]),
 //! who asks, a subscription within the caps, the deep-replay limit, then the stream itself:

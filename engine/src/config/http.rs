@@ -18,8 +18,9 @@ pub struct HttpConfig {
     /// A connection that has not sent its request headers within this time is closed
     /// (slowloris).
     pub header_timeout_ms: u64,
-    /// A response write that makes no progress for this long closes the connection: a
-    /// client that stopped reading its stream is dropped (it catches up by replay).
+    /// A client that falls behind what is written to it (a write finds its socket full) and
+    /// has not caught up (a write taken whole at once) within this time is disconnected:
+    /// one that stopped reading its stream, or reads a trickle of it, catches up by replay.
     pub write_timeout_ms: u64,
     /// Open connections on the public listener; more wait to be accepted.
     pub max_connections: usize,

@@ -288,7 +288,7 @@ export interface operations {
                     "application/json": components["schemas"]["NotificationPage"];
                 };
             };
-            /** @description A malformed parameter */
+            /** @description A malformed or unknown parameter, or a body */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -329,7 +329,7 @@ export interface operations {
                     "application/json": components["schemas"]["ReadAllResponse"];
                 };
             };
-            /** @description A malformed body */
+            /** @description A malformed body, one over 16 KiB, or a query parameter */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -366,6 +366,15 @@ export interface operations {
                     "application/json": components["schemas"]["UnreadCount"];
                 };
             };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description No valid token */
             401: {
                 headers: {
@@ -395,6 +404,15 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Notification"];
+                };
+            };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description No valid token */
@@ -437,6 +455,15 @@ export interface operations {
                     "application/json": components["schemas"]["NotificationChanged"];
                 };
             };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description No valid token */
             401: {
                 headers: {
@@ -477,6 +504,15 @@ export interface operations {
                     "application/json": components["schemas"]["NotificationChanged"];
                 };
             };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description No valid token */
             401: {
                 headers: {
@@ -515,6 +551,15 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["NotificationChanged"];
+                };
+            };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description No valid token */
@@ -608,6 +653,15 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Ticket"];
+                };
+            };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description No valid token */
