@@ -173,7 +173,7 @@ async fn connection(
         permit,
     } = accepted;
     let mut io = WriteDeadline::new(stream, shared.write_timeout);
-    let trusted = slot.is_none();
+    let trusted = shared.proxies.trusts(peer.ip());
     let start = async {
         let (named, read) = if trusted {
             read_proxy_header(&mut io, shared.header_timeout).await?
