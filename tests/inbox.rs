@@ -375,3 +375,89 @@ async fn a_burst_over_the_user_or_tenant_bucket_gets_429_with_retry_after() {
     }
     engine.shutdown().await;
 }
+
+/// Every inbox route (and the ticket route) parses its query and body by one rule: an
+/// unknown query parameter, a body over 16 KiB or a body field the route does not take is
+/// a 400 with the uniform body, and changes nothing; an absent body or `{}` (what the
+/// TypeScript client sends) is fine where the route takes no body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_inbox_route_refuses_unknown_parameters_and_oversized_bodies() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let tenant = unique("shop");
+    let pool = world.pool().await;
+    // One unread item, written as the pipeline would.
+    sqlx::query(
+        "INSERT INTO notifications (tenant_id, user_id, seq, event_id, kind, title, body, data)
+         VALUES ($1, 'u1', 1, 'e1', 'notification', 't', 'b', '{}')",
+    )
+    .bind(&tenant)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO user_streams VALUES ($1, 'u1', 1)")
+        .bind(&tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let api = Api::new(&engine, &world.token(&tenant, "u1"));
+    let routes = [
+        ("GET", "/api/v1/notifications"),
+        ("GET", "/api/v1/notifications/unread-count"),
+        ("GET", "/api/v1/notifications/1"),
+        ("POST", "/api/v1/notifications/1/read"),
+        ("POST", "/api/v1/notifications/read-all"),
+        ("POST", "/api/v1/notifications/1/archive"),
+        ("POST", "/api/v1/notifications/1/unarchive"),
+        ("POST", "/api/v1/sse/tickets"),
+    ];
+    let big = json!({ "up_to": 1, "pad": "x".repeat(17 * 1024) });
+    for (method, path) in routes {
+        let bad = [
+            (format!("{path}?tenant=x"), None),
+            (path.to_owned(), Some(big.clone())),
+            (path.to_owned(), Some(json!({ "tenant": "x" }))),
+        ];
+        for (uri, body) in bad {
+            let (status, answer) = api.call(method, &uri, body.clone()).await;
+            assert_eq!(
+                (status, answer["error"]["code"].as_str()),
+                (400, Some("bad_request")),
+                "{method} {uri} with a body of {} bytes: {answer}",
+                body.map_or(0, |b| b.to_string().len())
+            );
+        }
+    }
+    // Nothing changed: the item is unread and in the inbox, and no ticket was made.
+    let unchanged = world
+        .count(&format!(
+            "SELECT count(*) FROM notifications WHERE tenant_id = '{tenant}' AND read_at IS NULL AND archived_at IS NULL"
+        ))
+        .await;
+    assert_eq!(unchanged, 1);
+    let tickets = world
+        .count(&format!(
+            "SELECT count(*) FROM sse_tickets WHERE tenant_id = '{tenant}'"
+        ))
+        .await;
+    assert_eq!(tickets, 0);
+    // The same routes with no body, or `{}`, answer as before.
+    for (method, path, body) in [
+        ("GET", "/api/v1/notifications/unread-count", None),
+        ("GET", "/api/v1/notifications/1", Some(json!({}))),
+        ("POST", "/api/v1/notifications/1/read", Some(json!({}))),
+        ("POST", "/api/v1/notifications/1/archive", None),
+        ("POST", "/api/v1/notifications/1/unarchive", Some(json!({}))),
+        (
+            "POST",
+            "/api/v1/notifications/read-all",
+            Some(json!({ "up_to": 1 })),
+        ),
+        ("POST", "/api/v1/sse/tickets", Some(json!({}))),
+        ("GET", "/api/v1/notifications?limit=5&unread=false", None),
+    ] {
+        let (status, answer) = api.call(method, path, body).await;
+        assert!(status == 200 || status == 201, "{method} {path}: {answer}");
+    }
+    engine.shutdown().await;
+}

@@ -11,6 +11,7 @@ pub mod error;
 pub mod inbox;
 pub mod limits;
 pub mod openapi;
+pub mod request;
 pub mod serve;
 pub mod sse;
 pub mod tickets;

@@ -480,9 +480,7 @@ async fn spawn_server(
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, StartError> {
     let bind_error = |error| StartError::Bind { addr, error };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(bind_error)?;
+    let listener = api::serve::bind(addr).map_err(bind_error)?;
     let bound = listener.local_addr().map_err(bind_error)?;
     let limits = limits.clone();
     tasks.spawn(async move {

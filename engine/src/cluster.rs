@@ -463,6 +463,7 @@ mod tests {
             per_user: 2,
             per_tenant: 10,
             global: 10,
+            tenant_share: 1.0,
         };
         let stream = hub.subscribe("t", "u", caps).unwrap();
         assert!(presence.is_online("t", "u"));

@@ -26,7 +26,7 @@ mod plugins;
 pub use auth::{AuthConfig, DEMO_JWT_SECRET, JwtKeyConfig};
 pub use database::{ClusterConfig, DatabaseConfig, PresenceConfig, RetentionConfig};
 pub use email::{EmailConfig, SmtpConfig, SmtpTls};
-pub use http::{HttpConfig, LimitsConfig, SseConfig};
+pub use http::{Cidr, HttpConfig, LimitsConfig, SseConfig};
 use kafka::is_secret_property;
 pub use kafka::{KafkaConfig, TenantFrom};
 pub use plugins::{BreakerFailMode, PluginConfig, TenantConfig};

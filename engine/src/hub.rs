@@ -64,6 +64,20 @@ pub struct Caps {
     pub per_user: usize,
     pub per_tenant: usize,
     pub global: usize,
+    /// The most of the slots the other tenants leave free that one tenant may hold
+    /// (`sse.tenant_share`): see [`tenant_room`].
+    pub tenant_share: f64,
+}
+
+/// How many streams a tenant holding `held` of the `total` open may hold: its share of the
+/// slots the other tenants leave free, within `per_tenant`. A fixed cap per tenant (it was
+/// half the instance's) lets a few tenants fill an instance; a share of what is left always
+/// leaves room for the next tenant, until one slot is left, and a tenant over its share
+/// (because others came after it) opens nothing more until it is back under.
+pub fn tenant_room(held: usize, total: usize, caps: &Caps) -> usize {
+    let free_to_it = caps.global.saturating_sub(total - held);
+    let share = (free_to_it as f64 * caps.tenant_share).floor() as usize;
+    share.min(caps.per_tenant)
 }
 
 /// Why a subscription was refused.
@@ -161,7 +175,8 @@ impl Hub {
         if total >= caps.global {
             return Err(CapExceeded::Global);
         }
-        if tenants.get(tenant).copied().unwrap_or(0) >= caps.per_tenant {
+        let held = tenants.get(tenant).copied().unwrap_or(0);
+        if held >= tenant_room(held, total, &caps) {
             return Err(CapExceeded::Tenant);
         }
         let key = (tenant.to_owned(), user_id.to_owned());
@@ -320,6 +335,7 @@ mod tests {
             per_user: 2,
             per_tenant: 10,
             global: 10,
+            tenant_share: 1.0,
         };
         let mut a = hub.subscribe("t1", "u1", caps).unwrap();
         let b = hub.subscribe("t2", "u1", caps).unwrap();
@@ -339,6 +355,7 @@ mod tests {
             per_user: 1,
             per_tenant: 2,
             global: 3,
+            tenant_share: 1.0,
         };
         let s1 = hub.subscribe("t", "u", caps).unwrap();
         assert_eq!(hub.subscribe("t", "u", caps).err(), Some(CapExceeded::User));
@@ -355,5 +372,47 @@ mod tests {
         drop(s1);
         assert!(!hub.is_connected("t", "u"));
         assert!(hub.subscribe("t", "u", caps).is_ok());
+    }
+
+    #[test]
+    fn a_tenant_holds_its_share_of_what_the_others_leave() {
+        let caps = Caps {
+            per_user: 100,
+            per_tenant: 5_000,
+            global: 10_000,
+            tenant_share: 0.5,
+        };
+        // Alone: half the instance; the next tenant half of the rest, and so on.
+        assert_eq!(tenant_room(0, 0, &caps), 5_000);
+        assert_eq!(tenant_room(0, 5_000, &caps), 2_500);
+        assert_eq!(tenant_room(0, 7_500, &caps), 1_250);
+        // A tenant over its share (others came since) opens nothing until it is under.
+        assert_eq!(tenant_room(5_000, 9_000, &caps), 3_000);
+        // One slot left: nobody takes it (room 0); two: a newcomer may.
+        assert_eq!(tenant_room(0, 9_999, &caps), 0);
+        assert_eq!(tenant_room(0, 9_998, &caps), 1);
+        // The fixed cap still holds, and a share of 1 lets one tenant fill the instance.
+        let whole = Caps {
+            tenant_share: 1.0,
+            ..caps
+        };
+        assert_eq!(tenant_room(0, 0, &whole), 5_000);
+        let whole = Caps {
+            per_tenant: 10_000,
+            ..whole
+        };
+        assert_eq!(tenant_room(9_000, 9_000, &whole), 10_000);
+        // Through the hub: two tenants cannot fill an instance of 10.
+        let hub = Hub::new();
+        let caps = Caps { global: 10, ..caps };
+        let mut held = Vec::new();
+        for (tenant, want) in [("a", 5), ("b", 2), ("c", 1), ("d", 1), ("e", 0)] {
+            let mut opened = 0;
+            while let Ok(s) = hub.subscribe(tenant, &format!("u{opened}"), caps) {
+                held.push(s);
+                opened += 1;
+            }
+            assert_eq!(opened, want, "{tenant}");
+        }
     }
 }

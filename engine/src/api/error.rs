@@ -1,14 +1,12 @@
 //! One error type for every HTTP handler, with one body shape:
-//! `{"error": {"code": "...", "message": "..."}}`, and the extractors that turn malformed
-//! query strings and bodies into that shape too (axum's own rejections are plain text).
+//! `{"error": {"code": "...", "message": "..."}}` (malformed query strings and bodies get it
+//! too: [`super::request::Input`] answers with an [`ApiError`], where axum's own rejections
+//! are plain text).
 
 use axum::Json;
-use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
 
 use crate::store::StoreError;
@@ -115,34 +113,6 @@ impl IntoResponse for ApiError {
             );
         }
         response
-    }
-}
-
-/// `Query<T>` whose rejection is an [`ApiError::BadRequest`].
-pub struct ApiQuery<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|q| ApiQuery(q.0))
-            .map_err(|e| ApiError::BadRequest(e.body_text()))
-    }
-}
-
-/// `Json<T>` whose rejection is an [`ApiError::BadRequest`].
-pub struct ApiJson<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        Json::<T>::from_request(req, state)
-            .await
-            .map(|j| ApiJson(j.0))
-            .map_err(|e| ApiError::BadRequest(e.body_text()))
     }
 }
 

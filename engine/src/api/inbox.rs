@@ -5,6 +5,10 @@
 //! or no number at all) answers 404, never 403, so the API is no oracle for what exists.
 //! Every change is also an SSE event (`notification.read`, `notification.archived`) on the
 //! user's other streams.
+//!
+//! Every route parses its query string and body by one rule ([`Input`]): an unknown query
+//! parameter, a body over 16 KiB or a body field the route does not take is a `400`, on the
+//! routes that take none too.
 
 use axum::extract::{Path, State};
 use axum::{Json, Router};
@@ -14,7 +18,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::auth::Identity;
-use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
+use super::error::{ApiError, ErrorBody};
+use super::request::{Input, Nothing};
 use crate::model::StoredNotification;
 use crate::store::inbox::{self, Archived, ListFilter};
 
@@ -142,7 +147,7 @@ pub struct ReadAllResponse {
     params(ListQuery),
     responses(
         (status = 200, description = "A page of inbox items", body = NotificationPage),
-        (status = 400, description = "A malformed parameter", body = ErrorBody),
+        (status = 400, description = "A malformed or unknown parameter, or a body", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
     ),
@@ -151,7 +156,7 @@ pub struct ReadAllResponse {
 pub async fn list(
     State(state): State<AppState>,
     identity: Identity,
-    ApiQuery(query): ApiQuery<ListQuery>,
+    Input { query, .. }: Input<ListQuery>,
 ) -> Result<Json<NotificationPage>, ApiError> {
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
@@ -204,6 +209,7 @@ pub async fn list(
     get, path = "/api/v1/notifications/unread-count", tag = "inbox", operation_id = "getUnreadCount",
     responses(
         (status = 200, body = UnreadCount),
+        (status = 400, description = "An unknown query parameter, or a body that is not `{}` or is over 16 KiB", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
     ),
@@ -212,6 +218,7 @@ pub async fn list(
 pub async fn unread_count(
     State(state): State<AppState>,
     identity: Identity,
+    _: Input,
 ) -> Result<Json<UnreadCount>, ApiError> {
     let unread_count =
         inbox::unread_count(&state.pool, &identity.tenant, &identity.user_id).await?;
@@ -224,6 +231,7 @@ pub async fn unread_count(
     params(("id" = i64, Path, description = "The item's id")),
     responses(
         (status = 200, body = Notification),
+        (status = 400, description = "An unknown query parameter, or a body that is not `{}` or is over 16 KiB", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
         (status = 404, description = "Not one of the caller's inbox items", body = ErrorBody),
@@ -234,6 +242,7 @@ pub async fn get_one(
     State(state): State<AppState>,
     identity: Identity,
     Path(id): Path<String>,
+    _: Input,
 ) -> Result<Json<Notification>, ApiError> {
     let id = parse_id(&id)?;
     inbox::get(&state.pool, &identity.tenant, &identity.user_id, id)
@@ -248,6 +257,7 @@ pub async fn get_one(
     params(("id" = i64, Path, description = "The item's id")),
     responses(
         (status = 200, body = NotificationChanged),
+        (status = 400, description = "An unknown query parameter, or a body that is not `{}` or is over 16 KiB", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
         (status = 404, description = "Not one of the caller's inbox items", body = ErrorBody),
@@ -258,6 +268,7 @@ pub async fn read(
     State(state): State<AppState>,
     identity: Identity,
     Path(id): Path<String>,
+    _: Input,
 ) -> Result<Json<NotificationChanged>, ApiError> {
     let id = parse_id(&id)?;
     let change = inbox::mark_read(
@@ -277,7 +288,7 @@ pub async fn read(
     request_body = ReadAllRequest,
     responses(
         (status = 200, body = ReadAllResponse),
-        (status = 400, description = "A malformed body", body = ErrorBody),
+        (status = 400, description = "A malformed body, one over 16 KiB, or a query parameter", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
     ),
@@ -286,7 +297,7 @@ pub async fn read(
 pub async fn read_all(
     State(state): State<AppState>,
     identity: Identity,
-    ApiJson(body): ApiJson<ReadAllRequest>,
+    Input { body, .. }: Input<Nothing, ReadAllRequest>,
 ) -> Result<Json<ReadAllResponse>, ApiError> {
     if body.up_to < 0 {
         return Err(ApiError::BadRequest("up_to must be an id (≥ 0)".into()));
@@ -312,6 +323,7 @@ pub async fn read_all(
     params(("id" = i64, Path, description = "The item's id")),
     responses(
         (status = 200, body = NotificationChanged),
+        (status = 400, description = "An unknown query parameter, or a body that is not `{}` or is over 16 KiB", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
         (status = 404, description = "Not one of the caller's inbox items", body = ErrorBody),
@@ -322,6 +334,7 @@ pub async fn archive(
     state: State<AppState>,
     identity: Identity,
     id: Path<String>,
+    _: Input,
 ) -> Result<Json<NotificationChanged>, ApiError> {
     set_archived(state, identity, id, true).await
 }
@@ -332,6 +345,7 @@ pub async fn archive(
     params(("id" = i64, Path, description = "The item's id")),
     responses(
         (status = 200, body = NotificationChanged),
+        (status = 400, description = "An unknown query parameter, or a body that is not `{}` or is over 16 KiB", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "A request limit; see `Retry-After`", body = ErrorBody),
         (status = 404, description = "Not one of the caller's inbox items", body = ErrorBody),
@@ -342,6 +356,7 @@ pub async fn unarchive(
     state: State<AppState>,
     identity: Identity,
     id: Path<String>,
+    _: Input,
 ) -> Result<Json<NotificationChanged>, ApiError> {
     set_archived(state, identity, id, false).await
 }

@@ -10,8 +10,9 @@
 //! The stream takes the rows its instance just committed from the hub's memory, reads
 //! anything else from PostgreSQL page by page, and sleeps on the hub in between, so a slow
 //! client only slows its own reads: nothing is buffered for it beyond one page and the hub's
-//! bounded window of its user's rows (`hub`), and a client that stops reading is cut off by
-//! the listener's write deadline (`http.write_timeout_ms`) and catches up by replay.
+//! bounded window of its user's rows (`hub`), and a client that stops reading, or reads too
+//! slowly to catch up, is cut off by the listener's write deadline (`http.write_timeout_ms`)
+//! and catches up by replay.
 //!
 //! The handler reads as the story of opening a stream: the request's cursor ([`LastEventId`]),
 //! who asks, a subscription within the caps, the deep-replay limit, then the stream itself:
@@ -143,12 +144,14 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// A subscription to the user's rows, within the per-user, per-tenant and global caps.
+/// A subscription to the user's rows, within the per-user, per-tenant and global caps (a
+/// tenant's cap is its share of what the others leave: [`crate::hub::tenant_room`]).
 fn subscribe(state: &AppState, identity: &Identity) -> Result<Subscription, ApiError> {
     let caps = Caps {
         per_user: state.sse.max_connections_per_user,
         per_tenant: state.sse.max_connections_per_tenant,
         global: state.sse.max_connections,
+        tenant_share: state.sse.tenant_share,
     };
     state
         .hub

@@ -21,6 +21,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::auth::{Identity, refuse};
 use super::error::{ApiError, ErrorBody};
+use super::request::Input;
 use crate::store::tickets::{self, Redeemed};
 
 /// The query parameter of `GET /api/v1/sse` that carries a ticket.
@@ -43,6 +44,7 @@ pub struct Ticket {
     post, path = "/api/v1/sse/tickets", tag = "stream", operation_id = "createStreamTicket",
     responses(
         (status = 201, description = "A ticket valid for `expires_in` seconds", body = Ticket),
+        (status = 400, description = "An unknown query parameter, or a body that is not `{}` or is over 16 KiB", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 429, description = "More than `sse.tickets_per_minute` for this user, or a request limit; see `Retry-After`", body = ErrorBody),
     ),
@@ -51,6 +53,7 @@ pub struct Ticket {
 pub async fn create(
     State(state): State<AppState>,
     identity: Identity,
+    _: Input,
 ) -> Result<impl IntoResponse, ApiError> {
     let token_expires_at = DateTime::<Utc>::from_timestamp(identity.expires_at as i64, 0)
         .ok_or_else(|| refuse("exp out of range"))?;

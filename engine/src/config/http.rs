@@ -2,7 +2,7 @@
 //! pacing and caps, and the public API's request rates and share of the database, each with
 //! the rules it must satisfy on its own.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,13 +19,19 @@ pub struct HttpConfig {
     /// A connection that has not sent its request headers within this time is closed
     /// (slowloris).
     pub header_timeout_ms: u64,
-    /// A response write that makes no progress for this long closes the connection: a
-    /// client that stopped reading its stream is dropped (it catches up by replay).
+    /// A client that falls behind what is written to it (a write finds its socket full) and
+    /// has not caught up (a write taken whole at once) within this time is disconnected:
+    /// one that stopped reading its stream, or reads a trickle of it, catches up by replay.
     pub write_timeout_ms: u64,
     /// Open connections on the public listener; more wait to be accepted.
     pub max_connections: usize,
-    /// Open connections from one IP address; more are closed at once.
+    /// Open connections from one client address (IPv6: one /64); more are closed at once.
     pub max_connections_per_ip: usize,
+    /// Reverse proxies (addresses or CIDR blocks: `10.0.0.0/8`, `2001:db8::/32`) whose word
+    /// on the client's address is taken: a PROXY protocol header (v1 or v2) at the start of
+    /// the connection, else the rightmost address of `X-Forwarded-For` that is not itself a
+    /// trusted proxy. Empty: trust nobody, and every address is the connection's peer.
+    pub trusted_proxies: Vec<String>,
     /// Origins (`https://app.example.com`) whose pages may call the public API from a
     /// browser, cookies included. Empty: no cross-origin access.
     pub cors_origins: Vec<String>,
@@ -40,6 +46,7 @@ impl Default for HttpConfig {
             write_timeout_ms: 30_000,
             max_connections: 20_000,
             max_connections_per_ip: 256,
+            trusted_proxies: Vec::new(),
             cors_origins: Vec::new(),
         }
     }
@@ -65,6 +72,11 @@ pub struct SseConfig {
     pub max_connections_per_user: usize,
     /// Open streams allowed per tenant on this instance; more answer 429.
     pub max_connections_per_tenant: usize,
+    /// The most of the stream slots the other tenants leave free that one tenant may hold
+    /// (0 < share ≤ 1): with 0.5, one tenant alone holds half of `max_connections`, a second
+    /// half of the rest, and a newcomer always finds room until the instance is all but
+    /// full. 1: a tenant may fill the instance.
+    pub tenant_share: f64,
     /// Open streams allowed in total on this instance; more answer 429.
     pub max_connections: usize,
 }
@@ -80,6 +92,7 @@ impl Default for SseConfig {
             tickets_per_minute: 60,
             max_connections_per_user: 8,
             max_connections_per_tenant: 5_000,
+            tenant_share: 0.5,
             max_connections: 10_000,
         }
     }
@@ -182,7 +195,74 @@ impl HttpConfig {
         if self.listen == self.admin_listen && self.listen.port() != 0 {
             return invalid("http.listen and http.admin_listen must differ");
         }
+        for proxy in &self.trusted_proxies {
+            if let Err(e) = Cidr::parse(proxy) {
+                return invalid(format!("http.trusted_proxies: {proxy:?}: {e}"));
+            }
+        }
         Ok(())
+    }
+
+    /// `trusted_proxies`, parsed (validated at load: a bad entry never gets here).
+    pub fn trusted_proxies(&self) -> Vec<Cidr> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| Cidr::parse(p).ok())
+            .collect()
+    }
+}
+
+/// An address block: `10.0.0.0/8`, `2001:db8::/32`, or one address (`10.0.0.1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| "not an IP address or CIDR block".to_owned())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("the prefix length must be 0..={max}"))?,
+        };
+        Ok(Self { net, prefix })
+    }
+
+    /// Is `ip` inside the block? An IPv4-mapped IPv6 address counts as its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
     }
 }
 
@@ -202,9 +282,47 @@ impl SseConfig {
                 "sse.page_size, sse.page_bytes, sse.deep_replays_per_minute, sse.tickets_per_minute, sse.max_connections_per_user, sse.max_connections_per_tenant and sse.max_connections must be at least 1",
             );
         }
+        if !(self.tenant_share > 0.0 && self.tenant_share <= 1.0) {
+            return invalid("sse.tenant_share must be more than 0 and at most 1");
+        }
         if self.keepalive_secs == 0 || self.keepalive_secs > 15 {
             return invalid("sse.keepalive_secs must be between 1 and 15");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cidr;
+
+    #[test]
+    fn cidr_blocks_hold_their_addresses() {
+        let block = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(block.contains("10.1.200.3".parse().unwrap()));
+        assert!(block.contains("::ffff:10.1.0.9".parse().unwrap()));
+        assert!(!block.contains("10.2.0.1".parse().unwrap()));
+        assert!(!block.contains("::1".parse().unwrap()));
+        let one = Cidr::parse("127.0.0.2").unwrap();
+        assert!(one.contains("127.0.0.2".parse().unwrap()));
+        assert!(!one.contains("127.0.0.1".parse().unwrap()));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        for bad in [
+            "",
+            "10.0.0.0/",
+            "10.0.0.0/33",
+            "::/129",
+            "example.com",
+            "10.0.0.0/x",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
     }
 }

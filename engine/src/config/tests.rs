@@ -189,7 +189,7 @@ fn rejects_unknown_keys() {
 #[test]
 fn each_section_answers_with_its_own_message() {
     type Breaks = fn(&mut Config);
-    let cases: [(Breaks, &str); 9] = [
+    let cases: [(Breaks, &str); 11] = [
         (
             |c| c.auth.ticket_ttl_secs = 31,
             "auth.ticket_ttl_secs must be between 1 and 30",
@@ -197,6 +197,14 @@ fn each_section_answers_with_its_own_message() {
         (
             |c| c.http.cors_origins = vec!["*".into()],
             "http.cors_origins: \"*\" must be an origin like \"https://app.example.com\" (no path, no wildcard)",
+        ),
+        (
+            |c| c.http.trusted_proxies = vec!["10.0.0.0/33".into()],
+            "http.trusted_proxies: \"10.0.0.0/33\": the prefix length must be 0..=32",
+        ),
+        (
+            |c| c.sse.tenant_share = 0.0,
+            "sse.tenant_share must be more than 0 and at most 1",
         ),
         (
             |c| c.retention.batch = 0,

@@ -143,6 +143,7 @@ mod tests {
             per_user: 2,
             per_tenant: 10,
             global: 10,
+            tenant_share: 1.0,
         };
         let seqs = |rows: Option<Vec<Arc<StoredNotification>>>| {
             rows.map(|r| r.iter().map(|r| r.seq).collect::<Vec<_>>())
@@ -247,7 +248,7 @@ mod tests {
                 ops in prop::collection::vec(op(), 1..400),
             ) {
                 let hub = Hub::new();
-                let caps = Caps { per_user: 3, per_tenant: 3, global: 3 };
+                let caps = Caps { per_user: 3, per_tenant: 3, global: 3, tenant_share: 1.0 };
                 let subs: Vec<Subscription> =
                     (0..streams).map(|_| hub.subscribe("t", "u", caps).unwrap()).collect();
                 for s in &subs {

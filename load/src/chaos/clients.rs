@@ -2,9 +2,9 @@
 //! given (its `id:`, the user's sequence number, and the event it came from). They behave as
 //! browsers do on a bad day: they reconnect with `Last-Event-ID` at random moments and
 //! whenever an engine dies, and some stop reading for seconds at a time (with a small receive
-//! buffer; on loopback the engine's send buffer still takes megabytes, so its write deadline
-//! seldom fires, and the report counts when it does). At the end each reads until it
-//! has its user's latest notification.
+//! buffer; the engine's send buffer of 64 KiB holds a user's few frames a second for most
+//! of a stall, so its write deadline seldom fires, and the report counts when it does). At
+//! the end each reads until it has its user's latest notification.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

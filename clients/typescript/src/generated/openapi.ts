@@ -288,7 +288,7 @@ export interface operations {
                     "application/json": components["schemas"]["NotificationPage"];
                 };
             };
-            /** @description A malformed parameter */
+            /** @description A malformed or unknown parameter, or a body */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -338,7 +338,7 @@ export interface operations {
                     "application/json": components["schemas"]["ReadAllResponse"];
                 };
             };
-            /** @description A malformed body */
+            /** @description A malformed body, one over 16 KiB, or a query parameter */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -384,6 +384,15 @@ export interface operations {
                     "application/json": components["schemas"]["UnreadCount"];
                 };
             };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description No valid token */
             401: {
                 headers: {
@@ -422,6 +431,15 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Notification"];
+                };
+            };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description No valid token */
@@ -473,6 +491,15 @@ export interface operations {
                     "application/json": components["schemas"]["NotificationChanged"];
                 };
             };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description No valid token */
             401: {
                 headers: {
@@ -522,6 +549,15 @@ export interface operations {
                     "application/json": components["schemas"]["NotificationChanged"];
                 };
             };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description No valid token */
             401: {
                 headers: {
@@ -569,6 +605,15 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["NotificationChanged"];
+                };
+            };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description No valid token */
@@ -671,6 +716,15 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Ticket"];
+                };
+            };
+            /** @description An unknown query parameter, or a body that is not `{}` or is over 16 KiB */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description No valid token */

@@ -36,37 +36,45 @@ pub enum Head {
     Other(Vec<u8>),
 }
 
-/// Reads the request head; `None` when the client sent nothing complete in `timeout` or
-/// closed the connection first (slowloris and probes hold nothing).
-pub async fn read_head<IO: AsyncRead + Unpin>(io: &mut IO, timeout: Duration) -> Option<Head> {
-    let mut buf = Vec::with_capacity(1024);
+/// Reads the request head, after the bytes already `read` (past a PROXY header); `None`
+/// when the client sent nothing complete in `timeout` or closed the connection first
+/// (slowloris and probes hold nothing).
+pub async fn read_head<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    timeout: Duration,
+    read: Vec<u8>,
+) -> Option<Head> {
+    let mut buf = read;
+    buf.reserve(1024);
     let read = async {
         loop {
+            if !buf.is_empty() {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut request = httparse::Request::new(&mut headers);
+                match request.parse(&buf) {
+                    Ok(httparse::Status::Complete(len)) => {
+                        let path = request.path.unwrap_or_default();
+                        let sse = request.method == Some("GET")
+                            && request.version == Some(1)
+                            && (path == SSE_PATH || path.starts_with("/api/v1/sse?"))
+                            && len == buf.len();
+                        return Some(if sse {
+                            Head::Sse(buf)
+                        } else {
+                            Head::Other(buf)
+                        });
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+                    // Too long or not HTTP: hyper answers it as it answers such requests.
+                    _ => return Some(Head::Other(buf)),
+                }
+            }
             let mut chunk = [0u8; 1024];
             let n = io.read(&mut chunk).await.ok()?;
             if n == 0 {
                 return None;
             }
             buf.extend_from_slice(&chunk[..n]);
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut request = httparse::Request::new(&mut headers);
-            match request.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let path = request.path.unwrap_or_default();
-                    let sse = request.method == Some("GET")
-                        && request.version == Some(1)
-                        && (path == SSE_PATH || path.starts_with("/api/v1/sse?"))
-                        && len == buf.len();
-                    return Some(if sse {
-                        Head::Sse(buf)
-                    } else {
-                        Head::Other(buf)
-                    });
-                }
-                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-                // Too long or not HTTP: hyper answers it as it answers such requests.
-                _ => return Some(Head::Other(buf)),
-            }
         }
     };
     tokio::time::timeout(timeout, read).await.ok().flatten()
@@ -288,7 +296,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64 * 1024);
         client.write_all(bytes).await.unwrap();
         drop(client);
-        read_head(&mut server, Duration::from_secs(1)).await
+        read_head(&mut server, Duration::from_secs(1), Vec::new()).await
     }
 
     #[tokio::test]
@@ -323,7 +331,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            read_head(&mut server, Duration::from_secs(10))
+            read_head(&mut server, Duration::from_secs(10), Vec::new())
                 .await
                 .is_none()
         );
@@ -339,5 +347,14 @@ mod tests {
         let mut all = String::new();
         io.read_to_string(&mut all).await.unwrap();
         assert_eq!(all, "hello world");
+    }
+
+    #[tokio::test]
+    async fn a_head_already_read_behind_a_proxy_header_is_not_read_again() {
+        // The client stays connected: reading once more would wait for the timeout.
+        let (_client, mut server) = tokio::io::duplex(64);
+        let head = b"GET /api/v1/sse HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let read = read_head(&mut server, Duration::from_secs(5), head.clone()).await;
+        assert!(matches!(read, Some(Head::Sse(h)) if h == head));
     }
 }
