@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Auth, Identity};
 use crate::api::AppState;
-use crate::api::error::{ApiError, ApiJson};
+use crate::api::error::ApiError;
+use crate::api::request::{Input, Nothing};
 use crate::model::valid_tenant;
 use crate::store::revocations;
 
@@ -119,7 +120,7 @@ impl Auth {
 pub async fn revoke(
     State(state): State<AppState>,
     identity: Identity,
-    ApiJson(request): ApiJson<Revocation>,
+    Input { body: request, .. }: Input<Nothing, Revocation>,
 ) -> Result<Json<Revocation>, ApiError> {
     crate::api::require_admin(&identity)?;
     if !valid_tenant(&request.tenant) || request.user.is_empty() || request.user.len() > 200 {
