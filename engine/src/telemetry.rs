@@ -69,7 +69,7 @@ pub struct Metrics {
     /// SSE connections refused by a connection cap.
     pub sse_rejected: IntCounter,
     /// Rows deleted by retention, by table (`notifications`, `processed_events`,
-    /// `sse_tickets`).
+    /// `email_outbox`, `dead_letters`, `sse_tickets`).
     pub retention_deleted: IntCounterVec,
     /// Plugin calls, by tenant (see [`Metrics::tenant_label`]), world (`routing`,
     /// `templating`) and outcome (`ok` or a `PluginError::kind`: `trap`, `timeout`,
