@@ -410,6 +410,103 @@ async fn email_links_and_recipients_follow_the_tenant_policy() {
     engine.shutdown().await;
 }
 
+/// A tenant's templating plugin is held to the same link policy as its Handlebars files:
+/// the HTML it returns is parsed, and an email whose HTML has a `javascript:` link (plainly
+/// or hidden behind character references or CSS escapes), a link or image off the tenant's
+/// `link_domains`, or a script handler fails unsent with the reason; clean HTML goes out
+/// as the plugin wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn html_from_a_templating_plugin_follows_the_tenant_link_policy() {
+    let world = World::new().await;
+    world.install_plugin("fixtures/chaos-templater.wasm", "chaos-templater.wasm");
+    let tenant = unique("shop");
+    let mut config = world.config();
+    config.tenants.insert(
+        tenant.clone(),
+        TenantConfig {
+            templating_plugin: Some("chaos-templater".into()),
+            link_domains: vec!["shop.example".into()],
+            ..TenantConfig::default()
+        },
+    );
+    let engine = world.start(config).await;
+    let address = format!("{}@example.test", unique("html"));
+    let good = "<p>Order <a href=\"https://shop.example/o/1\">A-1</a> \
+                <img src=\"https://cdn.shop.example/logo.png\" alt=\"\"> \
+                <a href=\"#top\">top</a></p>";
+    let cases = [
+        ("good", good),
+        (
+            "javascript",
+            "<a href=\"javascript:alert(document.cookie)\">pay</a>",
+        ),
+        (
+            "encoded",
+            "<a href=\"&#106;ava&#x73;cript&colon;alert(1)\">pay</a>",
+        ),
+        (
+            "offsite",
+            "<p><a href=\"https://evil.example/login\">pay</a></p>",
+        ),
+        ("pixel", "<img src=\"https://evil.example/t.png\">"),
+        (
+            "css",
+            "<td style=\"background-image: u\\72 l(https://evil.example/t.png)\">x</td>",
+        ),
+        (
+            "handler",
+            "<img src=\"https://shop.example/a.png\" onerror=\"location='https://evil.example'\">",
+        ),
+    ];
+    for (id, html) in cases {
+        let mut event = order_paid(id, &tenant, "u1", Some(&address), 1.0);
+        event["data"]["chaos"] = serde_json::json!("html");
+        event["data"]["html"] = serde_json::json!(html);
+        world.produce(&event).await;
+    }
+    world
+        .wait_count(
+            "SELECT count(*) FROM email_outbox WHERE status IN ('sent', 'failed')",
+            cases.len() as i64,
+            WAIT,
+        )
+        .await;
+    let rows: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT event_id, status, last_error FROM email_outbox ORDER BY event_id")
+            .fetch_all(&world.pool().await)
+            .await
+            .unwrap();
+    let outcome = |id: &str| {
+        rows.iter()
+            .find(|(event, _, _)| event == id)
+            .map(|(_, status, error)| (status.as_str(), error.clone().unwrap_or_default()))
+            .unwrap()
+    };
+    assert_eq!(outcome("good").0, "sent", "{rows:?}");
+    for (id, reason) in [
+        ("javascript", "is not https"),
+        ("encoded", "is not https"),
+        ("offsite", "link_domains"),
+        ("pixel", "link_domains"),
+        ("css", "link_domains"),
+        ("handler", "onerror"),
+    ] {
+        let (status, error) = outcome(id);
+        assert_eq!(status, "failed", "{id}: {rows:?}");
+        assert!(error.contains(reason), "{id}: {error}");
+        assert!(error.contains("templating"), "{id}: {error}");
+    }
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&address, 1, WAIT)
+        .await;
+    assert!(
+        mails[0].html.contains("https://shop.example/o/1") && mails[0].html.contains("logo.png"),
+        "{}",
+        mails[0].html
+    );
+    engine.shutdown().await;
+}
+
 /// Fair claiming: a tenant's backlog of emails does not hold back another tenant's email,
 /// which goes out within the first rounds, not after the backlog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

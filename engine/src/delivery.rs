@@ -437,7 +437,18 @@ impl Shared {
             Some(Ok(rendered)) => {
                 self.metrics
                     .plugin_call(&email.tenant_id, "templating", "ok");
-                Ok(rendered)
+                // The plugin built its HTML as it liked: the link policy `{{link}}` applies
+                // to files applies to it too, and a violation fails the email as there.
+                match rendered
+                    .html
+                    .as_deref()
+                    .and_then(|html| crate::templates::html_link_refusal(html, link_domains))
+                {
+                    Some(refusal) => Err(Attempt::Failed(format!(
+                        "templating: the html part {refusal}; not sent"
+                    ))),
+                    None => Ok(rendered),
+                }
             }
             Some(Err(e)) => {
                 self.metrics
