@@ -60,7 +60,8 @@ pub struct Metrics {
     /// Plugin files handled by hot reload, by outcome (`loaded`, `rejected`, `broken`,
     /// `pending`, `removed`).
     pub plugin_reloads: IntCounterVec,
-    /// Template directory reloads, by outcome (`loaded`, `rejected`, `failed`).
+    /// Template directory reloads, by outcome (`loaded`, `rejected`, `failed`, `pending`: held
+    /// back while a template file is still open for writing).
     pub template_reloads: IntCounterVec,
     /// Open SSE connections.
     pub sse_connections: IntGauge,
