@@ -199,54 +199,6 @@ impl Shared {
         }
     }
 
-    /// While emails may be waiting for the relay, probes it every `email.relay_probe_ms`
-    /// (the first time at once: a restart), and pulls them forward when it answers.
-    async fn watch_relay(&self, shutdown: &CancellationToken) {
-        let every = Duration::from_millis(self.config.relay_probe_ms);
-        let mut next = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep_until(next) => {}
-            }
-            next = tokio::time::Instant::now() + every;
-            if !self.relay.waiting() {
-                continue;
-            }
-            let probe =
-                tokio::time::timeout(self.config.send_timeout(), self.transport.test_connection())
-                    .await;
-            match probe {
-                Ok(Ok(true)) => self.relay_back("a probe of the relay succeeded").await,
-                Ok(Ok(false)) => tracing::debug!("relay probe: the connection did not answer NOOP"),
-                Ok(Err(e)) => tracing::debug!(error = %e, "relay probe failed"),
-                Err(_) => tracing::debug!("relay probe: no answer in time"),
-            }
-        }
-    }
-
-    /// The relay answered: the emails waiting for it are due now, and the worker looks.
-    async fn relay_back(&self, why: &str) {
-        if !self.relay.take() {
-            return;
-        }
-        match outbox::pull_forward_relay_waits(&self.pool).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(
-                    emails = n,
-                    why,
-                    "SMTP relay available again: the emails waiting for it are due now"
-                );
-                self.wake.notify_one();
-            }
-            Err(e) => {
-                self.relay.failed();
-                tracing::warn!(error = %e.with_cause(), "pulling emails waiting for the relay forward failed; trying again at the next success");
-            }
-        }
-    }
-
     fn claim_timeout(&self) -> Duration {
         Duration::from_millis(self.config.claim_timeout_ms)
     }

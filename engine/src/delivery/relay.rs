@@ -11,8 +11,13 @@
 //! pull them forward again and again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use lettre::transport::smtp::Error as SmtpError;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::store::outbox;
 
 pub(super) use crate::store::outbox::RELAY_UNAVAILABLE;
 
@@ -43,6 +48,56 @@ impl RelayWatch {
     /// calls [`RelayWatch::failed`] again if that fails).
     pub(super) fn take(&self) -> bool {
         self.waiting.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl Shared {
+    /// While emails may be waiting for the relay, probes it every `email.relay_probe_ms`
+    /// (the first time at once: a restart), and pulls them forward when it answers.
+    pub(super) async fn watch_relay(&self, shutdown: &CancellationToken) {
+        let every = Duration::from_millis(self.config.relay_probe_ms);
+        let mut next = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            next = tokio::time::Instant::now() + every;
+            if !self.relay.waiting() {
+                continue;
+            }
+            let probe =
+                tokio::time::timeout(self.config.send_timeout(), self.transport.test_connection())
+                    .await;
+            match probe {
+                Ok(Ok(true)) => self.relay_back("a probe of the relay succeeded").await,
+                Ok(Ok(false)) => tracing::debug!("relay probe: the connection did not answer NOOP"),
+                Ok(Err(e)) => tracing::debug!(error = %e, "relay probe failed"),
+                Err(_) => tracing::debug!("relay probe: no answer in time"),
+            }
+        }
+    }
+
+    /// The relay answered: the emails waiting for it are due now, and the worker looks.
+    pub(super) async fn relay_back(&self, why: &str) {
+        if !self.relay.take() {
+            return;
+        }
+        match outbox::pull_forward_relay_waits(&self.pool).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(
+                    emails = n,
+                    why,
+                    "SMTP relay available again: the emails waiting for it are due now"
+                );
+                self.wake.notify_one();
+            }
+            Err(e) => {
+                self.relay.failed();
+                tracing::warn!(error = %e.with_cause(), "pulling emails waiting for the relay forward failed; trying again at the next success");
+            }
+        }
     }
 }
 
