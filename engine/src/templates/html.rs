@@ -11,7 +11,8 @@
 //! `#fragment` and an empty value lead nowhere and pass. What a mail client might run, or
 //! might parse otherwise than a browser, is refused outright: `<script>`, `on…` handler
 //! attributes, `srcdoc`, `<meta http-equiv=refresh>`, inline `<svg>` / `<math>`, CSS
-//! `expression()` and `image-set()`.
+//! `expression()` and `image-set()`. Comments are checked as HTML too: Outlook renders what
+//! its conditional comments (`<!--[if mso]>…<![endif]-->`) hold.
 //!
 //! As with `{{link}}`, a violation fails the email with the reason (nothing is silently
 //! removed: the tenant sees why, and `email requeue` sends it once the plugin is fixed).
@@ -32,6 +33,10 @@ use super::helpers::check_link;
 /// not: the first violation, naming the element and attribute.
 pub fn html_link_refusal(html: &str, link_domains: &[String]) -> Option<String> {
     let domains: Vec<&str> = link_domains.iter().map(String::as_str).collect();
+    refusal(html, &domains)
+}
+
+fn refusal(html: &str, domains: &[&str]) -> Option<String> {
     let sink = Sink {
         domains,
         state: RefCell::new(State::default()),
@@ -48,13 +53,13 @@ pub fn html_link_refusal(html: &str, link_domains: &[String]) -> Option<String> 
     if state.refusal.is_none() && state.style.is_some() {
         // A `<style>` never closed: its text still counts.
         let css = state.style.take().unwrap_or_default();
-        state.refusal = css_refusal(&css, &sink.domains).map(|e| format!("<style>: {e}"));
+        state.refusal = css_refusal(&css, sink.domains).map(|e| format!("<style>: {e}"));
     }
     state.refusal.take()
 }
 
 struct Sink<'a> {
-    domains: Vec<&'a str>,
+    domains: &'a [&'a str],
     state: RefCell<State>,
 }
 
@@ -88,7 +93,13 @@ impl TokenSink for Sink<'_> {
             }
             Token::TagToken(tag) if &*tag.name == "style" => {
                 let css = state.style.take().unwrap_or_default();
-                state.refusal = css_refusal(&css, &self.domains).map(|e| format!("<style>: {e}"));
+                state.refusal = css_refusal(&css, self.domains).map(|e| format!("<style>: {e}"));
+            }
+            // Outlook renders what its conditional comments hold (`<!--[if mso]>…<![endif]-->`),
+            // so a comment's text is held to the rules as HTML too (each level is shorter:
+            // this ends).
+            Token::CommentToken(text) => {
+                state.refusal = refusal(&text, self.domains).map(|e| format!("in a comment: {e}"));
             }
             Token::CharacterTokens(text) => {
                 if let Some(style) = state.style.as_mut() {
@@ -127,7 +138,7 @@ impl Sink<'_> {
         }
         tag.attrs.iter().find_map(|a| {
             let name = a.name.local.to_ascii_lowercase();
-            attribute_refusal(element, &name, &a.value, &self.domains)
+            attribute_refusal(element, &name, &a.value, self.domains)
                 .map(|e| format!("<{element} {name}>: {e}"))
         })
     }
@@ -287,6 +298,7 @@ mod tests {
             "<div data-order=\"javascript:not-a-url\">x</div>",
             "<img srcset=\"https://shop.example/a.png 1x, https://shop.example/b.png 2x\">",
             "<p>text mentioning javascript:alert(1) is only text</p>",
+            "<!-- a comment --><!--[if mso]><table><tr><td>x</td></tr></table><![endif]-->",
         ] {
             assert_eq!(refusal(html), None, "{html}");
         }
@@ -358,6 +370,11 @@ mod tests {
                 "<meta http-equiv=Refresh content=\"0;url=https://evil.example/\">",
                 "refresh",
             ),
+            (
+                "<!--[if mso]><a href=\"https://evil.example/\">x</a><![endif]-->",
+                "in a comment",
+            ),
+            ("<!-- <!-- <img src=javascript:x> -->", "is not https"),
         ] {
             let e = refusal(html).unwrap_or_else(|| panic!("{html} passed"));
             assert!(e.contains(expect), "{html}: {e}");
