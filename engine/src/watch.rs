@@ -14,7 +14,9 @@
 //! when a writer closes a file (Linux's inotify: `IN_CLOSE_WRITE`), a `.hbs` file written
 //! to and not yet closed holds the template reload back, the previous set serving, until
 //! its writer closes it (or, for a writer that keeps it open, [`UNSETTLED_MAX`] passes); the
-//! reload is counted as `pending` meanwhile. Write-then-rename needs none of this.
+//! reload is counted as `pending` meanwhile. And, as for plugins, templates that changed
+//! while they were read are not swapped in (the change's event brings the next reload).
+//! Write-then-rename needs none of this.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -252,9 +254,22 @@ async fn reload_plugins(what: &Reloadable) {
     what.health.set_plugins(what.plugins.health());
 }
 
+/// Reloads the templates, unless a template file changed while they were read (as for a
+/// plugin file: what was read may be half old, half new); then nothing is swapped, the
+/// reload counts as `pending`, and the change's own event brings the next one.
 fn reload_templates(what: &Reloadable) {
     let current = what.templates.load();
-    match current.reload() {
+    let before = template_stamps(&what.templates_dir);
+    let reloaded = current.reload();
+    if template_stamps(&what.templates_dir) != before {
+        what.metrics
+            .template_reloads
+            .with_label_values(&["pending"])
+            .inc();
+        tracing::info!(dir = %what.templates_dir.display(), "template files changed while they were read; reloading again");
+        return;
+    }
+    match reloaded {
         Ok((fresh, kept)) => {
             for line in &kept {
                 tracing::error!(problem = %line, "template edit rejected");
@@ -279,6 +294,28 @@ fn reload_templates(what: &Reloadable) {
             tracing::error!(error = %e, dir = %what.templates_dir.display(), "reloading the templates failed; the previous ones keep serving");
         }
     }
+}
+
+/// Length and modification time of every template file (`<tenant>/<folder>/*.hbs`, what a
+/// reload reads), in a stable order.
+fn template_stamps(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|it| it.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    };
+    let mut stamps: Vec<_> = entries(dir)
+        .iter()
+        .flat_map(|tenant| entries(tenant))
+        .flat_map(|folder| entries(&folder))
+        .filter(|file| file.extension().and_then(|e| e.to_str()) == Some("hbs"))
+        .filter_map(|file| {
+            let meta = std::fs::metadata(&file).ok()?;
+            Some((file, meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    stamps.sort();
+    stamps
 }
 
 /// What `kind` says about the writer of `path`, if it is a template file (`*.hbs`, what a
