@@ -271,6 +271,7 @@ impl Shared {
                 self.metrics.emails_sent.inc();
                 tracing::info!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, template = %email.template, attempts = email.attempts, "email sent");
                 let marked = outbox::mark_email_sent(&self.pool, &email).await;
+                self.relay.sent();
                 if self.relay.waiting() {
                     self.relay_back("an email was sent").await;
                 }

@@ -78,7 +78,8 @@ pub struct EmailConfig {
     pub claim_timeout_ms: u64,
     /// While emails wait in backoff because the relay was unavailable, how often the worker
     /// probes the relay (connect, greeting, `NOOP`); once a probe or a send succeeds, the
-    /// waiting emails are due at once instead of at the end of their backoff.
+    /// waiting emails are due at once instead of at the end of their backoff. A relay that
+    /// answers probes but fails sends is probed less often (doubling up to `backoff_max_ms`).
     pub relay_probe_ms: u64,
 }
 

@@ -8,7 +8,9 @@
 //! Which failures are the relay's: no connection, a connection cut, a timeout, TLS trouble,
 //! and `421` (service not available). Other `4xx` answers are about one message or
 //! recipient (a full mailbox, greylisting): those keep their backoff, or a busy relay would
-//! pull them forward again and again.
+//! pull them forward again and again. And a relay that answers probes but still fails
+//! sends is probed less and less often (doubling up to `email.backoff_max_ms`), so its
+//! emails are not tried every few seconds for the length of the trouble.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -24,6 +26,8 @@ pub(super) use crate::store::outbox::RELAY_UNAVAILABLE;
 /// Whether emails may be waiting for the relay.
 pub(super) struct RelayWatch {
     waiting: AtomicBool,
+    /// An email was sent since the last time a probe pulled emails forward.
+    sent: AtomicBool,
 }
 
 impl RelayWatch {
@@ -32,7 +36,13 @@ impl RelayWatch {
     pub(super) fn new() -> Self {
         Self {
             waiting: AtomicBool::new(true),
+            sent: AtomicBool::new(false),
         }
+    }
+
+    /// An email was sent.
+    pub(super) fn sent(&self) {
+        self.sent.store(true, Ordering::SeqCst);
     }
 
     /// An email was put back to wait for the relay.
@@ -55,36 +65,58 @@ impl Shared {
     /// While emails may be waiting for the relay, probes it every `email.relay_probe_ms`
     /// (the first time at once: a restart), and pulls them forward when it answers.
     pub(super) async fn watch_relay(&self, shutdown: &CancellationToken) {
-        let every = Duration::from_millis(self.config.relay_probe_ms);
+        let base = Duration::from_millis(self.config.relay_probe_ms);
+        let cap = Duration::from_millis(self.config.backoff_max_ms).max(base);
+        let mut every = base;
+        // The last probe pulled emails forward.
+        let mut pulled = false;
         let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep_until(next) => {}
             }
+            if self.relay.waiting() {
+                if pulled {
+                    let sent = self.relay.sent.swap(false, Ordering::SeqCst);
+                    every = probe_interval(every, base, cap, sent);
+                }
+                let probe = tokio::time::timeout(
+                    self.config.send_timeout(),
+                    self.transport.test_connection(),
+                )
+                .await;
+                pulled = match probe {
+                    Ok(Ok(true)) => self.relay_back("a probe of the relay succeeded").await,
+                    Ok(Ok(false)) => {
+                        tracing::debug!("relay probe: the connection did not answer NOOP");
+                        false
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "relay probe failed");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::debug!("relay probe: no answer in time");
+                        false
+                    }
+                };
+                if pulled {
+                    self.relay.sent.store(false, Ordering::SeqCst);
+                }
+            }
             next = tokio::time::Instant::now() + every;
-            if !self.relay.waiting() {
-                continue;
-            }
-            let probe =
-                tokio::time::timeout(self.config.send_timeout(), self.transport.test_connection())
-                    .await;
-            match probe {
-                Ok(Ok(true)) => self.relay_back("a probe of the relay succeeded").await,
-                Ok(Ok(false)) => tracing::debug!("relay probe: the connection did not answer NOOP"),
-                Ok(Err(e)) => tracing::debug!(error = %e, "relay probe failed"),
-                Err(_) => tracing::debug!("relay probe: no answer in time"),
-            }
         }
     }
 
     /// The relay answered: the emails waiting for it are due now, and the worker looks.
-    pub(super) async fn relay_back(&self, why: &str) {
+    /// `true` if there were some.
+    pub(super) async fn relay_back(&self, why: &str) -> bool {
         if !self.relay.take() {
-            return;
+            return false;
         }
         match outbox::pull_forward_relay_waits(&self.pool).await {
-            Ok(0) => {}
+            Ok(0) => false,
             Ok(n) => {
                 tracing::info!(
                     emails = n,
@@ -92,13 +124,22 @@ impl Shared {
                     "SMTP relay available again: the emails waiting for it are due now"
                 );
                 self.wake.notify_one();
+                true
             }
             Err(e) => {
                 self.relay.failed();
                 tracing::warn!(error = %e.with_cause(), "pulling emails waiting for the relay forward failed; trying again at the next success");
+                false
             }
         }
     }
+}
+
+/// The next probe interval when emails wait for the relay again after a probe pulled them
+/// forward: back to `base` if a send succeeded since (the relay works), else doubled up to
+/// `cap` (it answers probes but fails sends: trying its emails every `base` would hammer it).
+fn probe_interval(every: Duration, base: Duration, cap: Duration, sent: bool) -> Duration {
+    if sent { base } else { (every * 2).min(cap) }
 }
 
 /// Is this failure the relay's (unreachable, gone, too slow, `421`) rather than about one
@@ -126,6 +167,23 @@ mod tests {
         assert!(watch.waiting());
         assert!(watch.take());
         assert!(!watch.waiting());
+    }
+
+    #[test]
+    fn a_relay_that_answers_probes_but_fails_sends_is_probed_less_often() {
+        let (base, cap) = (Duration::from_secs(5), Duration::from_secs(300));
+        let mut every = base;
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            every = probe_interval(every, base, cap, false);
+            seen.push(every.as_secs());
+        }
+        assert_eq!(seen, [10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(
+            probe_interval(every, base, cap, true),
+            base,
+            "a send worked"
+        );
     }
 
     #[test]
