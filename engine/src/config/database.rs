@@ -65,7 +65,7 @@ pub struct RetentionConfig {
     /// Outbox rows (recipients and the data their email was rendered from) that are done
     /// (`sent`, `failed`, `skipped`) and older than this many days are deleted; rows still
     /// `pending` or `sending` never are. 0: kept forever. A failed row purged can no longer
-    /// be requeued (`email requeue`).
+    /// be requeued (`email requeue`), so it must be longer than `email.max_age_secs`.
     pub email_outbox_days: u32,
     /// Dead letters (the raw payloads) older than this many days are deleted; 0: kept
     /// forever. A purged dead letter can no longer be replayed (`dead-letters replay` needs
