@@ -830,3 +830,76 @@ async fn a_removed_key_or_a_signed_out_user_ends_their_streams() {
     other.shutdown().await;
     engine.shutdown().await;
 }
+
+/// A JWKS file rewritten with the same length and the same modification time (a tool that
+/// keeps timestamps, a file system with coarse ones) still takes effect: the engine notices
+/// a key file's change by its content, not by its length and mtime alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_rewritten_with_the_same_length_and_mtime_is_reloaded() {
+    let world = World::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    // One EC key under one kid; the two files differ only in the key's coordinates, which
+    // have the same length for every P-256 key.
+    let file_with = |jwks: &str| {
+        let doc: Value =
+            serde_json::from_slice(&std::fs::read(keys_dir().join(jwks)).unwrap()).unwrap();
+        let ec = doc["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kty"] == "EC")
+            .unwrap()
+            .clone();
+        json!({"keys": [{"kty": "EC", "kid": "rotating", "alg": "ES256", "use": "sig",
+                         "crv": "P-256", "x": ec["x"], "y": ec["y"]}]})
+        .to_string()
+    };
+    let (old, new) = (file_with("acme.jwks.json"), file_with("globex.jwks.json"));
+    assert_eq!(old.len(), new.len());
+    std::fs::write(&path, &old).unwrap();
+    let mut config = world.config();
+    config.auth.jwks_file = path.clone();
+    config.auth.jwks_reload_ms = 100;
+    let engine = world.start(config).await;
+    let signed = |key_file: &str| {
+        token(
+            kid(Algorithm::ES256, "rotating"),
+            &claims("acme", "u1"),
+            &EncodingKey::from_ec_pem(&pem(key_file)).unwrap(),
+        )
+    };
+    let (old_token, new_token) = (signed("acme-ec.key"), signed("globex-ec.key"));
+    let status = async |token: &str| {
+        Api::new(&engine, token)
+            .get("/api/v1/notifications/unread-count")
+            .await
+            .0
+    };
+    assert_eq!(status(&old_token).await, 200);
+    assert_eq!(status(&new_token).await, 401);
+
+    // The rotation: same length, and the old modification time put back.
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut &file, new.as_bytes()).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        (meta.len(), meta.modified().unwrap()),
+        (old.len() as u64, mtime)
+    );
+
+    // Many reload intervals (100 ms) later, not minutes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status(&new_token).await != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rewritten key file was not reloaded: the new key is still refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status(&old_token).await, 401, "the old key is gone");
+    engine.shutdown().await;
+}

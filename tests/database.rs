@@ -447,3 +447,116 @@ async fn a_non_superuser_engine_user_migrates_and_takes_on_the_api_role() {
         .await
         .unwrap();
 }
+
+/// Retention of the outbox and the dead letters, which hold personal data (recipients, the
+/// data an email was rendered from, raw payloads): finished outbox rows older than
+/// `retention.email_outbox_days` and dead letters older than `retention.dead_letters_days`
+/// go, in batches; an outbox row still waiting to be sent stays however old, and so does
+/// everything younger than its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_finished_email_and_old_dead_letters_but_never_pending_email() {
+    let world = World::new().await;
+    // Started once for its migrations, then stopped: the test runs the rounds itself.
+    world.start(world.config()).await.shutdown().await;
+    let pool = world.pool().await;
+    // (event id, status, days since queued, days since sent)
+    let outbox = [
+        ("sent-old", "sent", 40, Some(40)),
+        ("failed-old", "failed", 40, None),
+        ("skipped-old", "skipped", 40, None),
+        // Requeued by an operator 40 days after it was first queued, sent just now.
+        ("sent-recently", "sent", 40, Some(0)),
+        ("sent-new", "sent", 2, Some(2)),
+        ("failed-new", "failed", 2, None),
+        // Waiting for the relay for 40 days (a long outage, a requeue): mail not delivered.
+        ("pending-old", "pending", 40, None),
+        ("sending-old", "sending", 40, None),
+    ];
+    for (id, status, queued, sent) in outbox {
+        sqlx::query(
+            "INSERT INTO email_outbox (tenant_id, event_id, recipient, template, data,
+                 message_id, status, created_at, queued_at, sent_at, locked_until)
+             VALUES ('shop', $1, 'a@example.test', 'order_paid', '{}', $1 || '@test', $2,
+                 now() - make_interval(days => $3), now() - make_interval(days => $3),
+                 now() - make_interval(days => $4),
+                 CASE WHEN $2 = 'sending' THEN now() + interval '1 hour' END)",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(queued)
+        .bind(sent)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // (offset, days old, replayed)
+    for (offset, days, replayed) in [(1i64, 40, true), (2, 40, false), (3, 2, false)] {
+        sqlx::query(
+            "INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, payload,
+                 error_kind, reason, created_at, replayed_at)
+             VALUES ('t', 0, $1, '\\x7b7d', 'decode', 'test',
+                 now() - make_interval(days => $2),
+                 CASE WHEN $3 THEN now() END)",
+        )
+        .bind(offset)
+        .bind(days)
+        .bind(replayed)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    let metrics = notify_engine::telemetry::Metrics::new();
+    let retention = notify_engine::retention::Retention {
+        pool: pool.clone(),
+        config: notify_engine::config::RetentionConfig {
+            batch: 2,
+            ..Default::default()
+        },
+        metrics: metrics.clone(),
+    };
+    let mut rounds = 1;
+    while retention.round().await.unwrap() {
+        rounds += 1;
+        assert!(
+            rounds <= 4,
+            "a full batch means more to do, until there is none"
+        );
+    }
+    let left: Vec<(String,)> =
+        sqlx::query_as("SELECT event_id FROM email_outbox ORDER BY event_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let left: Vec<&str> = left.iter().map(|(id,)| id.as_str()).collect();
+    assert_eq!(
+        left,
+        [
+            "failed-new",
+            "pending-old",
+            "sending-old",
+            "sent-new",
+            "sent-recently"
+        ],
+        "finished rows past the window go; pending and sending rows never do"
+    );
+    let offsets: Vec<(i64,)> =
+        sqlx::query_as("SELECT kafka_offset FROM dead_letters ORDER BY kafka_offset")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(offsets, [(3,)], "old dead letters go, replayed or not");
+    let rendered = metrics.render();
+    assert!(
+        rendered.contains("notify_retention_deleted_total{table=\"email_outbox\"} 3"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("notify_retention_deleted_total{table=\"dead_letters\"} 2"),
+        "{rendered}"
+    );
+    assert_eq!(
+        rounds, 2,
+        "3 old outbox rows and 2 old dead letters in batches of 2: one full round, one not"
+    );
+}

@@ -1,6 +1,9 @@
 //! Email, on the real services (Mailpit as the relay): the outbox through SMTP outages short
-//! and long, broken templates, the operator's requeue, events too old to mail, the tenant's
-//! link and recipient policy, and fair claiming between tenants' backlogs.
+//! and long (and mail flowing again within seconds of the relay's return), broken templates,
+//! the operator's requeue, events too old to mail, the tenant's link and recipient policy (on
+//! a templating plugin's HTML too), and fair claiming between tenants' backlogs.
+
+use std::time::Duration;
 
 use notify_engine::config::TenantConfig;
 use notify_engine::store::outbox::RequeueFilter;
@@ -86,6 +89,85 @@ async fn email_outage_is_retried_and_broken_templates_fail_cleanly() {
         .wait_count(
             "SELECT count(*) FROM email_outbox WHERE event_id = 'o1' AND status = 'sent'",
             1,
+            WAIT,
+        )
+        .await;
+    engine.shutdown().await;
+}
+
+/// After an SMTP outage, email waiting in backoff (here a minute or more) goes out within
+/// seconds of the relay's return, not when each row's backoff ends: when a send succeeds
+/// again, and when a probe of the relay does (so also after a restart, with nothing new to
+/// send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_waiting_for_the_relay_goes_out_within_seconds_of_its_return() {
+    let world = World::new().await;
+    let mailpit =
+        tokio::net::lookup_host((world.services.smtp_host.as_str(), world.services.smtp_port))
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+    let relay = Relay::start(mailpit, false).await;
+    let mut config = world.config();
+    config.smtp.port = relay.port;
+    // A retry after 30 to 60 s, then longer: far beyond what this test waits.
+    config.email.backoff_base_ms = 60_000;
+    config.email.backoff_max_ms = 300_000;
+    config.email.tenant_rate_per_sec = 0;
+    let engine = world.start(config.clone()).await;
+    let tenant = unique("shop");
+    let address = format!("{}@example.test", unique("outage"));
+    let waiting = |id: &str| {
+        format!(
+            "SELECT count(*) FROM email_outbox WHERE event_id = '{id}' AND status = 'pending'
+               AND attempts >= 1 AND next_attempt_at > now() + interval '20 seconds'"
+        )
+    };
+    let mailpit = Mailpit::new(&world.services);
+
+    // Down: the email waits in backoff.
+    world
+        .produce(&order_paid("o1", &tenant, "u1", Some(&address), 1.0))
+        .await;
+    world.wait_count(&waiting("o1"), 1, WAIT).await;
+    // Back, and a new email is sent at once: the waiting one follows within seconds.
+    relay.set_up(true);
+    world
+        .produce(&order_paid("o2", &tenant, "u1", Some(&address), 2.0))
+        .await;
+    let mails = mailpit.wait_for(&address, 2, Duration::from_secs(10)).await;
+    let mut subjects: Vec<_> = mails.iter().map(|m| m.subject.clone()).collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        [
+            "Payment received for order A-o1",
+            "Payment received for order A-o2"
+        ]
+    );
+
+    // Down again; the engine restarts while an email waits; the relay is back before it
+    // starts: with nothing new to send, the email still goes out within seconds.
+    relay.set_up(false);
+    world
+        .produce(&order_paid("o3", &tenant, "u1", Some(&address), 3.0))
+        .await;
+    world.wait_count(&waiting("o3"), 1, WAIT).await;
+    engine.shutdown().await;
+    relay.set_up(true);
+    let engine = world.start(config).await;
+    let mails = mailpit.wait_for(&address, 3, Duration::from_secs(10)).await;
+    assert!(
+        mails
+            .iter()
+            .any(|m| m.subject == "Payment received for order A-o3"),
+        "{mails:#?}"
+    );
+    world
+        .wait_count(
+            "SELECT count(*) FROM email_outbox WHERE status = 'sent'",
+            3,
             WAIT,
         )
         .await;
@@ -324,6 +406,103 @@ async fn email_links_and_recipients_follow_the_tenant_policy() {
             .messages_to(&outsider)
             .await
             .is_empty()
+    );
+    engine.shutdown().await;
+}
+
+/// A tenant's templating plugin is held to the same link policy as its Handlebars files:
+/// the HTML it returns is parsed, and an email whose HTML has a `javascript:` link (plainly
+/// or hidden behind character references or CSS escapes), a link or image off the tenant's
+/// `link_domains`, or a script handler fails unsent with the reason; clean HTML goes out
+/// as the plugin wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn html_from_a_templating_plugin_follows_the_tenant_link_policy() {
+    let world = World::new().await;
+    world.install_plugin("fixtures/chaos-templater.wasm", "chaos-templater.wasm");
+    let tenant = unique("shop");
+    let mut config = world.config();
+    config.tenants.insert(
+        tenant.clone(),
+        TenantConfig {
+            templating_plugin: Some("chaos-templater".into()),
+            link_domains: vec!["shop.example".into()],
+            ..TenantConfig::default()
+        },
+    );
+    let engine = world.start(config).await;
+    let address = format!("{}@example.test", unique("html"));
+    let good = "<p>Order <a href=\"https://shop.example/o/1\">A-1</a> \
+                <img src=\"https://cdn.shop.example/logo.png\" alt=\"\"> \
+                <a href=\"#top\">top</a></p>";
+    let cases = [
+        ("good", good),
+        (
+            "javascript",
+            "<a href=\"javascript:alert(document.cookie)\">pay</a>",
+        ),
+        (
+            "encoded",
+            "<a href=\"&#106;ava&#x73;cript&colon;alert(1)\">pay</a>",
+        ),
+        (
+            "offsite",
+            "<p><a href=\"https://evil.example/login\">pay</a></p>",
+        ),
+        ("pixel", "<img src=\"https://evil.example/t.png\">"),
+        (
+            "css",
+            "<td style=\"background-image: u\\72 l(https://evil.example/t.png)\">x</td>",
+        ),
+        (
+            "handler",
+            "<img src=\"https://shop.example/a.png\" onerror=\"location='https://evil.example'\">",
+        ),
+    ];
+    for (id, html) in cases {
+        let mut event = order_paid(id, &tenant, "u1", Some(&address), 1.0);
+        event["data"]["chaos"] = serde_json::json!("html");
+        event["data"]["html"] = serde_json::json!(html);
+        world.produce(&event).await;
+    }
+    world
+        .wait_count(
+            "SELECT count(*) FROM email_outbox WHERE status IN ('sent', 'failed')",
+            cases.len() as i64,
+            WAIT,
+        )
+        .await;
+    let rows: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT event_id, status, last_error FROM email_outbox ORDER BY event_id")
+            .fetch_all(&world.pool().await)
+            .await
+            .unwrap();
+    let outcome = |id: &str| {
+        rows.iter()
+            .find(|(event, _, _)| event == id)
+            .map(|(_, status, error)| (status.as_str(), error.clone().unwrap_or_default()))
+            .unwrap()
+    };
+    assert_eq!(outcome("good").0, "sent", "{rows:?}");
+    for (id, reason) in [
+        ("javascript", "is not https"),
+        ("encoded", "is not https"),
+        ("offsite", "link_domains"),
+        ("pixel", "link_domains"),
+        ("css", "link_domains"),
+        ("handler", "onerror"),
+    ] {
+        let (status, error) = outcome(id);
+        assert_eq!(status, "failed", "{id}: {rows:?}");
+        assert!(error.contains(reason), "{id}: {error}");
+        assert!(error.contains("templating"), "{id}: {error}");
+    }
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&address, 1, WAIT)
+        .await;
+    assert!(
+        mails[0].html.contains("https://shop.example/o/1") && mails[0].html.contains("logo.png"),
+        "{}",
+        mails[0].html
     );
     engine.shutdown().await;
 }

@@ -131,6 +131,75 @@ async fn templates_reload_live_and_a_broken_edit_keeps_the_previous_set() {
     engine.shutdown().await;
 }
 
+/// A template written in place and caught mid-write (what is there so far is valid
+/// Handlebars, just short) does not go live: the engine waits until the writer closes the
+/// file, the previous version serving meanwhile, and then takes the whole file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_caught_mid_write_does_not_go_live_until_it_is_written() {
+    let world = World::new().await;
+    let templates = tempfile::tempdir().unwrap();
+    copy_dir(&world.services.templates, templates.path());
+    let mut config = world.config();
+    config.email.templates_dir = templates.path().to_owned();
+    let engine = world.start(config).await;
+    let reloads = |outcome: &str| {
+        engine
+            .metrics
+            .template_reloads
+            .with_label_values(&[outcome])
+            .get()
+    };
+    let tenant = unique("shop");
+    let address = format!("{}@example.test", unique("settle"));
+    let folder = templates.path().join(&tenant).join("order_paid");
+    std::fs::create_dir_all(&folder).unwrap();
+    let loaded = reloads("loaded");
+    publish(&folder, "subject.hbs", b"Settled v1 {{order_id}}");
+    eventually("v1 is loaded", async || reloads("loaded") > loaded).await;
+    eventually("v1 is loaded", async || {
+        let current = reloads("loaded");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        reloads("loaded") == current
+    })
+    .await;
+
+    // An editor writes v2 in place: the first part is on disk, the rest not yet.
+    let (loaded, pending) = (reloads("loaded"), reloads("pending"));
+    let mut file = std::fs::File::create(folder.join("subject.hbs")).unwrap();
+    std::io::Write::write_all(&mut file, b"Settled v2").unwrap();
+    std::io::Write::flush(&mut file).unwrap();
+    eventually("the directory's change is looked at", async || {
+        reloads("loaded") > loaded || reloads("pending") > pending
+    })
+    .await;
+    world
+        .produce(&order_paid("e1", &tenant, "u1", Some(&address), 1.0))
+        .await;
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&address, 1, WAIT)
+        .await;
+    assert_eq!(
+        mails[0].subject, "Settled v1 A-e1",
+        "the half-written template went live"
+    );
+
+    // The writer finishes and closes the file: v2, whole, goes live.
+    let loaded = reloads("loaded");
+    std::io::Write::write_all(&mut file, b" {{order_id}}").unwrap();
+    drop(file);
+    eventually("v2 is loaded", async || reloads("loaded") > loaded).await;
+    world
+        .produce(&order_paid("e2", &tenant, "u1", Some(&address), 1.0))
+        .await;
+    let mails = Mailpit::new(&world.services)
+        .wait_for(&address, 2, WAIT)
+        .await;
+    let mut subjects: Vec<_> = mails.iter().map(|m| m.subject.clone()).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["Settled v1 A-e1", "Settled v2 A-e2"]);
+    engine.shutdown().await;
+}
+
 /// Hot reload under load: while events flow, three versions of a tenant's plugin are
 /// published by rename, then a broken fourth, then a fifth written in place in two halves.
 /// No event is lost or handled twice, each records exactly one of the published builds, the

@@ -2,8 +2,9 @@
 //! (`services`), one test's world with its own database and topics (`world`), producing to
 //! Kafka (`kafka`), reading the database (`database`), the events produced (`events`),
 //! plugins (`plugins`), templates (`templates`), the SSE client (`sse`), the REST client
-//! (`api`), the admin listener (`admin`), Mailpit (`mailpit`), the published contracts
-//! (`contracts`), and waiting (`wait`).
+//! (`api`), the admin listener (`admin`), Mailpit (`mailpit`), an SMTP relay the test takes
+//! down and brings back (`relay`), the published contracts (`contracts`), and waiting
+//! (`wait`).
 //!
 //! Every test file takes it all with `use crate::support::*;`.
 
@@ -18,6 +19,7 @@ mod events;
 mod kafka;
 mod mailpit;
 mod plugins;
+mod relay;
 mod services;
 mod sse;
 mod templates;
@@ -31,6 +33,7 @@ pub use contracts::*;
 pub use events::*;
 pub use mailpit::*;
 pub use plugins::*;
+pub use relay::*;
 pub use services::*;
 pub use sse::*;
 pub use templates::*;

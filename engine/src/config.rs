@@ -228,6 +228,15 @@ impl Config {
                  http.write_timeout_ms and database.api_max_connections must be positive",
             );
         }
+        // A row that fails at the end of its retries (queued email.max_age_secs ago) must
+        // outlive that moment, or it is purged before anyone could requeue it.
+        let outbox_kept = u64::from(self.retention.email_outbox_days) * 24 * 3600;
+        if outbox_kept > 0 && outbox_kept <= self.email.max_age_secs {
+            return invalid(format!(
+                "retention.email_outbox_days ({} days) must be longer than email.max_age_secs                  ({} s): an email that fails after its last retry would be purged at once",
+                self.retention.email_outbox_days, self.email.max_age_secs
+            ));
+        }
         // A claim must outlive the sends it covers, or a second worker sends the same email.
         if self.email.claim_timeout_ms < 3 * self.smtp.timeout_ms {
             return invalid(format!(

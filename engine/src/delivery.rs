@@ -10,6 +10,11 @@
 //! unrenderable template, bad address) → failed at once. Every attempt records its error;
 //! `notify-engine email requeue` puts failed rows back.
 //!
+//! After an outage (`relay`): a failure that is the relay's is recorded as such, and the
+//! first success afterwards, a send or a probe of the relay every `email.relay_probe_ms`
+//! (also right after a start), makes the emails waiting for the relay due at once, so mail
+//! flows within seconds of the relay's return instead of after each row's backoff.
+//!
 //! Fairness: each claim takes at most `email.per_tenant_batch` rows of one tenant (up to
 //! `email.batch` in all, tenants' oldest rows first, round-robin), each tenant has a send
 //! rate (`email.tenant_rate_per_sec`), and up to `email.concurrency` sends run at once. The
@@ -17,6 +22,7 @@
 //! does not keep the other slots empty.
 
 mod rate;
+mod relay;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -66,6 +72,19 @@ pub struct EmailWorker {
     pub plugins: Arc<PluginHost>,
 }
 
+/// The worker and what its send tasks share.
+struct Shared {
+    worker: EmailWorker,
+    relay: relay::RelayWatch,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = EmailWorker;
+    fn deref(&self) -> &EmailWorker {
+        &self.worker
+    }
+}
+
 /// Builds the SMTP transport from configuration (no connection is made yet), keeping up to
 /// `concurrency` connections open: lettre's pool closes a connection coming back to a full
 /// pool, so a smaller pool than the sends in flight would reconnect for most of them.
@@ -99,7 +118,22 @@ impl EmailWorker {
     /// `email.concurrency` at once; the next fair batch is claimed as soon as half of them
     /// are free, so a round's slowest send does not hold the others' slots empty.
     pub async fn run(self, shutdown: CancellationToken) {
-        let worker = Arc::new(self);
+        let worker = Arc::new(Shared {
+            worker: self,
+            relay: relay::RelayWatch::new(),
+        });
+        tokio::join!(
+            worker.clone().send(shutdown.clone()),
+            worker.watch_relay(&shutdown)
+        );
+        tracing::info!("email worker stopped");
+    }
+}
+
+impl Shared {
+    /// The claiming and sending loop.
+    async fn send(self: Arc<Self>, shutdown: CancellationToken) {
+        let worker = self;
         let poll = Duration::from_millis(worker.config.poll_interval_ms);
         let max_age = Duration::from_secs(worker.config.max_age_secs);
         let slots = worker.config.concurrency.max(1);
@@ -163,7 +197,6 @@ impl EmailWorker {
                 _ = tokio::time::sleep_until(poll_at), if idle => idle = false,
             }
         }
-        tracing::info!("email worker stopped");
     }
 
     fn claim_timeout(&self) -> Duration {
@@ -225,7 +258,10 @@ impl EmailWorker {
         let attempt = tokio::time::timeout(limit, self.attempt(&email))
             .await
             .unwrap_or_else(|_| {
-                Attempt::Retry(format!("smtp: no answer within {} s", limit.as_secs()))
+                Attempt::Retry(relay::relay_error(format_args!(
+                    "no answer within {} s",
+                    limit.as_secs()
+                )))
             });
         let age = (chrono::Utc::now() - email.queued_at)
             .to_std()
@@ -234,7 +270,12 @@ impl EmailWorker {
             Attempt::Sent => {
                 self.metrics.emails_sent.inc();
                 tracing::info!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, template = %email.template, attempts = email.attempts, "email sent");
-                outbox::mark_email_sent(&self.pool, &email).await
+                let marked = outbox::mark_email_sent(&self.pool, &email).await;
+                self.relay.sent();
+                if self.relay.waiting() {
+                    self.relay_back("an email was sent").await;
+                }
+                marked
             }
             Attempt::Retry(error) if age < Duration::from_secs(self.config.max_age_secs) => {
                 self.metrics.emails_retried.inc();
@@ -245,7 +286,12 @@ impl EmailWorker {
                     rand::rng().random_range(0.5..=1.0),
                 );
                 tracing::warn!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, attempts = email.attempts, retry_in_ms = delay.as_millis() as u64, error = %error, "email failed transiently; will retry");
-                outbox::mark_email_retry(&self.pool, &email, error, delay).await
+                let marked = outbox::mark_email_retry(&self.pool, &email, error, delay).await;
+                // After the row is marked, so the pull that the next success makes sees it.
+                if error.starts_with(relay::RELAY_UNAVAILABLE) {
+                    self.relay.failed();
+                }
+                marked
             }
             Attempt::Retry(error) => {
                 self.metrics.emails_failed.inc();
@@ -293,7 +339,10 @@ impl EmailWorker {
         match self.transport.send(message).await {
             Ok(_) => Attempt::Sent,
             Err(e) if e.is_permanent() => Attempt::Failed(format!("smtp: {e}")),
-            // 4xx, connection trouble, timeouts, TLS hiccups: all worth another try.
+            // Connection trouble, timeouts, TLS hiccups, 421: the relay's, and worth
+            // another try as soon as it is back.
+            Err(e) if relay::relay_unavailable(&e) => Attempt::Retry(relay::relay_error(e)),
+            // Another 4xx: this message's, worth another try after its backoff.
             Err(e) => Attempt::Retry(format!("smtp: {e}")),
         }
     }
@@ -341,7 +390,18 @@ impl EmailWorker {
             Some(Ok(rendered)) => {
                 self.metrics
                     .plugin_call(&email.tenant_id, "templating", "ok");
-                Ok(rendered)
+                // The plugin built its HTML as it liked: the link policy `{{link}}` applies
+                // to files applies to it too, and a violation fails the email as there.
+                match rendered
+                    .html
+                    .as_deref()
+                    .and_then(|html| crate::templates::html_link_refusal(html, link_domains))
+                {
+                    Some(refusal) => Err(Attempt::Failed(format!(
+                        "templating: the html part {refusal}; not sent"
+                    ))),
+                    None => Ok(rendered),
+                }
             }
             Some(Err(e)) => {
                 self.metrics

@@ -1,5 +1,8 @@
-//! Retention: deletes notifications and duplicate-filter keys older than their configured
-//! age, and stream tickets that expired unused, in bounded batches.
+//! Retention: deletes notifications, duplicate-filter keys, finished outbox rows and dead
+//! letters older than their configured age, and stream tickets that expired unused, in
+//! bounded batches. The outbox and the dead letters hold personal data (recipients, the
+//! data an email was rendered from, raw event payloads), so they do not stay forever; an
+//! outbox row still waiting to be sent is never purged.
 //!
 //! One round deletes at most `retention.batch` rows per table and repeats at once while a
 //! table had a full batch to delete, so a backlog drains quickly without one long
@@ -64,6 +67,20 @@ impl Retention {
             count(
                 "processed_events",
                 retention::purge_processed_events(&self.pool, age, batch).await?,
+            );
+        }
+        if self.config.email_outbox_days > 0 {
+            let age = DAY * self.config.email_outbox_days;
+            count(
+                "email_outbox",
+                retention::purge_email_outbox(&self.pool, age, batch).await?,
+            );
+        }
+        if self.config.dead_letters_days > 0 {
+            let age = DAY * self.config.dead_letters_days;
+            count(
+                "dead_letters",
+                retention::purge_dead_letters(&self.pool, age, batch).await?,
             );
         }
         count(

@@ -65,7 +65,8 @@ pub struct Metrics {
     /// Plugin files handled by hot reload, by outcome (`loaded`, `rejected`, `broken`,
     /// `pending`, `removed`).
     pub plugin_reloads: IntCounterVec,
-    /// Template directory reloads, by outcome (`loaded`, `rejected`, `failed`).
+    /// Template directory reloads, by outcome (`loaded`, `rejected`, `failed`, `pending`: held
+    /// back while a template file is still open for writing).
     pub template_reloads: IntCounterVec,
     /// Open SSE connections.
     pub sse_connections: IntGauge,
@@ -81,7 +82,7 @@ pub struct Metrics {
     /// database connections stayed busy).
     pub api_rate_limited: IntCounterVec,
     /// Rows deleted by retention, by table (`notifications`, `processed_events`,
-    /// `sse_tickets`).
+    /// `email_outbox`, `dead_letters`, `sse_tickets`).
     pub retention_deleted: IntCounterVec,
     /// Plugin calls, by tenant (see [`Metrics::tenant_label`]), world (`routing`,
     /// `templating`) and outcome (`ok` or a `PluginError::kind`: `trap`, `timeout`,

@@ -12,16 +12,19 @@
 //! `href`/`src`/`action` attribute that puts data in a URL any other way marks the template
 //! broken at load. Partials cannot overflow the stack: cycles among partials, inline
 //! partials and templates (which `{{> name}}` also finds) are refused at load, and so are
-//! dynamic partials (`{{> (expr)}}`), which cannot be checked.
+//! dynamic partials (`{{> (expr)}}`), which cannot be checked. The HTML a templating plugin
+//! returns is held to the same link rules after the fact ([`html_link_refusal`]).
 //!
 //! The module by role: `files` reads a tenant folder, `set` builds a tenant's registries
 //! (and marks what cannot be used broken), `checks` holds the load-time refusals read from
-//! the sources, `helpers` the `money` and `link` helpers. This file is the public face:
+//! the sources, `helpers` the `money` and `link` helpers, `html` the link policy on finished
+//! HTML (a templating plugin's). This file is the public face:
 //! loading, hot reload, lint and rendering.
 
 mod checks;
 mod files;
 mod helpers;
+mod html;
 mod set;
 #[cfg(test)]
 mod tests;
@@ -33,6 +36,7 @@ use serde_json::Value;
 
 use files::read_tenant_dir;
 use helpers::with_link_policy;
+pub use html::html_link_refusal;
 use set::TenantSet;
 
 /// The fallback tenant folder.

@@ -7,8 +7,19 @@
 //! place, so a reload never sees half a file; a file written in place is only taken once its
 //! size stops changing (`plugin::PluginHost::load_dir`). A broken new plugin or template
 //! never replaces a working one.
+//!
+//! A template is settled before it is swapped in. A half-written plugin fails to compile
+//! and is refused, but the first part of a template is often valid Handlebars on its own
+//! (`Settled v2` of `Settled v2 {{order_id}}`) and would go live. So, where the kernel says
+//! when a writer closes a file (Linux's inotify: `IN_CLOSE_WRITE`), a `.hbs` file written
+//! to and not yet closed holds the template reload back, the previous set serving, until
+//! its writer closes it (or, for a writer that keeps it open, [`UNSETTLED_MAX`] passes); the
+//! reload is counted as `pending` meanwhile. And, as for plugins, templates that changed
+//! while they were read are not swapped in (the change's event brings the next reload).
+//! Write-then-rename needs none of this.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +35,11 @@ use crate::templates::Templates;
 
 /// How long a directory must be quiet before it is reloaded.
 const QUIET: Duration = Duration::from_millis(250);
+
+/// How long a template file still open for writing may hold the template reload back: a
+/// writer that keeps a file open for longer (a log-like tool, a stuck editor) must not stop
+/// every other template change from going live.
+const UNSETTLED_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 #[error("watching {path}: {error}")]
@@ -47,6 +63,23 @@ pub struct Reloadable {
 enum Dir {
     Plugins,
     Templates,
+}
+
+/// One file event, as the reload loop needs it.
+struct Change {
+    dir: Dir,
+    path: PathBuf,
+    writing: Writing,
+}
+
+/// What a file event says about a template file's writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writing {
+    /// Written to (or created): unsettled until its writer closes it.
+    Started,
+    /// Its writer closed it, or it is gone: settled.
+    Ended,
+    Neither,
 }
 
 /// Starts watching; the returned future reloads on changes until `shutdown`.
@@ -77,12 +110,21 @@ pub fn watch(
             // count, or each reload would trigger the next.
             // The kernel's queue overflowed: events were lost, so reload both.
             Ok(event) if event.need_rescan() => {
-                let _ = sender.send(Dir::Plugins);
-                let _ = sender.send(Dir::Templates);
+                for dir in [Dir::Plugins, Dir::Templates] {
+                    let _ = sender.send(Change {
+                        dir,
+                        path: PathBuf::new(),
+                        writing: Writing::Neither,
+                    });
+                }
             }
             Ok(event) if changes_content(&event.kind) => {
-                for dir in event.paths.iter().filter_map(|p| classify(p)) {
-                    let _ = sender.send(dir);
+                for path in &event.paths {
+                    if let Some(dir) = classify(path) {
+                        let writing = writing(&event.kind, path);
+                        let path = path.clone();
+                        let _ = sender.send(Change { dir, path, writing });
+                    }
                 }
             }
             Ok(_) => {}
@@ -104,10 +146,45 @@ pub fn watch(
     Ok(run(watcher, events, what, shutdown))
 }
 
+/// What the reload loop has seen and not yet acted on.
+#[derive(Default)]
+struct Pending {
+    plugins: bool,
+    templates: bool,
+    /// Template files written to and not yet closed, with when their writing was first seen.
+    writing: HashMap<PathBuf, tokio::time::Instant>,
+}
+
+impl Pending {
+    fn note(&mut self, change: Change) {
+        match change.dir {
+            Dir::Plugins => self.plugins = true,
+            Dir::Templates => self.templates = true,
+        }
+        match change.writing {
+            Writing::Started => {
+                self.writing
+                    .entry(change.path)
+                    .or_insert_with(tokio::time::Instant::now);
+            }
+            Writing::Ended => {
+                self.writing.remove(&change.path);
+            }
+            Writing::Neither => {}
+        }
+    }
+
+    /// When a held-back template reload goes ahead although a file is still open.
+    fn give_up_at(&self) -> Option<tokio::time::Instant> {
+        let oldest = self.writing.values().min()?;
+        self.templates.then_some(*oldest + UNSETTLED_MAX)
+    }
+}
+
 async fn run(
     // Kept alive for as long as the loop runs: dropping it stops the events.
     _watcher: notify::RecommendedWatcher,
-    mut events: mpsc::UnboundedReceiver<Dir>,
+    mut events: mpsc::UnboundedReceiver<Change>,
     what: Reloadable,
     shutdown: CancellationToken,
 ) {
@@ -116,32 +193,46 @@ async fn run(
     // here is not seen again by the event it also caused.
     reload_plugins(&what).await;
     reload_templates(&what);
+    let mut pending = Pending::default();
     loop {
-        let first = tokio::select! {
+        // A change; or, with a template reload held back by a file being written, the
+        // writer closing it (an event too) or the bound passing.
+        let give_up_at = pending.give_up_at();
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            dir = events.recv() => match dir {
-                Some(dir) => dir,
+            change = events.recv() => match change {
+                Some(change) => pending.note(change),
                 None => return,
             },
-        };
-        let (mut plugins, mut templates) = (first == Dir::Plugins, first == Dir::Templates);
+            _ = tokio::time::sleep_until(give_up_at.unwrap_or_else(tokio::time::Instant::now)), if give_up_at.is_some() => {
+                let files: Vec<_> = pending.writing.drain().map(|(path, _)| path).collect();
+                tracing::warn!(files = ?files, "template files still open for writing after {} s; reloading the templates anyway", UNSETTLED_MAX.as_secs());
+            }
+        }
         // Debounce: wait until nothing has happened for QUIET.
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(QUIET) => break,
-                dir = events.recv() => match dir {
-                    Some(Dir::Plugins) => plugins = true,
-                    Some(Dir::Templates) => templates = true,
+                change = events.recv() => match change {
+                    Some(change) => pending.note(change),
                     None => return,
                 },
             }
         }
-        if plugins {
+        if std::mem::take(&mut pending.plugins) {
             reload_plugins(&what).await;
         }
-        if templates {
+        if pending.templates && pending.writing.is_empty() {
+            pending.templates = false;
             reload_templates(&what);
+        } else if pending.templates {
+            what.metrics
+                .template_reloads
+                .with_label_values(&["pending"])
+                .inc();
+            let files: Vec<_> = pending.writing.keys().collect();
+            tracing::info!(files = ?files, "template files still being written; the templates reload once they are closed");
         }
     }
 }
@@ -163,9 +254,22 @@ async fn reload_plugins(what: &Reloadable) {
     what.health.set_plugins(what.plugins.health());
 }
 
+/// Reloads the templates, unless a template file changed while they were read (as for a
+/// plugin file: what was read may be half old, half new); then nothing is swapped, the
+/// reload counts as `pending`, and the change's own event brings the next one.
 fn reload_templates(what: &Reloadable) {
     let current = what.templates.load();
-    match current.reload() {
+    let before = template_stamps(&what.templates_dir);
+    let reloaded = current.reload();
+    if template_stamps(&what.templates_dir) != before {
+        what.metrics
+            .template_reloads
+            .with_label_values(&["pending"])
+            .inc();
+        tracing::info!(dir = %what.templates_dir.display(), "template files changed while they were read; reloading again");
+        return;
+    }
+    match reloaded {
         Ok((fresh, kept)) => {
             for line in &kept {
                 tracing::error!(problem = %line, "template edit rejected");
@@ -192,6 +296,52 @@ fn reload_templates(what: &Reloadable) {
     }
 }
 
+/// Length and modification time of every template file (`<tenant>/<folder>/*.hbs`, what a
+/// reload reads), in a stable order.
+fn template_stamps(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|it| it.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    };
+    let mut stamps: Vec<_> = entries(dir)
+        .iter()
+        .flat_map(|tenant| entries(tenant))
+        .flat_map(|folder| entries(&folder))
+        .filter(|file| file.extension().and_then(|e| e.to_str()) == Some("hbs"))
+        .filter_map(|file| {
+            let meta = std::fs::metadata(&file).ok()?;
+            Some((file, meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    stamps.sort();
+    stamps
+}
+
+/// What `kind` says about the writer of `path`, if it is a template file (`*.hbs`, what a
+/// template reload reads) and the platform reports closes (Linux). Elsewhere the debounce
+/// alone settles.
+fn writing(kind: &notify::EventKind, path: &Path) -> Writing {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+    if !cfg!(target_os = "linux") || path.extension().and_then(|e| e.to_str()) != Some("hbs") {
+        return Writing::Neither;
+    }
+    match kind {
+        EventKind::Modify(ModifyKind::Data(_)) => Writing::Started,
+        // A file created by opening it (not a link, a directory, or a rename into place).
+        EventKind::Create(CreateKind::File)
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file()) =>
+        {
+            Writing::Started
+        }
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Remove(_)
+        | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => Writing::Ended,
+        _ => Writing::Neither,
+    }
+}
+
 /// Does the event change what a reload would read?
 fn changes_content(kind: &notify::EventKind) -> bool {
     use notify::EventKind;
@@ -207,4 +357,60 @@ fn changes_content(kind: &notify::EventKind) -> bool {
 
 fn canonical(path: &std::path::Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(path: &str, writing: Writing) -> Change {
+        Change {
+            dir: Dir::Templates,
+            path: PathBuf::from(path),
+            writing,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_template_file_open_for_writing_holds_the_reload_back_until_closed_or_too_long() {
+        let mut pending = Pending::default();
+        pending.note(change("t/a/subject.hbs", Writing::Started));
+        pending.note(change("t/a/subject.hbs", Writing::Started));
+        pending.note(change("t/a/html.hbs", Writing::Neither));
+        assert!(pending.templates);
+        assert_eq!(pending.writing.len(), 1);
+        let give_up = pending.give_up_at().expect("held back");
+        assert_eq!(give_up, tokio::time::Instant::now() + UNSETTLED_MAX);
+        pending.note(change("t/a/subject.hbs", Writing::Ended));
+        assert!(pending.writing.is_empty());
+        assert_eq!(pending.give_up_at(), None);
+    }
+
+    #[test]
+    fn only_template_files_have_writers_that_count() {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode, DataChange, ModifyKind};
+        let data = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        let expect = |w| {
+            if cfg!(target_os = "linux") {
+                w
+            } else {
+                Writing::Neither
+            }
+        };
+        assert_eq!(
+            writing(&data, Path::new("t/a/subject.hbs")),
+            expect(Writing::Started)
+        );
+        assert_eq!(
+            writing(&closed, Path::new("t/a/subject.hbs")),
+            expect(Writing::Ended)
+        );
+        // An editor's swap file stays open for a whole session: not a template.
+        assert_eq!(
+            writing(&data, Path::new("t/a/.subject.hbs.swp")),
+            Writing::Neither
+        );
+    }
 }

@@ -102,6 +102,15 @@ pub struct RetentionConfig {
     /// event redelivered after that (a consumer group reset past it) is handled again, so
     /// keep it above the topics' retention.
     pub processed_events_days: u32,
+    /// Outbox rows (recipients and the data their email was rendered from) that are done
+    /// (`sent`, `failed`, `skipped`) and older than this many days are deleted; rows still
+    /// `pending` or `sending` never are. 0: kept forever. A failed row purged can no longer
+    /// be requeued (`email requeue`), so it must be longer than `email.max_age_secs`.
+    pub email_outbox_days: u32,
+    /// Dead letters (the raw payloads) older than this many days are deleted; 0: kept
+    /// forever. A purged dead letter can no longer be replayed (`dead-letters replay` needs
+    /// its payload): replay what matters within this window.
+    pub dead_letters_days: u32,
     /// Rows deleted per statement: a purge never holds long locks or a long transaction.
     pub batch: i64,
     /// Pause between purge rounds.
@@ -113,6 +122,8 @@ impl Default for RetentionConfig {
         Self {
             notifications_days: 90,
             processed_events_days: 30,
+            email_outbox_days: 30,
+            dead_letters_days: 30,
             batch: 5_000,
             interval_secs: 60,
         }

@@ -76,6 +76,11 @@ pub struct EmailConfig {
     pub max_event_age_secs: u64,
     /// How long a claim holds before another worker may take the row over.
     pub claim_timeout_ms: u64,
+    /// While emails wait in backoff because the relay was unavailable, how often the worker
+    /// probes the relay (connect, greeting, `NOOP`); once a probe or a send succeeds, the
+    /// waiting emails are due at once instead of at the end of their backoff. A relay that
+    /// answers probes but fails sends is probed less often (doubling up to `backoff_max_ms`).
+    pub relay_probe_ms: u64,
 }
 
 impl Default for EmailConfig {
@@ -92,6 +97,7 @@ impl Default for EmailConfig {
             tenant_rate_per_sec: 20,
             max_event_age_secs: 24 * 3600,
             claim_timeout_ms: 60_000,
+            relay_probe_ms: 5_000,
         }
     }
 }
@@ -138,6 +144,9 @@ impl EmailConfig {
         }
         if self.max_age_secs < 60 {
             return invalid("email.max_age_secs must be at least 60");
+        }
+        if self.relay_probe_ms < 100 {
+            return invalid("email.relay_probe_ms must be at least 100");
         }
         Ok(())
     }

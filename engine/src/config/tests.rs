@@ -354,3 +354,17 @@ fn the_image_keeps_the_admin_listener_on_loopback() {
     }
     assert!(Config::default().http.admin_listen.ip().is_loopback());
 }
+
+#[test]
+fn the_outbox_is_kept_longer_than_an_email_is_retried() {
+    let mut c = Config::default();
+    c.auth.jwt_secret = "x".repeat(32);
+    c.retention.email_outbox_days = 2;
+    c.email.max_age_secs = 2 * 24 * 3600;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("retention.email_outbox_days (2 days)"), "{e}");
+    c.retention.email_outbox_days = 0;
+    assert!(c.validate().is_ok(), "0 keeps rows forever");
+    c.retention.email_outbox_days = 3;
+    assert!(c.validate().is_ok());
+}

@@ -12,6 +12,10 @@ use sqlx::{FromRow, PgConnection, PgPool, Postgres};
 
 use super::{Result, texts};
 
+/// How the error of a row waiting for the relay (not for one message's trouble) begins:
+/// what [`pull_forward_relay_waits`] looks for.
+pub const RELAY_UNAVAILABLE: &str = "smtp relay unavailable";
+
 /// An email to put in the outbox.
 #[derive(Debug, Clone)]
 pub struct NewEmail<'a> {
@@ -243,6 +247,21 @@ pub async fn release_email(pool: &PgPool, email: &OutboxEmail, delay: Duration) 
          next_attempt_at = now() + make_interval(secs => $3)"
     );
     apply(pool, fenced(sql, email).bind(delay.as_secs_f64())).await
+}
+
+/// The relay is back: rows in backoff because the relay was unavailable (their error begins
+/// with [`RELAY_UNAVAILABLE`]) are due now. Other waiting rows (one message's `4xx`, a
+/// tenant's send rate) keep their time. Through `email_outbox_due`. Returns how many.
+pub async fn pull_forward_relay_waits(pool: &PgPool) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE email_outbox SET next_attempt_at = now()
+         WHERE status = 'pending' AND next_attempt_at > now()
+           AND starts_with(coalesce(last_error, ''), $1)",
+    )
+    .bind(RELAY_UNAVAILABLE)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Which failed rows an operator puts back in the queue. Every filter is optional; `None`

@@ -39,6 +39,43 @@ pub async fn purge_processed_events(pool: &PgPool, age: Duration, batch: i64) ->
     .rows_affected())
 }
 
+/// Deletes up to `batch` outbox rows that are done (`sent`, `failed`, `skipped`) and were
+/// queued (and, if sent, sent) more than `age` ago; returns how many. Rows still `pending`
+/// or `sending` are never touched, however old: they are mail not yet delivered. Through
+/// the partial index `email_outbox_done`.
+pub async fn purge_email_outbox(pool: &PgPool, age: Duration, batch: i64) -> Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM email_outbox WHERE id IN (
+             SELECT id FROM email_outbox
+             WHERE status IN ('sent', 'failed', 'skipped')
+               AND queued_at < now() - make_interval(secs => $1)
+               AND (sent_at IS NULL OR sent_at < now() - make_interval(secs => $1))
+             LIMIT $2)
+           AND status IN ('sent', 'failed', 'skipped')",
+    )
+    .bind(age.as_secs_f64())
+    .bind(batch)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Deletes up to `batch` dead letters created more than `age` ago, replayed or not; returns
+/// how many. Their payloads go with them, so they can no longer be replayed.
+pub async fn purge_dead_letters(pool: &PgPool, age: Duration, batch: i64) -> Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM dead_letters WHERE id IN (
+             SELECT id FROM dead_letters
+             WHERE created_at < now() - make_interval(secs => $1)
+             LIMIT $2)",
+    )
+    .bind(age.as_secs_f64())
+    .bind(batch)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Deletes up to `batch` stream tickets that expired unused.
 pub async fn purge_tickets(pool: &PgPool, batch: i64) -> Result<u64> {
     Ok(sqlx::query(

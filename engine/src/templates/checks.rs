@@ -29,10 +29,12 @@ pub(super) fn unchecked_link_refusal(file: &str, source: &str) -> Option<String>
 
 /// Attributes whose value a mail client may load or follow as a URL. `style` is among them
 /// (`url(...)`), and so is `content` (`<meta http-equiv=refresh content="0;url=...">`).
-const URL_ATTRIBUTES: &[&str] = &[
+/// The HTML a templating plugin returns is held to the same list (`html`).
+pub(super) const URL_ATTRIBUTES: &[&str] = &[
     "href",
     "src",
     "srcset",
+    "imagesrcset",
     "action",
     "formaction",
     "background",
@@ -42,6 +44,14 @@ const URL_ATTRIBUTES: &[&str] = &[
     "xlink:href",
     "ping",
     "manifest",
+    "codebase",
+    "archive",
+    "longdesc",
+    "lowsrc",
+    "dynsrc",
+    "usemap",
+    "icon",
+    "profile",
     "style",
     "content",
 ];

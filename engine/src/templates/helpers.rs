@@ -62,7 +62,7 @@ impl HelperDef for Link {
 
 /// `https:`, a host, no credentials (`https://bank.example@evil.example/` shows one host
 /// and goes to another), and among `domains` if any are given.
-fn check_link(raw: &str, domains: &[&str]) -> Result<(), String> {
+pub(super) fn check_link(raw: &str, domains: &[&str]) -> Result<(), String> {
     let url = url::Url::parse(raw).map_err(|e| format!("link {raw:?} is not a URL: {e}"))?;
     if url.scheme() != "https" {
         return Err(format!("link {raw:?} is not https:"));

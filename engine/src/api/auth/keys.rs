@@ -6,9 +6,11 @@
 //! refused for its algorithm). A key bound to a tenant verifies that tenant's tokens only.
 //!
 //! Keys come from `auth.jwt_secret`, `auth.keys`, `auth.jwks_file` and each tenant's
-//! `jwks_file`. The files are re-read when they change ([`KeySet::fingerprint`]). At start-up
-//! every file must load; on a reload, a JWKS file that no longer loads keeps its previous
-//! keys while the other files' changes (a revoked key, say) take effect. Several sources may
+//! `jwks_file`. The files are re-read when their content changes ([`KeySet::fingerprint`]:
+//! a SHA-256 of each, since a file rewritten with the same length and modification time, by
+//! a tool that keeps timestamps or on a file system with coarse ones, is a change too). At
+//! start-up every file must load; on a reload, a JWKS file that no longer loads keeps its
+//! previous keys while the other files' changes (a revoked key, say) take effect. Several sources may
 //! publish the same `kid` (two tenants on one identity provider): a token is checked against
 //! each key of its `kid` until one verifies it for its own tenant.
 //!
@@ -20,10 +22,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use sha2::{Digest, Sha256};
 
 use crate::config::{Config, JwtKeyConfig};
 use crate::model::valid_tenant;
@@ -110,8 +112,8 @@ fn key_error(source_name: impl Into<String>, reason: impl std::fmt::Display) -> 
     }
 }
 
-/// Modification time and length of each key file (`None`: unreadable).
-pub type Fingerprint = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
+/// The SHA-256 of each key file's content (`None`: unreadable).
+pub type Fingerprint = Vec<(PathBuf, Option<[u8; 32]>)>;
 
 /// A JWKS file and what its keys are bound to.
 struct JwksSource {
@@ -195,7 +197,9 @@ impl KeySet {
         Ok((set, kept))
     }
 
-    /// Modification time and length of every key file, to notice a change cheaply.
+    /// What every key file holds, as a digest: any change of content is noticed, whatever
+    /// the file's length and modification time say (key files are small; reading them at
+    /// each check costs microseconds).
     pub fn fingerprint(config: &Config) -> Fingerprint {
         jwks_sources(config)
             .into_iter()
@@ -208,10 +212,10 @@ impl KeySet {
                     .filter_map(|k| k.public_key_file.clone()),
             )
             .map(|path| {
-                let stamp = std::fs::metadata(&path)
+                let digest = std::fs::read(&path)
                     .ok()
-                    .and_then(|m| Some((m.modified().ok()?, m.len())));
-                (path, stamp)
+                    .map(|bytes| Sha256::digest(&bytes).into());
+                (path, digest)
             })
             .collect()
     }
