@@ -49,6 +49,7 @@ mod fixtures;
 mod group;
 mod lane;
 mod rows;
+mod spill;
 
 use std::sync::Arc;
 
@@ -92,6 +93,9 @@ struct Prepared {
     /// Shared with its lane's batch, which keeps it for a retry until it is committed.
     message: Arc<Incoming>,
     step: Step,
+    /// Its row in the spill, when it was drained from there: the row goes in the
+    /// transaction, and its offset, finished when it was spilled, is not touched again.
+    spilled: Option<i64>,
 }
 
 /// What step 1 made of a message. The claim, in step 2, may still turn `Routed` and

@@ -5,8 +5,8 @@
 //! rather than the global one, so several engines in one process (tests) do not collide.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -57,6 +57,16 @@ pub struct Metrics {
     pub tenant_budget_pauses: IntCounter,
     /// Times a Kafka partition was paused because a tenant lane it feeds was full.
     pub partition_pauses: IntCounter,
+    /// Tenant lanes alive (at most `kafka.max_lanes`).
+    pub pipeline_lanes: IntGauge,
+    /// Lanes freed: idle for `kafka.lane_idle_ms`, or idle when a new tenant needed room.
+    pub lanes_reaped: IntCounter,
+    /// Messages set aside in the spill because their tenant's lane was full (or its earlier
+    /// messages were already spilled).
+    pub events_spilled: IntCounter,
+    /// Messages waiting in the spill, by tenant (see [`Metrics::tenant_label`]), as this
+    /// instance counts them: what it spilled or found at start, less what it drained.
+    pub spilled_messages: IntGaugeVec,
     /// Plugin files handled by hot reload, by outcome (`loaded`, `rejected`, `broken`,
     /// `pending`, `removed`).
     pub plugin_reloads: IntCounterVec,
@@ -116,6 +126,10 @@ impl Register<'_> {
 
     fn gauge(&self, name: &str, help: &str) -> IntGauge {
         self.add(IntGauge::new(name, help).expect("static metric"))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric"))
     }
 
     fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -194,6 +208,20 @@ impl Metrics {
             partition_pauses: r.counter(
                 "partition_pauses_total",
                 "Kafka partitions paused because a tenant lane they feed was full",
+            ),
+            pipeline_lanes: r.gauge("pipeline_lanes", "Tenant lanes alive"),
+            lanes_reaped: r.counter(
+                "lanes_reaped_total",
+                "Tenant lanes freed because they were idle",
+            ),
+            events_spilled: r.counter(
+                "events_spilled_total",
+                "Messages set aside in the spill because their tenant's lane was full",
+            ),
+            spilled_messages: r.gauge_vec(
+                "spilled_messages",
+                "Messages waiting in the spill, by tenant",
+                &["tenant"],
             ),
             plugin_reloads: r.counter_vec(
                 "plugin_reloads_total",
