@@ -158,8 +158,10 @@ async fn a_slow_tenant_spills_and_a_fast_one_on_its_partition_stays_under_a_seco
 }
 
 /// A restart in the middle of a spill: the first run stops with spilled rows waiting; the
-/// second finds them before it handles the slow tenant's fresh messages, drains them first,
-/// and every event of both tenants ends up delivered once, the slow tenant's in order.
+/// second, with lanes deep enough that nothing spills on its own, finds them before it
+/// handles the slow tenant's messages (re-read, and two fresh ones: handled directly they
+/// would pass the rows), drains them first, and every event of both tenants ends up
+/// delivered once, the slow tenant's in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_during_a_spill_loses_and_duplicates_nothing() {
     let world = World::new().await;
@@ -167,9 +169,11 @@ async fn a_restart_during_a_spill_loses_and_duplicates_nothing() {
     world.install_chaos_plugin(&slow);
     let fast = unique("fast");
     let mut config = slow_config(&world);
+    // A lane takes up to a batch out of its queue: both small, so that it fills at once.
     config.kafka.lane_capacity = 8;
-    let n = 120;
-    for i in 0..n / 2 {
+    config.kafka.batch_max = 4;
+    let (slow_first, slow_then, fast_each) = (60, 2, 60);
+    for i in 0..slow_first {
         produce_one_partition(&world, &slow_event(&format!("s{i:04}"), &slow, 10)).await;
         let e = order_paid(&format!("f{i:04}"), &fast, "u1", None, 1.0);
         produce_one_partition(&world, &e).await;
@@ -185,15 +189,24 @@ async fn a_restart_during_a_spill_loses_and_duplicates_nothing() {
         "the first run stopped in the middle of a spill"
     );
 
-    // The second half while nothing runs: the restarted engine reads them after the rows
-    // spilled before, and must not pass them.
-    for i in n / 2..n {
-        produce_one_partition(&world, &slow_event(&format!("s{i:04}"), &slow, 10)).await;
-        let e = order_paid(&format!("f{i:04}"), &fast, "u1", None, 1.0);
+    // More while nothing runs: the restarted engine reads them after the rows spilled
+    // before, and must not let the slow tenant's pass them.
+    for i in 0..fast_each {
+        if i < slow_then {
+            let id = format!("s{:04}", slow_first + i);
+            produce_one_partition(&world, &slow_event(&id, &slow, 10)).await;
+        }
+        let e = order_paid(&format!("f{:04}", fast_each + i), &fast, "u1", None, 1.0);
         produce_one_partition(&world, &e).await;
     }
+    // Deep lanes this time: nothing of the slow tenant spills on its own, so only the rows
+    // found at start keep its fresh (and re-read) messages from passing them.
+    let mut config = config;
+    config.kafka.lane_capacity = 16_384;
+    config.kafka.batch_max = 256;
     let engine = world.start(config).await;
-    for tenant in [&slow, &fast] {
+    let slow_n = slow_first + slow_then;
+    for (tenant, n) in [(&slow, slow_n), (&fast, 2 * fast_each)] {
         world
             .wait_count(
                 &format!("SELECT count(*) FROM processed_events WHERE tenant_id = '{tenant}'"),
@@ -202,8 +215,8 @@ async fn a_restart_during_a_spill_loses_and_duplicates_nothing() {
             )
             .await;
     }
-    each_once_in_order(&world, &slow, "s", n).await;
-    each_once_in_order(&world, &fast, "f", n).await;
+    each_once_in_order(&world, &slow, "s", slow_n).await;
+    each_once_in_order(&world, &fast, "f", 2 * fast_each).await;
     world
         .wait_count("SELECT count(*) FROM spilled_messages", 0, WAIT)
         .await;
