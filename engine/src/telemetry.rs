@@ -55,7 +55,8 @@ pub struct Metrics {
     pub pipeline_stalls: IntCounterVec,
     /// Times a tenant's lane paused because it had spent its routing-time budget.
     pub tenant_budget_pauses: IntCounter,
-    /// Times a Kafka partition was paused because a tenant lane it feeds was full.
+    /// Times a Kafka partition was paused because a tenant lane it feeds was full, and its
+    /// tenant's spill too (or spilling is off).
     pub partition_pauses: IntCounter,
     /// Tenant lanes alive (at most `kafka.max_lanes`).
     pub pipeline_lanes: IntGauge,
@@ -207,7 +208,7 @@ impl Metrics {
             ),
             partition_pauses: r.counter(
                 "partition_pauses_total",
-                "Kafka partitions paused because a tenant lane they feed was full",
+                "Kafka partitions paused because a tenant lane they feed was full (and its spill)",
             ),
             pipeline_lanes: r.gauge("pipeline_lanes", "Tenant lanes alive"),
             lanes_reaped: r.counter(

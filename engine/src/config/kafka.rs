@@ -36,8 +36,9 @@ pub struct KafkaConfig {
     pub tenant_header: String,
     /// Tenants accepted (empty: any); others are dead-lettered.
     pub allowed_tenants: Vec<String>,
-    /// Messages queued per tenant lane. When a slow tenant's lane is full, its next
-    /// messages spill to PostgreSQL (`spill_max_rows`) and the others' pass it.
+    /// Messages queued per tenant lane. When a slow tenant's lane is full, its partitions
+    /// pause; once another tenant's message waits behind it, its messages spill to
+    /// PostgreSQL (`spill_max_rows`) and the others' pass it.
     pub lane_capacity: usize,
     /// Bytes (payload, key, headers) queued per tenant lane: the other bound of a lane, so
     /// that large messages cannot fill memory where small ones would not.

@@ -2,12 +2,14 @@
 //! starting the lane on its first message and freeing it once idle.
 //!
 //! A lane's queue is bounded by count (`kafka.lane_capacity`) and by the bytes of the
-//! messages in it (`kafka.lane_max_bytes`). A message whose lane is full is *spilled*
-//! (`spill`), and so is every later message of its tenant until its lane has drained the
-//! spill: the other tenants' messages pass. Only when the tenant's spill is at its bound (or
-//! the message cannot be spilled: an undecodable one) is it *held*, and the partition it came
-//! from paused (its next messages wait in Kafka); held messages are offered again every
-//! [`HELD_RETRY`], in order, and the partition resumes once nothing of it is held.
+//! messages in it (`kafka.lane_max_bytes`). A message whose lane is full is *held*, and the
+//! partition it came from paused (its next messages wait in Kafka); held messages are offered
+//! again every [`HELD_RETRY`], in order, and the partition resumes once nothing of it is
+//! held. On a partition that carries other tenants too, a full lane's tenant *spills*
+//! instead (`spill`): its messages go to PostgreSQL until its lane has drained them, and the
+//! other tenants' messages pass. A partition of one tenant (a backlog) only pauses: spilling
+//! would copy the backlog through the database for nobody. At the spill's bound (or for an
+//! undecodable message) the partition pauses again.
 //!
 //! Lanes are freed when idle (nothing queued, in hand or spilled) for `kafka.lane_idle_ms`,
 //! and at most `kafka.max_lanes` live at once: a new tenant's message finding every lane
@@ -37,6 +39,8 @@ use crate::store::spill::Backlog;
 /// How often messages held back for a full lane are offered to it again; also how often, at
 /// most, every lane is looked at for idle ones when a new tenant needs one.
 const HELD_RETRY: Duration = Duration::from_millis(20);
+/// How long a partition counts as shared after it last carried two tenants in a row.
+const SHARED_FOR: Duration = Duration::from_secs(10);
 /// How often lanes idle for `kafka.lane_idle_ms` are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 /// How long the dispatcher waits before asking again which tenants have spilled messages,
@@ -154,6 +158,12 @@ pub(super) struct Dispatcher {
     /// Per partition just assigned, the tenants whose spilled rows there must wait for the
     /// older messages still to be read: each with the offset of its first spilled row.
     holds: HashMap<Partition, Vec<(i64, Arc<Gate>)>>,
+    /// Per partition, the lane of its last message and when its messages last changed lane:
+    /// a partition that carried several tenants within [`SHARED_FOR`] is *shared*, and a full
+    /// lane's tenant there spills, so the others pass it. A partition carrying one tenant only
+    /// (a backlog) just pauses: spilling would copy its backlog through the database for
+    /// nobody.
+    traffic: HashMap<Partition, (String, Option<Instant>)>,
 }
 
 /// A Kafka partition: its topic and number.
@@ -182,6 +192,7 @@ impl Dispatcher {
             loaded_at: None,
             pressed_at: None,
             holds: HashMap::new(),
+            traffic: HashMap::new(),
         }
     }
 
@@ -238,6 +249,7 @@ impl Dispatcher {
         }
         let work = Work::decode(message, &self.trust, self.pipeline.kafka.max_message_bytes);
         let partition = (work.message.topic.clone(), work.message.partition);
+        self.note_traffic(&partition, work.lane());
         // A partition with held messages keeps its order: later ones queue behind.
         if let Some(held) = self.held.get_mut(&partition) {
             held.push_back(work);
@@ -359,6 +371,7 @@ impl Dispatcher {
             kafka.spill_max_bytes,
         );
         let spill = self.spill.clone();
+        let contended = self.shared(&(work.message.topic.clone(), work.message.partition));
         let Some(lane) = self.lane(&name, false) else {
             // Every lane busy: it waits, held, for one to become idle.
             return Some(work);
@@ -370,7 +383,9 @@ impl Dispatcher {
         } else {
             lane.offer(work, max_bytes)?
         };
-        if !spillable {
+        // Undecodable messages wait, as before; so does a full lane's tenant alone on its
+        // partition.
+        if !spillable || !(contended || lane.gate.is_spilling()) {
             return Some(work);
         }
         let size = work.message.size();
@@ -485,10 +500,34 @@ impl Dispatcher {
     fn revoked(&mut self, topic: &str, partition: i32) {
         let partition = (topic.to_owned(), partition);
         self.held.remove(&partition);
+        self.traffic.remove(&partition);
         // Its spilled rows are its next owner's to drain.
         for (_, gate) in self.holds.remove(&partition).unwrap_or_default() {
             gate.release();
         }
+    }
+
+    /// Notes the lane of `partition`'s latest message.
+    fn note_traffic(&mut self, partition: &Partition, lane: &str) {
+        match self.traffic.get_mut(partition) {
+            Some((last, _)) if last == lane => {}
+            Some((last, changed)) => {
+                *last = lane.to_owned();
+                *changed = Some(Instant::now());
+            }
+            None => {
+                self.traffic
+                    .insert(partition.clone(), (lane.to_owned(), None));
+            }
+        }
+    }
+
+    /// Has `partition` carried several tenants lately?
+    fn shared(&self, partition: &Partition) -> bool {
+        self.traffic
+            .get(partition)
+            .and_then(|(_, changed)| *changed)
+            .is_some_and(|at| at.elapsed() < SHARED_FOR)
     }
 
     /// Every message of `partition` up to `offset` has gone to its lane or the spill:
