@@ -19,6 +19,7 @@ mod email;
 mod guests;
 mod inbox;
 mod isolation;
+mod lanes;
 mod operator;
 mod pipeline;
 mod plugins;

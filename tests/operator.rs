@@ -65,6 +65,9 @@ async fn health_readiness_and_metrics() {
         "notify_partition_pauses_total 0".to_string(),
         "notify_api_rate_limited_total{limit=\"user\"} 0".to_string(),
         "notify_api_rate_limited_total{limit=\"tenant_pool\"} 0".to_string(),
+        "notify_pipeline_lanes 1".to_string(),
+        "notify_lanes_reaped_total 0".to_string(),
+        "notify_events_spilled_total 0".to_string(),
         // The one event went through every stage of the pipeline once.
         "notify_stage_seconds_count{stage=\"kafka\"} 1".to_string(),
         "notify_stage_seconds_count{stage=\"queue\"} 1".to_string(),

@@ -10,6 +10,7 @@ mod offsets;
 pub mod trust;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,6 +85,8 @@ impl Incoming {
 struct IngestContext {
     offsets: Arc<Mutex<offsets::OffsetTracker>>,
     revoked: tokio::sync::mpsc::UnboundedSender<(String, i32)>,
+    /// Bumped on every assignment, before any message of it is returned.
+    assignments: Arc<AtomicU64>,
 }
 
 impl ClientContext for IngestContext {}
@@ -106,6 +109,7 @@ impl ConsumerContext for IngestContext {
                 // Whatever is still in flight from an earlier assignment is re-delivered
                 // from the committed offset; its old copies no longer hold the offset back.
                 self.forget(tpl);
+                self.assignments.fetch_add(1, Ordering::SeqCst);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -136,6 +140,7 @@ pub struct Ingest {
     consumer: StreamConsumer<IngestContext>,
     offsets: Arc<Mutex<offsets::OffsetTracker>>,
     revoked: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(String, i32)>>,
+    assignments: Arc<AtomicU64>,
 }
 
 impl Ingest {
@@ -161,10 +166,12 @@ impl Ingest {
             .set("fetch.wait.max.ms", "50");
         let offsets = Arc::new(Mutex::new(offsets::OffsetTracker::default()));
         let (revoked_tx, revoked) = tokio::sync::mpsc::unbounded_channel();
+        let assignments = Arc::new(AtomicU64::new(0));
         let consumer: StreamConsumer<IngestContext> =
             client.create_with_context(IngestContext {
                 offsets: offsets.clone(),
                 revoked: revoked_tx,
+                assignments: assignments.clone(),
             })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -172,7 +179,15 @@ impl Ingest {
             consumer,
             offsets,
             revoked: tokio::sync::Mutex::new(revoked),
+            assignments,
         })
+    }
+
+    /// How many assignments this consumer has had: a message read after this number
+    /// changed may come from a partition that was someone else's (whose tenants may have
+    /// spilled messages waiting). Bumped before any message of the new assignment is read.
+    pub fn assignments(&self) -> u64 {
+        self.assignments.load(Ordering::SeqCst)
     }
 
     /// The next message, recorded as in flight. Transient consumer errors are logged and
@@ -194,6 +209,35 @@ impl Ingest {
                 }
             }
         }
+    }
+
+    /// The partitions this consumer owns now.
+    pub fn assignment(&self) -> Vec<(String, i32)> {
+        match self.consumer.assignment() {
+            Ok(tpl) => tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the assignment failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The group's committed offset of each partition this consumer owns that has one: where
+    /// it reads from. Asks the broker (blocking, up to a few seconds): call it rarely.
+    pub fn committed(&self) -> Result<std::collections::HashMap<(String, i32), i64>, IngestError> {
+        let tpl = self.consumer.committed(Duration::from_secs(5))?;
+        Ok(tpl
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// A partition taken away by a rebalance (its in-flight offsets are already forgotten).

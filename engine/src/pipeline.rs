@@ -5,9 +5,11 @@
 //! share one). Lanes run side by side, each handling its own messages in order, so a tenant
 //! whose plugin is slow delays only itself; the offset tracker (`ingest::offsets`) stores
 //! each partition's lowest unfinished offset, whatever order lanes finish in. A lane that
-//! is full pauses the partitions carrying its next messages (they wait in Kafka) until it
-//! catches up, and each tenant has a routing time budget (`budget`), so one tenant cannot
-//! take the cores the others need.
+//! is full *spills* its tenant's next messages to PostgreSQL (`spill`) and drains them in
+//! order later, so the other tenants on its partitions pass it; only at the spill's bound
+//! do its partitions pause (their messages wait in Kafka). Each tenant has a routing time
+//! budget (`budget`), so one tenant cannot take the cores the others need, and idle lanes
+//! are freed (at most `kafka.max_lanes` live), so made-up tenant ids cost no memory.
 //!
 //! A lane's batch goes through two steps, the way mini-redis's handlers read:
 //!
@@ -27,8 +29,11 @@
 //!
 //! The files, in the order a message meets them:
 //!
-//! - `dispatch`: the dispatcher, the lanes' queues and the messages held for a full lane;
+//! - `dispatch`: the dispatcher, the lanes' queues (started, and freed when idle) and the
+//!   messages held for a full lane whose spill is full too;
 //! - `lane`: a lane's task, step 1 (`prepare`, routing within `budget`), stalls and retries;
+//! - `spill`: a full lane's backlog, written to PostgreSQL by the spiller and drained by the
+//!   lane (a drained row goes in the transaction that commits its outcome);
 //! - `group`: the group-commit queue between lanes and committers;
 //! - `commit`: the committers and step 2, the transaction cut into named phases;
 //! - `rows`: a batch's decisions turned into the store's rows (claims, notifications,
@@ -50,6 +55,7 @@ mod fixtures;
 mod group;
 mod lane;
 mod rows;
+mod spill;
 
 use std::sync::Arc;
 
@@ -96,6 +102,9 @@ struct Prepared {
     /// The replay token found valid before routing (see `dead_letter::check_replays`): the
     /// transaction accepts it, once.
     replay: Option<uuid::Uuid>,
+    /// Its row in the spill, when it was drained from there: the row goes in the
+    /// transaction, and its offset, finished when it was spilled, is not touched again.
+    spilled: Option<i64>,
 }
 
 /// What step 1 made of a message. The claim, in step 2, may still turn `Routed` and

@@ -4,8 +4,8 @@
 //! the error; each table family has a file of its own: [`claims`] (`processed_events`),
 //! [`notifications`] (`notifications`, `user_streams`), [`outbox`] (`email_outbox`),
 //! [`dead_letters`] (and their replays), [`wake`] (LISTEN/NOTIFY between instances),
-//! [`inbox`], [`presence`], [`retention`], [`tickets`] and [`revocations`] (signed-out
-//! users).
+//! [`inbox`], [`presence`], [`retention`], [`revocations`] (signed-out users), [`spill`] (a
+//! slow tenant's messages set aside) and [`tickets`].
 //!
 //! Functions that belong to an event's outcome take a `&mut PgConnection` so the caller (the
 //! pipeline) owns the transaction; read paths take the pool.
@@ -26,6 +26,7 @@ pub mod outbox;
 pub mod presence;
 pub mod retention;
 pub mod revocations;
+pub mod spill;
 pub mod tickets;
 pub mod wake;
 

@@ -60,8 +60,19 @@ pub struct Metrics {
     pub cluster_messages_refused: IntCounterVec,
     /// Times a tenant's lane paused because it had spent its routing-time budget.
     pub tenant_budget_pauses: IntCounter,
-    /// Times a Kafka partition was paused because a tenant lane it feeds was full.
+    /// Times a Kafka partition was paused because a tenant lane it feeds was full, and its
+    /// tenant's spill too (or spilling is off).
     pub partition_pauses: IntCounter,
+    /// Tenant lanes alive (at most `kafka.max_lanes`).
+    pub pipeline_lanes: IntGauge,
+    /// Lanes freed: idle for `kafka.lane_idle_ms`, or idle when a new tenant needed room.
+    pub lanes_reaped: IntCounter,
+    /// Messages set aside in the spill because their tenant's lane was full (or its earlier
+    /// messages were already spilled).
+    pub events_spilled: IntCounter,
+    /// Messages waiting in the spill, by tenant (see [`Metrics::tenant_label`]), as this
+    /// instance counts them: what it spilled or found at start, less what it drained.
+    pub spilled_messages: IntGaugeVec,
     /// Plugin files handled by hot reload, by outcome (`loaded`, `rejected`, `broken`,
     /// `pending`, `removed`).
     pub plugin_reloads: IntCounterVec,
@@ -215,7 +226,21 @@ impl Metrics {
             ),
             partition_pauses: r.counter(
                 "partition_pauses_total",
-                "Kafka partitions paused because a tenant lane they feed was full",
+                "Kafka partitions paused because a tenant lane they feed was full (and its spill)",
+            ),
+            pipeline_lanes: r.gauge("pipeline_lanes", "Tenant lanes alive"),
+            lanes_reaped: r.counter(
+                "lanes_reaped_total",
+                "Tenant lanes freed because they were idle",
+            ),
+            events_spilled: r.counter(
+                "events_spilled_total",
+                "Messages set aside in the spill because their tenant's lane was full",
+            ),
+            spilled_messages: r.gauge_vec(
+                "spilled_messages",
+                "Messages waiting in the spill, by tenant",
+                &["tenant"],
             ),
             plugin_reloads: r.counter_vec(
                 "plugin_reloads_total",

@@ -36,12 +36,26 @@ pub struct KafkaConfig {
     pub tenant_header: String,
     /// Tenants accepted (empty: any); others are dead-lettered.
     pub allowed_tenants: Vec<String>,
-    /// Messages queued per tenant lane. When a slow tenant's lane is full, the partitions
-    /// carrying its next messages pause (in Kafka, not in memory) until it catches up.
+    /// Messages queued per tenant lane. When a slow tenant's lane is full, its partitions
+    /// pause; once another tenant's message waits behind it, its messages spill to
+    /// PostgreSQL (`spill_max_rows`) and the others' pass it.
     pub lane_capacity: usize,
     /// Bytes (payload, key, headers) queued per tenant lane: the other bound of a lane, so
     /// that large messages cannot fill memory where small ones would not.
     pub lane_max_bytes: usize,
+    /// Most tenant lanes alive at once. A message of a new tenant when every lane is busy
+    /// waits (its partition paused) until one is idle; idle lanes are then freed at once.
+    pub max_lanes: usize,
+    /// A lane with nothing queued for this long is freed (its tenant gets a new one on its
+    /// next message). At least 1 000: a tenant's routing-time budget counts per second, so
+    /// a lane idle that long has nothing left to remember.
+    pub lane_idle_ms: u64,
+    /// Messages a tenant may have in the spill (`spilled_messages`) before its partitions
+    /// pause again behind its full lane. 0 turns spilling off: a full lane pauses its
+    /// partitions at once.
+    pub spill_max_rows: u64,
+    /// Bytes (payload, key, headers) a tenant may have in the spill; the other bound.
+    pub spill_max_bytes: u64,
     /// How long the group waits for an instance that stopped heartbeating (killed, frozen,
     /// cut off) before its partitions go to the others (librdkafka's `session.timeout.ms`,
     /// whose 45 s default stalled a killed instance's partitions that long, restarted or
@@ -68,6 +82,10 @@ impl Default for KafkaConfig {
             max_message_bytes: 256 * 1024,
             lane_capacity: 16_384,
             lane_max_bytes: 16 * 1024 * 1024,
+            max_lanes: 4_096,
+            lane_idle_ms: 60_000,
+            spill_max_rows: 1_000_000,
+            spill_max_bytes: 1024 * 1024 * 1024,
             session_timeout_ms: 10_000,
             replay_token_ttl_secs: 86_400,
             tenant_from: TenantFrom::Payload,
@@ -151,6 +169,10 @@ impl std::fmt::Debug for KafkaConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("lane_capacity", &self.lane_capacity)
             .field("lane_max_bytes", &self.lane_max_bytes)
+            .field("max_lanes", &self.max_lanes)
+            .field("lane_idle_ms", &self.lane_idle_ms)
+            .field("spill_max_rows", &self.spill_max_rows)
+            .field("spill_max_bytes", &self.spill_max_bytes)
             .field("session_timeout_ms", &self.session_timeout_ms)
             .field("replay_token_ttl_secs", &self.replay_token_ttl_secs)
             .field("tenant_from", &self.tenant_from)
@@ -185,8 +207,13 @@ impl KafkaConfig {
                 "kafka.replay_token_ttl_secs must be between 1 and {MAX_REPLAY_TOKEN_TTL_SECS} (30 days)"
             ));
         }
-        if self.batch_max == 0 || self.lane_capacity == 0 {
-            return invalid("kafka.batch_max and kafka.lane_capacity must be at least 1");
+        if self.batch_max == 0 || self.lane_capacity == 0 || self.max_lanes == 0 {
+            return invalid(
+                "kafka.batch_max, kafka.lane_capacity and kafka.max_lanes must be at least 1",
+            );
+        }
+        if self.lane_idle_ms < 1_000 {
+            return invalid("kafka.lane_idle_ms must be at least 1000 (a routing budget's window)");
         }
         self.validate_tenant_source()?;
         for key in ["group.id", "bootstrap.servers", "enable.auto.offset.store"] {

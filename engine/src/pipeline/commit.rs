@@ -21,7 +21,7 @@ use crate::ingest::envelope::Rejection;
 use crate::model::Event;
 use crate::plugin::{Decision, PluginError};
 use crate::store::outbox::{self, NewEmail};
-use crate::store::{StoreError, claims, notifications, wake};
+use crate::store::{StoreError, claims, notifications, spill, wake};
 
 /// Committers of small batches (see [`group`]). Few, so that the batches of a spread load
 /// gather while they are busy: at 1 000 events/s over ten tenants, two gave p50 8.5–10 ms;
@@ -207,6 +207,7 @@ impl Pipeline {
         outbox::enqueue_emails(&mut tx, &emails).await?;
         effects.emails = emails.len() as u64;
         self.announce(&mut tx, &effects).await?;
+        self.unspill(&mut tx, prepared).await?;
         // What fails at COMMIT is the database's trouble, never the data's (a full NOTIFY
         // queue raises 54000 here): see `StoreError::Commit`.
         tx.commit().await.map_err(StoreError::Commit)?;
@@ -283,6 +284,17 @@ impl Pipeline {
             let written = Written::new(n, seq, size, inserted.created_at, listeners);
             effects.notifications.push(written);
         }
+        Ok(())
+    }
+
+    /// Drained messages leave the spill with their outcome (see `spill`).
+    pub(super) async fn unspill(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        prepared: &[Prepared],
+    ) -> Result<(), StoreError> {
+        let ids: Vec<i64> = prepared.iter().filter_map(|p| p.spilled).collect();
+        spill::drained(tx, &ids, self.hub.instance()).await?;
         Ok(())
     }
 

@@ -122,6 +122,7 @@ impl Pipeline {
         let mut effects = Effects::consumed(std::slice::from_ref(one));
         let dead = DeadLetter::refused(&one.message, event, error);
         self.dead_letter(&mut tx, dead, &mut effects).await?;
+        self.unspill(&mut tx, std::slice::from_ref(one)).await?;
         tx.commit().await?;
         self.acknowledge(std::slice::from_ref(one), effects);
         Ok(())

@@ -100,7 +100,13 @@ impl Written {
 impl Pipeline {
     /// After COMMIT: offsets, metrics, wake-ups.
     pub(super) fn acknowledge(&self, prepared: &[Prepared], effects: Effects) {
-        let messages: Vec<&Incoming> = prepared.iter().map(|p| &*p.message).collect();
+        // A drained message's offset was finished when it was spilled; marking it again
+        // could count off a copy of it re-read from Kafka meanwhile.
+        let messages: Vec<&Incoming> = prepared
+            .iter()
+            .filter(|p| p.spilled.is_none())
+            .map(|p| &*p.message)
+            .collect();
         if let Err(e) = self.ingest.finished(&messages) {
             // The outcome is committed; a later batch's offsets cover this one, and at
             // worst the messages are re-read and dropped as duplicates.

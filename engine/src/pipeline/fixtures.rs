@@ -120,6 +120,7 @@ pub fn rejection() -> Rejection {
 /// A message of the batch at `offset`, prepared as `step`.
 pub fn prepared(offset: i64, step: Step) -> Prepared {
     Prepared {
+        spilled: None,
         message: Arc::new(message("orders", offset, b"{}")),
         step,
         replay: None,

@@ -1,17 +1,22 @@
 //! A tenant lane's task: it takes what is queued as one batch, prepares it (step 1:
 //! replay tokens checked, duplicates skipped, the rest routed within the tenant's budget,
 //! outside any transaction) and hands it to a committer, a prefix at a time, stalling while the
-//! database or the platform fails.
+//! database or the platform fails. While its tenant is spilling (`spill`), it drains the
+//! spill the same way once its queue is empty, oldest first. It ends when the dispatcher
+//! frees it (its queue closed), on shutdown, or if the committers are gone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::Replay;
 use super::dispatch::Work;
+use super::spill::{Drain, Gate};
 use super::{Commits, Pipeline, Prepared, Stall, Step, budget, group};
+use crate::ingest::trust::TenantTrust;
 use crate::model::Event;
 use crate::plugin::Disposition;
 use crate::store::claims;
@@ -20,6 +25,27 @@ use crate::store::claims;
 const MAX_STALL_DELAY: Duration = Duration::from_secs(30);
 /// Routing time after which a lane commits what it has routed so far.
 const MAX_ROUTING_PER_COMMIT: Duration = Duration::from_millis(250);
+/// How long a lane waits before reading its spill again after the database failed.
+const DRAIN_RETRY: Duration = Duration::from_secs(1);
+
+/// What a lane's drain step needs of its task.
+#[derive(Clone, Copy)]
+struct Lane<'a> {
+    tenant: &'a str,
+    gate: &'a Gate,
+    trust: &'a TenantTrust,
+    commits: &'a Commits,
+    shutdown: &'a CancellationToken,
+}
+
+/// How a lane's task ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Exit {
+    /// The dispatcher freed it (idle): its queue closed, empty.
+    Reaped,
+    /// Shutdown, or the committers are gone (a panic: the engine stops).
+    Stopped,
+}
 
 /// How a lane's batch ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,34 +59,95 @@ enum BatchEnd {
 
 impl Pipeline {
     /// One tenant's lane: takes what is queued (up to `kafka.batch_max`, waiting at most
-    /// `kafka.batch_linger_ms` for more) and handles it as one batch, in order.
+    /// `kafka.batch_linger_ms` for more) and handles it as one batch, in order; while its
+    /// tenant is spilling, drains the spill once the queue is empty.
     pub(super) async fn lane(
         self: Arc<Self>,
         tenant: String,
         mut queue: mpsc::Receiver<Work>,
+        gate: Arc<Gate>,
         commits: Commits,
         shutdown: CancellationToken,
-    ) {
+    ) -> Exit {
         let linger = Duration::from_millis(self.kafka.batch_linger_ms);
         let mut budget = budget::Budget::new(
             Duration::from_millis(self.plugins.tenant_budget_ms_per_sec()),
             Instant::now(),
         );
+        let trust = TenantTrust::new(&self.kafka);
         loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                work = queue.recv() => match work {
-                    Some(work) => work,
-                    None => return,
-                },
+            let first = if gate.is_spilling() {
+                // What was queued before the spill began is older: it goes first.
+                match queue.try_recv() {
+                    Ok(work) => work,
+                    Err(TryRecvError::Disconnected) => return Exit::Reaped,
+                    Err(TryRecvError::Empty) => {
+                        let lane = Lane {
+                            tenant: &tenant,
+                            gate: &gate,
+                            trust: &trust,
+                            commits: &commits,
+                            shutdown: &shutdown,
+                        };
+                        if self.drain(lane, &mut budget).await == BatchEnd::Interrupted {
+                            return Exit::Stopped;
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Exit::Stopped,
+                    // Rows written or found: the loop drains them.
+                    _ = gate.written.notified() => continue,
+                    work = queue.recv() => match work {
+                        Some(work) => work,
+                        None => return Exit::Reaped,
+                    },
+                }
             };
             let batch = next_batch(first, &mut queue, self.kafka.batch_max, linger).await;
             let end = self
                 .handle_batch(&tenant, &batch, &mut budget, &commits, &shutdown)
                 .await;
             if end == BatchEnd::Interrupted {
-                return;
+                return Exit::Stopped;
             }
+        }
+    }
+
+    /// One step of draining the tenant's spill: a batch of its oldest rows handled like
+    /// queued messages (their rows deleted as they commit), or a wait while the rows are
+    /// being written or another instance drains them.
+    async fn drain(&self, lane: Lane<'_>, budget: &mut budget::Budget) -> BatchEnd {
+        let max_bytes = self.kafka.max_message_bytes;
+        let decode = |message| Work::decode(message, lane.trust, max_bytes);
+        let step = self.drain_step(lane.tenant, lane.gate, decode).await;
+        if step.is_ok() {
+            self.health.set_stall(lane.tenant, None);
+        }
+        let wait = match step {
+            Ok(Drain::Rows(batch)) => {
+                let end = self
+                    .handle_batch(lane.tenant, &batch, budget, lane.commits, lane.shutdown)
+                    .await;
+                if end == BatchEnd::Committed {
+                    self.drained(lane.tenant, lane.gate, &batch);
+                }
+                return end;
+            }
+            Ok(Drain::Closed) => return BatchEnd::Committed,
+            Ok(Drain::Wait(wait)) => wait,
+            Err(e) => {
+                let stall = Stall::Database(e);
+                self.report_stall(lane.tenant, &stall, 0, MAX_STALL_DELAY.min(DRAIN_RETRY));
+                DRAIN_RETRY
+            }
+        };
+        tokio::select! {
+            _ = lane.shutdown.cancelled() => BatchEnd::Interrupted,
+            _ = lane.gate.written.notified() => BatchEnd::Committed,
+            _ = tokio::time::sleep(wait) => BatchEnd::Committed,
         }
     }
 
@@ -207,6 +294,7 @@ impl Pipeline {
                         message: work.message.clone(),
                         step: Step::Rejected(rejection),
                         replay: None,
+                        spilled: work.spilled,
                     });
                     continue;
                 }
@@ -229,6 +317,7 @@ impl Pipeline {
                 message: work.message.clone(),
                 step,
                 replay,
+                spilled: work.spilled,
             });
         }
         Ok(prepared)

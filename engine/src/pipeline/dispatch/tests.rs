@@ -11,6 +11,7 @@ fn work(tenant: &str, offset: i64, payload: &[u8]) -> Work {
         message: Arc::new(message("orders", offset, payload)),
         decoded: Ok(event(tenant, &format!("e{offset}"))),
         admitted: None,
+        spilled: None,
     }
 }
 
