@@ -326,23 +326,9 @@ async fn the_api_pool_sees_only_its_user() {
     engine.shutdown().await;
 }
 
-/// Retention: old rows go in batches, the rest stay, and a user's sequence numbers are not
-/// reused once their rows are gone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_purges_in_batches_and_never_reuses_a_sequence_number() {
-    let (world, engine, tenant) = six_notifications_of_two_users().await;
-    let pool = world.pool().await;
-
-    // Retention: rows older than the configured age go, in batches; the rest stay. All of
-    // u1's notifications are old.
-    sqlx::query("UPDATE notifications SET created_at = now() - interval '100 days' WHERE event_id IN ('r1', 'r2', 'r3', 'r5')")
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE processed_events SET processed_at = now() - interval '40 days' WHERE event_id IN ('r1', 'r2')")
-        .execute(&pool)
-        .await
-        .unwrap();
+/// Runs the retention loop with batches of 2 until a round finds less than a full batch:
+/// how many rounds that took, and the metrics it counted in.
+async fn purge_in_batches_of_two(pool: &sqlx::PgPool) -> (u32, notify_engine::telemetry::Metrics) {
     let metrics = notify_engine::telemetry::Metrics::new();
     let retention = notify_engine::retention::Retention {
         pool: pool.clone(),
@@ -360,6 +346,27 @@ async fn retention_purges_in_batches_and_never_reuses_a_sequence_number() {
             "a full batch means more to do, until there is none"
         );
     }
+    (rounds, metrics)
+}
+
+/// Retention: old rows go in batches, the rest stay, and a user's sequence numbers are not
+/// reused once their rows are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_in_batches_and_never_reuses_a_sequence_number() {
+    let (world, engine, tenant) = six_notifications_of_two_users().await;
+    let pool = world.pool().await;
+
+    // Retention: rows older than the configured age go, in batches; the rest stay. All of
+    // u1's notifications are old.
+    sqlx::query("UPDATE notifications SET created_at = now() - interval '100 days' WHERE event_id IN ('r1', 'r2', 'r3', 'r5')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE processed_events SET processed_at = now() - interval '40 days' WHERE event_id IN ('r1', 'r2')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (rounds, metrics) = purge_in_batches_of_two(&pool).await;
     assert_eq!(
         rounds, 3,
         "4 old rows in batches of 2: two full rounds, one empty"
@@ -506,23 +513,7 @@ async fn retention_purges_finished_email_and_old_dead_letters_but_never_pending_
         .unwrap();
     }
 
-    let metrics = notify_engine::telemetry::Metrics::new();
-    let retention = notify_engine::retention::Retention {
-        pool: pool.clone(),
-        config: notify_engine::config::RetentionConfig {
-            batch: 2,
-            ..Default::default()
-        },
-        metrics: metrics.clone(),
-    };
-    let mut rounds = 1;
-    while retention.round().await.unwrap() {
-        rounds += 1;
-        assert!(
-            rounds <= 4,
-            "a full batch means more to do, until there is none"
-        );
-    }
+    let (rounds, metrics) = purge_in_batches_of_two(&pool).await;
     let left: Vec<(String,)> =
         sqlx::query_as("SELECT event_id FROM email_outbox ORDER BY event_id")
             .fetch_all(&pool)
