@@ -1,6 +1,6 @@
 //! PostgreSQL's trouble and duties, on the real services: connections that died idle, a lock
 //! timeout, a full NOTIFY queue, a damaged sequence row, a non-superuser engine user, the API
-//! pool's row-level security, and retention.
+//! pool's row-level security, retention, and readiness when PostgreSQL is gone.
 
 use std::time::Duration;
 
@@ -106,8 +106,10 @@ async fn a_lock_timeout_stalls_the_batch_instead_of_dead_lettering() {
         engine.health.snapshot().stall.is_some()
     })
     .await;
-    let (status, body) = readyz(engine.admin_addr).await;
-    assert_eq!(status, 503, "{body}");
+    // A stalled lane is on the status report; the routes still serve.
+    assert_eq!(readyz(engine.admin_addr).await.0, 200);
+    let body = status(engine.admin_addr).await;
+    assert_eq!(body["status"], "degraded", "{body}");
     let pipeline = body["checks"]["pipeline"].as_str().unwrap();
     assert!(pipeline.starts_with("stalled: database"), "{body}");
     assert!(pipeline.contains("lock timeout"), "{body}");
@@ -122,8 +124,8 @@ async fn a_lock_timeout_stalls_the_batch_instead_of_dead_lettering() {
         )
         .await;
     assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 0);
-    eventually("readiness recovers", async || {
-        readyz(engine.admin_addr).await.0 == 200
+    eventually("the status report recovers", async || {
+        status(engine.admin_addr).await["status"] == "ok"
     })
     .await;
     assert!(
@@ -183,8 +185,10 @@ async fn a_full_notify_queue_stalls_the_batch_instead_of_dead_lettering() {
         engine.health.snapshot().stall.is_some()
     })
     .await;
-    let (status, body) = readyz(engine.admin_addr).await;
-    assert_eq!(status, 503, "{body}");
+    // A stalled lane is on the status report; the routes still serve.
+    assert_eq!(readyz(engine.admin_addr).await.0, 200);
+    let body = status(engine.admin_addr).await;
+    assert_eq!(body["status"], "degraded", "{body}");
     let pipeline = body["checks"]["pipeline"].as_str().unwrap();
     assert!(pipeline.starts_with("stalled: database"), "{body}");
     assert!(pipeline.contains("NOTIFY queue"), "{body}");
@@ -203,8 +207,8 @@ async fn a_full_notify_queue_stalls_the_batch_instead_of_dead_lettering() {
         )
         .await;
     assert_eq!(world.count("SELECT count(*) FROM dead_letters").await, 0);
-    eventually("readiness recovers", async || {
-        readyz(engine.admin_addr).await.0 == 200
+    eventually("the status report recovers", async || {
+        status(engine.admin_addr).await["status"] == "ok"
     })
     .await;
     engine.shutdown().await;
@@ -550,4 +554,50 @@ async fn retention_purges_finished_email_and_old_dead_letters_but_never_pending_
         rounds, 2,
         "3 old outbox rows and 2 old dead letters in batches of 2: one full round, one not"
     );
+}
+
+/// PostgreSQL unreachable (a TCP proxy in front of it taken down): the engine cannot serve
+/// its routes, and `/readyz` says so (503, with the reason), as the status report does;
+/// back up, both recover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_unreachable_fails_readiness_until_it_is_back() {
+    let world = World::new().await;
+    let mut url = reqwest::Url::parse(&world.db_url).unwrap();
+    let target: std::net::SocketAddr = format!(
+        "{}:{}",
+        url.host_str().unwrap().replace("localhost", "127.0.0.1"),
+        url.port().unwrap_or(5432)
+    )
+    .parse()
+    .unwrap();
+    let proxy = Relay::start(target, true).await;
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(proxy.port)).unwrap();
+    let mut config = world.config();
+    config.database.url = url.to_string();
+    let engine = world.start(config).await;
+    eventually("ready with PostgreSQL up", async || {
+        readyz(engine.admin_addr).await.0 == 200
+    })
+    .await;
+
+    proxy.set_up(false);
+    eventually("readiness fails with PostgreSQL down", async || {
+        readyz(engine.admin_addr).await.0 == 503
+    })
+    .await;
+    let (_, body) = readyz(engine.admin_addr).await;
+    assert_eq!(body["status"], "not_ready", "{body}");
+    assert_eq!(body["checks"]["postgres"], "unreachable", "{body}");
+    assert_eq!(body["reasons"], serde_json::json!(["postgres unreachable"]));
+    let report = status(engine.admin_addr).await;
+    assert_eq!(report["ready"], false, "{report}");
+    assert_eq!(report["status"], "degraded", "{report}");
+
+    proxy.set_up(true);
+    eventually("readiness recovers", async || {
+        readyz(engine.admin_addr).await.0 == 200
+    })
+    .await;
+    engine.shutdown().await;
 }

@@ -1,6 +1,6 @@
-//! What an operator's probes and scrapers see, on the real services: health, readiness and
-//! the metrics page on the admin listener; and the start-up refusal of a config file that
-//! holds a Kafka credential.
+//! What an operator's probes and scrapers see, on the real services: health, readiness, the
+//! status report and the metrics page on the admin listener; the `healthcheck` subcommand a
+//! container runs; and the start-up refusal of a config file that holds a Kafka credential.
 
 use std::time::Duration;
 
@@ -15,23 +15,25 @@ async fn health_readiness_and_metrics() {
     let base = format!("http://{}", engine.admin_addr);
     let health = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    // Readiness turns green once the Kafka probe has answered.
+    // Readiness (PostgreSQL) is green from the start; the status report turns `ok` once
+    // the Kafka probe has answered.
+    let (code, body) = readyz(engine.admin_addr).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "ready");
+    assert_eq!(body["checks"]["postgres"], "ok");
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
-        let status = ready.status();
-        let body: serde_json::Value = ready.json().await.unwrap();
-        if status == 200 {
+        let body = status(engine.admin_addr).await;
+        if body["status"] == "ok" {
+            assert_eq!(body["ready"], true);
             assert_eq!(body["checks"]["postgres"], "ok");
             assert_eq!(body["checks"]["kafka"], "ok");
             assert_eq!(body["checks"]["pipeline"], "ok");
+            assert_eq!(body["checks"]["stalls"], serde_json::json!({}));
             assert_eq!(body["checks"]["plugins"]["default"], "ok");
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never ready: {body}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "never ok: {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let tenant = unique("shop");
@@ -124,4 +126,82 @@ async fn kafka_credentials_in_the_config_file_stop_the_engine() {
         );
         assert!(!stderr.contains("credential-value-0123"), "{stderr}");
     }
+}
+
+/// A broker nobody answers: the engine still serves its routes (`/readyz` 200, an inbox
+/// read works), and the status report says Kafka is down. On Kubernetes a 503 here would
+/// take every replica out of the Service and every browser's stream with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_unreachable_leaves_the_engine_ready_and_shows_on_the_status_report() {
+    let world = World::new().await;
+    let mut config = world.config();
+    // Nothing listens on port 1.
+    config.kafka.brokers = "127.0.0.1:1".into();
+    let engine = world.start(config).await;
+    eventually("the status report shows Kafka down", async || {
+        let body = status(engine.admin_addr).await;
+        body["checks"]["kafka"] == "unreachable" && body["status"] == "degraded"
+    })
+    .await;
+    let (code, body) = readyz(engine.admin_addr).await;
+    assert_eq!(code, 200, "Kafka trouble must not fail readiness: {body}");
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(status(engine.admin_addr).await["ready"], true);
+    // And the routes really serve: a stream opens.
+    let tenant = unique("shop");
+    let (code, _sse, _) = connect_sse(&engine, Some(&world.token(&tenant, "u1")), None).await;
+    assert_eq!(code, 200);
+    engine.shutdown().await;
+}
+
+/// `notify-engine healthcheck`, as a container's `HEALTHCHECK` runs it: exit 0 against a
+/// ready engine (the address from the config's `http.admin_listen`, or `--addr`), exit 1
+/// with a one-line reason against a port nothing listens on. No JWT secret needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_healthcheck_subcommand_exits_0_on_a_ready_engine_and_1_on_a_dead_port() {
+    let world = World::new().await;
+    let engine = world.start(world.config()).await;
+    let healthcheck = |envs: Vec<(&'static str, String)>, args: Vec<String>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_notify-engine"));
+        command
+            .arg("healthcheck")
+            .args(args)
+            .env_remove("NOTIFY_AUTH__JWT_SECRET")
+            .env_remove("NOTIFY_CONFIG")
+            .kill_on_drop(true);
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        async move {
+            tokio::time::timeout(Duration::from_secs(30), command.output())
+                .await
+                .expect("the healthcheck gave up within its timeout")
+                .unwrap()
+        }
+    };
+    let admin = engine.admin_addr.to_string();
+    let out = healthcheck(vec![("NOTIFY_HTTP__ADMIN_LISTEN", admin.clone())], vec![]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = healthcheck(vec![], vec!["--addr".into(), admin.clone()]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    engine.shutdown().await;
+
+    // The engine is gone: nothing listens on its admin port any more.
+    let dead = healthcheck(
+        vec![("NOTIFY_HTTP__ADMIN_LISTEN", admin)],
+        vec!["--timeout-ms".into(), "2000".into()],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&dead.stderr);
+    assert_eq!(dead.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("not ready: cannot connect"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }

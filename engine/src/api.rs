@@ -136,6 +136,7 @@ pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/api/v1/admin/plugins", get(admin_plugins))
         .route("/api/v1/admin/presence", get(admin_presence))
@@ -191,28 +192,67 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Readiness: PostgreSQL and Kafka answered their last probes and the pipeline is not
-/// stalled. Read from the background snapshot: answering costs no database connection.
+/// Readiness: this instance can serve its HTTP routes, i.e. PostgreSQL answered its last
+/// probe (the inbox and the streams need nothing else). Kafka, a stalled lane or SMTP do not
+/// count: behind a load balancer a 503 takes the instance out of rotation, and a broker
+/// outage would take every replica, and every browser's stream, with it. `/status` reports
+/// those. Read from the background snapshot: answering costs no database connection.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let health = state.health.snapshot();
-    let status = if health.ready {
-        StatusCode::OK
+    let (status, word) = if health.serving {
+        (StatusCode::OK, "ready")
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
     };
-    let word = |ok: bool| if ok { "ok" } else { "unreachable" };
+    let reasons: Vec<&str> = if health.postgres {
+        vec![]
+    } else {
+        vec!["postgres unreachable"]
+    };
     (
         status,
         axum::Json(serde_json::json!({
-            "status": if health.ready { "ready" } else { "not_ready" },
-            "checks": {
-                "postgres": word(health.postgres),
-                "kafka": word(health.kafka),
-                "pipeline": health.stall.as_deref().map_or("ok".to_owned(), |r| format!("stalled: {r}")),
-                "plugins": health.plugins,
-            },
+            "status": word,
+            "checks": { "postgres": reachable(health.postgres) },
+            "reasons": reasons,
         })),
     )
+}
+
+/// Stalled lanes `/status` lists one by one; lanes are tenants, and made-up tenant ids could
+/// otherwise make the body as long as the pipeline's bookkeeping.
+const MAX_LISTED_STALLS: usize = 20;
+
+/// The status report: every component with its state, and `status` `ok` only when all are
+/// well (`degraded` otherwise); `ready` is what `/readyz` answers. Always 200: it is a
+/// report, not a probe.
+async fn status(State(state): State<AppState>) -> impl IntoResponse {
+    let health = state.health.snapshot();
+    let mut stalls: serde_json::Map<String, serde_json::Value> = health
+        .stalls
+        .iter()
+        .take(MAX_LISTED_STALLS)
+        .map(|(lane, reason)| (lane.clone(), reason.clone().into()))
+        .collect();
+    let more = health.stalls.len().saturating_sub(MAX_LISTED_STALLS);
+    if more > 0 {
+        stalls.insert("_more".to_owned(), more.into());
+    }
+    axum::Json(serde_json::json!({
+        "status": if health.healthy { "ok" } else { "degraded" },
+        "ready": health.serving,
+        "checks": {
+            "postgres": reachable(health.postgres),
+            "kafka": reachable(health.kafka),
+            "pipeline": health.stall.as_deref().map_or("ok".to_owned(), |r| format!("stalled: {r}")),
+            "stalls": stalls,
+            "plugins": health.plugins,
+        },
+    }))
+}
+
+fn reachable(ok: bool) -> &'static str {
+    if ok { "ok" } else { "unreachable" }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -580,5 +620,43 @@ mod tests {
         let (state, _) = super::tests::state(&[]);
         let (_, r) = send(&super::router(state), preflight("https://app.example.com")).await;
         assert!(r.headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+    }
+
+    /// `/readyz` asks only what the routes need (PostgreSQL); Kafka and the lanes show on
+    /// `/status`, which always answers 200.
+    #[tokio::test]
+    async fn readiness_follows_postgres_and_the_status_report_every_component() {
+        let (state, _) = state(&[]);
+        let health = state.health.clone();
+        let admin = admin_router(state);
+        let get = |uri: &str| request("GET", uri, None).body(Body::empty()).unwrap();
+        health.set_postgres(true);
+        health.set_kafka(false);
+        health.set_stall("t1", Some("database: lock timeout".into()));
+        let (status, r) = send(&admin, get("/readyz")).await;
+        assert_eq!(status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.body["status"], "ready");
+        let (status, r) = send(&admin, get("/status")).await;
+        assert_eq!(status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.body["status"], "degraded");
+        assert_eq!(r.body["ready"], true);
+        assert_eq!(r.body["checks"]["kafka"], "unreachable");
+        assert_eq!(r.body["checks"]["stalls"]["t1"], "database: lock timeout");
+
+        health.set_postgres(false);
+        let (status, r) = send(&admin, get("/readyz")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+        assert_eq!(r.body["checks"]["postgres"], "unreachable");
+        assert_eq!(
+            r.body["reasons"],
+            serde_json::json!(["postgres unreachable"])
+        );
+
+        health.set_postgres(true);
+        health.set_kafka(true);
+        health.set_stall("t1", None);
+        let (status, r) = send(&admin, get("/status")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(r.body["status"], "ok", "{}", r.body);
     }
 }

@@ -1,6 +1,13 @@
-//! What readiness reports: a snapshot kept current in the background (the database and
-//! Kafka probes, the plugin set) and by the pipeline (stalled or flowing). `/readyz` only
-//! reads it, so a flood of probe requests costs no database connection.
+//! What readiness and the status report read: a snapshot kept current in the background
+//! (the database and Kafka probes, the plugin set) and by the pipeline (stalled or flowing).
+//! `/readyz` and `/status` only read it, so a flood of probe requests costs no database
+//! connection.
+//!
+//! Two questions, two answers: *can this instance serve its HTTP routes* (`serving`:
+//! PostgreSQL, all the inbox and SSE need) is what a load balancer asks; *is every part of
+//! the engine well* (`healthy`: also Kafka, the pipeline's lanes) is what an operator asks.
+//! A broker outage or one tenant's stalled lane must not take every replica out of the
+//! load balancer and every browser's stream with it.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -34,13 +41,19 @@ pub struct PluginsHealth {
     pub quarantined: Vec<String>,
 }
 
-/// One reading, as `/readyz` shows it.
+/// One reading, as `/readyz` (`serving`) and `/status` (all of it) show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
-    pub ready: bool,
+    /// The HTTP routes can answer: PostgreSQL answered its last probe.
+    pub serving: bool,
+    /// Every component is well: serving, Kafka answers and no lane is stalled.
+    pub healthy: bool,
     pub postgres: bool,
     pub kafka: bool,
+    /// The first stall's reason (and how many more), for a one-line summary.
     pub stall: Option<String>,
+    /// Every stalled lane with its reason.
+    pub stalls: BTreeMap<String, String>,
     pub plugins: PluginsHealth,
 }
 
@@ -72,22 +85,22 @@ impl Health {
         *self.plugins.lock().expect("health lock poisoned") = plugins;
     }
 
-    /// Ready: PostgreSQL and Kafka answer and the pipeline is not stalled.
+    /// Serving: PostgreSQL answers. Healthy: that, Kafka answers and no lane is stalled.
     pub fn snapshot(&self) -> Snapshot {
         let postgres = self.postgres.load(Ordering::Relaxed);
         let kafka = self.kafka.load(Ordering::Relaxed);
-        let stall = {
-            let stalls = self.stalls.lock().expect("health lock poisoned");
-            stalls.values().next().map(|reason| match stalls.len() {
-                1 => reason.clone(),
-                n => format!("{reason} (and {} more lanes)", n - 1),
-            })
-        };
+        let stalls = self.stalls.lock().expect("health lock poisoned").clone();
+        let stall = stalls.values().next().map(|reason| match stalls.len() {
+            1 => reason.clone(),
+            n => format!("{reason} (and {} more lanes)", n - 1),
+        });
         Snapshot {
-            ready: postgres && kafka && stall.is_none(),
+            serving: postgres,
+            healthy: postgres && kafka && stall.is_none(),
             postgres,
             kafka,
             stall,
+            stalls,
             plugins: self.plugins.lock().expect("health lock poisoned").clone(),
         }
     }

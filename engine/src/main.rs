@@ -66,6 +66,16 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// The container's health probe: `GET /readyz` on the admin listener (http.admin_listen
+    /// from the config); exit 0 on 200, else 1 with the reason. Needs no secret and no curl.
+    Healthcheck {
+        /// Ask this address (`host:port`) instead of the configured admin listener.
+        #[arg(long)]
+        addr: Option<String>,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -203,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
             stamp_now,
         } => publish(file, &events, topic.as_deref(), interval_ms, stamp_now).await,
         Command::Plugin { command } => plugin(file, command).await,
+        Command::Healthcheck { addr, timeout_ms } => healthcheck(file, addr, timeout_ms).await,
     }
 }
 
@@ -342,6 +353,27 @@ async fn plugin(file: Option<&Path>, command: PluginCommand) -> anyhow::Result<(
                 std::process::exit(1);
             }
         }
+    }
+    Ok(())
+}
+
+/// `healthcheck`: exit 0 when `/readyz` answers 200, else 1 with the reason on stderr.
+async fn healthcheck(
+    file: Option<&Path>,
+    addr: Option<String>,
+    timeout_ms: u64,
+) -> anyhow::Result<()> {
+    let addr = match addr {
+        Some(addr) => addr,
+        None => {
+            let config = load_without_secret(file)?;
+            tools::readyz_address(config.http.admin_listen).to_string()
+        }
+    };
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    if let Err(reason) = tools::healthcheck(&addr, "/readyz", timeout).await {
+        eprintln!("not ready: {reason}");
+        std::process::exit(1);
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Developer and operator tools behind the binary's subcommands: minting a token, publishing
 //! sample events, previewing and linting email templates, checking a plugin and running it
-//! locally on one event, listing and replaying dead letters, and requeueing failed emails.
+//! locally on one event, listing and replaying dead letters, requeueing failed emails, and
+//! the container's health probe.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -286,4 +287,59 @@ pub async fn run_plugin(
             }),
         ),
     })
+}
+
+/// Where `healthcheck` asks by default: `/readyz` on the admin listener, a wildcard address
+/// (`0.0.0.0`, `::`) asked on the loopback of its family.
+pub fn readyz_address(admin_listen: std::net::SocketAddr) -> std::net::SocketAddr {
+    let mut addr = admin_listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
+}
+
+/// The container's health probe: `GET path` on `addr` (plain HTTP/1.0, no client library
+/// and no curl in the image), within `timeout`. `Ok` on a 200; else the reason, in a line.
+pub async fn healthcheck(
+    addr: &str,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("writing to {addr}: {e}"))?;
+        // The status line and a short body are all that is read (the body says why).
+        let mut head = Vec::with_capacity(1024);
+        (&mut stream)
+            .take(4096)
+            .read_to_end(&mut head)
+            .await
+            .map_err(|e| format!("reading from {addr}: {e}"))?;
+        let text = String::from_utf8_lossy(&head);
+        let status = text.lines().next().unwrap_or_default();
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b.trim());
+        match status.split_whitespace().nth(1) {
+            Some("200") => Ok(()),
+            Some(code) => Err(format!("http://{addr}{path} answered {code}: {body}")),
+            None => Err(format!("http://{addr}{path} answered no HTTP status line")),
+        }
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "http://{addr}{path} did not answer within {timeout:?}"
+            ))
+        })
 }

@@ -1,5 +1,5 @@
-//! The operator's side of an engine, as a probe or a scraper sees it: readiness and the
-//! metrics page, both on the admin listener.
+//! The operator's side of an engine, as a probe or a scraper sees it: readiness, the status
+//! report and the metrics page, all on the admin listener.
 
 use notify_engine::app::Running;
 use serde_json::Value;
@@ -11,6 +11,15 @@ pub async fn readyz(admin: std::net::SocketAddr) -> (u16, Value) {
         .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
+}
+
+/// `GET /status` on the admin listener (always 200: a report, not a probe): the JSON body.
+pub async fn status(admin: std::net::SocketAddr) -> Value {
+    let response = reqwest::get(format!("http://{admin}/status"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "/status is a report: always 200");
+    response.json().await.unwrap()
 }
 
 /// The value of one series on the engine's `/metrics` (`name` with its labels, as printed),

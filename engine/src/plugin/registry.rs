@@ -370,12 +370,12 @@ impl Registry {
     }
 }
 
-/// Most quarantines `/readyz` lists one by one: made-up tenant ids in `payload` mode could
+/// Most quarantines `/status` lists one by one: made-up tenant ids in `payload` mode could
 /// otherwise make the body as long as the breaker's bookkeeping (the metric and the admin
 /// listing still count them all).
 const MAX_LISTED: usize = 20;
 
-/// The quarantines as readiness lists them, at most [`MAX_LISTED`] and a count of the rest.
+/// The quarantines as `/status` lists them, at most [`MAX_LISTED`] and a count of the rest.
 fn listed(quarantines: Vec<super::Quarantine>) -> Vec<String> {
     let more = quarantines.len().saturating_sub(MAX_LISTED);
     let mut out: Vec<String> = quarantines

@@ -1,7 +1,8 @@
 //! What the faults act on: the engine processes (started, killed with SIGKILL, stopped with
 //! SIGTERM, each slot on fixed ports so clients find it again), the services (through
 //! `scripts/services.sh stop|start`), and what is watched meanwhile: each engine's `/readyz`
-//! and resident memory, and the consumer group's lag.
+//! (can it serve: PostgreSQL) and `/status` (is every part well: Kafka, the lanes), its
+//! resident memory, and the consumer group's lag.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -91,7 +92,8 @@ impl Cluster {
         (0..self.slots.len()).filter(|&i| self.is_up(i)).collect()
     }
 
-    /// Starts `slot` and waits until its `/readyz` answers 200.
+    /// Starts `slot` and waits until its `/status` says `ok`: serving and consuming (its
+    /// `/readyz` alone only says it can serve its routes).
     pub async fn start(&mut self, slot: usize) -> Result<()> {
         anyhow::ensure!(!self.is_up(slot), "engine {slot} is already running");
         self.generation[slot] += 1;
@@ -120,7 +122,7 @@ impl Cluster {
             .fault("engine_start", json!({ "slot": slot, "pid": pid }));
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            if self.ready(slot).await {
+            if self.healthy(slot).await {
                 return Ok(());
             }
             if let Some(child) = &mut self.running[slot]
@@ -190,8 +192,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// `/readyz` answers 200: the engine can serve its routes (PostgreSQL answers).
     pub async fn ready(&self, slot: usize) -> bool {
         readyz(self.slots[slot].admin).await
+    }
+
+    /// `/status` says `ok`: every part is well (Kafka answers, no lane is stalled).
+    pub async fn healthy(&self, slot: usize) -> bool {
+        status_ok(self.slots[slot].admin).await
     }
 
     /// `scripts/services.sh stop <service> [--immediate]`.
@@ -271,11 +279,26 @@ async fn run(mut cmd: Command, what: &str) -> Result<()> {
 
 pub async fn readyz(admin: u16) -> bool {
     let url = format!("http://127.0.0.1:{admin}/readyz");
-    let client = reqwest::Client::builder()
+    matches!(admin_client().get(url).send().await, Ok(r) if r.status().is_success())
+}
+
+/// The engine's status report says `ok` (it always answers 200; the body says).
+pub async fn status_ok(admin: u16) -> bool {
+    let url = format!("http://127.0.0.1:{admin}/status");
+    let Ok(response) = admin_client().get(url).send().await else {
+        return false;
+    };
+    let Ok(body) = response.text().await else {
+        return false;
+    };
+    serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|b| b["status"] == "ok")
+}
+
+fn admin_client() -> reqwest::Client {
+    reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
-        .expect("a plain client builds");
-    matches!(client.get(url).send().await, Ok(r) if r.status().is_success())
+        .expect("a plain client builds")
 }
 
 /// The streams the engines ended because their client stopped reading (the write deadline),

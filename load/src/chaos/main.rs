@@ -170,16 +170,27 @@ struct PhaseReport {
     /// Faults injected: kills, stops, outages, joins and leaves, bad versions (not the
     /// starts and stops that set a phase up).
     faults: u64,
-    /// An outage: every running engine answered `/readyz` 503 within this long.
+    /// An outage: every running engine said so within this long (PostgreSQL: `/readyz`
+    /// 503; Kafka: `/status` not `ok`, while `/readyz` stays 200).
     not_ready_after_s: Option<f64>,
-    /// After the fault ended: every engine answered `/readyz` 200 again after this long.
+    /// After the fault ended: every engine said it was well again after this long (the
+    /// same endpoint).
     ready_again_after_s: Option<f64>,
     /// Production paused, the group's lag was 0 after this long.
     lag_zero_after_s: f64,
     /// SMTP down: the group's lag a third into the outage (the engines must keep consuming).
     lag_during_outage: Option<i64>,
+    /// Kafka down: an engine's `/readyz` failed (it must not: the routes need PostgreSQL).
+    readyz_failed_on_kafka: bool,
     max_rss_mib: u64,
     notes: Vec<String>,
+}
+
+/// Which endpoint an outage must show on: `/readyz` (can serve) or `/status` (all well).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Probe {
+    Readyz,
+    Status,
 }
 
 struct Suite {
@@ -393,8 +404,10 @@ impl Suite {
         Ok(())
     }
 
-    /// A service down for `down`, under load: the engines must say so on `/readyz`, then
-    /// recover on their own once it is back.
+    /// A service down for `down`, under load: the engines must say so, then recover on
+    /// their own once it is back. PostgreSQL down fails `/readyz` (the routes cannot
+    /// serve); Kafka down shows on `/status` only, and must not fail `/readyz` (a load
+    /// balancer would drop every browser's stream for it).
     async fn outage(
         &mut self,
         service: &str,
@@ -404,13 +417,24 @@ impl Suite {
     ) -> Result<()> {
         self.scale_to(2).await?;
         let t0 = Instant::now();
+        let probe = if service == "postgres" {
+            Probe::Readyz
+        } else {
+            Probe::Status
+        };
         self.cluster.service_stop(service, immediate).await?;
         report.faults += 1;
         // The engines probe Kafka every 10 s while it answers: the outage lasts until they
         // all said so, or 30 s.
         report.not_ready_after_s = self
-            .until_all(false, down.max(Duration::from_secs(30)))
+            .until_all(probe, false, down.max(Duration::from_secs(30)))
             .await;
+        if probe == Probe::Status && !self.all_ready().await {
+            report.notes.push(format!(
+                "{service} down: an engine's /readyz failed (it must stay 200)"
+            ));
+            report.readyz_failed_on_kafka = true;
+        }
         let left = down.saturating_sub(t0.elapsed());
         tokio::time::sleep(left).await;
         self.cluster.service_start(service).await?;
@@ -423,18 +447,32 @@ impl Suite {
                 ""
             }
         ));
-        report.ready_again_after_s = self.until_all(true, Duration::from_secs(120)).await;
+        report.ready_again_after_s = self.until_all(probe, true, Duration::from_secs(120)).await;
         Ok(())
     }
 
-    /// Polls every running engine's `/readyz` until all of them answer `ready`; the time
-    /// that took, or `None` if they did not within `limit`.
-    async fn until_all(&self, ready: bool, limit: Duration) -> Option<f64> {
+    /// Whether every running engine's `/readyz` answers 200.
+    async fn all_ready(&self) -> bool {
+        for slot in self.cluster.up() {
+            if !self.cluster.ready(slot).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Polls every running engine's `probe` until all of them answer `well` (or all do
+    /// not); the time that took, or `None` if they did not within `limit`.
+    async fn until_all(&self, probe: Probe, well: bool, limit: Duration) -> Option<f64> {
         let t0 = Instant::now();
         while t0.elapsed() < limit {
             let mut all = true;
             for slot in self.cluster.up() {
-                all &= self.cluster.ready(slot).await == ready;
+                let answer = match probe {
+                    Probe::Readyz => self.cluster.ready(slot).await,
+                    Probe::Status => self.cluster.healthy(slot).await,
+                };
+                all &= answer == well;
             }
             if all {
                 return Some(t0.elapsed().as_secs_f64());
@@ -665,6 +703,12 @@ fn finish(
             .is_none_or(|lag| lag > 5 * i64::from(args.rate))
             && p.name == "mailpit"
     });
+    // Kafka trouble must not fail readiness (it would take every browser's stream down).
+    let readyz_failed_on_kafka: Vec<&str> = phases
+        .iter()
+        .filter(|p| p.readyz_failed_on_kafka)
+        .map(|p| p.name.as_str())
+        .collect();
     let cuts = cluster::write_deadline_cuts(&args.run_dir);
     let breaker_bound = u64::from(args.breaker_failures) * BAD_PLUGIN_INSTANCES as u64;
     let breaker_damage = verdict.breaker_damage(ledger::BAD_TENANT);
@@ -672,6 +716,7 @@ fn finish(
         && error.is_none()
         && !over_memory
         && outage_unseen.is_empty()
+        && readyz_failed_on_kafka.is_empty()
         && !smtp_stalled
         && breaker_damage <= breaker_bound;
     let report = json!({
@@ -681,7 +726,8 @@ fn finish(
         "error": error.as_ref().map(|e| format!("{e:#}")),
         "phases": phases,
         "verdict": verdict,
-        "outages_without_readyz_change": outage_unseen,
+        "outages_unseen": outage_unseen,
+        "readyz_failed_on_kafka": readyz_failed_on_kafka,
         "breaker": { "damage": breaker_damage, "bound": breaker_bound },
         "smtp_outage_stalled_kafka": smtp_stalled,
         "write_deadline_cuts": cuts,
@@ -697,8 +743,8 @@ fn finish(
     md.push_str(&format!(
         "\nBreaker: {breaker_damage} events failed in the bad plugin before it was quarantined \
          (bound: {} failures × {BAD_PLUGIN_INSTANCES} instances = {breaker_bound}).\n\
-         Memory: at most {} MiB per engine (bound {} MiB). Outages that /readyz did not \
-         show: {}. Lag a third into the SMTP outage: {} (bound: 5 s of events).\n",
+         Memory: at most {} MiB per engine (bound {} MiB). Outages unseen (PostgreSQL on \
+         /readyz, Kafka on /status): {}. Lag a third into the SMTP outage: {} (bound: 5 s of events).\n",
         args.breaker_failures,
         phases.iter().map(|p| p.max_rss_mib).max().unwrap_or(0),
         args.max_rss_mib,
