@@ -140,7 +140,9 @@ async fn kafka_unreachable_leaves_the_engine_ready_and_shows_on_the_status_repor
     let engine = world.start(config).await;
     eventually("the status report shows Kafka down", async || {
         let body = status(engine.admin_addr).await;
-        body["checks"]["kafka"] == "unreachable" && body["status"] == "degraded"
+        body["checks"]["kafka"] == "unreachable"
+            && body["checks"]["postgres"] == "ok"
+            && body["status"] == "degraded"
     })
     .await;
     let (code, body) = readyz(engine.admin_addr).await;

@@ -135,6 +135,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = metrics_for(&config);
     let (pool, api_pool, auth) = open_store(&config).await?;
     let health = Arc::new(Health::default());
+    // `open_store` has just reached PostgreSQL through both pools: ready from the first
+    // request, not from the first background probe.
+    health.set_postgres(true);
     let hub = Hub::sealed(config.cluster.secret.as_deref());
     if !hub.seal().is_shared() {
         tracing::info!(

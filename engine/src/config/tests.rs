@@ -355,6 +355,47 @@ fn the_image_keeps_the_admin_listener_on_loopback() {
     assert!(Config::default().http.admin_listen.ip().is_loopback());
 }
 
+/// The image's and the compose stack's health checks run the engine's own probe
+/// (`notify-engine healthcheck`: `/readyz` on the admin listener), not a shell trick that
+/// needs bash or curl in the image; and the build context leaves node folders out.
+#[test]
+fn the_image_and_the_stack_probe_with_the_healthcheck_subcommand() {
+    let dockerfile = include_str!("../../../Dockerfile");
+    let compose = include_str!("../../../docker-compose.yml");
+    let probe = r#"["/usr/local/bin/notify-engine", "healthcheck"]"#;
+    let image = dockerfile
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with("CMD [\"/usr/local/bin/notify-engine\", \"health")
+        })
+        .expect("a HEALTHCHECK CMD line");
+    assert!(image.contains(probe), "{image}");
+    assert!(
+        dockerfile.contains("HEALTHCHECK "),
+        "the image has a HEALTHCHECK"
+    );
+    let stack = compose
+        .lines()
+        .find(|l| l.contains("notify-engine\", \"healthcheck"))
+        .expect("the engine's compose healthcheck");
+    assert_eq!(
+        stack.trim(),
+        format!("test: [\"CMD\", {}", &probe[1..]),
+        "{stack}"
+    );
+    for text in [dockerfile, compose] {
+        assert!(!text.contains("/dev/tcp/"), "a bash probe is left");
+    }
+    let ignored: Vec<&str> = include_str!("../../../.dockerignore").lines().collect();
+    for folder in ["node_modules", "**/node_modules", ".next", "target"] {
+        assert!(
+            ignored.contains(&folder),
+            "{folder} is not in .dockerignore"
+        );
+    }
+}
+
 #[test]
 fn the_outbox_is_kept_longer_than_an_email_is_retried() {
     let mut c = Config::default();
