@@ -193,6 +193,37 @@ enum Probe {
     Status,
 }
 
+impl Probe {
+    /// PostgreSQL down: the routes cannot serve, `/readyz` must say so. Anything else
+    /// (Kafka): the routes still serve, only `/status` may say so.
+    fn for_outage(service: &str) -> Self {
+        if service == "postgres" {
+            Self::Readyz
+        } else {
+            Self::Status
+        }
+    }
+}
+
+/// The outage phases the engines did not show (not seen going down or coming back on their
+/// probe), and those in which `/readyz` failed though only `/status` should have.
+fn outage_verdict(phases: &[PhaseReport]) -> (Vec<&str>, Vec<&str>) {
+    let unseen = phases
+        .iter()
+        .filter(|p| {
+            matches!(p.name.as_str(), "kafka" | "postgres")
+                && (p.not_ready_after_s.is_none() || p.ready_again_after_s.is_none())
+        })
+        .map(|p| p.name.as_str())
+        .collect();
+    let readyz_failed = phases
+        .iter()
+        .filter(|p| p.readyz_failed_on_kafka)
+        .map(|p| p.name.as_str())
+        .collect();
+    (unseen, readyz_failed)
+}
+
 struct Suite {
     args: Args,
     timing: Timing,
@@ -417,11 +448,7 @@ impl Suite {
     ) -> Result<()> {
         self.scale_to(2).await?;
         let t0 = Instant::now();
-        let probe = if service == "postgres" {
-            Probe::Readyz
-        } else {
-            Probe::Status
-        };
+        let probe = Probe::for_outage(service);
         self.cluster.service_stop(service, immediate).await?;
         report.faults += 1;
         // The engines probe Kafka every 10 s while it answers: the outage lasts until they
@@ -429,14 +456,20 @@ impl Suite {
         report.not_ready_after_s = self
             .until_all(probe, false, down.max(Duration::from_secs(30)))
             .await;
-        if probe == Probe::Status && !self.all_ready().await {
+        // The rest of the outage: `/readyz` must stay 200 throughout one that only
+        // `/status` may show (checked every 500 ms).
+        let mut readyz_failed = probe == Probe::Status && !self.all_ready().await;
+        while t0.elapsed() < down {
+            let step = Duration::from_millis(500).min(down.saturating_sub(t0.elapsed()));
+            tokio::time::sleep(step).await;
+            readyz_failed |= probe == Probe::Status && !self.all_ready().await;
+        }
+        if readyz_failed {
             report.notes.push(format!(
                 "{service} down: an engine's /readyz failed (it must stay 200)"
             ));
             report.readyz_failed_on_kafka = true;
         }
-        let left = down.saturating_sub(t0.elapsed());
-        tokio::time::sleep(left).await;
         self.cluster.service_start(service).await?;
         report.notes.push(format!(
             "{service} down {:.0} s{}",
@@ -689,26 +722,14 @@ fn finish(
         None => (None, &[][..], None),
     };
     let over_memory = phases.iter().any(|p| p.max_rss_mib > args.max_rss_mib);
-    let outage_unseen: Vec<&str> = phases
-        .iter()
-        .filter(|p| {
-            matches!(p.name.as_str(), "kafka" | "postgres")
-                && (p.not_ready_after_s.is_none() || p.ready_again_after_s.is_none())
-        })
-        .map(|p| p.name.as_str())
-        .collect();
+    // Kafka trouble must not fail readiness (it would take every browser's stream down).
+    let (outage_unseen, readyz_failed_on_kafka) = outage_verdict(phases);
     // "An SMTP outage never stalls Kafka": a third into it, the lag is at most 5 s of events.
     let smtp_stalled = phases.iter().any(|p| {
         p.lag_during_outage
             .is_none_or(|lag| lag > 5 * i64::from(args.rate))
             && p.name == "mailpit"
     });
-    // Kafka trouble must not fail readiness (it would take every browser's stream down).
-    let readyz_failed_on_kafka: Vec<&str> = phases
-        .iter()
-        .filter(|p| p.readyz_failed_on_kafka)
-        .map(|p| p.name.as_str())
-        .collect();
     let cuts = cluster::write_deadline_cuts(&args.run_dir);
     let breaker_bound = u64::from(args.breaker_failures) * BAD_PLUGIN_INSTANCES as u64;
     let breaker_damage = verdict.breaker_damage(ledger::BAD_TENANT);
@@ -877,4 +898,41 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
         .filter(|l| !l.is_empty())
         .map(|l| serde_json::from_str(l).with_context(|| format!("{}: {l}", path.display())))
         .collect()
+}
+
+/// The outage checks: which probe each outage must show on, and what fails the run.
+#[cfg(test)]
+mod outage_tests {
+    use super::*;
+
+    fn phase(name: &str, seen: bool, readyz_failed_on_kafka: bool) -> PhaseReport {
+        PhaseReport {
+            name: name.into(),
+            not_ready_after_s: seen.then_some(7.7),
+            ready_again_after_s: seen.then_some(3.0),
+            readyz_failed_on_kafka,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn postgres_shows_on_readyz_and_kafka_on_status_only() {
+        assert_eq!(Probe::for_outage("postgres"), Probe::Readyz);
+        assert_eq!(Probe::for_outage("kafka"), Probe::Status);
+        let seen = [phase("kafka", true, false), phase("postgres", true, false)];
+        assert_eq!(outage_verdict(&seen), (vec![], vec![]));
+        let unseen = [
+            phase("kafka", false, false),
+            phase("postgres", false, false),
+        ];
+        assert_eq!(outage_verdict(&unseen).0, vec!["kafka", "postgres"]);
+        // A Kafka outage that failed /readyz fails the run, even though it was seen.
+        let failed = [phase("kafka", true, true)];
+        assert_eq!(outage_verdict(&failed), (vec![], vec!["kafka"]));
+        // Other phases are no outages.
+        assert_eq!(
+            outage_verdict(&[phase("kill-one", false, false)]).0,
+            Vec::<&str>::new()
+        );
+    }
 }
