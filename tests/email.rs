@@ -131,12 +131,22 @@ async fn email_waiting_for_the_relay_goes_out_within_seconds_of_its_return() {
         .produce(&order_paid("o1", &tenant, "u1", Some(&address), 1.0))
         .await;
     world.wait_count(&waiting("o1"), 1, WAIT).await;
+    // The relay's outage is on the status report; the engine still serves and consumes.
+    let report = status(engine.admin_addr).await;
+    assert_eq!(report["checks"]["smtp"], "unreachable", "{report}");
+    assert_eq!(report["status"], "degraded", "{report}");
+    assert_eq!(report["consuming"], true, "{report}");
+    assert_eq!(readyz(engine.admin_addr).await.0, 200);
     // Back, and a new email is sent at once: the waiting one follows within seconds.
     relay.set_up(true);
     world
         .produce(&order_paid("o2", &tenant, "u1", Some(&address), 2.0))
         .await;
     let mails = mailpit.wait_for(&address, 2, Duration::from_secs(10)).await;
+    eventually("the status report sees the relay back", async || {
+        status(engine.admin_addr).await["checks"]["smtp"] == "ok"
+    })
+    .await;
     let mut subjects: Vec<_> = mails.iter().map(|m| m.subject.clone()).collect();
     subjects.sort();
     assert_eq!(

@@ -26,6 +26,7 @@ async fn health_readiness_and_metrics() {
         let body = status(engine.admin_addr).await;
         if body["status"] == "ok" {
             assert_eq!(body["ready"], true);
+            assert_eq!(body["consuming"], true);
             assert_eq!(body["checks"]["postgres"], "ok");
             assert_eq!(body["checks"]["kafka"], "ok");
             assert_eq!(body["checks"]["pipeline"], "ok");

@@ -224,8 +224,9 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 const MAX_LISTED_STALLS: usize = 20;
 
 /// The status report: every component with its state, and `status` `ok` only when all are
-/// well (`degraded` otherwise); `ready` is what `/readyz` answers. Always 200: it is a
-/// report, not a probe.
+/// well (`degraded` otherwise); `ready` is what `/readyz` answers, `consuming` whether the
+/// pipeline moves (PostgreSQL, Kafka, no stalled lane; an SMTP outage leaves it, as emails
+/// wait in the outbox). Always 200: it is a report, not a probe.
 async fn status(State(state): State<AppState>) -> impl IntoResponse {
     let health = state.health.snapshot();
     let mut stalls: serde_json::Map<String, serde_json::Value> = health
@@ -241,9 +242,11 @@ async fn status(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(serde_json::json!({
         "status": if health.healthy { "ok" } else { "degraded" },
         "ready": health.serving,
+        "consuming": health.consuming,
         "checks": {
             "postgres": reachable(health.postgres),
             "kafka": reachable(health.kafka),
+            "smtp": health.smtp.map_or("unknown", reachable),
             "pipeline": health.stall.as_deref().map_or("ok".to_owned(), |r| format!("stalled: {r}")),
             "stalls": stalls,
             "plugins": health.plugins,
@@ -642,6 +645,8 @@ mod tests {
         assert_eq!(r.body["ready"], true);
         assert_eq!(r.body["checks"]["kafka"], "unreachable");
         assert_eq!(r.body["checks"]["stalls"]["t1"], "database: lock timeout");
+        assert_eq!(r.body["checks"]["smtp"], "unknown");
+        assert_eq!(r.body["consuming"], false);
 
         health.set_postgres(false);
         let (status, r) = send(&admin, get("/readyz")).await;
@@ -658,5 +663,14 @@ mod tests {
         let (status, r) = send(&admin, get("/status")).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(r.body["status"], "ok", "{}", r.body);
+        assert_eq!(r.body["consuming"], true);
+
+        // SMTP down: emails wait in the outbox; degraded, still consuming and ready.
+        health.set_smtp(false);
+        let (_, r) = send(&admin, get("/status")).await;
+        assert_eq!(r.body["status"], "degraded", "{}", r.body);
+        assert_eq!(r.body["checks"]["smtp"], "unreachable");
+        assert_eq!(r.body["consuming"], true);
+        assert_eq!(send(&admin, get("/readyz")).await.0, StatusCode::OK);
     }
 }

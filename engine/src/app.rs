@@ -320,6 +320,7 @@ impl Engine<'_> {
             metrics: self.metrics.clone(),
             wake,
             plugins: self.plugins.clone(),
+            health: self.health.clone(),
         };
         self.spawn_critical("email worker", worker.run(self.shutdown.clone()));
         Ok(())

@@ -70,6 +70,8 @@ pub struct EmailWorker {
     pub wake: Arc<Notify>,
     /// Tenants' templating plugins.
     pub plugins: Arc<PluginHost>,
+    /// Where the relay's state is reported (`/status`).
+    pub health: Arc<crate::health::Health>,
 }
 
 /// The worker and what its send tasks share.
@@ -272,6 +274,7 @@ impl Shared {
                 tracing::info!(tenant = %email.tenant_id, event_id = %email.event_id, outbox_id = email.id, template = %email.template, attempts = email.attempts, "email sent");
                 let marked = outbox::mark_email_sent(&self.pool, &email).await;
                 self.relay.sent();
+                self.relay_state(true);
                 if self.relay.waiting() {
                     self.relay_back("an email was sent").await;
                 }
@@ -290,6 +293,7 @@ impl Shared {
                 // After the row is marked, so the pull that the next success makes sees it.
                 if error.starts_with(relay::RELAY_UNAVAILABLE) {
                     self.relay.failed();
+                    self.relay_state(false);
                 }
                 marked
             }

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use serde::Serialize;
 
@@ -19,6 +19,9 @@ use serde::Serialize;
 pub struct Health {
     postgres: AtomicBool,
     kafka: AtomicBool,
+    /// The SMTP relay as the email worker last found it: 0 not known yet (no send or probe
+    /// since the start), 1 answering, 2 unavailable.
+    smtp: AtomicU8,
     /// Why a pipeline lane cannot commit its current batch, per lane; empty while all flow.
     stalls: Mutex<BTreeMap<String, String>>,
     plugins: Mutex<PluginsHealth>,
@@ -46,10 +49,15 @@ pub struct PluginsHealth {
 pub struct Snapshot {
     /// The HTTP routes can answer: PostgreSQL answered its last probe.
     pub serving: bool,
-    /// Every component is well: serving, Kafka answers and no lane is stalled.
+    /// Every component is well: consuming, and the SMTP relay not known to be down.
     pub healthy: bool,
     pub postgres: bool,
     pub kafka: bool,
+    /// The SMTP relay: `None` until the first send or probe. Emails wait in the outbox
+    /// while it is down, so it leaves `consuming` alone.
+    pub smtp: Option<bool>,
+    /// The pipeline moves: serving, Kafka answers and no lane is stalled.
+    pub consuming: bool,
     /// The first stall's reason (and how many more), for a one-line summary.
     pub stall: Option<String>,
     /// Every stalled lane with its reason.
@@ -81,11 +89,18 @@ impl Health {
         }
     }
 
+    /// The email worker's last finding about the relay: a send or probe that worked, or a
+    /// failure that is the relay's. Returns whether the state changed.
+    pub fn set_smtp(&self, ok: bool) -> bool {
+        self.smtp.swap(if ok { 1 } else { 2 }, Ordering::Relaxed) != if ok { 1 } else { 2 }
+    }
+
     pub fn set_plugins(&self, plugins: PluginsHealth) {
         *self.plugins.lock().expect("health lock poisoned") = plugins;
     }
 
-    /// Serving: PostgreSQL answers. Healthy: that, Kafka answers and no lane is stalled.
+    /// Serving: PostgreSQL answers. Consuming: that, Kafka answers and no lane is stalled.
+    /// Healthy: consuming, and the SMTP relay not known to be down.
     pub fn snapshot(&self) -> Snapshot {
         let postgres = self.postgres.load(Ordering::Relaxed);
         let kafka = self.kafka.load(Ordering::Relaxed);
@@ -94,11 +109,18 @@ impl Health {
             1 => reason.clone(),
             n => format!("{reason} (and {} more lanes)", n - 1),
         });
+        let smtp = match self.smtp.load(Ordering::Relaxed) {
+            0 => None,
+            state => Some(state == 1),
+        };
+        let consuming = postgres && kafka && stall.is_none();
         Snapshot {
             serving: postgres,
-            healthy: postgres && kafka && stall.is_none(),
+            healthy: consuming && smtp != Some(false),
             postgres,
             kafka,
+            smtp,
+            consuming,
             stall,
             stalls,
             plugins: self.plugins.lock().expect("health lock poisoned").clone(),

@@ -8,7 +8,7 @@
 #                          ENGINE_ADMIN_URL, ENGINE_TOPIC_PAID, ENGINE_TOPIC_STATUS and exports
 #                          what the engine and its tools (token, publish) read; ENGINE_CORS
 #                          (quoted origins, comma-separated) becomes http.cors_origins
-#   start_engine NAME      prepare_engine, then runs it until well (/status ok); sets ENGINE_PID
+#   start_engine NAME      prepare_engine, then runs it until consuming (/status); sets ENGINE_PID
 #   stop_engine            stops it (also on exit)
 
 start_engine() {
@@ -17,8 +17,8 @@ start_engine() {
     ENGINE_PID=$!
     trap stop_engine EXIT
     for _ in $(seq 1 120); do
-        # /status `ok`: serving and consuming (/readyz alone says only that it can serve).
-        curl -fsS "$ENGINE_ADMIN_URL/status" 2>/dev/null | grep -q '"status":"ok"' && return 0
+        # /status `consuming` (/readyz alone says only that it can serve).
+        curl -fsS "$ENGINE_ADMIN_URL/status" 2>/dev/null | grep -q '"consuming":true' && return 0
         kill -0 "$ENGINE_PID" 2>/dev/null || break
         sleep 0.5
     done

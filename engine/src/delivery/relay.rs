@@ -86,6 +86,7 @@ impl Shared {
                     self.transport.test_connection(),
                 )
                 .await;
+                self.relay_state(matches!(probe, Ok(Ok(true))));
                 pulled = match probe {
                     Ok(Ok(true)) => self.relay_back("a probe of the relay succeeded").await,
                     Ok(Ok(false)) => {
@@ -106,6 +107,13 @@ impl Shared {
                 }
             }
             next = tokio::time::Instant::now() + every;
+        }
+    }
+
+    /// Reports the relay's state on `/status`, and logs a change.
+    pub(super) fn relay_state(&self, up: bool) {
+        if self.health.set_smtp(up) {
+            tracing::info!(reachable = up, "smtp relay state changed");
         }
     }
 

@@ -92,8 +92,9 @@ impl Cluster {
         (0..self.slots.len()).filter(|&i| self.is_up(i)).collect()
     }
 
-    /// Starts `slot` and waits until its `/status` says `ok`: serving and consuming (its
-    /// `/readyz` alone only says it can serve its routes).
+    /// Starts `slot` and waits until its `/status` says it is `consuming` (PostgreSQL and
+    /// Kafka answer, no lane stalled; its `/readyz` alone only says it can serve its routes,
+    /// and SMTP may be down on purpose).
     pub async fn start(&mut self, slot: usize) -> Result<()> {
         anyhow::ensure!(!self.is_up(slot), "engine {slot} is already running");
         self.generation[slot] += 1;
@@ -122,7 +123,7 @@ impl Cluster {
             .fault("engine_start", json!({ "slot": slot, "pid": pid }));
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            if self.healthy(slot).await {
+            if self.consuming(slot).await {
                 return Ok(());
             }
             if let Some(child) = &mut self.running[slot]
@@ -197,9 +198,9 @@ impl Cluster {
         readyz(self.slots[slot].admin).await
     }
 
-    /// `/status` says `ok`: every part is well (Kafka answers, no lane is stalled).
-    pub async fn healthy(&self, slot: usize) -> bool {
-        status_ok(self.slots[slot].admin).await
+    /// `/status` says `consuming`: PostgreSQL and Kafka answer, no lane is stalled.
+    pub async fn consuming(&self, slot: usize) -> bool {
+        consuming(self.slots[slot].admin).await
     }
 
     /// `scripts/services.sh stop <service> [--immediate]`.
@@ -282,8 +283,9 @@ pub async fn readyz(admin: u16) -> bool {
     matches!(admin_client().get(url).send().await, Ok(r) if r.status().is_success())
 }
 
-/// The engine's status report says `ok` (it always answers 200; the body says).
-pub async fn status_ok(admin: u16) -> bool {
+/// The engine's status report says it is `consuming` (it always answers 200; the body
+/// says).
+pub async fn consuming(admin: u16) -> bool {
     let url = format!("http://127.0.0.1:{admin}/status");
     let Ok(response) = admin_client().get(url).send().await else {
         return false;
@@ -291,7 +293,7 @@ pub async fn status_ok(admin: u16) -> bool {
     let Ok(body) = response.text().await else {
         return false;
     };
-    serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|b| b["status"] == "ok")
+    serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|b| b["consuming"] == true)
 }
 
 fn admin_client() -> reqwest::Client {

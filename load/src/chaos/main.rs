@@ -171,7 +171,7 @@ struct PhaseReport {
     /// starts and stops that set a phase up).
     faults: u64,
     /// An outage: every running engine said so within this long (PostgreSQL: `/readyz`
-    /// 503; Kafka: `/status` not `ok`, while `/readyz` stays 200).
+    /// 503; Kafka: `/status` not `consuming`, while `/readyz` stays 200).
     not_ready_after_s: Option<f64>,
     /// After the fault ended: every engine said it was well again after this long (the
     /// same endpoint).
@@ -503,7 +503,7 @@ impl Suite {
             for slot in self.cluster.up() {
                 let answer = match probe {
                     Probe::Readyz => self.cluster.ready(slot).await,
-                    Probe::Status => self.cluster.healthy(slot).await,
+                    Probe::Status => self.cluster.consuming(slot).await,
                 };
                 all &= answer == well;
             }
