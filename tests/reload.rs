@@ -119,6 +119,17 @@ async fn templates_reload_live_and_a_broken_edit_keeps_the_previous_set() {
         reloads("rejected") >= 1
     })
     .await;
+    // And named on the status report.
+    let report = status(engine.admin_addr).await;
+    let rejected = report["checks"]["templates"]["rejected"]
+        .as_array()
+        .unwrap();
+    assert!(
+        rejected
+            .iter()
+            .any(|r| r.as_str().is_some_and(|r| r.contains(&tenant))),
+        "{report}"
+    );
     world
         .produce(&order_paid("e2", &tenant, "u1", Some(&address), 1.0))
         .await;

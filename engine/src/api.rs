@@ -250,6 +250,7 @@ async fn status(State(state): State<AppState>) -> impl IntoResponse {
             "pipeline": health.stall.as_deref().map_or("ok".to_owned(), |r| format!("stalled: {r}")),
             "stalls": stalls,
             "plugins": health.plugins,
+            "templates": { "rejected": health.templates_rejected },
         },
     }))
 }

@@ -25,6 +25,9 @@ pub struct Health {
     /// Why a pipeline lane cannot commit its current batch, per lane; empty while all flow.
     stalls: Mutex<BTreeMap<String, String>>,
     plugins: Mutex<PluginsHealth>,
+    /// Template edits the last reload refused (the previous version keeps serving), or why
+    /// the reload failed as a whole.
+    templates: Mutex<Vec<String>>,
 }
 
 /// The routing plugins as loaded.
@@ -63,6 +66,7 @@ pub struct Snapshot {
     /// Every stalled lane with its reason.
     pub stalls: BTreeMap<String, String>,
     pub plugins: PluginsHealth,
+    pub templates_rejected: Vec<String>,
 }
 
 impl Health {
@@ -95,6 +99,11 @@ impl Health {
         self.smtp.swap(if ok { 1 } else { 2 }, Ordering::Relaxed) != if ok { 1 } else { 2 }
     }
 
+    /// What the last template reload refused; empty when it took every file.
+    pub fn set_templates(&self, rejected: Vec<String>) {
+        *self.templates.lock().expect("health lock poisoned") = rejected;
+    }
+
     pub fn set_plugins(&self, plugins: PluginsHealth) {
         *self.plugins.lock().expect("health lock poisoned") = plugins;
     }
@@ -124,6 +133,7 @@ impl Health {
             stall,
             stalls,
             plugins: self.plugins.lock().expect("health lock poisoned").clone(),
+            templates_rejected: self.templates.lock().expect("health lock poisoned").clone(),
         }
     }
 }

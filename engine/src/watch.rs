@@ -284,6 +284,7 @@ fn reload_templates(what: &Reloadable) {
                 .with_label_values(&[outcome])
                 .inc();
             what.templates.store(Arc::new(fresh));
+            what.health.set_templates(kept);
             tracing::info!(dir = %what.templates_dir.display(), "email templates reloaded");
         }
         Err(e) => {
@@ -291,6 +292,8 @@ fn reload_templates(what: &Reloadable) {
                 .template_reloads
                 .with_label_values(&["failed"])
                 .inc();
+            what.health
+                .set_templates(vec![format!("reloading the templates failed: {e}")]);
             tracing::error!(error = %e, dir = %what.templates_dir.display(), "reloading the templates failed; the previous ones keep serving");
         }
     }
