@@ -13,8 +13,8 @@ use super::{ConfigError, invalid};
 pub struct HttpConfig {
     /// Address of the public API (SSE).
     pub listen: SocketAddr,
-    /// Address of the operator endpoints (`/healthz`, `/readyz`, `/status`, `/metrics`): a listener of
-    /// their own, so probes keep answering while the public side is flooded.
+    /// Address of the operator endpoints (`/healthz`, `/readyz`, `/status`, `/metrics`): a
+    /// listener of their own, so probes keep answering while the public side is flooded.
     pub admin_listen: SocketAddr,
     /// A connection that has not sent its request headers within this time is closed
     /// (slowloris).

@@ -4,7 +4,7 @@
 //! which brings up a set of services of the suite's own; see `docs/guarantees.md`.
 //!
 //! Phases, one after the other on one ledger, each followed by a settle (production paused,
-//! the group's lag back to 0, every engine ready again):
+//! the group's lag back to 0, every engine consuming again):
 //!
 //! | phase | fault |
 //! | --- | --- |
