@@ -113,6 +113,7 @@ $(printf '\033[1m')Everything is running.$(printf '\033[0m')
   The shop (browser):    http://$SHOP   (sign in as acme/alice to see the samples; open two tabs)
   Emails (Mailpit UI):   $MAILPIT_URL
   Metrics:               http://$ADMIN/metrics        Readiness: http://$ADMIN/readyz
+  Status (every part):   http://$ADMIN/status
   Bob's stream (globex): curl -N -H "Authorization: Bearer $BOB" -H "Last-Event-ID: 0" http://$HTTP/api/v1/sse
   Alice's inbox:         curl -H "Authorization: Bearer $ALICE" http://$HTTP/api/v1/notifications
   Mark all read:         curl -H "Authorization: Bearer $ALICE" -H "Content-Type: application/json" -d '{"up_to": 100}' http://$HTTP/api/v1/notifications/read-all
