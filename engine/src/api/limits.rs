@@ -36,6 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::AppState;
 use super::auth::Identity;
 use super::error::ApiError;
+use super::serve::client;
 use super::tickets::TICKET_PARAM;
 use crate::config::LimitsConfig;
 use buckets::{Buckets, Rate};
@@ -92,7 +93,7 @@ impl Limits {
 
     /// Takes a token of the address's bucket (a request without valid credentials).
     fn admit_address(&self, addr: Option<ClientAddr>) -> Result<(), ApiError> {
-        let key = addr.map(|a| address_key(a.0));
+        let key = addr.map(|a| client::key(a.0));
         self.addresses.take(&key, Instant::now()).map_err(|wait| {
             self.refuse(
                 "address",
@@ -144,19 +145,6 @@ impl Limits {
             ),
             retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
         }
-    }
-}
-
-/// An address's bucket key: IPv6 clients by /64 (one host commonly holds a whole /64, so
-/// counting its addresses one by one would let it multiply its rate), IPv4 and
-/// IPv4-mapped addresses as they are.
-fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
     }
 }
 
@@ -213,10 +201,10 @@ mod tests {
         let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
         let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
         let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(address_key(a), address_key(b));
-        assert_ne!(address_key(a), address_key(c));
+        assert_eq!(client::key(a), client::key(b));
+        assert_ne!(client::key(a), client::key(c));
         let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(address_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_eq!(client::key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
     }
 
     fn limits(user_burst: u32, tenant_burst: u32) -> Limits {

@@ -17,7 +17,7 @@
 //! - a stream request (`GET /api/v1/sse`) is answered by the same router but written
 //!   without hyper ([`lean`]), so an idle stream costs a few KiB, not hyper's buffers.
 
-mod client;
+pub(super) mod client;
 mod lean;
 
 use std::collections::HashMap;
